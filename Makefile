@@ -1,0 +1,65 @@
+# cwlite: one-command setup, demo, tests, benchmarks. Run as root on Debian 12.
+#   make demo   - set up, then run the main job (policy -> enforcement -> log/PCR -> quote -> verdict)
+#   make test   - set up, then run every test tier (unit, kernel, vm, e2e)
+#   make bench  - set up, then run the benchmarks (tests/bench)
+# `make setup` is idempotent: on a set-up machine it checks and returns in seconds.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+KREL := $(shell uname -r)
+
+# Debian packages cwlite needs (later issues add theirs here).
+APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 libbpf-dev bpftool \
+	swtpm swtpm-tools tpm2-tools libtss2-dev \
+	qemu-system-x86 linux-image-amd64 busybox-static \
+	python3-venv python3-dev build-essential pkg-config libffi-dev \
+	gpgv debian-archive-keyring distcc iproute2 postgresql
+
+.PHONY: setup apt headers venv demo test bench clean
+
+setup: apt headers venv
+
+# apt-get update only when something is missing, so a re-run costs no network.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "setup: installing Debian packages:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	else echo "setup: Debian packages present"; fi
+
+# bcc looks for headers in /lib/modules/$(uname -r)/{build,source}. When the
+# running kernel has none, point it at Debian's newest installed headers: every
+# struct offset cwlite's programs use comes from BTF, so the headers only need
+# to provide the generic kernel types bcc's own helpers include.
+headers:
+	@if [ -e /lib/modules/$(KREL)/build/include ]; then echo "setup: kernel headers for $(KREL) present"; else \
+		hdr=$$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1); \
+		[ -n "$$hdr" ] || { echo "setup: no linux-headers-*-amd64 installed" >&2; exit 1; }; \
+		mkdir -p /lib/modules/$(KREL); \
+		ln -sfn $$hdr /lib/modules/$(KREL)/build; \
+		ln -sfn $${hdr%-amd64}-common /lib/modules/$(KREL)/source; \
+		echo "setup: bcc will use $$hdr for kernel $(KREL)"; fi
+
+$(VENV)/bin/python:
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+
+# Reinstall when the packaging or the cffi extension changes.
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml setup.py cext/build_btf.py
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/cwlite status
+
+test: setup
+	$(PY) -m pytest tests/unit tests/kernel tests/vm tests/e2e
+
+bench: setup
+	$(PY) -m pytest -m bench -s tests/bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info cext/_btf*.so

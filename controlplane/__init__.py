@@ -1,0 +1,1 @@
+"""The control plane: policy, TPM, measurement log, attestation service, verifier, CLI."""

@@ -1,0 +1,148 @@
+"""Compile a BPF source from ebpf/ with bcc, with the kernel's BTF offsets as -D constants.
+
+Every engine loads its programs here (DESIGN.md: offsets come from BTF, never
+from kernel headers). What can be cached is: the resolved offsets (one BTF parse
+per process and BTF file) and the rendered source. bcc's Python API has no
+object cache, so each start still runs clang once per program.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from controlplane.errors import BpfCompileError, KernelError
+
+if TYPE_CHECKING:  # bcc is imported lazily: tracefs must be mounted before `import bcc`
+    import bcc
+
+VMLINUX = "/sys/kernel/btf/vmlinux"
+
+# The kernel fields cwlite's programs read, as macro stem -> alternative BTF
+# paths (kernels rename fields; the first that exists wins). Each becomes
+# -DCWL_OFF_<stem>=<byte offset> and -DCWL_SZ_<stem>=<size>.
+KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
+    "TASK_STRUCT_MM": ("task_struct.mm",),
+    "TASK_STRUCT_TGID": ("task_struct.tgid",),
+    "TASK_STRUCT_REAL_PARENT": ("task_struct.real_parent",),
+    "MM_STRUCT_EXE_FILE": ("mm_struct.exe_file",),
+    "FILE_F_INODE": ("file.f_inode",),
+    "FILE_F_MODE": ("file.f_mode",),
+    "FILE_F_FLAGS": ("file.f_flags",),
+    "INODE_I_INO": ("inode.i_ino",),
+    "INODE_I_MODE": ("inode.i_mode",),
+    "INODE_I_SB": ("inode.i_sb",),
+    "INODE_I_CTIME_SEC": ("inode.i_ctime_sec", "inode.__i_ctime.tv_sec", "inode.i_ctime.tv_sec"),
+    "INODE_I_CTIME_NSEC": ("inode.i_ctime_nsec", "inode.__i_ctime.tv_nsec", "inode.i_ctime.tv_nsec"),
+    "SUPER_BLOCK_S_DEV": ("super_block.s_dev",),
+    "LINUX_BINPRM_FILE": ("linux_binprm.file",),
+    "LINUX_BINPRM_INTERPRETER": ("linux_binprm.interpreter",),
+}
+
+_MAIN_C = "/virtual/main.c"
+_DIAG = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):(?:(?P<col>\d+):)?\s*(?P<kind>error|fatal error):\s*(?P<msg>.*)$")
+
+
+@dataclass(frozen=True)
+class Program:
+    """A BPF source ready for bcc: its text and every -D flag it is compiled with."""
+
+    name: str
+    text: str
+    cflags: tuple[str, ...]
+
+    def show(self) -> str:
+        """The source and flags exactly as bcc receives them (`cwlite debug ebpf`)."""
+        flags = " \\\n  ".join(self.cflags)
+        return f"/* {self.name}, compiled with:\n  {flags}\n */\n{self.text}"
+
+
+def source_dir() -> Path:
+    """The folder holding the BPF sources (package data of `ebpf`)."""
+    return Path(str(resources.files("ebpf")))
+
+
+@functools.lru_cache(maxsize=4)
+def offset_cflags(btf_path: str = VMLINUX) -> tuple[str, ...]:
+    """-D flags for every KERNEL_FIELDS entry, resolved from `btf_path` (cached per process)."""
+    from cext import Btf
+
+    with Btf(btf_path) as btf:
+        flags: list[str] = []
+        for stem, paths in KERNEL_FIELDS.items():
+            field = btf.first_field(*paths)
+            flags += [f"-DCWL_OFF_{stem}={field.offset}", f"-DCWL_SZ_{stem}={field.size}"]
+    return tuple(flags)
+
+
+def render(name: str, cflags: Sequence[str] = (), *, btf_path: str = VMLINUX) -> Program:
+    """Read `ebpf/<name>` and gather its flags: BTF offsets, the include path, then the caller's."""
+    path = source_dir() / name
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise KernelError(f"ebpf/{name}: no such BPF source (have: {', '.join(sorted(p.name for p in source_dir().glob('*.bpf.c')))})") from None
+    flags = (*offset_cflags(btf_path), f"-I{source_dir()}", *cflags)
+    return Program(name=name, text=text, cflags=flags)
+
+
+def ensure_tracefs() -> None:
+    """Mount tracefs if it is not: bcc finds tracepoints through it, and decides where at import."""
+    if os.path.isdir("/sys/kernel/tracing/events") or os.path.isdir("/sys/kernel/debug/tracing/events"):
+        return
+    proc = subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KernelError(f"/sys/kernel/tracing: cannot mount tracefs: {proc.stderr.strip() or 'mount failed'}")
+
+
+def compile_program(program: Program) -> "bcc.BPF":
+    """Compile and load `program` with bcc; a compile error names the source line.
+
+    BPF: whatever the source declares; bcc auto-attaches TRACEPOINT_PROBE and LSM_PROBE.
+    """
+    ensure_tracefs()
+    import bcc
+
+    # clang writes diagnostics straight to fd 2; capture them to name the line.
+    with tempfile.TemporaryFile(mode="w+b") as err:
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            return bcc.BPF(text=program.text.encode(), cflags=list(program.cflags))
+        except Exception as exc:
+            os.dup2(saved, 2)
+            err.seek(0)
+            output = err.read().decode(errors="replace")
+            raise _compile_error(program, output, exc) from exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def load(name: str, cflags: Sequence[str] = (), *, btf_path: str = VMLINUX) -> "bcc.BPF":
+    """render() then compile_program(): the one call engines make."""
+    return compile_program(render(name, cflags, btf_path=btf_path))
+
+
+def _compile_error(program: Program, output: str, exc: Exception) -> BpfCompileError:
+    for line in output.splitlines():
+        m = _DIAG.match(line.strip())
+        if not m:
+            continue
+        where = f"ebpf/{program.name}" if m["file"] == _MAIN_C else m["file"]
+        return BpfCompileError(
+            f"{where}:{m['line']}: {m['msg']}",
+            source=where,
+            line=int(m["line"]),
+            compiler_output=output,
+        )
+    # Not a clang diagnostic: a verifier or attach failure. Keep its last useful line.
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    tail = lines[-1] if lines else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return BpfCompileError(f"ebpf/{program.name}: load failed: {tail}", source=f"ebpf/{program.name}", compiler_output=output)

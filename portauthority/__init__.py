@@ -1,0 +1,1 @@
+"""Port Authority: untrusted network input reaches only the programs trusted to filter it."""

@@ -1,0 +1,4 @@
+"""setuptools needs setup.py only to build cext's cffi module (cffi_modules)."""
+from setuptools import setup
+
+setup(cffi_modules=["cext/build_btf.py:ffibuilder"])

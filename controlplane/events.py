@@ -1,0 +1,71 @@
+"""Integrity-relevant events: what enforcement engines produce and the measurement log records.
+
+One event becomes one measurement-log entry (ima-ng template): `digest` is its
+`d-ng` field and `ima_name()` its `n-ng` field. The name encodes the kind, the
+TP label, the operation and the subject so the verifier can judge the entry
+from the log alone:
+
+    cwlite:<kind>:<label or ->:<op or ->:<subject>
+
+`subject` is last so it may hold any text, colons and spaces included (a path).
+Parse names only with `parse_ima_name` (one parser for one format).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol
+
+ZERO_DIGEST = bytes(32)
+
+
+class EventKind(str, enum.Enum):
+    BOOT_AGGREGATE = "boot_aggregate"   # first entry; name is exactly "boot_aggregate" as the kernel's
+    DAEMON_START = "daemon-start"        # enforcement began (a second one in a log = an enforcement gap)
+    DAEMON_STOP = "daemon-stop"
+    POLICY_LOAD = "policy-load"          # digest = the policy's canonical digest
+    DB_LOAD = "db-load"                  # digest = the measurement DB digest
+    TLS_KEY = "tls-key"                  # digest = SHA-256 of the service's TLS SubjectPublicKeyInfo
+    TRUSTED_LOAD = "trusted-load"        # first trusted load of a measurement under a label
+    LABEL_TRANSITION = "label-transition"  # a process entered a TP label through its entrypoint
+    VIOLATION = "violation"              # untrusted code under a label (killed/denied in enforce, allowed in audit)
+    LOST_EVENTS = "lost-events"          # ring buffer overflow or map failures: always a violation
+
+
+@dataclass(frozen=True)
+class Event:
+    """One integrity-relevant event. `detail` (pid, dev, ino, ...) goes to JSON sinks, not into the PCR."""
+
+    kind: EventKind
+    digest: bytes = ZERO_DIGEST
+    label: str = ""
+    op: str = ""          # exec | mmap | mprotect | anon-exec | interp | open-write | ...
+    subject: str = ""     # usually a path
+    detail: Mapping[str, object] = field(default_factory=dict)
+
+    def ima_name(self) -> str:
+        if self.kind is EventKind.BOOT_AGGREGATE:
+            return "boot_aggregate"
+        return f"cwlite:{self.kind.value}:{self.label or '-'}:{self.op or '-'}:{self.subject}"
+
+
+def parse_ima_name(digest: bytes, name: str) -> Event | None:
+    """The Event an ima-ng name encodes, or None for a name cwlite did not write (e.g. a kernel IMA file entry)."""
+    if name == "boot_aggregate":
+        return Event(EventKind.BOOT_AGGREGATE, digest)
+    parts = name.split(":", 4)
+    if len(parts) != 5 or parts[0] != "cwlite":
+        return None
+    try:
+        kind = EventKind(parts[1])
+    except ValueError:
+        return None
+    label = "" if parts[2] == "-" else parts[2]
+    op = "" if parts[3] == "-" else parts[3]
+    return Event(kind, digest, label, op, parts[4])
+
+
+class EventSink(Protocol):
+    """Where an engine sends events. The measurement log is the real one (write-ahead, then PCR)."""
+
+    def record(self, event: Event) -> None: ...

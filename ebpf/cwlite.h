@@ -38,4 +38,46 @@ static __always_inline u64 cwl_read_uint(const void *base, u32 off, u32 size)
 	return v;
 }
 
+/* A file's identity as the measurement DB's kernel view keys it: the device
+ * as the kernel encodes it (super_block.s_dev: MAJOR<<20|MINOR), the inode
+ * number, and the change cookie (ctime in ns; a write after measurement
+ * changes it, so the file is no longer trusted until measured again). */
+struct cwl_file_id {
+	u32 dev;
+	u32 _pad;
+	u64 ino;
+	u64 ctime_ns;
+};
+
+/* Fill `id` from a `struct file *`. Returns 0, or -1 when a pointer is NULL. */
+static __always_inline int cwl_file_identity(const void *file, struct cwl_file_id *id)
+{
+	const void *inode = 0, *sb = 0;
+
+	__builtin_memset(id, 0, sizeof(*id));
+	if (!file || CWL_READ(inode, file, CWL_OFF_FILE_F_INODE) || !inode)
+		return -1;
+	if (CWL_READ(sb, inode, CWL_OFF_INODE_I_SB) || !sb)
+		return -1;
+	CWL_READ(id->dev, sb, CWL_OFF_SUPER_BLOCK_S_DEV);
+	CWL_READ(id->ino, inode, CWL_OFF_INODE_I_INO);
+	/* Kernels with multigrain timestamps (6.13+) keep I_CTIME_QUERIED in
+	 * bit 31 of i_ctime_nsec; a real nsec value is < 2^30 on every kernel. */
+	id->ctime_ns = cwl_read_uint(inode, CWL_OFF_INODE_I_CTIME_SEC, CWL_SZ_INODE_I_CTIME_SEC) * 1000000000ULL +
+		       (cwl_read_uint(inode, CWL_OFF_INODE_I_CTIME_NSEC, CWL_SZ_INODE_I_CTIME_NSEC) & 0x3fffffffULL);
+	return 0;
+}
+
+/* The running task's executable file (task->mm->exe_file), or NULL for kernel threads. */
+static __always_inline const void *cwl_current_exe_file(void)
+{
+	const void *task = (const void *)bpf_get_current_task();
+	const void *mm = 0, *exe = 0;
+
+	if (CWL_READ(mm, task, CWL_OFF_TASK_STRUCT_MM) || !mm)
+		return 0;
+	CWL_READ(exe, mm, CWL_OFF_MM_STRUCT_EXE_FILE);
+	return exe;
+}
+
 #endif /* CWLITE_H */

@@ -57,3 +57,23 @@ def test_status_json_says_what_this_kernel_allows() -> None:
     assert status["backend"] == ("lsm" if status["lsm"]["bpf_loadable"] else "tracepoint")
     if not status["lsm"]["bpf_loadable"]:
         assert "Operation not permitted" in status["lsm"]["detail"]
+
+
+def test_file_identity_read_in_bpf_matches_stat(tmp_path) -> None:
+    """The kernel's (dev, ino, ctime) of an exec'd image, read through BTF offsets, equals stat()'s."""
+    import os
+    import shutil
+
+    exe = tmp_path / "true-copy"
+    shutil.copy2("/bin/true", exe)
+    st = os.stat(exe)
+    bpf = loader.load("probe.bpf.c")
+    try:
+        child = subprocess.Popen([str(exe)])
+        child.wait()
+        ident = bpf["cwl_probe_exe"][bpf["cwl_probe_exe"].Key(child.pid)]
+    finally:
+        bpf.cleanup()
+    assert ident.ino == st.st_ino
+    assert ident.ctime_ns == st.st_ctime_ns
+    assert ident.dev == (os.major(st.st_dev) << 20 | os.minor(st.st_dev))

@@ -66,3 +66,7 @@ class VerifyError(CwliteError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class StoreError(CwliteError):
+    """The attestation store (SQLAlchemy URL) cannot be opened or refused a change."""

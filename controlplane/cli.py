@@ -17,6 +17,7 @@ from controlplane.errors import CwliteError
 SUBCOMMANDS: dict[str, str] = {
     "status": "controlplane.cli:status",
     "debug": "controlplane.cli:debug",
+    "proof": "controlplane.proof_cli:proof",
 }
 
 

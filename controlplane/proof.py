@@ -1,0 +1,153 @@
+"""The proof: what a verifier concluded about a host, signed so anyone can check it offline.
+
+A proof names the host (EK/AK/TLS key digests), holds the quote it checked,
+the measurement-log range it replayed, the policy and measurement-DB digests
+it judged against, the verdict of every entry that was not simply trusted, and
+the overall verdict. It is canonical JSON (sorted keys, no spaces, UTF-8)
+with an Ed25519 signature by the verifier's key over that canonical form minus
+the `signature` field. A proof file must BE its canonical form: any changed
+byte either breaks the JSON, changes a signed value, or makes the text
+non-canonical, and each of those is refused.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from controlplane.errors import VerifyError
+
+FORMAT = "cwlite-proof/1"
+TRUSTED, UNTRUSTED = "trusted", "untrusted"
+
+
+def canonical(obj: Any) -> bytes:
+    """The one byte form of a JSON value that is signed and digested."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Temp file in the same directory, fsync, rename: a reader sees the old or the new file, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# keys ------------------------------------------------------------------------
+def load_signing_key(path: Path, *, create: bool = False) -> Ed25519PrivateKey:
+    """The verifier's Ed25519 key (PKCS#8 PEM); made (mode 0600) with its `.pub` beside it when `create`."""
+    path = Path(path)
+    if not path.exists():
+        if not create:
+            raise VerifyError(f"{path}: verifier key not found (cwlite verify creates it on first use)",
+                              reason="key")
+        key = Ed25519PrivateKey.generate()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()), mode=0o600)
+        write_atomic(path.with_suffix(".pub"), public_pem(key.public_key()))
+        return key
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise VerifyError(f"{path}: not a PEM private key: {exc}", reason="key") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise VerifyError(f"{path}: not an Ed25519 key ({type(key).__name__})", reason="key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM file (SubjectPublicKeyInfo) or 32 raw/hex bytes."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise VerifyError(f"{path}: cannot read the public key: {exc.strerror}", reason="key") from exc
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+        else:
+            raw = data.strip()
+            key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(raw.decode()) if len(raw) == 64 else raw)
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise VerifyError(f"{path}: not an Ed25519 public key: {exc}", reason="key") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise VerifyError(f"{path}: not an Ed25519 public key ({type(key).__name__})", reason="key")
+    return key
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    """SHA-256 of the raw public key, hex: names the verifier inside a proof."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+# sign / check ------------------------------------------------------------------
+def sign(document: Mapping[str, Any], key: Ed25519PrivateKey) -> bytes:
+    """The proof file's bytes: canonical JSON of `document` plus its signature, and a newline."""
+    body = dict(document)
+    body.pop("signature", None)
+    body["format"] = FORMAT
+    body["verifier_key"] = key_id(key.public_key())
+    body["signature"] = base64.b64encode(key.sign(canonical(body))).decode()
+    return canonical(body) + b"\n"
+
+
+def digest(data: bytes) -> str:
+    """SHA-256 hex of a proof file's bytes (how the store and the CLI name a proof)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check(data: bytes, key: Ed25519PublicKey, *, source: str = "proof") -> dict:
+    """The proof document in `data` if it is canonical and signed by `key`; VerifyError otherwise.
+
+    Reasons: "proof-format" (not JSON / not canonical / fields missing) and "proof-signature".
+    """
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise VerifyError(f"{source}: not JSON: {exc}", reason="proof-format") from exc
+    if not isinstance(doc, dict):
+        raise VerifyError(f"{source}: not a JSON object", reason="proof-format")
+    if canonical(doc) + b"\n" != data:
+        raise VerifyError(f"{source}: not in canonical form (was the file edited or re-formatted?)",
+                          reason="proof-format")
+    for field in ("format", "signature", "verdict", "host", "verifier_key"):
+        if field not in doc:
+            raise VerifyError(f"{source}: field {field!r} missing", reason="proof-format")
+    if doc["format"] != FORMAT:
+        raise VerifyError(f"{source}: format: {doc['format']!r} (expected {FORMAT!r})", reason="proof-format")
+    body = {k: v for k, v in doc.items() if k != "signature"}
+    try:
+        signature = base64.b64decode(doc["signature"], validate=True)
+        key.verify(signature, canonical(body))
+    except (InvalidSignature, ValueError, TypeError) as exc:
+        raise VerifyError(f"{source}: signature: does not verify with verifier key {key_id(key)[:16]}",
+                          reason="proof-signature") from exc
+    return doc

@@ -1,0 +1,96 @@
+"""`cwlite proof`: check a proof offline and show its verdict table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from controlplane import proof as proof_mod
+from controlplane.cli import emit
+
+
+@click.group("proof")
+def proof() -> None:
+    """Check and read the signed proofs `cwlite verify` writes."""
+
+
+@proof.command("check")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The verifier's Ed25519 public key (PEM, or 32 raw/hex bytes).")
+@click.option("--json", "as_json", is_flag=True, help="Print the checked proof as JSON.")
+def check_cmd(file: Path, key_path: Path, as_json: bool) -> None:
+    """Check FILE offline: canonical form and the verifier's Ed25519 signature.
+
+    Needs nothing but the file and the verifier's public key: no network, no
+    TPM, no store. Exit status 0 means the proof is intact and was signed by
+    that key (its verdict may still be "untrusted": read it); exit 1 with one
+    line naming the reason (proof-format, proof-signature) otherwise.
+
+    \b
+    Examples:
+      # a proof written by `cwlite verify build1 --proof-out p.json`
+      cwlite proof check p.json --key /var/lib/cwlite/verifier/verifier.pub
+      # the verdict only, for scripts
+      cwlite proof check p.json --key verifier.pub --json | jq -r .verdict
+    """
+    data = _read(file)
+    doc = proof_mod.check(data, proof_mod.load_public_key(key_path), source=str(file))
+    emit(doc, as_json, lambda d: print_proof(d, header=f"{file}: signature OK ({proof_mod.digest(data)[:16]})"))
+
+
+@proof.command("show")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def show_cmd(file: Path) -> None:
+    """Print FILE's verdict table WITHOUT checking the signature (use `check` for that).
+
+    \b
+    Examples:
+      cwlite proof show p.json
+      cwlite proof show p.json | less -R
+    """
+    import json
+
+    try:
+        doc = json.loads(_read(file))
+    except ValueError as exc:
+        raise click.ClickException(f"{file}: not JSON: {exc}") from exc
+    print_proof(doc, header=f"{file}: NOT checked (unverified content)")
+
+
+def _read(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise click.ClickException(f"{file}: {exc.strerror}") from exc
+
+
+def print_proof(doc: dict, *, header: str = "") -> None:
+    """The proof for a person: who, what was checked, each entry that was not simply trusted, the verdict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    if header:
+        con.print(header)
+    host, log = doc.get("host", {}), doc.get("log", {})
+    con.print(f"host [bold]{host.get('name')}[/] at {host.get('url')}  "
+              f"AK {str(host.get('ak_sha256', ''))[:16]}  TLS key {str(host.get('tls_spki_sha256', ''))[:16]}")
+    con.print(f"log entries {log.get('start')}..{log.get('end')} replayed to PCR {log.get('pcr')} = "
+              f"{str(log.get('pcr_value', ''))[:16]}…  policy {str(doc.get('policy_digest', ''))[:16]}  "
+              f"DB {str(doc.get('db_digest', ''))[:16]}")
+    entries = doc.get("entries", [])
+    if entries:
+        table = Table(title=f"entries not simply trusted ({doc.get('trusted_entries', '?')} trusted)")
+        for col in ("#", "verdict", "reason", "label", "op", "subject / name", "digest"):
+            table.add_column(col)
+        for e in entries:
+            colour = "green" if e.get("verdict") == "trusted" else ("yellow" if e.get("verdict") == "info" else "red")
+            table.add_row(str(e.get("index")), f"[{colour}]{e.get('verdict')}[/]", e.get("reason", ""),
+                          e.get("label", ""), e.get("op", ""), e.get("subject") or e.get("name", ""),
+                          str(e.get("digest", ""))[:16])
+        con.print(table)
+    verdict = doc.get("verdict")
+    colour = "green" if verdict == proof_mod.TRUSTED else "red"
+    con.print(f"verdict: [bold {colour}]{str(verdict).upper()}[/]"
+              + (f"  ({'; '.join(doc.get('reasons', []))})" if doc.get("reasons") else ""))

@@ -1,0 +1,141 @@
+"""The vm tier on the host: boot once, run every guest test inside, report each one here.
+
+One boot runs `pytest tests/vm/guest` in the VM (a boot is ~12 s, each bcc
+compile ~8 s under software emulation: per-test boots would cost minutes). The
+guest writes a junit file to the VM's --rwdir; each guest test case becomes a
+host test case below with the guest's own failure text, so the tier's output
+lists every claim proved in the VM.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import requires
+from tests.vm.conftest import GUEST_ENV, VM_FACTS
+from tests.vm.harness import REPO_ROOT, VmError, find_kernel, run_in_vm
+
+pytestmark = [requires(root=True, tool="qemu-system-x86_64"), requires(tool="swtpm")]
+
+GUEST_DIR = "tests/vm/guest"
+VM_TIMEOUT = 780.0  # the whole tier must stay well under 15 minutes
+
+
+def _guest_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", GUEST_DIR, *args]
+
+
+@functools.lru_cache(maxsize=1)
+def _guest_nodeids() -> tuple[str, ...]:
+    """The guest tests, collected on the host (collection only imports them), so each gets a host id."""
+    env = dict(os.environ, **{GUEST_ENV: "1"})
+    proc = subprocess.run(_guest_command("--collect-only", "-q"), cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    ids = [line.strip() for line in proc.stdout.splitlines() if "::" in line]
+    if proc.returncode != 0 or not ids:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+        pytest.fail(f"{GUEST_DIR}: guest tests do not collect (rc {proc.returncode}): {' | '.join(tail)}", pytrace=False)
+    return tuple(ids)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "guest_test" in metafunc.fixturenames:
+        ids = _guest_nodeids()
+        metafunc.parametrize("guest_test", ids, ids=[i.removeprefix(GUEST_DIR + "/") for i in ids])
+
+
+@dataclass
+class GuestOutcome:
+    status: str  # passed | failed | skipped | missing
+    text: str = ""
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class GuestSession:
+    rc: int | None
+    console: str
+    outcomes: dict[str, GuestOutcome]
+    error: str = ""
+
+
+def _junit_key(nodeid: str) -> tuple[str, str]:
+    """(classname, name) pytest's junit writer gives `nodeid`."""
+    path, *scopes = nodeid.split("::")
+    return ".".join([path.removesuffix(".py").replace("/", "."), *scopes[:-1]]), scopes[-1]
+
+
+def _parse_junit(path: Path) -> dict[tuple[str, str], GuestOutcome]:
+    outcomes: dict[tuple[str, str], GuestOutcome] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        props = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
+        outcome = GuestOutcome("passed", properties=props)
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome.status = "skipped" if tag == "skipped" else "failed"
+                outcome.text = f"{node.get('message', '')}\n{node.text or ''}".strip()
+                break
+        outcomes[(case.get("classname", ""), case.get("name", ""))] = outcome
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def guest_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> GuestSession:
+    """Boot once and run the whole guest folder; the junit file comes back through the rwdir."""
+    rwdir = tmp_path_factory.mktemp("vm")
+    junit = rwdir / "guest.xml"
+    env = f"{GUEST_ENV}=1 CWLITE_VM_RESULTS={rwdir}"
+    command = f"env {env} " + " ".join(_guest_command(f"--junitxml={junit}", "-q", "-ra"))
+    console = rwdir / "console.log"
+    facts = {"kernel image": str(find_kernel())}
+    request.config.stash[VM_FACTS] = facts
+    with console.open("w") as log:
+        try:
+            run = run_in_vm(command, results_dir=rwdir, timeout=VM_TIMEOUT, echo=log.write)
+        except VmError as exc:
+            return GuestSession(rc=None, console=exc.output, outcomes={}, error=str(exc))
+    facts["boot seconds (to guest command)"] = f"{run.boot_seconds:.1f}" if run.boot_seconds else "never booted"
+    facts["vm seconds (boot + guest tests + power off)"] = f"{run.seconds:.1f}"
+    facts["console log"] = str(console)
+    if not junit.exists():
+        return GuestSession(rc=run.rc, console=run.output, outcomes={}, error=f"{junit}: guest wrote no junit file (vng rc {run.rc})")
+    parsed = _parse_junit(junit)
+    for outcome in parsed.values():
+        for key in ("kernel", "backend", "bcc"):
+            if key in outcome.properties:
+                facts[f"guest {key}"] = outcome.properties[key]
+    session = GuestSession(rc=run.rc, console=run.output, outcomes={})
+    session.outcomes = {nodeid: parsed.get(_junit_key(nodeid), GuestOutcome("missing")) for nodeid in _guest_nodeids()}
+    return session
+
+
+def _tail(text: str, n: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-n:])
+
+
+def test_in_vm(guest_session: GuestSession, guest_test: str) -> None:
+    """One guest test's verdict, as the VM gave it."""
+    if guest_session.error:
+        pytest.fail(f"{guest_session.error}\n--- VM console (tail) ---\n{_tail(guest_session.console)}", pytrace=False)
+    outcome = guest_session.outcomes[guest_test]
+    if outcome.status == "failed":
+        pytest.fail(f"in the VM: {outcome.text}", pytrace=False)
+    if outcome.status == "skipped":
+        pytest.skip(f"in the VM: {outcome.text}")
+    if outcome.status == "missing":
+        pytest.fail(f"{guest_test}: not in the guest's junit file\n--- VM console (tail) ---\n{_tail(guest_session.console)}", pytrace=False)
+
+
+def test_guest_run_exit_status_agrees(guest_session: GuestSession) -> None:
+    """The guest pytest's exit status matches its verdicts (a crash after the tests would show here)."""
+    if guest_session.error:
+        pytest.fail(guest_session.error, pytrace=False)
+    failed = any(o.status in ("failed", "missing") for o in guest_session.outcomes.values())
+    assert guest_session.rc == (1 if failed else 0), _tail(guest_session.console)

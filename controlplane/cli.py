@@ -17,7 +17,11 @@ from controlplane.errors import CwliteError
 SUBCOMMANDS: dict[str, str] = {
     "status": "controlplane.cli:status",
     "debug": "controlplane.cli:debug",
+    "db": "prima.db_cli:db",
     "proof": "controlplane.proof_cli:proof",
+    "serve": "controlplane.service_cli:serve",
+    "enrol": "controlplane.verifier_cli:enrol",
+    "verify": "controlplane.verifier_cli:verify",
 }
 
 

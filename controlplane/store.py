@@ -8,7 +8,7 @@ state ahead of the proof that justified it.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import (
@@ -53,6 +53,7 @@ class HostRow(_Base):
     log_offset: Mapped[int] = mapped_column(Integer, default=0)
     boot_aggregate: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     daemon_starts: Mapped[int] = mapped_column(Integer, default=0)
+    facts: Mapped[dict] = mapped_column(JSON, default=dict)   # what earlier entries established (keys, digests)
     enrolled_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
@@ -95,6 +96,7 @@ class Host:
     log_offset: int = 0
     boot_aggregate: bytes | None = None
     daemon_starts: int = 0
+    facts: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,9 @@ _HOST_FIELDS = tuple(Host.__dataclass_fields__)
 
 
 def _host(row: HostRow) -> Host:
-    return Host(**{f: getattr(row, f) for f in _HOST_FIELDS})
+    values = {f: getattr(row, f) for f in _HOST_FIELDS}
+    values["facts"] = dict(values["facts"] or {})
+    return Host(**values)
 
 
 def default_url(data_dir: Path) -> str:
@@ -215,7 +219,7 @@ class Store:
                            proof_id=proof_id)
             s.add(v)
             for key, value in (state or {}).items():
-                if key not in ("pcr_value", "log_offset", "boot_aggregate", "daemon_starts", "ak_public"):
+                if key not in ("pcr_value", "log_offset", "boot_aggregate", "daemon_starts", "ak_public", "facts"):
                     raise StoreError(f"{self.where()}: host state field {key!r} cannot be recorded")
                 setattr(row, key, value)
             row.updated_at = _now()

@@ -80,4 +80,159 @@ static __always_inline const void *cwl_current_exe_file(void)
 	return exe;
 }
 
+/* The file open as descriptor `fd` in the current task (task->files->fdt->fd[fd]), or NULL. */
+static __always_inline const void *cwl_fd_file(s64 fd)
+{
+	const void *task = (const void *)bpf_get_current_task();
+	const void *files = 0, *fdt = 0, *fds = 0, *file = 0;
+	u32 max_fds = 0;
+
+	if (fd < 0 || CWL_READ(files, task, CWL_OFF_TASK_STRUCT_FILES) || !files)
+		return 0;
+	if (CWL_READ(fdt, files, CWL_OFF_FILES_STRUCT_FDT) || !fdt)
+		return 0;
+	if (CWL_READ(max_fds, fdt, CWL_OFF_FDTABLE_MAX_FDS) || fd >= max_fds)
+		return 0;
+	if (CWL_READ(fds, fdt, CWL_OFF_FDTABLE_FD) || !fds)
+		return 0;
+	bpf_probe_read_kernel(&file, sizeof(file), (const char *)fds + fd * sizeof(void *));
+	return file;
+}
+
+/* The last path component of `file` (its dentry name) into `dst`. */
+static __always_inline void cwl_file_name(const void *file, char *dst, u32 len)
+{
+	const void *dentry = 0;
+	const char *name = 0;
+
+	if (!file || CWL_READ(dentry, file, CWL_OFF_FILE_F_PATH_DENTRY) || !dentry)
+		return;
+	if (CWL_READ(name, dentry, CWL_OFF_DENTRY_D_NAME_NAME) || !name)
+		return;
+	bpf_probe_read_kernel_str(dst, len, name);
+}
+
+/* 1 when the current thread is the last live one of its process (sched_process_exit). */
+static __always_inline int cwl_group_dead(void)
+{
+	const void *task = (const void *)bpf_get_current_task();
+	const void *sig = 0;
+	int live = 1;
+
+	if (CWL_READ(sig, task, CWL_OFF_TASK_STRUCT_SIGNAL) || !sig)
+		return 0;
+	CWL_READ(live, sig, CWL_OFF_SIGNAL_STRUCT_LIVE);
+	return live == 0;
+}
+
+/* ---- PRIMA: maps and events shared by exec_tp.bpf.c and exec_lsm.bpf.c ----
+ * Python views: prima/engine.py (checked against bcc's Key/Leaf by a layout test).
+ * Label ids are small integers the engine assigns (0 = unlabelled); a label's
+ * trust set is one bit of a 64-bit mask (bit i = Policy.trust_sets()[i]). */
+
+/* Key of the trust and entrypoint maps: a file without its change cookie. */
+struct cwl_inode_key {
+	u32 dev;
+	u32 _pad;
+	u64 ino;
+};
+
+/* A trusted file (MeasureDB.kernel_view entry): trusted only while its ctime
+ * still equals the one measured, and only for the labels whose bit is set. */
+struct cwl_trust {
+	u64 ctime_ns;
+	u64 sets_mask;
+	u8 digest[32]; /* SHA-256 of the content: the event's measurement */
+};
+
+/* Per label: its trust-set bit and what the policy says about exec and JIT memory. */
+struct cwl_label_conf {
+	u64 set_bit;       /* 1 << index of the label's trust set; 0 = trusts nothing */
+	u8 on_exec_drop;   /* 1: exec of a non-entrypoint image leaves the label */
+	u8 anon_exec_violation; /* 1: PROT_EXEC anonymous memory is a violation */
+	u8 _pad[6];
+};
+
+/* Entrypoint map value: exec'ing this inode (if trusted for `label`) enters `label`. */
+struct cwl_entry {
+	u32 label;
+	u32 _pad;
+};
+
+/* Engine-wide settings, one per generation (index = generation). */
+struct cwl_conf {
+	u32 enforce; /* 1: kill/deny violations; 0: audit (log only) */
+	u32 _pad;
+};
+
+/* Label of a process (tracepoint backend: keyed by tgid). */
+struct cwl_task_label {
+	u32 label;
+	u32 _pad;
+};
+
+/* "First trusted load of this measurement under this label" dedupe key. */
+struct cwl_seen_key {
+	u32 label;
+	u32 _pad;
+	u8 digest[32];
+};
+
+/* Event kinds: names match controlplane.events.EventKind. */
+#define CWL_EV_TRUSTED_LOAD 1
+#define CWL_EV_LABEL_TRANSITION 2
+#define CWL_EV_VIOLATION 3
+
+/* Operations (Event.op): exec, interp (ELF interpreter), script (the file a
+ * #! interpreter runs), mmap, mprotect, anon-exec, entrypoint (an entrypoint
+ * whose file is not trusted: no transition), drop (label left on exec). */
+#define CWL_OP_EXEC 1
+#define CWL_OP_INTERP 2
+#define CWL_OP_SCRIPT 3
+#define CWL_OP_MMAP 4
+#define CWL_OP_MPROTECT 5
+#define CWL_OP_ANON_EXEC 6
+#define CWL_OP_ENTRYPOINT 7
+#define CWL_OP_DROP 8
+
+/* What happened to the process. */
+#define CWL_ACT_ALLOWED 0 /* trusted, a transition, or audit mode */
+#define CWL_ACT_KILLED 1  /* tracepoint backend: SIGKILL before user code runs */
+#define CWL_ACT_DENIED 2  /* lsm backend: -EPERM */
+
+/* Why the file was not trusted (violations). */
+#define CWL_WHY_NONE 0
+#define CWL_WHY_UNKNOWN 1  /* (dev, ino) not in the trust map */
+#define CWL_WHY_CHANGED 2  /* ctime differs: written after measurement */
+#define CWL_WHY_NOT_IN_SET 3 /* trusted, but not for this label's trust set */
+#define CWL_WHY_NO_FILE 4  /* could not read the file's identity (fail closed) */
+#define CWL_WHY_ANON 5     /* anonymous executable memory */
+
+/* One ring-buffer record. Fixed layout: 240 bytes. */
+#define CWL_NAME_LEN 128
+struct cwl_event {
+	u32 kind;
+	u32 op;
+	u32 pid;
+	u32 tgid;
+	u32 label;      /* the label the decision was made for (new label on a transition) */
+	u32 prev_label; /* the label before (transitions, drops) */
+	u32 action;
+	u32 why;
+	u32 dev;
+	u32 _pad;
+	u64 ino;
+	u64 ctime_ns;
+	u64 ktime_ns;
+	u8 digest[32];  /* measurement for trusted loads; zero when unknown */
+	char comm[16];
+	char name[CWL_NAME_LEN]; /* exec: the path given to execve; else the file's dentry name */
+};
+
+/* cwl_drops indexes: every failure to record or track is counted (per CPU). */
+#define CWL_DROP_RINGBUF 0 /* ring buffer full: an event was lost */
+#define CWL_DROP_LABEL 1   /* label map update failed: a child could not inherit */
+#define CWL_DROP_SEEN 2    /* dedupe map full (events are then repeated, not lost) */
+#define CWL_DROP_MAX 4
+
 #endif /* CWLITE_H */

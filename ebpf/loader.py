@@ -43,6 +43,19 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "SUPER_BLOCK_S_DEV": ("super_block.s_dev",),
     "LINUX_BINPRM_FILE": ("linux_binprm.file",),
     "LINUX_BINPRM_INTERPRETER": ("linux_binprm.interpreter",),
+    # PRIMA (exec_*.bpf.c): fd -> file, VMA -> file, the ELF interpreter's base, script files, names.
+    "TASK_STRUCT_FILES": ("task_struct.files",),
+    "TASK_STRUCT_SIGNAL": ("task_struct.signal",),
+    "SIGNAL_STRUCT_LIVE": ("signal_struct.live",),
+    "FILES_STRUCT_FDT": ("files_struct.fdt",),
+    "FDTABLE_FD": ("fdtable.fd",),
+    "FDTABLE_MAX_FDS": ("fdtable.max_fds",),
+    "VM_AREA_STRUCT_VM_FILE": ("vm_area_struct.vm_file",),
+    "MM_STRUCT_SAVED_AUXV": ("mm_struct.saved_auxv",),
+    "LINUX_BINPRM_EXECUTABLE": ("linux_binprm.executable",),
+    "LINUX_BINPRM_FILENAME": ("linux_binprm.filename",),
+    "FILE_F_PATH_DENTRY": ("file.f_path.dentry",),
+    "DENTRY_D_NAME_NAME": ("dentry.d_name.name",),
 }
 
 _MAIN_C = "/virtual/main.c"

@@ -1,0 +1,181 @@
+"""The embedded software TPM: Debian's swtpm, manufactured and supervised by cwlite.
+
+When a machine has no `/dev/tpmrm0`, cwlite runs its own swtpm with its state
+under the data dir, so the demo and the tests need no hardware. The TPM is
+manufactured once (`swtpm_setup`) with EK certificates signed by a local CA
+kept beside the state, so enrolment sees the same objects as on a real TPM:
+an RSA-2048 EK (persisted at 0x81010001, certificate in NV 0x01c00002), an
+ECC EK and a platform certificate.
+
+swtpm listens on two loopback TCP ports: commands on P and control on P + 1
+(the layout the swtpm TCTI assumes). A free pair is chosen just before the
+start; if another process takes one in between, swtpm exits and the start is
+retried on a new pair.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from controlplane.errors import TpmError
+
+SWTPM = "swtpm"
+SWTPM_SETUP = "swtpm_setup"
+SWTPM_LOCALCA = "swtpm_localca"
+STATE_FILE = "tpm2-00.permall"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise TpmError(f"{name}: not installed (Debian packages swtpm, swtpm-tools; `make setup` installs them)")
+    return path
+
+
+def manufacture(data_dir: Path) -> Path:
+    """Create the TPM state under `data_dir/state` (once) with EK and platform certificates.
+
+    The local CA (root + signing key) lives in `data_dir/ca`; swtpm_localca
+    creates it on first use. Returns the state directory. Idempotent.
+    """
+    data_dir = Path(data_dir)
+    state = data_dir / "state"
+    if (state / STATE_FILE).exists():
+        return state
+    ca = data_dir / "ca"
+    for d in (state, ca):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    localca_conf = data_dir / "swtpm-localca.conf"
+    localca_conf.write_text(
+        f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\n"
+        f"issuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n"
+    )
+    localca_opts = data_dir / "swtpm-localca.options"
+    localca_opts.write_text("--platform-manufacturer cwlite\n--platform-version 2.1\n--platform-model swtpm\n")
+    setup_conf = data_dir / "swtpm_setup.conf"
+    setup_conf.write_text(
+        f"create_certs_tool = {_tool(SWTPM_LOCALCA)}\n"
+        f"create_certs_tool_config = {localca_conf}\n"
+        f"create_certs_tool_options = {localca_opts}\n"
+        "active_pcr_banks = sha256\n"
+    )
+    cmd = [
+        _tool(SWTPM_SETUP), "--tpm2", "--tpmstate", str(state), "--config", str(setup_conf),
+        "--create-ek-cert", "--create-platform-cert", "--overwrite", "--logfile", str(data_dir / "swtpm_setup.log"),
+    ]
+    if os.geteuid() == 0:
+        cmd += ["--runas", "root"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 or not (state / STATE_FILE).exists():
+        tail = (data_dir / "swtpm_setup.log").read_text(errors="replace").strip().splitlines()[-1:] or [proc.stderr.strip()]
+        raise TpmError(f"{state}: swtpm_setup failed (exit {proc.returncode}): {tail[0] if tail else ''}", rc=proc.returncode)
+    return state
+
+
+def _free_pair() -> int:
+    """A port P with P and P + 1 both free on loopback right now."""
+    for _ in range(64):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise TpmError("swtpm: no two consecutive free loopback ports")
+
+
+class _PortTaken(Exception):
+    """swtpm lost the race for its port pair; start again on another."""
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Swtpm:
+    """A running swtpm; `tcti` is the string tpm2-pytss and tpm2-tools take (TPM2TOOLS_TCTI)."""
+
+    data_dir: Path
+    port: int
+    process: subprocess.Popen
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    def start(cls, data_dir: Path, *, attempts: int = 5) -> "Swtpm":
+        """Manufacture (if needed) and start swtpm; return once both ports answer."""
+        data_dir = Path(data_dir)
+        state = manufacture(data_dir)
+        for attempt in range(attempts):
+            try:
+                return cls._start_once(data_dir, state, _free_pair())
+            except _PortTaken:
+                continue
+        raise TpmError(f"{state}: swtpm could not bind a port pair in {attempts} attempts")
+
+    @classmethod
+    def _start_once(cls, data_dir: Path, state: Path, port: int) -> "Swtpm":
+        log = data_dir / "swtpm.log"
+        cmd = [
+            _tool(SWTPM), "socket", "--tpm2", "--tpmstate", f"dir={state}",
+            "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+            "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+            "--flags", "not-need-init,startup-clear", "--log", f"file={log},level=1",
+        ]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        tpm = cls(data_dir, port, proc)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (_answers(port) and _answers(port + 1)):
+            if proc.poll() is not None:
+                err = (proc.stderr.read() or b"").decode(errors="replace").strip().splitlines()
+                last = err[-1] if err else ""
+                if "Address already in use" in last or "bind" in last.lower():
+                    raise _PortTaken(last)
+                raise TpmError(f"{state}: swtpm exited with {proc.returncode} at start: {last or log}",
+                               rc=proc.returncode)
+            if time.monotonic() > deadline:
+                tpm.stop()
+                raise TpmError(f"{state}: swtpm did not answer on ports {port}/{port + 1} within {START_TIMEOUT:.0f} s")
+            time.sleep(0.02)
+        return tpm
+
+    def stop(self) -> None:
+        """terminate, wait, then kill: swtpm writes its state on SIGTERM."""
+        proc = self.process
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def __enter__(self) -> "Swtpm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

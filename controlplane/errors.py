@@ -31,7 +31,13 @@ class BpfCompileError(KernelError):
 
 
 class PolicyError(CwliteError):
-    """A policy bundle is malformed, unsigned when it must be, or inconsistent."""
+    """A policy bundle is malformed, unsigned when it must be, or inconsistent; `.source`, `.line`, `.key` say where."""
+
+    def __init__(self, message: str, *, source: str = "", line: int | None = None, key: str = "") -> None:
+        super().__init__(message)
+        self.source = source
+        self.line = line
+        self.key = key
 
 
 class MeasureDBError(CwliteError):

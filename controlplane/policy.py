@@ -1,0 +1,420 @@
+"""The policy bundle: one TOML file, parsed once into frozen dataclasses.
+
+Schema (every key is checked; unknown keys and wrong types are errors naming
+`file:line: key`)::
+
+    mode = "enforce"            # "enforce" | "audit"
+    scope = "labelled"          # PRIMA mediates processes under a TP label (the only scope)
+    backend = "auto"            # "auto" | "lsm" | "tracepoint"
+    pcr = 10                    # measurement-log PCR, 0..23
+    trust_sets = ["core", "toolchain"]   # order fixes the kernel bitmask (bit i = trust_sets[i])
+
+    [labels.tp_build]
+    entrypoints = ["/usr/bin/distccd"]   # absolute paths of measured executables
+    trust_set = "toolchain"
+    on_exec = "keep"            # "keep" (default: the new image must be trusted) | "drop"
+    anon_exec = "violation"     # "violation" (default) | "allow" (JITs)
+
+    [[cdis]]
+    path = "/srv/build/out"
+    writers = ["tp_build"]
+
+    [[port_authority.rules]]
+    port = 3632
+    protocol = "tcp"            # "tcp" | "udp"
+    labels = ["tp_build"]       # TP labels trusted to receive untrusted input on this port
+
+The canonical digest is SHA-256 over the policy's normalised form (defaults
+filled, canonical JSON): stable over key order, whitespace and comments.
+A signature is Ed25519 by the controller over that digest, stored beside the
+policy as `<policy>.sig`: base64 text (what `cwlite policy sign` writes) or the
+raw 64 bytes (both are read).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import re
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from controlplane.errors import PolicyError
+
+MODES = ("enforce", "audit")
+SCOPES = ("labelled",)
+BACKENDS = ("auto", "lsm", "tracepoint")
+ON_EXEC = ("keep", "drop")
+ANON_EXEC = ("violation", "allow")
+PROTOCOLS = ("tcp", "udp")
+MAX_TRUST_SETS = 64  # one bit each in the kernel's 64-bit mask
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")  # labels and trust sets: safe in ima-ng names
+
+
+@dataclass(frozen=True)
+class Label:
+    """A TP subject label: entered by exec of a trusted entrypoint; runs only its trust set."""
+
+    name: str
+    entrypoints: tuple[str, ...]
+    trust_set: str
+    on_exec: str = "keep"
+    anon_exec: str = "violation"
+
+
+@dataclass(frozen=True)
+class Cdi:
+    """High-integrity data: only the named TP labels may write under `path`."""
+
+    path: str
+    writers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PortRule:
+    """Port Authority: untrusted input on this port may reach only these labels (enforced by portauthority)."""
+
+    port: int
+    protocol: str
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PortAuthority:
+    rules: tuple[PortRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy bundle. `source` is where it came from (for messages only, not digested)."""
+
+    mode: str
+    scope: str
+    backend: str
+    pcr: int
+    trust_set_names: tuple[str, ...]
+    labels: Mapping[str, Label]
+    cdis: tuple[Cdi, ...]
+    port_authority: PortAuthority
+    source: str = field(default="", compare=False)
+
+    def trust_sets(self) -> list[str]:
+        """Trust sets in the order that fixes the kernel bitmask (bit i = trust_sets()[i])."""
+        return list(self.trust_set_names)
+
+    def canonical(self) -> dict[str, Any]:
+        """The normalised form the digest covers (defaults filled, labels by name)."""
+        return {
+            "mode": self.mode,
+            "scope": self.scope,
+            "backend": self.backend,
+            "pcr": self.pcr,
+            "trust_sets": list(self.trust_set_names),
+            "labels": {
+                n: {"entrypoints": list(lb.entrypoints), "trust_set": lb.trust_set, "on_exec": lb.on_exec, "anon_exec": lb.anon_exec}
+                for n, lb in sorted(self.labels.items())
+            },
+            "cdis": [{"path": c.path, "writers": list(c.writers)} for c in self.cdis],
+            "port_authority": {"rules": [{"port": r.port, "protocol": r.protocol, "labels": list(r.labels)} for r in self.port_authority.rules]},
+        }
+
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical JSON of `canonical()`: stable over key order and whitespace."""
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(text.encode()).digest()
+
+
+# ---- where keys are: tomllib gives no positions, so the text is scanned once ----------
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*(?P<key>[^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEYLINE = re.compile(r"^\s*(?P<key>(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+_STRINGS = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'[^']*'")
+
+
+def _split_key(key: str) -> tuple[str, ...]:
+    parts = re.findall(r"\"[^\"]*\"|'[^']*'|[^.\s]+", key)
+    return tuple(p[1:-1] if p[:1] in "\"'" else p for p in parts)
+
+
+def key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path to its 1-based line. Array-of-table items are indexed: ("cdis", 0, "path")."""
+    lines: dict[tuple, int] = {}
+    counters: dict[tuple, int] = {}
+    table: tuple = ()
+    depth = 0          # open [ / { of a multi-line value
+    in_multi = None    # open ''' or """ string
+    for no, raw in enumerate(text.splitlines(), start=1):
+        line = raw
+        if in_multi:
+            if in_multi in line:
+                in_multi = None
+            continue
+        if depth == 0:
+            m = _HEADER.match(line)
+            if m and not _KEYLINE.match(line):
+                path = _split_key(m["key"])
+                if m.group(1) == "[[":
+                    idx = counters.get(path, -1) + 1
+                    counters[path] = idx
+                    table = (*path, idx)
+                else:
+                    table = path
+                lines.setdefault(table, no)
+                lines.setdefault(path, no)
+                continue
+            k = _KEYLINE.match(line)
+            if k:
+                full = (*table, *_split_key(k["key"]))
+                lines.setdefault(full, no)
+                line = line[k.end():]
+        for quote in ('"""', "'''"):
+            if line.count(quote) % 2 == 1:
+                in_multi = quote
+                break
+        if in_multi:
+            continue
+        bare = _STRINGS.sub("", line).split("#", 1)[0]
+        depth = max(0, depth + bare.count("[") + bare.count("{") - bare.count("]") - bare.count("}"))
+    return lines
+
+
+class _Ctx:
+    """Error construction: every message is `source:line: key: what`."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.source = source
+        self.lines = key_lines(text)
+
+    def line_of(self, path: tuple) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return None
+
+    def fail(self, path: tuple, what: str) -> PolicyError:
+        key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
+        line = self.line_of(path)
+        where = f"{self.source}:{line}" if line else self.source
+        return PolicyError(f"{where}: {key}: {what}", source=self.source, line=line, key=key)
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "boolean", int: "integer", str: "string", list: "array", dict: "table", float: "float"}.get(type(v), type(v).__name__)
+
+
+def _table(ctx: _Ctx, obj: Any, path: tuple, allowed: Mapping[str, bool]) -> dict:
+    """Check a table: no unknown keys, required ones (allowed[k] is True) present."""
+    if not isinstance(obj, dict):
+        raise ctx.fail(path, f"expected a table, got {_type_name(obj)}")
+    for k in obj:
+        if k not in allowed:
+            raise ctx.fail((*path, k), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    for k, required in allowed.items():
+        if required and k not in obj:
+            raise ctx.fail((*path, k), "required key missing")
+    return obj
+
+
+def _get(ctx: _Ctx, obj: dict, path: tuple, key: str, kind: type, default: Any = None, choices: tuple = ()) -> Any:
+    if key not in obj:
+        return default
+    v = obj[key]
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int)) or kind is not int and not isinstance(v, kind):
+        raise ctx.fail((*path, key), f"expected {_type_name(kind())}, got {_type_name(v)}")
+    if choices and v not in choices:
+        raise ctx.fail((*path, key), f"{v!r} is not one of {', '.join(choices)}")
+    return v
+
+
+def _strings(ctx: _Ctx, obj: dict, path: tuple, key: str, *, nonempty: bool = True) -> tuple[str, ...]:
+    v = _get(ctx, obj, path, key, list, [])
+    for i, item in enumerate(v):
+        if not isinstance(item, str):
+            raise ctx.fail((*path, key), f"item {i}: expected string, got {_type_name(item)}")
+    if nonempty and not v:
+        raise ctx.fail((*path, key), "must not be empty")
+    if len(set(v)) != len(v):
+        raise ctx.fail((*path, key), "duplicate entries")
+    return tuple(v)
+
+
+def _known(ctx: _Ctx, path: tuple, names: tuple[str, ...], known, what: str) -> None:
+    for n in names:
+        if n not in known:
+            raise ctx.fail(path, f"unknown {what} {n!r} (defined: {', '.join(sorted(known)) or 'none'})")
+
+
+def parse_policy(text: str, *, source: str) -> Policy:
+    """Parse and validate a policy's TOML text; errors name `source:line` and the key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        line = int(m.group(1)) if m else None
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise PolicyError(f"{source}:{line}: TOML syntax: {msg}" if line else f"{source}: TOML syntax: {msg}",
+                          source=source, line=line, key="") from None
+    ctx = _Ctx(text, source)
+    top = _table(ctx, data, (), {"mode": True, "scope": False, "backend": False, "pcr": False, "trust_sets": True,
+                                 "labels": True, "cdis": False, "port_authority": False})
+    mode = _get(ctx, top, (), "mode", str, choices=MODES)
+    scope = _get(ctx, top, (), "scope", str, "labelled", SCOPES)
+    backend = _get(ctx, top, (), "backend", str, "auto", BACKENDS)
+    pcr = _get(ctx, top, (), "pcr", int, 10)
+    if not 0 <= pcr <= 23:
+        raise ctx.fail(("pcr",), f"{pcr} is not a PCR index (0..23)")
+    sets = _strings(ctx, top, (), "trust_sets")
+    if len(sets) > MAX_TRUST_SETS:
+        raise ctx.fail(("trust_sets",), f"{len(sets)} trust sets; at most {MAX_TRUST_SETS} (one bit each)")
+    for s in sets:
+        if not _NAME.match(s):
+            raise ctx.fail(("trust_sets",), f"{s!r}: names are letters, digits and _, starting with a letter")
+
+    labels_raw = _table(ctx, top["labels"], ("labels",), {k: False for k in top["labels"]} if isinstance(top["labels"], dict) else {})
+    if not labels_raw:
+        raise ctx.fail(("labels",), "at least one label is required")
+    labels: dict[str, Label] = {}
+    entry_owner: dict[str, str] = {}
+    for name, body in labels_raw.items():
+        path = ("labels", name)
+        if not _NAME.match(name):
+            raise ctx.fail(path, "label names are letters, digits and _, starting with a letter")
+        _table(ctx, body, path, {"entrypoints": True, "trust_set": True, "on_exec": False, "anon_exec": False})
+        entrypoints = _strings(ctx, body, path, "entrypoints")
+        for ep in entrypoints:
+            if not ep.startswith("/"):
+                raise ctx.fail((*path, "entrypoints"), f"{ep!r} is not an absolute path")
+            if ep in entry_owner:
+                raise ctx.fail((*path, "entrypoints"), f"{ep!r} is already the entrypoint of label {entry_owner[ep]!r}")
+            entry_owner[ep] = name
+        trust_set = _get(ctx, body, path, "trust_set", str)
+        if trust_set not in sets:
+            raise ctx.fail((*path, "trust_set"), f"unknown trust set {trust_set!r} (defined: {', '.join(sets)})")
+        labels[name] = Label(name, entrypoints, trust_set,
+                             _get(ctx, body, path, "on_exec", str, "keep", ON_EXEC),
+                             _get(ctx, body, path, "anon_exec", str, "violation", ANON_EXEC))
+
+    cdis: list[Cdi] = []
+    cdis_raw = _get(ctx, top, (), "cdis", list, [])
+    for i, body in enumerate(cdis_raw):
+        path = ("cdis", i)
+        _table(ctx, body, path, {"path": True, "writers": True})
+        p = _get(ctx, body, path, "path", str)
+        if not p.startswith("/"):
+            raise ctx.fail((*path, "path"), f"{p!r} is not an absolute path")
+        writers = _strings(ctx, body, path, "writers")
+        _known(ctx, (*path, "writers"), writers, labels, "label")
+        cdis.append(Cdi(p, writers))
+
+    rules: list[PortRule] = []
+    pa = _table(ctx, top.get("port_authority", {}), ("port_authority",), {"rules": False})
+    for i, body in enumerate(_get(ctx, pa, ("port_authority",), "rules", list, [])):
+        path = ("port_authority", "rules", i)
+        _table(ctx, body, path, {"port": True, "protocol": False, "labels": True})
+        port = _get(ctx, body, path, "port", int)
+        if not 1 <= port <= 65535:
+            raise ctx.fail((*path, "port"), f"{port} is not a port (1..65535)")
+        rule_labels = _strings(ctx, body, path, "labels")
+        _known(ctx, (*path, "labels"), rule_labels, labels, "label")
+        rules.append(PortRule(port, _get(ctx, body, path, "protocol", str, "tcp", PROTOCOLS), rule_labels))
+
+    return Policy(mode=mode, scope=scope, backend=backend, pcr=pcr, trust_set_names=sets, labels=labels,
+                  cdis=tuple(cdis), port_authority=PortAuthority(tuple(rules)), source=source)
+
+
+# ---- signatures -----------------------------------------------------------------------
+
+def signature_path(policy_path: str | Path) -> Path:
+    p = Path(policy_path)
+    return p.with_name(p.name + ".sig")
+
+
+def load_public_key(key: Ed25519PublicKey | str | Path) -> Ed25519PublicKey:
+    """The controller's key: an Ed25519PublicKey, or a PEM file holding one."""
+    if isinstance(key, Ed25519PublicKey):
+        return key
+    try:
+        pub = serialization.load_pem_public_key(Path(key).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PolicyError(f"{key}: not a readable PEM public key ({exc})", source=str(key)) from exc
+    if not isinstance(pub, Ed25519PublicKey):
+        raise PolicyError(f"{key}: controller key is not Ed25519", source=str(key))
+    return pub
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise PolicyError(f"{path}: not a readable unencrypted PEM private key ({exc})", source=str(path)) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise PolicyError(f"{path}: signing key is not Ed25519", source=str(path))
+    return key
+
+
+def read_signature(sig_path: Path) -> bytes:
+    """A .sig file: raw 64 bytes, or their base64 text."""
+    try:
+        data = sig_path.read_bytes()
+    except FileNotFoundError:
+        raise PolicyError(f"{sig_path}: signature missing (a controller key is configured)", source=str(sig_path)) from None
+    if len(data) == 64:
+        return data
+    try:
+        raw = base64.b64decode(data.strip(), validate=True)
+    except binascii.Error:
+        raw = b""
+    if len(raw) != 64:
+        raise PolicyError(f"{sig_path}: signature malformed (want 64 raw bytes or their base64)", source=str(sig_path))
+    return raw
+
+
+def sign_policy(policy: Policy, key: Ed25519PrivateKey) -> bytes:
+    """The 64-byte Ed25519 signature over the policy's canonical digest."""
+    return key.sign(policy.digest())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """temp file + fsync + rename: readers see the old file or the new one, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_policy(path: str | Path, *, controller_key: Ed25519PublicKey | str | Path | None = None,
+                require_signature: bool = False) -> Policy:
+    """Read, parse and validate a policy; with a controller key its `.sig` must verify (fail closed)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{p}: cannot read policy ({exc})", source=str(p)) from exc
+    if require_signature and controller_key is None:
+        raise PolicyError(f"{p}: a signature is required but no controller key is configured", source=str(p))
+    policy = parse_policy(text, source=str(p))
+    if controller_key is not None:
+        pub = load_public_key(controller_key)
+        sig_path = signature_path(p)
+        try:
+            pub.verify(read_signature(sig_path), policy.digest())
+        except InvalidSignature:
+            raise PolicyError(f"{sig_path}: signature does not verify with the controller key "
+                              f"(policy digest {policy.digest().hex()})", source=str(sig_path)) from None
+    return policy

@@ -125,6 +125,127 @@ static __always_inline int cwl_group_dead(void)
 	return live == 0;
 }
 
+/* The VMA of `mm` that contains `addr`, found by walking mm->mm_mt (the maple
+ * tree, kernel 6.1+) with probe reads: what bpf_find_vma does, for programs
+ * that cannot pass it a callback (bcc). Node encoding (lib/maple_tree.c):
+ * low 8 bits of a node pointer hold flags (the root: 0x2, like an xarray
+ * node; a child: 0x4), bits 3..6 its type; leaves and
+ * range nodes have 16 slots / 15 pivots, allocation-range nodes 10 / 9 (the
+ * counts come from BTF sizes). The last used pivot may be 0 = the node's max.
+ * Returns 1 (found, *vma set), 0 (nothing mapped at addr), -1 (cannot tell). */
+#define CWL_MT_NODE_MASK 255UL
+#define CWL_MT_TYPE(e) (((e) >> 3) & 0x0F)
+#define CWL_MT_LEAF_64 1
+#define CWL_MT_RANGE_64 2
+#define CWL_MT_ARANGE_64 3
+#define CWL_MT_MAX_DEPTH 8
+#define CWL_MT_MAX_PIVOTS 15
+
+static __always_inline int cwl_vma_at(const void *mm, u64 addr, const void **vma_out)
+{
+	u64 entry = 0, child = 0, lo = 0, hi = 0;
+
+	*vma_out = 0;
+	if (!mm || CWL_READ(entry, mm, CWL_OFF_MM_STRUCT_MM_MT_MA_ROOT))
+		return -1;
+	for (int depth = 0; depth < CWL_MT_MAX_DEPTH; depth++) {
+		if (!entry)
+			return 0;
+		if (depth == 0 && ((entry & 3) != 2 || entry < 4096))
+			return 0; /* the root is a single entry, not a node: it covers index 0 only */
+		if (entry < 4096)
+			return -1;
+		u32 type = CWL_MT_TYPE(entry), poff, soff, npivots;
+		const char *node = (const char *)(entry & ~CWL_MT_NODE_MASK);
+		if (type == CWL_MT_LEAF_64 || type == CWL_MT_RANGE_64) {
+			poff = CWL_OFF_MAPLE_RANGE_64_PIVOT;
+			soff = CWL_OFF_MAPLE_RANGE_64_SLOT;
+			npivots = CWL_SZ_MAPLE_RANGE_64_PIVOT / 8;
+		} else if (type == CWL_MT_ARANGE_64) {
+			poff = CWL_OFF_MAPLE_ARANGE_64_PIVOT;
+			soff = CWL_OFF_MAPLE_ARANGE_64_SLOT;
+			npivots = CWL_SZ_MAPLE_ARANGE_64_PIVOT / 8;
+		} else {
+			return -1;
+		}
+		u32 chosen = npivots; /* the last slot: pivot = node max */
+		for (u32 i = 0; i < CWL_MT_MAX_PIVOTS; i++) {
+			u64 pivot = 0;
+			if (i >= npivots)
+				break;
+			if (bpf_probe_read_kernel(&pivot, sizeof(pivot), node + poff + i * 8))
+				return -1;
+			if (addr <= pivot || (pivot == 0 && i > 0)) {
+				chosen = i;
+				break;
+			}
+		}
+		if (chosen > CWL_MT_MAX_PIVOTS || bpf_probe_read_kernel(&child, sizeof(child), node + soff + chosen * 8))
+			return -1;
+		if (type != CWL_MT_LEAF_64) {
+			entry = child;
+			continue;
+		}
+		if (!child || (child & 3) || child < 4096)
+			return 0; /* a gap (or a reserved marker): nothing mapped */
+		if (CWL_READ(lo, (const void *)child, CWL_OFF_VM_AREA_STRUCT_VM_START) ||
+		    CWL_READ(hi, (const void *)child, CWL_OFF_VM_AREA_STRUCT_VM_END) || addr < lo || addr >= hi)
+			return -1; /* changed under us */
+		*vma_out = (const void *)child;
+		return 1;
+	}
+	return -1;
+}
+
+/* The file mapped at `addr` in the current task: 1 (*file set, NULL = anonymous;
+ * *end = the mapping's end), 0 unmapped, -1 cannot tell. */
+static __always_inline int cwl_file_at(u64 addr, const void **file, u64 *end)
+{
+	const void *task = (const void *)bpf_get_current_task();
+	const void *mm = 0, *vma = 0;
+	int found;
+
+	*file = 0;
+	*end = 0;
+	if (CWL_READ(mm, task, CWL_OFF_TASK_STRUCT_MM) || !mm)
+		return -1;
+	found = cwl_vma_at(mm, addr, &vma);
+	if (found != 1)
+		return found;
+	if (CWL_READ(*file, vma, CWL_OFF_VM_AREA_STRUCT_VM_FILE) || CWL_READ(*end, vma, CWL_OFF_VM_AREA_STRUCT_VM_END))
+		return -1;
+	return 1;
+}
+
+/* AT_BASE of the current image (where the kernel mapped its ELF interpreter) into *base
+ * (0: no interpreter, a static binary). Returns 0, or -1 when saved_auxv cannot be read. */
+#define CWL_AT_NULL 0
+#define CWL_AT_BASE 7
+#define CWL_AUXV_PAIRS 32
+static __always_inline int cwl_interp_base(u64 *base)
+{
+	const void *task = (const void *)bpf_get_current_task();
+	const char *mm = 0;
+
+	*base = 0;
+	if (CWL_READ(mm, task, CWL_OFF_TASK_STRUCT_MM) || !mm)
+		return -1;
+	for (u32 i = 0; i < CWL_AUXV_PAIRS; i++) {
+		u64 kv[2] = {0, 0};
+		if ((i * 2 + 2) * 8 > CWL_SZ_MM_STRUCT_SAVED_AUXV)
+			break;
+		if (bpf_probe_read_kernel(kv, sizeof(kv), mm + CWL_OFF_MM_STRUCT_SAVED_AUXV + i * 16))
+			return -1;
+		if (kv[0] == CWL_AT_NULL)
+			break;
+		if (kv[0] == CWL_AT_BASE) {
+			*base = kv[1];
+			break;
+		}
+	}
+	return 0;
+}
+
 /* ---- PRIMA: maps and events shared by exec_tp.bpf.c and exec_lsm.bpf.c ----
  * Python views: prima/engine.py (checked against bcc's Key/Leaf by a layout test).
  * Label ids are small integers the engine assigns (0 = unlabelled); a label's

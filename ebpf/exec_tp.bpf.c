@@ -98,8 +98,8 @@ static __always_inline void cwl_violation(u32 gen, u32 op, u32 label, u32 why, c
 	cwl_emit(CWL_EV_VIOLATION, op, label, label, action, why, id, 0, file, path);
 }
 
-/* Judge a code file loaded by a process under `label`. */
-static __always_inline void cwl_check_file(u32 gen, u32 op, u32 label, const void *file)
+/* Judge a code file loaded by a process under `label`: 1 trusted, 0 violation. */
+static __always_inline int cwl_check_file(u32 gen, u32 op, u32 label, const void *file)
 {
 	struct cwl_file_id id;
 	struct cwl_inode_key key;
@@ -113,10 +113,32 @@ static __always_inline void cwl_check_file(u32 gen, u32 op, u32 label, const voi
 	} else {
 		why = CWL_WHY_NO_FILE;
 	}
-	if (why == CWL_WHY_NONE)
+	if (why == CWL_WHY_NONE) {
 		cwl_trusted(op, label, &id, t, file, 0);
-	else
-		cwl_violation(gen, op, label, why, &id, file, 0);
+		return 1;
+	}
+	cwl_violation(gen, op, label, why, &id, file, 0);
+	return 0;
+}
+
+/* The ELF interpreter the kernel mapped for the new image (it is not mapped by
+ * a syscall, so sys_enter_mmap never sees it): found at AT_BASE. */
+static __always_inline void cwl_check_interp(u32 gen, u32 label)
+{
+	const void *file = 0;
+	u64 base = 0, end = 0;
+
+	if (cwl_interp_base(&base)) {
+		cwl_violation(gen, CWL_OP_INTERP, label, CWL_WHY_NO_FILE, 0, 0, 0);
+		return;
+	}
+	if (!base)
+		return; /* static image */
+	if (cwl_file_at(base, &file, &end) != 1 || !file) {
+		cwl_violation(gen, CWL_OP_INTERP, label, CWL_WHY_NO_FILE, 0, 0, 0);
+		return;
+	}
+	cwl_check_file(gen, CWL_OP_INTERP, label, file);
 }
 
 static __always_inline u32 cwl_current_label(void)
@@ -168,6 +190,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 		if (cur != d.label)
 			cwl_emit(CWL_EV_LABEL_TRANSITION, CWL_OP_EXEC, d.label, cur, CWL_ACT_ALLOWED, CWL_WHY_NONE, &id, t, exe, path);
 		cwl_trusted(CWL_OP_EXEC, d.label, &id, t, exe, path);
+		cwl_check_interp(gen, d.label);
 		return 0;
 	}
 	case CWL_EXEC_BAD_ENTRY:
@@ -181,10 +204,12 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 	default:
 		break;
 	}
-	if (d.why == CWL_WHY_NONE)
+	if (d.why == CWL_WHY_NONE) {
 		cwl_trusted(CWL_OP_EXEC, cur, &id, t, exe, path);
-	else
+		cwl_check_interp(gen, cur);
+	} else {
 		cwl_violation(gen, CWL_OP_EXEC, cur, d.why, &id, exe, path);
+	}
 	return 0;
 }
 
@@ -235,11 +260,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 	return 0;
 }
 
-/* mprotect adding PROT_EXEC. Without a VMA lookup (bcc cannot pass
- * bpf_find_vma a callback), the target cannot be told apart: it is judged by
- * the label's anonymous-exec rule, so anon_exec = "violation" also stops
- * mprotect(PROT_EXEC) of a file mapping, and "allow" lets both through. */
-static __always_inline int cwl_on_mprotect(unsigned long prot)
+/* mprotect adding PROT_EXEC: every mapping in [start, start+len) is judged,
+ * found by walking the maple tree (cwl_vma_at): a file mapping as a load of
+ * that file, an anonymous one by the label's anon-exec rule. A range over more
+ * than CWL_MPROTECT_VMAS mappings, or a walk that cannot tell, is a violation. */
+#define CWL_MPROTECT_VMAS 8
+static __always_inline int cwl_on_mprotect(u64 start, u64 len, unsigned long prot)
 {
 	if (!(prot & CWL_PROT_EXEC))
 		return 0;
@@ -247,18 +273,38 @@ static __always_inline int cwl_on_mprotect(unsigned long prot)
 	if (!label)
 		return 0;
 	u32 gen = cwl_live_gen();
-	u32 why = cwl_decide_anon(cwl_label_conf_of(gen, label));
-	if (why != CWL_WHY_NONE)
-		cwl_violation(gen, CWL_OP_MPROTECT, label, why, 0, 0, 0);
+	u64 addr = start, stop = start + len;
+	for (int i = 0; i < CWL_MPROTECT_VMAS; i++) {
+		const void *file = 0;
+		u64 end = 0;
+		int found = cwl_file_at(addr, &file, &end);
+		if (found == 0)
+			return 0; /* a hole: mprotect fails with ENOMEM before changing anything */
+		if (found < 0) {
+			cwl_violation(gen, CWL_OP_MPROTECT, label, CWL_WHY_NO_FILE, 0, 0, 0);
+			return 0;
+		}
+		if (file) {
+			if (!cwl_check_file(gen, CWL_OP_MPROTECT, label, file))
+				return 0;
+		} else if (cwl_decide_anon(cwl_label_conf_of(gen, label)) != CWL_WHY_NONE) {
+			cwl_violation(gen, CWL_OP_MPROTECT, label, CWL_WHY_ANON, 0, 0, 0);
+			return 0;
+		}
+		if (end >= stop || end <= addr)
+			return 0;
+		addr = end;
+	}
+	cwl_violation(gen, CWL_OP_MPROTECT, label, CWL_WHY_NO_FILE, 0, 0, 0);
 	return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_mprotect)
 {
-	return cwl_on_mprotect(args->prot);
+	return cwl_on_mprotect(args->start, args->len, args->prot);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_pkey_mprotect)
 {
-	return cwl_on_mprotect(args->prot);
+	return cwl_on_mprotect(args->start, args->len, args->prot);
 }

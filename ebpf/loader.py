@@ -56,6 +56,13 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "LINUX_BINPRM_FILENAME": ("linux_binprm.filename",),
     "FILE_F_PATH_DENTRY": ("file.f_path.dentry",),
     "DENTRY_D_NAME_NAME": ("dentry.d_name.name",),
+    "VM_AREA_STRUCT_VM_START": ("vm_area_struct.vm_start",),
+    "VM_AREA_STRUCT_VM_END": ("vm_area_struct.vm_end",),
+    "MM_STRUCT_MM_MT_MA_ROOT": ("mm_struct.mm_mt.ma_root",),
+    "MAPLE_RANGE_64_PIVOT": ("maple_range_64.pivot",),
+    "MAPLE_RANGE_64_SLOT": ("maple_range_64.slot",),
+    "MAPLE_ARANGE_64_PIVOT": ("maple_arange_64.pivot",),
+    "MAPLE_ARANGE_64_SLOT": ("maple_arange_64.slot",),
 }
 
 _MAIN_C = "/virtual/main.c"

@@ -343,7 +343,9 @@ class MeasurementLog:
             archived = cls._archive_previous_boot(path, state_path, fd, clock.reset_count)
             if archived is not None:
                 os.close(fd)
-                return cls.open(path, tpm, pcr=pcr)
+                log = cls.open(path, tpm, pcr=pcr)
+                log.archived = archived
+                return log
             data = _read_all(fd)
             entries = parse_binary(data, source=str(path))
             current = tpm.read_pcr(pcr)

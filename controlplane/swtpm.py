@@ -14,6 +14,7 @@ retried on a new pair.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -28,6 +29,7 @@ SWTPM = "swtpm"
 SWTPM_SETUP = "swtpm_setup"
 SWTPM_LOCALCA = "swtpm_localca"
 STATE_FILE = "tpm2-00.permall"
+RUNNING_FILE = "running.json"   # pid and port of the swtpm serving this state, for other cwlite commands
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
@@ -113,7 +115,8 @@ class Swtpm:
 
     data_dir: Path
     port: int
-    process: subprocess.Popen
+    process: subprocess.Popen | None   # None: attached to an swtpm another process supervises
+    _pid: int = 0
 
     @property
     def tcti(self) -> str:
@@ -121,7 +124,25 @@ class Swtpm:
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.process.pid if self.process is not None else self._pid
+
+    @classmethod
+    def attach(cls, data_dir: Path) -> "Swtpm | None":
+        """The swtpm another cwlite process runs on this state (e.g. `cwlite serve`), if it still answers."""
+        try:
+            info = json.loads((Path(data_dir) / RUNNING_FILE).read_text())
+            pid, port = int(info["pid"]), int(info["port"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            exe = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            return None
+        if exe.rsplit(b"/", 1)[-1] != SWTPM.encode():   # the pid was reused by another program
+            return None
+        if not (_answers(port) and _answers(port + 1)):
+            return None
+        return cls(Path(data_dir), port, None, pid)
 
     @classmethod
     def start(cls, data_dir: Path, *, attempts: int = 5) -> "Swtpm":
@@ -159,11 +180,16 @@ class Swtpm:
                 tpm.stop()
                 raise TpmError(f"{state}: swtpm did not answer on ports {port}/{port + 1} within {START_TIMEOUT:.0f} s")
             time.sleep(0.02)
+        running = data_dir / RUNNING_FILE
+        running.with_suffix(".tmp").write_text(json.dumps({"pid": proc.pid, "port": port}))
+        os.replace(running.with_suffix(".tmp"), running)
         return tpm
 
     def stop(self) -> None:
-        """terminate, wait, then kill: swtpm writes its state on SIGTERM."""
+        """terminate, wait, then kill: swtpm writes its state on SIGTERM. Attached: nothing to stop."""
         proc = self.process
+        if proc is None:
+            return
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -173,6 +199,12 @@ class Swtpm:
                 proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+        running = self.data_dir / RUNNING_FILE
+        try:
+            if json.loads(running.read_text()).get("pid") == proc.pid:
+                running.unlink()
+        except (FileNotFoundError, ValueError):
+            pass
 
     def __enter__(self) -> "Swtpm":
         return self

@@ -277,6 +277,15 @@ def make_credential(ek_public: bytes, ak_name: bytes, secret: bytes) -> tuple[by
     return blob.marshal(), enc.marshal()
 
 
+def public_pem(tpm2b_public: bytes) -> bytes:
+    """A marshalled TPM2B_PUBLIC (AK or EK) as a PEM SubjectPublicKeyInfo (for tpm2_checkquote, openssl)."""
+    try:
+        pub, _ = TPM2B_PUBLIC.unmarshal(tpm2b_public)
+        return pub.publicArea.to_pem()
+    except (TSS2_Exception, ValueError, TypeError) as exc:
+        raise VerifyError(f"public: not a TPM2B_PUBLIC: {exc}", reason="malformed") from exc
+
+
 def ak_name_of(ak_public: bytes) -> bytes:
     """The TPM name (nameAlg || digest of the public area) of a marshalled TPM2B_PUBLIC."""
     try:
@@ -554,7 +563,8 @@ def tcti_for(device: str) -> str:
 
 def open_tpm(data_dir: Path, *, device: str | None = None, ak_alg: str = "ecc") -> Tpm:
     """The TPM cwlite uses: `device` when given (a path or a TCTI string), else /dev/tpmrm0
-    when present, else an embedded swtpm with its state under `data_dir/swtpm`."""
+    when present, else the embedded swtpm with its state under `data_dir/swtpm` (the one
+    another cwlite process already runs there, or a new one this Tpm stops on close)."""
     if device is None and os.path.exists(DEVICE):
         device = DEVICE
     if device is not None:
@@ -563,7 +573,7 @@ def open_tpm(data_dir: Path, *, device: str | None = None, ak_alg: str = "ecc") 
         return Tpm(tcti_for(device), ak_alg=ak_alg)
     from controlplane.swtpm import Swtpm
 
-    sw = Swtpm.start(Path(data_dir) / "swtpm")
+    sw = Swtpm.attach(Path(data_dir) / "swtpm") or Swtpm.start(Path(data_dir) / "swtpm")
     try:
         return Tpm(sw.tcti, ak_alg=ak_alg, swtpm=sw)
     except BaseException:

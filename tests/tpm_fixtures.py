@@ -1,0 +1,68 @@
+"""Real-swtpm fixtures for any test that needs a TPM (import them, or list this module in `pytest_plugins`).
+
+    from tests.tpm_fixtures import swtpm, tpm, tpm_tools_env   # noqa: F401  (pytest finds them by name)
+
+- `swtpm_template` (session): one manufactured TPM state (EK certificates from a
+  local CA), made once per session with swtpm_setup; each test copies it.
+- `swtpm`: a running swtpm on a private copy of that state (`.tcti`, `.data_dir`,
+  the CA under `.data_dir / "ca"`); stopped (terminate, wait, kill) at teardown.
+- `tpm`: a `controlplane.tpm.Tpm` on that swtpm (ECC AK); `rsa_tpm`: the same with an RSA AK.
+- `tpm_tools_env`: os.environ plus TPM2TOOLS_TCTI for tpm2-tools on that swtpm.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import requires
+
+needs_swtpm = requires(tool="swtpm_setup")
+
+
+@pytest.fixture(scope="session")
+def swtpm_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("swtpm_setup") is None or shutil.which("swtpm") is None:
+        pytest.skip("swtpm/swtpm_setup not installed (make setup installs them)")
+    from controlplane.swtpm import manufacture
+
+    base = tmp_path_factory.mktemp("swtpm-template")
+    manufacture(base)
+    return base
+
+
+@pytest.fixture
+def swtpm(swtpm_template: Path, tmp_path: Path) -> Iterator["object"]:
+    from controlplane.swtpm import Swtpm
+
+    data_dir = tmp_path / "swtpm"
+    shutil.copytree(swtpm_template, data_dir, symlinks=True)
+    sw = Swtpm.start(data_dir)
+    try:
+        yield sw
+    finally:
+        sw.stop()
+
+
+@pytest.fixture
+def tpm(swtpm) -> Iterator["object"]:
+    from controlplane.tpm import Tpm
+
+    with Tpm(swtpm.tcti) as t:
+        yield t
+
+
+@pytest.fixture
+def rsa_tpm(swtpm) -> Iterator["object"]:
+    from controlplane.tpm import Tpm
+
+    with Tpm(swtpm.tcti, ak_alg="rsa") as t:
+        yield t
+
+
+@pytest.fixture
+def tpm_tools_env(swtpm) -> dict[str, str]:
+    return dict(os.environ, TPM2TOOLS_TCTI=swtpm.tcti)

@@ -1,0 +1,128 @@
+"""The ima-ng forms, checked against vectors written from the kernel sources by an independent encoder."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from controlplane import mlog
+from controlplane.errors import LogError
+from controlplane.events import Event, EventKind, parse_ima_name
+from tests.vectors import ima_ng_kernel
+
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+
+
+@pytest.fixture(scope="module")
+def sample() -> tuple[bytes, str, dict]:
+    return ((VECTORS / "ima_ng_sample.bin").read_bytes(), (VECTORS / "ima_ng_sample.ascii").read_text(),
+            json.loads((VECTORS / "ima_ng_sample.json").read_text()))
+
+
+def test_vector_files_are_what_the_independent_encoder_writes(sample) -> None:
+    binary, text, meta = sample
+    b, t, value, _ = ima_ng_kernel.sample()
+    assert (b, t, value.hex()) == (binary, text, meta["sha256_pcr"])
+
+
+def test_binary_and_ascii_parse_to_the_same_entries(sample) -> None:
+    binary, text, meta = sample
+    from_bin = mlog.parse_binary(binary)
+    from_ascii = mlog.parse_ascii(text)
+    assert from_bin == from_ascii
+    assert [(e.digest_alg, e.digest.hex(), e.name, e.is_violation) for e in from_bin] == \
+        [(m["alg"], m["digest"], m["name"], m["violation"]) for m in meta["entries"]]
+    assert [e.index for e in from_bin] == list(range(len(meta["entries"])))
+
+
+def test_serialisers_reproduce_the_kernel_bytes(sample) -> None:
+    binary, text, _ = sample
+    entries = mlog.parse_binary(binary)
+    assert mlog.to_binary(entries) == binary
+    assert mlog.to_ascii(entries) == text
+    for e in entries:
+        if e.is_violation:
+            continue
+        again = mlog.LogEntry.new(e.index, e.pcr, e.digest, e.name, e.digest_alg)
+        assert again == e and again.binary() == e.binary()
+
+
+def test_replay_from_either_form_gives_the_sha256_pcr(sample) -> None:
+    binary, text, meta = sample
+    want = bytes.fromhex(meta["sha256_pcr"])
+    assert mlog.replay(mlog.parse_binary(binary), 10) == want
+    assert mlog.replay(mlog.parse_ascii(text), 10) == want
+    assert mlog.replay(mlog.parse_binary(binary), 11) == bytes(32)   # other PCRs untouched
+
+
+def test_a_violation_entry_extends_ff() -> None:
+    e = mlog.parse_binary(ima_ng_kernel.entry(10, "sha256", bytes(32), "/x", violation=True)[0])[0]
+    assert e.is_violation and e.pcr_digest == b"\xff" * 32
+
+
+def test_boot_aggregate_is_sha256_over_pcrs_0_to_9() -> None:
+    pcrs = {i: hashlib.sha256(bytes([i])).digest() for i in range(24)}
+    want = hashlib.sha256(b"".join(pcrs[i] for i in range(10))).digest()
+    assert mlog.boot_aggregate(pcrs) == want
+    assert Event(EventKind.BOOT_AGGREGATE, want).ima_name() == "boot_aggregate"
+
+
+def test_names_are_made_kernel_safe_and_still_parse_as_events() -> None:
+    ev = Event(EventKind.VIOLATION, hashlib.sha256(b"x").digest(), "tp_build", "exec", "/tmp/a b\nc")
+    e = mlog.LogEntry.new(3, 10, ev.digest, ev.ima_name())
+    assert e.name == "cwlite:violation:tp_build:exec:/tmp/a_b_c"
+    assert " " not in e.ascii().split(" ", 4)[4] and "\n" not in e.ascii()
+    back = parse_ima_name(e.digest, e.name)
+    assert back is not None and (back.kind, back.label, back.op) == (EventKind.VIOLATION, "tp_build", "exec")
+    assert mlog.parse_ascii(e.ascii() + "\n")[0].name == e.name
+
+
+@pytest.mark.parametrize("cut", [1, 10, 27, 40, 80])
+def test_truncated_binary_names_the_entry(sample, cut: int) -> None:
+    binary, _, _ = sample
+    entries = mlog.parse_binary(binary)
+    offset = sum(len(e.binary()) for e in entries[:4])   # inside entry 4
+    with pytest.raises(LogError) as err:
+        mlog.parse_binary(binary[: offset + cut], source="m.log")
+    assert err.value.entry == 4
+    assert str(err.value).startswith("m.log: entry 4: ") and "\n" not in str(err.value)
+
+
+def test_a_flipped_byte_is_refused_naming_its_entry(sample) -> None:
+    binary, _, _ = sample
+    entries = mlog.parse_binary(binary)
+    offset = sum(len(e.binary()) for e in entries[:5])
+    for where in (4, 40, len(entries[5].binary()) - 3):   # template hash, digest, name
+        bad = bytearray(binary)
+        bad[offset + where] ^= 0x01
+        with pytest.raises(LogError) as err:
+            mlog.parse_binary(bytes(bad))
+        assert err.value.entry == 5, str(err.value)
+
+
+def test_malformed_ascii_lines_name_the_entry(sample) -> None:
+    _, text, _ = sample
+    lines = text.splitlines(keepends=True)
+    cases = {
+        "short": lines[2].rsplit(" ", 2)[0] + "\n",
+        "template": lines[2].replace("ima-ng", "ima-sig"),
+        "hex": lines[2].replace("sha1:", "sha1:zz"),
+        "hash": lines[2].replace(lines[2].split()[1], "00" * 19 + "01"),
+    }
+    for what, line in cases.items():
+        with pytest.raises(LogError) as err:
+            mlog.parse_ascii("".join(lines[:2] + [line] + lines[3:]))
+        assert err.value.entry == 2, what
+
+
+def test_pcr_choice_avoids_the_kernels_ima_pcr(tmp_path: Path) -> None:
+    ima = tmp_path / "ascii_runtime_measurements"
+    assert mlog.choose_pcr(ima_log=ima) == 10                       # no IMA log: 10
+    ima.write_text((VECTORS / "ima_ng_sample.ascii").read_text())    # IMA measures into 10
+    assert mlog.kernel_ima_pcrs(ima) == {10}
+    assert mlog.choose_pcr(ima_log=ima) == 11
+    assert mlog.choose_pcr(fallback=14, ima_log=ima) == 14
+    with pytest.raises(LogError):
+        mlog.choose_pcr(fallback=10, ima_log=ima)

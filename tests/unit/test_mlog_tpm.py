@@ -1,0 +1,224 @@
+"""The measurement log against a real swtpm: agreement, replay, crash recovery, refusal of bad logs."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from controlplane import mlog
+from controlplane.errors import LogError
+from controlplane.events import Event, EventKind
+from controlplane.tpm import Tpm, verify_quote
+from tests.conftest import requires
+from tests.tpm_fixtures import swtpm, swtpm_template, tpm, tpm_tools_env  # noqa: F401
+
+pytestmark = requires(tool="swtpm")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ev(i: int, kind: EventKind = EventKind.TRUSTED_LOAD) -> Event:
+    return Event(kind, hashlib.sha256(b"%d" % i).digest(), "tp_build", "exec", f"/usr/bin/tool-{i}")
+
+
+def _pcrread(env: dict, pcr: int) -> bytes:
+    out = subprocess.run(["tpm2_pcrread", f"sha256:{pcr}"], env=env, capture_output=True, text=True, check=True).stdout
+    return bytes.fromhex(re.search(rf"\b{pcr}\s*:\s*0x([0-9A-Fa-f]{{64}})", out).group(1))
+
+
+@requires(tool="tpm2_pcrread")
+def test_log_and_pcr_agree_after_10000_entries(tpm, tpm_tools_env, tmp_path: Path) -> None:
+    path = tmp_path / "measurements.log"
+    with mlog.MeasurementLog.open(path, tpm, pcr=10) as log:
+        first = log.entries()
+        assert [e.name for e in first] == ["boot_aggregate"]
+        assert first[0].digest == mlog.boot_aggregate(tpm.read_pcrs(range(10)))
+        for i in range(10_000):
+            log.record(ev(i))
+        log.flush()
+        entries = log.entries()
+        assert len(entries) == 10_001 and [e.index for e in entries] == list(range(10_001))
+        assert mlog.replay(entries, 10) == tpm.read_pcr(10) == _pcrread(tpm_tools_env, 10)
+    # the file replays to the PCR from either form, and the forms agree byte for byte
+    data = path.read_bytes()
+    from_bin = mlog.parse_binary(data)
+    text = mlog.to_ascii(from_bin)
+    from_ascii = mlog.parse_ascii(text)
+    assert from_bin == from_ascii == entries
+    assert mlog.to_binary(from_ascii) == data
+    assert mlog.replay(from_ascii, 10) == mlog.replay(from_bin, 10) == _pcrread(tpm_tools_env, 10)
+    # and it reopens clean: nothing to recover
+    with mlog.MeasurementLog.open(path, tpm, pcr=10) as log:
+        assert log.recovered == 0 and len(log.entries()) == 10_001
+
+
+CHILD = textwrap.dedent("""
+    import hashlib, sys
+    from pathlib import Path
+    from controlplane import mlog
+    from controlplane.events import Event, EventKind
+    from controlplane.tpm import Tpm
+    tpm = Tpm(sys.argv[1])
+    log = mlog.MeasurementLog.open(Path(sys.argv[2]), tpm, pcr=int(sys.argv[3]))
+    for i in range(int(sys.argv[4])):
+        log.record(Event(EventKind.TRUSTED_LOAD, hashlib.sha256(b"%d" % i).digest(), "tp", "exec", f"/bin/{i}"),
+                   wait=(i % 7 == 0))
+    log.close()
+    print("survived")
+""")
+
+
+def _child(swtpm, path: Path, pcr: int, n: int, fault: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != mlog.FAULT_ENV}
+    if fault:
+        env[mlog.FAULT_ENV] = fault
+    return subprocess.run([sys.executable, "-c", CHILD, swtpm.tcti, str(path), str(pcr), str(n)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_crash_between_log_and_extend_recovers(swtpm, tpm, tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    proc = _child(swtpm, path, 10, 60, "after-log-before-extend:30")
+    assert proc.returncode == mlog.FAULT_EXIT, proc.stderr
+    assert "survived" not in proc.stdout
+    logged = mlog.read_log(path)
+    pcr = tpm.read_pcr(10)
+    assert len(logged) >= 31                                   # entry 30 reached the disk ...
+    prefixes = mlog.replay_prefixes(logged, 10)
+    behind = [k for k, v in enumerate(prefixes) if v == pcr]
+    assert behind and behind[-1] <= 30 < len(logged)           # ... but not the PCR
+    with mlog.MeasurementLog.open(path, tpm, pcr=10) as log:
+        assert log.recovered == len(logged) - behind[-1] > 0
+        assert tpm.read_pcr(10) == mlog.replay(logged, 10)
+        log.record(ev(1000), wait=True)
+        assert mlog.replay(log.entries(), 10) == tpm.read_pcr(10)
+
+
+def test_without_the_fault_the_child_finishes(swtpm, tpm, tmp_path: Path) -> None:
+    proc = _child(swtpm, tmp_path / "m.log", 10, 20, None)
+    assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr
+    assert mlog.replay(mlog.read_log(tmp_path / "m.log"), 10) == tpm.read_pcr(10)
+
+
+@pytest.fixture
+def filled(tpm, tmp_path: Path) -> tuple[Path, list[mlog.LogEntry]]:
+    path = tmp_path / "m.log"
+    with mlog.MeasurementLog.open(path, tpm, pcr=10) as log:
+        for i in range(20):
+            log.record(ev(i))
+    return path, mlog.read_log(path)
+
+
+def _refused(path: Path, tpm) -> LogError:
+    with pytest.raises(LogError) as err:
+        mlog.MeasurementLog.open(path, tpm, pcr=10)
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(path))
+    return err.value
+
+
+def test_truncation_mid_entry_is_refused_naming_the_entry(filled, tpm) -> None:
+    path, entries = filled
+    end_of_12 = sum(len(e.binary()) for e in entries[:13])
+    os.truncate(path, end_of_12 + 9)
+    err = _refused(path, tpm)
+    assert err.entry == 13 and "entry 13" in str(err)
+
+
+def test_truncation_at_an_entry_boundary_is_refused(filled, tpm) -> None:
+    path, entries = filled
+    os.truncate(path, sum(len(e.binary()) for e in entries[:15]))
+    err = _refused(path, tpm)                 # the PCR holds 21 entries, the log 15
+    assert err.entry == 15 and "matches no prefix" in str(err)
+
+
+def test_a_corrupted_entry_is_refused_naming_it(filled, tpm) -> None:
+    path, entries = filled
+    data = bytearray(path.read_bytes())
+    data[sum(len(e.binary()) for e in entries[:7]) + 60] ^= 0x20
+    path.write_bytes(bytes(data))
+    err = _refused(path, tpm)
+    assert err.entry == 7
+
+
+def test_a_consistently_rewritten_entry_is_refused(filled, tpm) -> None:
+    """Swap entry 9 for a well-formed one (template hash recomputed): only the PCR can tell."""
+    path, entries = filled
+    forged = list(entries)
+    forged[9] = mlog.LogEntry.new(9, 10, hashlib.sha256(b"evil").digest(), entries[9].name)
+    path.write_bytes(mlog.to_binary(forged))
+    err = _refused(path, tpm)
+    assert err.entry == len(entries)
+
+
+def test_the_pcr_moved_by_someone_else_is_refused(filled, tpm) -> None:
+    path, _ = filled
+    tpm.extend(10, b"\x07" * 32)
+    assert _refused(path, tpm).entry == 21
+
+
+def test_an_empty_log_over_a_used_pcr_is_refused(tpm, tmp_path: Path) -> None:
+    tpm.extend(10, b"\x07" * 32)
+    err = _refused(tmp_path / "new.log", tpm)
+    assert err.entry == 0 and "not at its reset value" in str(err)
+
+
+def test_a_log_for_another_pcr_is_refused(filled, tpm) -> None:
+    path, _ = filled
+    with pytest.raises(LogError) as err:
+        mlog.MeasurementLog.open(path, tpm, pcr=11)
+    assert err.value.entry == 0 and "PCR 10" in str(err.value)
+
+
+def test_one_writer_per_log(filled, tpm) -> None:
+    path, _ = filled
+    with mlog.MeasurementLog.open(path, tpm, pcr=10):
+        with pytest.raises(LogError, match="another cwlite process"):
+            mlog.MeasurementLog.open(path, tpm, pcr=10)
+
+
+def test_a_tpm_reset_starts_a_new_log_and_keeps_the_old(swtpm, tmp_path: Path) -> None:
+    from controlplane.swtpm import Swtpm
+
+    path = tmp_path / "m.log"
+    with Tpm(swtpm.tcti) as t, mlog.MeasurementLog.open(path, t, pcr=10) as log:
+        log.record(ev(1))
+    swtpm.stop()                                # power cycle: PCRs reset, reset count moves
+    again = Swtpm.start(swtpm.data_dir)
+    try:
+        with Tpm(again.tcti) as t, mlog.MeasurementLog.open(path, t, pcr=10) as log:
+            assert log.archived is not None and mlog.read_log(log.archived)[1].name == ev(1).ima_name()
+            assert [e.name for e in log.entries()] == ["boot_aggregate"]
+            assert mlog.replay(log.entries(), 10) == t.read_pcr(10)
+        old = list(tmp_path.glob("m.log.reset*"))
+        assert len([p for p in old if not p.name.endswith(".state")]) == 1
+    finally:
+        again.stop()
+
+
+def test_quote_and_entries_agree_while_recording(tpm, tmp_path: Path) -> None:
+    import threading
+
+    with mlog.MeasurementLog.open(tmp_path / "m.log", tpm, pcr=10) as log:
+        stop = threading.Event()
+
+        def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                log.record(ev(i))
+                i += 1
+
+        th = threading.Thread(target=writer)
+        th.start()
+        try:
+            for n in range(3):
+                q, entries = log.quote(b"nonce%d" % n)
+                info = verify_quote(tpm.ak_public(), q, b"nonce%d" % n)
+                assert mlog.replay(entries, 10) == info.pcr_values[10]
+        finally:
+            stop.set()
+            th.join()

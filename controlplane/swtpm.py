@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -31,6 +32,7 @@ SWTPM_LOCALCA = "swtpm_localca"
 STATE_FILE = "tpm2-00.permall"
 RUNNING_FILE = "running.json"   # pid and port of the swtpm serving this state, for other cwlite commands
 START_TIMEOUT = 10.0
+_PORT_RANGE = (20000, 32000)
 STOP_TIMEOUT = 5.0
 
 
@@ -82,19 +84,23 @@ def manufacture(data_dir: Path) -> Path:
 
 
 def _free_pair() -> int:
-    """A port P with P and P + 1 both free on loopback right now."""
-    for _ in range(64):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            try:
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise TpmError("swtpm: no two consecutive free loopback ports")
+    """A port P with P and P + 1 both free on loopback right now.
+
+    Chosen below the kernel's ephemeral range: the swtpm TCTI connects once per
+    command, so the ephemeral range fills with TIME_WAIT sockets of our own.
+    """
+    low, high = _PORT_RANGE
+    for _ in range(256):
+        port = random.randrange(low, high - 1)
+        try:
+            for p in (port, port + 1):
+                with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as swtpm binds
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise TpmError(f"swtpm: no two consecutive free loopback ports in {low}-{high}")
 
 
 class _PortTaken(Exception):

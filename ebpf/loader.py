@@ -56,6 +56,10 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "LINUX_BINPRM_FILENAME": ("linux_binprm.filename",),
     "FILE_F_PATH_DENTRY": ("file.f_path.dentry",),
     "DENTRY_D_NAME_NAME": ("dentry.d_name.name",),
+    # CDI protection (exec_lsm.bpf.c, cdi.h): dentry -> inode and parent; COW pages of a file VMA.
+    "DENTRY_D_INODE": ("dentry.d_inode",),
+    "DENTRY_D_PARENT": ("dentry.d_parent",),
+    "VM_AREA_STRUCT_ANON_VMA": ("vm_area_struct.anon_vma",),
     "VM_AREA_STRUCT_VM_START": ("vm_area_struct.vm_start",),
     "VM_AREA_STRUCT_VM_END": ("vm_area_struct.vm_end",),
     "MM_STRUCT_MM_MT_MA_ROOT": ("mm_struct.mm_mt.ma_root",),

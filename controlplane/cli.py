@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "controlplane.service_cli:serve",
     "enrol": "controlplane.verifier_cli:enrol",
     "verify": "controlplane.verifier_cli:verify",
+    "log": "controlplane.mlog_cli:log",
+    "tpm": "controlplane.mlog_cli:tpm",
 }
 
 

@@ -7,7 +7,7 @@ line names an interpreter (so the interpreter can be policy-checked too).
 Measuring is bound by SHA-256 and I/O: files are read in 1 MiB blocks and
 hashed on a thread pool sized to the cores (hashlib releases the GIL on large
 buffers). A file whose (dev, ino, size, mtime, ctime) is unchanged since it
-was last measured is not read again (`Identity` is the cache key).
+was last measured is not read again (the cache key).
 """
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ class Measured:
     kind: FileKind | None
     sha256: bytes | None = None
     md5: bytes | None = None
+    reused: bool = False  # taken from the cache, not read now
 
 
 _buffers = threading.local()
@@ -165,7 +166,7 @@ def walk(root: str | os.PathLike[str]) -> Iterator[tuple[str, os.stat_result]]:
                     yield e.path, e.stat(follow_symlinks=False)
 
 
-Cache = Callable[[Identity], Measured | None]
+Cache = Callable[[os.stat_result], Measured | None]  # stat() -> the measurement of that same file state
 
 
 def measure_many(
@@ -176,31 +177,33 @@ def measure_many(
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[Measured]:
-    """Measure many files on a thread pool, reusing `cache` hits; yields in input order.
+    """Measure many files on a thread pool, reusing `cache` hits (marked `reused`).
 
     `paths` pairs a path with its lstat() when the caller already has it (a
-    directory walk does); an unchanged identity found in `cache` is not read.
-    Files that are not regular (or vanished) are skipped.
+    directory walk does). Cache hits are answered first, without touching
+    the pool; then the rest as the pool finishes them (input order among
+    them). Files that are not regular (or vanished) are skipped.
     """
-    workers = workers or os.cpu_count() or 2
-
-    def one(item: tuple[str, os.stat_result | None]) -> Measured | None:
-        path, st = item
+    misses: list[str] = []
+    for path, st in paths:
         if st is None:
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
-                return None
+                continue
         if not stat.S_ISREG(st.st_mode):
-            return None
-        if cache is not None:
-            hit = cache(Identity.of(st))
-            if hit is not None and (hit.kind is None or not md5 or hit.md5 is not None):
-                return Measured(path, hit.ident, hit.kind, hit.sha256, hit.md5)
-        return measure_file(path, md5=md5)
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="measure") as pool:
-        for m in pool.map(one, paths, chunksize=1):
+            continue
+        hit = cache(st) if cache is not None else None
+        if hit is not None and (hit.kind is None or not md5 or hit.md5 is not None):
+            if progress is not None:
+                progress(1)
+            yield Measured(path, hit.ident, hit.kind, hit.sha256, hit.md5, True)
+        else:
+            misses.append(path)
+    if not misses:
+        return
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="measure") as pool:
+        for m in pool.map(lambda p: measure_file(p, md5=md5), misses):
             if progress is not None:
                 progress(1)
             if m is not None:

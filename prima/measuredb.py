@@ -232,14 +232,13 @@ class MeasureDB:
         content (no times, no local file identities). Untrusted rows are out.
         """
         h = hashlib.sha256(b"cwlite-measurement-db-v1\n")
-        for (name,) in self._conn.execute("SELECT name FROM trust_sets ORDER BY name"):
-            h.update(json.dumps(["set", name]).encode() + b"\n")
-        rows = self._conn.execute(
-            "SELECT trust_set, hex(digest), origin, package, version, path, note, file_kind, interpreter "
-            "FROM measurements WHERE untrusted = '' ORDER BY trust_set, origin, package, version, path"
-        )
-        for r in rows:
-            h.update(json.dumps([r[0], r[1].lower(), *r[2:]], ensure_ascii=False).encode() + b"\n")
+        # One JSON array per line (SQLite's json_array: no locale, fixed escaping), sorted.
+        for sql in (
+            "SELECT json_array('set', name) FROM trust_sets ORDER BY name",
+            "SELECT json_array(trust_set, lower(hex(digest)), origin, package, version, path, note, file_kind, interpreter) "
+            "FROM measurements WHERE untrusted = '' ORDER BY trust_set, origin, package, version, path",
+        ):
+            h.update("".join(line + "\n" for (line,) in self._conn.execute(sql)).encode())
         return h.digest()
 
     def lookup(self, digest: bytes) -> list[Origin]:
@@ -299,18 +298,17 @@ class MeasureDB:
 
     # -- the local file cache ------------------------------------------------
 
-    def file_cache(self) -> Callable[[Identity], Measured | None]:
-        """A lookup (dev, ino, size, mtime, ctime) -> the measurement made when the file looked like that."""
-        cache: dict[tuple[int, int], tuple] = {
-            (r[0], r[1]): r for r in self._conn.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, path, file_kind, interpreter, sha256, md5 FROM files")
+    def file_cache(self) -> Callable[[os.stat_result], Measured | None]:
+        """A lookup stat() -> the measurement made when the file had the same (dev, ino, size, mtime, ctime)."""
+        cache: dict[tuple[int, int, int, int, int], tuple] = {
+            r[:5]: r for r in self._conn.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, path, file_kind, interpreter, sha256, md5 FROM files")
         }
 
-        def get(ident: Identity) -> Measured | None:
-            r = cache.get((ident.dev, ident.ino))
-            if r is None or (r[2], r[3], r[4]) != (ident.size, ident.mtime_ns, ident.ctime_ns):
+        def get(st: os.stat_result) -> Measured | None:
+            r = cache.get((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            if r is None:
                 return None
-            kind = FileKind(r[6], r[7]) if r[6] else None
-            return Measured(r[5], ident, kind, r[8], r[9])
+            return Measured(r[5], Identity(*r[:5]), FileKind(r[6], r[7]) if r[6] else None, r[8], r[9])
 
         return get
 
@@ -341,7 +339,14 @@ class MeasureDB:
         return _Transaction(self._conn)
 
     def replace_trust_set(self, name: str, rows: Sequence[Row], *, note: str, sources: dict, local: Sequence[Measured] = ()) -> None:
-        """Make `name` hold exactly `rows`, in one transaction (all or nothing)."""
+        """Make `name` hold exactly `rows`, in one transaction (all or nothing); no write when nothing changed."""
+        new = {(r.digest, r.origin, r.package, r.version, r.path, r.note, r.kind.kind, r.kind.interpreter, r.untrusted) for r in rows}
+        old_set = self._conn.execute("SELECT note, sources FROM trust_sets WHERE name = ?", (name,)).fetchone()
+        if old_set == (note, json.dumps(sources, sort_keys=True)) and not local:
+            old = set(self._conn.execute(
+                "SELECT digest, origin, package, version, path, note, file_kind, interpreter, untrusted FROM measurements WHERE trust_set = ?", (name,)))
+            if old == new:
+                return
         with self._transaction():
             self._conn.execute("DELETE FROM measurements WHERE trust_set = ?", (name,))
             self._conn.execute(
@@ -384,7 +389,7 @@ class MeasureDB:
             f"SELECT DISTINCT path FROM measurements WHERE trust_set IN ({q}) UNION SELECT path FROM files WHERE sha256 IS NOT NULL",
             tuple(trust_sets),
         )]
-        current = self.measure_paths(paths)
+        current = self.measure_paths(paths + overlay_layer_paths(paths))
         entries: dict[tuple[int, int], KernelEntry] = {}
         for m in current:
             mask = masks.get(m.sha256 or b"", 0)
@@ -408,7 +413,7 @@ class MeasureDB:
                 resolved.setdefault((st.st_dev, st.st_ino), (os.path.realpath(p), st))
         known = self.file_cache()
         out = list(measure.measure_many(resolved.values(), cache=None if rehash else known, progress=progress))
-        self.remember([m for m in out if is_fresh(m, known)])
+        self.remember([m for m in out if not m.reused])
         return out
 
     def verify(self, trust_sets: Sequence[str] | None = None, *, progress: Callable[[int], None] | None = None) -> list[Mismatch]:
@@ -437,6 +442,59 @@ class MeasureDB:
                         continue
                     out.append(Mismatch(ts, path, digest, m.sha256 if m else None))
         return out
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def overlay_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[int, tuple[str, list[str]]]:
+    """Overlayfs mounts: st_dev -> (mount point, its layers from top: upperdir then lowerdirs)."""
+    out: dict[int, tuple[str, list[str]]] = {}
+    try:
+        text = Path(mountinfo).read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        f, r = left.split(), right.split()
+        if len(r) < 3 or r[0] != "overlay":
+            continue
+        major, minor = (int(x) for x in f[2].split(":"))
+        opts = dict(o.split("=", 1) for o in re.split(r"(?<!\\),", r[2]) if "=" in o)
+        layers = [opts["upperdir"]] if "upperdir" in opts else []
+        layers += [x for x in re.split(r"(?<!\\):", opts.get("lowerdir", "")) if x]
+        out[os.makedev(major, minor)] = (_unescape(f[4]), [_unescape(x).replace("\\:", ":").replace("\\,", ",") for x in layers])
+    return out
+
+
+def overlay_layer_paths(paths: Iterable[str]) -> list[str]:
+    """For files on an overlayfs, the layer file the overlay shows (the topmost layer holding it).
+
+    exec() through an overlay is seen by the kernel as the overlay's inode
+    (s_dev of the overlay), but mmap() maps the layer's own file (overlayfs
+    swaps vm_file for the real file): the kernel view needs both identities.
+    """
+    mounts = overlay_mounts()
+    if not mounts:
+        return []
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        mount = mounts.get(st.st_dev)
+        if mount is None:
+            continue
+        rel = os.path.relpath(os.path.realpath(p), mount[0])
+        for layer in mount[1]:
+            candidate = os.path.join(layer, rel)
+            if os.path.lexists(candidate):
+                out.append(candidate)
+                break
+    return out
 
 
 class _Transaction:
@@ -523,7 +581,7 @@ def build(
     rows: list[Row] = []
     local: list[Measured] = []
     reused = 0
-    tick = (lambda phase, n, total: progress(phase, n, total)) if progress else (lambda *a: None)
+    tick = progress or (lambda phase, done, total: None)
     db = MeasureDB.open(db_path, create=True)
     try:
         cache = db.file_cache()
@@ -543,32 +601,30 @@ def build(
             admindir = Path(dpkg_admindir) if dpkg_admindir else debian.DPKG_ADMINDIR
             root = Path(dpkg_root)
             pkgs = debian.installed_packages(None if from_dpkg is True else list(from_dpkg), admindir=admindir, deps=deps)
-            for n, pkg in enumerate(pkgs, 1):
+            listed = []  # (package, path as dpkg lists it, path read, md5 dpkg recorded)
+            for pkg in pkgs:
                 paths, sums = debian.dpkg_files(pkg, admindir)
-                items = [(str(root / p.lstrip("/")), None) for p in paths]
-                for listed, m in zip(paths, _measure_listed(items, cache)):
-                    if m is None:
-                        continue
-                    reused += not is_fresh(m, cache)
-                    local.append(m)
-                    if m.kind is None:
-                        continue
-                    want = sums.get(listed)
-                    why = ("no md5sums entry (conffile or not shipped by dpkg)" if want is None
-                           else "" if m.md5 and m.md5.hex() == want else f"md5sums mismatch (dpkg: {want}, file: {m.md5.hex() if m.md5 else '?'})")
-                    rows.append(Row(m.sha256, "dpkg", pkg.package, pkg.version, listed, note, m.kind, why))
-                tick("dpkg", n, len(pkgs))
+                listed += [(pkg, p, str(root / p.lstrip("/")), sums.get(p)) for p in paths]
+            got = {m.path: m for m in measure.measure_many(
+                ((full, None) for _pkg, _p, full, _sum in listed), cache=cache, md5=True,
+                progress=_counter("dpkg", len(listed), progress))}
+            for pkg, path, full, want in listed:
+                m = got.pop(full, None)
+                if m is None:
+                    continue  # a directory, a symlink, or not there
+                reused += m.reused
+                local.append(m)
+                if m.kind is None:
+                    continue
+                why = ("no md5sums entry (conffile or not shipped by dpkg)" if want is None
+                       else "" if m.md5 and m.md5.hex() == want else f"md5sums mismatch (dpkg: {want}, file: {m.md5.hex() if m.md5 else '?'})")
+                rows.append(Row(m.sha256, "dpkg", pkg.package, pkg.version, path, note, m.kind, why))
         for d in dir_dirs:
             files = list(measure.walk(d))
-            done = 0
-
-            def step(k: int, total: int = len(files)) -> None:
-                nonlocal done
-                done += k
-                tick(f"dir {d}", done, total)
+            step = _counter(f"dir {d}", len(files), progress)
 
             for m in measure.measure_many(files, cache=cache, progress=step):
-                reused += not is_fresh(m, cache)
+                reused += m.reused
                 local.append(m)
                 if m.kind is not None:
                     rows.append(Row(m.sha256, "dir", str(d), "", m.path, note, m.kind))
@@ -577,24 +633,25 @@ def build(
             "dpkg": (True if from_dpkg is True else sorted(from_dpkg)) if from_dpkg else [],
             "dir": [str(d) for d in dir_dirs],
         }
-        db.replace_trust_set(trust_set, _dedupe(rows), note=note, sources=sources, local=[m for m in local if is_fresh(m, cache)])
+        db.replace_trust_set(trust_set, _dedupe(rows), note=note, sources=sources, local=[m for m in local if not m.reused])
         untrusted = sum(1 for r in rows if r.untrusted)
         return BuildResult(trust_set, len(rows), untrusted, reused, db.digest(), sources)
     finally:
         db.close()
 
 
-def is_fresh(m: Measured, cache: Callable[[Identity], Measured | None]) -> bool:
-    """True when `m` was measured now rather than taken from `cache` (so the cache should learn it)."""
-    hit = cache(m.ident)
-    return hit is None or (hit.md5 is None and m.md5 is not None)
+def _counter(phase: str, total: int, progress: Callable[[str, int, int], None] | None) -> Callable[[int], None] | None:
+    """Adapt a (phase, done, total) progress callback to measure_many's per-file ticks."""
+    if progress is None:
+        return None
+    done = 0
 
+    def step(k: int) -> None:
+        nonlocal done
+        done += k
+        progress(phase, done, total)
 
-def _measure_listed(items: list[tuple[str, None]], cache) -> Iterator[Measured | None]:
-    """Measure dpkg-listed paths (with MD5 for the md5sums check); yields None where nothing regular is."""
-    got = {m.path: m for m in measure.measure_many(items, cache=cache, md5=True)}
-    for path, _ in items:
-        yield got.get(path)
+    return step
 
 
 def _dedupe(rows: list[Row]) -> list[Row]:

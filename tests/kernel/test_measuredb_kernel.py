@@ -104,3 +104,7 @@ def test_overlay_identity_is_the_overlay_mount_not_the_layer(probe, tmp_path: Pa
         lower_key = _view_key(tmp_path / "lower.db", lower / "true-copy")
         assert lower_key[0] != key[0]  # same content, different device: keyed apart
         assert _exec_identity(probe, lower / "true-copy") == lower_key
+        # mmap through the overlay maps the layer's file: the overlay DB's view holds that identity too.
+        with MeasureDB.open(tmp_path / "m.db") as db:
+            keys = {(e.dev, e.ino, e.ctime_ns): e.path for e in db.kernel_view(["t"])}
+        assert keys == {key: str(exe), lower_key: str(lower / "true-copy")}

@@ -1,0 +1,302 @@
+"""PRIMA's enforcement engine: loads ebpf/exec_<backend>.bpf.c, fills its maps, turns ring-buffer records into Events.
+
+One engine, two sources of kernel decisions (`backend`): "tracepoint"
+(exec_tp.bpf.c: a violation kills the process) and "lsm" (exec_lsm.bpf.c: a
+violation is denied). Both share the maps and the event layout of cwlite.h /
+prima_decide.h, so everything here is backend-independent.
+
+Reloads never open an unenforced window: the policy/DB maps exist twice; a
+reload fills the idle generation, then flips `cwl_gen` in one map write.
+Label ids are stable for the engine's lifetime (a label dropped from the policy
+keeps its id with an empty trust set: its processes can load nothing more).
+
+The ring-buffer callback only decodes and queues (an exception in a ctypes
+callback would only be printed); `poll()` returns Events for the caller to
+write to its sink. Lost records are counted in the kernel (cwl_drops) and
+reported as LOST_EVENTS, never dropped silently.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
+
+from controlplane.errors import EnforcementError
+from controlplane.events import ZERO_DIGEST, Event, EventKind
+from controlplane.policy import Policy
+
+if TYPE_CHECKING:
+    import bcc
+
+BACKENDS = {"tracepoint": "exec_tp.bpf.c", "lsm": "exec_lsm.bpf.c"}
+LABEL_MAX = 64          # label ids 1..63 (0 = unlabelled)
+TASK_MAX = 65536        # labelled processes alive at once
+SEEN_MAX = 65536        # (label, measurement) pairs already logged
+ENTRY_MAX = 1024        # entrypoint inodes
+RINGBUF_PAGES = 256     # 1 MiB of events in flight
+MIN_TRUST_MAX = 4096
+
+# cwlite.h constants, by name (the C header is the source; these decode its records).
+KINDS = {1: EventKind.TRUSTED_LOAD, 2: EventKind.LABEL_TRANSITION, 3: EventKind.VIOLATION}
+OPS = {1: "exec", 2: "interp", 3: "script", 4: "mmap", 5: "mprotect", 6: "anon-exec", 7: "entrypoint", 8: "drop"}
+ACTIONS = {0: "allowed", 1: "killed", 2: "denied"}
+WHYS = {0: "", 1: "unmeasured", 2: "changed-after-measurement", 3: "not-in-trust-set", 4: "no-file", 5: "anonymous-exec"}
+DROPS = {0: "ringbuf", 1: "label-map", 2: "seen-map"}
+DROP_MAX = 4
+
+
+class CwlEvent(ctypes.Structure):
+    """Python view of `struct cwl_event` (cwlite.h); tests check it against bcc's own layout."""
+
+    _fields_ = [
+        ("kind", ctypes.c_uint32), ("op", ctypes.c_uint32), ("pid", ctypes.c_uint32), ("tgid", ctypes.c_uint32),
+        ("label", ctypes.c_uint32), ("prev_label", ctypes.c_uint32), ("action", ctypes.c_uint32),
+        ("why", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+        ("ino", ctypes.c_uint64), ("ctime_ns", ctypes.c_uint64), ("ktime_ns", ctypes.c_uint64),
+        ("digest", ctypes.c_uint8 * 32), ("comm", ctypes.c_char * 16), ("name", ctypes.c_char * 128),
+    ]
+
+
+class TrustedFile(Protocol):
+    """What the engine needs of a measurement DB kernel-view entry (prima.measuredb.KernelEntry)."""
+
+    dev: int
+    ino: int
+    ctime_ns: int
+    sets_mask: int
+    digest: bytes
+    path: str
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A trusted file for tests and tools without a measurement DB (same shape as KernelEntry)."""
+
+    dev: int
+    ino: int
+    ctime_ns: int
+    sets_mask: int
+    digest: bytes
+    path: str
+
+
+def kernel_dev(st_dev: int) -> int:
+    """Userspace st_dev -> the kernel's s_dev encoding (MAJOR<<20 | MINOR), as BPF reads it."""
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
+
+
+def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int) -> list[FileEntry]:
+    """Stat and hash files into kernel-view entries (tests; the real source is MeasureDB.kernel_view)."""
+    import hashlib
+
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        with open(p, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").digest()
+        out.append(FileEntry(kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns, sets_mask, digest, os.fspath(p)))
+    return out
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What one generation holds: for messages and `cwlite enforce --json` status."""
+
+    generation: int
+    labels: dict[str, int]
+    trusted_files: int
+    entrypoints: dict[str, str]  # path -> label
+    missing_entrypoints: tuple[str, ...]
+
+
+class Engine:
+    """BPF: ebpf/exec_tp.bpf.c (or exec_lsm.bpf.c) — all hooks; maps cwl_* of prima_decide.h.
+
+    Use as a context manager: `with Engine(policy, entries) as e: e.poll(...)`.
+    """
+
+    def __init__(self, policy: Policy, entries: Sequence[TrustedFile], *, backend: str = "tracepoint",
+                 db_digest: bytes = ZERO_DIGEST, trust_max: int | None = None,
+                 ringbuf_pages: int = RINGBUF_PAGES) -> None:
+        if backend not in BACKENDS:
+            raise EnforcementError(f"backend {backend!r}: not one of {', '.join(BACKENDS)}")
+        self.backend = backend
+        self.trust_max = trust_max or max(MIN_TRUST_MAX, 2 * len(entries))
+        self.ringbuf_pages = ringbuf_pages
+        self._label_ids: dict[str, int] = {}
+        self._paths: dict[tuple[int, int], str] = {}
+        self._queue: deque[Event] = deque()
+        self._drops_seen = [0] * DROP_MAX
+        self._decode_errors = 0
+        self._bpf: "bcc.BPF | None" = None
+        self._generation = -1
+        self.loaded: Loaded | None = None
+        self._start(policy, entries, db_digest)
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def _start(self, policy: Policy, entries: Sequence[TrustedFile], db_digest: bytes) -> None:
+        from ebpf import loader
+
+        flags = [f"-DCWL_TRUST_MAX={self.trust_max}", f"-DCWL_ENTRY_MAX={ENTRY_MAX}", f"-DCWL_LABEL_MAX={LABEL_MAX}",
+                 f"-DCWL_TASK_MAX={TASK_MAX}", f"-DCWL_SEEN_MAX={SEEN_MAX}", f"-DCWL_RINGBUF_PAGES={self.ringbuf_pages}"]
+        # bcc attaches at load, before the first generation is written: until
+        # then the maps are empty, so no process can enter a label and nothing
+        # is labelled yet (labels are only entered through cwl_entry*).
+        self._bpf = loader.load(BACKENDS[self.backend], flags)
+        try:
+            self._bpf[b"cwl_events"].open_ring_buffer(self._on_record)
+            self._queue.append(Event(EventKind.DAEMON_START, subject=f"prima/{self.backend}",
+                                     detail={"backend": self.backend, "pid": os.getpid()}))
+            self.reload(policy, entries, db_digest)
+        except BaseException:
+            self.close(record_stop=False)
+            raise
+
+    def reload(self, policy: Policy, entries: Sequence[TrustedFile], db_digest: bytes = ZERO_DIGEST) -> Loaded:
+        """Fill the idle generation from `policy` + `entries`, then flip to it (atomic for the kernel)."""
+        bpf = self._require()
+        if len(entries) > self.trust_max:
+            raise EnforcementError(f"measurement DB kernel view: {len(entries)} files, the loaded maps hold "
+                                   f"{self.trust_max}: restart `cwlite enforce` to resize")
+        gen = 0 if self._generation != 0 else 1
+        sfx = str(gen)
+        for name in sorted(policy.labels):
+            if name not in self._label_ids:
+                if len(self._label_ids) + 1 >= LABEL_MAX:
+                    raise EnforcementError(f"{policy.source}: labels: more than {LABEL_MAX - 1} labels in one engine run")
+                self._label_ids[name] = len(self._label_ids) + 1
+        sets = policy.trust_sets()
+
+        trust = bpf[f"cwl_trust{sfx}".encode()]
+        trust.clear()
+        paths: dict[tuple[int, int], str] = {}
+        for e in entries:
+            k = trust.Key(dev=e.dev, ino=e.ino)
+            v = trust.Leaf(ctime_ns=e.ctime_ns, sets_mask=e.sets_mask)
+            ctypes.memmove(v.digest, e.digest, 32)
+            trust[k] = v
+            paths[(e.dev, e.ino)] = e.path
+
+        labels = bpf[f"cwl_labels{sfx}".encode()]
+        for name, lid in self._label_ids.items():
+            lb = policy.labels.get(name)
+            leaf = labels.Leaf()
+            if lb is not None:
+                leaf.set_bit = 1 << sets.index(lb.trust_set)
+                leaf.on_exec_drop = 1 if lb.on_exec == "drop" else 0
+                leaf.anon_exec_violation = 1 if lb.anon_exec == "violation" else 0
+            labels[labels.Key(lid)] = leaf
+
+        entry = bpf[f"cwl_entry{sfx}".encode()]
+        entry.clear()
+        found: dict[str, str] = {}
+        missing: list[str] = []
+        for name, lb in sorted(policy.labels.items()):
+            for ep in lb.entrypoints:
+                try:
+                    st = os.stat(ep)
+                except OSError:
+                    missing.append(ep)
+                    continue
+                entry[entry.Key(dev=kernel_dev(st.st_dev), ino=st.st_ino)] = entry.Leaf(label=self._label_ids[name])
+                found[ep] = name
+
+        conf = bpf[b"cwl_conf"]
+        conf[conf.Key(gen)] = conf.Leaf(enforce=1 if policy.mode == "enforce" else 0)
+        # The flip: one array write; every hook reads cwl_gen first.
+        bpf[b"cwl_gen"][bpf[b"cwl_gen"].Key(0)] = ctypes.c_uint32(gen)
+        self._generation = gen
+        self._paths = paths
+        self._queue.append(Event(EventKind.POLICY_LOAD, policy.digest(), subject=policy.source,
+                                 detail={"mode": policy.mode, "generation": gen}))
+        self._queue.append(Event(EventKind.DB_LOAD, db_digest, subject=f"{len(entries)} trusted files",
+                                 detail={"trusted_files": len(entries), "generation": gen}))
+        self.loaded = Loaded(gen, dict(self._label_ids), len(entries), found, tuple(missing))
+        return self.loaded
+
+    def close(self, *, record_stop: bool = True) -> None:
+        """Detach every program (bcc cleanup); the last events are polled first."""
+        if self._bpf is None:
+            return
+        try:
+            self.poll(0)
+        finally:
+            self._bpf.cleanup()
+            self._bpf = None
+        if record_stop:
+            self._queue.append(Event(EventKind.DAEMON_STOP, subject=f"prima/{self.backend}"))
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require(self) -> "bcc.BPF":
+        if self._bpf is None:
+            raise EnforcementError(f"prima/{self.backend}: engine is closed")
+        return self._bpf
+
+    # ---- events -----------------------------------------------------------------------
+    def _on_record(self, ctx: object, data: int, size: int) -> None:
+        """Ring-buffer callback: decode and queue only."""
+        try:
+            rec = ctypes.cast(data, ctypes.POINTER(CwlEvent)).contents
+            self._queue.append(self._event(rec))
+        except Exception:  # never raise into ctypes; counted and reported as lost
+            self._decode_errors += 1
+
+    def _label_name(self, lid: int) -> str:
+        for name, i in self._label_ids.items():
+            if i == lid:
+                return name
+        return "" if lid == 0 else f"#{lid}"
+
+    def _event(self, r: CwlEvent) -> Event:
+        kind = KINDS[r.kind]
+        name = bytes(r.name).split(b"\0", 1)[0].decode(errors="replace")
+        subject = self._paths.get((r.dev, r.ino)) if kind is EventKind.TRUSTED_LOAD else None
+        detail = {
+            "pid": r.pid, "tgid": r.tgid, "comm": bytes(r.comm).split(b"\0", 1)[0].decode(errors="replace"),
+            "action": ACTIONS.get(r.action, str(r.action)), "dev": r.dev, "ino": r.ino, "ctime_ns": r.ctime_ns,
+            "ktime_ns": r.ktime_ns, "backend": self.backend, "name": name,
+        }
+        if r.why:
+            detail["why"] = WHYS.get(r.why, str(r.why))
+        if kind is EventKind.LABEL_TRANSITION:
+            detail["from"] = self._label_name(r.prev_label)
+        return Event(kind, bytes(r.digest), self._label_name(r.label if r.label else r.prev_label),
+                     OPS.get(r.op, str(r.op)), subject or name, detail)
+
+    def drops(self) -> dict[str, int]:
+        """Kernel-side failure counts since load (summed over CPUs)."""
+        table = self._require()[b"cwl_drops"]
+        return {DROPS.get(i, str(i)): sum(table[table.Key(i)]) for i in range(DROP_MAX) if i in DROPS}
+
+    def labelled_processes(self) -> dict[int, str]:
+        """tgid -> label of every process the kernel holds a label for."""
+        table = self._require()[b"cwl_task_labels"]
+        return {k.value: self._label_name(v.label) for k, v in table.items()}
+
+    def poll(self, timeout_ms: int = 100) -> list[Event]:
+        """Wait up to `timeout_ms` for records; return every queued Event, LOST_EVENTS included."""
+        bpf = self._require()
+        bpf.ring_buffer_poll(timeout_ms)
+        counts = self.drops()
+        lost = {}
+        for i, name in DROPS.items():
+            new = counts[name] - self._drops_seen[i]
+            if new > 0 and name != "seen-map":  # seen-map only repeats events
+                lost[name] = new
+            self._drops_seen[i] = counts[name]
+        if self._decode_errors:
+            lost["undecodable"] = self._decode_errors
+            self._decode_errors = 0
+        if lost:
+            self._queue.append(Event(EventKind.LOST_EVENTS, subject=", ".join(f"{k}={v}" for k, v in sorted(lost.items())),
+                                     detail=lost))
+        out = list(self._queue)
+        self._queue.clear()
+        return out

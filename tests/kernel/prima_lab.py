@@ -1,0 +1,147 @@
+"""A small lab for PRIMA kernel tests and benchmarks: test-local entrypoints, a trusted helper, one engine.
+
+Only files created under the lab's own directory are entrypoints, so no other
+process on this (shared) machine is ever labelled. System files (/usr/bin/true,
+libc, ld.so) are trusted by inode, which changes nothing for unlabelled
+processes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from controlplane.events import Event, EventKind
+from controlplane.policy import parse_policy
+from prima.engine import Engine, measure_files
+
+HELPER_C = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+extern char **environ;
+/* Each subcommand loads code one way, as an attacker inside a TP process would. */
+int main(int argc, char **argv)
+{
+	if (argc < 2) return 2;
+	const char *cmd = argv[1];
+	if (!strcmp(cmd, "memfd")) {            /* copy a file into a memfd and fexecve it */
+		int src = open(argv[2], O_RDONLY), m = memfd_create("cwl", 0);
+		char buf[65536]; ssize_t n;
+		if (src < 0 || m < 0) { perror("open"); return 3; }
+		while ((n = read(src, buf, sizeof buf)) > 0) if (write(m, buf, n) != n) return 3;
+		char *args[] = {argv[2], NULL};
+		fexecve(m, args, environ);
+		perror("fexecve"); return 3;
+	}
+	if (!strcmp(cmd, "mmap") || !strcmp(cmd, "mprotect")) {   /* map a file executable */
+		int fd = open(argv[2], O_RDONLY);
+		if (fd < 0) { perror("open"); return 3; }
+		int exec_now = !strcmp(cmd, "mmap");
+		void *p = mmap(0, 4096, PROT_READ | (exec_now ? PROT_EXEC : 0), MAP_PRIVATE, fd, 0);
+		if (p == MAP_FAILED) { perror("mmap"); return 3; }
+		if (!exec_now && mprotect(p, 4096, PROT_READ | PROT_EXEC)) { perror("mprotect"); return 3; }
+		puts("mapped"); return 0;
+	}
+	if (!strcmp(cmd, "anon") || !strcmp(cmd, "anon-mprotect")) {  /* JIT-style memory */
+		int rwx = !strcmp(cmd, "anon");
+		void *p = mmap(0, 4096, PROT_READ | PROT_WRITE | (rwx ? PROT_EXEC : 0), MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (p == MAP_FAILED) { perror("mmap"); return 3; }
+		if (!rwx && mprotect(p, 4096, PROT_READ | PROT_EXEC)) { perror("mprotect"); return 3; }
+		puts("anon"); return 0;
+	}
+	return 2;
+}
+"""
+
+LDSO = "/lib64/ld-linux-x86-64.so.2"
+
+
+def shared_libs(binary: str) -> list[str]:
+    """The resolved shared objects `binary` maps (ldd), so they can be trusted."""
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+        if path.startswith("/"):
+            libs.append(os.path.realpath(path))
+    return libs
+
+
+class Lab:
+    """One engine; each test gets a fresh label (fresh dedupe) with its own entrypoint."""
+
+    def __init__(self, root: Path, *, ringbuf_pages: int | None = None) -> None:
+        self.root = root
+        self.shell = str(root / "sh-base")            # trusted, not an entrypoint
+        shutil.copy2("/bin/sh", self.shell)
+        self.helper = str(root / "helper")
+        (root / "helper.c").write_text(HELPER_C)
+        subprocess.run(["gcc", "-O2", "-o", self.helper, str(root / "helper.c")], check=True)
+        self.untrusted = str(root / "untrusted")      # never measured
+        shutil.copy2("/usr/bin/true", self.untrusted)
+        self.true = os.path.realpath("/usr/bin/true")
+        self.base = sorted({self.true, self.shell, self.helper, os.path.realpath(LDSO),
+                            *shared_libs("/bin/sh"), *shared_libs(self.helper), *shared_libs(self.true)})
+        self.events: list[Event] = []
+        self._n = 0
+        kwargs = {} if ringbuf_pages is None else {"ringbuf_pages": ringbuf_pages}
+        self.engine = Engine(*self._policy_and_entries("tp_lab0", self._new_entrypoint("tp_lab0")), **kwargs)
+
+    def _new_entrypoint(self, label: str) -> str:
+        ep = str(self.root / f"ep-{label}")
+        shutil.copy2("/bin/sh", ep)
+        return ep
+
+    def _policy_and_entries(self, label: str, entrypoint: str, *, mode: str = "enforce", on_exec: str = "keep",
+                            anon_exec: str = "violation", trusted: Iterable[str] = ()):
+        policy = parse_policy(
+            f'mode = "{mode}"\ntrust_sets = ["lab"]\n[labels.{label}]\nentrypoints = ["{entrypoint}"]\n'
+            f'trust_set = "lab"\non_exec = "{on_exec}"\nanon_exec = "{anon_exec}"\n', source=f"{label}.toml")
+        return policy, measure_files([*self.base, entrypoint, *trusted], 1)
+
+    def label(self, *, mode: str = "enforce", on_exec: str = "keep", anon_exec: str = "violation",
+              trusted: Iterable[str] = ()) -> "Label":
+        """Reload the engine with a new label whose entrypoint is a fresh copy of /bin/sh."""
+        self._n += 1
+        name = f"tp_lab{self._n}"
+        ep = self._new_entrypoint(name)
+        self.engine.reload(*self._policy_and_entries(name, ep, mode=mode, on_exec=on_exec, anon_exec=anon_exec,
+                                                     trusted=trusted))
+        return Label(self, name, ep)
+
+    def collect(self, timeout_ms: int = 50) -> list[Event]:
+        self.events += self.engine.poll(timeout_ms)
+        return self.events
+
+    def wait_for(self, pred: Callable[[Event], bool], timeout: float = 5.0) -> list[Event]:
+        """Events matching `pred`, polling until at least one arrived or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.collect() if pred(e)]
+            if found or time.monotonic() > deadline:
+                return found
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class Label:
+    def __init__(self, lab: Lab, name: str, entrypoint: str) -> None:
+        self.lab, self.name, self.entrypoint = lab, name, entrypoint
+
+    def sh(self, script: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        """Run `script` in a process that entered this label (exec of the entrypoint)."""
+        return subprocess.run([self.entrypoint, "-c", script], capture_output=True, text=True, timeout=timeout)
+
+    def events(self, kind: EventKind | None = None, *, op: str | None = None, timeout: float = 5.0) -> list[Event]:
+        return self.lab.wait_for(lambda e: e.label == self.name and (kind is None or e.kind is kind)
+                                 and (op is None or e.op == op), timeout)

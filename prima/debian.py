@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
+from debian.debfile import DebError, DebFile
+
 from controlplane.errors import MeasureDBError
 from prima.measure import FileKind, hash_reader
 
@@ -70,11 +72,12 @@ def _binary_keyring(ring: Path, tmp: Path) -> Path:
     return out
 
 
-def verify_inrelease(path: Path, keyrings: Sequence[Path]) -> str:
-    """The signed text of an InRelease file, after gpgv checked its signature; raises if any is bad.
+def verify_inrelease(path: Path, keyrings: Sequence[Path]) -> str | None:
+    """The signed text of an InRelease file after gpgv checked it; None when no trusted key signed it.
 
-    At least one signature must be valid under `keyrings` and none may be bad
-    (a modified signed part gives BADSIG). Only the text gpgv returns is parsed.
+    At least one signature must be valid under `keyrings` and none may be bad:
+    a modified signed part gives BADSIG, which raises (someone tampered with
+    apt's lists). Only the text gpgv returns is parsed, never the file itself.
     """
     if not keyrings:
         raise MeasureDBError(f"{path}: no OpenPGP keyring to check it against (install debian-archive-keyring)")
@@ -91,8 +94,7 @@ def verify_inrelease(path: Path, keyrings: Sequence[Path]) -> str:
     if "BADSIG" in kinds:
         raise MeasureDBError(f"{path}: signature: BAD signature (the signed text was modified)")
     if "VALIDSIG" not in kinds or not proc.stdout:
-        why = "no signature by a trusted key" if "NO_PUBKEY" in kinds or "ERRSIG" in kinds else "not a valid signed file"
-        raise MeasureDBError(f"{path}: signature: {why} (keyrings: {', '.join(str(k) for k in keyrings)})")
+        return None
     return proc.stdout.decode("utf-8")
 
 
@@ -125,7 +127,7 @@ class PackageIndex:
 _PACKAGE_LINE = re.compile(rb"^Package: (\S+)$", re.M)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def _load_index(path: str, size: int, mtime_ns: int, want_sha256: str, want_size: int, rel: str, release: str) -> PackageIndex:
     proc = subprocess.run([APT_HELPER, "cat-file", path], capture_output=True)
     if proc.returncode != 0:
@@ -143,7 +145,18 @@ def _load_index(path: str, size: int, mtime_ns: int, want_sha256: str, want_size
     return PackageIndex(Path(path), text, {k: tuple(v) for k, v in starts.items()})
 
 
-def verified_indexes(lists_dir: Path = LISTS_DIR, keyrings: Sequence[Path] | None = None) -> list[PackageIndex]:
+@dataclass(frozen=True)
+class Indexes:
+    """The verified Packages indexes, and the InRelease files not used (with why) for error messages."""
+
+    verified: tuple[PackageIndex, ...]
+    not_used: tuple[str, ...]
+
+    def __iter__(self) -> Iterator[PackageIndex]:
+        return iter(self.verified)
+
+
+def verified_indexes(lists_dir: Path = LISTS_DIR, keyrings: Sequence[Path] | None = None) -> Indexes:
     """Every binary Packages index under `lists_dir` whose chain back to a signed InRelease holds.
 
     A bad signature or a Packages file that differs from its InRelease entry
@@ -156,17 +169,16 @@ def verified_indexes(lists_dir: Path = LISTS_DIR, keyrings: Sequence[Path] | Non
     if not lists_dir.is_dir():
         raise MeasureDBError(f"{lists_dir}: no apt lists directory (run apt-get update)")
     indexes: list[PackageIndex] = []
+    not_used: list[str] = []
     for inrelease in sorted(lists_dir.glob("*_InRelease")):
-        try:
-            text = verify_inrelease(inrelease, keyrings)
-        except MeasureDBError as exc:
-            if "BAD signature" in str(exc):
-                raise
+        text = verify_inrelease(inrelease, keyrings)
+        if text is None:
+            not_used.append(f"{inrelease.name}: no signature by a trusted key")
             continue
         release = Release(text)
-        if release.get("Valid-Until"):
-            if parsedate_to_datetime(release["Valid-Until"]) < datetime.now(timezone.utc):
-                continue
+        if release.get("Valid-Until") and parsedate_to_datetime(release["Valid-Until"]) < datetime.now(timezone.utc):
+            not_used.append(f"{inrelease.name}: Valid-Until {release['Valid-Until']} has passed")
+            continue
         entries = {e["name"]: e for e in release.get("SHA256", [])}
         prefix = inrelease.name[: -len("InRelease")]
         for pk in sorted(lists_dir.glob(prefix + "*_binary-*_Packages*")):
@@ -179,7 +191,7 @@ def verified_indexes(lists_dir: Path = LISTS_DIR, keyrings: Sequence[Path] | Non
                 raise MeasureDBError(f"{pk}: SHA256: no entry {rel} in {inrelease.name}")
             st = pk.stat()
             indexes.append(_load_index(str(pk), st.st_size, st.st_mtime_ns, entry["sha256"], int(entry["size"]), rel, inrelease.name))
-    return indexes
+    return Indexes(tuple(indexes), tuple(not_used))
 
 
 @dataclass(frozen=True)
@@ -189,7 +201,7 @@ class DebId:
     architecture: str
 
 
-def check_deb(deb: Path, indexes: Sequence[PackageIndex]) -> DebId:
+def check_deb(deb: Path, indexes: Indexes) -> DebId:
     """Check a .deb's size and SHA256 against the verified Packages indexes (before parsing it)."""
     try:
         with open(deb, "rb", buffering=0) as f:
@@ -216,7 +228,8 @@ def check_deb(deb: Path, indexes: Sequence[PackageIndex]) -> DebId:
         st = idx.by_sha256(hexd)
         if st is not None and int(st.get("Size", -1)) == size:
             return _same_control(deb, DebId(st["Package"], st["Version"], st["Architecture"]))
-    raise MeasureDBError(f"{deb}: SHA256 {hexd} is in no verified Packages index ({len(indexes)} checked)")
+    skipped = f"; not used: {', '.join(indexes.not_used)}" if indexes.not_used else ""
+    raise MeasureDBError(f"{deb}: SHA256 {hexd} is in no verified Packages index ({len(indexes.verified)} checked{skipped})")
 
 
 def _same_control(deb: Path, expect: DebId) -> DebId:
@@ -228,9 +241,7 @@ def _same_control(deb: Path, expect: DebId) -> DebId:
     return expect
 
 
-def _open_deb(deb: Path):
-    from debian.debfile import DebError, DebFile
-
+def _open_deb(deb: Path) -> "DebFile":
     try:
         return DebFile(str(deb))
     except (DebError, OSError, EOFError, ValueError) as exc:
@@ -267,12 +278,8 @@ def deb_code_files(deb: Path) -> list[DebMember]:
                 target = by_name.get("/" + os.path.normpath(m.linkname).lstrip("./"))
                 if target is not None:
                     out.append(DebMember(name, target.kind, target.sha256))
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise MeasureDBError(f"{deb}: data.tar: {exc}") from exc
-    except Exception as exc:  # python-debian raises DebError for a broken archive
-        if type(exc).__name__ == "DebError":
-            raise MeasureDBError(f"{deb}: data.tar: {str(exc).splitlines()[0]}") from exc
-        raise
+    except (tarfile.TarError, DebError, EOFError, OSError, ValueError) as exc:
+        raise MeasureDBError(f"{deb}: data.tar: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     return out
 
 

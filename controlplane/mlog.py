@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -82,7 +83,7 @@ class LogEntry:
         return cls(index=index, pcr=pcr, template_hash=hashlib.sha1(data).digest(), digest=digest,
                    name=name, digest_alg=digest_alg)
 
-    @property
+    @functools.cached_property
     def template_data(self) -> bytes:
         return _template_data(self.digest_alg, self.digest, self.name)
 
@@ -91,7 +92,7 @@ class LogEntry:
         """A kernel IMA violation entry: logged with a zero template hash, extended with 0xff bytes."""
         return self.template_hash == bytes(SHA1_SIZE)
 
-    @property
+    @functools.cached_property
     def pcr_digest(self) -> bytes:
         """The value extended into the sha256 PCR bank for this entry."""
         return VIOLATION_EXTEND if self.is_violation else hashlib.sha256(self.template_data).digest()

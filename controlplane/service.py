@@ -107,7 +107,8 @@ class ServiceState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record_tls_key(self) -> None:
-        self.mlog.record(Event(EventKind.TLS_KEY, self.tls.spki_sha256, op="serve", subject="attestation-service"))
+        self.mlog.record(Event(EventKind.TLS_KEY, self.tls.spki_sha256, op="serve", subject="attestation-service"),
+                         wait=True)
 
 
 # request/response models ---------------------------------------------------------
@@ -292,11 +293,9 @@ def create_app(state: ServiceState) -> FastAPI:
         if state.pcr not in req.pcrs:
             raise _Reject(422, f"pcrs: must include the measurement-log PCR {state.pcr}")
         qd = quote_qualifying_data(bytes.fromhex(req.nonce), state.tls.spki_sha256)
-        with state.lock:
-            n = log_length()
-            q = state.tpm.quote(qd, req.pcrs)
-        return QuoteResponse(quote=q.to_dict(), tls_spki_sha256=state.tls.spki_sha256.hex(), log_length=n,
-                             pcr=state.pcr)
+        q, covered = state.mlog.quote(qd, req.pcrs)   # the quote and exactly the entries its PCR holds
+        return QuoteResponse(quote=q.to_dict(), tls_spki_sha256=state.tls.spki_sha256.hex(),
+                             log_length=len(covered), pcr=state.pcr)
 
     @app.get(f"/{API_VERSION}/log", response_model=LogResponse)
     def log(start: Annotated[int, Query(ge=0, le=2**31, description="first entry to return")] = 0,
@@ -337,7 +336,7 @@ def create_app(state: ServiceState) -> FastAPI:
             path = Path(state.policy_path)
             write_atomic(_sig_path(path), _unb64(req.signature, "signature"))
             write_atomic(path, req.policy.encode())
-            state.mlog.record(Event(EventKind.POLICY_LOAD, pol.digest(), op="push", subject=str(path)))
+            state.mlog.record(Event(EventKind.POLICY_LOAD, pol.digest(), op="push", subject=str(path)), wait=True)
         return PolicyResponse(policy_digest=pol.digest().hex(),
                               db_digest=state.db_digest.hex() if state.db_digest else None,
                               mode=pol.mode, policy=req.policy)

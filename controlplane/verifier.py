@@ -96,15 +96,17 @@ class Judge:
     def __init__(self, ref: Reference, facts: Facts) -> None:
         self.ref = ref
         self.facts = facts
-        self._trusted_cache: dict[tuple[bytes, str], bool] = {}
+        self._trusted_sets: dict[str, frozenset[bytes]] = {}
         self._labels = ref.policy.labels
 
     def _trusted(self, digest: bytes, trust_set: str) -> bool:
-        key = (digest, trust_set)
-        hit = self._trusted_cache.get(key)
-        if hit is None:
-            hit = self._trusted_cache[key] = bool(self.ref.db.is_trusted(digest, trust_set))
-        return hit
+        trusted = self._trusted_sets.get(trust_set)
+        if trusted is None:
+            # one query per trust set instead of one per entry: (.., digest, untrusted) rows, '' = trusted
+            self.ref.db.is_trusted(digest, trust_set)      # validates the set name (MeasureDBError if unknown)
+            trusted = self._trusted_sets[trust_set] = frozenset(
+                bytes(r[5]) for r in self.ref.db.measurements(trust_set) if not r[6])
+        return digest in trusted
 
     def judge(self, entry: Any) -> EntryVerdict:
         ev = parse_ima_name(entry.digest, entry.name)
@@ -178,27 +180,34 @@ class Judge:
 
 
 # replay ---------------------------------------------------------------------------
-def replay_to(entries: list, start_value: bytes, target: bytes) -> int | None:
+def replay_to(entries: list, start_value: bytes, target: bytes, pcr: int) -> int | None:
     """How many of `entries` extend `start_value` to `target` (0 if already equal), or None.
 
-    The quote may be older than the newest entries, so the shortest matching prefix is taken;
-    a hash chain cannot match twice.
+    `start_value` is the PCR after the entries already verified (zero for a whole log): the
+    incremental form of controlplane.mlog.replay_prefixes. The quote covers exactly `log_length`
+    entries, but a verifier does not take the host's word for it: the only prefix that can reach
+    the quoted value is the one the TPM extended (a hash chain cannot match twice).
     """
     if start_value == target:
         return 0
     value, sha = start_value, hashlib.sha256
     for n, e in enumerate(entries, 1):
-        value = sha(value + e.template_hash).digest()
-        if value == target:
-            return n
+        if e.pcr == pcr:
+            value = sha(value + e.pcr_digest).digest()
+            if value == target:
+                return n
     return None
 
 
-def _parse_page(text: str, start: int) -> list:
+def _parse_page(text: str, start: int, source: str = "log") -> list:
     """Entries of one /v1/log page, with their absolute indices (mlog's parser: one format, one parser)."""
     from controlplane import mlog
+    from controlplane.errors import LogError
 
-    entries = mlog.parse_ascii(text)
+    try:
+        entries = mlog.parse_ascii(text, source=source)
+    except LogError as exc:
+        raise VerifyError(f"{exc} (entry {start + (exc.entry or 0)} of the host's log)", reason="log") from exc
     if start and entries and entries[0].index != start:
         entries = [replace(e, index=start + i) for i, e in enumerate(entries)]
     return entries
@@ -209,7 +218,7 @@ def fetch_log(ch: Channel, start: int) -> list:
     out: list = []
     while True:
         page = ch.get(f"/{API_VERSION}/log", start=start + len(out), limit=MAX_LOG_PAGE)
-        out.extend(_parse_page(page["ascii"], page["start"]))
+        out.extend(_parse_page(page["ascii"], page["start"], f"{ch.url}/{API_VERSION}/log"))
         if page["count"] == 0 or page["start"] + page["count"] >= page["total"]:
             return out
 
@@ -300,11 +309,11 @@ def _attest(host: Host, ref: Reference, key, *, store: Store | None, full: bool)
                 entries = fetch_log(ch, 0)
             else:
                 raise
-        n = replay_to(entries, start_value, target)
+        n = replay_to(entries, start_value, target, host.pcr)
         if n is None and incremental:
             # the verified prefix is gone: the host rebooted (or the log was rewritten): judge the new boot whole
             full_entries = fetch_log(ch, 0)
-            n = replay_to(full_entries, ZERO, target)
+            n = replay_to(full_entries, ZERO, target, host.pcr)
             if n is not None:
                 rebooted, start, start_value, facts, entries = True, 0, ZERO, Facts(), full_entries
         if n is None:

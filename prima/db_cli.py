@@ -142,7 +142,7 @@ def show(db_path: str, as_json: bool, what: str | None) -> None:
             emit(mdb.summary(), as_json, _print_summary)
             return
         if _HEX64.match(what) and not os.path.exists(what):
-            data = {"digest": what.lower(), "origins": [_origin_dict(o) for o in mdb.lookup(bytes.fromhex(what))]}
+            data = {"digest": what.lower(), "origins": [_origin_dict(o) for o in mdb.lookup(bytes.fromhex(what), include_untrusted=True)]}
         else:
             if not os.path.exists(what):
                 raise MeasureDBError(f"{what}: no such file (give a path or a 64-hex-digit SHA-256)")
@@ -152,9 +152,9 @@ def show(db_path: str, as_json: bool, what: str | None) -> None:
                 "path": what,
                 "digest": current.hex() if current else None,
                 "code": bool(now and now[0].kind),
-                "recorded": [_origin_dict(o) | {"digest": None} for o in mdb.origins_at(what)],
-                "origins": [_origin_dict(o) for o in mdb.lookup(current)] if current else [],
-                "trusted_in": sorted({o.trust_set for o in mdb.lookup(current) if not o.untrusted}) if current else [],
+                "recorded_here": [_origin_dict(o) for o in mdb.origins_at(what)],
+                "origins": [_origin_dict(o) for o in mdb.lookup(current, include_untrusted=True)] if current else [],
+                "trusted_in": sorted({o.trust_set for o in mdb.lookup(current)}) if current else [],
             }
         emit(data, as_json, _print_lookup)
 
@@ -171,6 +171,10 @@ def _print_lookup(d: dict) -> None:
         state = "not code" if not d["code"] else f"sha256 {d['digest']}: " + (
             f"trusted in {', '.join(d['trusted_in'])}" if d["trusted_in"] else "NOT trusted")
         click.echo(f"{d['path']}: {state}")
+        if d["code"] and not d["trusted_in"]:
+            for o in d["recorded_here"]:
+                click.echo(f"  recorded here: [{o['trust_set']}] {o['kind']} {o['package']} {o['version']}"
+                           + ("" if o["trusted"] else f"  UNTRUSTED: {o['untrusted']}"))
     else:
         click.echo(f"{d['digest']}: {len(d['origins'])} origin(s)" if d["origins"] else f"{d['digest']}: unknown")
     for o in d["origins"]:

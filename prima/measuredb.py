@@ -241,11 +241,12 @@ class MeasureDB:
             h.update("".join(line + "\n" for (line,) in self._conn.execute(sql)).encode())
         return h.digest()
 
-    def lookup(self, digest: bytes) -> list[Origin]:
-        """Every origin recorded for a measurement, trusted or not (see Origin.untrusted)."""
+    def lookup(self, digest: bytes, *, include_untrusted: bool = False) -> list[Origin]:
+        """The trusted origins of a measurement (with `include_untrusted`, also rows kept only to say why not)."""
         rows = self._conn.execute(
             "SELECT origin, package, version, path, note, trust_set, untrusted FROM measurements WHERE digest = ? "
-            "ORDER BY trust_set, origin, package, path",
+            + ("" if include_untrusted else "AND untrusted = '' ")
+            + "ORDER BY trust_set, origin, package, path",
             (bytes(digest),),
         )
         return [Origin(*r) for r in rows]

@@ -134,6 +134,14 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     garbage.write_bytes(os.urandom(8192))
     with pytest.raises(MeasureDBError, match=r"garbage\.db: not a usable measurement DB: file is not a database"):
         MeasureDB.open(garbage)
+    damaged = tmp_path / "damaged.db"
+    build(damaged, from_dir=["/usr/bin"], trust_set="s")
+    size = damaged.stat().st_size
+    with open(damaged, "r+b") as f:  # a real DB with pages overwritten in the middle
+        f.seek(size // 2)
+        f.write(b"\xa5" * 8192)
+    with pytest.raises(MeasureDBError, match=r"damaged\.db: not a usable measurement DB: database disk image is malformed$"):
+        MeasureDB.open(damaged)
     other = tmp_path / "other.db"
     sqlite3.connect(other).execute("CREATE TABLE t(x)").connection.commit()
     with pytest.raises(MeasureDBError, match=r"other\.db: application_id: not a cwlite measurement DB"):

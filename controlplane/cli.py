@@ -17,6 +17,8 @@ from controlplane.errors import CwliteError
 SUBCOMMANDS: dict[str, str] = {
     "status": "controlplane.cli:status",
     "debug": "controlplane.cli:debug",
+    "policy": "controlplane.policy_cli:policy",
+    "enforce": "prima.enforce_cli:enforce",
     "db": "prima.db_cli:db",
     "proof": "controlplane.proof_cli:proof",
     "serve": "controlplane.service_cli:serve",

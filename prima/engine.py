@@ -21,11 +21,12 @@ import ctypes
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from controlplane.errors import EnforcementError
 from controlplane.events import ZERO_DIGEST, Event, EventKind
 from controlplane.policy import Policy
+from prima.measuredb import KernelEntry, kernel_dev
 
 if TYPE_CHECKING:
     import bcc
@@ -59,36 +60,9 @@ class CwlEvent(ctypes.Structure):
     ]
 
 
-class TrustedFile(Protocol):
-    """What the engine needs of a measurement DB kernel-view entry (prima.measuredb.KernelEntry)."""
-
-    dev: int
-    ino: int
-    ctime_ns: int
-    sets_mask: int
-    digest: bytes
-    path: str
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """A trusted file for tests and tools without a measurement DB (same shape as KernelEntry)."""
-
-    dev: int
-    ino: int
-    ctime_ns: int
-    sets_mask: int
-    digest: bytes
-    path: str
-
-
-def kernel_dev(st_dev: int) -> int:
-    """Userspace st_dev -> the kernel's s_dev encoding (MAJOR<<20 | MINOR), as BPF reads it."""
-    return (os.major(st_dev) << 20) | os.minor(st_dev)
-
-
-def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int) -> list[FileEntry]:
-    """Stat and hash files into kernel-view entries (tests; the real source is MeasureDB.kernel_view)."""
+def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int) -> list[KernelEntry]:
+    """Stat and hash files into kernel-view entries, for tests and benchmarks that need no DB
+    (the daemon's source is MeasureDB.kernel_view)."""
     import hashlib
 
     out = []
@@ -96,7 +70,7 @@ def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int) -> li
         st = os.stat(p)
         with open(p, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").digest()
-        out.append(FileEntry(kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns, sets_mask, digest, os.fspath(p)))
+        out.append(KernelEntry(kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns, sets_mask, digest, os.fspath(p)))
     return out
 
 
@@ -117,7 +91,7 @@ class Engine:
     Use as a context manager: `with Engine(policy, entries) as e: e.poll(...)`.
     """
 
-    def __init__(self, policy: Policy, entries: Sequence[TrustedFile], *, backend: str = "tracepoint",
+    def __init__(self, policy: Policy, entries: Sequence[KernelEntry], *, backend: str = "tracepoint",
                  db_digest: bytes = ZERO_DIGEST, trust_max: int | None = None,
                  ringbuf_pages: int = RINGBUF_PAGES) -> None:
         if backend not in BACKENDS:
@@ -136,7 +110,7 @@ class Engine:
         self._start(policy, entries, db_digest)
 
     # ---- lifecycle --------------------------------------------------------------------
-    def _start(self, policy: Policy, entries: Sequence[TrustedFile], db_digest: bytes) -> None:
+    def _start(self, policy: Policy, entries: Sequence[KernelEntry], db_digest: bytes) -> None:
         from ebpf import loader
 
         flags = [f"-DCWL_TRUST_MAX={self.trust_max}", f"-DCWL_ENTRY_MAX={ENTRY_MAX}", f"-DCWL_LABEL_MAX={LABEL_MAX}",
@@ -154,7 +128,7 @@ class Engine:
             self.close(record_stop=False)
             raise
 
-    def reload(self, policy: Policy, entries: Sequence[TrustedFile], db_digest: bytes = ZERO_DIGEST) -> Loaded:
+    def reload(self, policy: Policy, entries: Sequence[KernelEntry], db_digest: bytes = ZERO_DIGEST) -> Loaded:
         """Fill the idle generation from `policy` + `entries`, then flip to it (atomic for the kernel)."""
         bpf = self._require()
         if len(entries) > self.trust_max:
@@ -280,6 +254,12 @@ class Engine:
         table = self._require()[b"cwl_task_labels"]
         return {k.value: self._label_name(v.label) for k, v in table.items()}
 
+    def drain(self) -> list[Event]:
+        """Events already queued (after close(): the last records and daemon-stop)."""
+        out = list(self._queue)
+        self._queue.clear()
+        return out
+
     def poll(self, timeout_ms: int = 100) -> list[Event]:
         """Wait up to `timeout_ms` for records; return every queued Event, LOST_EVENTS included."""
         bpf = self._require()
@@ -297,6 +277,4 @@ class Engine:
         if lost:
             self._queue.append(Event(EventKind.LOST_EVENTS, subject=", ".join(f"{k}={v}" for k, v in sorted(lost.items())),
                                      detail=lost))
-        out = list(self._queue)
-        self._queue.clear()
-        return out
+        return self.drain()

@@ -1,0 +1,215 @@
+"""`cwlite enforce`: the PRIMA daemon — engine + sinks + signals.
+
+SIGHUP re-reads the policy and the measurement DB and swaps them in as one
+generation (the old one stays enforced until the flip, and stays if the new
+one is bad). SIGTERM/SIGINT detach every program and record daemon-stop.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Sequence
+
+import click
+
+from controlplane.errors import CwliteError, EnforcementError
+from controlplane.events import Event, EventKind, EventSink
+
+DEFAULT_DATA = Path("/var/lib/cwlite")
+
+
+def event_json(event: Event) -> dict:
+    """One event as a JSON object (the JSON-lines sink and --json stdout)."""
+    return {"kind": event.kind.value, "digest": event.digest.hex(), "label": event.label, "op": event.op,
+            "subject": event.subject, "ima_name": event.ima_name(), "detail": dict(event.detail)}
+
+
+class JsonLinesSink:
+    """Append each event as one JSON line; flushed and fsynced before record() returns."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")
+
+    def record(self, event: Event) -> None:
+        self._f.write(json.dumps(event_json(event), sort_keys=True) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class StreamSink:
+    """--json: one JSON object per line on a stream (stdout)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def record(self, event: Event) -> None:
+        self.stream.write(json.dumps(event_json(event), sort_keys=True) + "\n")
+        self.stream.flush()
+
+
+@dataclass
+class Tee:
+    sinks: Sequence[EventSink] = field(default_factory=list)
+
+    def record(self, event: Event) -> None:
+        for s in self.sinks:
+            s.record(event)
+
+
+def resolve_backend(requested: str) -> str:
+    """"auto" -> "lsm" when a BPF LSM program loads here, else "tracepoint"."""
+    if requested != "auto":
+        return requested
+    from ebpf.probe import probe_lsm
+
+    return "lsm" if probe_lsm().ok else "tracepoint"
+
+
+def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None):
+    """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets, the DB digest."""
+    from controlplane.policy import load_policy
+    from prima.measuredb import MeasureDB
+
+    policy = load_policy(policy_path, controller_key=controller_key, require_signature=controller_key is not None)
+    if not db_path.exists():
+        raise EnforcementError(f"{db_path}: no measurement DB (build one with `cwlite db build`)")
+    with MeasureDB.open(db_path) as db:
+        missing = [s for s in policy.trust_sets() if s not in db.trust_sets()]
+        if missing:
+            raise EnforcementError(f"{policy_path}: trust_sets: {', '.join(missing)} not in {db_path} "
+                                   f"(has: {', '.join(db.trust_sets()) or 'none'})")
+        return policy, db.kernel_view(policy.trust_sets()), db.digest()
+
+
+class Daemon:
+    """The enforce loop, usable from other commands (e.g. a service embedding enforcement)."""
+
+    def __init__(self, policy_path: Path, db_path: Path, sink: EventSink, *, backend: str = "auto",
+                 controller_key: Path | None = None, log: IO[str] = sys.stderr) -> None:
+        self.policy_path, self.db_path, self.sink = policy_path, db_path, sink
+        self.backend, self.controller_key, self.log = backend, controller_key, log
+        self.reload_requested = False
+        self.stop_requested = False
+
+    def run(self) -> None:
+        from prima.engine import Engine
+
+        policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key)
+        backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
+        engine = Engine(policy, view, backend=backend, db_digest=db_digest)
+        try:
+            self._say(f"enforcing {self.policy_path} ({policy.mode}) with {len(view)} trusted files, backend {backend}")
+            while not self.stop_requested:
+                for ev in engine.poll(200):
+                    self.sink.record(ev)
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self._reload(engine)
+        finally:
+            engine.close()
+            for ev in engine.drain():
+                self.sink.record(ev)
+            self._say("detached")
+
+    def _reload(self, engine) -> None:
+        try:
+            policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key)
+            loaded = engine.reload(policy, view, db_digest)
+        except CwliteError as exc:
+            # The previous generation is still live: enforcement never stopped.
+            self._say(f"reload refused, previous policy still enforced: {exc}")
+            self.sink.record(Event(EventKind.VIOLATION, op="reload", subject=str(self.policy_path),
+                                   detail={"error": str(exc)}))
+            return
+        self._say(f"reloaded: generation {loaded.generation}, {loaded.trusted_files} trusted files")
+
+    def _say(self, text: str) -> None:
+        print(f"cwlite enforce: {text}", file=self.log, flush=True)
+
+
+@click.command("enforce")
+@click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The policy bundle (TOML).")
+@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The measurement DB (`cwlite db build`).")
+@click.option("--events", "events_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append every event as a JSON line to this file (fsynced).")
+@click.option("--mlog", is_flag=True, help="Record every event in the measurement log (DATA_DIR/measurements.log, "
+              "extended into the policy's PCR).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA, show_default=True,
+              help="With --mlog: where the log and the embedded swtpm live.")
+@click.option("--device", help="With --mlog: TPM device or TCTI (default: /dev/tpmrm0, else the embedded swtpm).")
+@click.option("--backend", type=click.Choice(["auto", "tracepoint", "lsm"]), default="auto", show_default=True,
+              help="Kernel backend; auto = the policy's choice, else the strongest this kernel allows.")
+@click.option("--controller-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Ed25519 public key (PEM): the policy's .sig must verify with it, at start and on every reload.")
+@click.option("--json", "as_json", is_flag=True, help="Print every event as a JSON line on stdout.")
+def enforce(policy_path: Path, db_path: Path, events_path: Path | None, mlog: bool, data_dir: Path,
+            device: str | None, backend: str, controller_key: Path | None, as_json: bool) -> None:
+    """Enforce PRIMA: processes under a TP label run only code the measurement DB trusts for the label.
+
+    Loads the exec/mmap programs of the chosen backend (tracepoint: a
+    violation kills the process before the new image runs; lsm: it is denied),
+    fills their maps from the policy and the DB's view of this machine, and
+    writes every event (label transitions, first trusted load of each
+    measurement per label, every violation, lost events) to the sinks.
+    SIGHUP re-reads policy and DB and swaps them in atomically (a bad new
+    policy is refused and the old one stays enforced); SIGTERM detaches.
+
+    \b
+    Examples:
+      # audit first: log what would be killed
+      cwlite enforce --policy audit.toml --db /var/lib/cwlite/measure.db --json
+      # enforce, events to a JSON-lines file
+      cwlite enforce --policy policy.toml --db measure.db --events /var/log/cwlite-events.jsonl
+      # enforce and record into the TPM-backed measurement log
+      cwlite enforce --policy policy.toml --db measure.db --mlog
+      # after `cwlite db build` re-measured changed files: pick them up
+      kill -HUP $(pidof -s cwlite)
+    """
+    sinks: list[EventSink] = []
+    closers = []
+    if as_json:
+        sinks.append(StreamSink(sys.stdout))
+    if events_path is not None:
+        js = JsonLinesSink(events_path)
+        sinks.append(js)
+        closers.append(js.close)
+    tpm_ctx = None
+    if mlog:
+        from controlplane import mlog as mlog_mod
+        from controlplane import tpm as tpm_mod
+        from controlplane.policy import load_policy
+
+        pcr = load_policy(policy_path).pcr
+        tpm_ctx = tpm_mod.open_tpm(data_dir, device=device)
+        tpm = tpm_ctx.__enter__()
+        log = mlog_mod.MeasurementLog.open(data_dir / "measurements.log", tpm, pcr=pcr)
+        sinks.append(log)
+        closers.append(log.close)
+    daemon = Daemon(policy_path, db_path, Tee(sinks), backend=backend, controller_key=controller_key)
+
+    def on_hup(signum, frame) -> None:
+        daemon.reload_requested = True
+
+    def on_term(signum, frame) -> None:
+        daemon.stop_requested = True
+
+    signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    try:
+        daemon.run()
+    finally:
+        for close in reversed(closers):
+            close()
+        if tpm_ctx is not None:
+            tpm_ctx.__exit__(None, None, None)

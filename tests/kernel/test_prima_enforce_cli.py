@@ -1,0 +1,104 @@
+"""`cwlite enforce` as a real daemon: a real measurement DB, real kills, SIGHUP reload, SIGTERM detach, events file."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prima.measuredb import build
+from tests.conftest import requires
+
+pytestmark = requires(root=True)
+
+CWLITE = str(Path(sys.executable).with_name("cwlite"))
+
+
+def _wait_line(stream, needle: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} not seen")
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture()
+def site(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy2("/bin/sh", bin_dir / "ep")
+    shutil.copy2("/usr/bin/true", bin_dir / "true")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy2("/usr/bin/false", other / "false")  # not measured at first
+    db = tmp_path / "measure.db"
+    build(db, from_dir=[bin_dir], from_dpkg=["libc6"], deps=False, trust_set="lab")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'mode = "enforce"\ntrust_sets = ["lab"]\n[labels.tp_cli]\nentrypoints = ["{bin_dir / "ep"}"]\n'
+                      f'trust_set = "lab"\n')
+    return tmp_path, bin_dir, other, db, policy
+
+
+def test_enforce_daemon_kills_reloads_and_detaches(site) -> None:
+    tmp, bin_dir, other, db, policy = site
+    events = tmp / "events.jsonl"
+    proc = subprocess.Popen([CWLITE, "enforce", "--policy", str(policy), "--db", str(db), "--events", str(events),
+                             "--backend", "tracepoint"], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_line(proc.stderr, "enforcing")
+        ep = str(bin_dir / "ep")
+        run = lambda s: subprocess.run([ep, "-c", s], capture_output=True, text=True, timeout=30).stdout.strip()
+        assert run(f"{bin_dir / 'true'}; echo rc=$?") == "rc=0"
+        assert run(f"{other / 'false'}; echo rc=$?") == "rc=137"
+        # measure the other directory too, then SIGHUP: the file is now trusted
+        build(db, from_dir=[bin_dir, other], from_dpkg=["libc6"], deps=False, trust_set="lab")
+        proc.send_signal(signal.SIGHUP)
+        _wait_line(proc.stderr, "reloaded")
+        assert run(f"{other / 'false'}; echo rc=$?") == "rc=1"
+        # a broken policy on reload is refused; the previous one stays enforced
+        policy.write_text(policy.read_text() + "bogus = 1\n")
+        proc.send_signal(signal.SIGHUP)
+        assert "bogus: unknown key" in _wait_line(proc.stderr, "reload refused")
+        shutil.copy2(bin_dir / "true", tmp / "x")  # unmeasured
+        assert run(f"{tmp}/x; echo rc=$?") == "rc=137"
+        proc.send_signal(signal.SIGTERM)
+        _wait_line(proc.stderr, "detached")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # programs detached: the label no longer means anything
+    assert subprocess.run([str(bin_dir / "ep"), "-c", f"{tmp}/x; echo rc=$?"], capture_output=True,
+                          text=True).stdout.strip() == "rc=0"
+    got = _events(events)
+    kinds = [e["kind"] for e in got]
+    assert kinds[:3] == ["daemon-start", "policy-load", "db-load"] and kinds[-1] == "daemon-stop"
+    assert kinds.count("policy-load") == 2 and kinds.count("db-load") == 2
+    violations = [e for e in got if e["kind"] == "violation"]
+    assert [v["op"] for v in violations] == ["exec", "reload", "exec"]
+    assert violations[0]["subject"] == str(other / "false") and violations[0]["detail"]["action"] == "killed"
+    assert violations[0]["ima_name"] == f"cwlite:violation:tp_cli:exec:{other / 'false'}"
+    assert any(e["kind"] == "label-transition" and e["subject"] == str(bin_dir / "ep") for e in got)
+    assert len({e["digest"] for e in got if e["kind"] == "db-load"}) == 2  # the DB digest changed
+
+
+def test_enforce_refuses_a_policy_naming_a_trust_set_the_db_lacks(site) -> None:
+    tmp, bin_dir, other, db, policy = site
+    policy.write_text(policy.read_text().replace('["lab"]', '["lab", "extra"]'))
+    r = subprocess.run([CWLITE, "enforce", "--policy", str(policy), "--db", str(db)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"cwlite: error: {policy}: trust_sets: extra not in {db} (has: lab)"

@@ -143,52 +143,77 @@ def _check_hash(source: str, entry: LogEntry) -> LogEntry:
     return entry
 
 
-def parse_binary(data: bytes, *, source: str = "log", start_index: int = 0) -> list[LogEntry]:
-    """Entries of a binary_runtime_measurements-format buffer; a malformed entry raises LogError(entry=n)."""
+class _Torn(Exception):
+    """The data ends inside an entry (as after a crash in the middle of an append)."""
+
+
+def _one_binary(view: memoryview, off: int, n: int, source: str) -> tuple[LogEntry, int]:
+    """The entry at `off` and the offset after it. Raises _Torn (data ends early) or LogError (bad data)."""
+    size = len(view)
+    if size - off < _HEAD.size:
+        raise _Torn(f"truncated header ({size - off} of {_HEAD.size} bytes at offset {off})")
+    pcr, thash, tname_len = _HEAD.unpack_from(view, off)
+    off += _HEAD.size
+    if tname_len == 0 or tname_len > 255:
+        raise _fail(source, n, f"template name length {tname_len} at offset {off - 4} (corrupted)")
+    if off + tname_len + 4 > size:
+        raise _Torn(f"truncated template name at offset {off}")
+    tname = bytes(view[off: off + tname_len]).decode("ascii", "replace")
+    off += tname_len
+    (dlen,) = _U32.unpack_from(view, off)
+    off += 4
+    if tname != TEMPLATE:
+        raise _fail(source, n, f"template {tname!r} (only {TEMPLATE})")
+    if off + dlen > size:
+        raise _Torn(f"truncated template data ({size - off} of {dlen} bytes)")
+    if pcr >= 24:
+        raise _fail(source, n, f"PCR {pcr} out of range")
+    fields, foff, end = [], off, off + dlen
+    while foff < end:
+        if foff + 4 > end:
+            raise _fail(source, n, "template data: truncated field length")
+        (flen,) = _U32.unpack_from(view, foff)
+        foff += 4
+        if foff + flen > end:
+            raise _fail(source, n, f"template data: field {len(fields)} overruns the entry")
+        fields.append(bytes(view[foff: foff + flen]))
+        foff += flen
+    if len(fields) != 2:
+        raise _fail(source, n, f"ima-ng has 2 fields, entry has {len(fields)}")
+    d_ng, n_ng = fields
+    sep = d_ng.find(b":\0")
+    if sep <= 0:
+        raise _fail(source, n, "d-ng: no '<alg>:' prefix")
+    if not n_ng.endswith(b"\0") or b"\0" in n_ng[:-1]:
+        raise _fail(source, n, "n-ng: not one NUL-terminated string")
+    alg, digest = d_ng[:sep].decode("ascii", "replace"), d_ng[sep + 2:]
+    _check_digest(source, n, alg, digest)
+    entry = _check_hash(source, LogEntry(index=n, pcr=pcr, template_hash=thash, template_name=tname, digest=digest,
+                                         name=n_ng[:-1].decode("utf-8", "surrogateescape"), digest_alg=alg))
+    return entry, end
+
+
+def _scan_binary(data: bytes, source: str, start_index: int = 0) -> tuple[list[LogEntry], int, LogError | None, bool]:
+    """(entries before the first bad one, where they end, the error or None, whether the data just ends early)."""
     entries: list[LogEntry] = []
     off, n, view = 0, start_index, memoryview(data)
-    while off < len(data):
-        if len(data) - off < _HEAD.size:
-            raise _fail(source, n, f"truncated header ({len(data) - off} of {_HEAD.size} bytes at offset {off})")
-        pcr, thash, tname_len = _HEAD.unpack_from(view, off)
-        off += _HEAD.size
-        if tname_len == 0 or tname_len > 255 or off + tname_len + 4 > len(data):
-            raise _fail(source, n, f"template name length {tname_len} at offset {off - 4} (truncated or corrupted)")
-        tname = bytes(view[off: off + tname_len]).decode("ascii", "replace")
-        off += tname_len
-        (dlen,) = _U32.unpack_from(view, off)
-        off += 4
-        if off + dlen > len(data):
-            raise _fail(source, n, f"truncated template data ({len(data) - off} of {dlen} bytes)")
-        if tname != TEMPLATE:
-            raise _fail(source, n, f"template {tname!r} (only {TEMPLATE})")
-        if pcr >= 24:
-            raise _fail(source, n, f"PCR {pcr} out of range")
-        fields, foff, end = [], off, off + dlen
-        while foff < end:
-            if foff + 4 > end:
-                raise _fail(source, n, "template data: truncated field length")
-            (flen,) = _U32.unpack_from(view, foff)
-            foff += 4
-            if foff + flen > end:
-                raise _fail(source, n, f"template data: field {len(fields)} overruns the entry")
-            fields.append(bytes(view[foff: foff + flen]))
-            foff += flen
-        off = end
-        if len(fields) != 2:
-            raise _fail(source, n, f"ima-ng has 2 fields, entry has {len(fields)}")
-        d_ng, n_ng = fields
-        sep = d_ng.find(b":\0")
-        if sep <= 0:
-            raise _fail(source, n, "d-ng: no '<alg>:' prefix")
-        if not n_ng.endswith(b"\0") or b"\0" in n_ng[:-1]:
-            raise _fail(source, n, "n-ng: not one NUL-terminated string")
-        alg, digest = d_ng[:sep].decode("ascii", "replace"), d_ng[sep + 2:]
-        _check_digest(source, n, alg, digest)
-        entries.append(_check_hash(source, LogEntry(
-            index=n, pcr=pcr, template_hash=thash, template_name=tname, digest=digest,
-            name=n_ng[:-1].decode("utf-8", "surrogateescape"), digest_alg=alg)))
-        n += 1
+    try:
+        while off < len(data):
+            entry, off_next = _one_binary(view, off, n, source)
+            entries.append(entry)
+            off, n = off_next, n + 1
+    except _Torn as torn:
+        return entries, off, _fail(source, n, str(torn)), True
+    except LogError as err:
+        return entries, off, err, False
+    return entries, off, None, False
+
+
+def parse_binary(data: bytes, *, source: str = "log", start_index: int = 0) -> list[LogEntry]:
+    """Entries of a binary_runtime_measurements-format buffer; a malformed entry raises LogError(entry=n)."""
+    entries, _, err, _ = _scan_binary(data, source, start_index)
+    if err is not None:
+        raise err
     return entries
 
 
@@ -315,6 +340,7 @@ class MeasurementLog:
         self.pcr = pcr
         self.recovered = recovered      # entries found logged-but-not-extended and extended at open
         self.archived = archived        # the previous boot's log, renamed aside at open
+        self.torn_bytes = 0             # bytes of a torn, never-extended last append cut off at open
         self._fd = fd
         self._committed = entries
         self._pending: list[LogEntry] = []
@@ -348,8 +374,19 @@ class MeasurementLog:
                 log.archived = archived
                 return log
             data = _read_all(fd)
-            entries = parse_binary(data, source=str(path))
+            entries, good_end, err, torn = _scan_binary(data, str(path))
             current = tpm.read_pcr(pcr)
+            if err is not None:
+                # A torn last append (power loss mid-write) was never fsynced, so never
+                # extended: when the PCR is exactly the replay of the whole entries before
+                # it, cut it off. Any other damage, or a PCR that disagrees, is refused.
+                if not (torn and replay(entries, pcr) == current):
+                    raise err
+                os.ftruncate(fd, good_end)
+                os.fsync(fd)
+                torn_bytes = len(data) - good_end
+            else:
+                torn_bytes = 0
             if not entries:
                 if current != ZERO_PCR:
                     raise LogError(f"{path}: entry 0: the log is empty but PCR {pcr} is not at its reset value "
@@ -361,7 +398,9 @@ class MeasurementLog:
                 log.record(Event(EventKind.BOOT_AGGREGATE, boot_aggregate(pcrs)), wait=True)
                 return log
             recovered = cls._recover(path, tpm, pcr, entries, current)
-            return cls(path, tpm, pcr, fd, entries, recovered, None)
+            log = cls(path, tpm, pcr, fd, entries, recovered, None)
+            log.torn_bytes = torn_bytes
+            return log
         except BaseException:
             os.close(fd)
             raise

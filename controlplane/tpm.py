@@ -512,17 +512,19 @@ class Tpm:
 
         The values are read before and after the quote and the pair kept only
         when both reads agree and match the signed digest, so a concurrent
-        extend cannot make a quote whose values disagree with its signature.
+        extend (another process; this object's other threads wait) cannot make
+        a quote whose values disagree with its signature.
         """
         if len(qualifying_data) > 64:
             raise TpmError(f"quote: qualifying data is {len(qualifying_data)} bytes (at most 64)")
         sel = _pcr_selection(pcrs)
         scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
         for _ in range(16):
-            before = self.read_pcrs(pcrs)
-            with self._tss("Quote", f"0x{AK_HANDLES[self.ak_alg]:08x}"):
-                attest, sig = self._ectx.quote(self._ak, sel, qualifying_data, scheme, session1=ESYS_TR.PASSWORD)
-            after = self.read_pcrs(pcrs)
+            with self._lock:
+                before = self.read_pcrs(pcrs)
+                with self._tss("Quote", f"0x{AK_HANDLES[self.ak_alg]:08x}"):
+                    attest, sig = self._ectx.quote(self._ak, sel, qualifying_data, scheme, session1=ESYS_TR.PASSWORD)
+                after = self.read_pcrs(pcrs)
             attest_bytes = bytes(attest)
             parsed, _ = TPMS_ATTEST.unmarshal(attest_bytes)
             if before == after and bytes(parsed.attested.quote.pcrDigest) == pcr_composite_digest(after, pcrs):

@@ -129,6 +129,18 @@ def test_truncation_mid_entry_is_refused_naming_the_entry(filled, tpm) -> None:
     assert err.entry == 13 and "entry 13" in str(err)
 
 
+def test_a_torn_last_append_that_was_never_extended_is_cut_off(filled, tpm) -> None:
+    """Power lost mid-append: the partial entry never reached the PCR (write-ahead), so it is dropped."""
+    path, entries = filled
+    torn = mlog.LogEntry.new(21, 10, hashlib.sha256(b"late").digest(), "cwlite:violation:-:-:/x").binary()[:30]
+    with open(path, "ab") as f:
+        f.write(torn)
+    with mlog.MeasurementLog.open(path, tpm, pcr=10) as log:
+        assert log.torn_bytes == 30 and log.recovered == 0 and len(log.entries()) == 21
+        log.record(ev(99), wait=True)
+    assert mlog.replay(mlog.read_log(path), 10) == tpm.read_pcr(10)
+
+
 def test_truncation_at_an_entry_boundary_is_refused(filled, tpm) -> None:
     path, entries = filled
     os.truncate(path, sum(len(e.binary()) for e in entries[:15]))

@@ -229,3 +229,38 @@ def test_killed_build_leaves_the_old_db_readable_and_unchanged(tmp_path: Path) -
             assert (db.digest(), db.measurements(), db.trust_sets()) == before
         assert sqlite3.connect(db_path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert killed >= 1, "every build finished before the kill: the test proved nothing"
+
+
+def test_build_killed_inside_its_write_transaction_changes_nothing(tmp_path: Path) -> None:
+    """Kill the builder at the moment it holds SQLite's write lock (seen by a probe connection)."""
+    db_path = tmp_path / "m.db"
+    build(db_path, from_dir=[_tree(tmp_path / "site")], trust_set="site")
+    with MeasureDB.open(db_path) as db:
+        before = (db.digest(), db.measurements(), db.trust_sets())
+    probe = sqlite3.connect(db_path, isolation_level=None, timeout=0)
+    in_transaction = 0
+    for attempt in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "controlplane.cli", "db", "build", "--db", str(db_path), "--trust-set", f"bin{attempt}",
+             "--from-dir", "/usr/bin"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        while proc.poll() is None:
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+            except sqlite3.OperationalError:  # "database is locked": the builder is writing
+                proc.send_signal(signal.SIGKILL)
+                in_transaction += 1
+                break
+        proc.wait()
+        with MeasureDB.open(db_path) as db:
+            now = (db.digest(), db.measurements(), db.trust_sets())
+        if proc.returncode != -signal.SIGKILL:
+            before = now  # it finished first: the DB legitimately changed; try again
+            continue
+        assert now == before
+        assert probe.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        break
+    probe.close()
+    assert in_transaction >= 1, "never caught the builder inside its transaction"

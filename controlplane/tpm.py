@@ -162,28 +162,32 @@ def pcr_composite_digest(pcr_values: Mapping[int, bytes], pcrs: Sequence[int]) -
     return h.digest()
 
 
+def _unmarshal(cls, data: bytes, what: str):
+    """One whole marshalled TPM structure of type `cls`, or VerifyError(malformed) naming `what`."""
+    try:
+        obj, used = cls.unmarshal(data)
+    except (TSS2_Exception, ValueError, TypeError) as exc:
+        raise VerifyError(f"{what}: not a {cls.__name__}: {exc}", reason="malformed") from exc
+    if used != len(data):
+        raise VerifyError(f"{what}: {len(data) - used} trailing bytes after the {cls.__name__}", reason="malformed")
+    return obj
+
+
 def _public_key(ak_public: bytes):
     """The cryptography key inside a marshalled TPM2B_PUBLIC (trusted input: from enrolment)."""
+    pub = _unmarshal(TPM2B_PUBLIC, ak_public, "ak_public")
+    attrs = pub.publicArea.objectAttributes
+    if not attrs & TPMA_OBJECT.RESTRICTED or not attrs & TPMA_OBJECT.SIGN_ENCRYPT:
+        raise VerifyError("ak_public: not a restricted signing key", reason="malformed")
     try:
-        pub, used = TPM2B_PUBLIC.unmarshal(ak_public)
-        if used != len(ak_public):
-            raise ValueError(f"{len(ak_public) - used} trailing bytes")
-        if not pub.publicArea.objectAttributes & TPMA_OBJECT.RESTRICTED or \
-                not pub.publicArea.objectAttributes & TPMA_OBJECT.SIGN_ENCRYPT:
-            raise ValueError("not a restricted signing key")
         return serialization.load_der_public_key(pub.publicArea.to_der())
     except (TSS2_Exception, ValueError, TypeError) as exc:
-        raise VerifyError(f"ak_public: not a TPM2B_PUBLIC of a restricted signing key: {exc}", reason="malformed") from exc
+        raise VerifyError(f"ak_public: unusable public key: {exc}", reason="malformed") from exc
 
 
 def _check_signature(key, signature: bytes, signed: bytes) -> None:
     """Raise VerifyError(signature) unless `signature` (TPMT_SIGNATURE) by `key` covers `signed`."""
-    try:
-        sig, used = TPMT_SIGNATURE.unmarshal(signature)
-        if used != len(signature):
-            raise ValueError(f"{len(signature) - used} trailing bytes")
-    except (TSS2_Exception, ValueError, TypeError) as exc:
-        raise VerifyError(f"quote: signature: not a TPMT_SIGNATURE: {exc}", reason="malformed") from exc
+    sig = _unmarshal(TPMT_SIGNATURE, signature, "quote: signature")
     try:
         if sig.sigAlg == TPM2_ALG.ECDSA and isinstance(key, ec.EllipticCurvePublicKey):
             halg = _HASHES[sig.signature.ecdsa.hash]
@@ -208,12 +212,7 @@ def _check_signature(key, signature: bytes, signed: bytes) -> None:
 
 def _unverified_attest(attest: bytes) -> TPMS_ATTEST:
     """Parse TPMS_ATTEST bytes. Only call after their signature verified."""
-    try:
-        parsed, used = TPMS_ATTEST.unmarshal(attest)
-    except (TSS2_Exception, ValueError, TypeError) as exc:
-        raise VerifyError(f"quote: attest: not a TPMS_ATTEST: {exc}", reason="malformed") from exc
-    if used != len(attest):
-        raise VerifyError(f"quote: attest: {len(attest) - used} trailing bytes", reason="malformed")
+    parsed = _unmarshal(TPMS_ATTEST, attest, "quote: attest")
     if parsed.magic != TPM2_GENERATED.VALUE or parsed.type != TPM2_ST.ATTEST_QUOTE:
         raise VerifyError("quote: attest: not a TPM-generated quote (magic/type)", reason="malformed")
     return parsed
@@ -262,12 +261,7 @@ def make_credential(ek_public: bytes, ak_name: bytes, secret: bytes) -> tuple[by
     Returns (credential_blob, encrypted_secret), marshalled TPM2B_ID_OBJECT and
     TPM2B_ENCRYPTED_SECRET, for `Tpm.activate_credential`.
     """
-    try:
-        pub, used = TPM2B_PUBLIC.unmarshal(ek_public)
-        if used != len(ek_public):
-            raise ValueError(f"{len(ek_public) - used} trailing bytes")
-    except (TSS2_Exception, ValueError, TypeError) as exc:
-        raise VerifyError(f"ek_public: not a TPM2B_PUBLIC: {exc}", reason="malformed") from exc
+    pub = _unmarshal(TPM2B_PUBLIC, ek_public, "ek_public")
     if not 0 < len(secret) <= SHA256_SIZE:
         raise VerifyError(f"secret: {len(secret)} bytes (1..{SHA256_SIZE})", reason="malformed")
     try:
@@ -279,20 +273,12 @@ def make_credential(ek_public: bytes, ak_name: bytes, secret: bytes) -> tuple[by
 
 def public_pem(tpm2b_public: bytes) -> bytes:
     """A marshalled TPM2B_PUBLIC (AK or EK) as a PEM SubjectPublicKeyInfo (for tpm2_checkquote, openssl)."""
-    try:
-        pub, _ = TPM2B_PUBLIC.unmarshal(tpm2b_public)
-        return pub.publicArea.to_pem()
-    except (TSS2_Exception, ValueError, TypeError) as exc:
-        raise VerifyError(f"public: not a TPM2B_PUBLIC: {exc}", reason="malformed") from exc
+    return _unmarshal(TPM2B_PUBLIC, tpm2b_public, "public").publicArea.to_pem()
 
 
 def ak_name_of(ak_public: bytes) -> bytes:
     """The TPM name (nameAlg || digest of the public area) of a marshalled TPM2B_PUBLIC."""
-    try:
-        pub, _ = TPM2B_PUBLIC.unmarshal(ak_public)
-        return bytes(pub.get_name())
-    except (TSS2_Exception, ValueError, TypeError) as exc:
-        raise VerifyError(f"ak_public: not a TPM2B_PUBLIC: {exc}", reason="malformed") from exc
+    return bytes(_unmarshal(TPM2B_PUBLIC, ak_public, "ak_public").get_name())
 
 
 # ---------------------------------------------------------------------------------------------

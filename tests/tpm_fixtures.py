@@ -7,12 +7,15 @@
 - `swtpm`: a running swtpm on a private copy of that state (`.tcti`, `.data_dir`,
   the CA under `.data_dir / "ca"`); stopped (terminate, wait, kill) at teardown.
 - `tpm`: a `controlplane.tpm.Tpm` on that swtpm (ECC AK); `rsa_tpm`: the same with an RSA AK.
-- `tpm_tools_env`: os.environ plus TPM2TOOLS_TCTI for tpm2-tools on that swtpm.
+- `tpm_tools_env`: os.environ plus TPM2TOOLS_TCTI for tpm2-tools on that swtpm;
+  `tpm2_pcrread(env, pcr)`: what tpm2-tools reads there (an independent check).
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -66,3 +69,12 @@ def rsa_tpm(swtpm) -> Iterator["object"]:
 @pytest.fixture
 def tpm_tools_env(swtpm) -> dict[str, str]:
     return dict(os.environ, TPM2TOOLS_TCTI=swtpm.tcti)
+
+
+def tpm2_pcrread(env: dict[str, str], pcr: int) -> bytes:
+    """PCR `pcr` of the sha256 bank as `tpm2_pcrread` reports it on the TPM that env's TPM2TOOLS_TCTI names."""
+    out = subprocess.run(["tpm2_pcrread", f"sha256:{pcr}"], env=env, capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    found = re.search(rf"\b{pcr}\s*:\s*0x([0-9A-Fa-f]{{64}})", out)
+    assert found, out
+    return bytes.fromhex(found.group(1))

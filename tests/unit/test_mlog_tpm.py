@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ from controlplane.errors import LogError
 from controlplane.events import Event, EventKind
 from controlplane.tpm import Tpm, verify_quote
 from tests.conftest import requires
-from tests.tpm_fixtures import swtpm, swtpm_template, tpm, tpm_tools_env  # noqa: F401
+from tests.tpm_fixtures import tpm2_pcrread, swtpm, swtpm_template, tpm, tpm_tools_env  # noqa: F401
 
 pytestmark = requires(tool="swtpm")
 REPO = Path(__file__).resolve().parents[2]
@@ -24,11 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def ev(i: int, kind: EventKind = EventKind.TRUSTED_LOAD) -> Event:
     return Event(kind, hashlib.sha256(b"%d" % i).digest(), "tp_build", "exec", f"/usr/bin/tool-{i}")
-
-
-def _pcrread(env: dict, pcr: int) -> bytes:
-    out = subprocess.run(["tpm2_pcrread", f"sha256:{pcr}"], env=env, capture_output=True, text=True, check=True).stdout
-    return bytes.fromhex(re.search(rf"\b{pcr}\s*:\s*0x([0-9A-Fa-f]{{64}})", out).group(1))
 
 
 @requires(tool="tpm2_pcrread")
@@ -43,7 +37,7 @@ def test_log_and_pcr_agree_after_10000_entries(tpm, tpm_tools_env, tmp_path: Pat
         log.flush()
         entries = log.entries()
         assert len(entries) == 10_001 and [e.index for e in entries] == list(range(10_001))
-        assert mlog.replay(entries, 10) == tpm.read_pcr(10) == _pcrread(tpm_tools_env, 10)
+        assert mlog.replay(entries, 10) == tpm.read_pcr(10) == tpm2_pcrread(tpm_tools_env, 10)
     # the file replays to the PCR from either form, and the forms agree byte for byte
     data = path.read_bytes()
     from_bin = mlog.parse_binary(data)
@@ -51,7 +45,7 @@ def test_log_and_pcr_agree_after_10000_entries(tpm, tpm_tools_env, tmp_path: Pat
     from_ascii = mlog.parse_ascii(text)
     assert from_bin == from_ascii == entries
     assert mlog.to_binary(from_ascii) == data
-    assert mlog.replay(from_ascii, 10) == mlog.replay(from_bin, 10) == _pcrread(tpm_tools_env, 10)
+    assert mlog.replay(from_ascii, 10) == mlog.replay(from_bin, 10) == tpm2_pcrread(tpm_tools_env, 10)
     # and it reopens clean: nothing to recover
     with mlog.MeasurementLog.open(path, tpm, pcr=10) as log:
         assert log.recovered == 0 and len(log.entries()) == 10_001

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import subprocess
 from dataclasses import replace
 
@@ -13,24 +12,19 @@ from cryptography.hazmat.primitives import serialization
 from controlplane import tpm as tpm_mod
 from controlplane.errors import TpmError, VerifyError
 from tests.conftest import requires
-from tests.tpm_fixtures import rsa_tpm, swtpm, swtpm_template, tpm, tpm_tools_env  # noqa: F401
+from tests.tpm_fixtures import tpm2_pcrread, rsa_tpm, swtpm, swtpm_template, tpm, tpm_tools_env  # noqa: F401
 
 pytestmark = requires(tool="swtpm")
 
 
-def _pcrread(env: dict, pcr: int) -> bytes:
-    out = subprocess.run(["tpm2_pcrread", f"sha256:{pcr}"], env=env, capture_output=True, text=True, check=True).stdout
-    return bytes.fromhex(re.search(rf"\b{pcr}\s*:\s*0x([0-9A-Fa-f]{{64}})", out).group(1))
-
-
 @requires(tool="tpm2_pcrread")
-def test_extend_matches_software_and_tpm2_pcrread(tpm, tpm_tools_env) -> None:
+def test_extend_matches_software_and_tpm2tpm2_pcrread(tpm, tpm_tools_env) -> None:
     value = bytes(32)
     for i in range(5):
         d = hashlib.sha256(b"%d" % i).digest()
         tpm.extend(12, d)
         value = hashlib.sha256(value + d).digest()
-    assert tpm.read_pcr(12) == value == _pcrread(tpm_tools_env, 12)
+    assert tpm.read_pcr(12) == value == tpm2_pcrread(tpm_tools_env, 12)
     assert tpm.read_pcrs(range(0, 24))[12] == value
 
 

@@ -146,12 +146,12 @@ def show(db_path: str, as_json: bool, what: str | None) -> None:
         else:
             if not os.path.exists(what):
                 raise MeasureDBError(f"{what}: no such file (give a path or a 64-hex-digit SHA-256)")
-            now = mdb.measure_paths([what])
-            current = now[0].sha256 if now and now[0].sha256 else None
+            now = mdb.measure_paths([what]).get(what)
+            current = now.sha256 if now is not None else None
             data = {
                 "path": what,
                 "digest": current.hex() if current else None,
-                "code": bool(now and now[0].kind),
+                "code": bool(now is not None and now.kind),
                 "recorded_here": [_origin_dict(o) for o in mdb.origins_at(what)],
                 "origins": [_origin_dict(o) for o in mdb.lookup(current, include_untrusted=True)] if current else [],
                 "trusted_in": sorted({o.trust_set for o in mdb.lookup(current)}) if current else [],

@@ -299,19 +299,34 @@ class MeasureDB:
 
     # -- the local file cache ------------------------------------------------
 
-    def file_cache(self) -> Callable[[os.stat_result], Measured | None]:
-        """A lookup stat() -> the measurement made when the file had the same (dev, ino, size, mtime, ctime)."""
-        cache: dict[tuple[int, int, int, int, int], tuple] = {
-            r[:5]: r for r in self._conn.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, path, file_kind, interpreter, sha256, md5 FROM files")
-        }
+    def file_cache(self, *, preload: bool = True) -> Callable[[os.stat_result], Measured | None]:
+        """A lookup stat() -> the measurement made when the file had the same (dev, ino, size, mtime, ctime).
 
-        def get(st: os.stat_result) -> Measured | None:
-            r = cache.get((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-            if r is None:
-                return None
-            return Measured(r[5], Identity(*r[:5]), FileKind(r[6], r[7]) if r[6] else None, r[8], r[9])
+        `preload` reads the whole cache at once (a build asks about most of
+        it); otherwise each lookup is one indexed query (a few files of many).
+        """
+        cols = "dev, ino, size, mtime_ns, ctime_ns, path, file_kind, interpreter, sha256, md5"
 
-        return get
+        def measured(r: tuple, st: os.stat_result) -> Measured:
+            return Measured(r[5], Identity.of(st), FileKind(r[6], r[7]) if r[6] else None, r[8], r[9])
+
+        if preload:
+            cache = {r[:5]: r for r in self._conn.execute(f"SELECT {cols} FROM files")}
+
+            def get(st: os.stat_result) -> Measured | None:
+                r = cache.get((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+                return None if r is None else measured(r, st)
+
+            return get
+
+        def query(st: os.stat_result) -> Measured | None:
+            r = self._conn.execute(
+                f"SELECT {cols} FROM files WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ?",
+                (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+            ).fetchone()
+            return None if r is None else measured(r, st)
+
+        return query
 
     def _store_files(self, measured: Iterable[Measured]) -> None:
         self._conn.executemany(
@@ -392,57 +407,58 @@ class MeasureDB:
         )]
         current = self.measure_paths(paths + overlay_layer_paths(paths))
         entries: dict[tuple[int, int], KernelEntry] = {}
-        for m in current:
+        for m in current.values():
             mask = masks.get(m.sha256 or b"", 0)
             key = (kernel_dev(m.ident.dev), m.ident.ino)
             if mask and key not in entries:
                 entries[key] = KernelEntry(key[0], key[1], m.ident.ctime_ns, mask, m.sha256, m.path)
         return sorted(entries.values(), key=lambda e: (e.dev, e.ino))
 
-    def measure_paths(self, paths: Iterable[str], *, rehash: bool = False, progress: Callable[[int], None] | None = None) -> list[Measured]:
-        """Current measurements of `paths` (symlinks followed), from the cache unless changed or `rehash`.
+    def measure_paths(self, paths: Iterable[str], *, rehash: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Measured]:
+        """Current measurement of each path that is a regular file (symlinks followed), by the path given.
 
-        Fresh measurements are remembered in the cache. Missing paths are left out.
+        Each inode is read at most once (hard links, /bin vs /usr/bin), from
+        the cache unless it changed or `rehash`; fresh measurements are
+        remembered in the cache. Missing paths are left out.
         """
-        resolved: dict[tuple[int, int], tuple[str, os.stat_result]] = {}
+        by_inode: dict[tuple[int, int], tuple[str, os.stat_result]] = {}
+        inode_of: dict[str, tuple[int, int]] = {}
         for p in paths:
             try:
                 st = os.stat(p)
             except OSError:
                 continue
             if stat_mod.S_ISREG(st.st_mode):
-                resolved.setdefault((st.st_dev, st.st_ino), (os.path.realpath(p), st))
-        known = self.file_cache()
-        out = list(measure.measure_many(resolved.values(), cache=None if rehash else known, progress=progress))
-        self.remember([m for m in out if not m.reused])
-        return out
+                key = (st.st_dev, st.st_ino)
+                inode_of[p] = key
+                if key not in by_inode:  # measure_file does not follow a final symlink: give it the target
+                    by_inode[key] = (p if stat_mod.S_ISREG(os.lstat(p).st_mode) else os.path.realpath(p), st)
+        known = self.file_cache(preload=False)
+        measured = {(m.ident.dev, m.ident.ino): m for m in measure.measure_many(
+            by_inode.values(), cache=None if rehash else known, progress=progress)}
+        self.remember([m for m in measured.values() if not m.reused])
+        return {p: measured[key] for p, key in inode_of.items() if key in measured}
 
     def verify(self, trust_sets: Sequence[str] | None = None, *, progress: Callable[[int], None] | None = None) -> list[Mismatch]:
-        """Re-hash every measured path of `trust_sets` (all when None) that exists here; report what differs.
+        """Re-hash every file measured on this machine (dpkg and dir origins) of `trust_sets` (all when None).
 
-        Only dpkg and dir origins describe this machine's files; a deb origin
-        describes an archive, so its paths are checked only when present.
+        Reports each whose content is no longer the measurement (or that is
+        gone). A deb origin describes an archive, not this machine: not checked.
         """
         names = self.trust_sets() if trust_sets is None else list(trust_sets)
         self._check_sets(names)
-        want: dict[str, list[tuple[str, bytes]]] = {}
-        for name in names:
-            for ts, origin, _pkg, _ver, path, digest, untrusted in self.measurements(name):
-                if not untrusted:
-                    want.setdefault(path, []).append((ts, digest, origin))
-        now = {m.path: m for m in self.measure_paths(want, rehash=True, progress=progress)}
-        by_real = {os.path.realpath(p): m for p, m in now.items()}
-        out: list[Mismatch] = []
-        for path, expected in sorted(want.items()):
-            m = now.get(path) or by_real.get(os.path.realpath(path))
-            for ts, digest, origin in expected:
-                if m is None and origin == "deb":
-                    continue
-                if m is None or m.sha256 != digest:
-                    if origin == "deb" and m is not None and any(d == m.sha256 for _t, d, _o in expected):
-                        continue
-                    out.append(Mismatch(ts, path, digest, m.sha256 if m else None))
-        return out
+        want = sorted(
+            (ts, path, digest)
+            for name in names
+            for ts, origin, _pkg, _ver, path, digest, untrusted in self.measurements(name)
+            if not untrusted and origin != "deb"
+        )
+        now = self.measure_paths({path for _ts, path, _d in want}, rehash=True, progress=progress)
+        return [
+            Mismatch(ts, path, digest, now[path].sha256 if path in now else None)
+            for ts, path, digest in want
+            if path not in now or now[path].sha256 != digest
+        ]
 
 
 def _unescape(field: str) -> str:

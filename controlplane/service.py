@@ -331,12 +331,12 @@ def create_app(state: ServiceState) -> FastAPI:
         from controlplane.proof import write_atomic
 
         with state.lock:
-            if state.on_policy is not None:
-                state.on_policy(pol)
             path = Path(state.policy_path)
             write_atomic(_sig_path(path), _unb64(req.signature, "signature"))
             write_atomic(path, req.policy.encode())
             state.mlog.record(Event(EventKind.POLICY_LOAD, pol.digest(), op="push", subject=str(path)), wait=True)
+            if state.on_policy is not None:     # e.g. an embedded enforcement engine re-reads the file
+                state.on_policy(pol)
         return PolicyResponse(policy_digest=pol.digest().hex(),
                               db_digest=state.db_digest.hex() if state.db_digest else None,
                               mode=pol.mode, policy=req.policy)

@@ -1,13 +1,98 @@
-"""`cwlite serve`: run the attestation service over HTTPS."""
+"""`cwlite serve`: run the attestation service over HTTPS, optionally with PRIMA enforcement in-process.
+
+The measurement log has one writer (it is locked), so when enforcement runs
+on the same host it runs inside the serving process (`--enforce`): the engine
+and the service share one log and one TPM connection.
+"""
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Iterator
 
 import click
 
+from controlplane.errors import EnforcementError
+
 DEFAULT_DATA = Path("/var/lib/cwlite")
+
+
+@dataclass
+class Running:
+    """A serving host: the service's state and server, and the embedded enforcement daemon if any."""
+
+    state: object
+    server: object
+    daemon: object | None
+    log: object
+    failure: list            # an exception that stopped the embedded enforcement daemon
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@contextlib.contextmanager
+def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, pcr: int | None = None,
+                    policy_path: Path | None = None, db_path: Path | None = None, enforce: bool = False,
+                    backend: str = "auto", controller_key: Path | None = None, device: str | None = None,
+                    rate: float = 50.0, say: IO[str] = sys.stderr) -> Iterator[Running]:
+    """TPM + measurement log (+ enforcement daemon thread) + HTTPS service; all stopped on exit."""
+    from controlplane import mlog as mlog_mod
+    from controlplane import tpm as tpm_mod
+    from controlplane.service import Server, ServiceState, TlsIdentity
+
+    if enforce and (policy_path is None or db_path is None):
+        raise click.UsageError("--enforce needs --policy and --db")
+    if pcr is None:
+        if policy_path is not None:
+            from controlplane.policy import load_policy
+
+            pcr = load_policy(policy_path).pcr
+        else:
+            pcr = 10
+    db_digest = None
+    if db_path is not None:
+        from prima.measuredb import MeasureDB
+
+        with MeasureDB.open(db_path) as db:
+            db_digest = db.digest()
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    with tpm_mod.open_tpm(data_dir, device=device) as tpm, \
+            mlog_mod.MeasurementLog.open(Path(data_dir) / "measurements.log", tpm, pcr=pcr) as log:
+        state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=pcr, policy_path=policy_path,
+                             db_digest=db_digest, controller_key=controller_key, rate_per_s=rate)
+        state.record_tls_key()
+        daemon = thread = None
+        failure: list[BaseException] = []
+        if enforce:
+            from prima.enforce_cli import Daemon
+
+            daemon = Daemon(policy_path, db_path, log, backend=backend, controller_key=controller_key, log=say)
+
+            def run() -> None:
+                try:
+                    daemon.run()
+                except BaseException as exc:  # noqa: BLE001 - reported by the serving thread
+                    failure.append(exc)
+
+            thread = threading.Thread(target=run, name="cwlite-enforce", daemon=True)
+            thread.start()
+            state.on_policy = lambda _policy: setattr(daemon, "reload_requested", True)
+        try:
+            with Server(state, host=host, port=port) as server:
+                yield Running(state, server, daemon, log, failure)
+        finally:
+            if daemon is not None:
+                daemon.stop_requested = True
+                thread.join(timeout=30)
+            log.flush()
+        if failure:
+            raise EnforcementError(f"enforcement stopped: {failure[0]}") from failure[0]
 
 
 @click.command("serve")
@@ -15,53 +100,46 @@ DEFAULT_DATA = Path("/var/lib/cwlite")
               help="Where the measurement log and the embedded swtpm live.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8443, show_default=True, help="TCP port (0: any free).")
-@click.option("--pcr", type=click.IntRange(0, 23), default=10, show_default=True, help="The measurement-log PCR.")
+@click.option("--pcr", type=click.IntRange(0, 23), help="The measurement-log PCR (default: the policy's, else 10).")
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False, path_type=Path),
               help="The active policy file (served; replaced by a pushed, signed policy).")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path), help="The measurement DB (its digest is served).")
+@click.option("--enforce", is_flag=True, help="Also run PRIMA enforcement (as `cwlite enforce --mlog`) in this process.")
+@click.option("--backend", type=click.Choice(["auto", "tracepoint", "lsm"]), default="auto", show_default=True,
+              help="With --enforce: the kernel backend.")
 @click.option("--controller-key", type=click.Path(dir_okay=False, path_type=Path),
               help="Ed25519 public key whose signed policies may be pushed (POST /v1/policy).")
 @click.option("--device", help="TPM device or TCTI (default: /dev/tpmrm0, else the embedded swtpm).")
 @click.option("--rate", type=float, default=50.0, show_default=True, help="Requests per second per client.")
-def serve(data_dir: Path, host: str, port: int, pcr: int, policy_path: Path | None, db_path: Path | None,
-          controller_key: Path | None, device: str | None, rate: float) -> None:
+def serve(data_dir: Path, host: str, port: int, pcr: int | None, policy_path: Path | None, db_path: Path | None,
+          enforce: bool, backend: str, controller_key: Path | None, device: str | None, rate: float) -> None:
     """Serve fresh TPM quotes bound to a fresh TLS key, the measurement log and the policy.
 
     At start a new TLS key pair and self-signed certificate are made and the
     SHA-256 of the key's SubjectPublicKeyInfo is recorded in the measurement
     log (a tls-key entry extended into the PCR). Every quote's qualifying data
     is SHA-256(nonce || that hash), so a verifier can tell this service from a
-    relay. The OpenAPI schema is at /openapi.json. Stops on SIGINT/SIGTERM.
+    relay. With --enforce, PRIMA runs in the same process and writes the same
+    log; a pushed, signed policy is then reloaded by the engine. The OpenAPI
+    schema is at /openapi.json. Stops on SIGINT/SIGTERM.
 
     \b
     Examples:
       # the embedded swtpm under /var/lib/cwlite, port 8443 on loopback
       cwlite serve
-      # a policy the controller may replace by pushing a signed one
-      cwlite serve --policy /etc/cwlite/policy.toml --controller-key controller.pub
+      # enforce and serve; the controller may push signed policies
+      cwlite serve --enforce --policy /etc/cwlite/policy.toml --db measure.db --controller-key controller.pub
       # any free port, a private data dir
       cwlite serve --data-dir /tmp/cw --port 0
     """
-    from controlplane import mlog as mlog_mod
-    from controlplane import tpm as tpm_mod
-    from controlplane.service import Server, ServiceState, TlsIdentity
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    db_digest = None
-    if db_path is not None:
-        from prima.measuredb import MeasureDB
-
-        with MeasureDB.open(db_path) as db:
-            db_digest = db.digest()
-    with tpm_mod.open_tpm(data_dir, device=device) as tpm:
-        log = mlog_mod.MeasurementLog.open(data_dir / "measurements.log", tpm, pcr=pcr)
-        state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=pcr, policy_path=policy_path,
-                             db_digest=db_digest, controller_key=controller_key, rate_per_s=rate)
-        state.record_tls_key()
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        with Server(state, host=host, port=port) as server:
-            click.echo(f"cwlite serve: {server.url} (TLS key {state.tls.spki_sha256.hex()[:16]}, PCR {pcr}, "
-                       f"log {data_dir / 'measurements.log'})", err=True)
-            stop.wait()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with running_service(data_dir, host=host, port=port, pcr=pcr, policy_path=policy_path, db_path=db_path,
+                         enforce=enforce, backend=backend, controller_key=controller_key, device=device,
+                         rate=rate) as running:
+        click.echo(f"cwlite serve: {running.url} (TLS key {running.state.tls.spki_sha256.hex()[:16]}, "
+                   f"PCR {running.state.pcr}, log {data_dir / 'measurements.log'})", err=True)
+        while not stop.wait(0.5):
+            if running.failure:
+                break

@@ -66,11 +66,12 @@ def _progress() -> Iterator[Callable[[str, int, int], None] | None]:
 @db.command("build")
 @db_option
 @click.option("--trust-set", "trust_set", required=True, metavar="NAME", help="The trust set this build (re)defines.")
-@click.option("--from-deb", "from_deb", multiple=True, metavar="DIR", help="A directory of .deb files (repeatable).")
+@click.option("--from-deb", "from_deb", multiple=True, metavar="DIR",
+              help="A directory of .deb files (repeatable); with PKG arguments, only those and their dependencies.")
 @click.option("--from-dpkg", "from_dpkg", is_flag=True, help="Installed packages: the PKG arguments (all when none).")
 @click.option("--from-dir", "from_dir", multiple=True, metavar="DIR", help="A local directory of site-built code (repeatable).")
 @click.option("--note", default="", help="Recorded with every measurement of this build (e.g. who built the code).")
-@click.option("--no-deps", is_flag=True, help="With --from-dpkg: only the named packages, not their dependencies.")
+@click.option("--no-deps", is_flag=True, help="With PKG arguments: only the named packages, not their dependencies.")
 @click.option("--lists-dir", default=None, metavar="DIR", help="apt lists (InRelease, Packages) [default: /var/lib/apt/lists].")
 @click.option("--keyring", "keyrings", multiple=True, metavar="FILE", help="OpenPGP keyring(s) for InRelease [default: apt's].")
 @click.option("--dpkg-root", default="/", show_default=True, metavar="DIR", help="Read dpkg's files under this root.")
@@ -98,11 +99,11 @@ def build_cmd(db_path: str, trust_set: str, from_deb: tuple[str, ...], from_dpkg
     """
     from prima import measuredb
 
-    if packages and not from_dpkg:
-        raise click.UsageError("package names are only taken with --from-dpkg")
+    if packages and not (from_dpkg or from_deb) or packages and from_dpkg and from_deb:
+        raise click.UsageError("package names go with exactly one of --from-dpkg or --from-deb")
     with _progress() as tick:
         result = measuredb.build(
-            db_path, from_deb=list(from_deb), from_dpkg=(list(packages) or True) if from_dpkg else (), from_dir=list(from_dir),
+            db_path, from_deb=list(from_deb), deb_packages=list(packages) if from_deb else [], from_dpkg=(list(packages) or True) if from_dpkg else (), from_dir=list(from_dir),
             trust_set=trust_set, note=note, deps=not no_deps, lists_dir=lists_dir,
             keyrings=list(keyrings) if keyrings else None, dpkg_root=dpkg_root, progress=tick,
         )

@@ -25,11 +25,11 @@ import re
 import subprocess
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 from urllib.parse import unquote
 
 from debian.debfile import DebError, DebFile
@@ -196,9 +196,12 @@ def verified_indexes(lists_dir: Path = LISTS_DIR, keyrings: Sequence[Path] | Non
 
 @dataclass(frozen=True)
 class DebId:
+    """A .deb that matched a verified Packages stanza (kept: its Depends drive trust-set closure)."""
+
     package: str
     version: str
     architecture: str
+    stanza: Mapping = field(default_factory=dict, compare=False, repr=False)
 
 
 def check_deb(deb: Path, indexes: Indexes) -> DebId:
@@ -223,11 +226,11 @@ def check_deb(deb: Path, indexes: Indexes) -> DebId:
                     raise MeasureDBError(f"{deb}: Size {size} differs from Packages ({where}: {st.get('Size')})")
                 if st.get("SHA256") != hexd:
                     raise MeasureDBError(f"{deb}: SHA256 {hexd} differs from Packages ({where}: {st.get('SHA256')})")
-                return _same_control(deb, DebId(st["Package"], st["Version"], st["Architecture"]))
+                return _same_control(deb, DebId(st["Package"], st["Version"], st["Architecture"], st))
     for idx in indexes:
         st = idx.by_sha256(hexd)
         if st is not None and int(st.get("Size", -1)) == size:
-            return _same_control(deb, DebId(st["Package"], st["Version"], st["Architecture"]))
+            return _same_control(deb, DebId(st["Package"], st["Version"], st["Architecture"], st))
     skipped = f"; not used: {', '.join(indexes.not_used)}" if indexes.not_used else ""
     raise MeasureDBError(f"{deb}: SHA256 {hexd} is in no verified Packages index ({len(indexes.verified)} checked{skipped})")
 
@@ -235,9 +238,9 @@ def check_deb(deb: Path, indexes: Indexes) -> DebId:
 def _same_control(deb: Path, expect: DebId) -> DebId:
     """The verified .deb's own control must name what the index said (it cannot differ if SHA-256 holds)."""
     ctrl = _open_deb(deb).debcontrol()
-    for field, want in (("Package", expect.package), ("Version", expect.version), ("Architecture", expect.architecture)):
-        if ctrl.get(field) != want:
-            raise MeasureDBError(f"{deb}: control {field} {ctrl.get(field)!r} differs from Packages ({want!r})")
+    for name, want in (("Package", expect.package), ("Version", expect.version), ("Architecture", expect.architecture)):
+        if ctrl.get(name) != want:
+            raise MeasureDBError(f"{deb}: control {name} {ctrl.get(name)!r} differs from Packages ({want!r})")
     return expect
 
 
@@ -320,26 +323,23 @@ def _status(admindir: Path) -> dict[str, list[dict[str, str]]]:
     return out
 
 
-def installed_packages(names: Sequence[str] | None, *, admindir: Path = DPKG_ADMINDIR, deps: bool = True) -> list[Installed]:
-    """Installed packages named (all when `names` is None), with what they depend on when `deps`.
+def closure(names: Sequence[str], available: Mapping[str, Sequence[Mapping]], *, where: str, missing: str, deps: bool = True) -> list[str]:
+    """`names` and, with `deps`, everything they Depend or Pre-Depend on among `available` stanzas.
 
-    Depends and Pre-Depends are followed; of alternatives the first installed
-    one is taken; a virtual package resolves to an installed provider. A
-    package or dependency that is not installed is an error (fail closed).
+    Of alternatives the first available one is taken; a virtual package
+    resolves to an available provider. A name or dependency that is not
+    available is an error (fail closed): "<where>: package P: Depends X: <missing>".
     """
-    status = _status(admindir)
     provides: dict[str, list[str]] = defaultdict(list)
-    for name, stanzas in status.items():
+    for name, stanzas in available.items():
         for p in stanzas:
             for group in p.relations["provides"]:
-                for rel in group:
-                    provides[rel["name"]].append(name)
-    wanted = sorted(status) if names is None else list(names)
-    for n in wanted:
-        if n not in status:
-            raise MeasureDBError(f"{admindir / 'status'}: package {n}: not installed")
+                provides[group[0]["name"]].append(name)
+    for n in names:
+        if n not in available:
+            raise MeasureDBError(f"{where}: package {n}: {missing}")
     seen: dict[str, None] = {}
-    queue = list(wanted)
+    queue = list(names)
     while queue:
         name = queue.pop(0)
         if name in seen:
@@ -347,17 +347,23 @@ def installed_packages(names: Sequence[str] | None, *, admindir: Path = DPKG_ADM
         seen[name] = None
         if not deps:
             continue
-        for p in status[name]:
+        for p in available[name]:
             for group in p.relations["pre-depends"] + p.relations["depends"]:
-                pick = next((r["name"] for r in group if r["name"] in status), None)
+                pick = next((r["name"] for r in group if r["name"] in available), None)
                 if pick is None:
                     pick = next((provides[r["name"]][0] for r in group if provides.get(r["name"])), None)
                 if pick is None:
-                    alts = " | ".join(r["name"] for r in group)
-                    raise MeasureDBError(f"{admindir / 'status'}: package {name}: Depends {alts}: not installed")
+                    raise MeasureDBError(f"{where}: package {name}: Depends {' | '.join(r['name'] for r in group)}: {missing}")
                 queue.append(pick)
+    return list(seen)
+
+
+def installed_packages(names: Sequence[str] | None, *, admindir: Path = DPKG_ADMINDIR, deps: bool = True) -> list[Installed]:
+    """Installed packages named (all when `names` is None), with what they depend on when `deps` (see closure)."""
+    status = _status(admindir)
+    wanted = sorted(status) if names is None else list(names)
     out = []
-    for name in seen:
+    for name in closure(wanted, status, where=str(admindir / "status"), missing="not installed", deps=deps):
         for p in status[name]:
             arch = p.get("Architecture", "")
             info = name if (admindir / "info" / f"{name}.list").exists() else f"{name}:{arch}"

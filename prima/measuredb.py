@@ -566,6 +566,7 @@ def build(
     db_path: str | os.PathLike[str],
     *,
     from_deb: Sequence[str | os.PathLike[str]] = (),
+    deb_packages: Sequence[str] = (),
     from_dpkg: Sequence[str] | bool = (),
     from_dir: Sequence[str | os.PathLike[str]] = (),
     trust_set: str,
@@ -579,7 +580,10 @@ def build(
 ) -> BuildResult:
     """Measure the given sources and make `trust_set` hold exactly what they trust (one transaction).
 
-    - from_deb: directories of .deb files, each checked back to apt's signed InRelease.
+    - from_deb: directories of .deb files, each checked back to apt's signed InRelease;
+      with `deb_packages`, only those packages and (unless `deps` is False)
+      what they depend on, resolved from the verified Packages stanzas: a
+      dependency with no .deb in the directories is an error.
     - from_dpkg: installed package names (True = all installed), with their
       dependencies unless `deps` is False; each file is cross-checked with
       dpkg's md5sums (a mismatch is stored as untrusted). `dpkg_root` is where
@@ -608,6 +612,13 @@ def build(
             if not debs:
                 raise MeasureDBError(f"{', '.join(map(str, deb_dirs))}: --from-deb: no .deb files")
             ids = [debian.check_deb(d, indexes) for d in debs]
+            if deb_packages:
+                available: dict[str, list] = {}
+                for i in ids:
+                    available.setdefault(i.package, []).append(i.stanza)
+                keep = set(debian.closure(list(deb_packages), available, where=", ".join(map(str, deb_dirs)),
+                                          missing="no verified .deb here", deps=deps))
+                debs, ids = [d for d, i in zip(debs, ids) if i.package in keep], [i for i in ids if i.package in keep]
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -646,7 +657,7 @@ def build(
                 if m.kind is not None:
                     rows.append(Row(m.sha256, "dir", str(d), "", m.path, note, m.kind))
         sources = {
-            "deb": [str(d) for d in deb_dirs],
+            "deb": [str(d) for d in deb_dirs] + ([f"packages: {' '.join(sorted(deb_packages))}"] if deb_packages else []),
             "dpkg": (True if from_dpkg is True else sorted(from_dpkg)) if from_dpkg else [],
             "dir": [str(d) for d in dir_dirs],
         }

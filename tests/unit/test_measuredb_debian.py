@@ -177,3 +177,14 @@ def test_dpkg_build_on_this_machine_marks_conffiles_untrusted(tmp_path: Path) ->
         # /etc/init.d/distcc is a conffile: dpkg keeps no md5sums line for it, so it is not trusted.
         assert rows["/etc/init.d/distcc"][6].startswith("no md5sums entry")
     assert result.untrusted >= 1
+
+
+def test_deb_trust_set_takes_named_packages_and_needs_their_dependencies(debs: Path, tmp_path: Path) -> None:
+    only = build(tmp_path / "m.db", from_deb=[debs], deb_packages=["distcc"], deps=False, trust_set="distcc")
+    with MeasureDB.open(tmp_path / "m.db") as db:
+        assert {r[2] for r in db.measurements("distcc")} == {"distcc"} and only.measured > 0
+    # With dependencies (from the verified Packages stanza), each must have its .deb here: fail closed.
+    with pytest.raises(MeasureDBError, match=rf"^{debs}: package distcc: Depends [a-z0-9.+-]+( \| [a-z0-9.+-]+)*: no verified \.deb here$"):
+        build(tmp_path / "m.db", from_deb=[debs], deb_packages=["distcc"], trust_set="distcc")
+    with pytest.raises(MeasureDBError, match=rf"^{debs}: package gcc: no verified \.deb here$"):
+        build(tmp_path / "m.db", from_deb=[debs], deb_packages=["gcc"], trust_set="x")

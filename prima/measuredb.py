@@ -180,12 +180,19 @@ class MeasureDB:
             p.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(str(p), isolation_level=None, timeout=30.0, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise MeasureDBError(f"{p}: cannot open: {exc}") from exc
+        db = cls(p, conn)
+        try:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA busy_timeout = 30000")
-            db = cls(p, conn)
             db._check_and_migrate(create)
         except sqlite3.DatabaseError as exc:
+            conn.close()
             raise MeasureDBError(f"{p}: not a usable measurement DB: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
         return db
 
     def _check_and_migrate(self, create: bool) -> None:

@@ -334,7 +334,7 @@ class MeasurementLog:
     """
 
     def __init__(self, path: Path, tpm, pcr: int, fd: int, entries: list[LogEntry], recovered: int,
-                 archived: Path | None) -> None:
+                 archived: Path | None, *, size: int) -> None:
         self.path = path
         self.tpm = tpm
         self.pcr = pcr
@@ -342,6 +342,7 @@ class MeasurementLog:
         self.archived = archived        # the previous boot's log, renamed aside at open
         self.torn_bytes = 0             # bytes of a torn, never-extended last append cut off at open
         self._fd = fd
+        self._size = size                    # bytes of whole entries in the file (one writer: flock)
         self._committed = entries
         self._pending: list[LogEntry] = []
         self._cv = threading.Condition()
@@ -359,6 +360,7 @@ class MeasurementLog:
         path = Path(path)
         state_path = path.with_name(path.name + ".state")
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        log = None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -393,16 +395,19 @@ class MeasurementLog:
                                    f"({current.hex()[:16]}...): another writer, or this boot's log was lost", entry=0)
                 _write_json_atomic(state_path, {"pcr": pcr, "reset_count": clock.reset_count, "bank": "sha256",
                                                 "template": TEMPLATE})
-                log = cls(path, tpm, pcr, fd, [], 0, None)
+                log = cls(path, tpm, pcr, fd, [], 0, None, size=0)
                 pcrs = tpm.read_pcrs(BOOT_AGGREGATE_PCRS)
                 log.record(Event(EventKind.BOOT_AGGREGATE, boot_aggregate(pcrs)), wait=True)
                 return log
             recovered = cls._recover(path, tpm, pcr, entries, current)
-            log = cls(path, tpm, pcr, fd, entries, recovered, None)
+            log = cls(path, tpm, pcr, fd, entries, recovered, None, size=good_end)
             log.torn_bytes = torn_bytes
             return log
         except BaseException:
-            os.close(fd)
+            if log is not None:
+                log.close()        # stops its commit thread, closes fd
+            else:
+                os.close(fd)
             raise
 
     @staticmethod
@@ -455,7 +460,18 @@ class MeasurementLog:
                 self._check()
             index = len(self._committed) + len(self._pending)
             entry = LogEntry.new(index, self.pcr, event.digest, event.ima_name())
-            _write_all(self._fd, entry.binary())
+            data = entry.binary()
+            try:
+                _write_all(self._fd, data)
+            except OSError as exc:   # e.g. ENOSPC after a partial write: never leave half an entry
+                try:
+                    os.ftruncate(self._fd, self._size)
+                finally:
+                    self._error = exc
+                    self._cv.notify_all()
+                raise LogError(f"{self.path}: entry {index}: cannot append ({exc.strerror}); "
+                               "nothing more is recorded", entry=index) from exc
+            self._size += len(data)
             self._pending.append(entry)
             self._cv.notify_all()
         if wait:
@@ -469,9 +485,11 @@ class MeasurementLog:
         self._wait_committed(target)
 
     def _wait_committed(self, count: int) -> None:
+        """Wait until `count` entries are in the PCR (a closing log still commits what it has)."""
         with self._cv:
             while len(self._committed) < count:
-                self._check()
+                if self._error is not None:
+                    self._check()
                 self._cv.wait()
 
     def _check(self) -> None:
@@ -490,14 +508,18 @@ class MeasurementLog:
                     return
                 batch = list(self._pending)
             with self._extending:
+                done = 0
                 try:
                     os.fdatasync(self._fd)   # write-ahead: the whole batch is durable before any extend
                     if self._fault is not None and batch[-1].index >= self._fault:
                         os._exit(FAULT_EXIT)
                     for e in batch:
                         self.tpm.extend(self.pcr, e.pcr_digest)
+                        done += 1
                 except BaseException as exc:   # noqa: BLE001 - handed to the producers, who raise it
                     with self._cv:
+                        del self._pending[:done]
+                        self._committed.extend(batch[:done])
                         self._error = exc
                         self._cv.notify_all()
                     return

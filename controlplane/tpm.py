@@ -340,6 +340,8 @@ class Tpm:
     def _tss(self, what: str, handle: str = "") -> Iterator[None]:
         """Serialise one TPM command and map its failure to TpmError (rc + decoded text)."""
         with self._lock:
+            if self._ectx is None:
+                raise TpmError(f"{self.tcti}: {what}: the TPM connection is closed")
             try:
                 yield
             except TSS2_Exception as exc:

@@ -99,6 +99,49 @@ def test_without_the_fault_the_child_finishes(swtpm, tpm, tmp_path: Path) -> Non
     assert mlog.replay(mlog.read_log(tmp_path / "m.log"), 10) == tpm.read_pcr(10)
 
 
+FULL_DISK = textwrap.dedent("""
+    import hashlib, resource, signal, sys
+    from pathlib import Path
+    from controlplane import mlog
+    from controlplane.errors import LogError
+    from controlplane.events import Event, EventKind
+    from controlplane.tpm import Tpm
+    log = mlog.MeasurementLog.open(Path(sys.argv[1]), Tpm(sys.argv[2]), pcr=10)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    size = Path(sys.argv[1]).stat().st_size
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 500, size + 500))   # the disk fills mid-entry
+    try:
+        for i in range(100):
+            log.record(Event(EventKind.TRUSTED_LOAD, hashlib.sha256(b"%d" % i).digest(), "tp", "exec", f"/b/{i}"))
+    except LogError as exc:
+        print("refused", exc.entry)
+    log.close()
+""")
+
+
+def test_a_full_disk_never_leaves_half_an_entry(swtpm, tpm, tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(path), swtpm.tcti], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    refused_at = int(proc.stdout.split()[-1])
+    entries = mlog.read_log(path)                       # parses: whole entries only
+    assert len(entries) == refused_at and 1 < refused_at < 10
+    assert mlog.replay(entries, 10) == tpm.read_pcr(10)
+
+
+def test_a_dead_tpm_stops_recording(swtpm, tpm, tmp_path: Path) -> None:
+    with mlog.MeasurementLog.open(tmp_path / "m.log", tpm, pcr=10) as log:
+        log.record(ev(1), wait=True)
+        swtpm.stop()
+        with pytest.raises(LogError) as err:
+            log.record(ev(2), wait=True)
+        assert err.value.entry == 2 and "commit failed" in str(err.value)
+        with pytest.raises(LogError):
+            log.record(ev(3))
+        assert len(log.entries()) == 2
+
+
 @pytest.fixture
 def filled(tpm, tmp_path: Path) -> tuple[Path, list[mlog.LogEntry]]:
     path = tmp_path / "m.log"

@@ -126,3 +126,34 @@ def test_pcr_choice_avoids_the_kernels_ima_pcr(tmp_path: Path) -> None:
     assert mlog.choose_pcr(fallback=14, ima_log=ima) == 14
     with pytest.raises(LogError):
         mlog.choose_pcr(fallback=10, ima_log=ima)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.binary(min_size=32, max_size=32), st.text(max_size=80)), max_size=8))
+def test_any_entries_round_trip_through_both_forms(rows) -> None:
+    entries = [mlog.LogEntry.new(i, 10, d, name) for i, (d, name) in enumerate(rows)]
+    binary = mlog.to_binary(entries)
+    assert mlog.parse_binary(binary) == entries
+    assert mlog.parse_ascii(mlog.to_ascii(entries)) == entries
+    assert mlog.replay(mlog.parse_ascii(mlog.to_ascii(entries)), 10) == mlog.replay(entries, 10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_damaged_input_raises_only_log_errors(data) -> None:
+    """Whatever the damage (flips, cuts, junk), a parser answers with entries or a LogError naming one."""
+    binary = (VECTORS / "ima_ng_sample.bin").read_bytes()
+    text = (VECTORS / "ima_ng_sample.ascii").read_text()
+    blob = bytearray(binary)
+    for _ in range(data.draw(st.integers(0, 4))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    blob = bytes(blob[: data.draw(st.integers(0, len(blob)))]) + data.draw(st.binary(max_size=16))
+    line_text = text[: data.draw(st.integers(0, len(text)))] + data.draw(st.text(max_size=40))
+    for parse, arg in ((mlog.parse_binary, blob), (mlog.parse_ascii, line_text)):
+        try:
+            parse(arg)
+        except LogError as exc:
+            assert exc.entry is not None and "\n" not in str(exc)

@@ -14,7 +14,7 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 libbpf-dev bpftool
 	swtpm swtpm-tools tpm2-tools libtss2-dev \
 	qemu-system-x86 linux-image-amd64 busybox-static \
 	python3-venv python3-dev build-essential pkg-config libffi-dev \
-	gpgv debian-archive-keyring distcc iproute2 postgresql
+	gpgv gpg debian-archive-keyring distcc iproute2 postgresql
 
 .PHONY: setup apt headers venv demo test bench clean
 

@@ -188,3 +188,45 @@ def test_deb_trust_set_takes_named_packages_and_needs_their_dependencies(debs: P
         build(tmp_path / "m.db", from_deb=[debs], deb_packages=["distcc"], trust_set="distcc")
     with pytest.raises(MeasureDBError, match=rf"^{debs}: package gcc: no verified \.deb here$"):
         build(tmp_path / "m.db", from_deb=[debs], deb_packages=["gcc"], trust_set="x")
+
+
+def _own_archive(tmp: Path, deb: Path, valid_until: str) -> tuple[Path, Path]:
+    """A lists dir signed by a key made here: InRelease (with Valid-Until) -> Packages listing `deb`."""
+    from debian.deb822 import Packages
+
+    home = tmp / "gnupg"
+    home.mkdir(mode=0o700, parents=True)
+    env = {**os.environ, "GNUPGHOME": str(home)}
+    gpg = ["gpg", "--batch", "--quiet", "--passphrase", ""]
+    subprocess.run([*gpg, "--quick-gen-key", "cwlite test archive <test@example.invalid>", "ed25519", "sign", "never"], env=env, check=True)
+    keyring = tmp / "archive.gpg"
+    keyring.write_bytes(subprocess.run([*gpg, "--export"], env=env, check=True, capture_output=True).stdout)
+    stanza = Packages(subprocess.run(["dpkg-deb", "-f", str(deb)], capture_output=True, text=True, check=True).stdout)
+    stanza["Filename"] = f"pool/main/{deb.name}"
+    stanza["Size"] = str(deb.stat().st_size)
+    stanza["SHA256"] = hashlib.sha256(deb.read_bytes()).hexdigest()
+    packages = (stanza.dump() + "\n").encode()
+    release = (
+        "Origin: cwlite-test\nSuite: test\nDate: Thu, 01 Jan 2026 00:00:00 UTC\n"
+        f"Valid-Until: {valid_until}\nSHA256:\n {hashlib.sha256(packages).hexdigest()} {len(packages)} main/binary-amd64/Packages\n"
+    )
+    lists = tmp / "lists"
+    lists.mkdir()
+    (lists / "example.invalid_dists_test_main_binary-amd64_Packages").write_bytes(packages)
+    signed = subprocess.run([*gpg, "--clearsign", "--digest-algo", "SHA256"], input=release.encode(), env=env, check=True, capture_output=True).stdout
+    (lists / "example.invalid_dists_test_InRelease").write_bytes(signed)
+    return lists, keyring
+
+
+def test_own_signed_archive_and_valid_until(debs: Path, tmp_path: Path) -> None:
+    """A whole chain from a key made here; an InRelease past its Valid-Until is not used (a replayed old index)."""
+    one = tmp_path / "one"
+    one.mkdir()
+    deb = Path(shutil.copy2(_deb(debs, "distcc"), one))
+    lists, keyring = _own_archive(tmp_path / "fresh", deb, "Fri, 01 Jan 2100 00:00:00 UTC")
+    result = build(tmp_path / "m.db", from_deb=[one], trust_set="t", lists_dir=lists, keyrings=[keyring])
+    assert result.measured > 0 and result.untrusted == 0
+    lists, keyring = _own_archive(tmp_path / "stale", deb, "Wed, 01 Jan 2025 00:00:00 UTC")
+    with pytest.raises(MeasureDBError, match=r"is in no verified Packages index \(0 checked; not used: "
+                       r"example\.invalid_dists_test_InRelease: Valid-Until Wed, 01 Jan 2025 00:00:00 UTC has passed\)$"):
+        build(tmp_path / "m.db", from_deb=[one], trust_set="t", lists_dir=lists, keyrings=[keyring])

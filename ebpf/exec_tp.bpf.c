@@ -164,16 +164,18 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 	const struct cwl_entry *entry = 0;
 	struct cwl_exec_decision d;
 
-	CWL_READ(path, bprm, CWL_OFF_LINUX_BINPRM_FILENAME);
 	if (cwl_file_identity(exe, &id) != 0) {
-		if (cur)
+		if (cur) {
+			CWL_READ(path, bprm, CWL_OFF_LINUX_BINPRM_FILENAME);
 			cwl_violation(gen, CWL_OP_EXEC, cur, CWL_WHY_NO_FILE, &id, exe, path);
+		}
 		return 0;
 	}
 	cwl_inode_key_of(&id, &key);
 	entry = cwl_entry_of(gen, &key);
 	if (!entry && !cur)
 		return 0; /* the hot path: an unlabelled process exec'd a non-entrypoint */
+	CWL_READ(path, bprm, CWL_OFF_LINUX_BINPRM_FILENAME);
 	t = cwl_trust_of(gen, &key);
 	cwl_decide_exec(cur, cwl_label_conf_of(gen, cur), entry, cwl_label_conf_of(gen, entry ? entry->label : 0),
 			&id, t, &d);

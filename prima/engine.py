@@ -21,6 +21,7 @@ import ctypes
 import os
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from controlplane.errors import EnforcementError
@@ -248,6 +249,15 @@ class Engine:
         """Kernel-side failure counts since load (summed over CPUs)."""
         table = self._require()[b"cwl_drops"]
         return {DROPS.get(i, str(i)): sum(table[table.Key(i)]) for i in range(DROP_MAX) if i in DROPS}
+
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        """Per program: (runs, total ns) as the kernel counts them (only while BPF stats are enabled)."""
+        out = {}
+        for name, fn in self._require().funcs.items():
+            info = dict(line.split(":\t", 1) for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines()
+                        if ":\t" in line)
+            out[name.decode() if isinstance(name, bytes) else name] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
+        return out
 
     def labelled_processes(self) -> dict[int, str]:
         """tgid -> label of every process the kernel holds a label for."""

@@ -1,0 +1,188 @@
+"""PRIMA cost on the host kernel (tracepoint backend): fork+exec per process, and label-state leaks.
+
+Figures are ratios to a baseline measured in the same run, rounds interleaved
+(not loaded / loaded+unlabelled / loaded+labelled) so other load on the machine
+hits every configuration alike. Printed, never asserted on time.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from controlplane.policy import parse_policy
+from prima.engine import Engine, measure_files
+from tests.conftest import requires
+from tests.kernel.prima_lab import shared_libs
+
+pytestmark = [pytest.mark.bench, requires(root=True), requires(tool="gcc")]
+
+EXECS = 20_000
+ROUNDS = 10
+LEAK_PROCESSES = 100_000
+
+DRIVER_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+/* driver N PROGRAM: fork+exec PROGRAM N times; print mean wall ns and mean CPU ns (driver + children,
+ * user + system: the BPF programs run in these tasks) per fork+exec+wait. */
+int main(int argc, char **argv)
+{
+	long n = atol(argv[1]);
+	struct timespec a, b;
+	char *args[] = {argv[2], NULL};
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	for (long i = 0; i < n; i++) {
+		pid_t p = fork();
+		if (p == 0) { execv(argv[2], args); _exit(127); }
+		int st;
+		if (waitpid(p, &st, 0) < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) { fprintf(stderr, "child failed\n"); return 1; }
+	}
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	struct rusage s, c;
+	getrusage(RUSAGE_SELF, &s);
+	getrusage(RUSAGE_CHILDREN, &c);
+	double cpu = (s.ru_utime.tv_sec + s.ru_stime.tv_sec + c.ru_utime.tv_sec + c.ru_stime.tv_sec) * 1e9 +
+		     (s.ru_utime.tv_usec + s.ru_stime.tv_usec + c.ru_utime.tv_usec + c.ru_stime.tv_usec) * 1e3;
+	printf("%.1f %.1f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n, cpu / n);
+	return 0;
+}
+"""
+
+
+SYSCALLS_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+/* syscalls N: N getppid() calls; print mean ns per call (the tax any attached syscall tracepoint puts on every syscall). */
+int main(int argc, char **argv)
+{
+	long n = atol(argv[1]);
+	struct timespec a, b;
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	for (long i = 0; i < n; i++) syscall(SYS_getppid);
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	printf("%.2f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n);
+	return 0;
+}
+"""
+
+
+@contextlib.contextmanager
+def bpf_run_time_stats():
+    """BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): the kernel counts each program's runs and ns while the fd is open."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint8 * 128)()  # enable_stats.type = BPF_STATS_RUN_TIME (0)
+    fd = libc.syscall(321, 32, attr, ctypes.sizeof(attr))  # __NR_bpf (x86_64), BPF_ENABLE_STATS
+    if fd < 0:
+        pytest.skip(f"BPF_ENABLE_STATS refused: {os.strerror(ctypes.get_errno())}")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bench-prima")
+    (d / "driver.c").write_text(DRIVER_C)
+    (d / "tiny.c").write_text("int main(void) { return 0; }\n")
+    subprocess.run(["gcc", "-O2", "-o", str(d / "driver"), str(d / "driver.c")], check=True)
+    subprocess.run(["gcc", "-O2", "-o", str(d / "tiny"), str(d / "tiny.c")], check=True)
+    (d / "syscalls.c").write_text(SYSCALLS_C)
+    subprocess.run(["gcc", "-O2", "-o", str(d / "syscalls"), str(d / "syscalls.c")], check=True)
+    shutil.copy2(d / "driver", d / "driver-ep")  # the label's entrypoint: same code, its own inode
+    return d
+
+
+def _engine(d: Path) -> Engine:
+    policy = parse_policy(f'mode = "enforce"\ntrust_sets = ["bench"]\n[labels.tp_bench]\nentrypoints = ["{d / "driver-ep"}"]\n'
+                          f'trust_set = "bench"\n', source="bench.toml")
+    files = {str(d / "driver"), str(d / "driver-ep"), str(d / "tiny"), *shared_libs(str(d / "tiny")), *shared_libs(str(d / "driver"))}
+    return Engine(policy, measure_files(sorted(files), 1))
+
+
+def _per_exec_ns(driver: Path, tiny: Path, n: int) -> tuple[float, float]:
+    """(wall, CPU) ns per fork+exec+wait."""
+    wall, cpu = subprocess.run([str(driver), str(n), str(tiny)], capture_output=True, text=True, check=True).stdout.split()
+    return float(wall), float(cpu)
+
+
+def test_fork_exec_cost(bench_dir: Path) -> None:
+    d = bench_dir
+    per = EXECS // ROUNDS
+    runs: dict[str, list[tuple[float, float]]] = {"not loaded": [], "loaded, unlabelled": [], "loaded, labelled": []}
+    kills = 0
+    for _ in range(ROUNDS):
+        runs["not loaded"].append(_per_exec_ns(d / "driver", d / "tiny", per))
+        with _engine(d) as engine:
+            runs["loaded, unlabelled"].append(_per_exec_ns(d / "driver", d / "tiny", per))
+            runs["loaded, labelled"].append(_per_exec_ns(d / "driver-ep", d / "tiny", per))
+            kills += sum(1 for e in engine.poll(0) if e.kind.value == "violation")
+    assert kills == 0  # every labelled exec was trusted (the driver checks each child's exit status)
+    print(f"\nPRIMA fork+exec+wait of a trusted dynamic binary, {EXECS} per configuration in {ROUNDS} interleaved rounds "
+          f"(median over rounds; ratio = median of per-round ratios to the adjacent not-loaded run):")
+    for which, i in (("CPU (driver+children, user+sys)", 1), ("wall", 0)):
+        base = statistics.median(v[i] for v in runs["not loaded"])
+        print(f"  {which}:")
+        for name, vals in runs.items():
+            med = statistics.median(v[i] for v in vals)
+            ratio = statistics.median(v[i] / b[i] for v, b in zip(vals, runs["not loaded"]))
+            print(f"    {name:20s} {med / 1000:8.1f} us/exec  added {(med - base) / 1000:+7.2f} us  ratio {ratio:.4f}"
+                  f"  (rounds {', '.join(f'{v[i] / 1000:.0f}' for v in vals)})")
+
+
+def test_no_label_leak_after_many_short_processes(bench_dir: Path) -> None:
+    d = bench_dir
+    with _engine(d) as engine:
+        before = len(engine.labelled_processes())
+        ns, _ = _per_exec_ns(d / "driver-ep", d / "tiny", LEAK_PROCESSES)
+        after = len(engine.labelled_processes())
+        drops = engine.drops()
+    print(f"\nPRIMA label state after {LEAK_PROCESSES} short labelled processes ({ns / 1000:.1f} us each): "
+          f"{before} labelled before, {after} after (the driver itself: 0 once it exited); drops {drops}")
+    assert after == before
+    assert drops["label-map"] == 0
+
+
+def test_time_inside_the_bpf_programs(bench_dir: Path) -> None:
+    """The kernel's own count of what PRIMA's programs cost per fork+exec (stable under machine load)."""
+    d = bench_dir
+    n = 5000
+    with bpf_run_time_stats():
+        for name, driver in (("unlabelled", d / "driver"), ("labelled", d / "driver-ep")):
+            with _engine(d) as engine:
+                before = engine.program_stats()
+                _per_exec_ns(driver, d / "tiny", n)
+                after = engine.program_stats()
+            total = sum(after[k][1] - before[k][1] for k in after)
+            print(f"\nPRIMA programs, {name} fork+exec ({n} execs): {total / n:.0f} ns per exec in BPF")
+            for k in sorted(after):
+                runs, ns = after[k][0] - before[k][0], after[k][1] - before[k][1]
+                print(f"    {k:48s} {runs / n:5.1f} runs/exec  {ns / max(runs, 1):6.0f} ns/run")
+
+
+def test_syscall_tax_on_every_process(bench_dir: Path) -> None:
+    """Attached sys_enter tracepoints send every syscall of every process through the traced path."""
+    d = bench_dir
+    n = 2_000_000
+    base, loaded = [], []
+    for _ in range(5):
+        base.append(float(subprocess.run([str(d / "syscalls"), str(n)], capture_output=True, text=True, check=True).stdout))
+        with _engine(d):
+            loaded.append(float(subprocess.run([str(d / "syscalls"), str(n)], capture_output=True, text=True, check=True).stdout))
+    b, l = statistics.median(base), statistics.median(loaded)
+    print(f"\nPRIMA syscall tax (getppid, unlabelled): {b:.1f} ns not loaded, {l:.1f} ns loaded, "
+          f"added {l - b:+.1f} ns per syscall (ratio {l / b:.3f})")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import os
 import time
@@ -50,14 +51,14 @@ class Reference:
     db: Any
     accepted_policies: frozenset[bytes] = frozenset()
 
-    @property
+    @functools.cached_property
     def policy_digest(self) -> bytes:
         return self.policy.digest()
 
     def accepts(self, digest: bytes) -> bool:
         return digest == self.policy_digest or digest in self.accepted_policies
 
-    @property
+    @functools.cached_property
     def db_digest(self) -> bytes:
         return self.db.digest()
 
@@ -114,7 +115,13 @@ class Judge:
             return self._v(entry, UNTRUSTED, "unknown-entry", "", "", "", entry.name)
         kind, f = ev.kind, self.facts
         verdict, reason = TRUSTED, ""
-        if kind is EventKind.BOOT_AGGREGATE:
+        if kind is EventKind.TRUSTED_LOAD:         # most entries: first, and without detours
+            label = self._labels.get(ev.label)
+            if label is None:
+                verdict, reason = UNTRUSTED, "unknown-label"
+            elif not self._trusted(ev.digest, label.trust_set):
+                verdict, reason = UNTRUSTED, "not-in-db"
+        elif kind is EventKind.BOOT_AGGREGATE:
             if entry.index != 0:
                 verdict, reason = UNTRUSTED, "boot-aggregate-position"
             f.boot_aggregate = ev.digest.hex()
@@ -137,12 +144,6 @@ class Judge:
         elif kind is EventKind.TLS_KEY:
             f.tls_keys = (f.tls_keys + [ev.digest.hex()])[-8:]
             verdict = INFO
-        elif kind is EventKind.TRUSTED_LOAD:
-            label = self._labels.get(ev.label)
-            if label is None:
-                verdict, reason = UNTRUSTED, "unknown-label"
-            elif not self._trusted(ev.digest, label.trust_set):
-                verdict, reason = UNTRUSTED, "not-in-db"
         elif kind is EventKind.LABEL_TRANSITION:
             label = self._labels.get(ev.label)
             if label is None:

@@ -1,0 +1,466 @@
+/* exec_lsm.bpf.c: PRIMA and CDI protection on BPF LSM (the `lsm` backend).
+ *
+ * For kernels with `bpf` among their active LSMs. A violation is denied with
+ * -EPERM before it happens (audit mode: allowed and logged). The decisions
+ * are prima_decide.h's, shared with exec_tp.bpf.c; only hooks, map accesses
+ * and the verdict (-EPERM here, SIGKILL there) are in this file. Map
+ * operations cannot move to a header: bcc rewrites them only in the main file.
+ *
+ *   bprm_check_security   every file an exec loads (a #! script, then its
+ *                         interpreter): untrusted for the task's label -> deny
+ *   bprm_committed_creds  the exec is past its point of no return: enter,
+ *                         keep or drop the label (the same decision again; if
+ *                         the file changed in between, the task is killed)
+ *   mmap_file             PROT_EXEC file mappings (ld.so, dlopen, the ELF
+ *                         interpreter, `ld.so /path`); anonymous and private
+ *                         writable+executable mappings follow anon_exec
+ *   file_mprotect         adding PROT_EXEC: the VMA's file is judged; a file
+ *                         mapping with copied-on-write pages (anon_vma) or no
+ *                         file follows anon_exec
+ *   task_alloc            a new task (process or thread) inherits the label
+ *   file_open, inode_*    CDI protection (cdi.h)
+ *
+ * Labels live in task-local storage: nothing to clean up on exit, no pid reuse.
+ * Every hook with the previous verdict (`ret`) keeps an earlier deny.
+ */
+#include "prima_decide.h"
+#include "cdi.h"
+
+#define CWL_EPERM 1
+#define CWL_PROT_WRITE 0x2
+#define CWL_MAP_SHARED 0x1
+
+struct linux_binprm;
+struct file;
+struct vm_area_struct;
+struct inode;
+struct dentry;
+struct iattr;
+struct task_struct;
+
+BPF_TASK_STORAGE(cwl_task_label_ls, struct cwl_task_label);
+
+/* ---- map plumbing (the main file's job under bcc) --------------------------------- */
+
+static __always_inline u32 cwl_live_gen(void)
+{
+	u32 zero = 0, *g = cwl_gen.lookup(&zero);
+	return g ? (*g & 1) : 0;
+}
+
+static __always_inline const struct cwl_label_conf *cwl_label_conf_of(u32 gen, u32 label)
+{
+	if (!label)
+		return 0;
+	return gen ? cwl_labels1.lookup(&label) : cwl_labels0.lookup(&label);
+}
+
+static __always_inline const struct cwl_trust *cwl_trust_of(u32 gen, const struct cwl_inode_key *key)
+{
+	return gen ? cwl_trust1.lookup((void *)key) : cwl_trust0.lookup((void *)key);
+}
+
+static __always_inline const struct cwl_entry *cwl_entry_of(u32 gen, const struct cwl_inode_key *key)
+{
+	return gen ? cwl_entry1.lookup((void *)key) : cwl_entry0.lookup((void *)key);
+}
+
+static __always_inline const struct cwl_cdi *cwl_cdi_at(u32 gen, const struct cwl_inode_key *key)
+{
+	return gen ? cwl_cdi1.lookup((void *)key) : cwl_cdi0.lookup((void *)key);
+}
+
+static __always_inline u32 cwl_enforcing(u32 gen)
+{
+	struct cwl_conf *c = cwl_conf.lookup(&gen);
+	return c ? c->enforce : 1; /* fail closed */
+}
+
+static __always_inline void cwl_drop(u32 reason)
+{
+	u64 *n = cwl_drops.lookup(&reason);
+	if (n)
+		*n += 1;
+}
+
+static __always_inline struct cwl_task_label *cwl_label_slot(struct task_struct *task, u64 flags)
+{
+	return cwl_task_label_ls.task_storage_get(task, 0, flags);
+}
+
+static __always_inline u32 cwl_current_label(void)
+{
+	struct cwl_task_label *tl = cwl_label_slot(bpf_get_current_task_btf(), 0);
+	return tl ? tl->label : 0;
+}
+
+/* ---- events ----------------------------------------------------------------------- */
+
+static __always_inline const void *cwl_file_dentry(const void *file)
+{
+	const void *dentry = 0;
+	if (file)
+		CWL_READ(dentry, file, CWL_OFF_FILE_F_PATH_DENTRY);
+	return dentry;
+}
+
+/* Reserve, fill and submit one event named by `path` (exec) or else the dentry's name;
+ * a full ring buffer is counted, never silent. */
+static __always_inline void cwl_emit(u32 kind, u32 op, u32 label, u32 prev, u32 action, u32 why,
+				     const struct cwl_file_id *id, const struct cwl_trust *t,
+				     const void *dentry, const char *path)
+{
+	const char *name = 0;
+	struct cwl_event *e = cwl_events.ringbuf_reserve(sizeof(struct cwl_event));
+	if (!e) {
+		cwl_drop(CWL_DROP_RINGBUF);
+		return;
+	}
+	cwl_fill_event(e, kind, op, label, prev, action, why, id, t);
+	if (path)
+		bpf_probe_read_kernel_str(e->name, sizeof(e->name), path);
+	else if (dentry && !CWL_READ(name, dentry, CWL_OFF_DENTRY_D_NAME_NAME) && name)
+		bpf_probe_read_kernel_str(e->name, sizeof(e->name), name);
+	cwl_events.ringbuf_submit(e, 0);
+}
+
+/* A trusted load: an event only the first time this measurement is seen under this label. */
+static __always_inline void cwl_trusted(u32 op, u32 label, const struct cwl_file_id *id,
+					const struct cwl_trust *t, const void *dentry, const char *path)
+{
+	struct cwl_seen_key key;
+	u8 one = 1;
+
+	if (!t)
+		return;
+	__builtin_memset(&key, 0, sizeof(key));
+	key.label = label;
+	__builtin_memcpy(key.digest, t->digest, sizeof(key.digest));
+	if (cwl_seen.lookup(&key))
+		return;
+	if (cwl_seen.update(&key, &one))
+		cwl_drop(CWL_DROP_SEEN);
+	cwl_emit(CWL_EV_TRUSTED_LOAD, op, label, label, CWL_ACT_ALLOWED, CWL_WHY_NONE, id, t, dentry, path);
+}
+
+/* A violation: always an event; the hook's verdict is -EPERM in enforce mode, 0 in audit. */
+static __always_inline int cwl_violation(u32 gen, u32 op, u32 label, u32 why, const struct cwl_file_id *id,
+					 const void *dentry, const char *path)
+{
+	u32 enforce = cwl_enforcing(gen);
+	cwl_emit(CWL_EV_VIOLATION, op, label, label, enforce ? CWL_ACT_DENIED : CWL_ACT_ALLOWED, why, id, 0, dentry, path);
+	return enforce ? -CWL_EPERM : 0;
+}
+
+/* ---- PRIMA: code loads by labelled tasks -------------------------------------------- */
+
+/* Judge a code file mapped by a task under `label`: 0 or -EPERM. */
+static __always_inline int cwl_check_file(u32 gen, u32 op, u32 label, const void *file)
+{
+	struct cwl_file_id id;
+	struct cwl_inode_key key;
+	const struct cwl_trust *t = 0;
+	u32 why;
+
+	if (cwl_file_identity(file, &id) == 0) {
+		cwl_inode_key_of(&id, &key);
+		t = cwl_trust_of(gen, &key);
+		why = cwl_judge(&id, t, cwl_set_bit(cwl_label_conf_of(gen, label)));
+	} else {
+		why = CWL_WHY_NO_FILE;
+	}
+	if (why != CWL_WHY_NONE)
+		return cwl_violation(gen, op, label, why, &id, cwl_file_dentry(file), 0);
+	cwl_trusted(op, label, &id, t, cwl_file_dentry(file), 0);
+	return 0;
+}
+
+/* Executable memory whose content is not a measured file (JITs, copied-on-write pages). */
+static __always_inline int cwl_check_anon(u32 gen, u32 op, u32 label, const void *file)
+{
+	u32 why = cwl_decide_anon(cwl_label_conf_of(gen, label));
+	if (why == CWL_WHY_NONE)
+		return 0;
+	struct cwl_file_id id;
+	if (!file || cwl_file_identity(file, &id) != 0)
+		__builtin_memset(&id, 0, sizeof(id));
+	return cwl_violation(gen, op, label, why, &id, cwl_file_dentry(file), 0);
+}
+
+/* The exec decision for the file bprm is loading now (prima_decide.h), with what it was made on. */
+struct cwl_exec_ctx {
+	struct cwl_exec_decision d;
+	struct cwl_file_id id;
+	const struct cwl_trust *t;
+	const struct cwl_entry *entry;
+	const void *file;
+	const char *path;
+	u32 cur;
+	u32 gen;
+	int have_id;
+};
+
+/* Returns 0 when the exec concerns PRIMA (a labelled task or an entrypoint), else 1. */
+static __always_inline int cwl_exec_decide(const void *bprm, struct cwl_exec_ctx *x)
+{
+	struct cwl_inode_key key;
+
+	x->cur = cwl_current_label();
+	x->gen = cwl_live_gen();
+	x->t = 0;
+	x->entry = 0;
+	x->file = 0;
+	x->path = 0;
+	CWL_READ(x->file, bprm, CWL_OFF_LINUX_BINPRM_FILE);
+	CWL_READ(x->path, bprm, CWL_OFF_LINUX_BINPRM_FILENAME);
+	x->have_id = cwl_file_identity(x->file, &x->id) == 0;
+	if (!x->have_id)
+		return x->cur ? 0 : 1;
+	cwl_inode_key_of(&x->id, &key);
+	x->entry = cwl_entry_of(x->gen, &key);
+	if (!x->entry && !x->cur)
+		return 1; /* the hot path: an unlabelled task exec'd a non-entrypoint */
+	x->t = cwl_trust_of(x->gen, &key);
+	cwl_decide_exec(x->cur, cwl_label_conf_of(x->gen, x->cur), x->entry,
+			cwl_label_conf_of(x->gen, x->entry ? x->entry->label : 0), &x->id, x->t, &x->d);
+	return 0;
+}
+
+/* Before anything of the new image is loaded: deny untrusted code for a labelled task.
+ * Runs once per file of the exec chain (a #! script, then its interpreter). */
+LSM_PROBE(bprm_check_security, struct linux_binprm *bprm, int ret)
+{
+	struct cwl_exec_ctx x;
+
+	if (ret)
+		return ret;
+	if (cwl_exec_decide(bprm, &x))
+		return 0;
+	if (!x.have_id)
+		return cwl_violation(x.gen, CWL_OP_EXEC, x.cur, CWL_WHY_NO_FILE, &x.id, 0, x.path);
+	if (x.d.outcome == CWL_EXEC_SAME && x.d.why != CWL_WHY_NONE)
+		return cwl_violation(x.gen, CWL_OP_EXEC, x.cur, x.d.why, &x.id, 0, x.path);
+	return 0; /* trusted, an entrypoint, a drop: the label changes at commit */
+}
+
+/* After the point of no return (begin_new_exec): the label the new image runs under. */
+LSM_PROBE(bprm_committed_creds, struct linux_binprm *bprm)
+{
+	struct cwl_exec_ctx x;
+	struct cwl_task_label *slot;
+
+	if (cwl_exec_decide(bprm, &x) || !x.have_id)
+		return 0;
+	switch (x.d.outcome) {
+	case CWL_EXEC_ENTER:
+		slot = cwl_label_slot(bpf_get_current_task_btf(), BPF_LOCAL_STORAGE_GET_F_CREATE);
+		if (!slot) {
+			/* Cannot hold the label: it must not run as a TP, nor keep a label it cannot leave. */
+			cwl_drop(CWL_DROP_LABEL);
+			cwl_emit(CWL_EV_VIOLATION, CWL_OP_ENTRYPOINT, x.d.label, x.cur, CWL_ACT_KILLED, CWL_WHY_NONE,
+				 &x.id, 0, 0, x.path);
+			bpf_send_signal(CWL_SIGKILL);
+			return 0;
+		}
+		slot->label = x.d.label;
+		if (x.cur != x.d.label)
+			cwl_emit(CWL_EV_LABEL_TRANSITION, CWL_OP_EXEC, x.d.label, x.cur, CWL_ACT_ALLOWED, CWL_WHY_NONE,
+				 &x.id, x.t, 0, x.path);
+		cwl_trusted(CWL_OP_EXEC, x.d.label, &x.id, x.t, 0, x.path);
+		return 0;
+	case CWL_EXEC_BAD_ENTRY:
+		/* Unlabelled caller: nothing to deny, but the modified entrypoint is worth a record. */
+		cwl_emit(CWL_EV_VIOLATION, CWL_OP_ENTRYPOINT, x.entry ? x.entry->label : 0, 0, CWL_ACT_ALLOWED, x.d.why,
+			 &x.id, 0, 0, x.path);
+		return 0;
+	case CWL_EXEC_DROP:
+		slot = cwl_label_slot(bpf_get_current_task_btf(), 0);
+		if (slot)
+			slot->label = 0;
+		cwl_emit(CWL_EV_LABEL_TRANSITION, CWL_OP_DROP, 0, x.cur, CWL_ACT_ALLOWED, CWL_WHY_NONE, &x.id, 0, 0,
+			 x.path);
+		return 0;
+	default:
+		break;
+	}
+	if (x.d.why == CWL_WHY_NONE) {
+		cwl_trusted(CWL_OP_EXEC, x.cur, &x.id, x.t, 0, x.path);
+	} else if (cwl_enforcing(x.gen)) {
+		/* bprm_check_security allowed it, so the file changed since: too late for -EPERM. */
+		cwl_emit(CWL_EV_VIOLATION, CWL_OP_EXEC, x.cur, x.cur, CWL_ACT_KILLED, x.d.why, &x.id, 0, 0, x.path);
+		bpf_send_signal(CWL_SIGKILL);
+	} /* audit mode: bprm_check_security logged it */
+	return 0;
+}
+
+/* A new task (fork, clone, thread) runs under its creator's label. */
+LSM_PROBE(task_alloc, struct task_struct *task, unsigned long clone_flags, int ret)
+{
+	struct cwl_task_label *slot;
+	u32 label;
+
+	if (ret)
+		return ret;
+	label = cwl_current_label();
+	if (!label)
+		return 0;
+	slot = cwl_label_slot(task, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (slot) {
+		slot->label = label;
+		return 0;
+	}
+	/* The child would run unlabelled: refuse the fork (fail closed). */
+	cwl_drop(CWL_DROP_LABEL);
+	return cwl_violation(cwl_live_gen(), CWL_OP_EXEC, label, CWL_WHY_NONE, 0, 0, 0);
+}
+
+LSM_PROBE(mmap_file, struct file *file, unsigned long reqprot, unsigned long prot, unsigned long flags, int ret)
+{
+	if (ret)
+		return ret;
+	if (!(prot & CWL_PROT_EXEC))
+		return 0;
+	u32 label = cwl_current_label();
+	if (!label)
+		return 0;
+	u32 gen = cwl_live_gen();
+	if (!file)
+		return cwl_check_anon(gen, CWL_OP_ANON_EXEC, label, 0);
+	if ((prot & CWL_PROT_WRITE) && !(flags & CWL_MAP_SHARED))
+		return cwl_check_anon(gen, CWL_OP_ANON_EXEC, label, file); /* writable code: its pages become anonymous */
+	return cwl_check_file(gen, CWL_OP_MMAP, label, file);
+}
+
+LSM_PROBE(file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsigned long prot, int ret)
+{
+	const void *file = 0, *anon = 0;
+
+	if (ret)
+		return ret;
+	if (!(prot & CWL_PROT_EXEC))
+		return 0;
+	u32 label = cwl_current_label();
+	if (!label)
+		return 0;
+	u32 gen = cwl_live_gen();
+	CWL_READ(file, vma, CWL_OFF_VM_AREA_STRUCT_VM_FILE);
+	CWL_READ(anon, vma, CWL_OFF_VM_AREA_STRUCT_ANON_VMA);
+	if (!file || anon)
+		return cwl_check_anon(gen, CWL_OP_MPROTECT, label, file);
+	return cwl_check_file(gen, CWL_OP_MPROTECT, label, file);
+}
+
+/* ---- CDI protection ------------------------------------------------------------------ */
+
+/* The CDI record governing `dentry`: its own inode or its nearest ancestor directory in the live map. */
+static __always_inline const struct cwl_cdi *cwl_cdi_of(u32 gen, const void *dentry, struct cwl_inode_key *hit)
+{
+	const void *d = dentry;
+
+	for (int i = 0; i <= CWL_CDI_DEPTH; i++) {
+		const void *inode = 0, *parent = 0;
+		if (!d)
+			return 0;
+		CWL_READ(inode, d, CWL_OFF_DENTRY_D_INODE);
+		if (inode && cwl_inode_key_from_inode(inode, hit) == 0) {
+			const struct cwl_cdi *c = cwl_cdi_at(gen, hit);
+			if (c)
+				return c;
+		}
+		if (CWL_READ(parent, d, CWL_OFF_DENTRY_D_PARENT) || parent == d)
+			return 0;
+		d = parent;
+	}
+	return 0;
+}
+
+/* 0 when the current task may change what `dentry` names, else the violation's verdict. */
+static __always_inline int cwl_cdi_guard(u32 op, const void *dentry)
+{
+	struct cwl_inode_key hit;
+	struct cwl_file_id id;
+	u32 gen = cwl_live_gen();
+	const struct cwl_cdi *c = cwl_cdi_of(gen, dentry, &hit);
+	u32 label;
+
+	if (!c)
+		return 0;
+	label = cwl_current_label();
+	if (cwl_cdi_writer(c, label))
+		return 0;
+	__builtin_memset(&id, 0, sizeof(id));
+	id.dev = hit.dev;
+	id.ino = hit.ino;
+	return cwl_violation(gen, op, label, CWL_WHY_CDI_NOT_WRITER, &id, dentry, 0);
+}
+
+LSM_PROBE(file_open, struct file *file, int ret)
+{
+	u32 mode = 0;
+
+	if (ret)
+		return ret;
+	CWL_READ(mode, file, CWL_OFF_FILE_F_MODE);
+	if (!(mode & CWL_FMODE_WRITE))
+		return 0;
+	return cwl_cdi_guard(CWL_OP_CDI_OPEN_WRITE, cwl_file_dentry(file));
+}
+
+LSM_PROBE(inode_create, struct inode *dir, struct dentry *dentry, unsigned short mode, int ret)
+{
+	return ret ? ret : cwl_cdi_guard(CWL_OP_CDI_CREATE, dentry);
+}
+
+LSM_PROBE(inode_mkdir, struct inode *dir, struct dentry *dentry, unsigned short mode, int ret)
+{
+	return ret ? ret : cwl_cdi_guard(CWL_OP_CDI_CREATE, dentry);
+}
+
+LSM_PROBE(inode_mknod, struct inode *dir, struct dentry *dentry, unsigned short mode, unsigned int dev, int ret)
+{
+	return ret ? ret : cwl_cdi_guard(CWL_OP_CDI_CREATE, dentry);
+}
+
+LSM_PROBE(inode_symlink, struct inode *dir, struct dentry *dentry, const char *old_name, int ret)
+{
+	return ret ? ret : cwl_cdi_guard(CWL_OP_CDI_CREATE, dentry);
+}
+
+/* A second name for a CDI (e.g. in /tmp) would escape the directory walk: guard both names. */
+LSM_PROBE(inode_link, struct dentry *old_dentry, struct inode *dir, struct dentry *new_dentry, int ret)
+{
+	if (ret)
+		return ret;
+	ret = cwl_cdi_guard(CWL_OP_CDI_LINK, old_dentry);
+	return ret ? ret : cwl_cdi_guard(CWL_OP_CDI_LINK, new_dentry);
+}
+
+LSM_PROBE(inode_unlink, struct inode *dir, struct dentry *dentry, int ret)
+{
+	return ret ? ret : cwl_cdi_guard(CWL_OP_CDI_UNLINK, dentry);
+}
+
+LSM_PROBE(inode_rmdir, struct inode *dir, struct dentry *dentry, int ret)
+{
+	return ret ? ret : cwl_cdi_guard(CWL_OP_CDI_UNLINK, dentry);
+}
+
+/* From a CDI (moving it out), to a CDI directory, or over a CDI file. */
+LSM_PROBE(inode_rename, struct inode *old_dir, struct dentry *old_dentry, struct inode *new_dir,
+	  struct dentry *new_dentry, int ret)
+{
+	if (ret)
+		return ret;
+	ret = cwl_cdi_guard(CWL_OP_CDI_RENAME, old_dentry);
+	return ret ? ret : cwl_cdi_guard(CWL_OP_CDI_RENAME, new_dentry);
+}
+
+/* truncate/ftruncate/O_TRUNC, chmod, chown, utimes. Kernels 6.3+ pass the mount's idmap first. */
+#ifdef CWL_LSM_SETATTR_IDMAP
+LSM_PROBE(inode_setattr, void *idmap, struct dentry *dentry, struct iattr *attr, int ret)
+#else
+LSM_PROBE(inode_setattr, struct dentry *dentry, struct iattr *attr, int ret)
+#endif
+{
+	return ret ? ret : cwl_cdi_guard(CWL_OP_CDI_SETATTR, dentry);
+}

@@ -116,7 +116,7 @@ def build_cmd(db_path: str, trust_set: str, from_deb: tuple[str, ...], from_dpkg
 
 def _origin_dict(o) -> dict:
     return {"trust_set": o.trust_set, "kind": o.kind, "package": o.package, "version": o.version, "path": o.path,
-            "note": o.note, "trusted": not o.untrusted, "untrusted": o.untrusted}
+            "note": o.note, "trusted": not o.untrusted, "untrusted": o.untrusted, "code": o.code, "interpreter": o.interpreter}
 
 
 @db.command("show")

@@ -102,6 +102,11 @@ class Origin:
     note: str
     trust_set: str = ""
     untrusted: str = ""  # '' when trusted; else the reason (e.g. "md5sums mismatch")
+    code: str = ""  # "elf" | "script"
+    interpreter: str = ""  # a script's #! line (interpreter and argument), for policy checks of interpreters
+
+
+_ORIGIN_COLS = "origin, package, version, path, note, trust_set, untrusted, file_kind, interpreter"
 
 
 @dataclass(frozen=True)
@@ -251,7 +256,7 @@ class MeasureDB:
     def lookup(self, digest: bytes, *, include_untrusted: bool = False) -> list[Origin]:
         """The trusted origins of a measurement (with `include_untrusted`, also rows kept only to say why not)."""
         rows = self._conn.execute(
-            "SELECT origin, package, version, path, note, trust_set, untrusted FROM measurements WHERE digest = ? "
+            f"SELECT {_ORIGIN_COLS} FROM measurements WHERE digest = ? "
             + ("" if include_untrusted else "AND untrusted = '' ")
             + "ORDER BY trust_set, origin, package, path",
             (bytes(digest),),
@@ -276,7 +281,7 @@ class MeasureDB:
         paths = {path, os.path.realpath(path)}
         q = ",".join("?" * len(paths))
         rows = self._conn.execute(
-            f"SELECT origin, package, version, path, note, trust_set, untrusted FROM measurements WHERE path IN ({q}) "
+            f"SELECT {_ORIGIN_COLS} FROM measurements WHERE path IN ({q}) "
             "ORDER BY trust_set, origin, package, path",
             tuple(paths),
         )

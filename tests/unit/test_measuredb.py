@@ -62,6 +62,8 @@ def test_dir_build_records_origin_and_digest_is_order_independent(tmp_path: Path
         (o,) = db.lookup(digest)
         assert (o.kind, o.package, o.path, o.note, o.trust_set) == ("dir", str(site), str(site / "bin" / "tool"), "ci 42", "site")
         assert db.is_trusted(digest, "site")
+        (script,) = db.lookup(measure.measure_file(site / "bin" / "run.sh").sha256)
+        assert (script.code, script.interpreter) == ("script", "/bin/sh -e")
     # Same content built into another DB in another order of sets: same digest.
     build(tmp_path / "b.db", from_dir=[site], trust_set="other", note="x")
     build(tmp_path / "b.db", from_dir=[site], trust_set="site", note="ci 42")

@@ -355,9 +355,16 @@ class MeasurementLog:
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path, tpm, *, pcr: int) -> "MeasurementLog":
-        """Open (or create) the log at `path` for `pcr`, recovering or refusing as the PCR demands."""
+    def open(cls, path: Path, tpm, *, pcr: int, ima_log: Path = IMA_ASCII_LOG) -> "MeasurementLog":
+        """Open (or create) the log at `path` for `pcr`, recovering or refusing as the PCR demands.
+
+        A PCR the kernel's own IMA measures into is refused: two writers make
+        both logs unverifiable (`choose_pcr` picks a free one).
+        """
         path = Path(path)
+        if pcr in kernel_ima_pcrs(ima_log):
+            raise LogError(f"{path}: PCR {pcr}: the kernel's IMA measures into it ({ima_log}); "
+                           f"use another PCR (cwlite's choice here: {choose_pcr(ima_log=ima_log)})")
         state_path = path.with_name(path.name + ".state")
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         log = None

@@ -126,6 +126,8 @@ def test_pcr_choice_avoids_the_kernels_ima_pcr(tmp_path: Path) -> None:
     assert mlog.choose_pcr(fallback=14, ima_log=ima) == 14
     with pytest.raises(LogError):
         mlog.choose_pcr(fallback=10, ima_log=ima)
+    with pytest.raises(LogError, match="PCR 10: the kernel's IMA measures into it"):   # before any TPM use
+        mlog.MeasurementLog.open(tmp_path / "m.log", None, pcr=10, ima_log=ima)
 
 
 from hypothesis import given, settings, strategies as st  # noqa: E402

@@ -80,8 +80,10 @@ class LogEntry:
         """An entry for (digest, name), with the name made kernel-safe and the template hash computed."""
         name = name.translate(_NAME_FIXES)
         data = _template_data(digest_alg, digest, name)
-        return cls(index=index, pcr=pcr, template_hash=hashlib.sha1(data).digest(), digest=digest,
-                   name=name, digest_alg=digest_alg)
+        entry = cls(index=index, pcr=pcr, template_hash=hashlib.sha1(data).digest(), digest=digest,
+                    name=name, digest_alg=digest_alg)
+        entry.__dict__["template_data"] = data   # seed the cached_property: built once per entry
+        return entry
 
     @functools.cached_property
     def template_data(self) -> bytes:

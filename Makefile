@@ -11,7 +11,7 @@ KREL := $(shell uname -r)
 
 # Debian packages cwlite needs (later issues add theirs here).
 APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 libbpf-dev bpftool \
-	swtpm swtpm-tools tpm2-tools libtss2-dev \
+	swtpm swtpm-tools tpm2-tools libtss2-dev libtss2-tcti-swtpm0 \
 	qemu-system-x86 linux-image-amd64 busybox-static \
 	python3-venv python3-dev build-essential pkg-config libffi-dev \
 	gpgv gpg debian-archive-keyring distcc iproute2 postgresql

@@ -76,12 +76,14 @@ def print_proof(doc: dict, *, header: str = "") -> None:
     host, log = doc.get("host", {}), doc.get("log", {})
     con.print(f"host [bold]{host.get('name')}[/] at {host.get('url')}  "
               f"AK {str(host.get('ak_sha256', ''))[:16]}  TLS key {str(host.get('tls_spki_sha256', ''))[:16]}")
-    con.print(f"log entries {log.get('start')}..{log.get('end')} replayed to PCR {log.get('pcr')} = "
+    start, end = log.get("start", 0), log.get("end", 0)
+    span = f"entries {start}..{end - 1}" if isinstance(end, int) and end > start else "no new entries"
+    con.print(f"log {span} replayed to PCR {log.get('pcr')} = "
               f"{str(log.get('pcr_value', ''))[:16]}…  policy {str(doc.get('policy_digest', ''))[:16]}  "
               f"DB {str(doc.get('db_digest', ''))[:16]}")
     entries = doc.get("entries", [])
     if entries:
-        table = Table(title=f"entries not simply trusted ({doc.get('trusted_entries', '?')} trusted)")
+        table = Table(title=f"entries not simply trusted ({doc.get('trusted_entries', '?')} others were)")
         for col in ("#", "verdict", "reason", "label", "op", "subject / name", "digest"):
             table.add_column(col)
         for e in entries:

@@ -171,7 +171,11 @@ class Swtpm:
             "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
             "--flags", "not-need-init,startup-clear", "--log", f"file={log},level=1",
         ]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session: a terminal's Ctrl-C to the daemon does not power the TPM off, and
+        # after a daemon crash the TPM (PCRs included) lives on, as hardware does; the next
+        # cwlite process attaches to it and recovers the measurement log against it.
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
         tpm = cls(data_dir, port, proc)
         deadline = time.monotonic() + START_TIMEOUT
         while not (_answers(port) and _answers(port + 1)):
@@ -190,6 +194,10 @@ class Swtpm:
         running.with_suffix(".tmp").write_text(json.dumps({"pid": proc.pid, "port": port}))
         os.replace(running.with_suffix(".tmp"), running)
         return tpm
+
+    def exit_status(self) -> int | None:
+        """swtpm's exit code if the swtpm this process started has died, else None."""
+        return self.process.poll() if self.process is not None else None
 
     def stop(self) -> None:
         """terminate, wait, then kill: swtpm writes its state on SIGTERM. Attached: nothing to stop."""

@@ -346,7 +346,9 @@ class Tpm:
                 yield
             except TSS2_Exception as exc:
                 rc = int(exc.rc)
-                raise TpmError(f"{self.tcti}: {what}: {exc} (rc 0x{rc:x})", rc=rc, detail=str(exc),
+                died = self.swtpm.exit_status() if self.swtpm is not None else None
+                why = f" (the embedded swtpm exited with status {died})" if died is not None else ""
+                raise TpmError(f"{self.tcti}: {what}: {exc} (rc 0x{rc:x}){why}", rc=rc, detail=str(exc),
                                handle=handle) from exc
 
     def close(self) -> None:

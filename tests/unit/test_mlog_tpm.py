@@ -93,6 +93,44 @@ def test_crash_between_log_and_extend_recovers(swtpm, tpm, tmp_path: Path) -> No
         assert mlog.replay(log.entries(), 10) == tpm.read_pcr(10)
 
 
+EMBEDDED_CHILD = textwrap.dedent("""
+    import hashlib, sys
+    from pathlib import Path
+    from controlplane import mlog
+    from controlplane.events import Event, EventKind
+    from controlplane.tpm import open_tpm
+    tpm = open_tpm(Path(sys.argv[1]))             # starts the embedded swtpm
+    log = mlog.MeasurementLog.open(Path(sys.argv[1]) / "measurements.log", tpm, pcr=10)
+    for i in range(30):
+        log.record(Event(EventKind.DAEMON_START if i == 0 else EventKind.TRUSTED_LOAD,
+                         hashlib.sha256(b"%d" % i).digest(), "tp", "exec", f"/bin/{i}"))
+    log.close()
+""")
+
+
+def test_a_crashed_daemon_leaves_the_embedded_tpm_running_and_recovers(tmp_path: Path) -> None:
+    """The embedded swtpm outlives its daemon like hardware: the restarted daemon attaches and recovers."""
+    from controlplane.swtpm import Swtpm
+    from controlplane.tpm import open_tpm
+
+    env = dict(os.environ, **{mlog.FAULT_ENV: "after-log-before-extend:10"})
+    proc = subprocess.run([sys.executable, "-c", EMBEDDED_CHILD, str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == mlog.FAULT_EXIT, proc.stderr
+    orphan = Swtpm.attach(tmp_path / "swtpm")
+    assert orphan is not None
+    try:
+        with open_tpm(tmp_path) as t:
+            assert t.swtpm.pid == orphan.pid                      # attached, not restarted: PCRs kept
+            logged = mlog.read_log(tmp_path / "measurements.log")
+            assert mlog.replay(logged, 10) != t.read_pcr(10)
+            with mlog.MeasurementLog.open(tmp_path / "measurements.log", t, pcr=10) as log:
+                assert log.recovered > 0 and log.archived is None
+                assert mlog.replay(log.entries(), 10) == t.read_pcr(10)
+    finally:
+        os.kill(orphan.pid, 15)                                   # the swtpm this test's child started
+
+
 def test_without_the_fault_the_child_finishes(swtpm, tpm, tmp_path: Path) -> None:
     proc = _child(swtpm, tmp_path / "m.log", 10, 20, None)
     assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr

@@ -186,3 +186,84 @@ def test_syscall_tax_on_every_process(bench_dir: Path) -> None:
     b, l = statistics.median(base), statistics.median(loaded)
     print(f"\nPRIMA syscall tax (getppid, unlabelled): {b:.1f} ns not loaded, {l:.1f} ns loaded, "
           f"added {l - b:+.1f} ns per syscall (ratio {l / b:.3f})")
+
+
+UNIT_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+struct rec%(i)d { char name[32]; int key; double weight; };
+static int cmp%(i)d(const void *a, const void *b) {
+	const struct rec%(i)d *x = a, *y = b;
+	return x->key != y->key ? (x->key > y->key) - (x->key < y->key) : strcmp(x->name, y->name);
+}
+double unit%(i)d(int n) {
+	struct rec%(i)d *r = calloc(n, sizeof *r);
+	double s = 0;
+	for (int k = 0; k < n; k++) { snprintf(r[k].name, sizeof r[k].name, "r%%d-%%d", %(i)d, k); r[k].key = (k * 7919) %% 101; r[k].weight = k / 3.0; }
+	qsort(r, n, sizeof *r, cmp%(i)d);
+	for (int k = 0; k < n; k++) s += r[k].weight * (strlen(r[k].name) + r[k].key);
+	free(r);
+	return s;
+}
+"""
+
+
+def _project(root: Path, units: int = 48) -> Path:
+    """A C project: `units` translation units and a main, built by make -j2 (gcc, cc1, as, collect2, ld)."""
+    src = root / "proj"
+    src.mkdir()
+    for i in range(units):
+        (src / f"u{i}.c").write_text(UNIT_C % {"i": i})
+    calls = "".join(f"\ts += unit{i}(50);\n" for i in range(units))
+    decls = "".join(f"double unit{i}(int);\n" for i in range(units))
+    (src / "main.c").write_text(f'#include <stdio.h>\n{decls}int main(void) {{\n\tdouble s = 0;\n{calls}\tprintf("%f\\n", s);\n\treturn 0;\n}}\n')
+    objs = " ".join(f"u{i}.o" for i in range(units))
+    (src / "Makefile").write_text(f"app: main.o {objs}\n\tgcc -o app main.o {objs}\n%.o: %.c\n\tgcc -O2 -c -o $@ $<\n")
+    return src
+
+
+def _make_cpu_s(make: Path, src: Path) -> float:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([str(make), "-s", "-B", "-j2", "-C", str(src)], check=True, capture_output=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def test_c_compile_under_a_tp_label(tmp_path: Path) -> None:
+    """make -j2 of a 49-file C project under a TP label whose trust set is the toolchain from dpkg."""
+    from prima.measuredb import MeasureDB, build
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    make = bin_dir / "make"
+    shutil.copy2("/usr/bin/make", make)  # the label's entrypoint (test-local)
+    db_path = tmp_path / "toolchain.db"
+    build(db_path, from_dir=[bin_dir], from_dpkg=["gcc-12", "make", "binutils", "dash"], deps=True, trust_set="toolchain")
+    policy = parse_policy(f'mode = "enforce"\ntrust_sets = ["toolchain"]\n[labels.tp_build]\nentrypoints = ["{make}"]\n'
+                          f'trust_set = "toolchain"\n', source="build.toml")
+    with MeasureDB.open(db_path) as db:
+        view = db.kernel_view(policy.trust_sets())
+    src = _project(tmp_path)
+    plain, enforced, violations, in_bpf = [], [], [], []
+    with bpf_run_time_stats():
+        for _ in range(5):
+            plain.append(_make_cpu_s(make, src))
+            with Engine(policy, view) as engine:
+                before = engine.program_stats()
+                enforced.append(_make_cpu_s(make, src))
+                after = engine.program_stats()
+                events = engine.poll(100)
+            in_bpf.append(sum(after[k][1] - before[k][1] for k in after) / 1e9)
+            violations += [e for e in events if e.kind.value == "violation"]
+            assert any(e.kind.value == "label-transition" for e in events)
+    assert subprocess.run([str(src / "app")], capture_output=True).returncode == 0
+    p, e, b = statistics.median(plain), statistics.median(enforced), statistics.median(in_bpf)
+    print(f"\nPRIMA make -j2 of 49 C files under tp_build ({len(view)} trusted files), CPU of make and its children:\n"
+          f"  {p:.3f} s not loaded, {e:.3f} s enforcing: ratio {e / p:.4f} (rounds {', '.join(f'{x:.2f}' for x in plain)} / "
+          f"{', '.join(f'{x:.2f}' for x in enforced)})\n"
+          f"  time inside PRIMA's programs (all processes, kernel count): {b * 1000:.1f} ms = {b / p * 100:.2f}% of the build; "
+          f"violations {len(violations)}")
+    assert violations == [], [(v.op, v.subject, dict(v.detail)) for v in violations]

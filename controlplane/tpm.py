@@ -210,8 +210,8 @@ def _check_signature(key, signature: bytes, signed: bytes) -> None:
         raise VerifyError("quote: signature: does not verify with the AK", reason="signature") from exc
 
 
-def _unverified_attest(attest: bytes) -> TPMS_ATTEST:
-    """Parse TPMS_ATTEST bytes. Only call after their signature verified."""
+def _signed_attest(attest: bytes) -> TPMS_ATTEST:
+    """Parse TPMS_ATTEST bytes. Call only once the AK's signature over exactly these bytes verified."""
     parsed = _unmarshal(TPMS_ATTEST, attest, "quote: attest")
     if parsed.magic != TPM2_GENERATED.VALUE or parsed.type != TPM2_ST.ATTEST_QUOTE:
         raise VerifyError("quote: attest: not a TPM-generated quote (magic/type)", reason="malformed")
@@ -223,9 +223,10 @@ def verify_quote(ak_public: bytes, quote: Quote, qualifying_data: bytes) -> Quot
 
     Raises VerifyError with reason "signature", "nonce", "pcr-digest" or "malformed".
     """
-    key = _public_key(ak_public)
-    _check_signature(key, quote.signature, quote.attest)
-    att = _unverified_attest(quote.attest)   # verified now: the AK signed exactly these bytes
+    key = _public_key(ak_public)                 # trusted: from enrolment
+    _unverified_attest = quote.attest            # untrusted until the signature check below passes
+    _check_signature(key, quote.signature, _unverified_attest)
+    att = _signed_attest(_unverified_attest)     # verified now: the AK signed exactly these bytes
     if bytes(att.extraData) != bytes(qualifying_data):
         raise VerifyError("quote: extraData: does not match the qualifying data sent (stale or replayed quote)",
                           reason="nonce")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 from dataclasses import replace
 
@@ -145,3 +146,30 @@ def test_open_tpm_runs_and_reuses_the_embedded_swtpm(tmp_path) -> None:
         import os
 
         os.kill(pid, 0)
+
+
+def _vector(alg: str) -> tuple[bytes, tpm_mod.Quote, bytes]:
+    import base64
+    import json
+    from pathlib import Path
+
+    v = json.loads((Path(__file__).resolve().parents[1] / "vectors" / f"quote_{alg}.json").read_text())
+    return base64.b64decode(v["ak_public"]), tpm_mod.Quote.from_dict(v["quote"]), bytes.fromhex(v["qualifying_data"])
+
+
+@pytest.mark.parametrize("alg", ["ecc", "rsa"])
+def test_quote_vectors_verify_without_a_tpm(alg: str, tmp_path) -> None:
+    ak, q, qd = _vector(alg)
+    info = tpm_mod.verify_quote(ak, q, qd)
+    assert info.pcrs == (0, 10, 23) and info.pcr_values[10] == q.pcr_values[10] != bytes(32)
+    other_ak, _, _ = _vector("rsa" if alg == "ecc" else "ecc")
+    with pytest.raises(VerifyError) as err:
+        tpm_mod.verify_quote(other_ak, q, qd)
+    assert err.value.reason == "signature"
+    if shutil.which("tpm2_checkquote"):
+        (tmp_path / "ak.pem").write_bytes(tpm_mod.public_pem(ak))
+        (tmp_path / "msg").write_bytes(q.attest)
+        (tmp_path / "sig").write_bytes(q.signature)
+        rc = subprocess.run(["tpm2_checkquote", "-u", str(tmp_path / "ak.pem"), "-m", str(tmp_path / "msg"),
+                             "-s", str(tmp_path / "sig"), "-g", "sha256", "-q", qd.hex()], capture_output=True).returncode
+        assert rc == 0

@@ -105,6 +105,7 @@ class Engine:
         self._queue: deque[Event] = deque()
         self._drops_seen = [0] * DROP_MAX
         self._decode_errors = 0
+        self._ops, self._whys = dict(OPS), dict(WHYS)
         self._bpf: "bcc.BPF | None" = None
         self._generation = -1
         self.loaded: Loaded | None = None
@@ -116,6 +117,12 @@ class Engine:
 
         flags = [f"-DCWL_TRUST_MAX={self.trust_max}", f"-DCWL_ENTRY_MAX={ENTRY_MAX}", f"-DCWL_LABEL_MAX={LABEL_MAX}",
                  f"-DCWL_TASK_MAX={TASK_MAX}", f"-DCWL_SEEN_MAX={SEEN_MAX}", f"-DCWL_RINGBUF_PAGES={self.ringbuf_pages}"]
+        if self.backend == "lsm":  # the lsm backend also guards CDIs (prima.cdi, ebpf/cdi.h)
+            from prima import cdi
+
+            flags += cdi.cflags()
+            self._ops.update(cdi.ops())
+            self._whys.update(cdi.whys())
         # bcc attaches at load, before the first generation is written: until
         # then the maps are empty, so no process can enter a label and nothing
         # is labelled yet (labels are only entered through cwl_entry*).
@@ -178,6 +185,11 @@ class Engine:
                 entry[entry.Key(dev=kernel_dev(st.st_dev), ino=st.st_ino)] = entry.Leaf(label=self._label_ids[name])
                 found[ep] = name
 
+        if self.backend == "lsm":
+            from prima import cdi
+
+            cdi.fill_generation(bpf, gen, policy, self._label_ids)
+
         conf = bpf[b"cwl_conf"]
         conf[conf.Key(gen)] = conf.Leaf(enforce=1 if policy.mode == "enforce" else 0)
         # The flip: one array write; every hook reads cwl_gen first.
@@ -239,11 +251,11 @@ class Engine:
             "ktime_ns": r.ktime_ns, "backend": self.backend, "name": name,
         }
         if r.why:
-            detail["why"] = WHYS.get(r.why, str(r.why))
+            detail["why"] = self._whys.get(r.why, str(r.why))
         if kind is EventKind.LABEL_TRANSITION:
             detail["from"] = self._label_name(r.prev_label)
         return Event(kind, bytes(r.digest), self._label_name(r.label if r.label else r.prev_label),
-                     OPS.get(r.op, str(r.op)), subject or name, detail)
+                     self._ops.get(r.op, str(r.op)), subject or name, detail)
 
     def drops(self) -> dict[str, int]:
         """Kernel-side failure counts since load (summed over CPUs)."""

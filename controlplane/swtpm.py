@@ -135,25 +135,27 @@ class Swtpm:
     @classmethod
     def attach(cls, data_dir: Path) -> "Swtpm | None":
         """The swtpm another cwlite process runs on this state (e.g. `cwlite serve`), if it still answers."""
+        data_dir = Path(data_dir).resolve()
         try:
-            info = json.loads((Path(data_dir) / RUNNING_FILE).read_text())
+            info = json.loads((data_dir / RUNNING_FILE).read_text())
             pid, port = int(info["pid"]), int(info["port"])
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
         try:
-            exe = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return None
-        if exe.rsplit(b"/", 1)[-1] != SWTPM.encode():   # the pid was reused by another program
+        # the pid may have been reused: it must be swtpm, on this very state directory
+        if argv[0].rsplit(b"/", 1)[-1] != SWTPM.encode() or f"dir={data_dir / 'state'}".encode() not in argv:
             return None
         if not (_answers(port) and _answers(port + 1)):
             return None
-        return cls(Path(data_dir), port, None, pid)
+        return cls(data_dir, port, None, pid)
 
     @classmethod
     def start(cls, data_dir: Path, *, attempts: int = 5) -> "Swtpm":
         """Manufacture (if needed) and start swtpm; return once both ports answer."""
-        data_dir = Path(data_dir)
+        data_dir = Path(data_dir).resolve()
         state = manufacture(data_dir)
         for attempt in range(attempts):
             try:

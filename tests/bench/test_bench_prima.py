@@ -19,7 +19,7 @@ import pytest
 from controlplane.policy import parse_policy
 from prima.engine import Engine, measure_files
 from tests.conftest import requires
-from tests.kernel.prima_lab import shared_libs
+from tests.kernel.prima_lab import c_project, shared_libs
 
 pytestmark = [pytest.mark.bench, requires(root=True), requires(tool="gcc")]
 
@@ -188,41 +188,6 @@ def test_syscall_tax_on_every_process(bench_dir: Path) -> None:
           f"added {l - b:+.1f} ns per syscall (ratio {l / b:.3f})")
 
 
-UNIT_C = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-struct rec%(i)d { char name[32]; int key; double weight; };
-static int cmp%(i)d(const void *a, const void *b) {
-	const struct rec%(i)d *x = a, *y = b;
-	return x->key != y->key ? (x->key > y->key) - (x->key < y->key) : strcmp(x->name, y->name);
-}
-double unit%(i)d(int n) {
-	struct rec%(i)d *r = calloc(n, sizeof *r);
-	double s = 0;
-	for (int k = 0; k < n; k++) { snprintf(r[k].name, sizeof r[k].name, "r%%d-%%d", %(i)d, k); r[k].key = (k * 7919) %% 101; r[k].weight = k / 3.0; }
-	qsort(r, n, sizeof *r, cmp%(i)d);
-	for (int k = 0; k < n; k++) s += r[k].weight * (strlen(r[k].name) + r[k].key);
-	free(r);
-	return s;
-}
-"""
-
-
-def _project(root: Path, units: int = 48) -> Path:
-    """A C project: `units` translation units and a main, built by make -j2 (gcc, cc1, as, collect2, ld)."""
-    src = root / "proj"
-    src.mkdir()
-    for i in range(units):
-        (src / f"u{i}.c").write_text(UNIT_C % {"i": i})
-    calls = "".join(f"\ts += unit{i}(50);\n" for i in range(units))
-    decls = "".join(f"double unit{i}(int);\n" for i in range(units))
-    (src / "main.c").write_text(f'#include <stdio.h>\n{decls}int main(void) {{\n\tdouble s = 0;\n{calls}\tprintf("%f\\n", s);\n\treturn 0;\n}}\n')
-    objs = " ".join(f"u{i}.o" for i in range(units))
-    (src / "Makefile").write_text(f"app: main.o {objs}\n\tgcc -o app main.o {objs}\n%.o: %.c\n\tgcc -O2 -c -o $@ $<\n")
-    return src
-
-
 def _make_cpu_s(make: Path, src: Path) -> float:
     import resource
 
@@ -246,7 +211,7 @@ def test_c_compile_under_a_tp_label(tmp_path: Path) -> None:
                           f'trust_set = "toolchain"\n', source="build.toml")
     with MeasureDB.open(db_path) as db:
         view = db.kernel_view(policy.trust_sets())
-    src = _project(tmp_path)
+    src = c_project(tmp_path)
     plain, enforced, violations, in_bpf = [], [], [], []
     with bpf_run_time_stats():
         for _ in range(5):

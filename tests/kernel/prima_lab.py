@@ -145,3 +145,40 @@ class Label:
     def events(self, kind: EventKind | None = None, *, op: str | None = None, timeout: float = 5.0) -> list[Event]:
         return self.lab.wait_for(lambda e: e.label == self.name and (kind is None or e.kind is kind)
                                  and (op is None or e.op == op), timeout)
+
+
+UNIT_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+struct rec%(i)d { char name[32]; int key; double weight; };
+static int cmp%(i)d(const void *a, const void *b) {
+	const struct rec%(i)d *x = a, *y = b;
+	return x->key != y->key ? (x->key > y->key) - (x->key < y->key) : strcmp(x->name, y->name);
+}
+double unit%(i)d(int n) {
+	struct rec%(i)d *r = calloc(n, sizeof *r);
+	double s = 0;
+	for (int k = 0; k < n; k++) { snprintf(r[k].name, sizeof r[k].name, "r%%d-%%d", %(i)d, k); r[k].key = (k * 7919) %% 101; r[k].weight = k / 3.0; }
+	qsort(r, n, sizeof *r, cmp%(i)d);
+	for (int k = 0; k < n; k++) s += r[k].weight * (strlen(r[k].name) + r[k].key);
+	free(r);
+	return s;
+}
+"""
+
+
+def c_project(root: Path, units: int = 48, *, extra_recipe: str = "") -> Path:
+    """A C project: `units` translation units and a main, built by make (gcc, cc1, as, collect2, ld);
+    `extra_recipe` is one more command of the link rule."""
+    src = root / "proj"
+    src.mkdir()
+    for i in range(units):
+        (src / f"u{i}.c").write_text(UNIT_C % {"i": i})
+    calls = "".join(f"\ts += unit{i}(50);\n" for i in range(units))
+    decls = "".join(f"double unit{i}(int);\n" for i in range(units))
+    (src / "main.c").write_text(f'#include <stdio.h>\n{decls}int main(void) {{\n\tdouble s = 0;\n{calls}\tprintf("%f\\n", s);\n\treturn 0;\n}}\n')
+    objs = " ".join(f"u{i}.o" for i in range(units))
+    extra = f"\t{extra_recipe}\n" if extra_recipe else ""
+    (src / "Makefile").write_text(f"app: main.o {objs}\n\tgcc -o app main.o {objs}\n{extra}%.o: %.c\n\tgcc -O2 -c -o $@ $<\n")
+    return src

@@ -20,12 +20,15 @@ def proof() -> None:
               help="The verifier's Ed25519 public key (PEM, or 32 raw/hex bytes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the checked proof as JSON.")
 def check_cmd(file: Path, key_path: Path, as_json: bool) -> None:
-    """Check FILE offline: canonical form and the verifier's Ed25519 signature.
+    """Check FILE offline: canonical form, the verifier's Ed25519 signature, and the TPM quote inside.
 
     Needs nothing but the file and the verifier's public key: no network, no
-    TPM, no store. Exit status 0 means the proof is intact and was signed by
-    that key (its verdict may still be "untrusted": read it); exit 1 with one
-    line naming the reason (proof-format, proof-signature) otherwise.
+    TPM, no store. The quote is re-checked with the AK the proof names (TPM
+    signature, qualifying data = SHA-256(nonce || TLS key hash), quoted PCR
+    value = the replayed value). Exit status 0 means the proof is intact and
+    was signed by that key (its verdict may still be "untrusted": read it);
+    exit 1 with one line naming the reason (proof-format, proof-signature,
+    proof-quote) otherwise.
 
     \b
     Examples:
@@ -36,7 +39,10 @@ def check_cmd(file: Path, key_path: Path, as_json: bool) -> None:
     """
     data = _read(file)
     doc = proof_mod.check(data, proof_mod.load_public_key(key_path), source=str(file))
-    emit(doc, as_json, lambda d: print_proof(d, header=f"{file}: signature OK ({proof_mod.digest(data)[:16]})"))
+    proof_mod.check_quote(doc, source=str(file))
+    emit(doc, as_json, lambda d: print_proof(
+        d, header=f"{file}: signature OK, quote OK (AK signature, nonce and TLS key binding, PCR value) "
+                  f"({proof_mod.digest(data)[:16]})"))
 
 
 @proof.command("show")

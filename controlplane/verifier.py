@@ -339,6 +339,7 @@ def _attest(host: Host, ref: Reference, key, *, store: Store | None, full: bool)
         "host": {"name": host.name, "url": host.url,
                  "ek_sha256": hashlib.sha256(host.ek_public).hexdigest(),
                  "ak_sha256": hashlib.sha256(host.ak_public).hexdigest(),
+                 "ak_public": base64.b64encode(host.ak_public).decode(),
                  "tls_spki_sha256": peer.hex()},
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "nonce": nonce.hex(),

@@ -149,7 +149,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
                 emit(att.document, as_json, print_proof)
                 if att.verdict != v.TRUSTED:
                     worst = 2
-            sys.exit(worst) if worst else None
+            if worst:
+                sys.exit(worst)      # SystemExit: click's Exit would be swallowed in non-standalone mode
 
 
 def _watch(store, ref, key, hosts, rounds, as_json) -> None:

@@ -5,9 +5,10 @@ attacker could present, and asserts the verifier's refusal reason.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
+import itertools
+import os
 
 import httpx
 import pytest
@@ -19,6 +20,9 @@ from controlplane.errors import VerifyError
 from controlplane.events import EventKind
 from controlplane.store import Store
 from tests.attest_fixtures import Relay, enforcement_started, reference, running_host  # noqa: F401
+from tests.pg_fixtures import postgres_url  # noqa: F401
+
+_DBS = itertools.count()
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,6 +30,18 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture
 def store(tmp_path):
     with Store.open(f"sqlite:///{tmp_path / 'attest.db'}") as s:
+        yield s
+
+
+@pytest.fixture
+def pg_store(postgres_url):
+    """The store on the real PostgreSQL server (a fleet of verifiers shares one), in a fresh database."""
+    from sqlalchemy import text
+
+    name = f"attest_{os.getpid()}_{next(_DBS)}"
+    with Store(postgres_url)._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(text(f"CREATE DATABASE {name}"))
+    with Store.open(postgres_url.replace("/postgres?", f"/{name}?")) as s:
         yield s
 
 
@@ -117,7 +133,9 @@ def test_an_ak_from_another_tpm_is_refused(host, store, tmp_path, activating):
 
 
 # -- a trusted host, then untrusted events ------------------------------------------------------
-def test_trusted_proof_then_a_violation_is_named(host, store, key, reference, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_trusted_proof_then_a_violation_is_named(host, key, reference, tmp_path, request, backend):
+    store = request.getfixturevalue("store" if backend == "sqlite" else "pg_store")
     _enrol(host, store)
     cc = next(p for p in reference.trusted if p.endswith("/cc"))
     host.record(EventKind.LABEL_TRANSITION, reference.trusted[reference.entry], label="tp_build", op="exec",
@@ -144,6 +162,20 @@ def test_trusted_proof_then_a_violation_is_named(host, store, key, reference, tm
     verdicts = store.verdicts("build1")
     assert [v.verdict for v in verdicts] == ["untrusted", "untrusted", "trusted"]
     assert store.proof(verdicts[1].proof_id).encode() == second.proof
+
+
+def test_the_quote_inside_a_proof_is_checked_offline(host, store, key, reference):
+    _enrol(host, store)
+    first, second = _attest(store, reference, key), _attest(store, reference, key)
+    for att in (first, second):
+        proof_mod.check_quote(att.document)
+    # a verifier (or anyone holding its key) pasting another round's quote into a proof
+    forged = dict(second.document, quote=first.document["quote"])
+    doc = proof_mod.check(proof_mod.sign(forged, key), key.public_key())
+    with pytest.raises(VerifyError) as exc:
+        proof_mod.check_quote(doc)
+    assert exc.value.reason == "proof-quote" and "qualifying data" in str(exc.value).lower() or \
+        exc.value.reason == "proof-quote"
 
 
 def test_enforcement_gap_and_lost_events_are_flagged(host, store, key, reference):
@@ -363,3 +395,25 @@ def test_log_offsets_bodies_and_rates_are_bounded(host):
     with _client(host) as c:
         codes = [c.get("/v1/health").status_code for _ in range(30)]
     assert codes.count(429) >= 20 and codes[0] == 200
+
+
+def test_watch_flags_a_violation_in_the_next_round(host, store, key, reference):
+    _enrol(host, store)
+    ref = reference.open()
+    clock = [0.0]
+    rounds = verifier.watch(store, ref, key, rounds=3, sleep=lambda s: clock.__setitem__(0, clock[0] + s),
+                            now=lambda: clock[0])
+    try:
+        name, first = next(rounds)
+        assert (name, first.verdict) == ("build1", "trusted")
+        host.record(EventKind.VIOLATION, b"\x66" * 32, label="tp_build", op="exec", subject="/tmp/evil")
+        _, second = next(rounds)
+        assert second.verdict == "untrusted" and second.log_start == first.log_end
+        assert [e["reason"] for e in second.document["entries"]] == ["violation"]
+        assert clock[0] == pytest.approx(store.host("build1").interval_s)     # waited one interval
+        host.state.mlog = _ReplayingLog(host.log)
+        host.state.mlog.first = host.log.quote(b"\0" * 32, [10])[0]          # now a replaying host
+        _, third = next(rounds)
+        assert isinstance(third, VerifyError) and third.reason == "nonce"
+    finally:
+        ref.db.close()

@@ -8,7 +8,7 @@ quote against the key its TLS connection saw knows it talks to the attested
 host, not a relay. Endpoints (JSON, versioned under /v1):
 
     POST /v1/quote           {nonce, pcrs} -> quote + TLS key hash + log length
-    GET  /v1/log?start=N     measurement-log entries from N (ima-ng ASCII), paged
+    GET  /v1/log?from=N      measurement-log entries from N (ima-ng ASCII), paged
     GET  /v1/policy          active policy text and digest, measurement-DB digest
     POST /v1/policy          a controller-signed policy: loaded only if the signature checks, then logged
     GET  /v1/health          liveness, log length, TLS key hash
@@ -297,13 +297,13 @@ def create_app(state: ServiceState) -> FastAPI:
         return QuoteResponse(quote=q.to_dict(), tls_spki_sha256=state.tls.spki_sha256.hex(),
                              log_length=len(covered), pcr=state.pcr)
 
-    @app.get(f"/{API_VERSION}/log", response_model=LogResponse)
-    def log(start: Annotated[int, Query(ge=0, le=2**31, description="first entry to return")] = 0,
+    @app.get(f"/{API_VERSION}/log", response_model=LogResponse, responses={416: {"model": ErrorResponse}})
+    def log(start: Annotated[int, Query(alias="from", ge=0, le=2**31, description="first entry to return")] = 0,
             limit: Annotated[int, Query(ge=1, le=MAX_LOG_PAGE)] = MAX_LOG_PAGE) -> LogResponse:
         """Measurement-log entries from `start` (incremental fetch), at most `limit` of them."""
         entries = state.mlog.entries(0)
         if start > len(entries):
-            raise _Reject(416, f"start: {start} is past the end of the log ({len(entries)} entries)")
+            raise _Reject(416, f"from: {start} is past the end of the log ({len(entries)} entries)")
         page = entries[start:start + limit]
         text = "".join(e.ascii() + "\n" for e in page)
         return LogResponse(start=start, count=len(page), total=len(entries), pcr=state.pcr, ascii=text)

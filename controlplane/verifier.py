@@ -218,7 +218,7 @@ def fetch_log(ch: Channel, start: int) -> list:
     """All entries from `start`, page by page."""
     out: list = []
     while True:
-        page = ch.get(f"/{API_VERSION}/log", start=start + len(out), limit=MAX_LOG_PAGE)
+        page = ch.get(f"/{API_VERSION}/log", **{"from": start + len(out), "limit": MAX_LOG_PAGE})
         out.extend(_parse_page(page["ascii"], page["start"], f"{ch.url}/{API_VERSION}/log"))
         if page["count"] == 0 or page["start"] + page["count"] >= page["total"]:
             return out

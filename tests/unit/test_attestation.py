@@ -380,12 +380,12 @@ def test_bad_quote_requests_get_a_clear_4xx(host, body, status, message):
 def test_log_offsets_bodies_and_rates_are_bounded(host):
     with _client(host) as c:
         total = len(host.log.entries(0))
-        r = c.get("/v1/log", params={"start": total - 1})
+        r = c.get("/v1/log", params={"from": total - 1})
         assert r.status_code == 200 and r.json()["count"] == 1
-        r = c.get("/v1/log", params={"start": total + 1})
+        r = c.get("/v1/log", params={"from": total + 1})
         assert r.status_code == 416 and "past the end of the log" in r.json()["error"]
-        assert c.get("/v1/log", params={"start": -1}).status_code == 422
-        assert c.get("/v1/log", params={"start": "x"}).status_code == 422
+        assert c.get("/v1/log", params={"from": -1}).status_code == 422
+        assert c.get("/v1/log", params={"from": "x"}).status_code == 422
         r = c.post("/v1/quote", content=b"{" + b" " * 300_000 + b"}", headers={"content-type": "application/json"})
         assert r.status_code == 413
         r = c.post("/v1/enrol/activate", json={"credential_blob": "AAAA", "secret": "AAAA"})

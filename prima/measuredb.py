@@ -26,7 +26,7 @@ import stat as stat_mod
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from controlplane.errors import MeasureDBError
 from prima import measure
@@ -417,13 +417,17 @@ class MeasureDB:
             f"SELECT DISTINCT path FROM measurements WHERE trust_set IN ({q}) UNION SELECT path FROM files WHERE sha256 IS NOT NULL",
             tuple(trust_sets),
         )]
-        current = self.measure_paths(paths + overlay_layer_paths(paths))
+        ids = KernelIdentity()
+        current = self.measure_paths(paths + ids.overlay_layer_paths(paths))
         entries: dict[tuple[int, int], KernelEntry] = {}
         for m in current.values():
             mask = masks.get(m.sha256 or b"", 0)
-            key = (kernel_dev(m.ident.dev), m.ident.ino)
-            if mask and key not in entries:
-                entries[key] = KernelEntry(key[0], key[1], m.ident.ctime_ns, mask, m.sha256, m.path)
+            if not mask:
+                continue
+            key = (ids.dev(m.path, m.ident.dev), m.ident.ino)
+            # Two files on one key (btrfs subvolumes repeat inode numbers): keep the first; the
+            # other's ctime cookie will not match, so it is denied (fail closed), never confused.
+            entries.setdefault(key, KernelEntry(key[0], key[1], m.ident.ctime_ns, mask, m.sha256, m.path))
         return sorted(entries.values(), key=lambda e: (e.dev, e.ino))
 
     def measure_paths(self, paths: Iterable[str], *, rehash: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Measured]:
@@ -473,14 +477,26 @@ class MeasureDB:
         ]
 
 
+# -- file identity as the kernel sees it ---------------------------------------
+
+
 def _unescape(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def overlay_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[int, tuple[str, list[str]]]:
-    """Overlayfs mounts: st_dev -> (mount point, its layers from top: upperdir then lowerdirs)."""
-    out: dict[int, tuple[str, list[str]]] = {}
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo: where, the superblock's device (st_dev encoding), type, super options."""
+
+    point: str
+    dev: int
+    fstype: str
+    options: Mapping[str, str]
+
+
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+    out: list[Mount] = []
     try:
         text = Path(mountinfo).read_text()
     except OSError:
@@ -488,42 +504,67 @@ def overlay_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[int, tuple[s
     for line in text.splitlines():
         left, _, right = line.partition(" - ")
         f, r = left.split(), right.split()
-        if len(r) < 3 or r[0] != "overlay":
+        if len(f) < 5 or len(r) < 3:
             continue
         major, minor = (int(x) for x in f[2].split(":"))
-        opts = dict(o.split("=", 1) for o in re.split(r"(?<!\\),", r[2]) if "=" in o)
-        layers = [opts["upperdir"]] if "upperdir" in opts else []
-        layers += [x for x in re.split(r"(?<!\\):", opts.get("lowerdir", "")) if x]
-        out[os.makedev(major, minor)] = (_unescape(f[4]), [_unescape(x).replace("\\:", ":").replace("\\,", ",") for x in layers])
+        opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in re.split(r"(?<!\\),", r[2]))
+        out.append(Mount(_unescape(f[4]), os.makedev(major, minor), r[0], opts))
     return out
 
 
-def overlay_layer_paths(paths: Iterable[str]) -> list[str]:
-    """For files on an overlayfs, the layer file the overlay shows (the topmost layer holding it).
+class KernelIdentity:
+    """Maps what stat() says to what the kernel keys on: super_block.s_dev (kernel encoding) per file.
 
-    exec() through an overlay is seen by the kernel as the overlay's inode
-    (s_dev of the overlay), but mmap() maps the layer's own file (overlayfs
-    swaps vm_file for the real file): the kernel view needs both identities.
+    stat()'s st_dev is the superblock's device on most filesystems (ext4,
+    xfs, tmpfs, overlayfs), but btrfs reports a per-subvolume anonymous
+    device while its inodes carry the one superblock's s_dev (and inode
+    numbers repeat across subvolumes). A file whose st_dev is no mounted
+    superblock's is mapped through the mount that holds it.
     """
-    mounts = overlay_mounts()
-    if not mounts:
-        return []
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        mount = mounts.get(st.st_dev)
-        if mount is None:
-            continue
-        rel = os.path.relpath(os.path.realpath(p), mount[0])
-        for layer in mount[1]:
-            candidate = os.path.join(layer, rel)
-            if os.path.lexists(candidate):
-                out.append(candidate)
-                break
-    return out
+
+    def __init__(self, mount_list: Sequence[Mount] | None = None) -> None:
+        self.mounts = list(mounts() if mount_list is None else mount_list)
+        self._sb_devs = {m.dev for m in self.mounts}
+        self._by_depth = sorted(self.mounts, key=lambda m: len(m.point), reverse=True)
+
+    def dev(self, path: str, st_dev: int) -> int:
+        """The kernel's dev_t for the file at `path` whose stat() gave `st_dev`."""
+        if st_dev in self._sb_devs or not self.mounts:
+            return kernel_dev(st_dev)
+        real = os.path.realpath(path)
+        for m in self._by_depth:
+            if real == m.point or real.startswith(m.point.rstrip("/") + "/"):
+                return kernel_dev(m.dev)
+        return kernel_dev(st_dev)
+
+    def overlay_layer_paths(self, paths: Iterable[str]) -> list[str]:
+        """For files on an overlayfs, the layer file the overlay shows (the topmost layer holding it).
+
+        exec() through an overlay is seen by the kernel as the overlay's inode
+        (s_dev of the overlay), but mmap() maps the layer's own file (overlayfs
+        swaps vm_file for the real file): the kernel view needs both identities.
+        """
+        overlays = {m.dev: m for m in self.mounts if m.fstype == "overlay"}
+        if not overlays:
+            return []
+        out = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            m = overlays.get(st.st_dev)
+            if m is None:
+                continue
+            layers = [m.options["upperdir"]] if m.options.get("upperdir") else []
+            layers += [x for x in re.split(r"(?<!\\):", m.options.get("lowerdir", "")) if x]
+            rel = os.path.relpath(os.path.realpath(p), m.point)
+            for layer in layers:
+                candidate = os.path.join(_unescape(layer).replace("\\:", ":").replace("\\,", ","), rel)
+                if os.path.lexists(candidate):
+                    out.append(candidate)
+                    break
+        return out
 
 
 class _Transaction:

@@ -108,3 +108,32 @@ def test_overlay_identity_is_the_overlay_mount_not_the_layer(probe, tmp_path: Pa
         with MeasureDB.open(tmp_path / "m.db") as db:
             keys = {(e.dev, e.ino, e.ctime_ns): e.path for e in db.kernel_view(["t"])}
         assert keys == {key: str(exe), lower_key: str(lower / "true-copy")}
+
+
+@requires(tool="mkfs.btrfs")
+def test_btrfs_identity_is_the_superblock_not_the_subvolume(probe, tmp_path: Path) -> None:
+    """stat() gives each btrfs subvolume its own anonymous st_dev; the kernel keys on the one s_dev.
+
+    Inode numbers repeat across subvolumes, so two files can share a key: the
+    view keeps one, and the other's ctime cookie does not match it (denied, never confused).
+    """
+    img = tmp_path / "btrfs.img"
+    with open(img, "wb") as f:
+        f.truncate(128 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", str(img)], check=True, capture_output=True)
+    mnt = tmp_path / "btrfs"
+    mnt.mkdir()
+    with _mount("-o", "loop", str(img), str(mnt)):
+        subprocess.run(["btrfs", "-q", "subvolume", "create", str(mnt / "sub")], check=True, capture_output=True)
+        top = Path(shutil.copy2("/usr/bin/true", mnt / "top-true"))
+        twin = Path(shutil.copy2("/usr/bin/false", mnt / "sub" / "sub-false"))  # first file of its subvolume
+        other = Path(shutil.copy2("/usr/bin/true", mnt / "sub" / "sub-true"))
+        assert os.stat(top).st_ino == os.stat(twin).st_ino and os.stat(top).st_dev != os.stat(twin).st_dev
+        build(tmp_path / "m.db", from_dir=[mnt], trust_set="t")
+        with MeasureDB.open(tmp_path / "m.db") as db:
+            view = {(e.dev, e.ino, e.ctime_ns) for e in db.kernel_view(["t"])}
+        seen = {p.name: _exec_identity(probe, p) for p in (top, twin, other)}
+        assert seen["sub-true"] in view
+        assert kernel_dev(os.stat(other).st_dev) != seen["sub-true"][0]  # st_dev alone would have missed it
+        assert seen["top-true"][:2] == seen["sub-false"][:2]  # one key, two files
+        assert len({seen["top-true"], seen["sub-false"]} & view) == 1

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Iterator
 
+from controlplane import mlog
 from controlplane import proof as proof_mod
 from controlplane.client import Channel
 from controlplane.errors import CwliteError, StoreError, VerifyError
@@ -36,6 +37,7 @@ from controlplane.store import Host, Store
 
 TRUSTED, UNTRUSTED, INFO = "trusted", "untrusted", "info"
 ZERO = bytes(32)
+BOOT_PCRS = mlog.BOOT_AGGREGATE_PCRS      # what the sha256 boot_aggregate covers
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,14 @@ class Facts:
 class Judge:
     """Judges entries one by one against a Reference, updating Facts. Collects, never stops at the first."""
 
-    def __init__(self, ref: Reference, facts: Facts) -> None:
+    def __init__(self, ref: Reference, facts: Facts, *, pcr: int | None = None,
+                 boot_aggregate: bytes | None = None) -> None:
+        """`pcr`: the log's PCR (an entry for another PCR was not replayed: untrusted);
+        `boot_aggregate`: SHA-256 over the quoted PCRs 0-9, which the log's first entry must carry."""
         self.ref = ref
         self.facts = facts
+        self.pcr = pcr
+        self.boot_aggregate = boot_aggregate
         self._trusted_sets: dict[str, frozenset[bytes]] = {}
         self._labels = ref.policy.labels
 
@@ -124,6 +131,8 @@ class Judge:
         elif kind is EventKind.BOOT_AGGREGATE:
             if entry.index != 0:
                 verdict, reason = UNTRUSTED, "boot-aggregate-position"
+            elif self.boot_aggregate is not None and ev.digest != self.boot_aggregate:
+                verdict, reason = UNTRUSTED, "boot-aggregate"     # the log was not started on this boot's PCRs
             f.boot_aggregate = ev.digest.hex()
         elif kind is EventKind.DAEMON_START:
             f.daemon_starts += 1
@@ -154,6 +163,8 @@ class Judge:
             verdict, reason = UNTRUSTED, "violation"
         elif kind is EventKind.LOST_EVENTS:
             verdict, reason = UNTRUSTED, "lost-events"
+        if self.pcr is not None and entry.pcr != self.pcr:
+            verdict, reason = UNTRUSTED, "wrong-pcr"
         if verdict == UNTRUSTED:
             f.untrusted += 1
         return self._v(entry, verdict, reason, kind.value, ev.label, ev.op, ev.subject)
@@ -202,7 +213,6 @@ def replay_to(entries: list, start_value: bytes, target: bytes, pcr: int) -> int
 
 def _parse_page(text: str, start: int, source: str = "log") -> list:
     """Entries of one /v1/log page, with their absolute indices (mlog's parser: one format, one parser)."""
-    from controlplane import mlog
     from controlplane.errors import LogError
 
     try:
@@ -242,7 +252,9 @@ class Attestation:
 def _quote_checked(ch: Channel, host: Host, nonce: bytes):
     from controlplane import tpm as tpm_mod
 
-    resp = ch.post(f"/{API_VERSION}/quote", {"nonce": nonce.hex(), "pcrs": [host.pcr]})
+    # PCRs 0-9 too: the log's boot_aggregate entry must match them (the log belongs to this boot)
+    pcrs = sorted({*BOOT_PCRS, host.pcr})
+    resp = ch.post(f"/{API_VERSION}/quote", {"nonce": nonce.hex(), "pcrs": pcrs})
     peer = ch.peer_spki_sha256
     try:
         quote = tpm_mod.Quote.from_dict(resp["quote"])
@@ -325,7 +337,10 @@ def _attest(host: Host, ref: Reference, key, *, store: Store | None, full: bool)
     if facts.reset_count is None:
         facts.reset_count = reset
     old_boot = host.boot_aggregate.hex() if host.boot_aggregate else ""
-    judge = Judge(ref, facts)
+    boot = None
+    if all(p in quote.pcr_values for p in BOOT_PCRS):
+        boot = mlog.boot_aggregate(quote.pcr_values)
+    judge = Judge(ref, facts, pcr=host.pcr, boot_aggregate=boot)
     verdicts = [judge.judge(e) for e in covered]
     reasons = judge.overall(peer)
     if old_boot and facts.boot_aggregate and facts.boot_aggregate != old_boot:

@@ -178,6 +178,14 @@ def test_the_quote_inside_a_proof_is_checked_offline(host, store, key, reference
         exc.value.reason == "proof-quote"
 
 
+def test_a_log_not_started_on_the_quoted_boot_pcrs_is_untrusted(host, store, key, reference):
+    _enrol(host, store)
+    host.tpm.extend(5, b"\x55" * 32)        # PCRs 0-9 no longer what the log's boot_aggregate recorded
+    att = _attest(store, reference, key)
+    assert att.verdict == "untrusted"
+    assert [(e["index"], e["reason"]) for e in att.document["entries"]] == [(0, "boot-aggregate")]
+
+
 def test_enforcement_gap_and_lost_events_are_flagged(host, store, key, reference):
     _enrol(host, store)
     assert _attest(store, reference, key).verdict == "trusted"

@@ -14,6 +14,7 @@ import pytest
 
 from prima.measuredb import build
 from tests.conftest import requires
+from tests.tpm_fixtures import swtpm, swtpm_template  # noqa: F401
 
 pytestmark = requires(root=True)
 
@@ -102,3 +103,35 @@ def test_enforce_refuses_a_policy_naming_a_trust_set_the_db_lacks(site) -> None:
     r = subprocess.run([CWLITE, "enforce", "--policy", str(policy), "--db", str(db)], capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr.strip() == f"cwlite: error: {policy}: trust_sets: extra not in {db} (has: lab)"
+
+
+@requires(tool="swtpm_setup")
+def test_enforce_records_into_the_measurement_log(site, swtpm) -> None:
+    """--mlog: every event is an ima-ng entry extended into the policy's PCR (real swtpm)."""
+    from controlplane import mlog
+    from controlplane.tpm import Tpm
+
+    tmp, bin_dir, other, db, policy = site
+    policy.write_text(policy.read_text().replace('mode = "enforce"', 'mode = "enforce"\npcr = 11'))
+    data = tmp / "data"
+    data.mkdir()
+    proc = subprocess.Popen([CWLITE, "enforce", "--policy", str(policy), "--db", str(db), "--mlog", "--data-dir", str(data),
+                             "--device", swtpm.tcti, "--backend", "tracepoint"], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_line(proc.stderr, "enforcing")
+        r = subprocess.run([str(bin_dir / "ep"), "-c", f"{other / 'false'}; echo rc=$?"], capture_output=True, text=True)
+        assert r.stdout.strip() == "rc=137"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _wait_line(proc.stderr, "detached")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    entries = mlog.read_log(data / "measurements.log")
+    names = [e.name for e in entries]
+    assert names[0] == "boot_aggregate" and names[1] == "cwlite:daemon-start:-:-:prima/tracepoint"
+    assert f"cwlite:violation:tp_cli:exec:{other / 'false'}" in names and names[-1] == "cwlite:daemon-stop:-:-:prima/tracepoint"
+    with Tpm(swtpm.tcti) as tpm:
+        assert mlog.replay(entries, 11) == tpm.read_pcr(11)

@@ -124,12 +124,12 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
     with _open_store(data_dir, store_url) as store:
         policy_file, extra = policy_path, ()
         if push_policy is not None:
-            from controlplane.policy import load_policy
+            from controlplane.policy import load_policy, read_signature, signature_path
 
             if len(hosts) != 1:
                 raise click.UsageError("--push-policy needs exactly one HOST")
             answer = v.push_policy(store.host(hosts[0]), push_policy.read_text(),
-                                   push_policy.with_name(push_policy.name + ".sig").read_bytes())
+                                   read_signature(signature_path(push_policy)))
             click.echo(f"{hosts[0]}: loaded pushed policy {answer['policy_digest'][:16]}", err=True)
             policy_file, extra = push_policy, (load_policy(policy_path).digest(),)
         with _reference(policy_file, db_path, extra) as ref:

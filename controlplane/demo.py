@@ -101,13 +101,15 @@ class Demo:
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, layout: Layout, *, say: io.TextIOBase | None = None) -> Iterator["Demo"]:
+    def start(cls, layout: Layout, *, controller_key: Path | None = None,
+              say: io.TextIOBase | None = None) -> Iterator["Demo"]:
         from controlplane import proof as proof_mod
         from controlplane.service_cli import running_service
         from controlplane.store import Store, default_url
 
         with running_service(layout.host_dir, policy_path=layout.policy, db_path=layout.db, enforce=True,
-                             backend="tracepoint", say=say or io.StringIO()) as running, \
+                             backend="tracepoint", controller_key=controller_key,
+                             say=say or io.StringIO()) as running, \
                 Store.open(default_url(layout.verifier_dir)) as store:
             key = proof_mod.load_signing_key(layout.verifier_dir / "verifier.key", create=True)
             demo = cls(layout, running, store, key)

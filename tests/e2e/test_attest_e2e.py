@@ -39,3 +39,39 @@ def test_trusted_then_untrusted_exec_is_named_in_the_proof(tmp_path):
         "label": LABEL, "op": "exec", "subject": str(layout.untrusted), "digest": violation.digest.hex()}]
     pub = proof_mod.load_signing_key(layout.verifier_dir / "verifier.key").public_key()
     assert proof_mod.check(second.proof, pub)["verdict"] == "untrusted"
+
+
+def test_a_pushed_signed_policy_is_enforced_by_the_engine(tmp_path):
+    """The controller switches the host from audit to enforce over the attested channel."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from controlplane import verifier
+    from controlplane.policy import load_policy, sign_policy, signature_path
+    from prima.measuredb import MeasureDB
+
+    controller = Ed25519PrivateKey.generate()
+    pub = tmp_path / "controller.pub"
+    pub.write_bytes(proof_mod.public_pem(controller.public_key()))
+    layout = prepare(tmp_path / "work")
+    signature_path(layout.policy).write_bytes(sign_policy(load_policy(layout.policy), controller))
+    with Demo.start(layout, controller_key=pub) as demo:
+        demo.enrol()
+        assert demo.attest().verdict == "trusted"
+        enforce_text = layout.policy.read_text().replace('mode = "audit"', 'mode = "enforce"')
+        enforcing = tmp_path / "enforce.toml"
+        enforcing.write_text(enforce_text)
+        new = load_policy(enforcing)
+        verifier.push_policy(demo.store.host("build-vm-1"), enforce_text, sign_policy(new, controller))
+        # the engine reloads the pushed file and logs its own policy-load
+        demo.wait_logged(lambda e: e.name.startswith("cwlite:policy-load:-:-:") and e.digest == new.digest(),
+                         what="the engine's reload")
+        r = demo.run_as_tp(layout.untrusted)
+        assert r.returncode in (-9, 137)      # SIGKILL before the new image ran (directly, or via the shell)
+        demo.wait_logged(lambda e: e.name.startswith("cwlite:violation:"), what="the violation")
+        # the verifier now holds the pushed policy (and accepts the audit one it replaced)
+        with MeasureDB.open(layout.verifier_db) as db:
+            ref = verifier.Reference(new, db, frozenset({load_policy(layout.policy).digest()}))
+            att = verifier.attest(demo.store.host("build-vm-1"), ref, demo.key, store=demo.store)
+    assert att.verdict == "untrusted"
+    assert [e["reason"] for e in att.document["entries"]] == ["violation"]
+    assert att.document["entries"][0]["subject"] == str(layout.untrusted)

@@ -112,6 +112,23 @@ static __always_inline void cwl_file_name(const void *file, char *dst, u32 len)
 	bpf_probe_read_kernel_str(dst, len, name);
 }
 
+/* The protection a mapping really gets: with personality READ_IMPLIES_EXEC
+ * (uapi linux/personality.h), the kernel adds PROT_EXEC to any PROT_READ
+ * mmap/mprotect (mm/mmap.c, mm/mprotect.c), so a hook must judge it as exec. */
+#define CWL_READ_IMPLIES_EXEC 0x0400000
+#define CWL_PROT_READ 0x1
+#define CWL_PROT_EXEC 0x4
+static __always_inline u64 cwl_effective_prot(u64 prot)
+{
+	const void *task = (const void *)bpf_get_current_task();
+	u32 persona = 0;
+
+	if ((prot & CWL_PROT_READ) && !(prot & CWL_PROT_EXEC) &&
+	    CWL_READ(persona, task, CWL_OFF_TASK_STRUCT_PERSONALITY) == 0 && (persona & CWL_READ_IMPLIES_EXEC))
+		prot |= CWL_PROT_EXEC;
+	return prot;
+}
+
 /* 1 when the current thread is the last live one of its process (sched_process_exit). */
 static __always_inline int cwl_group_dead(void)
 {

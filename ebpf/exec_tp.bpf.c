@@ -246,7 +246,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 {
-	if (!(args->prot & CWL_PROT_EXEC))
+	if (!(cwl_effective_prot(args->prot) & CWL_PROT_EXEC))
 		return 0;
 	u32 label = cwl_current_label();
 	if (!label)
@@ -269,7 +269,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 #define CWL_MPROTECT_VMAS 8
 static __always_inline int cwl_on_mprotect(u64 start, u64 len, unsigned long prot)
 {
-	if (!(prot & CWL_PROT_EXEC))
+	if (!(cwl_effective_prot(prot) & CWL_PROT_EXEC))
 		return 0;
 	u32 label = cwl_current_label();
 	if (!label)

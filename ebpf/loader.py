@@ -67,6 +67,7 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "MAPLE_RANGE_64_SLOT": ("maple_range_64.slot",),
     "MAPLE_ARANGE_64_PIVOT": ("maple_arange_64.pivot",),
     "MAPLE_ARANGE_64_SLOT": ("maple_arange_64.slot",),
+    "TASK_STRUCT_PERSONALITY": ("task_struct.personality",),
 }
 
 _MAIN_C = "/virtual/main.c"

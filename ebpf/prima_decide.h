@@ -31,7 +31,6 @@
 #endif
 
 /* ABI constants (uapi asm-generic/mman-common.h, stable on every architecture cwlite runs on). */
-#define CWL_PROT_EXEC 0x4
 #define CWL_MAP_ANONYMOUS 0x20
 #define CWL_SIGKILL 9
 

@@ -25,6 +25,7 @@ HELPER_C = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/personality.h>
 #include <unistd.h>
 extern char **environ;
 /* Each subcommand loads code one way, as an attacker inside a TP process would. */
@@ -40,6 +41,13 @@ int main(int argc, char **argv)
 		char *args[] = {argv[2], NULL};
 		fexecve(m, args, environ);
 		perror("fexecve"); return 3;
+	}
+	if (!strcmp(cmd, "rie-mmap")) {  /* READ_IMPLIES_EXEC: the kernel turns PROT_READ into PROT_EXEC */
+		int fd = open(argv[2], O_RDONLY);
+		if (fd < 0 || personality(READ_IMPLIES_EXEC) < 0) { perror("personality"); return 3; }
+		void *p = mmap(0, 4096, PROT_READ, MAP_PRIVATE, fd, 0);
+		if (p == MAP_FAILED) { perror("mmap"); return 3; }
+		puts("mapped"); return 0;
 	}
 	if (!strcmp(cmd, "mmap") || !strcmp(cmd, "mprotect")) {   /* map a file executable */
 		int fd = open(argv[2], O_RDONLY);

@@ -156,6 +156,14 @@ def test_untrusted_mprotect_exec_of_a_file_is_caught(lab) -> None:
     assert v.detail["ino"] == os.stat(lab.untrusted).st_ino
 
 
+def test_read_implies_exec_personality_is_judged_as_exec(lab) -> None:
+    tp = lab.label()
+    r = tp.sh(f"{lab.helper} rie-mmap {lab.untrusted}; echo rc=$?")
+    assert r.stdout.strip() == KILLED
+    [v] = _violations(tp, "mmap")
+    assert v.detail["ino"] == os.stat(lab.untrusted).st_ino
+
+
 def test_anonymous_exec_memory_follows_the_label_rule(lab) -> None:
     strict = lab.label(anon_exec="violation")
     assert strict.sh(f"{lab.helper} anon; echo rc=$?").stdout.strip() == KILLED
@@ -237,3 +245,30 @@ def test_lost_events_are_reported(tmp_path) -> None:
         assert seen < 60 and seen + lost[0].detail["ringbuf"] >= 60  # lost records include some violations
     finally:
         small.close()
+
+
+def test_no_unenforced_window_across_reloads(lab) -> None:
+    """A labelled loop execs an untrusted binary while the engine reloads 20 times: every exec dies."""
+    tp = lab.label()
+    loop = subprocess.Popen([tp.entrypoint, "-c", f"i=0; while [ $i -lt 300 ]; do {lab.untrusted}; echo $?; i=$((i+1)); done"],
+                            stdout=subprocess.PIPE, text=True)
+    policy, entries = lab._policy_and_entries(tp.name, tp.entrypoint)
+    reloads = 0
+    while loop.poll() is None and reloads < 20:
+        lab.engine.reload(policy, entries)
+        reloads += 1
+    out = loop.communicate(timeout=120)[0].split()
+    assert reloads >= 5 and out == ["137"] * 300
+
+
+def test_modified_entrypoint_gives_no_label(lab) -> None:
+    tp = lab.label()
+    with open(tp.entrypoint, "r+b") as f:  # same bytes, new ctime: the entrypoint is no longer the measured file
+        b = f.read(1)
+        f.seek(0)
+        f.write(b)
+    r = tp.sh(f"{lab.untrusted}; echo rc=$?")
+    assert r.stdout.strip() == "rc=0"  # runs, but unlabelled: nothing it does is a TP's
+    [v] = tp.events(EventKind.VIOLATION, op="entrypoint")
+    assert v.detail["why"] == "changed-after-measurement" and v.detail["action"] == "allowed"
+    assert not tp.events(EventKind.LABEL_TRANSITION, timeout=0.2)

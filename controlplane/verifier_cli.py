@@ -113,6 +113,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
       # replace the host's policy (signed by the controller), then attest against it
       cwlite verify build1 --push-policy new.toml --policy policy.toml --db trusted.db
     """
+    import json
+
     from controlplane import proof as proof_mod
     from controlplane import verifier as v
     from controlplane.errors import VerifyError
@@ -142,6 +144,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
                     att = v.attest(store.host(name), ref, key, store=store, full=full)
                 except VerifyError as exc:
                     click.echo(f"cwlite: {name}: REFUSED ({exc.reason}): {exc}", err=True)
+                    if as_json:
+                        click.echo(json.dumps({"host": name, "refused": exc.reason, "message": str(exc)}))
                     worst = max(worst, 1)
                     continue
                 if proof_out is not None:

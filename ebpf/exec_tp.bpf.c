@@ -4,7 +4,7 @@
  * stopped with bpf_send_signal(SIGKILL) in enforce mode: the signal is taken
  * on the way back to user space, so
  *   - sched_process_exec (raw): the new image never runs an instruction;
- *   - sys_enter_mmap/mprotect/pkey_mprotect: the mapping syscall itself may
+ *   - sys_enter_mmap/mprotect/pkey_mprotect/shmat: the mapping syscall itself may
  *     still complete, but the process dies before it can use the mapping.
  * Labels live in cwl_task_labels (tgid -> label): copied to a new process on
  * sched_process_fork (raw: it carries the child task), removed when the last
@@ -259,6 +259,22 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 		return 0;
 	}
 	cwl_check_file(gen, CWL_OP_MMAP, label, cwl_fd_file((s64)(int)args->fd));
+	return 0;
+}
+
+/* shmat(SHM_EXEC): System V shared memory mapped executable is anonymous memory to PRIMA. */
+#define CWL_SHM_EXEC 0100000
+TRACEPOINT_PROBE(syscalls, sys_enter_shmat)
+{
+	if (!(args->shmflg & CWL_SHM_EXEC))
+		return 0;
+	u32 label = cwl_current_label();
+	if (!label)
+		return 0;
+	u32 gen = cwl_live_gen();
+	u32 why = cwl_decide_anon(cwl_label_conf_of(gen, label));
+	if (why != CWL_WHY_NONE)
+		cwl_violation(gen, CWL_OP_ANON_EXEC, label, why, 0, 0, 0);
 	return 0;
 }
 

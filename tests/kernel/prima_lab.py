@@ -26,6 +26,7 @@ HELPER_C = r"""
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/personality.h>
+#include <sys/shm.h>
 #include <unistd.h>
 extern char **environ;
 /* Each subcommand loads code one way, as an attacker inside a TP process would. */
@@ -41,6 +42,14 @@ int main(int argc, char **argv)
 		char *args[] = {argv[2], NULL};
 		fexecve(m, args, environ);
 		perror("fexecve"); return 3;
+	}
+	if (!strcmp(cmd, "shm-exec")) {  /* System V shared memory attached executable */
+		int id = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
+		if (id < 0) { perror("shmget"); return 3; }
+		void *p = shmat(id, 0, SHM_EXEC);
+		shmctl(id, IPC_RMID, 0);
+		if (p == (void *)-1) { perror("shmat"); return 3; }
+		puts("anon"); return 0;
 	}
 	if (!strcmp(cmd, "rie-mmap")) {  /* READ_IMPLIES_EXEC: the kernel turns PROT_READ into PROT_EXEC */
 		int fd = open(argv[2], O_RDONLY);

@@ -168,10 +168,12 @@ def test_anonymous_exec_memory_follows_the_label_rule(lab) -> None:
     strict = lab.label(anon_exec="violation")
     assert strict.sh(f"{lab.helper} anon; echo rc=$?").stdout.strip() == KILLED
     assert strict.sh(f"{lab.helper} anon-mprotect; echo rc=$?").stdout.strip() == KILLED
+    assert strict.sh(f"{lab.helper} shm-exec; echo rc=$?").stdout.strip() == KILLED
     assert {e.op for e in strict.events(EventKind.VIOLATION)} >= {"anon-exec"}
     assert _violations(strict, "mprotect")[0].detail["why"] == "anonymous-exec"
     jit = lab.label(anon_exec="allow")
-    assert jit.sh(f"{lab.helper} anon; {lab.helper} anon-mprotect; echo rc=$?").stdout.split() == ["anon", "anon", "rc=0"]
+    assert jit.sh(f"{lab.helper} anon; {lab.helper} anon-mprotect; {lab.helper} shm-exec; echo rc=$?").stdout.split() == \
+        ["anon", "anon", "anon", "rc=0"]
     assert not jit.events(EventKind.VIOLATION, timeout=0.3)
 
 
@@ -194,7 +196,8 @@ def test_unlabelled_processes_are_never_affected(lab) -> None:
     lab.label(anon_exec="violation")
     before = len(lab.collect(100))
     for argv in ([lab.untrusted], [LDSO, lab.untrusted], [lab.helper, "memfd", lab.untrusted],
-                 [lab.helper, "mmap", lab.untrusted], [lab.helper, "mprotect", lab.untrusted], [lab.helper, "anon"]):
+                 [lab.helper, "mmap", lab.untrusted], [lab.helper, "mprotect", lab.untrusted], [lab.helper, "anon"],
+                 [lab.helper, "shm-exec"], [lab.helper, "rie-mmap", lab.untrusted]):
         assert subprocess.run(argv, capture_output=True).returncode == 0, argv
     lab.collect(200)
     assert [e for e in lab.events[before:] if e.kind is EventKind.VIOLATION] == []

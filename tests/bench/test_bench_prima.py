@@ -24,7 +24,7 @@ from tests.kernel.prima_lab import c_project, shared_libs
 pytestmark = [pytest.mark.bench, requires(root=True), requires(tool="gcc")]
 
 EXECS = 20_000
-ROUNDS = 10
+ROUNDS = 40
 LEAK_PROCESSES = 100_000
 
 DRIVER_C = r"""
@@ -120,20 +120,44 @@ def _per_exec_ns(driver: Path, tiny: Path, n: int) -> tuple[float, float]:
     return float(wall), float(cpu)
 
 
+@contextlib.contextmanager
+def _detached(engine: Engine):
+    """Detach the engine's programs for a baseline round, keeping them loaded (no recompile between rounds).
+
+    Benchmark only: this is an unenforced window, which the engine itself never opens.
+    """
+    bpf = engine._bpf
+    names = [n.decode() if isinstance(n, bytes) else n for n in bpf.funcs]
+    raw = [n[len("raw_tracepoint__"):] for n in names if n.startswith("raw_tracepoint__")]
+    tps = [n[len("tracepoint__"):].replace("__", ":", 1) for n in names if n.startswith("tracepoint__")]
+    for tp in raw:
+        bpf.detach_raw_tracepoint(tp=tp.encode())
+    for tp in tps:
+        bpf.detach_tracepoint(tp=tp.encode())
+    try:
+        yield
+    finally:
+        for tp in raw:
+            bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=f"raw_tracepoint__{tp}".encode())
+        for tp in tps:
+            bpf.attach_tracepoint(tp=tp.encode(), fn_name=f"tracepoint__{tp.replace(':', '__')}".encode())
+
+
 def test_fork_exec_cost(bench_dir: Path) -> None:
     d = bench_dir
     per = EXECS // ROUNDS
     runs: dict[str, list[tuple[float, float]]] = {"not loaded": [], "loaded, unlabelled": [], "loaded, labelled": []}
-    kills = 0
-    for _ in range(ROUNDS):
-        runs["not loaded"].append(_per_exec_ns(d / "driver", d / "tiny", per))
-        with _engine(d) as engine:
+    with _engine(d) as engine:
+        for _ in range(ROUNDS):
+            with _detached(engine):
+                runs["not loaded"].append(_per_exec_ns(d / "driver", d / "tiny", per))
             runs["loaded, unlabelled"].append(_per_exec_ns(d / "driver", d / "tiny", per))
             runs["loaded, labelled"].append(_per_exec_ns(d / "driver-ep", d / "tiny", per))
-            kills += sum(1 for e in engine.poll(0) if e.kind.value == "violation")
-    assert kills == 0  # every labelled exec was trusted (the driver checks each child's exit status)
+        events = engine.poll(0)
+    assert not [e for e in events if e.kind.value == "violation"]  # every labelled exec was trusted
+    assert any(e.kind.value == "label-transition" for e in events)  # and the labelled runs were labelled
     print(f"\nPRIMA fork+exec+wait of a trusted dynamic binary, {EXECS} per configuration in {ROUNDS} interleaved rounds "
-          f"(median over rounds; ratio = median of per-round ratios to the adjacent not-loaded run):")
+          f"(not loaded = programs detached; median over rounds; ratio = median of per-round ratios):")
     for which, i in (("CPU (driver+children, user+sys)", 1), ("wall", 0)):
         base = statistics.median(v[i] for v in runs["not loaded"])
         print(f"  {which}:")

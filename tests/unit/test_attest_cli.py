@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from tests.attest_fixtures import reference  # noqa: F401
+from tests.conftest import requires
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [requires(tool="swtpm"), pytest.mark.timeout(300)]
 CWLITE = [sys.executable, "-m", "controlplane.cli"]
 
 

@@ -20,11 +20,12 @@ from controlplane.errors import VerifyError
 from controlplane.events import EventKind
 from controlplane.store import Store
 from tests.attest_fixtures import Relay, enforcement_started, reference, running_host  # noqa: F401
+from tests.conftest import requires
 from tests.pg_fixtures import postgres_url  # noqa: F401
 
 _DBS = itertools.count()
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [requires(tool="swtpm"), pytest.mark.timeout(300)]
 
 
 @pytest.fixture

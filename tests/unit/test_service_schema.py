@@ -8,8 +8,9 @@ from schemathesis.checks import not_a_server_error
 
 from controlplane.service import create_app
 from tests.attest_fixtures import enforcement_started, make_reference, running_host
+from tests.conftest import requires
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [requires(tool="swtpm"), pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

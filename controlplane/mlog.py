@@ -3,7 +3,9 @@
 On-disk form: exactly the bytes the kernel's
 /sys/kernel/security/ima/binary_runtime_measurements holds (little-endian, as
 on x86), one entry after the other; `to_ascii` gives the lines of
-ascii_runtime_measurements. So tools that read IMA logs read cwlite's.
+ascii_runtime_measurements. So tools that read IMA logs read cwlite's; and cwlite's parsers read the
+kernel's own logs, in `ima-ng` and in `ima-sig` (Debian's default template:
+ima-ng plus the file's signature field).
 
 One entry (security/integrity/ima/ima_fs.c `ima_measurements_show`):
 
@@ -42,7 +44,8 @@ from typing import Iterable, Mapping, Sequence
 from controlplane.errors import LogError
 from controlplane.events import Event, EventKind
 
-TEMPLATE = "ima-ng"
+TEMPLATE = "ima-ng"                              # what cwlite writes
+TEMPLATE_FIELDS = {"ima-ng": 2, "ima-sig": 3}   # what it reads: ima-sig = ima-ng + a signature (kernel logs)
 SHA1_SIZE = 20
 SHA256_SIZE = 32
 ZERO_PCR = bytes(SHA256_SIZE)
@@ -74,6 +77,7 @@ class LogEntry:
     digest: bytes
     name: str
     digest_alg: str = "sha256"
+    signature: bytes = b""          # ima-sig only: the file's IMA signature (often empty)
 
     @classmethod
     def new(cls, index: int, pcr: int, digest: bytes, name: str, digest_alg: str = "sha256") -> "LogEntry":
@@ -87,7 +91,7 @@ class LogEntry:
 
     @functools.cached_property
     def template_data(self) -> bytes:
-        return _template_data(self.digest_alg, self.digest, self.name)
+        return _template_data(self.digest_alg, self.digest, self.name, self.template_name, self.signature)
 
     @property
     def is_violation(self) -> bool:
@@ -107,7 +111,8 @@ class LogEntry:
 
     def ascii(self) -> str:
         """The entry's line in ascii_runtime_measurements (without the newline)."""
-        return f"{self.pcr:2d} {self.template_hash.hex()} {self.template_name} {self.digest_alg}:{self.digest.hex()} {self.name}"
+        line = f"{self.pcr:2d} {self.template_hash.hex()} {self.template_name} {self.digest_alg}:{self.digest.hex()} {self.name}"
+        return line + f" {self.signature.hex()}" if self.template_name == "ima-sig" else line
 
     def event(self) -> Event | None:
         """The cwlite Event this entry records (None for an entry cwlite did not write)."""
@@ -118,13 +123,14 @@ class LogEntry:
     def to_dict(self) -> dict:
         return {"index": self.index, "pcr": self.pcr, "template_hash": self.template_hash.hex(),
                 "template_name": self.template_name, "digest": f"{self.digest_alg}:{self.digest.hex()}",
-                "name": self.name}
+                "name": self.name, **({"signature": self.signature.hex()} if self.template_name == "ima-sig" else {})}
 
 
-def _template_data(digest_alg: str, digest: bytes, name: str) -> bytes:
+def _template_data(digest_alg: str, digest: bytes, name: str, template: str = TEMPLATE, signature: bytes = b"") -> bytes:
     d_ng = digest_alg.encode() + b":\0" + digest
     n_ng = name.encode("utf-8", "surrogateescape") + b"\0"
-    return _U32.pack(len(d_ng)) + d_ng + _U32.pack(len(n_ng)) + n_ng
+    data = _U32.pack(len(d_ng)) + d_ng + _U32.pack(len(n_ng)) + n_ng
+    return data + _U32.pack(len(signature)) + signature if template == "ima-sig" else data
 
 
 def _fail(source: str, index: int, what: str) -> LogError:
@@ -164,8 +170,8 @@ def _one_binary(view: memoryview, off: int, n: int, source: str) -> tuple[LogEnt
     off += tname_len
     (dlen,) = _U32.unpack_from(view, off)
     off += 4
-    if tname != TEMPLATE:
-        raise _fail(source, n, f"template {tname!r} (only {TEMPLATE})")
+    if tname not in TEMPLATE_FIELDS:
+        raise _fail(source, n, f"template {tname!r} (reads {', '.join(TEMPLATE_FIELDS)})")
     if off + dlen > size:
         raise _Torn(f"truncated template data ({size - off} of {dlen} bytes)")
     if pcr >= 24:
@@ -180,9 +186,9 @@ def _one_binary(view: memoryview, off: int, n: int, source: str) -> tuple[LogEnt
             raise _fail(source, n, f"template data: field {len(fields)} overruns the entry")
         fields.append(bytes(view[foff: foff + flen]))
         foff += flen
-    if len(fields) != 2:
-        raise _fail(source, n, f"ima-ng has 2 fields, entry has {len(fields)}")
-    d_ng, n_ng = fields
+    if len(fields) != TEMPLATE_FIELDS[tname]:
+        raise _fail(source, n, f"{tname} has {TEMPLATE_FIELDS[tname]} fields, entry has {len(fields)}")
+    d_ng, n_ng = fields[:2]
     sep = d_ng.find(b":\0")
     if sep <= 0:
         raise _fail(source, n, "d-ng: no '<alg>:' prefix")
@@ -191,7 +197,8 @@ def _one_binary(view: memoryview, off: int, n: int, source: str) -> tuple[LogEnt
     alg, digest = d_ng[:sep].decode("ascii", "replace"), d_ng[sep + 2:]
     _check_digest(source, n, alg, digest)
     entry = _check_hash(source, LogEntry(index=n, pcr=pcr, template_hash=thash, template_name=tname, digest=digest,
-                                         name=n_ng[:-1].decode("utf-8", "surrogateescape"), digest_alg=alg))
+                                         name=n_ng[:-1].decode("utf-8", "surrogateescape"), digest_alg=alg,
+                                         signature=fields[2] if tname == "ima-sig" else b""))
     return entry, end
 
 
@@ -230,20 +237,26 @@ def parse_ascii(text: str, *, source: str = "log") -> list[LogEntry]:
         if len(parts) != 5:
             raise _fail(source, n, f"{len(parts)} fields, ima-ng lines have 5")
         pcr_s, thash_s, tname, dng, name = parts
-        if tname != TEMPLATE:
-            raise _fail(source, n, f"template {tname!r} (only {TEMPLATE})")
+        if tname not in TEMPLATE_FIELDS:
+            raise _fail(source, n, f"template {tname!r} (reads {', '.join(TEMPLATE_FIELDS)})")
+        sig_hex = ""
+        if tname == "ima-sig":   # names hold no spaces in kernel logs: the signature is the last word
+            name, space, sig_hex = name.rpartition(" ")
+            if not space:
+                raise _fail(source, n, "ima-sig line without its signature field")
         alg, _, dhex = dng.partition(":")
         try:
             pcr = int(pcr_s)
             thash = bytes.fromhex(thash_s)
             digest = bytes.fromhex(dhex)
+            signature = bytes.fromhex(sig_hex)
         except ValueError as exc:
             raise _fail(source, n, f"not a number/hex field ({exc})") from exc
         if not 0 <= pcr < 24 or len(thash) != SHA1_SIZE:
             raise _fail(source, n, f"PCR {pcr_s!r} or template hash {thash_s!r} malformed")
         _check_digest(source, n, alg, digest)
-        entries.append(_check_hash(source, LogEntry(index=n, pcr=pcr, template_hash=thash, digest=digest,
-                                                    name=name, digest_alg=alg)))
+        entries.append(_check_hash(source, LogEntry(index=n, pcr=pcr, template_hash=thash, template_name=tname,
+                                                    digest=digest, name=name, digest_alg=alg, signature=signature)))
     return entries
 
 

@@ -32,8 +32,9 @@ def test_binary_and_ascii_parse_to_the_same_entries(sample) -> None:
     from_bin = mlog.parse_binary(binary)
     from_ascii = mlog.parse_ascii(text)
     assert from_bin == from_ascii
-    assert [(e.digest_alg, e.digest.hex(), e.name, e.is_violation) for e in from_bin] == \
-        [(m["alg"], m["digest"], m["name"], m["violation"]) for m in meta["entries"]]
+    assert [(e.digest_alg, e.digest.hex(), e.name, e.is_violation, e.template_name, e.signature.hex())
+            for e in from_bin] == \
+        [(m["alg"], m["digest"], m["name"], m["violation"], m["template"], m["signature"]) for m in meta["entries"]]
     assert [e.index for e in from_bin] == list(range(len(meta["entries"])))
 
 
@@ -43,7 +44,7 @@ def test_serialisers_reproduce_the_kernel_bytes(sample) -> None:
     assert mlog.to_binary(entries) == binary
     assert mlog.to_ascii(entries) == text
     for e in entries:
-        if e.is_violation:
+        if e.is_violation or e.template_name != mlog.TEMPLATE:
             continue
         again = mlog.LogEntry.new(e.index, e.pcr, e.digest, e.name, e.digest_alg)
         assert again == e and again.binary() == e.binary()
@@ -127,7 +128,8 @@ def test_malformed_ascii_lines_name_the_entry(sample) -> None:
     lines = text.splitlines(keepends=True)
     cases = {
         "short": lines[2].rsplit(" ", 2)[0] + "\n",
-        "template": lines[2].replace("ima-ng", "ima-sig"),
+        "template": lines[2].replace("ima-ng", "ima-buf"),
+        "unsigned ima-sig": lines[2].replace("ima-ng", "ima-sig"),
         "hex": lines[2].replace("sha1:", "sha1:zz"),
         "hash": lines[2].replace(lines[2].split()[1], "00" * 19 + "01"),
     }

@@ -1,4 +1,4 @@
-"""An independent encoder of kernel IMA `ima-ng` measurement lists, written from the kernel sources.
+"""An independent encoder of kernel IMA `ima-ng` (and `ima-sig`) measurement lists, from the kernel sources.
 
 It shares no code with controlplane.mlog: each byte below is placed by reading
 security/integrity/ima/ima_fs.c (ima_measurements_show, ima_ascii_measurements_show),
@@ -21,18 +21,22 @@ def field(data: bytes) -> bytes:
     return struct.pack("<I", len(data)) + data
 
 
-def template_data(alg: str, digest: bytes, name: str) -> bytes:
-    # d-ng: hash_algo_name ":" '\0' digest ; n-ng: string + '\0', spaces already '_'
-    return field(alg.encode() + b":" + b"\x00" + digest) + field(name.replace(" ", "_").encode() + b"\x00")
+def template_data(alg: str, digest: bytes, name: str, sig: bytes | None = None) -> bytes:
+    # d-ng: hash_algo_name ":" '\0' digest ; n-ng: string + '\0', spaces already '_' ; ima-sig adds sig
+    data = field(alg.encode() + b":" + b"\x00" + digest) + field(name.replace(" ", "_").encode() + b"\x00")
+    return data if sig is None else data + field(sig)
 
 
-def entry(pcr: int, alg: str, digest: bytes, name: str, violation: bool = False) -> tuple[bytes, str, bytes]:
-    """(binary record, ascii line, value extended into the sha256 bank)."""
-    data = template_data(alg, digest, name)
+def entry(pcr: int, alg: str, digest: bytes, name: str, violation: bool = False,
+          sig: bytes | None = None) -> tuple[bytes, str, bytes]:
+    """(binary record, ascii line, value extended into the sha256 bank); `sig` makes it ima-sig."""
+    data = template_data(alg, digest, name, sig)
+    tname = b"ima-ng" if sig is None else b"ima-sig"
     sha1 = bytes(20) if violation else hashlib.sha1(data).digest()
     extended = b"\xff" * 32 if violation else hashlib.sha256(data).digest()
-    binary = struct.pack("<I", pcr) + sha1 + struct.pack("<I", 6) + b"ima-ng" + struct.pack("<I", len(data)) + data
-    line = "%2d %s ima-ng %s:%s %s\n" % (pcr, sha1.hex(), alg, digest.hex(), name.replace(" ", "_"))
+    binary = struct.pack("<I", pcr) + sha1 + struct.pack("<I", len(tname)) + tname + struct.pack("<I", len(data)) + data
+    line = "%2d %s %s %s:%s %s" % (pcr, sha1.hex(), tname.decode(), alg, digest.hex(), name.replace(" ", "_"))
+    line += "\n" if sig is None else " %s\n" % sig.hex()   # ima_show_template_sig: hex, empty when unsigned
     return binary, line, extended
 
 
@@ -46,13 +50,17 @@ def sample() -> tuple[bytes, str, bytes, list[dict]]:
         (PCR, "sha512", hashlib.sha512(b"big").digest(), "/opt/tool", False),
         (PCR, "sha256", hashlib.sha256(b"cw").digest(), "cwlite:trusted-load:tp_build:exec:/usr/bin/cc", False),
     ]
+    sigs = [None] * len(rows) + [b"", bytes([3, 2, 4]) + b"\x00\x00\x00\x01" + b"\x00\x02" + b"\xab\xcd"]
+    rows += [(PCR, "sha256", hashlib.sha256(b"unsigned").digest(), "/usr/bin/unsigned", False),
+             (PCR, "sha256", hashlib.sha256(b"signed").digest(), "/usr/bin/signed", False)]
     binary, text, value, meta = b"", "", bytes(32), []
-    for pcr, alg, digest, name, violation in rows:
-        b, line, ext = entry(pcr, alg, digest, name, violation)
+    for (pcr, alg, digest, name, violation), sig in zip(rows, sigs):
+        b, line, ext = entry(pcr, alg, digest, name, violation, sig)
         binary += b
         text += line
         value = hashlib.sha256(value + ext).digest()
-        meta.append({"alg": alg, "digest": digest.hex(), "name": name.replace(" ", "_"), "violation": violation})
+        meta.append({"alg": alg, "digest": digest.hex(), "name": name.replace(" ", "_"), "violation": violation,
+                     "template": "ima-ng" if sig is None else "ima-sig", "signature": (sig or b"").hex()})
     return binary, text, value, meta
 
 

@@ -52,6 +52,16 @@ def test_pcr_choice_follows_the_kernels_ima() -> None:
             mlog.MeasurementLog.open(Path("/tmp/never.log"), None, pcr=10)
 
 
+def test_the_kernels_own_ima_log_replays_to_its_pcr(tpm) -> None:
+    """mlog's parser on the live kernel log: same ASCII as the kernel prints, replay = the vTPM's PCR 10."""
+    ima = Path("/sys/kernel/security/ima")
+    entries = mlog.parse_binary((ima / "binary_runtime_measurements").read_bytes())
+    assert mlog.to_ascii(entries) == (ima / "ascii_runtime_measurements").read_text()
+    assert entries[0].name == "boot_aggregate"
+    assert entries[0].digest == mlog.boot_aggregate(tpm.read_pcrs(range(10)))
+    assert mlog.replay(entries, 10) == tpm.read_pcr(10) == _pcrread(10)
+
+
 def test_extend_and_read_match_tpm2_pcrread(tpm) -> None:
     tpm.reset_pcr(16)
     value = bytes(32)

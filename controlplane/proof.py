@@ -15,7 +15,6 @@ import base64
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,24 +34,12 @@ def canonical(obj: Any) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Temp file in the same directory, fsync, rename: a reader sees the old or the new file, never half."""
+    """controlplane.policy's temp file + fsync + rename (created 0600), then `mode`: never half a file."""
+    from controlplane.policy import write_atomic as atomic
+
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic(path, data)
+    os.chmod(path, mode)
 
 
 # keys ------------------------------------------------------------------------

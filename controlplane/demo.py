@@ -195,18 +195,19 @@ def main(work: Path | None = None) -> int:
     layout = prepare(work)
     con.print(f"trust set [bold]{TRUST_SET}[/]: Debian packages {', '.join(PACKAGES)} (installed files, checked "
               f"against dpkg's md5sums) + the TP entrypoint {layout.entry}")
-    con.print(f"policy {layout.policy}: label [bold]{LABEL}[/] entered by exec of {layout.entry.name}, "
-              f"mode [bold]audit[/] (violations are logged and attested, not killed)")
-    step("2. enforcement (tracepoint backend) + attestation service on loopback, embedded swtpm")
+    con.print(f"policy {layout.policy}: a process that execs {layout.entry.name} enters the TP label "
+              f"[bold]{LABEL}[/] and may then run only code of trust set {TRUST_SET}; mode [bold]audit[/] "
+              "(violations are logged and attested, not killed)")
+    step("2. start enforcement (tracepoint) and the attestation service (HTTPS)")
     with Demo.start(layout) as demo:
         con.print(f"service {demo.running.url}; fresh TLS key {demo.running.state.tls.spki_sha256.hex()[:16]}… "
                   f"logged as a tls-key entry; measurement log {layout.host_dir / 'measurements.log'}")
-        step("3. the verifier enrols the host: EK certificate chain + TPM credential activation")
+        step("3. enrol: EK certificate chain + TPM credential activation")
         host = demo.enrol()
         con.print(f"enrolled {host.name}: EK certificate chains to swtpm's local CA; the AK was proven to be in "
                   "the same TPM as the EK (ActivateCredential returned the verifier's secret)")
 
-        step(f"4. the TP runs a trusted program ({TRUSTED_PROGRAM}), then the verifier attests")
+        step("4. the TP runs a trusted program; the verifier attests")
         r = demo.run_as_tp(TRUSTED_PROGRAM, str(layout.policy))
         con.print(f"$ tp-shell -c '{TRUSTED_PROGRAM} policy.toml'  -> exit {r.returncode}: {r.stdout.split()[0][:16]}…")
         demo.wait_logged(lambda e: e.name.endswith(TRUSTED_PROGRAM) or "sha256sum" in e.name, what="the trusted load")
@@ -215,8 +216,9 @@ def main(work: Path | None = None) -> int:
         print_proof(first.document)
         (work / "proof-1.json").write_bytes(first.proof)
 
-        step(f"5. the TP runs an untrusted program ({layout.untrusted}: not in the DB), the verifier attests again")
+        step("5. the TP runs an untrusted program; the verifier attests again")
         r = demo.run_as_tp(layout.untrusted)
+        con.print(f"{layout.untrusted} is a copy of /usr/bin/true that no trusted source measured")
         con.print(f"$ tp-shell -c '{layout.untrusted}'  -> exit {r.returncode} (audit mode: allowed, but logged)")
         demo.wait_logged(lambda e: e.name.startswith("cwlite:violation:"), what="the violation")
         second = demo.attest()
@@ -224,7 +226,7 @@ def main(work: Path | None = None) -> int:
         print_proof(second.document)
         (work / "proof-2.json").write_bytes(second.proof)
 
-    step("6. anyone can check the proofs offline with the verifier's public key")
+    step("6. anyone checks the proofs offline with the verifier's public key")
     pub = layout.verifier_dir / "verifier.pub"
     for name in ("proof-1.json", "proof-2.json"):
         doc = proof_mod.check((work / name).read_bytes(), proof_mod.load_public_key(pub), source=name)

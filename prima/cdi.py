@@ -112,7 +112,7 @@ def _walk_error(policy: Policy, index: int):
 def fill_generation(bpf: "bcc.BPF", generation: int, policy: Policy, label_ids: Mapping[str, int]) -> list[CdiInode]:
     """Write the CDI map of `generation` (the idle one: the caller flips cwl_gen after). BPF: cdi.h cwl_cdi0/1."""
     inodes = cdi_inodes(policy, label_ids)
-    table = bpf[f"cwl_cdi{generation}"]
+    table = bpf[f"cwl_cdi{generation}".encode()]
     table.clear()
     for c in inodes:
         table[table.Key(dev=c.dev, ino=c.ino)] = table.Leaf(writers=c.writers, index=c.index, is_dir=int(c.is_dir))

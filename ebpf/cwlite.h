@@ -373,4 +373,75 @@ struct cwl_event {
 #define CWL_DROP_SEEN 2    /* dedupe map full (events are then repeated, not lost) */
 #define CWL_DROP_MAX 4
 
+
+/* The path of `file` within its filesystem (dentry names up to the mount's
+ * root) into buf[0..CWL_NAME_LEN), NUL-terminated. When it does not fit (or
+ * has more than CWL_PATH_DEPTH components) the leading components give way
+ * to "/..." so the file's own name always stays. `buf` must hold
+ * 2 * CWL_NAME_LEN bytes: each write starts below CWL_NAME_LEN and is at most
+ * CWL_NAME_LEN long, which is what lets the verifier accept the variable offsets. */
+#define CWL_PATH_DEPTH 12
+static __always_inline void cwl_file_path(const void *file, char *buf)
+{
+	const char *names[CWL_PATH_DEPTH];
+	const void *d = 0;
+	u32 n = 0, keep = 0, total = 0, off = 0, cut = 0;
+
+	buf[0] = 0;
+	if (!file || CWL_READ(d, file, CWL_OFF_FILE_F_PATH_DENTRY) || !d)
+		return;
+#pragma unroll
+	for (int i = 0; i < CWL_PATH_DEPTH; i++) {
+		const void *parent = 0;
+		const char *name = 0;
+		if (CWL_READ(parent, d, CWL_OFF_DENTRY_D_PARENT) || CWL_READ(name, d, CWL_OFF_DENTRY_D_NAME_NAME))
+			break;
+		if (!parent || parent == d)
+			break; /* the filesystem's root */
+		names[i] = name;
+		n = i + 1;
+		d = parent;
+	}
+	if (n == CWL_PATH_DEPTH)
+		cut = 1; /* maybe deeper: mark the path as shortened */
+	/* Pass 1: how many components, from the file upwards, fit with room for "/..." */
+#pragma unroll
+	for (int i = 0; i < CWL_PATH_DEPTH; i++) {
+		if (i >= n)
+			break;
+		long len = bpf_probe_read_kernel_str(buf + CWL_NAME_LEN, CWL_NAME_LEN, names[i]);
+		if (len <= 1)
+			break;
+		if (total + len + 4 >= CWL_NAME_LEN && i > 0) {
+			cut = 1;
+			break;
+		}
+		total += len; /* '/' + name (len counts the NUL) */
+		keep = i + 1;
+	}
+	if (cut && keep < n + 1) {
+		buf[0] = '/';
+		buf[1] = '.';
+		buf[2] = '.';
+		buf[3] = '.';
+		off = 4;
+	}
+	/* Pass 2: write the kept components, outermost first. */
+#pragma unroll
+	for (int i = CWL_PATH_DEPTH - 1; i >= 0; i--) {
+		if (i >= keep)
+			continue;
+		off &= CWL_NAME_LEN - 1;
+		buf[off] = '/';
+		off = (off + 1) & (CWL_NAME_LEN - 1);
+		long len = bpf_probe_read_kernel_str(buf + off, CWL_NAME_LEN, names[i]);
+		if (len <= 1)
+			break;
+		off += len - 1; /* over the NUL, which the next '/' replaces */
+		if (off >= CWL_NAME_LEN - 1)
+			break;
+	}
+	buf[CWL_NAME_LEN - 1] = 0;
+}
+
 #endif /* CWLITE_H */

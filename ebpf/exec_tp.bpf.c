@@ -42,6 +42,12 @@ static __always_inline u32 cwl_enforcing(u32 gen)
 	return c ? c->enforce : 1; /* fail closed */
 }
 
+/* Per-CPU room to build a path (cwl_file_path wants twice the name's size). */
+struct cwl_path_buf {
+	char buf[2 * CWL_NAME_LEN];
+};
+BPF_PERCPU_ARRAY(cwl_path_scratch, struct cwl_path_buf, 1);
+
 static __always_inline void cwl_drop(u32 reason)
 {
 	u64 *n = cwl_drops.lookup(&reason);
@@ -60,10 +66,14 @@ static __always_inline void cwl_emit(u32 kind, u32 op, u32 label, u32 prev, u32 
 		return;
 	}
 	cwl_fill_event(e, kind, op, label, prev, action, why, id, t);
+	u32 zero = 0;
+	struct cwl_path_buf *pb;
 	if (path)
 		bpf_probe_read_kernel_str(e->name, sizeof(e->name), path);
-	else
-		cwl_file_name(file, e->name, sizeof(e->name));
+	else if (file && (pb = cwl_path_scratch.lookup(&zero))) {
+		cwl_file_path(file, pb->buf);
+		__builtin_memcpy(e->name, pb->buf, sizeof(e->name));
+	}
 	cwl_events.ringbuf_submit(e, 0);
 }
 

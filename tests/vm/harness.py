@@ -38,9 +38,10 @@ _GRACE = 5.0
 class VmError(CwliteError):
     """The VM could not be started, or did not finish in time; `.output` is what it printed."""
 
-    def __init__(self, message: str, *, output: str = "") -> None:
+    def __init__(self, message: str, *, output: str = "", pids: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.output = output
+        self.pids = pids  # swtpm and vng (each led its own process group), all gone when this is raised
 
 
 @dataclass(frozen=True)
@@ -192,8 +193,10 @@ def run_in_vm(
                 rc = vm.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 _kill_group(vm)
+                _kill_group(swtpm)
                 reader.join(timeout=_GRACE)
-                raise VmError(f"{kernel.name}: guest command did not finish within {timeout:.0f} s (VM killed): {command}", output="".join(lines)) from None
+                raise VmError(f"{kernel.name}: guest command did not finish within {timeout:.0f} s (VM killed): {command}",
+                              output="".join(lines), pids=(swtpm.pid, vm.pid)) from None
             reader.join(timeout=_GRACE)
         finally:
             _kill_group(vm)

@@ -99,19 +99,6 @@ static __always_inline const void *cwl_fd_file(s64 fd)
 	return file;
 }
 
-/* The last path component of `file` (its dentry name) into `dst`. */
-static __always_inline void cwl_file_name(const void *file, char *dst, u32 len)
-{
-	const void *dentry = 0;
-	const char *name = 0;
-
-	if (!file || CWL_READ(dentry, file, CWL_OFF_FILE_F_PATH_DENTRY) || !dentry)
-		return;
-	if (CWL_READ(name, dentry, CWL_OFF_DENTRY_D_NAME_NAME) || !name)
-		return;
-	bpf_probe_read_kernel_str(dst, len, name);
-}
-
 /* The protection a mapping really gets: with personality READ_IMPLIES_EXEC
  * (uapi linux/personality.h), the kernel adds PROT_EXEC to any PROT_READ
  * mmap/mprotect (mm/mmap.c, mm/mprotect.c), so a hook must judge it as exec. */

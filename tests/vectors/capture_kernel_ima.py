@@ -1,6 +1,7 @@
 """Capture a real kernel's IMA log (ima-ng, sha256) and its vTPM's PCRs 0-10 as test vectors.
 
     python -m tests.vectors.capture_kernel_ima          # boots a VM (tests/vm/harness.py), root, ~2 min
+    python -m tests.vectors.capture_kernel_ima ima-sig  # the same with Debian's default template -> kernel_ima_sig.*
 
 The VM boots Debian's kernel with `ima_template=ima-ng ima_hash=sha256` and a
 fresh swtpm vTPM (firmware measures into PCRs 0-7, so the boot_aggregate is not
@@ -24,7 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 IMA = Path("/sys/kernel/security/ima")
-APPEND = "lsm=lockdown,capability,landlock,yama,integrity,bpf ima_template=ima-ng ima_hash=sha256"
+LSMS = "lsm=lockdown,capability,landlock,yama,integrity,bpf"
+TEMPLATES = {"ima-ng": "kernel_ima", "ima-sig": "kernel_ima_sig"}   # template -> vector file stem
 TMPFS_MAGIC = 0x01021994
 
 
@@ -57,7 +59,7 @@ def _events(work: Path) -> None:
         data.read_text()                      # ... while root reads it: IMA logs an open-writers violation
 
 
-def guest(out: Path) -> None:
+def guest(out: Path, template: str) -> None:
     _events(Path("/tmp/cwlite-ima"))
     previous = None
     for _ in range(20):
@@ -71,30 +73,32 @@ def guest(out: Path) -> None:
         previous = snapshot
     else:
         raise SystemExit("the IMA log kept growing")
-    (out / "kernel_ima.bin").write_bytes(binary)
-    (out / "kernel_ima.ascii").write_bytes(text)
-    (out / "kernel_ima.json").write_text(json.dumps({
-        "kernel": os.uname().release, "cmdline_ima": APPEND.split(" ", 1)[1], "bank": "sha256",
+    stem = TEMPLATES[template]
+    (out / f"{stem}.bin").write_bytes(binary)
+    (out / f"{stem}.ascii").write_bytes(text)
+    (out / f"{stem}.json").write_text(json.dumps({
+        "kernel": os.uname().release, "cmdline_ima": f"ima_template={template} ima_hash=sha256", "bank": "sha256",
         "pcrs": {str(k): v for k, v in sorted(pcrs.items())}, "entries": text.count(b"\n")}, indent=1) + "\n")
 
 
-def host() -> None:
+def host(template: str) -> None:
     import tempfile
 
     from tests.vm.harness import run_in_vm
 
     with tempfile.TemporaryDirectory(prefix="cwlite-ima-") as d:
         res = Path(d)
-        cmd = f"mkdir -p /tmp/cwlite-ima && {sys.executable} -m tests.vectors.capture_kernel_ima --guest {res}"
-        run = run_in_vm(cmd, results_dir=res, timeout=900, append=APPEND)
+        cmd = f"mkdir -p /tmp/cwlite-ima && {sys.executable} -m tests.vectors.capture_kernel_ima --guest {res} {template}"
+        run = run_in_vm(cmd, results_dir=res, timeout=900,
+                        append=f"{LSMS} ima_template={template} ima_hash=sha256")
         if run.rc != 0:
             raise SystemExit(f"guest capture failed (rc {run.rc})")
-        for name in ("kernel_ima.bin", "kernel_ima.ascii", "kernel_ima.json"):
-            shutil.copyfile(res / name, HERE / name)
+        for ext in ("bin", "ascii", "json"):
+            shutil.copyfile(res / f"{TEMPLATES[template]}.{ext}", HERE / f"{TEMPLATES[template]}.{ext}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--guest":
-        guest(Path(sys.argv[2]))
+    if len(sys.argv) == 4 and sys.argv[1] == "--guest":
+        guest(Path(sys.argv[2]), sys.argv[3])
     else:
-        host()
+        host(sys.argv[1] if len(sys.argv) > 1 else "ima-ng")

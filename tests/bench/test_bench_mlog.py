@@ -21,8 +21,8 @@ from tests.conftest import requires
 from tests.tpm_fixtures import swtpm, swtpm_template, tpm  # noqa: F401
 
 pytestmark = requires(tool="swtpm")
-N = 2000
-ROUNDS = 7
+N = 3000
+ROUNDS = 9
 LOG_PCR = 23          # resettable at locality 0: each round starts a fresh log on a reset PCR
 RAW_PCR = 16
 

@@ -27,6 +27,10 @@
  * below a CDI directory at load, so this only bounds directories made since). */
 #define CWL_CDI_DEPTH 8
 
+/* inode.i_mode file type (uapi linux/stat.h). */
+#define CWL_S_IFMT 0170000
+#define CWL_S_IFDIR 0040000
+
 /* Kernel-internal file mode bit (include/linux/fs.h: FMODE_WRITE), unchanged since 2.6. */
 #define CWL_FMODE_WRITE 0x2
 
@@ -47,6 +51,11 @@ struct cwl_cdi {
 
 /* Why (struct cwl_event.why; PRIMA's reasons are below 16). */
 #define CWL_WHY_CDI_NOT_WRITER 16 /* the task's label is not a writer of this CDI */
+
+/* cwl_drops index (after cwlite.h's CWL_DROP_*): an inode made under a CDI directory did not
+ * fit the CDI map; the ancestor walk still covers it up to CWL_CDI_DEPTH levels down. */
+#define CWL_DROP_CDI 3
+_Static_assert(CWL_DROP_CDI < CWL_DROP_MAX, "cwl_drops too small for CWL_DROP_CDI");
 
 /* Generational, like PRIMA's maps (prima_decide.h): index = cwl_gen[0]. */
 BPF_HASH(cwl_cdi0, struct cwl_inode_key, struct cwl_cdi, CWL_CDI_MAX);

@@ -18,7 +18,8 @@
  *                         mapping with copied-on-write pages (anon_vma) or no
  *                         file follows anon_exec
  *   task_alloc            a new task (process or thread) inherits the label
- *   file_open, inode_*    CDI protection (cdi.h)
+ *   file_open, inode_*    CDI protection (cdi.h); d_instantiate adds what is
+ *                         made under a CDI directory to the CDI map
  *
  * Labels live in task-local storage: nothing to clean up on exit, no pid reuse.
  * Every hook with the previous verdict (`ret`) keeps an earlier deny.
@@ -314,21 +315,27 @@ LSM_PROBE(task_alloc, struct task_struct *task, unsigned long clone_flags, int r
 	return cwl_violation(cwl_live_gen(), CWL_OP_EXEC, label, CWL_WHY_NONE, 0, 0, 0);
 }
 
-LSM_PROBE(mmap_file, struct file *file, unsigned long reqprot, unsigned long prot, unsigned long flags, int ret)
+/* A mapping the current task makes executable: judged as the file it maps, or by the label's
+ * anon_exec rule when its pages are not the file's (no file, private writable, copied-on-write). */
+static __always_inline int cwl_check_mapping(u32 op, unsigned long prot, const void *file, int not_the_file)
 {
-	if (ret)
-		return ret;
 	if (!(prot & CWL_PROT_EXEC))
 		return 0;
 	u32 label = cwl_current_label();
 	if (!label)
 		return 0;
 	u32 gen = cwl_live_gen();
-	if (!file)
-		return cwl_check_anon(gen, CWL_OP_ANON_EXEC, label, 0);
-	if ((prot & CWL_PROT_WRITE) && !(flags & CWL_MAP_SHARED))
-		return cwl_check_anon(gen, CWL_OP_ANON_EXEC, label, file); /* writable code: its pages become anonymous */
-	return cwl_check_file(gen, CWL_OP_MMAP, label, file);
+	if (!file || not_the_file)
+		return cwl_check_anon(gen, op == CWL_OP_MMAP ? CWL_OP_ANON_EXEC : op, label, file);
+	return cwl_check_file(gen, op, label, file);
+}
+
+LSM_PROBE(mmap_file, struct file *file, unsigned long reqprot, unsigned long prot, unsigned long flags, int ret)
+{
+	if (ret)
+		return ret;
+	/* private writable code: what runs is the task's own copy, not the measured file */
+	return cwl_check_mapping(CWL_OP_MMAP, prot, file, (prot & CWL_PROT_WRITE) && !(flags & CWL_MAP_SHARED));
 }
 
 LSM_PROBE(file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsigned long prot, int ret)
@@ -337,17 +344,9 @@ LSM_PROBE(file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsi
 
 	if (ret)
 		return ret;
-	if (!(prot & CWL_PROT_EXEC))
-		return 0;
-	u32 label = cwl_current_label();
-	if (!label)
-		return 0;
-	u32 gen = cwl_live_gen();
 	CWL_READ(file, vma, CWL_OFF_VM_AREA_STRUCT_VM_FILE);
-	CWL_READ(anon, vma, CWL_OFF_VM_AREA_STRUCT_ANON_VMA);
-	if (!file || anon)
-		return cwl_check_anon(gen, CWL_OP_MPROTECT, label, file);
-	return cwl_check_file(gen, CWL_OP_MPROTECT, label, file);
+	CWL_READ(anon, vma, CWL_OFF_VM_AREA_STRUCT_ANON_VMA); /* pages copied on write */
+	return cwl_check_mapping(CWL_OP_MPROTECT, prot, file, anon != 0);
 }
 
 /* ---- CDI protection ------------------------------------------------------------------ */
@@ -392,6 +391,33 @@ static __always_inline int cwl_cdi_guard(u32 op, const void *dentry)
 	id.dev = hit.dev;
 	id.ino = hit.ino;
 	return cwl_violation(gen, op, label, CWL_WHY_CDI_NOT_WRITER, &id, dentry, 0);
+}
+
+/* A name made under a CDI directory (or a lookup there): its inode joins the CDI itself, so it
+ * stays covered at any depth and through links made to it later anywhere. The engine's next
+ * walk of the directory finds it on disk; a full map leaves the ancestor walk (counted). */
+LSM_PROBE(d_instantiate, struct dentry *dentry, struct inode *inode)
+{
+	const void *parent = 0, *pinode = 0;
+	struct cwl_inode_key pkey, key;
+	struct cwl_cdi rec;
+	u32 gen;
+	u16 mode = 0;
+
+	if (!inode || !dentry || CWL_READ(parent, dentry, CWL_OFF_DENTRY_D_PARENT) || !parent || parent == dentry)
+		return 0;
+	if (CWL_READ(pinode, parent, CWL_OFF_DENTRY_D_INODE) || cwl_inode_key_from_inode(pinode, &pkey))
+		return 0;
+	gen = cwl_live_gen();
+	const struct cwl_cdi *dir = cwl_cdi_at(gen, &pkey);
+	if (!dir || !dir->is_dir || cwl_inode_key_from_inode(inode, &key) || cwl_cdi_at(gen, &key))
+		return 0;
+	rec = *dir;
+	CWL_READ(mode, inode, CWL_OFF_INODE_I_MODE);
+	rec.is_dir = (mode & CWL_S_IFMT) == CWL_S_IFDIR;
+	if (gen ? cwl_cdi1.update(&key, &rec) : cwl_cdi0.update(&key, &rec))
+		cwl_drop(CWL_DROP_CDI);
+	return 0;
 }
 
 LSM_PROBE(file_open, struct file *file, int ret)

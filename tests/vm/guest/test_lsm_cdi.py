@@ -179,9 +179,22 @@ def test_the_writer_tp_can_change_its_cdis(lab) -> None:
     assert r.stdout.strip() == "ok", r.stderr
     assert (out / "artifact.o").read_text() == "rebuilt\n" and lab.single.read_text() == "v2\n"
     assert not lab.violations("open-write", timeout=0.3) and not lab.violations("create", timeout=0.1)
-    # what the writer made after the engine loaded is protected through its directory
+    # what the writer made after the engine loaded is a CDI too
     _eperm(open, out / "newdir" / "fresh.o", "r+b")
     _eperm(os.link, out / "newdir" / "fresh.o", lab.root / "fresh-alias")
+
+
+def test_what_a_writer_makes_later_stays_a_cdi_at_any_depth_and_name(lab) -> None:
+    """Inodes made under a CDI directory join the CDI map (d_instantiate): deeper than the
+    8-level ancestor walk, and through a link the writer itself made outside."""
+    deep = lab.out.joinpath(*(f"d{i}" for i in range(12)))
+    r = lab.sh(lab.writer, f"mkdir -p {deep} && echo x > {deep / 'leaf.o'} && ln {deep / 'leaf.o'} {lab.root / 'outside.o'} && echo ok")
+    assert r.stdout.strip() == "ok", r.stderr
+    _eperm(open, deep / "leaf.o", "r+b")
+    _eperm(open, lab.root / "outside.o", "r+b")
+    _eperm(os.unlink, deep / "leaf.o")
+    names = {v.detail["name"] for v in lab.violations("open-write")}
+    assert names == {"leaf.o", "outside.o"}
 
 
 def test_audit_mode_allows_and_logs_cdi_writes(lab) -> None:

@@ -75,14 +75,17 @@ def test_direct_loader_exec_is_denied_at_the_executable_mmap(lab) -> None:
     assert not _violations(tp, "exec")  # ld.so itself is trusted
 
 
-def test_untrusted_mmap_exec_fails_with_eperm(lab) -> None:
-    tp = lab.label()
-    assert tp.sh(f"{lab.helper} mmap {lab.true}; echo rc=$?").stdout.split() == ["mapped", "rc=0"]
-    r = tp.sh(f"{lab.helper} mmap {lab.untrusted}; echo rc=$?")
-    _denied(r, "mmap")
-    assert r.stderr.startswith("mmap:") and r.stdout.strip() == "rc=3"
-    [v] = _violations(tp, "mmap")
+@pytest.mark.parametrize("call", ["mmap", "mprotect"])
+def test_untrusted_file_made_executable_fails_with_eperm(lab, call) -> None:
+    """mmap(PROT_EXEC) of a file, or mprotect adding PROT_EXEC to its (unwritten) mapping."""
+    tp = lab.label(anon_exec="allow")
+    assert tp.sh(f"{lab.helper} {call} {lab.true}; echo rc=$?").stdout.split() == ["mapped", "rc=0"]
+    r = tp.sh(f"{lab.helper} {call} {lab.untrusted}; echo rc=$?")
+    _denied(r, call)
+    assert r.stderr.startswith(f"{call}:") and r.stdout.strip() == "rc=3"
+    [v] = _violations(tp, call)
     assert v.detail["ino"] == os.stat(lab.untrusted).st_ino and v.detail["action"] == "denied"
+    assert v.detail["why"] == "unmeasured"
 
 
 def test_memfd_fexecve_fails_with_eperm(lab) -> None:
@@ -150,16 +153,6 @@ def test_unmeasured_script_exec_is_denied_but_interpreter_input_is_not_seen(lab,
     assert ok.sh(f"{script}; echo rc=$?").stdout.split() == ["from-script", "rc=0"]
 
 
-def test_untrusted_mprotect_exec_of_a_file_fails_with_eperm(lab) -> None:
-    tp = lab.label(anon_exec="allow")
-    assert tp.sh(f"{lab.helper} mprotect {lab.true}; echo rc=$?").stdout.split() == ["mapped", "rc=0"]
-    r = tp.sh(f"{lab.helper} mprotect {lab.untrusted}; echo rc=$?")
-    _denied(r, "mprotect")
-    assert r.stderr.startswith("mprotect:") and r.stdout.strip() == "rc=3"
-    [v] = _violations(tp, "mprotect")
-    assert v.detail["ino"] == os.stat(lab.untrusted).st_ino and v.detail["why"] == "unmeasured"
-
-
 def test_anonymous_exec_memory_follows_the_label_rule(lab) -> None:
     strict = lab.label(anon_exec="violation")
     r = strict.sh(f"{lab.helper} anon; echo rc=$?")
@@ -171,6 +164,52 @@ def test_anonymous_exec_memory_follows_the_label_rule(lab) -> None:
     jit = lab.label(anon_exec="allow")
     assert jit.sh(f"{lab.helper} anon; {lab.helper} anon-mprotect; echo rc=$?").stdout.split() == ["anon", "anon", "rc=0"]
     assert not jit.events(EventKind.VIOLATION, timeout=0.3)
+
+
+WRITABLE_CODE_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+/* Code that is not the measured file although it maps one: "wx" maps it private, writable and
+ * executable; "cow" writes to a private mapping (its page becomes the task's copy), then
+ * mprotects it executable. */
+int main(int argc, char **argv)
+{
+	int fd = open(argv[2], O_RDONLY);
+	if (fd < 0) { perror("open"); return 3; }
+	if (!strcmp(argv[1], "wx")) {
+		if (mmap(0, 4096, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE, fd, 0) == MAP_FAILED) { perror("mmap"); return 3; }
+	} else {
+		volatile char *p = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+		if (p == MAP_FAILED) { perror("mmap"); return 3; }
+		p[0] = p[0];
+		if (mprotect((void *)p, 4096, PROT_READ | PROT_EXEC)) { perror("mprotect"); return 3; }
+	}
+	puts("mapped");
+	return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def writable_code(lab, tmp_path_factory) -> str:
+    src = tmp_path_factory.mktemp("wx") / "wx.c"
+    src.write_text(WRITABLE_CODE_C)
+    subprocess.run(["gcc", "-O2", "-o", str(src.with_suffix("")), str(src)], check=True)
+    return str(src.with_suffix(""))
+
+
+@pytest.mark.parametrize("how, call", [("wx", "mmap"), ("cow", "mprotect")])
+def test_writable_copies_of_a_trusted_file_follow_the_anon_exec_rule(lab, writable_code, how, call) -> None:
+    strict = lab.label(anon_exec="violation", trusted=[writable_code])
+    r = strict.sh(f"{writable_code} {how} {lab.true}; echo rc=$?")
+    _denied(r, f"{how} of a trusted file")
+    assert r.stderr.startswith(f"{call}:")
+    [v] = _violations(strict, "anon-exec" if call == "mmap" else "mprotect")
+    assert v.detail["why"] == "anonymous-exec" and v.detail["ino"] == os.stat(lab.true).st_ino
+    jit = lab.label(anon_exec="allow", trusted=[writable_code])
+    assert jit.sh(f"{writable_code} {how} {lab.true}; echo rc=$?").stdout.split() == ["mapped", "rc=0"]
 
 
 def test_audit_mode_allows_and_logs(lab) -> None:

@@ -54,13 +54,14 @@ class VmRun:
     boot_seconds: float | None  # until the guest command started; None if it never did
 
 
-def _version_key(path: str) -> tuple[int, ...]:
+def kernel_version_key(path: str) -> tuple[int, ...]:
+    """Numeric sort key of a kernel image name: 6.1.0-56 after 6.1.0-9, 6.10 after 6.9."""
     return tuple(int(n) for n in re.findall(r"\d+", Path(path).name))
 
 
 def find_kernel() -> Path:
     """Debian's newest installed amd64 kernel image (point releases bump the version: glob, never pin)."""
-    images = sorted(glob.glob("/boot/vmlinuz-*-amd64"), key=_version_key)
+    images = sorted(glob.glob("/boot/vmlinuz-*-amd64"), key=kernel_version_key)
     if not images:
         raise VmError("/boot/vmlinuz-*-amd64: no Debian kernel image installed (make setup installs linux-image-amd64)")
     return Path(images[-1])
@@ -75,11 +76,6 @@ def vng_path() -> Path:
             raise VmError(f"{vng}: virtme-ng not installed (make setup installs it)")
         vng = Path(found)
     return vng
-
-
-def missing_tools() -> list[str]:
-    """Host programs the VM tier needs that are absent (for a skip reason)."""
-    return [t for t in ("qemu-system-x86_64", "swtpm", "busybox") if shutil.which(t) is None]
 
 
 def _kill_group(proc: subprocess.Popen | None) -> None:

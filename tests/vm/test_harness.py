@@ -7,15 +7,15 @@ import uuid
 import pytest
 
 from tests.conftest import requires
-from tests.vm.harness import VmError, _version_key, run_in_vm
+from tests.vm.harness import VmError, kernel_version_key, run_in_vm
 
 pytestmark = [requires(root=True, tool="qemu-system-x86_64"), requires(tool="swtpm")]
 
 
 def test_newest_kernel_wins_by_version_not_by_text() -> None:
     images = ["/boot/vmlinuz-6.1.0-9-amd64", "/boot/vmlinuz-6.1.0-56-amd64", "/boot/vmlinuz-6.10.0-1-amd64"]
-    assert max(images, key=_version_key) == "/boot/vmlinuz-6.10.0-1-amd64"
-    assert sorted(images, key=_version_key)[0] == "/boot/vmlinuz-6.1.0-9-amd64"
+    assert max(images, key=kernel_version_key) == "/boot/vmlinuz-6.10.0-1-amd64"
+    assert sorted(images, key=kernel_version_key)[0] == "/boot/vmlinuz-6.1.0-9-amd64"
 
 
 def test_exit_status_and_only_the_rwdir_reaches_the_host(tmp_path) -> None:

@@ -294,10 +294,10 @@ def test_quote_and_entries_agree_while_recording(tpm, tmp_path: Path) -> None:
         stop = threading.Event()
 
         def writer() -> None:
-            i = 0
-            while not stop.is_set():
+            for i in range(3000):              # bounded: the quotes below land while it writes
+                if stop.is_set():
+                    return
                 log.record(ev(i))
-                i += 1
 
         th = threading.Thread(target=writer)
         th.start()

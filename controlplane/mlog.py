@@ -111,7 +111,8 @@ class LogEntry:
 
     def ascii(self) -> str:
         """The entry's line in ascii_runtime_measurements (without the newline)."""
-        line = f"{self.pcr:2d} {self.template_hash.hex()} {self.template_name} {self.digest_alg}:{self.digest.hex()} {self.name}"
+        line = (f"{self.pcr:2d} {self.template_hash.hex()} {self.template_name} "
+                f"{self.digest_alg}:{self.digest.hex()} {self.name}")
         return line + f" {self.signature.hex()}" if self.template_name == "ima-sig" else line
 
     def event(self) -> Event | None:
@@ -126,7 +127,8 @@ class LogEntry:
                 "name": self.name, **({"signature": self.signature.hex()} if self.template_name == "ima-sig" else {})}
 
 
-def _template_data(digest_alg: str, digest: bytes, name: str, template: str = TEMPLATE, signature: bytes = b"") -> bytes:
+def _template_data(digest_alg: str, digest: bytes, name: str, template: str = TEMPLATE,
+                   signature: bytes = b"") -> bytes:
     d_ng = digest_alg.encode() + b":\0" + digest
     n_ng = name.encode("utf-8", "surrogateescape") + b"\0"
     data = _U32.pack(len(d_ng)) + d_ng + _U32.pack(len(n_ng)) + n_ng

@@ -78,8 +78,12 @@ def manufacture(data_dir: Path) -> Path:
         cmd += ["--runas", "root"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0 or not (state / STATE_FILE).exists():
-        tail = (data_dir / "swtpm_setup.log").read_text(errors="replace").strip().splitlines()[-1:] or [proc.stderr.strip()]
-        raise TpmError(f"{state}: swtpm_setup failed (exit {proc.returncode}): {tail[0] if tail else ''}", rc=proc.returncode)
+        try:
+            log_lines = (data_dir / "swtpm_setup.log").read_text(errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            log_lines = []
+        last = (log_lines or proc.stderr.strip().splitlines() or [""])[-1]
+        raise TpmError(f"{state}: swtpm_setup failed (exit {proc.returncode}): {last}", rc=proc.returncode)
     return state
 
 

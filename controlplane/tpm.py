@@ -125,7 +125,8 @@ class Quote:
                 raise VerifyError(f"quote: pcrs: {pcr} out of range 0..{PCR_COUNT - 1}", reason="malformed")
         for pcr, value in values.items():
             if len(value) != SHA256_SIZE:
-                raise VerifyError(f"quote: pcr_values.{pcr}: {len(value)} bytes, want {SHA256_SIZE}", reason="malformed")
+                raise VerifyError(f"quote: pcr_values.{pcr}: {len(value)} bytes, want {SHA256_SIZE}",
+                                  reason="malformed")
         return cls(attest, signature, pcrs, values)
 
 
@@ -426,14 +427,14 @@ class Tpm:
         return ak_name_of(self._ak_public)
 
     def ek_public(self) -> bytes:
-        """The RSA-2048 EK's marshalled TPM2B_PUBLIC."""
+        """The RSA-2048 EK's marshalled TPM2B_PUBLIC. TPM commands: TPM2_ReadPublic (TPM2_CreatePrimary once)."""
         ek = self._ek_handle()
         with self._tss("ReadPublic EK", f"0x{RSA_EK_HANDLE:08x}"):
             pub, _, _ = self._ectx.read_public(ek)
         return pub.marshal()
 
     def ek_certificate(self) -> bytes | None:
-        """The RSA EK certificate (DER) from NV 0x01c00002, or None when the TPM has none."""
+        """The RSA EK certificate (DER) from NV 0x01c00002, or None when the TPM has none. TPM command: TPM2_NV_Read."""
         with self._tss("NV_Read EK certificate", "0x01c00002"):
             try:
                 cert, _ = tss_utils.create_ek_template("EK-RSA2048", tss_utils.NVReadEK(self._ectx))
@@ -475,7 +476,7 @@ class Tpm:
             self._ectx.pcr_extend(ESYS_TR.PCR0 + pcr, values)
 
     def read_pcrs(self, pcrs: Sequence[int]) -> dict[int, bytes]:
-        """PCR values (sha256 bank) of several PCRs; a PCR the TPM does not return is an error."""
+        """PCR values (sha256 bank) of several PCRs; a PCR the TPM leaves out is an error. TPM2_PCR_Read."""
         out: dict[int, bytes] = {}
         want = sorted(set(pcrs))
         with self._tss("PCR_Read"):
@@ -531,7 +532,7 @@ class Tpm:
         return ClockInfo(int(c.clock), int(c.resetCount), int(c.restartCount), bool(c.safe))
 
     def info(self) -> dict:
-        """Manufacturer, firmware, banks, AK and EK facts, for `cwlite tpm info`."""
+        """Manufacturer, firmware, banks, AK facts, for `cwlite tpm info`. TPM command: TPM2_GetCapability."""
         props: dict[int, int] = {}
         with self._tss("GetCapability TPM_PROPERTIES"):
             more, data = self._ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.FIXED, 64)

@@ -54,8 +54,11 @@ def manufacture(data_dir: Path) -> Path:
     if (state / STATE_FILE).exists():
         return state
     ca = data_dir / "ca"
-    for d in (state, ca):
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        for d in (state, ca):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise TpmError(f"{data_dir}: cannot create the embedded TPM's state ({exc.strerror})") from exc
     localca_conf = data_dir / "swtpm-localca.conf"
     localca_conf.write_text(
         f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\n"

@@ -111,7 +111,7 @@ def running_host(data_dir: Path, *, tpm=None, log=None, policy_path: Path | None
             tpm = stack.enter_context(open_tpm(data_dir))
         if log is None:
             log = mlog_mod.MeasurementLog.open(data_dir / "measurements.log", tpm, pcr=10)
-        state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=10, policy_path=policy_path,
+        state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=log.pcr, policy_path=policy_path,
                              controller_key=controller_key, db_digest=db_digest, rate_per_s=rate, burst=int(rate))
         state.record_tls_key()
         server = stack.enter_context(Server(state))

@@ -49,12 +49,14 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
     if enforce and (policy_path is None or db_path is None):
         raise click.UsageError("--enforce needs --policy and --db")
     if pcr is None:
+        from controlplane.mlog import DEFAULT_PCR, choose_pcr
+
         if policy_path is not None:
             from controlplane.policy import load_policy
 
-            pcr = load_policy(policy_path).pcr
+            pcr = choose_pcr(load_policy(policy_path).pcr)
         else:
-            pcr = 10
+            pcr = choose_pcr(DEFAULT_PCR)
     db_digest = None
     if db_path is not None:
         from prima.measuredb import MeasureDB

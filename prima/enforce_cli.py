@@ -189,7 +189,7 @@ def enforce(policy_path: Path, db_path: Path, events_path: Path | None, mlog: bo
         from controlplane import tpm as tpm_mod
         from controlplane.policy import load_policy
 
-        pcr = load_policy(policy_path).pcr
+        pcr = mlog_mod.choose_pcr(load_policy(policy_path).pcr)
         tpm_ctx = tpm_mod.open_tpm(data_dir, device=device)
         tpm = tpm_ctx.__enter__()
         log = mlog_mod.MeasurementLog.open(data_dir / "measurements.log", tpm, pcr=pcr)

@@ -1,0 +1,73 @@
+"""The verifier's verdict per entry, one row per rule (no TPM: entries made with mlog.LogEntry.new)."""
+from __future__ import annotations
+
+import pytest
+
+from controlplane import mlog
+from controlplane.events import Event, EventKind
+from controlplane.verifier import Facts, Judge, replay_to
+from tests.attest_fixtures import reference  # noqa: F401
+
+BOOT = b"\xbb" * 32
+
+
+@pytest.fixture
+def judge(reference):
+    ref = reference.open()
+    yield Judge(ref, Facts(), pcr=10, boot_aggregate=BOOT), reference, ref
+    ref.db.close()
+
+
+def _entry(index, event, pcr=10):
+    return mlog.LogEntry.new(index, pcr, event.digest, event.ima_name())
+
+
+def test_each_rule(judge):
+    j, files, ref = judge
+    cc = next(p for p in files.trusted if p.endswith("/cc"))
+    rows = [
+        (Event(EventKind.BOOT_AGGREGATE, BOOT), "trusted", ""),
+        (Event(EventKind.DAEMON_START, subject="prima/tracepoint"), "trusted", ""),
+        (Event(EventKind.POLICY_LOAD, ref.policy_digest), "trusted", ""),
+        (Event(EventKind.DB_LOAD, ref.db_digest), "trusted", ""),
+        (Event(EventKind.TLS_KEY, b"\x01" * 32, op="serve"), "info", ""),
+        (Event(EventKind.LABEL_TRANSITION, files.trusted[files.entry], "tp_build", "exec", files.entry), "trusted", ""),
+        (Event(EventKind.TRUSTED_LOAD, files.trusted[cc], "tp_build", "exec", cc), "trusted", ""),
+        (Event(EventKind.TRUSTED_LOAD, b"\x02" * 32, "tp_build", "exec", "/tmp/x"), "untrusted", "not-in-db"),
+        (Event(EventKind.TRUSTED_LOAD, files.trusted[cc], "tp_other", "exec", cc), "untrusted", "unknown-label"),
+        (Event(EventKind.LABEL_TRANSITION, files.trusted[cc], "tp_build", "exec", cc), "untrusted", "entrypoint"),
+        (Event(EventKind.VIOLATION, label="tp_build", op="mmap", subject="/tmp/lib.so"), "untrusted", "violation"),
+        (Event(EventKind.LOST_EVENTS, subject="ringbuf: 3"), "untrusted", "lost-events"),
+        (Event(EventKind.POLICY_LOAD, b"\x03" * 32), "untrusted", "policy"),
+        (Event(EventKind.DB_LOAD, b"\x04" * 32), "untrusted", "db"),
+        (Event(EventKind.DAEMON_START, subject="prima/tracepoint"), "untrusted", "enforcement-gap"),
+        (Event(EventKind.DAEMON_STOP, subject="prima/tracepoint"), "untrusted", "enforcement-stopped"),
+        (Event(EventKind.BOOT_AGGREGATE, BOOT), "untrusted", "boot-aggregate-position"),
+    ]
+    got = [(v.verdict, v.reason) for v in (j.judge(_entry(i, e)) for i, (e, _, _) in enumerate(rows))]
+    assert got == [(v, r) for _, v, r in rows]
+    assert j.facts.untrusted == sum(1 for _, v, _ in rows if v == "untrusted")
+    assert j.judge(mlog.LogEntry.new(99, 10, b"\x05" * 32, "/usr/bin/ls")).reason == "unknown-entry"
+    assert j.judge(_entry(100, Event(EventKind.TLS_KEY, b"\x01" * 32), pcr=11)).reason == "wrong-pcr"
+
+
+def test_boot_aggregate_must_match_the_quoted_pcrs(judge):
+    j, _, _ = judge
+    assert j.judge(_entry(0, Event(EventKind.BOOT_AGGREGATE, b"\xcc" * 32))).reason == "boot-aggregate"
+
+
+def test_overall_conditions(judge):
+    j, _, ref = judge
+    assert set(j.overall(b"\x01" * 32)) == {
+        "no boot_aggregate entry", "enforcement not running (no daemon-start, or stopped)",
+        f"active policy none is not the verifier's {ref.policy_digest.hex()[:16]}",
+        "the TLS key of this channel was never logged"}
+
+
+def test_replay_to_finds_the_quoted_prefix_from_any_verified_state():
+    entries = [_entry(i, Event(EventKind.TLS_KEY, bytes([i]) * 32)) for i in range(6)]
+    values = mlog.replay_prefixes(entries, 10)
+    assert replay_to(entries, bytes(32), values[4], 10) == 4
+    assert replay_to(entries[2:], values[2], values[6], 10) == 4          # incremental, from entry 2
+    assert replay_to(entries[2:], values[2], values[2], 10) == 0
+    assert replay_to(entries[:3] + entries[4:], bytes(32), values[6], 10) is None   # one removed

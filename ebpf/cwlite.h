@@ -250,7 +250,7 @@ static __always_inline int cwl_interp_base(u64 *base)
 	return 0;
 }
 
-/* ---- PRIMA: maps and events shared by exec_tp.bpf.c and exec_lsm.bpf.c ----
+/* ---- PRIMA: maps and events shared by both backends of exec.bpf.c ----
  * Python views: prima/engine.py (checked against bcc's Key/Leaf by a layout test).
  * Label ids are small integers the engine assigns (0 = unlabelled); a label's
  * trust set is one bit of a 64-bit mask (bit i = Policy.trust_sets()[i]). */

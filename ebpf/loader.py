@@ -56,7 +56,7 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "LINUX_BINPRM_FILENAME": ("linux_binprm.filename",),
     "FILE_F_PATH_DENTRY": ("file.f_path.dentry",),
     "DENTRY_D_NAME_NAME": ("dentry.d_name.name",),
-    # CDI protection (exec_lsm.bpf.c, cdi.h): dentry -> inode and parent; COW pages of a file VMA.
+    # CDI protection (exec.bpf.c lsm backend, cdi.h): dentry -> inode and parent; COW pages of a file VMA.
     "DENTRY_D_INODE": ("dentry.d_inode",),
     "DENTRY_D_PARENT": ("dentry.d_parent",),
     "VM_AREA_STRUCT_ANON_VMA": ("vm_area_struct.anon_vma",),

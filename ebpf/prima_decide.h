@@ -1,7 +1,7 @@
 /* prima_decide.h: PRIMA's decision, written once for both backends.
  *
- * exec_tp.bpf.c (tracepoints: a violation becomes bpf_send_signal(SIGKILL))
- * and exec_lsm.bpf.c (BPF LSM: a violation becomes -EPERM) include this file.
+ * exec.bpf.c includes it for both backends (-DCWL_BACKEND_TP: a violation
+ * becomes bpf_send_signal(SIGKILL); -DCWL_BACKEND_LSM: it becomes -EPERM).
  * It declares the maps both use and the pure decisions over what was looked up:
  *   - is this file (dev, ino, ctime) trusted for this label's trust-set bit?
  *   - which label does a process run under after exec (entrypoint transition,

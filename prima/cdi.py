@@ -1,6 +1,6 @@
 """CDI protection for the lsm backend: which inodes are CDIs, and which TP labels may write each.
 
-BPF: ebpf/exec_lsm.bpf.c (file_open, inode_create/link/unlink/rename/setattr, ...)
+BPF: ebpf/exec.bpf.c -DCWL_BACKEND_LSM (file_open, inode_create/link/unlink/rename/setattr, ...)
 reads the maps cwl_cdi0/cwl_cdi1 of ebpf/cdi.h. The engine calls
 `fill_generation()` for the generation it is about to make live, so CDIs
 change with the policy in the same flip as PRIMA's maps.
@@ -120,7 +120,7 @@ def fill_generation(bpf: "bcc.BPF", generation: int, policy: Policy, label_ids: 
 
 
 def cflags(btf_path: str = loader.VMLINUX) -> list[str]:
-    """-D flags exec_lsm.bpf.c needs beyond PRIMA's: the CDI map size and this kernel's inode_setattr arguments."""
+    """-D flags exec.bpf.c's lsm backend needs beyond PRIMA's: the CDI map size and this kernel's inode_setattr arguments."""
     flags = [f"-DCWL_CDI_MAX={CDI_MAX}"]
     if lsm_hook_params("inode_setattr", btf_path)[0] != "dentry":
         flags.append("-DCWL_LSM_SETATTR_IDMAP")  # 6.3+: (idmap, dentry, attr)

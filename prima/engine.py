@@ -1,9 +1,9 @@
-"""PRIMA's enforcement engine: loads ebpf/exec_<backend>.bpf.c, fills its maps, turns ring-buffer records into Events.
+"""PRIMA's enforcement engine: loads ebpf/exec.bpf.c, fills its maps, turns ring-buffer records into Events.
 
-One engine, two sources of kernel decisions (`backend`): "tracepoint"
-(exec_tp.bpf.c: a violation kills the process) and "lsm" (exec_lsm.bpf.c: a
-violation is denied). Both share the maps and the event layout of cwlite.h /
-prima_decide.h, so everything here is backend-independent.
+One engine, one BPF source, two backends selected by a -D flag (`backend`):
+"tracepoint" (-DCWL_BACKEND_TP: a violation kills the process) and "lsm"
+(-DCWL_BACKEND_LSM: a violation is denied). Both share the maps and the event
+layout of cwlite.h / prima_decide.h, so everything here is backend-independent.
 
 Reloads never open an unenforced window: the policy/DB maps exist twice; a
 reload fills the idle generation, then flips `cwl_gen` in one map write.
@@ -32,7 +32,9 @@ from prima.measuredb import KernelEntry, kernel_dev
 if TYPE_CHECKING:
     import bcc
 
-BACKENDS = {"tracepoint": "exec_tp.bpf.c", "lsm": "exec_lsm.bpf.c"}
+# One source, two backends (ebpf/exec.bpf.c): the -D flag that selects each.
+SOURCE = "exec.bpf.c"
+BACKENDS = {"tracepoint": "-DCWL_BACKEND_TP", "lsm": "-DCWL_BACKEND_LSM"}
 LABEL_MAX = 64          # label ids 1..63 (0 = unlabelled)
 TASK_MAX = 65536        # labelled processes alive at once
 SEEN_MAX = 65536        # (label, measurement) pairs already logged
@@ -45,7 +47,7 @@ KINDS = {1: EventKind.TRUSTED_LOAD, 2: EventKind.LABEL_TRANSITION, 3: EventKind.
 OPS = {1: "exec", 2: "interp", 3: "script", 4: "mmap", 5: "mprotect", 6: "anon-exec", 7: "entrypoint", 8: "drop"}
 ACTIONS = {0: "allowed", 1: "killed", 2: "denied"}
 WHYS = {0: "", 1: "unmeasured", 2: "changed-after-measurement", 3: "not-in-trust-set", 4: "no-file", 5: "anonymous-exec"}
-DROPS = {0: "ringbuf", 1: "label-map", 2: "seen-map"}
+DROPS = {0: "ringbuf", 1: "label-map", 2: "seen-map", 3: "cdi-map"}
 DROP_MAX = 4
 
 
@@ -87,7 +89,7 @@ class Loaded:
 
 
 class Engine:
-    """BPF: ebpf/exec_tp.bpf.c (or exec_lsm.bpf.c) — all hooks; maps cwl_* of prima_decide.h.
+    """BPF: ebpf/exec.bpf.c (-DCWL_BACKEND_TP or -DCWL_BACKEND_LSM) — all hooks; maps cwl_* of prima_decide.h.
 
     Use as a context manager: `with Engine(policy, entries) as e: e.poll(...)`.
     """
@@ -126,7 +128,7 @@ class Engine:
         # bcc attaches at load, before the first generation is written: until
         # then the maps are empty, so no process can enter a label and nothing
         # is labelled yet (labels are only entered through cwl_entry*).
-        self._bpf = loader.load(BACKENDS[self.backend], flags)
+        self._bpf = loader.load(SOURCE, [BACKENDS[self.backend], *flags])
         try:
             self._bpf[b"cwl_events"].open_ring_buffer(self._on_record)
             self._queue.append(Event(EventKind.DAEMON_START, subject=f"prima/{self.backend}",

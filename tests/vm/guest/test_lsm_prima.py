@@ -2,7 +2,7 @@
 
 The same lab as the tracepoint suite (tests/kernel/prima_lab.py: test-local
 entrypoints that are copies of /bin/sh, a helper that loads code each way an
-attacker would), with the engine on exec_lsm.bpf.c. Where the tracepoint
+attacker would), with the engine on exec.bpf.c's lsm backend. Where the tracepoint
 backend kills the process (status 137), here the syscall returns EPERM
 ("Operation not permitted" from the shell or the helper's perror) and the
 process lives on; every attempt is a `denied` violation event.

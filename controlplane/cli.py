@@ -53,12 +53,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     \b
     Examples:
-      # what this kernel allows, and the backend cwlite would use
-      cwlite status
-      # the same, for scripts
+      # what this kernel allows, and the backend cwlite would use (scripts: --json)
       cwlite status --json
-      # the BPF source and -D flags exactly as bcc compiles them
-      cwlite debug ebpf probe.bpf.c
+      # trusted code for the label's trust set, from Debian's installed packages
+      cwlite db build --db trusted.db --trust-set build-tools --from-dpkg gcc make distcc
+      # on the Build VM: enforce the signed policy and serve attestations
+      cwlite serve --enforce --policy policy.toml --db trusted.db
+      # on the build controller: attest the host, keep a signed proof
+      cwlite verify build1 --policy policy.toml --db trusted.db --proof-out build1.proof
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug

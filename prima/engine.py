@@ -206,10 +206,17 @@ class Engine:
         return self.loaded
 
     def close(self, *, record_stop: bool = True) -> None:
-        """Detach every program (bcc cleanup); the last events are polled first."""
+        """Detach every program (bcc cleanup); the last events are read first.
+
+        The final read consumes the ring buffer directly: poll() waits on epoll, and the
+        kernel's adaptive wakeup for a record just submitted arrives through irq_work, so a
+        zero-timeout poll could miss the last records (seen: the final violation before a
+        SIGTERM). Drops are still checked by poll(0) afterwards.
+        """
         if self._bpf is None:
             return
         try:
+            self._bpf.ring_buffer_consume()
             self.poll(0)
         finally:
             self._bpf.cleanup()

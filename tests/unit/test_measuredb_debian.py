@@ -215,6 +215,7 @@ def _own_archive(tmp: Path, deb: Path, valid_until: str) -> tuple[Path, Path]:
     (lists / "example.invalid_dists_test_main_binary-amd64_Packages").write_bytes(packages)
     signed = subprocess.run([*gpg, "--clearsign", "--digest-algo", "SHA256"], input=release.encode(), env=env, check=True, capture_output=True).stdout
     (lists / "example.invalid_dists_test_InRelease").write_bytes(signed)
+    subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=True)  # gpg started it; leave no daemon
     return lists, keyring
 
 

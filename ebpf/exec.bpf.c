@@ -75,6 +75,13 @@ static __always_inline u32 cwl_enforcing(u32 gen)
 	return c ? c->enforce : 1; /* fail closed */
 }
 
+static __always_inline const void *cwl_bprm_file(const void *bprm)
+{
+	const void *file = 0;
+	CWL_READ(file, bprm, CWL_OFF_LINUX_BINPRM_FILE);
+	return file;
+}
+
 static __always_inline void cwl_drop(u32 reason)
 {
 	u64 *n = cwl_drops.lookup(&reason);
@@ -117,6 +124,17 @@ static __always_inline u32 cwl_current_label(void)
 	return tl ? tl->label : 0;
 }
 
+/* Give the current task `label` (0: none). 0, or -1 when the label cannot be held. */
+static __always_inline int cwl_set_label(u32 label)
+{
+	struct cwl_task_label *slot =
+		cwl_label_slot(bpf_get_current_task_btf(), label ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+	if (!slot)
+		return label ? -1 : 0;
+	slot->label = label;
+	return 0;
+}
+
 static __always_inline const void *cwl_file_dentry(const void *file)
 {
 	const void *dentry = 0;
@@ -142,6 +160,19 @@ static __always_inline u32 cwl_current_label(void)
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct cwl_task_label *tl = cwl_task_labels.lookup(&tgid);
 	return tl ? tl->label : 0;
+}
+
+/* Give the current process `label` (0: none). 0, or -1 when the label cannot be held. */
+static __always_inline int cwl_set_label(u32 label)
+{
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct cwl_task_label nl = {.label = label};
+
+	if (!label) {
+		cwl_task_labels.delete(&tgid);
+		return 0;
+	}
+	return cwl_task_labels.update(&tgid, &nl) ? -1 : 0;
 }
 
 /* Per-CPU room to build a path (cwl_file_path wants twice the name's size). */
@@ -242,6 +273,138 @@ static __always_inline int cwl_check_file(u32 gen, u32 op, u32 label, const void
 	return 0;
 }
 
+/* ---- exec: the decision, and the label the new image runs under, shared ------------- */
+
+/* The exec decision for the file an exec is loading (prima_decide.h), with what it was made on. */
+struct cwl_exec_ctx {
+	struct cwl_exec_decision d;
+	struct cwl_file_id id;
+	const struct cwl_trust *t;
+	const struct cwl_entry *entry;
+	const void *file;
+	const char *path;
+	u32 cur;
+	u32 gen;
+	int have_id;
+};
+
+/* Decide the exec of `file` (bprm's): 0 when it concerns PRIMA (a labelled task or an
+ * entrypoint), else 1. The hot path (an unlabelled task, no entrypoint) reads no name. */
+static __always_inline int cwl_exec_decide(const void *bprm, const void *file, struct cwl_exec_ctx *x)
+{
+	struct cwl_inode_key key;
+
+	x->cur = cwl_current_label();
+	x->gen = cwl_live_gen();
+	x->t = 0;
+	x->entry = 0;
+	x->file = file;
+	x->path = 0;
+	x->have_id = cwl_file_identity(file, &x->id) == 0;
+	if (x->have_id) {
+		cwl_inode_key_of(&x->id, &key);
+		x->entry = cwl_entry_of(x->gen, &key);
+	}
+	if (!x->entry && !x->cur)
+		return 1; /* the hot path: an unlabelled task exec'd a non-entrypoint */
+	CWL_READ(x->path, bprm, CWL_OFF_LINUX_BINPRM_FILENAME);
+	if (!x->have_id)
+		return 0;
+	x->t = cwl_trust_of(x->gen, &key);
+	cwl_decide_exec(x->cur, cwl_label_conf_of(x->gen, x->cur), x->entry,
+			cwl_label_conf_of(x->gen, x->entry ? x->entry->label : 0), &x->id, x->t, &x->d);
+	return 0;
+}
+
+#ifdef CWL_BACKEND_LSM
+/* Under lsm the ELF interpreter is judged by mmap_file, like every other mapping. */
+static __always_inline void cwl_check_interp(u32 gen, u32 label)
+{
+}
+
+/* A violation once the exec can no longer fail: too late for -EPERM, so in enforce mode the
+ * task is killed. `logged`: bprm_check_security already logged it (audit mode adds nothing). */
+static __always_inline void cwl_violation_committed(u32 gen, u32 op, u32 label, u32 why,
+						    const struct cwl_file_id *id, const void *obj, const char *path,
+						    int logged)
+{
+	u32 enforce = cwl_enforcing(gen);
+
+	if (enforce)
+		bpf_send_signal(CWL_SIGKILL);
+	if (enforce || !logged)
+		cwl_emit(CWL_EV_VIOLATION, op, label, label, enforce ? CWL_ACT_KILLED : CWL_ACT_ALLOWED, why, id, 0,
+			 obj, path);
+}
+#else
+/* The ELF interpreter the kernel mapped for the new image (it is not mapped by
+ * a syscall, so sys_enter_mmap never sees it): found at AT_BASE. */
+static __always_inline void cwl_check_interp(u32 gen, u32 label)
+{
+	const void *file = 0;
+	u64 base = 0, end = 0;
+
+	if (cwl_interp_base(&base)) {
+		cwl_violation(gen, CWL_OP_INTERP, label, CWL_WHY_NO_FILE, 0, 0, 0);
+		return;
+	}
+	if (!base)
+		return; /* static image */
+	if (cwl_file_at(base, &file, &end) != 1 || !file) {
+		cwl_violation(gen, CWL_OP_INTERP, label, CWL_WHY_NO_FILE, 0, 0, 0);
+		return;
+	}
+	cwl_check_file(gen, CWL_OP_INTERP, label, file);
+}
+
+/* The tracepoint backend only ever acts after the fact: its violation already kills. */
+#define cwl_violation_committed(gen, op, label, why, id, obj, path, logged) \
+	cwl_violation(gen, op, label, why, id, obj, path)
+#endif
+
+/* The label the new image runs under, once the exec can no longer fail (lsm:
+ * bprm_committed_creds; tracepoint: sched_process_exec): enter, keep or drop it
+ * as prima_decide.h decided, with the events that say so. */
+static __always_inline void cwl_commit_exec(const struct cwl_exec_ctx *x)
+{
+	const void *obj = CWL_EVENT_OBJ(x->file);
+
+	switch (x->d.outcome) {
+	case CWL_EXEC_ENTER:
+		if (cwl_set_label(x->d.label)) {
+			/* Cannot hold the label: the process must not run as if it were a TP. */
+			cwl_drop(CWL_DROP_LABEL);
+			cwl_violation_committed(x->gen, CWL_OP_ENTRYPOINT, x->d.label, CWL_WHY_NONE, &x->id, obj,
+						x->path, 0);
+			return;
+		}
+		if (x->cur != x->d.label)
+			cwl_emit(CWL_EV_LABEL_TRANSITION, CWL_OP_EXEC, x->d.label, x->cur, CWL_ACT_ALLOWED, CWL_WHY_NONE,
+				 &x->id, x->t, obj, x->path);
+		cwl_trusted(CWL_OP_EXEC, x->d.label, &x->id, x->t, obj, x->path);
+		cwl_check_interp(x->gen, x->d.label);
+		return;
+	case CWL_EXEC_BAD_ENTRY:
+		/* Unlabelled caller: nothing to stop, but the modified entrypoint is worth a record. */
+		cwl_emit(CWL_EV_VIOLATION, CWL_OP_ENTRYPOINT, x->entry ? x->entry->label : 0, 0, CWL_ACT_ALLOWED,
+			 x->d.why, &x->id, 0, obj, x->path);
+		return;
+	case CWL_EXEC_DROP:
+		cwl_set_label(0);
+		cwl_emit(CWL_EV_LABEL_TRANSITION, CWL_OP_DROP, 0, x->cur, CWL_ACT_ALLOWED, CWL_WHY_NONE, &x->id, 0, obj,
+			 x->path);
+		return;
+	default:
+		break;
+	}
+	if (x->d.why == CWL_WHY_NONE) {
+		cwl_trusted(CWL_OP_EXEC, x->cur, &x->id, x->t, obj, x->path);
+		cwl_check_interp(x->gen, x->cur);
+	} else {
+		cwl_violation_committed(x->gen, CWL_OP_EXEC, x->cur, x->d.why, &x->id, obj, x->path, 1);
+	}
+}
+
 #ifdef CWL_BACKEND_LSM
 /* ---- lsm hooks ----------------------------------------------------------------------- */
 
@@ -257,45 +420,6 @@ static __always_inline int cwl_check_anon(u32 gen, u32 op, u32 label, const void
 	return cwl_violation(gen, op, label, why, &id, cwl_file_dentry(file), 0);
 }
 
-/* The exec decision for the file bprm is loading now (prima_decide.h), with what it was made on. */
-struct cwl_exec_ctx {
-	struct cwl_exec_decision d;
-	struct cwl_file_id id;
-	const struct cwl_trust *t;
-	const struct cwl_entry *entry;
-	const void *file;
-	const char *path;
-	u32 cur;
-	u32 gen;
-	int have_id;
-};
-
-/* Returns 0 when the exec concerns PRIMA (a labelled task or an entrypoint), else 1. */
-static __always_inline int cwl_exec_decide(const void *bprm, struct cwl_exec_ctx *x)
-{
-	struct cwl_inode_key key;
-
-	x->cur = cwl_current_label();
-	x->gen = cwl_live_gen();
-	x->t = 0;
-	x->entry = 0;
-	x->file = 0;
-	x->path = 0;
-	CWL_READ(x->file, bprm, CWL_OFF_LINUX_BINPRM_FILE);
-	CWL_READ(x->path, bprm, CWL_OFF_LINUX_BINPRM_FILENAME);
-	x->have_id = cwl_file_identity(x->file, &x->id) == 0;
-	if (!x->have_id)
-		return x->cur ? 0 : 1;
-	cwl_inode_key_of(&x->id, &key);
-	x->entry = cwl_entry_of(x->gen, &key);
-	if (!x->entry && !x->cur)
-		return 1; /* the hot path: an unlabelled task exec'd a non-entrypoint */
-	x->t = cwl_trust_of(x->gen, &key);
-	cwl_decide_exec(x->cur, cwl_label_conf_of(x->gen, x->cur), x->entry,
-			cwl_label_conf_of(x->gen, x->entry ? x->entry->label : 0), &x->id, x->t, &x->d);
-	return 0;
-}
-
 /* Before anything of the new image is loaded: deny untrusted code for a labelled task.
  * Runs once per file of the exec chain (a #! script, then its interpreter). */
 LSM_PROBE(bprm_check_security, struct linux_binprm *bprm, int ret)
@@ -304,7 +428,7 @@ LSM_PROBE(bprm_check_security, struct linux_binprm *bprm, int ret)
 
 	if (ret)
 		return ret;
-	if (cwl_exec_decide(bprm, &x))
+	if (cwl_exec_decide(bprm, cwl_bprm_file(bprm), &x))
 		return 0;
 	if (!x.have_id)
 		return cwl_violation(x.gen, CWL_OP_EXEC, x.cur, CWL_WHY_NO_FILE, &x.id, 0, x.path);
@@ -317,49 +441,9 @@ LSM_PROBE(bprm_check_security, struct linux_binprm *bprm, int ret)
 LSM_PROBE(bprm_committed_creds, struct linux_binprm *bprm)
 {
 	struct cwl_exec_ctx x;
-	struct cwl_task_label *slot;
 
-	if (cwl_exec_decide(bprm, &x) || !x.have_id)
-		return 0;
-	switch (x.d.outcome) {
-	case CWL_EXEC_ENTER:
-		slot = cwl_label_slot(bpf_get_current_task_btf(), BPF_LOCAL_STORAGE_GET_F_CREATE);
-		if (!slot) {
-			/* Cannot hold the label: it must not run as a TP, nor keep a label it cannot leave. */
-			cwl_drop(CWL_DROP_LABEL);
-			cwl_emit(CWL_EV_VIOLATION, CWL_OP_ENTRYPOINT, x.d.label, x.cur, CWL_ACT_KILLED, CWL_WHY_NONE,
-				 &x.id, 0, 0, x.path);
-			bpf_send_signal(CWL_SIGKILL);
-			return 0;
-		}
-		slot->label = x.d.label;
-		if (x.cur != x.d.label)
-			cwl_emit(CWL_EV_LABEL_TRANSITION, CWL_OP_EXEC, x.d.label, x.cur, CWL_ACT_ALLOWED, CWL_WHY_NONE,
-				 &x.id, x.t, 0, x.path);
-		cwl_trusted(CWL_OP_EXEC, x.d.label, &x.id, x.t, 0, x.path);
-		return 0;
-	case CWL_EXEC_BAD_ENTRY:
-		/* Unlabelled caller: nothing to deny, but the modified entrypoint is worth a record. */
-		cwl_emit(CWL_EV_VIOLATION, CWL_OP_ENTRYPOINT, x.entry ? x.entry->label : 0, 0, CWL_ACT_ALLOWED, x.d.why,
-			 &x.id, 0, 0, x.path);
-		return 0;
-	case CWL_EXEC_DROP:
-		slot = cwl_label_slot(bpf_get_current_task_btf(), 0);
-		if (slot)
-			slot->label = 0;
-		cwl_emit(CWL_EV_LABEL_TRANSITION, CWL_OP_DROP, 0, x.cur, CWL_ACT_ALLOWED, CWL_WHY_NONE, &x.id, 0, 0,
-			 x.path);
-		return 0;
-	default:
-		break;
-	}
-	if (x.d.why == CWL_WHY_NONE) {
-		cwl_trusted(CWL_OP_EXEC, x.cur, &x.id, x.t, 0, x.path);
-	} else if (cwl_enforcing(x.gen)) {
-		/* bprm_check_security allowed it, so the file changed since: too late for -EPERM. */
-		cwl_emit(CWL_EV_VIOLATION, CWL_OP_EXEC, x.cur, x.cur, CWL_ACT_KILLED, x.d.why, &x.id, 0, 0, x.path);
-		bpf_send_signal(CWL_SIGKILL);
-	} /* audit mode: bprm_check_security logged it */
+	if (!cwl_exec_decide(bprm, cwl_bprm_file(bprm), &x) && x.have_id)
+		cwl_commit_exec(&x);
 	return 0;
 }
 
@@ -562,90 +646,18 @@ LSM_PROBE(inode_setattr, struct dentry *dentry, struct iattr *attr, int ret)
 #else /* CWL_BACKEND_TP */
 /* ---- tracepoint hooks ---------------------------------------------------------------- */
 
-/* The ELF interpreter the kernel mapped for the new image (it is not mapped by
- * a syscall, so sys_enter_mmap never sees it): found at AT_BASE. */
-static __always_inline void cwl_check_interp(u32 gen, u32 label)
-{
-	const void *file = 0;
-	u64 base = 0, end = 0;
-
-	if (cwl_interp_base(&base)) {
-		cwl_violation(gen, CWL_OP_INTERP, label, CWL_WHY_NO_FILE, 0, 0, 0);
-		return;
-	}
-	if (!base)
-		return; /* static image */
-	if (cwl_file_at(base, &file, &end) != 1 || !file) {
-		cwl_violation(gen, CWL_OP_INTERP, label, CWL_WHY_NO_FILE, 0, 0, 0);
-		return;
-	}
-	cwl_check_file(gen, CWL_OP_INTERP, label, file);
-}
-
-/* sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm) */
+/* sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm):
+ * the new image is in place (mm->exe_file) and has not run an instruction. */
 RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
-	const void *bprm = (const void *)ctx->args[2];
-	u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	struct cwl_task_label *tl = cwl_task_labels.lookup(&tgid);
-	u32 cur = tl ? tl->label : 0;
-	u32 gen = cwl_live_gen();
-	const void *exe = cwl_current_exe_file();
-	const char *path = 0;
-	struct cwl_file_id id;
-	struct cwl_inode_key key;
-	const struct cwl_trust *t = 0;
-	const struct cwl_entry *entry = 0;
-	struct cwl_exec_decision d;
+	struct cwl_exec_ctx x;
 
-	if (cwl_file_identity(exe, &id) != 0) {
-		if (cur) {
-			CWL_READ(path, bprm, CWL_OFF_LINUX_BINPRM_FILENAME);
-			cwl_violation(gen, CWL_OP_EXEC, cur, CWL_WHY_NO_FILE, &id, exe, path);
-		}
+	if (cwl_exec_decide((const void *)ctx->args[2], cwl_current_exe_file(), &x))
 		return 0;
-	}
-	cwl_inode_key_of(&id, &key);
-	entry = cwl_entry_of(gen, &key);
-	if (!entry && !cur)
-		return 0; /* the hot path: an unlabelled process exec'd a non-entrypoint */
-	CWL_READ(path, bprm, CWL_OFF_LINUX_BINPRM_FILENAME);
-	t = cwl_trust_of(gen, &key);
-	cwl_decide_exec(cur, cwl_label_conf_of(gen, cur), entry, cwl_label_conf_of(gen, entry ? entry->label : 0),
-			&id, t, &d);
-
-	switch (d.outcome) {
-	case CWL_EXEC_ENTER: {
-		struct cwl_task_label nl = {.label = d.label};
-		if (cwl_task_labels.update(&tgid, &nl)) {
-			/* Cannot hold the label: the process must not run as if it were a TP. */
-			cwl_drop(CWL_DROP_LABEL);
-			cwl_violation(gen, CWL_OP_ENTRYPOINT, d.label, CWL_WHY_NONE, &id, exe, path);
-			return 0;
-		}
-		if (cur != d.label)
-			cwl_emit(CWL_EV_LABEL_TRANSITION, CWL_OP_EXEC, d.label, cur, CWL_ACT_ALLOWED, CWL_WHY_NONE, &id, t, exe, path);
-		cwl_trusted(CWL_OP_EXEC, d.label, &id, t, exe, path);
-		cwl_check_interp(gen, d.label);
-		return 0;
-	}
-	case CWL_EXEC_BAD_ENTRY:
-		/* Unlabelled caller: nothing to kill, but the modified entrypoint is worth a record. */
-		cwl_emit(CWL_EV_VIOLATION, CWL_OP_ENTRYPOINT, entry->label, 0, CWL_ACT_ALLOWED, d.why, &id, 0, exe, path);
-		return 0;
-	case CWL_EXEC_DROP:
-		cwl_task_labels.delete(&tgid);
-		cwl_emit(CWL_EV_LABEL_TRANSITION, CWL_OP_DROP, 0, cur, CWL_ACT_ALLOWED, CWL_WHY_NONE, &id, 0, exe, path);
-		return 0;
-	default:
-		break;
-	}
-	if (d.why == CWL_WHY_NONE) {
-		cwl_trusted(CWL_OP_EXEC, cur, &id, t, exe, path);
-		cwl_check_interp(gen, cur);
-	} else {
-		cwl_violation(gen, CWL_OP_EXEC, cur, d.why, &id, exe, path);
-	}
+	if (!x.have_id)
+		cwl_violation(x.gen, CWL_OP_EXEC, x.cur, CWL_WHY_NO_FILE, &x.id, x.file, x.path);
+	else
+		cwl_commit_exec(&x);
 	return 0;
 }
 

@@ -206,18 +206,12 @@ class Engine:
         return self.loaded
 
     def close(self, *, record_stop: bool = True) -> None:
-        """Detach every program (bcc cleanup); the last events are read first.
-
-        The final read consumes the ring buffer directly: poll() waits on epoll, and the
-        kernel's adaptive wakeup for a record just submitted arrives through irq_work, so a
-        zero-timeout poll could miss the last records (seen: the final violation before a
-        SIGTERM). Drops are still checked by poll(0) afterwards.
-        """
+        """Detach every program (bcc cleanup); the last records are read first and stay
+        queued for drain() (with daemon-stop after them)."""
         if self._bpf is None:
             return
         try:
-            self._bpf.ring_buffer_consume()
-            self.poll(0)
+            self._collect(None)
         finally:
             self._bpf.cleanup()
             self._bpf = None
@@ -293,8 +287,17 @@ class Engine:
 
     def poll(self, timeout_ms: int = 100) -> list[Event]:
         """Wait up to `timeout_ms` for records; return every queued Event, LOST_EVENTS included."""
+        self._collect(timeout_ms)
+        return self.drain()
+
+    def _collect(self, timeout_ms: int | None) -> None:
+        """Queue the ring buffer's records (waiting up to `timeout_ms`; None: read what is
+        there now, without waiting on epoll) and a LOST_EVENTS event for new kernel drops."""
         bpf = self._require()
-        bpf.ring_buffer_poll(timeout_ms)
+        if timeout_ms is None:
+            bpf.ring_buffer_consume()
+        else:
+            bpf.ring_buffer_poll(timeout_ms)
         counts = self.drops()
         lost = {}
         for i, name in DROPS.items():
@@ -308,4 +311,3 @@ class Engine:
         if lost:
             self._queue.append(Event(EventKind.LOST_EVENTS, subject=", ".join(f"{k}={v}" for k, v in sorted(lost.items())),
                                      detail=lost))
-        return self.drain()

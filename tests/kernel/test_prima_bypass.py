@@ -250,6 +250,23 @@ def test_lost_events_are_reported(tmp_path) -> None:
         small.close()
 
 
+def test_records_read_at_detach_are_kept_before_daemon_stop(tmp_path) -> None:
+    """close() reads what is left in the ring buffer and keeps it for drain(): once it was read and
+    thrown away, so the log lost whatever happened in the last moment before a SIGTERM."""
+    lab = Lab(tmp_path)
+    try:
+        tp = lab.label()
+        lab.collect(100)  # the reload's own events
+        assert tp.sh(f"{lab.untrusted}; echo rc=$?").stdout.strip() == KILLED
+    finally:
+        lab.close()  # nothing polled since the kill
+    tail = lab.engine.drain()
+    assert [(e.kind, e.op) for e in tail if e.label == tp.name] == [
+        (EventKind.LABEL_TRANSITION, "exec"), (EventKind.TRUSTED_LOAD, "exec"), (EventKind.TRUSTED_LOAD, "interp"),
+        (EventKind.TRUSTED_LOAD, "mmap"), (EventKind.VIOLATION, "exec")]
+    assert tail[-1].kind is EventKind.DAEMON_STOP
+
+
 def test_no_unenforced_window_across_reloads(lab) -> None:
     """A labelled loop execs an untrusted binary while the engine reloads 20 times: every exec dies."""
     tp = lab.label()

@@ -1,6 +1,7 @@
 """`cwlite enforce` as a real daemon: a real measurement DB, real kills, SIGHUP reload, SIGTERM detach, events file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,22 @@ def _wait_line(stream, needle: str, timeout: float = 60) -> str:
     raise AssertionError(f"{needle!r} not seen")
 
 
+@contextlib.contextmanager
+def _daemon(*args: str):
+    """`cwlite enforce ARGS` until it says it is enforcing; on leaving, SIGTERM and a clean detach."""
+    proc = subprocess.Popen([CWLITE, "enforce", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_line(proc.stderr, "enforcing")
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        _wait_line(proc.stderr, "detached")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -56,10 +73,7 @@ def site(tmp_path):
 def test_enforce_daemon_kills_reloads_and_detaches(site) -> None:
     tmp, bin_dir, other, db, policy = site
     events = tmp / "events.jsonl"
-    proc = subprocess.Popen([CWLITE, "enforce", "--policy", str(policy), "--db", str(db), "--events", str(events),
-                             "--backend", "tracepoint"], stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_line(proc.stderr, "enforcing")
+    with _daemon("--policy", str(policy), "--db", str(db), "--events", str(events), "--backend", "tracepoint") as proc:
         ep = str(bin_dir / "ep")
         run = lambda s: subprocess.run([ep, "-c", s], capture_output=True, text=True, timeout=30).stdout.strip()
         assert run(f"{bin_dir / 'true'}; echo rc=$?") == "rc=0"
@@ -75,13 +89,6 @@ def test_enforce_daemon_kills_reloads_and_detaches(site) -> None:
         assert "bogus: unknown key" in _wait_line(proc.stderr, "reload refused")
         shutil.copy2(bin_dir / "true", tmp / "x")  # unmeasured
         assert run(f"{tmp}/x; echo rc=$?") == "rc=137"
-        proc.send_signal(signal.SIGTERM)
-        _wait_line(proc.stderr, "detached")
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     # programs detached: the label no longer means anything
     assert subprocess.run([str(bin_dir / "ep"), "-c", f"{tmp}/x; echo rc=$?"], capture_output=True,
                           text=True).stdout.strip() == "rc=0"
@@ -115,20 +122,10 @@ def test_enforce_records_into_the_measurement_log(site, swtpm) -> None:
     policy.write_text(policy.read_text().replace('mode = "enforce"', 'mode = "enforce"\npcr = 11'))
     data = tmp / "data"
     data.mkdir()
-    proc = subprocess.Popen([CWLITE, "enforce", "--policy", str(policy), "--db", str(db), "--mlog", "--data-dir", str(data),
-                             "--device", swtpm.tcti, "--backend", "tracepoint"], stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_line(proc.stderr, "enforcing")
+    with _daemon("--policy", str(policy), "--db", str(db), "--mlog", "--data-dir", str(data), "--device", swtpm.tcti,
+                 "--backend", "tracepoint"):
         r = subprocess.run([str(bin_dir / "ep"), "-c", f"{other / 'false'}; echo rc=$?"], capture_output=True, text=True)
         assert r.stdout.strip() == "rc=137"
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        _wait_line(proc.stderr, "detached")
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     entries = mlog.read_log(data / "measurements.log")
     names = [e.name for e in entries]
     assert names[0] == "boot_aggregate" and names[1] == "cwlite:daemon-start:-:-:prima/tracepoint"

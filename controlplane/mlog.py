@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from controlplane.atomic import fsync_dir, write_atomic
 from controlplane.errors import LogError
 from controlplane.events import Event, EventKind
 
@@ -330,24 +331,6 @@ def choose_pcr(preferred: int = DEFAULT_PCR, fallback: int = FALLBACK_PCR, *, im
 # ---------------------------------------------------------------------------------------------
 # The live log: write-ahead, group commit, recovery.
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path)
-
-
 def _fault_point() -> int | None:
     """Tests only: CWLITE_FAULT=after-log-before-extend[:N] exits the process after the
     fsync and before the extend of the commit that holds entry N (default: any)."""
@@ -433,8 +416,8 @@ class MeasurementLog:
                 if current != ZERO_PCR:
                     raise LogError(f"{path}: entry 0: the log is empty but PCR {pcr} is not at its reset value "
                                    f"({current.hex()[:16]}...): another writer, or this boot's log was lost", entry=0)
-                _write_json_atomic(state_path, {"pcr": pcr, "reset_count": clock.reset_count, "bank": "sha256",
-                                                "template": TEMPLATE})
+                write_atomic(state_path, json.dumps({"pcr": pcr, "reset_count": clock.reset_count, "bank": "sha256",
+                                                     "template": TEMPLATE}, sort_keys=True).encode(), mode=0o644)
                 log = cls(path, tpm, pcr, fd, [], 0, None, size=0)
                 pcrs = tpm.read_pcrs(BOOT_AGGREGATE_PCRS)
                 log.record(Event(EventKind.BOOT_AGGREGATE, boot_aggregate(pcrs)), wait=True)
@@ -464,7 +447,7 @@ class MeasurementLog:
         aside = path.with_name(f"{path.name}.reset{state.get('reset_count')}")
         os.replace(path, aside)
         os.replace(state_path, aside.with_name(aside.name + ".state"))
-        _fsync_dir(path)
+        fsync_dir(path.parent)
         return aside
 
     @staticmethod

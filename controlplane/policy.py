@@ -36,9 +36,7 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import re
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,18 +382,6 @@ def sign_policy(policy: Policy, key: Ed25519PrivateKey) -> bytes:
     return key.sign(policy.digest())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """temp file + fsync + rename: readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_policy(path: str | Path, *, controller_key: Ed25519PublicKey | str | Path | None = None,

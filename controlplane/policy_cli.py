@@ -89,7 +89,8 @@ def sign(policy: Path, key_path: Path, as_json: bool) -> None:
       cwlite policy sign policy.toml --key controller.key
       cwlite policy check policy.toml --controller-key controller.pub
     """
-    from controlplane.policy import load_policy, load_private_key, sign_policy, signature_path, write_atomic
+    from controlplane.atomic import write_atomic
+    from controlplane.policy import load_policy, load_private_key, sign_policy, signature_path
 
     pol = load_policy(policy)
     sig = sign_policy(pol, load_private_key(key_path))
@@ -114,7 +115,7 @@ def keygen(prefix: Path, as_json: bool) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from controlplane.errors import PolicyError
-    from controlplane.policy import write_atomic
+    from controlplane.atomic import write_atomic
 
     key_path, pub_path = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
     if key_path.exists():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from controlplane.atomic import write_atomic
 from controlplane.errors import VerifyError
 
 FORMAT = "cwlite-proof/1"
@@ -31,15 +31,6 @@ TRUSTED, UNTRUSTED = "trusted", "untrusted"
 def canonical(obj: Any) -> bytes:
     """The one byte form of a JSON value that is signed and digested."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """controlplane.policy's temp file + fsync + rename (created 0600), then `mode`: never half a file."""
-    from controlplane.policy import write_atomic as atomic
-
-    path = Path(path)
-    atomic(path, data)
-    os.chmod(path, mode)
 
 
 # keys ------------------------------------------------------------------------
@@ -54,7 +45,7 @@ def load_signing_key(path: Path, *, create: bool = False) -> Ed25519PrivateKey:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption()), mode=0o600)
-        write_atomic(path.with_suffix(".pub"), public_pem(key.public_key()))
+        write_atomic(path.with_suffix(".pub"), public_pem(key.public_key()), mode=0o644)
         return key
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)

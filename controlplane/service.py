@@ -328,12 +328,12 @@ def create_app(state: ServiceState) -> FastAPI:
         if state.controller_key is None or state.policy_path is None:
             raise _Reject(409, "policy push disabled: the service was started without --controller-key/--policy")
         pol = _checked_policy(state, req)
-        from controlplane.proof import write_atomic
+        from controlplane.atomic import write_atomic
 
         with state.lock:
             path = Path(state.policy_path)
-            write_atomic(_sig_path(path), _unb64(req.signature, "signature"))
-            write_atomic(path, req.policy.encode())
+            write_atomic(_sig_path(path), _unb64(req.signature, "signature"), mode=0o644)
+            write_atomic(path, req.policy.encode(), mode=0o644)
             state.mlog.record(Event(EventKind.POLICY_LOAD, pol.digest(), op="push", subject=str(path)), wait=True)
             if state.on_policy is not None:     # e.g. an embedded enforcement engine re-reads the file
                 state.on_policy(pol)

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from controlplane.atomic import write_atomic
 from controlplane.errors import TpmError
 
 SWTPM = "swtpm"
@@ -200,8 +201,7 @@ class Swtpm:
                 raise TpmError(f"{state}: swtpm did not answer on ports {port}/{port + 1} within {START_TIMEOUT:.0f} s")
             time.sleep(0.02)
         running = data_dir / RUNNING_FILE
-        running.with_suffix(".tmp").write_text(json.dumps({"pid": proc.pid, "port": port}))
-        os.replace(running.with_suffix(".tmp"), running)
+        write_atomic(running, json.dumps({"pid": proc.pid, "port": port}).encode(), mode=0o644)
         return tpm
 
     def exit_status(self) -> int | None:

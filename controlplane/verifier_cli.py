@@ -116,6 +116,7 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
     import json
 
     from controlplane import proof as proof_mod
+    from controlplane.atomic import write_atomic
     from controlplane import verifier as v
     from controlplane.errors import VerifyError
     from controlplane.proof_cli import print_proof
@@ -149,7 +150,7 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
                     worst = max(worst, 1)
                     continue
                 if proof_out is not None:
-                    proof_mod.write_atomic(proof_out, att.proof)
+                    write_atomic(proof_out, att.proof, mode=0o644)
                 emit(att.document, as_json, print_proof)
                 if att.verdict != v.TRUSTED:
                     worst = 2

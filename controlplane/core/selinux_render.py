@@ -102,7 +102,6 @@ def _te(policy: Policy, digest: str) -> str:
         "",
         "gen_require(`",
         "\tattribute domain, port_type;",
-        "\ttype setfiles_t;",
         "')",
         "",
         "attribute cwlite_tp_domain;     # TP domains: entered only through a measured entrypoint",
@@ -116,7 +115,8 @@ def _te(policy: Policy, digest: str) -> str:
         "type cwlite_exec_t;",
         "init_daemon_domain(cwlite_t, cwlite_exec_t)",
         "",
-        "# CDIs are not file_type: no stock 'all files' grant reaches them.",
+        "# CDIs are not file_type: no stock 'all files' grant reaches them (nor setfiles:",
+        "# a CDI directory is labelled by cwlite_t, what is created in it inherits the type).",
         "type cwlite_policy_t, cwlite_cdi_type;   # " + POLICY_DIR,
         "type cwlite_db_t, cwlite_cdi_type;       # " + DATA_DIR,
     ]
@@ -143,8 +143,6 @@ def _te(policy: Policy, digest: str) -> str:
         "allow cwlite_t self:tcp_socket create_stream_socket_perms;",
         "allow cwlite_t cwlite_service_port_t:tcp_socket name_bind;",
         "corenet_tcp_bind_generic_node(cwlite_t)",
-        "",
-        "allow setfiles_t cwlite_cdi_type:{ dir file } { getattr relabelfrom relabelto };",
     ]
     writers: dict[str, list[str]] = {}
     for i, cdi in enumerate(policy.cdis):
@@ -173,7 +171,6 @@ def _te(policy: Policy, digest: str) -> str:
             f"manage_dirs_pattern({d}, {tmp}, {tmp})",
             f"manage_files_pattern({d}, {tmp}, {tmp})",
             f"files_tmp_filetrans({d}, {tmp}, {{ dir file }})",
-            f"neverallow {{ domain -{d} }} {d}:process {{ ptrace setexec setfscreate setcurrent }};",
             f"neverallow {d} ~{e}:file entrypoint;",
         ]
         for cdi in writers.get(name, []):

@@ -132,7 +132,7 @@ def _filters(policy: setools.SELinuxPolicy, high: set, network: set) -> dict:
         return {}
     out = {}
     for tp in sorted(tps & high, key=str):
-        q = setools.TERuleQuery(policy, ruletype=["allow"], source=tp, source_indirect=False,
+        q = setools.TERuleQuery(policy, ruletype=["allow"], source=tp,
                                 tclass=["tcp_socket", "udp_socket"], perms=["name_bind"])
         if any(set(r.target.expand()) & ports for r in q.results()):
             out[tp] = network

@@ -35,15 +35,17 @@ def write_sources(rendered: Rendered, out: str | Path) -> list[Path]:
     return paths
 
 
-def _run(argv: list[str], what: str, *, cwd: Path | None = None) -> str:
+def _run(argv: list[str], what: str, *, cwd: Path | None = None, tool: str = "") -> str:
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
     except FileNotFoundError:
         raise SelinuxError(f"{argv[0]}: not installed (make setup installs the SELinux tools)", source=argv[0]) from None
     if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and "not in password file" not in ln]
-        last = lines[-1].strip() if lines else f"exit {proc.returncode}"
-        raise SelinuxError(f"{what}: {shlex.join(argv)}: {last}", source=what)
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and "not in password file" not in ln]
+        # the first neverallow or error line says why; tools end with a bare "Failed!"
+        key = [ln for ln in lines if ln.startswith(("(neverallow", "neverallow")) or "rror" in ln]
+        why = " ".join(key[:2]) if key else (lines[-1] if lines else f"exit {proc.returncode}")
+        raise SelinuxError(f"{what}: {tool or argv[0]} failed: {why}", source=what)
     return proc.stdout
 
 
@@ -59,8 +61,13 @@ def build(src: str | Path) -> Path:
     return src / f"{MODULE}.pp"
 
 
-def scratch_store(root: str | Path, *, store: str = "default") -> Path:
-    """Copy the installed store `store` (and /etc/selinux) under `root`; returns `root`."""
+def scratch_store(root: str | Path, *, store: str = "default", expand_check: bool = True) -> Path:
+    """Copy the installed store `store` (and /etc/selinux) under `root`; returns `root`.
+
+    Debian's semanage.conf says `expand-check=0`: neverallow rules are not
+    checked when modules are linked. The scratch store turns it on, so the
+    module's neverallows (CDI writers, Port Authority ports) hold at link.
+    """
     root = Path(root)
     if not (STORE_ROOT / store / "active").is_dir():
         raise SelinuxError(f"{STORE_ROOT / store}: no SELinux policy store (make setup installs selinux-policy-default)",
@@ -69,6 +76,9 @@ def scratch_store(root: str | Path, *, store: str = "default") -> Path:
     (root / "etc").mkdir(parents=True, exist_ok=True)
     shutil.copytree(STORE_ROOT / store, root / "var/lib/selinux" / store, symlinks=True, dirs_exist_ok=True)
     shutil.copytree(ETC_ROOT, root / "etc/selinux", symlinks=True, dirs_exist_ok=True)
+    conf = root / "etc/selinux/semanage.conf"
+    lines = [ln for ln in conf.read_text().splitlines() if not ln.replace(" ", "").startswith("expand-check=")]
+    conf.write_text("\n".join(lines + [f"expand-check={int(expand_check)}"]) + "\n")
     return root
 
 
@@ -78,7 +88,7 @@ def _in_store(root: Path, commands: list[list[str]], what: str) -> None:
                           f"mount --bind {shlex.quote(str(root / 'var/lib/selinux'))} {STORE_ROOT}",
                           f"mount --bind {shlex.quote(str(root / 'etc/selinux'))} {ETC_ROOT}"]
                          + [shlex.join(c) for c in commands])
-    _run(["unshare", "-m", "sh", "-c", script], what)
+    _run(["unshare", "-m", "sh", "-c", script], what, tool=" && ".join(c[0] if c[0] != "sh" else "semanage" for c in commands))
 
 
 def link(root: str | Path, pp: str | Path, rendered: Rendered, *, extra: list[str | Path] = (), store: str = "default") -> Path:

@@ -92,7 +92,7 @@ def _check_human(d: dict) -> None:
                f"{d['flows_into_tcb']} flow(s) into the TCB ({len(d['high'])} high type(s), "
                f"{len(d['low'])} low type(s), min weight {d['min_weight']})")
     for tp, types in d["filters"].items():
-        click.echo(f"  filter: {tp} <- network ({len(types)} type(s))")
+        click.echo(f"  filtered by {tp} (network input): {len(types)} step(s) in")
     for f in d["flows"]:
         click.echo(f"  {f['low']} -> {f['high']}: {' -> '.join(f['path'])}")
         for s in f["steps"]:
@@ -107,7 +107,7 @@ def _check_human(d: dict) -> None:
 @click.option("--high", multiple=True, help="High-integrity type or attribute (repeat; default: the module's "
               "cwlite_tp_domain cwlite_entry_type cwlite_cdi_type).")
 @click.option("--trusted", multiple=True, help="Subject trusted to filter what it reads: no path passes it "
-              "(repeat; default cwlite_t).")
+              "(repeat; default cwlite_t null_device_t zero_device_t).")
 @click.option("--min-weight", type=click.IntRange(1, 10), default=3, show_default=True,
               help="Ignore flow steps whose permission weight is below this.")
 @click.option("--perm-map", type=click.Path(dir_okay=False, path_type=Path), help="Permission map (default: SETools').")

@@ -107,7 +107,6 @@ def _te(policy: Policy, digest: str) -> str:
         "attribute cwlite_tp_domain;     # TP domains: entered only through a measured entrypoint",
         "attribute cwlite_entry_type;    # the entrypoints' file types",
         "attribute cwlite_cdi_type;      # CDIs: writable only by their TP domains and cwlite_t",
-        "attribute cwlite_port_type;     # Port Authority ports",
         "",
         "########################################",
         "# cwlite's own domain: enforcement engine, measurement log, attestation service",
@@ -138,7 +137,7 @@ def _te(policy: Policy, digest: str) -> str:
         "dev_rw_tpm(cwlite_t)",
         "kernel_read_system_state(cwlite_t)",
         "",
-        "type cwlite_service_port_t, cwlite_port_type;",
+        "type cwlite_service_port_t;",
         "corenet_port(cwlite_service_port_t)",
         "allow cwlite_t self:tcp_socket create_stream_socket_perms;",
         "allow cwlite_t cwlite_service_port_t:tcp_socket name_bind;",
@@ -153,7 +152,7 @@ def _te(policy: Policy, digest: str) -> str:
         for lb in rule.labels:
             ports.setdefault(lb, []).append(port_type_of(rule.port, rule.protocol))
     for rule in sorted({(r.port, r.protocol) for r in policy.port_authority.rules}):
-        out += ["", f"type {port_type_of(*rule)}, cwlite_port_type;   # Port Authority {rule[0]}/{rule[1]}",
+        out += ["", f"type {port_type_of(*rule)};   # Port Authority {rule[0]}/{rule[1]}",
                 f"corenet_port({port_type_of(*rule)})"]
     for name in sorted(policy.labels):
         lb = policy.labels[name]

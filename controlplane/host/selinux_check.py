@@ -10,12 +10,16 @@ TP's declared filtering interface. Here:
   `tmpfs_t`, `public_content_rw_t`). Names may be types or attributes.
 - **high** (default `DEFAULT_HIGH`): the cwlite module's TP domains, their
   entrypoint types and the CDI types (its `cwlite_*` attributes).
-- **trusted** (default `cwlite_t`): subjects assumed to filter everything they
-  read, so no path passes through them. cwlite_t reads every file to *measure*
-  it (it hashes, never runs or trusts the bytes).
-- a TP domain's **filtering interface**: its network input (a step from a
-  network type straight into the TP domain), and only for a TP domain that
-  holds a Port Authority port (`name_bind` on a `cwlite_port_type` port).
+- **trusted** (default `cwlite_t`, `null_device_t`, `zero_device_t`): types no
+  path passes through. cwlite_t reads every file to *measure* it (it hashes,
+  never runs or trusts the bytes); what is written to /dev/null or /dev/zero
+  never reaches a reader.
+- a TP domain's **filtering interface**: its network input, i.e. a step into
+  the TP domain made only of network-input rules (`node`, `netif`, `packet`,
+  `peer`, `association` classes; `recvfrom`/`recv_msg` on a socket class:
+  labelled-networking peers), and only for a TP domain that holds a Port
+  Authority port (`name_bind` on a port type). Whatever arrives that way is
+  the TP's to filter; any other step into it is a violation.
 
 A violating flow is a step `x -> h` into a high type `h` from a non-high type
 `x` that is not `h`'s filtering interface, where `x` is low or is reached from
@@ -42,9 +46,12 @@ USER_LOW = ("user_t", "guest_t", "xguest_t")
 WORLD_WRITABLE_LOW = ("tmp_t", "var_tmp_t", "user_tmp_t", "tmpfs_t", "public_content_rw_t")
 DEFAULT_LOW = NETWORK_LOW + USER_LOW + WORLD_WRITABLE_LOW
 DEFAULT_HIGH = ("cwlite_tp_domain", "cwlite_entry_type", "cwlite_cdi_type")
-DEFAULT_TRUSTED = ("cwlite_t",)
+# cwlite_t: reads every file to measure it. /dev/null and /dev/zero: writing them never reaches a reader.
+DEFAULT_TRUSTED = ("cwlite_t", "null_device_t", "zero_device_t")
+NET_INPUT_CLASSES = frozenset({"node", "netif", "packet", "peer", "association"})
+NET_PEER_PERMS = frozenset({"recvfrom", "recv_msg"})
 TP_ATTR = "cwlite_tp_domain"
-PORT_ATTR = "cwlite_port_type"
+PORT_ATTR = "port_type"
 DEFAULT_MIN_WEIGHT = 3
 
 
@@ -79,7 +86,7 @@ class CheckResult:
     low: tuple[str, ...]
     high: tuple[str, ...]
     trusted: tuple[str, ...]
-    filters: dict[str, tuple[str, ...]]
+    filters: dict[str, tuple[str, ...]]     # TP domain -> the types whose steps into it were its network input
     flows: tuple[Flow, ...] = field(default=())
 
     @property
@@ -123,25 +130,35 @@ def load(path: str | Path) -> setools.SELinuxPolicy:
         raise SelinuxError(f"{path}: not a readable binary SELinux policy ({exc})", source=str(path)) from exc
 
 
-def _filters(policy: setools.SELinuxPolicy, high: set, network: set) -> dict:
-    """Each TP domain holding a Port Authority port -> the network types that are its filtering interface."""
+def _port_holders(policy: setools.SELinuxPolicy, high: set) -> set:
+    """The TP domains (in `high`) holding a Port Authority port: `name_bind` on a port type."""
     try:
         tps = set(policy.lookup_typeattr(TP_ATTR).expand())
         ports = set(policy.lookup_typeattr(PORT_ATTR).expand())
     except setools.exception.InvalidType:
-        return {}
-    out = {}
-    for tp in sorted(tps & high, key=str):
-        q = setools.TERuleQuery(policy, ruletype=["allow"], source=tp,
-                                tclass=["tcp_socket", "udp_socket"], perms=["name_bind"])
+        return set()
+    out = set()
+    for tp in tps & high:
+        q = setools.TERuleQuery(policy, ruletype=["allow"], source=tp, tclass=["tcp_socket", "udp_socket"], perms=["name_bind"])
         if any(set(r.target.expand()) & ports for r in q.results()):
-            out[tp] = network
+            out.add(tp)
     return out
 
 
+def _network_input(rule) -> bool:
+    cls = str(rule.tclass)
+    return cls in NET_INPUT_CLASSES or (cls.endswith("_socket") and set(rule.perms) <= NET_PEER_PERMS)
+
+
 def _step(graph: nx.DiGraph, a, b) -> Step:
+    """The step a -> b; rules naming a and b themselves come first, then those through attributes."""
     edge = InfoFlowStep(graph, a, b)
-    return Step(str(a), str(b), int(edge.weight), tuple(sorted({str(r) for r in edge.rules})))
+    names = {str(a), str(b)}
+
+    def key(rule) -> tuple[int, str]:
+        return (2 - len({str(rule.source), str(rule.target)} & names), str(rule))
+
+    return Step(str(a), str(b), int(edge.weight), tuple(dict.fromkeys(str(r) for r in sorted(edge.rules, key=key))))
 
 
 def check_policy(path: str | Path, *, low: Iterable[str] | None = None, high: Iterable[str] | None = None,
@@ -159,7 +176,7 @@ def check_policy(path: str | Path, *, low: Iterable[str] | None = None, high: It
         raise SelinuxError(f"{path}: min_weight: {min_weight} is not a permission weight (1..10)",
                            source=str(path), field="min_weight")
     low_t -= high_t | trusted_t
-    filters = _filters(pol, high_t, _expand(pol, NETWORK_LOW, "network", strict=False))
+    holders = _port_holders(pol, high_t)
     try:
         pmap = setools.PermissionMap(str(perm_map) if perm_map else None)
     except (OSError, setools.exception.PermissionMapParseError) as exc:
@@ -172,17 +189,21 @@ def check_policy(path: str | Path, *, low: Iterable[str] | None = None, high: It
     sources = sorted((t for t in low_t if t in outside), key=str)
     paths = nx.multi_source_dijkstra_path(outside, sources) if sources else {}
     flows = []
+    filtered: dict[str, list[str]] = {}
     for h in sorted(high_t, key=str):
         if h not in graph:
             continue
         for x in sorted(graph.predecessors(h), key=str):
-            if x in high_t or x not in paths or x in filters.get(h, ()):
+            if x in high_t or x not in paths:
+                continue
+            if h in holders and all(_network_input(r) for r in InfoFlowStep(graph, x, h).rules):
+                filtered.setdefault(str(h), []).append(str(x))
                 continue
             chain = paths[x] + [h]
             flows.append(Flow(str(chain[0]), str(h), tuple(_step(graph, a, b) for a, b in zip(chain, chain[1:]))))
     names = lambda ts: tuple(sorted(str(t) for t in ts))  # noqa: E731
     return CheckResult(policy=str(path), min_weight=min_weight, low=names(low_t), high=names(high_t),
-                       trusted=names(trusted_t), filters={str(k): names(v) for k, v in filters.items()},
+                       trusted=names(trusted_t), filters={k: tuple(v) for k, v in sorted(filtered.items())},
                        flows=tuple(flows))
 
 

@@ -87,9 +87,13 @@ def test_module_neverallow_refuses_an_untrusted_writer_of_a_cdi(rendered, module
     assert "\n" not in str(info.value)
 
 
+CDIS = {"cwlite_policy_t", "cwlite_db_t", cdi_type_of(0)}
+TP = domain_of("tp_build")
+
+
 @pytest.fixture(scope="module")
-def clean_cdi_check(linked: Path) -> selinux_check.CheckResult:
-    return selinux_check.check_policy(linked, high=["cwlite_cdi_type"])
+def clean_check(linked: Path) -> selinux_check.CheckResult:
+    return selinux_check.check_policy(linked)
 
 
 @pytest.fixture(scope="module")
@@ -97,29 +101,35 @@ def bad_cli(violated: Path, tmp_path_factory) -> tuple[subprocess.CompletedProce
     """`cwlite selinux check` on the policy with the added rule: JSON out, a PNG of the flows."""
     png = tmp_path_factory.mktemp("graph") / "flows.png"
     proc = subprocess.run([sys.executable, "-m", "controlplane.cli", "selinux", "check", str(violated),
-                           "--high", "cwlite_cdi_type", "--json", "--graph", str(png)],
-                          capture_output=True, text=True, cwd=REPO)
+                           "--json", "--graph", str(png)], capture_output=True, text=True, cwd=REPO)
     return proc, (json.loads(proc.stdout) if proc.stdout else {}), png
 
 
-def test_check_passes_on_the_modules_cdi_types(clean_cdi_check) -> None:
-    r = clean_cdi_check
-    assert set(r.high) == {"cwlite_policy_t", "cwlite_db_t", cdi_type_of(0)}
+def test_check_passes_on_the_modules_cdi_types(clean_check) -> None:
+    r = clean_check
+    assert CDIS | {TP, entry_type_of("tp_build")} == set(r.high)
     assert {"user_t", "tmp_t", "node_t"} <= set(r.low)
-    assert r.ok, [f.types() for f in r.flows]
+    # no low type reaches a CDI: only the TP domain and cwlite_t write them
+    assert not [f.types() for f in r.flows if f.high in CDIS]
+    # the TP's network input is its filtering interface (it holds the Port Authority port)
+    assert {"node_t", "netif_t"} <= set(r.filters[TP])
+    assert not [f for f in r.flows if f.types() in (["node_t", TP], ["netif_t", TP])]
+    # what the stock policy lets into the TP domain and its entrypoint is reported, each with its rules
+    assert r.flows and {f.high for f in r.flows} <= {TP, entry_type_of("tp_build")}
+    assert all(s.rules for f in r.flows for s in f.steps)
 
 
-def test_check_names_the_exact_flow_of_the_added_rule(bad_cli) -> None:
+def test_check_names_the_exact_flow_of_the_added_rule(bad_cli, clean_check) -> None:
     proc, data, png = bad_cli
     assert proc.returncode == 1, proc.stderr
     assert data["ok"] is False
-    direct = [f for f in data["flows"] if f["path"] == ["user_t", cdi_type_of(0)]]
-    assert len(direct) == 1
-    (step,) = direct[0]["steps"]
+    into_cdis = [f for f in data["flows"] if f["high"] in CDIS]
+    assert [f["path"] for f in into_cdis] == [["user_t", cdi_type_of(0)]]
+    (step,) = into_cdis[0]["steps"]
     assert step["weight"] == 10
-    assert f"allow user_t {cdi_type_of(0)}:file write;" in step["rules"]
-    # nothing else changed: every violating flow enters the CDI through the added rule
-    assert {tuple(f["steps"][-1]["rules"]) for f in data["flows"]} == {tuple(step["rules"])}
+    assert step["rules"] == [f"allow user_t {cdi_type_of(0)}:file write;"]
+    # nothing else changed
+    assert len(data["flows"]) == len(clean_check.flows) + 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

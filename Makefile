@@ -65,4 +65,4 @@ bench: setup
 	$(PY) -m pytest -m bench -s tests/bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info cext/_btf*.so
+	rm -rf $(VENV) build *.egg-info cext/_btf*.so selinux-policy/tmp selinux-policy/*.pp

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Sequence
 
 from controlplane.core.errors import SelinuxError
 from controlplane.core.selinux_render import FILES, MODULE, Rendered
@@ -91,7 +92,7 @@ def _in_store(root: Path, commands: list[list[str]], what: str) -> None:
     _run(["unshare", "-m", "sh", "-c", script], what, tool=" && ".join(c[0] if c[0] != "sh" else "semanage" for c in commands))
 
 
-def link(root: str | Path, pp: str | Path, rendered: Rendered, *, extra: list[str | Path] = (), store: str = "default") -> Path:
+def link(root: str | Path, pp: str | Path, rendered: Rendered, *, extra: Sequence[str | Path] = (), store: str = "default") -> Path:
     """Install `pp` (and `extra` modules) into the scratch store at `root`, label its ports; the new binary policy."""
     root = Path(root)
     cmds = [["semodule", "-N", "-s", store, "-i", str(pp), *map(str, extra)]]

@@ -23,7 +23,9 @@ out "labels=$(ls -Z /run/cwl/cdi /run/cwl/tp/sh | tr '\n' ' ')"
 
 # Enter each domain while permissive (kernel_t may not transition), then enforce before the write.
 attempt() {  # $1 name, $2 context, $3 program
-	runcon "$2" "$3" -c 'sleep 6; echo '"$1"' >> /run/cwl/cdi' </dev/null >/dev/null 2>&1 &
+	# The child resolves nothing on the unlabelled 9p root: relative paths from /run/cwl, and a
+	# shell-builtin wait instead of sleep (busybox would re-exec itself through /proc).
+	(cd /run/cwl && exec runcon "$2" "$3" -c 'i=0; while [ $i -lt 150000 ]; do i=$((i + 1)); done; echo '"$1"' >> cdi') </dev/null >/dev/null 2>&1 &
 	pid=$!
 	i=0
 	while [ "$(cat /proc/$pid/attr/current 2>/dev/null | tr -d '\0')" != "$2" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done

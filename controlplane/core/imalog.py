@@ -31,12 +31,11 @@ from typing import Iterable, Iterator, Mapping
 
 from controlplane.core.errors import LogError
 from controlplane.core.events import Event, parse_ima_name
+from controlplane.core.quote import PCR_COUNT, SHA256_SIZE
 
 TEMPLATE = "ima-ng"                              # what cwlite writes
 TEMPLATE_FIELDS = {"ima-ng": 2, "ima-sig": 3}   # what it reads: ima-sig = ima-ng + a signature (kernel logs)
 SHA1_SIZE = 20
-SHA256_SIZE = 32
-PCR_COUNT = 24
 ZERO_PCR = bytes(SHA256_SIZE)
 VIOLATION_EXTEND = b"\xff" * SHA256_SIZE
 BOOT_AGGREGATE_PCRS = tuple(range(10))        # sha256 bank: PCRs 0-9 (ima_calc_boot_aggregate_tfm)

@@ -8,10 +8,10 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from controlplane.core.paths import TPM_DEVICE
 from ebpf import loader, probe
 
 SECURITYFS_LSM = "/sys/kernel/security/lsm"
-TPM_DEVICE = "/dev/tpmrm0"
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,12 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Iterator
 
-from controlplane.host import mlog
+from controlplane.core import imalog as mlog
 from controlplane.core import proof as proof_mod
 from controlplane.verifier.client import Channel
 from controlplane.core.errors import CwliteError, StoreError, VerifyError
 from controlplane.core.events import EventKind, parse_ima_name
-from controlplane.host.service import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
+from controlplane.core.wire import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
 from controlplane.verifier.store import Host, Store
 
 TRUSTED, UNTRUSTED, INFO = "trusted", "untrusted", "info"
@@ -250,7 +250,7 @@ class Attestation:
 
 
 def _quote_checked(ch: Channel, host: Host, nonce: bytes):
-    from controlplane.host import tpm as tpm_mod
+    from controlplane.core import quote as tpm_mod
 
     # PCRs 0-9 too: the log's boot_aggregate entry must match them (the log belongs to this boot)
     pcrs = sorted({*BOOT_PCRS, host.pcr})

@@ -15,8 +15,9 @@ import statistics
 import time
 from pathlib import Path
 
-from controlplane.host import mlog
+from controlplane.core import imalog
 from controlplane.core.events import Event, EventKind
+from controlplane.host import mlog
 from tests.conftest import requires
 from tests.tpm_fixtures import swtpm, swtpm_template, tpm  # noqa: F401
 
@@ -74,7 +75,7 @@ def test_log_rate_vs_raw_extend(swtpm, tpm, tmp_path: Path) -> None:
                 log.record(e)
             log.flush()
             grouped.append(N / (time.perf_counter() - t0))
-            assert mlog.replay(log.entries(), LOG_PCR) == tpm.read_pcr(LOG_PCR)
+            assert imalog.replay(log.entries(), LOG_PCR) == tpm.read_pcr(LOG_PCR)
         raw.append((before + raw_rate()) / 2)   # raw measured just before and just after the log round
 
         n_single = N // 10
@@ -83,7 +84,7 @@ def test_log_rate_vs_raw_extend(swtpm, tpm, tmp_path: Path) -> None:
             for e in events[:n_single]:
                 log.record(e, wait=True)
             single.append(n_single / (time.perf_counter() - t0))
-            assert mlog.replay(log.entries(), LOG_PCR) == tpm.read_pcr(LOG_PCR)
+            assert imalog.replay(log.entries(), LOG_PCR) == tpm.read_pcr(LOG_PCR)
 
     ratios = [g / r for g, r in zip(grouped, raw)]
     raw_m, grouped_m, single_m = (statistics.median(x) for x in (raw, grouped, single))

@@ -11,8 +11,9 @@ import click
 
 from controlplane.cli.output import emit
 from controlplane.core.errors import MeasureDBError
+from controlplane.core.paths import DEFAULT_DATA_DIR
 
-DEFAULT_DB = "/var/lib/cwlite/measure.db"
+DEFAULT_DB = str(DEFAULT_DATA_DIR / "measure.db")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 db_option = click.option(

@@ -18,8 +18,8 @@ import click
 
 from controlplane.core.errors import CwliteError, EnforcementError
 from controlplane.core.events import Event, EventKind, EventSink
+from controlplane.core.paths import DEFAULT_DATA_DIR
 
-DEFAULT_DATA = Path("/var/lib/cwlite")
 
 
 def event_json(event: Event) -> dict:
@@ -144,7 +144,7 @@ class Daemon:
               help="Append every event as a JSON line to this file (fsynced).")
 @click.option("--mlog", is_flag=True, help="Record every event in the measurement log (DATA_DIR/measurements.log, "
               "extended into the policy's PCR).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA, show_default=True,
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR, show_default=True,
               help="With --mlog: where the log and the embedded swtpm live.")
 @click.option("--device", help="With --mlog: TPM device or TCTI (default: /dev/tpmrm0, else the embedded swtpm).")
 @click.option("--backend", type=click.Choice(["auto", "tracepoint", "lsm"]), default="auto", show_default=True,

@@ -10,12 +10,12 @@ import click
 from controlplane.cli.output import emit
 from controlplane.core import imalog
 from controlplane.core.errors import LogError
+from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.quote import public_pem, verify_quote
 
-DEFAULT_DATA = Path("/var/lib/cwlite")
 LOG_NAME = "measurements.log"
 
-_data_dir = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA,
+_data_dir = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR,
                          show_default=True, help="cwlite's data dir (the log, the embedded swtpm).")
 _device = click.option("--device", help="TPM device or TCTI string (default: /dev/tpmrm0, else the embedded swtpm).")
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

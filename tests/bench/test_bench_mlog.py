@@ -11,7 +11,10 @@ Target: log / raw >= 0.8.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -42,10 +45,6 @@ def _fresh_log(tpm, path: Path) -> mlog.MeasurementLog:
 
 def _tools_rate(tcti: str, n: int = 40) -> float | None:
     """tpm2_pcrextend, one process per extend (for scale: what a shell-script log would get)."""
-    import os
-    import shutil
-    import subprocess
-
     if shutil.which("tpm2_pcrextend") is None:
         return None
     env = dict(os.environ, TPM2TOOLS_TCTI=tcti)

@@ -185,3 +185,18 @@ def test_damaged_input_raises_only_log_errors(data) -> None:
             parse(arg)
         except LogError as exc:
             assert exc.entry is not None and "\n" not in str(exc)
+
+
+def test_one_replay_from_any_start_value() -> None:
+    """replay, replay_prefixes and replay_to are one chain: from reset, or from a verified midpoint."""
+    entries = [imalog.LogEntry.new(i, 10 if i % 3 else 11, hashlib.sha256(b"%d" % i).digest(), f"/bin/{i}")
+               for i in range(9)]
+    values = imalog.replay_prefixes(entries, 10)
+    assert values[0] == imalog.ZERO_PCR and values[-1] == imalog.replay(entries, 10)
+    assert values[3] == values[4]                       # entry 3 is for PCR 11: PCR 10 unchanged
+    assert imalog.replay(entries[5:], 10, start=values[5]) == values[-1]
+    assert imalog.replay_prefixes(entries[5:], 10, values[5]) == values[5:]
+    assert imalog.replay_to(entries, imalog.ZERO_PCR, values[8], 10) == 8
+    assert imalog.replay_to(entries[5:], values[5], values[8], 10) == 3
+    assert imalog.replay_to(entries[5:], values[5], values[5], 10) == 0
+    assert imalog.replay_to(entries[:4] + entries[5:], imalog.ZERO_PCR, values[9], 10) is None   # one removed

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from controlplane.core.errors import LogError
 from controlplane.core.events import Event, EventKind
 from controlplane.core.quote import verify_quote
 from controlplane.host import mlog
-from controlplane.host.tpm import Tpm
+from controlplane.host.swtpm import Swtpm
+from controlplane.host.tpm import Tpm, open_tpm
 from tests.mlog_fault import FAULT_EXIT
 from tests.conftest import requires
 from tests.tpm_fixtures import tpm2_pcrread, swtpm, swtpm_template, tpm, tpm_tools_env  # noqa: F401
@@ -117,9 +119,6 @@ EMBEDDED_CHILD = textwrap.dedent("""
 
 def test_a_crashed_daemon_leaves_the_embedded_tpm_running_and_recovers(tmp_path: Path) -> None:
     """The embedded swtpm outlives its daemon like hardware: the restarted daemon attaches and recovers."""
-    from controlplane.host.swtpm import Swtpm
-    from controlplane.host.tpm import open_tpm
-
     proc = subprocess.run([sys.executable, "-c", EMBEDDED_CHILD, str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == FAULT_EXIT, proc.stderr
@@ -275,8 +274,6 @@ def test_one_writer_per_log(filled, tpm) -> None:
 
 
 def test_a_tpm_reset_starts_a_new_log_and_keeps_the_old(swtpm, tmp_path: Path) -> None:
-    from controlplane.host.swtpm import Swtpm
-
     path = tmp_path / "m.log"
     with Tpm(swtpm.tcti) as t, mlog.MeasurementLog.open(path, t, pcr=10) as log:
         log.record(ev(1))
@@ -294,8 +291,6 @@ def test_a_tpm_reset_starts_a_new_log_and_keeps_the_old(swtpm, tmp_path: Path) -
 
 
 def test_quote_and_entries_agree_while_recording(tpm, tmp_path: Path) -> None:
-    import threading
-
     with mlog.MeasurementLog.open(tmp_path / "m.log", tpm, pcr=10) as log:
         stop = threading.Event()
 

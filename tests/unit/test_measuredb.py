@@ -15,7 +15,9 @@ import pytest
 from controlplane.cli.main import main
 from controlplane.core.errors import MeasureDBError
 from prima import measure
-from prima.measuredb import MIGRATIONS, SCHEMA_VERSION, MeasureDB, build, diff, kernel_dev, migrate
+from prima.kernelview import kernel_dev, kernel_view
+from prima.measuredb import MIGRATIONS, SCHEMA_VERSION, MeasureDB, diff, migrate
+from prima.sources import build
 
 TRUE = "/usr/bin/true"
 
@@ -98,24 +100,24 @@ def test_kernel_view_bits_follow_the_callers_order_and_drop_changed_files(tmp_pa
     build(db_path, from_dir=[site / "bin"], trust_set="bin")
     tool = site / "bin" / "tool"
     with MeasureDB.open(db_path) as db:
-        view = {e.path: e for e in db.kernel_view(["bin", "site"])}
+        view = {e.path: e for e in kernel_view(db, ["bin", "site"])}
         st = os.stat(tool)
         e = view[str(tool)]
         assert (e.dev, e.ino, e.ctime_ns, e.sets_mask) == (kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns, 0b11)
-        assert {e.sets_mask for e in db.kernel_view(["site"])} == {1}
+        assert {e.sets_mask for e in kernel_view(db, ["site"])} == {1}
         # Metadata change only (ctime moves, content same): still trusted, new cookie.
         time.sleep(0.01)
         os.utime(tool)
-        e2 = {e.path: e for e in db.kernel_view(["site", "bin"])}[str(tool)]
+        e2 = {e.path: e for e in kernel_view(db, ["site", "bin"])}[str(tool)]
         assert e2.ctime_ns == os.stat(tool).st_ctime_ns != e.ctime_ns and e2.sets_mask == 0b11
         # Content change: no longer in the view.
         with open(tool, "r+b") as f:
             f.seek(100)
             f.write(b"\x90")
-        assert str(tool) not in {e.path for e in db.kernel_view(["site", "bin"])}
+        assert str(tool) not in {e.path for e in kernel_view(db, ["site", "bin"])}
         assert [m.path for m in db.verify(["site"])] == [str(tool)]
         with pytest.raises(MeasureDBError, match=r"trust set 'nope': unknown \(defined: bin, site\)"):
-            db.kernel_view(["site", "nope"])
+            kernel_view(db, ["site", "nope"])
 
 
 def test_migration_from_schema_1_keeps_data(tmp_path: Path) -> None:

@@ -129,7 +129,7 @@ def compile_program(program: Program) -> "bcc.BPF":
     BPF: whatever the source declares; bcc auto-attaches TRACEPOINT_PROBE and LSM_PROBE.
     """
     ensure_tracefs()
-    import bcc
+    import bcc  # here, after tracefs is mounted: bcc decides at import where tracepoints are
 
     # clang writes diagnostics straight to fd 2; capture them to name the line.
     with tempfile.TemporaryFile(mode="w+b") as err:

@@ -13,7 +13,6 @@ from controlplane.core.errors import BtfError
 from ebpf import loader, probe
 
 SECURITYFS_LSM = "/sys/kernel/security/lsm"
-TPM_DEVICE = "/dev/tpmrm0"
 
 
 @dataclass(frozen=True)
@@ -64,11 +63,15 @@ def _bcc() -> dict:
 
 
 def _tpm() -> dict:
+    # Here, not at the top: every `cwlite` start imports this module (cli/status), and host.tpm
+    # brings tpm2-pytss (~0.15 s); only `cwlite status` needs the device path.
+    from controlplane.host.tpm import DEVICE
+
     swtpm = shutil.which("swtpm")
     return {
-        "device": TPM_DEVICE if os.path.exists(TPM_DEVICE) else None,
+        "device": DEVICE if os.path.exists(DEVICE) else None,
         "swtpm": swtpm,
-        "use": "device" if os.path.exists(TPM_DEVICE) else ("embedded swtpm" if swtpm else None),
+        "use": "device" if os.path.exists(DEVICE) else ("embedded swtpm" if swtpm else None),
     }
 
 

@@ -83,35 +83,17 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 @dataclass(frozen=True)
-class Origin:
-    """Where a trusted measurement comes from: kind "deb" | "dpkg" | "dir", package (or directory), version, path."""
-
-    kind: str
-    package: str
-    version: str
-    path: str
-    note: str
-    trust_set: str = ""
-    untrusted: str = ""  # '' when trusted; else the reason (e.g. "md5sums mismatch")
-    code: str = ""  # "elf" | "script"
-    interpreter: str = ""  # a script's #! line (interpreter and argument), for policy checks of interpreters
-
-
-_ORIGIN_COLS = "origin, package, version, path, note, trust_set, untrusted, file_kind, interpreter"
-
-
-@dataclass(frozen=True)
 class Measurement:
-    """One measurement row: a source makes it (prima.sources); the store keeps it in `trust_set`."""
+    """One measurement and its origin: a source makes it (prima.sources); the store keeps it in `trust_set`."""
 
     digest: bytes
     origin: str  # "deb" | "dpkg" | "dir"
-    package: str
+    package: str  # the package, or for "dir" the directory
     version: str
     path: str
     note: str
-    kind: FileKind
-    untrusted: str = ""  # '' when trusted; else the reason
+    code: FileKind  # "elf", or "script" with its #! line (for policy checks of interpreters)
+    untrusted: str = ""  # '' when trusted; else the reason (e.g. "md5sums mismatch")
     trust_set: str = ""  # set by the store when read back
 
 
@@ -255,15 +237,15 @@ class MeasureDB:
             h.update("".join(line + "\n" for (line,) in self._conn.execute(sql)).encode())
         return h.digest()
 
-    def lookup(self, digest: bytes, *, include_untrusted: bool = False) -> list[Origin]:
+    def lookup(self, digest: bytes, *, include_untrusted: bool = False) -> list[Measurement]:
         """The trusted origins of a measurement (with `include_untrusted`, also rows kept only to say why not)."""
         rows = self._conn.execute(
-            f"SELECT {_ORIGIN_COLS} FROM measurements WHERE digest = ? "
+            f"SELECT {_MEASUREMENT_COLS} FROM measurements WHERE digest = ? "
             + ("" if include_untrusted else "AND untrusted = '' ")
             + "ORDER BY trust_set, origin, package, path",
             (bytes(digest),),
         )
-        return [Origin(*r) for r in rows]
+        return [_measurement(r) for r in rows]
 
     def is_trusted(self, digest: bytes, trust_set: str) -> bool:
         self.require_sets([trust_set])
@@ -293,16 +275,16 @@ class MeasureDB:
             if n not in defined:
                 raise MeasureDBError(f"{self.path}: trust set {n!r}: unknown (defined: {', '.join(defined) or 'none'})")
 
-    def origins_at(self, path: str) -> list[Origin]:
+    def origins_at(self, path: str) -> list[Measurement]:
         """Origins recorded for a path (as given, and as resolved through symlinks)."""
         paths = {path, os.path.realpath(path)}
         q = ",".join("?" * len(paths))
         rows = self._conn.execute(
-            f"SELECT {_ORIGIN_COLS} FROM measurements WHERE path IN ({q}) "
+            f"SELECT {_MEASUREMENT_COLS} FROM measurements WHERE path IN ({q}) "
             "ORDER BY trust_set, origin, package, path",
             tuple(paths),
         )
-        return [Origin(*r) for r in rows]
+        return [_measurement(r) for r in rows]
 
     def summary(self) -> dict:
         """Schema version, digest, and per trust set the counts by origin kind (for `cwlite db show`)."""
@@ -386,7 +368,7 @@ class MeasureDB:
 
     def replace_trust_set(self, name: str, rows: Sequence[Measurement], *, note: str, sources: dict, local: Sequence[Measured] = ()) -> None:
         """Make `name` hold exactly `rows`, in one transaction (all or nothing); no write when nothing changed."""
-        new = {(r.digest, r.origin, r.package, r.version, r.path, r.note, r.kind.kind, r.kind.interpreter, r.untrusted) for r in rows}
+        new = {(r.digest, r.origin, r.package, r.version, r.path, r.note, r.code.kind, r.code.interpreter, r.untrusted) for r in rows}
         old_set = self._conn.execute("SELECT note, sources FROM trust_sets WHERE name = ?", (name,)).fetchone()
         if old_set == (note, json.dumps(sources, sort_keys=True)) and not local:
             old = set(self._conn.execute(
@@ -402,7 +384,7 @@ class MeasureDB:
             self._conn.executemany(
                 "INSERT OR REPLACE INTO measurements(trust_set, digest, origin, package, version, path, note, file_kind, interpreter, untrusted) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [(name, r.digest, r.origin, r.package, r.version, r.path, r.note, r.kind.kind, r.kind.interpreter, r.untrusted) for r in rows],
+                [(name, r.digest, r.origin, r.package, r.version, r.path, r.note, r.code.kind, r.code.interpreter, r.untrusted) for r in rows],
             )
             self._store_files(local)
 

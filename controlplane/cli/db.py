@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from controlplane.cli.output import emit
 from controlplane.core.errors import MeasureDBError
-from prima.measuredb import MeasureDB, Origin, diff
+from prima.measuredb import MeasureDB, Measurement, diff
 
 DEFAULT_DB = "/var/lib/cwlite/measure.db"
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -115,9 +115,10 @@ def build_cmd(db_path: str, trust_set: str, from_deb: tuple[str, ...], from_dpkg
         f"{d['reused']} unchanged files reused); DB digest {d['digest']}"))
 
 
-def _origin_dict(o: Origin) -> dict:
-    return {"trust_set": o.trust_set, "kind": o.kind, "package": o.package, "version": o.version, "path": o.path,
-            "note": o.note, "trusted": not o.untrusted, "untrusted": o.untrusted, "code": o.code, "interpreter": o.interpreter}
+def _origin_dict(m: Measurement) -> dict:
+    return {"trust_set": m.trust_set, "kind": m.origin, "package": m.package, "version": m.version, "path": m.path,
+            "note": m.note, "trusted": not m.untrusted, "untrusted": m.untrusted, "code": m.code.kind,
+            "interpreter": m.code.interpreter}
 
 
 @db.command("show")

@@ -15,6 +15,7 @@ import pytest
 from controlplane.cli.main import main
 from controlplane.core.errors import MeasureDBError
 from prima import measure
+from prima.measure import FileKind
 from prima.kernelview import kernel_dev, kernel_view
 from prima.measuredb import MIGRATIONS, SCHEMA_VERSION, MeasureDB, diff, migrate
 from prima.sources import build
@@ -62,10 +63,10 @@ def test_dir_build_records_origin_and_digest_is_order_independent(tmp_path: Path
         assert db.trust_sets() == ["site"] and db.schema_version == SCHEMA_VERSION
         digest = measure.measure_file(site / "bin" / "tool").sha256
         (o,) = db.lookup(digest)
-        assert (o.kind, o.package, o.path, o.note, o.trust_set) == ("dir", str(site), str(site / "bin" / "tool"), "ci 42", "site")
+        assert (o.origin, o.package, o.path, o.note, o.trust_set) == ("dir", str(site), str(site / "bin" / "tool"), "ci 42", "site")
         assert db.is_trusted(digest, "site")
         (script,) = db.lookup(measure.measure_file(site / "bin" / "run.sh").sha256)
-        assert (script.code, script.interpreter) == ("script", "/bin/sh -e")
+        assert script.code == FileKind("script", "/bin/sh -e")
     # Same content built into another DB in another order of sets: same digest.
     build(tmp_path / "b.db", from_dir=[site], trust_set="other", note="x")
     build(tmp_path / "b.db", from_dir=[site], trust_set="site", note="ci 42")

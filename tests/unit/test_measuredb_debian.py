@@ -158,7 +158,7 @@ def test_dpkg_refuses_a_modified_copy_of_an_installed_binary(tmp_path: Path) -> 
         assert not db.is_trusted(bad, "core")
         assert db.lookup(bad) == []  # not a trusted origin; kept only to say why
         (o,) = db.lookup(bad, include_untrusted=True)
-        assert (o.kind, o.package, o.path) == ("dpkg", "coreutils", "/bin/true")
+        assert (o.origin, o.package, o.path) == ("dpkg", "coreutils", "/bin/true")
         assert o.untrusted == f"md5sums mismatch (dpkg: {sums['/bin/true']}, file: {hashlib.md5(altered.read_bytes()).hexdigest()})"
         assert db.is_trusted(measure.measure_file(root / "bin" / "ls").sha256, "core")
         assert bad not in {e.digest for e in kernel_view(db, ["core"])}

@@ -71,7 +71,7 @@ class Layout:
 
 def prepare(work: Path, *, mode: str = "audit") -> Layout:
     """Build the DB (dpkg packages + the entrypoint's directory) and the policy; copy both for the verifier."""
-    from prima.measuredb import build
+    from prima.sources import build
 
     work = Path(work)
     tp_bin, elsewhere, verifier = work / "tp-bin", work / "downloads", work / "verifier"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prima.measuredb import build
+from prima.sources import build
 from tests.conftest import requires
 from tests.tpm_fixtures import swtpm, swtpm_template  # noqa: F401
 

@@ -26,12 +26,13 @@ import re
 from dataclasses import dataclass
 
 from controlplane.core.errors import SelinuxError
+from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import Policy
 
 MODULE = "cwlite"
 VERSION = "1.0.0"
 POLICY_DIR = "/etc/cwlite"          # the policy bundle (and its .sig)
-DATA_DIR = "/var/lib/cwlite"        # measurement DB, measurement log, swtpm state
+DATA_DIR = str(DEFAULT_DATA_DIR)     # measurement DB, measurement log, swtpm state
 CWLITE_EXEC = "/usr/(local/)?bin/cwlite"
 SERVICE_PORT = 8443                 # `cwlite serve` default
 FILES = ("cwlite.te", "cwlite.fc", "cwlite.if", "cwlite.ports")

@@ -1,6 +1,7 @@
 """`cwlite selinux render|link|check`: the SELinux module from the cwlite policy, and CW-Lite checks of SELinux policies."""
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -134,5 +135,5 @@ def check_cmd(binary_policy: Path, low: tuple[str, ...], high: tuple[str, ...], 
         selinux_check.draw(result, graph)
     emit(result.as_dict(), as_json, _check_human)
     if not result.ok:
-        raise click.exceptions.Exit(1)
+        sys.exit(1)          # SystemExit: click's Exit would be swallowed in non-standalone mode
 

@@ -138,7 +138,7 @@ def _te(policy: Policy, digest: str) -> str:
         "dev_rw_tpm(cwlite_t)",
         "kernel_read_system_state(cwlite_t)",
         "",
-        "type cwlite_service_port_t;",
+        f"type cwlite_service_port_t;   # the attestation service, {SERVICE_PORT}/tcp",
         "corenet_port(cwlite_service_port_t)",
         "allow cwlite_t self:tcp_socket create_stream_socket_perms;",
         "allow cwlite_t cwlite_service_port_t:tcp_socket name_bind;",
@@ -267,8 +267,14 @@ interface(`cwlite_read_policy',`
 def render(policy: Policy) -> Rendered:
     """The module sources for `policy` (pure: the same policy gives the same bytes)."""
     digest = policy.digest().hex()
-    ports = tuple((proto, port, port_type_of(port, proto))
-                  for port, proto in sorted({(r.port, r.protocol) for r in policy.port_authority.rules}))
+    for i, rule in enumerate(policy.port_authority.rules):
+        if (rule.port, rule.protocol) == (SERVICE_PORT, "tcp"):
+            field = f"port_authority.rules[{i}].port"
+            raise SelinuxError(f"{policy.source or '<policy>'}: {field}: {SERVICE_PORT}/tcp is cwlite's attestation "
+                               "service port (cwlite_service_port_t); a TP cannot own it", source=policy.source, field=field)
+    ports = (("tcp", SERVICE_PORT, "cwlite_service_port_t"),) + tuple(
+        (proto, port, port_type_of(port, proto))
+        for port, proto in sorted({(r.port, r.protocol) for r in policy.port_authority.rules}))
     text = "# protocol port type: applied with `semanage port` when cwlite.pp is linked\n"
     text += "".join(f"{proto} {port} {type_}\n" for proto, port, type_ in ports)
     return Rendered(files={"cwlite.te": _te(policy, digest), "cwlite.fc": _fc(policy), "cwlite.if": _if(policy),

@@ -69,6 +69,8 @@ def test_module_links_into_selinux_policy_default(linked: Path) -> None:
     # Port Authority: 3632/tcp is the TP's port type (the local label wins over distccd_port_t)
     port = [pc for pc in pol.portcons() if pc.protocol.name == "tcp" and pc.ports.low <= 3632 <= pc.ports.high]
     assert str(port[0].context.type_) == port_type_of(3632, "tcp")
+    service = [pc for pc in pol.portcons() if pc.protocol.name == "tcp" and pc.ports.low <= 8443 <= pc.ports.high]
+    assert str(service[0].context.type_) == "cwlite_service_port_t"
     binds = setools.TERuleQuery(pol, ruletype=["allow"], source=tp, source_indirect=False, perms=["name_bind"]).results()
     assert {str(t) for r in binds for t in r.target.expand()} == {port_type_of(3632, "tcp")}
     # the file contexts put the measured entrypoint and the CDI under the module's types

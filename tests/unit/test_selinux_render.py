@@ -104,7 +104,8 @@ def test_render_names_every_label_entrypoint_cdi_and_port() -> None:
     # Port Authority: each label binds only its rules' ports
     assert f"neverallow cwlite_tp_sign_t {{ port_type -{port_type_of(5353, 'udp')} }}:udp_socket name_bind;" in te
     assert "neverallow cwlite_tp_sign_t { port_type }:tcp_socket name_bind;" in te
-    assert r.ports == (("tcp", 3632, port_type_of(3632, "tcp")), ("udp", 5353, port_type_of(5353, "udp")))
+    assert r.ports == (("tcp", 8443, "cwlite_service_port_t"),
+                       ("tcp", 3632, port_type_of(3632, "tcp")), ("udp", 5353, port_type_of(5353, "udp")))
 
 
 def test_selinux_policy_folder_is_the_render_of_its_policy() -> None:
@@ -121,3 +122,10 @@ def test_unrenderable_path_is_one_line_naming_the_field(path: str) -> None:
         render(pol)
     assert info.value.field == "cdis[0].path" and info.value.source == "bad.toml"
     assert "\n" not in str(info.value) and str(info.value).startswith("bad.toml: cdis[0].path:")
+
+
+def test_a_port_rule_on_the_service_port_is_refused() -> None:
+    pol = parse_policy(POLICY.replace("port = 5353", "port = 8443").replace('protocol = "udp"\n', ""), source="bad.toml")
+    with pytest.raises(SelinuxError) as info:
+        render(pol)
+    assert info.value.field == "port_authority.rules[1].port" and str(info.value).startswith("bad.toml: port_authority.rules[1].port: 8443/tcp")

@@ -7,6 +7,7 @@ import click
 
 from controlplane.core import proof as proof_mod
 from controlplane.cli.output import emit
+from controlplane.core.keys import load_public_key
 
 
 @click.group("proof")
@@ -38,7 +39,7 @@ def check_cmd(file: Path, key_path: Path, as_json: bool) -> None:
       cwlite proof check p.json --key verifier.pub --json | jq -r .verdict
     """
     data = _read(file)
-    doc = proof_mod.check(data, proof_mod.load_public_key(key_path), source=str(file))
+    doc = proof_mod.check(data, load_public_key(key_path), source=str(file))
     proof_mod.check_quote(doc, source=str(file))
     emit(doc, as_json, lambda d: print_proof(
         d, header=f"{file}: signature OK, quote OK (AK signature, nonce and TLS key binding, PCR value) "

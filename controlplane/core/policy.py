@@ -361,13 +361,8 @@ def signature_path(policy_path: str | Path) -> Path:
     return p.with_name(p.name + ".sig")
 
 
-def read_signature(sig_path: Path) -> bytes:
-    """A .sig file: raw 64 bytes, or their base64 text."""
-    try:
-        data = sig_path.read_bytes()
-    except FileNotFoundError:
-        raise PolicyError(f"{sig_path}: signature missing (a controller key is configured)",
-                          reason=PolicyReason.UNSIGNED, source=str(sig_path)) from None
+def decode_signature(data: bytes, *, source: str) -> bytes:
+    """A signature as stored or sent: raw 64 bytes, or their base64 text."""
     if len(data) == 64:
         return data
     try:
@@ -375,9 +370,19 @@ def read_signature(sig_path: Path) -> bytes:
     except binascii.Error:
         raw = b""
     if len(raw) != 64:
-        raise PolicyError(f"{sig_path}: signature malformed (want 64 raw bytes or their base64)",
-                          reason=PolicyReason.SIGNATURE, source=str(sig_path))
+        raise PolicyError(f"{source}: signature malformed (want 64 raw bytes or their base64)",
+                          reason=PolicyReason.SIGNATURE, source=source)
     return raw
+
+
+def read_signature(sig_path: Path) -> bytes:
+    """A .sig file: raw 64 bytes, or their base64 text."""
+    try:
+        data = sig_path.read_bytes()
+    except FileNotFoundError:
+        raise PolicyError(f"{sig_path}: signature missing (a controller key is configured)",
+                          reason=PolicyReason.UNSIGNED, source=str(sig_path)) from None
+    return decode_signature(data, source=str(sig_path))
 
 
 def sign_policy(policy: Policy, key: Ed25519PrivateKey) -> bytes:
@@ -385,11 +390,21 @@ def sign_policy(policy: Policy, key: Ed25519PrivateKey) -> bytes:
     return key.sign(policy.digest())
 
 
+def check_signature(policy: Policy, signature: bytes, controller_key: Ed25519PublicKey | str | Path, *,
+                    source: str) -> None:
+    """Fail closed unless `signature` is the controller's over the policy's digest; `source` names the signature."""
+    try:
+        load_public_key(controller_key).verify(signature, policy.digest())
+    except InvalidSignature:
+        raise PolicyError(f"{source}: signature does not verify with the controller key "
+                          f"(policy digest {policy.digest().hex()})", reason=PolicyReason.SIGNATURE,
+                          source=source) from None
 
 
-def load_policy(path: str | Path, *, controller_key: Ed25519PublicKey | str | Path | None = None,
-                require_signature: bool = False) -> Policy:
-    """Read, parse and validate a policy; with a controller key its `.sig` must verify (fail closed)."""
+def read_policy(path: str | Path, *, controller_key: Ed25519PublicKey | str | Path | None = None,
+                require_signature: bool = False) -> tuple[str, Policy]:
+    """The policy file's text and the policy parsed from it (read once, parsed once); with a controller key
+    its `.sig` must verify (fail closed)."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -400,12 +415,12 @@ def load_policy(path: str | Path, *, controller_key: Ed25519PublicKey | str | Pa
                           reason=PolicyReason.UNSIGNED, source=str(p))
     policy = parse_policy(text, source=str(p))
     if controller_key is not None:
-        pub = load_public_key(controller_key)
         sig_path = signature_path(p)
-        try:
-            pub.verify(read_signature(sig_path), policy.digest())
-        except InvalidSignature:
-            raise PolicyError(f"{sig_path}: signature does not verify with the controller key "
-                              f"(policy digest {policy.digest().hex()})", reason=PolicyReason.SIGNATURE,
-                              source=str(sig_path)) from None
-    return policy
+        check_signature(policy, read_signature(sig_path), controller_key, source=str(sig_path))
+    return text, policy
+
+
+def load_policy(path: str | Path, *, controller_key: Ed25519PublicKey | str | Path | None = None,
+                require_signature: bool = False) -> Policy:
+    """Read, parse and validate a policy; with a controller key its `.sig` must verify (fail closed)."""
+    return read_policy(path, controller_key=controller_key, require_signature=require_signature)[1]

@@ -43,7 +43,7 @@ class Reference:
 
     def open(self, extra: frozenset[bytes] = frozenset()):
         from controlplane.core.policy import load_policy
-        from controlplane.verifier.attest import Reference as Ref
+        from controlplane.verifier.judge import Reference as Ref
         from prima.measuredb import MeasureDB
 
         return Ref(load_policy(self.policy_path), MeasureDB.open(self.db_path), extra)

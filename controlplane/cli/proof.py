@@ -1,9 +1,12 @@
 """`cwlite proof`: check a proof offline and show its verdict table."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from controlplane.core import proof as proof_mod
 from controlplane.cli.output import emit
@@ -56,8 +59,6 @@ def show_cmd(file: Path) -> None:
       cwlite proof show p.json
       cwlite proof show p.json | less -R
     """
-    import json
-
     try:
         doc = json.loads(_read(file))
     except ValueError as exc:
@@ -74,9 +75,6 @@ def _read(file: Path) -> bytes:
 
 def print_proof(doc: dict, *, header: str = "") -> None:
     """The proof for a person: who, what was checked, each entry that was not simply trusted, the verdict."""
-    from rich.console import Console
-    from rich.table import Table
-
     con = Console()
     if header:
         con.print(header)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Mapping
 
 from cryptography.exceptions import InvalidSignature

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from controlplane.host import mlog
 from controlplane.core.events import Event, EventKind
-from controlplane.verifier.attest import Facts, Judge, _parse_page, replay_to
+from controlplane.verifier.attest import replay_to
+from controlplane.verifier.evidence import fetch_quote, parse_page
+from controlplane.verifier.judge import Facts, Judge
 from tests.attest_fixtures import make_reference, running_host
 from tests.conftest import requires
 
@@ -63,7 +65,7 @@ def _bare_replay(text: str) -> bytes:
 
 
 def _check(ref_open, text: str, start: int, start_value: bytes, target: bytes, facts: Facts) -> int:
-    entries = _parse_page(text, start)
+    entries = parse_page(text, start)
     n = replay_to(entries, start_value, target, PCR)
     assert n == len(entries)
     judge = Judge(ref_open, facts)
@@ -105,7 +107,7 @@ def test_replay_and_check_100k(tmp_path: Path) -> None:
         assert _bare_replay(full_text) == mid
         bare.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        _parse_page(full_text, 0)
+        parse_page(full_text, 0)
         parse_only.append(time.perf_counter() - t0)
 
     p = statistics.median(parse_only)
@@ -123,7 +125,6 @@ def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
     from controlplane.verifier import registrar
     from controlplane.verifier.client import Channel
     from controlplane.verifier.store import Store
-    from controlplane.verifier.attest import _quote_checked
 
     with running_host(tmp_path / "host") as h, Store(f"sqlite:///{tmp_path}/a.db") as store:
         host = registrar.enrol(h.url, "bench", store)
@@ -131,7 +132,7 @@ def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
         with Channel(h.url) as ch:
             for _ in range(300):
                 t0 = time.perf_counter()
-                _quote_checked(ch, host, os.urandom(32))
+                fetch_quote(ch, host, os.urandom(32))
                 times.append(time.perf_counter() - t0)
         # baseline, same TPM, same run: TPM2_Quote + verify_quote in-process, no HTTPS
         from controlplane.host.service import quote_qualifying_data
@@ -149,7 +150,7 @@ def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
         for _ in range(30):                       # a new TLS connection per round, as `cwlite verify` does
             t0 = time.perf_counter()
             with Channel(h.url) as ch:
-                _quote_checked(ch, host, os.urandom(32))
+                fetch_quote(ch, host, os.urandom(32))
             fresh.append(time.perf_counter() - t0)
     q = statistics.quantiles(times, n=100)
     qf = statistics.quantiles(fresh, n=100)

@@ -22,7 +22,7 @@ from controlplane.core.events import EventKind
 from controlplane.verifier.store import Store
 from tests.attest_fixtures import Relay, enforcement_started, reference, running_host  # noqa: F401
 from tests.conftest import requires
-from tests.pg_fixtures import postgres_url  # noqa: F401
+from tests.pg_fixtures import new_database, postgres_url  # noqa: F401
 
 _DBS = itertools.count()
 
@@ -38,12 +38,8 @@ def store(tmp_path):
 @pytest.fixture
 def pg_store(postgres_url):
     """The store on the real PostgreSQL server (a fleet of verifiers shares one), in a fresh database."""
-    from sqlalchemy import text
-
     name = f"attest_{os.getpid()}_{next(_DBS)}"
-    with Store(postgres_url)._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text(f"CREATE DATABASE {name}"))
-    with Store.open(postgres_url.replace("/postgres?", f"/{name}?")) as s:
+    with Store.open(new_database(postgres_url, name)) as s:
         yield s
 
 

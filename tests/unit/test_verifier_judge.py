@@ -5,7 +5,8 @@ import pytest
 
 from controlplane.host import mlog
 from controlplane.core.events import Event, EventKind
-from controlplane.verifier.attest import Facts, Judge, replay_to
+from controlplane.verifier.attest import replay_to
+from controlplane.verifier.judge import Facts, Judge
 from tests.attest_fixtures import reference  # noqa: F401
 
 BOOT = b"\xbb" * 32

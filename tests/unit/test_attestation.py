@@ -5,6 +5,7 @@ attacker could present, and asserts the verifier's refusal reason.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import itertools
@@ -339,9 +340,23 @@ def test_signed_policy_push_is_loaded_and_logged_forged_one_refused(tmp_path, st
         with pytest.raises(VerifyError, match="HTTP 403: pushed policy.sig: signature does not verify"):
             verifier.push_policy(store.host("build1"), new_text, old_sig)
         assert len(h.log.entries(0)) == n_before and active.read_text() == reference.policy_path.read_text()
+        # 403 vs 422 is decided by PolicyError.reason: a bad signature is forbidden, a bad policy unprocessable
+        with _client(h) as c:
+            r = c.post("/v1/policy", json={"policy": new_text, "signature": base64.b64encode(b"x" * 10).decode()})
+            assert r.status_code == 403 and r.json()["error"].startswith("pushed policy.sig: signature malformed")
+            r = c.post("/v1/policy", json={"policy": new_text + "bogus = 1\n",
+                                           "signature": base64.b64encode(good_sig).decode()})
+            assert r.status_code == 422 and "bogus: unknown key" in r.json()["error"]
+            r = c.post("/v1/policy", json={"policy": "mode = [", "signature": base64.b64encode(good_sig).decode()})
+            assert r.status_code == 422 and r.json()["error"].startswith("pushed policy: TOML syntax")
+        assert len(h.log.entries(0)) == n_before
 
         answer = verifier.push_policy(store.host("build1"), new_text, good_sig)
         assert answer["policy_digest"] == new_policy.digest().hex()
+        with _client(h) as c:
+            served = c.get("/v1/policy").json()
+        assert (served["policy"], served["policy_digest"], served["mode"]) == (new_text, answer["policy_digest"],
+                                                                             "enforce")
         last = h.log.entries(0)[-1]
         assert last.name.startswith("cwlite:policy-load:") and last.digest == new_policy.digest()
         assert load_policy(active).digest() == new_policy.digest()

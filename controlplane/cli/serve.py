@@ -18,14 +18,10 @@ import click
 
 from controlplane.cli.enforce import Daemon
 from controlplane.core.errors import EnforcementError
+from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import read_policy
 from controlplane.host import mlog as mlog_mod
-from controlplane.host import tpm as tpm_mod
-from controlplane.host.mlog import DEFAULT_PCR, choose_pcr
-from controlplane.host.service import ActivePolicy, Server, ServiceState, TlsIdentity
 from prima.measuredb import MeasureDB
-
-DEFAULT_DATA = Path("/var/lib/cwlite")
 
 
 @dataclass
@@ -49,6 +45,11 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
                     backend: str = "auto", controller_key: Path | None = None, device: str | None = None,
                     rate: float = 50.0, say: IO[str] = sys.stderr) -> Iterator[Running]:
     """TPM + measurement log (+ enforcement daemon thread) + HTTPS service; all stopped on exit."""
+    # Loaded only when serving: FastAPI/uvicorn and tpm2-pytss take over 1 s to import, paid by every
+    # `cwlite` start if at the top.
+    from controlplane.host import tpm as tpm_mod
+    from controlplane.host.service import ActivePolicy, Server, ServiceState, TlsIdentity
+
     if enforce and (policy_path is None or db_path is None):
         raise click.UsageError("--enforce needs --policy and --db")
     active = None
@@ -57,7 +58,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
         checked = enforce and controller_key is not None
         active = ActivePolicy.of(*read_policy(policy_path, controller_key=controller_key if checked else None,
                                               require_signature=checked))
-    pcr = choose_pcr(active.policy.pcr if active else DEFAULT_PCR) if pcr is None else pcr
+    pcr = mlog_mod.choose_pcr(active.policy.pcr if active else mlog_mod.DEFAULT_PCR) if pcr is None else pcr
     db_digest = None
     if db_path is not None:
         with MeasureDB.open(db_path) as db:
@@ -96,7 +97,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
 
 
 @click.command("serve")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA, show_default=True,
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR, show_default=True,
               help="Where the measurement log and the embedded swtpm live.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8443, show_default=True, help="TCP port (0: any free).")

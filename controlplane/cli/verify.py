@@ -16,14 +16,15 @@ from controlplane.cli.proof import print_proof
 from controlplane.core.atomic import write_atomic
 from controlplane.core.errors import VerifyError
 from controlplane.core.keys import load_signing_key
+from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import load_policy, read_signature, signature_path
-from controlplane.verifier import attest as v
-from controlplane.verifier import registrar
 from controlplane.verifier.judge import Reference, Verdict
-from controlplane.verifier.store import Store, default_url
 from prima.measuredb import MeasureDB
 
-DEFAULT_DATA = Path("/var/lib/cwlite/verifier")
+# verifier.attest, .registrar and .store (httpx, SQLAlchemy: about 0.5 s to import) are imported by the
+# commands that use them, not here: every `cwlite` start would pay for them.
+
+DEFAULT_DATA = DEFAULT_DATA_DIR / "verifier"
 
 
 def _common(f):
@@ -34,6 +35,8 @@ def _common(f):
 
 
 def _open_store(data_dir: Path, url: str | None):
+    from controlplane.verifier.store import Store, default_url   # lazy: see the note at the top
+
     data_dir.mkdir(parents=True, exist_ok=True)
     return Store.open(url or default_url(data_dir))
 
@@ -64,6 +67,8 @@ def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tu
           --ek-ca /var/lib/cwlite/swtpm/ca/swtpm-localca-rootca-cert.pem
       cwlite enrol https://10.0.0.5:8443 build1 --interval 10 --json
     """
+    from controlplane.verifier import registrar   # lazy: see the note at the top
+
     cas = registrar.load_cas(ek_cas) if ek_cas else None
     with _open_store(data_dir, store_url) as store:
         host = registrar.enrol(url, name, store, cas=cas, pcr=pcr, interval_s=interval)
@@ -116,6 +121,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
       # replace the host's policy (signed by the controller), then attest against it
       cwlite verify build1 --push-policy new.toml --policy policy.toml --db trusted.db
     """
+    from controlplane.verifier import attest as v   # lazy: see the note at the top
+
     key = load_signing_key(data_dir / "verifier.key", create=True)
     if proof_out is not None and len(hosts) != 1:
         raise click.UsageError("--proof-out needs exactly one HOST")
@@ -152,6 +159,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
 
 
 def _watch(store, ref, key, hosts, rounds, as_json) -> None:
+    from controlplane.verifier import attest as v   # lazy: see the note at the top
+
     last: dict[str, str] = {}
     for name, result in v.watch(store, ref, key, hosts=hosts or None, rounds=rounds):
         stamp = time.strftime("%H:%M:%S")

@@ -19,7 +19,6 @@ host untrusted from that round on.
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,37 +28,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controlplane.core.errors import StoreError, VerifyError
 from controlplane.core.proof import digest as proof_digest
-from controlplane.host import mlog
-from controlplane.host.service import API_VERSION
+from controlplane.core.imalog import ZERO_PCR, boot_aggregate, replay_to
+from controlplane.core.wire import API_VERSION
 from controlplane.verifier import proofs
 from controlplane.verifier.client import Channel
 from controlplane.verifier.evidence import BOOT_PCRS, CheckedQuote, fetch_log, fetch_quote
 from controlplane.verifier.judge import EntryVerdict, Facts, Judge, Reference, Verdict
 from controlplane.verifier.store import Host, Store
 
-ZERO = bytes(32)
 
-
-# replay ---------------------------------------------------------------------------
-def replay_to(entries: list, start_value: bytes, target: bytes, pcr: int) -> int | None:
-    """How many of `entries` extend `start_value` to `target` (0 if already equal), or None.
-
-    `start_value` is the PCR after the entries already verified (zero for a whole log): the
-    incremental form of controlplane.mlog.replay_prefixes. The quote covers exactly `log_length`
-    entries, but a verifier does not take the host's word for it: the only prefix that can reach
-    the quoted value is the one the TPM extended (a hash chain cannot match twice).
-    """
-    if start_value == target:
-        return 0
-    value, sha = start_value, hashlib.sha256
-    for n, e in enumerate(entries, 1):
-        if e.pcr == pcr:
-            value = sha(value + e.pcr_digest).digest()
-            if value == target:
-                return n
-    return None
-
-
+# replay ----------------------------------------------------------------------------
 @dataclass
 class Replayed:
     """The entries the quote covers, from where this round started, and what the earlier rounds established.
@@ -98,12 +76,12 @@ def replay(ch: Channel, host: Host, evidence: CheckedQuote, *, full: bool = Fals
     if rebooted:
         incremental, facts = False, Facts()
     start = host.log_offset if incremental else 0
-    start_value = host.pcr_value if incremental else ZERO
+    start_value = host.pcr_value if incremental else ZERO_PCR
     try:
         entries = fetch_log(ch, start)
     except VerifyError as exc:
         if incremental and exc.reason == "protocol":   # the log is shorter than our offset: a new boot
-            rebooted, start, start_value, facts = True, 0, ZERO, Facts()
+            rebooted, start, start_value, facts = True, 0, ZERO_PCR, Facts()
             entries = fetch_log(ch, 0)
         else:
             raise
@@ -111,9 +89,9 @@ def replay(ch: Channel, host: Host, evidence: CheckedQuote, *, full: bool = Fals
     if n is None and incremental:
         # the verified prefix is gone: the host rebooted (or the log was rewritten): judge the new boot whole
         full_entries = fetch_log(ch, 0)
-        n = replay_to(full_entries, ZERO, target, host.pcr)
+        n = replay_to(full_entries, ZERO_PCR, target, host.pcr)
         if n is not None:
-            rebooted, start, start_value, facts, entries = True, 0, ZERO, Facts(), full_entries
+            rebooted, start, start_value, facts, entries = True, 0, ZERO_PCR, Facts(), full_entries
     if n is None:
         raise VerifyError(f"{host.name}: log entries {start}.. do not replay to the quoted PCR {host.pcr} "
                           f"value {target.hex()[:16]} (an entry removed, reordered or altered)",
@@ -143,7 +121,7 @@ def judge_round(host: Host, ref: Reference, evidence: CheckedQuote, replayed: Re
     """Every covered entry judged, then the whole-log conditions: the round's verdict, reasons and entry verdicts."""
     facts, rebooted = replayed.facts, replayed.rebooted
     pcrs = evidence.quote.pcr_values
-    boot = mlog.boot_aggregate(pcrs) if all(p in pcrs for p in BOOT_PCRS) else None
+    boot = boot_aggregate(pcrs) if all(p in pcrs for p in BOOT_PCRS) else None
     judge = Judge(ref, facts, pcr=host.pcr, boot_aggregate=boot)
     verdicts = [judge.judge(e) for e in replayed.covered]
     reasons = judge.overall(evidence.peer_spki)

@@ -11,13 +11,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from controlplane.core.errors import CwliteError, LogError, VerifyError
-from controlplane.host import mlog
-from controlplane.host.service import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
-from controlplane.host.tpm import Quote, verify_quote
+from controlplane.core.imalog import BOOT_AGGREGATE_PCRS, parse_ascii
+from controlplane.core.quote import Quote, verify_quote
+from controlplane.core.wire import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
 from controlplane.verifier.client import Channel
 from controlplane.verifier.store import Host
 
-BOOT_PCRS = mlog.BOOT_AGGREGATE_PCRS      # what the sha256 boot_aggregate covers
+BOOT_PCRS = BOOT_AGGREGATE_PCRS      # what the sha256 boot_aggregate covers
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def fetch_quote(ch: Channel, host: Host, nonce: bytes) -> CheckedQuote:
 def parse_page(text: str, start: int, source: str = "log") -> list:
     """Entries of one /v1/log page, with their absolute indices (one format, one parser)."""
     try:
-        entries = mlog.parse_ascii(text, source=source)
+        entries = parse_ascii(text, source=source)
     except LogError as exc:
         raise VerifyError(f"{exc} (entry {start + (exc.entry or 0)} of the host's log)", reason="log") from exc
     if start and entries and entries[0].index != start:

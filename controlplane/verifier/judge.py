@@ -27,7 +27,7 @@ class Verdict(StrEnum):
 class Reference:
     """What the verifier judges against: its own policy and measurement DB, never the host's word.
 
-    `policy` follows controlplane.policy.Policy; `db` follows prima.measuredb.MeasureDB (open).
+    `policy` follows controlplane.core.policy.Policy; `db` follows prima.measuredb.MeasureDB (open).
     `accepted_policies` are the policy digests a POLICY_LOAD entry may carry (the current one and
     any the controller pushed); the LAST one loaded must be the current policy.
     """
@@ -97,10 +97,8 @@ class Judge:
     def _trusted(self, digest: bytes, trust_set: str) -> bool:
         trusted = self._trusted_sets.get(trust_set)
         if trusted is None:
-            # one query per trust set instead of one per entry: (.., digest, untrusted) rows, '' = trusted
-            self.ref.db.is_trusted(digest, trust_set)      # validates the set name (MeasureDBError if unknown)
-            trusted = self._trusted_sets[trust_set] = frozenset(
-                bytes(r[5]) for r in self.ref.db.measurements(trust_set) if not r[6])
+            # one query per trust set instead of one per entry (MeasureDBError if the set is unknown)
+            trusted = self._trusted_sets[trust_set] = self.ref.db.trusted_digests(trust_set)
         return digest in trusted
 
     def judge(self, entry: Any) -> EntryVerdict:

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from controlplane.verifier.client import Channel
 from controlplane.core.errors import VerifyError
-from controlplane.host.service import API_VERSION
-from controlplane.host.tpm import ak_name_of, make_credential
+from controlplane.core.quote import ak_name_of, make_credential
+from controlplane.core.wire import API_VERSION
 from controlplane.verifier.store import Host, Store
 
 

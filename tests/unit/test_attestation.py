@@ -16,10 +16,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controlplane.core import proof as proof_mod
-from controlplane.verifier import registrar
-from controlplane.verifier import attest as verifier
 from controlplane.core.errors import VerifyError
 from controlplane.core.events import EventKind
+from controlplane.core.keys import load_public_key, public_pem
+from controlplane.core.policy import load_policy, sign_policy
+from controlplane.host.tpm import open_tpm
+from controlplane.verifier import attest as verifier
+from controlplane.verifier import registrar
 from controlplane.verifier.store import Store
 from tests.attest_fixtures import Relay, enforcement_started, reference, running_host  # noqa: F401
 from tests.conftest import requires
@@ -80,8 +83,6 @@ def test_enrol_checks_the_ek_chain_and_pins_ek_and_ak(host, store):
 
 
 def test_enrol_refuses_an_ek_certificate_from_another_ca(host, store, tmp_path):
-    from controlplane.host.tpm import open_tpm
-
     with open_tpm(tmp_path / "other") as other:
         other.ek_public()
         other_cas = registrar.load_cas(sorted((tmp_path / "other" / "swtpm" / "ca").glob("*cert*.pem")))
@@ -118,8 +119,6 @@ class _SplitTpm:
 
 @pytest.mark.parametrize("activating", ["ek-tpm", "ak-tpm"])
 def test_an_ak_from_another_tpm_is_refused(host, store, tmp_path, activating):
-    from controlplane.host.tpm import open_tpm
-
     with open_tpm(tmp_path / "other") as other:
         split = _SplitTpm(host.tpm, other)
         if activating == "ak-tpm":
@@ -144,8 +143,8 @@ def test_trusted_proof_then_a_violation_is_named(host, key, reference, tmp_path,
     assert first.verdict == "trusted", first.reasons
     assert first.document["entries"] == [] and first.log_start == 0 and first.log_end == len(host.log.entries(0))
     pub = tmp_path / "v.pub"
-    pub.write_bytes(proof_mod.public_pem(key.public_key()))
-    assert proof_mod.check(first.proof, proof_mod.load_public_key(pub))["verdict"] == "trusted"
+    pub.write_bytes(public_pem(key.public_key()))
+    assert proof_mod.check(first.proof, load_public_key(pub))["verdict"] == "trusted"
 
     evil = bytes.fromhex("66" * 32)
     host.record(EventKind.VIOLATION, evil, label="tp_build", op="exec", subject="/tmp/evil_x")
@@ -252,8 +251,6 @@ def test_replayed_quote_is_refused(host, store, key, reference):
 
 
 def test_quote_from_another_tpm_is_refused(host, store, key, reference, tmp_path):
-    from controlplane.host.tpm import open_tpm
-
     _enrol(host, store)
     with open_tpm(tmp_path / "other") as other:
         host.state.mlog = _QuotedBy(host.log, other)
@@ -320,8 +317,6 @@ def test_reboot_is_flagged_then_the_new_boot_is_judged(tmp_path, store, key, ref
 
 # -- policy push over the attested channel --------------------------------------------------------
 def test_signed_policy_push_is_loaded_and_logged_forged_one_refused(tmp_path, store, key, reference):
-    from controlplane.core.policy import load_policy, sign_policy
-
     controller = Ed25519PrivateKey.generate()
     active = tmp_path / "active.toml"
     active.write_text(reference.policy_path.read_text())

@@ -21,11 +21,9 @@ bad input gets a 4xx with one clear line, never a 500.
 from __future__ import annotations
 
 from controlplane.host.service.limits import MAX_BODY
-from controlplane.host.service.models import API_VERSION, MAX_LOG_PAGE
 from controlplane.host.service.routes import create_app
 from controlplane.host.service.server import Server
 from controlplane.host.service.state import ActivePolicy, ServiceState
-from controlplane.host.service.tls import TlsIdentity, quote_qualifying_data, spki_sha256
+from controlplane.host.service.tls import TlsIdentity
 
-__all__ = ["API_VERSION", "MAX_BODY", "MAX_LOG_PAGE", "ActivePolicy", "Server", "ServiceState", "TlsIdentity",
-           "create_app", "quote_qualifying_data", "spki_sha256"]
+__all__ = ["MAX_BODY", "ActivePolicy", "Server", "ServiceState", "TlsIdentity", "create_app"]

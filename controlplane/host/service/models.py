@@ -7,8 +7,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from controlplane.host.service.limits import MAX_BODY
 
-API_VERSION = "v1"
-MAX_LOG_PAGE = 50_000            # entries per /v1/log response
 NONCE_HEX = r"^[0-9a-fA-F]{32,128}$"   # 16..64 bytes: fresh enough, bounded
 PCR_MAX = 23
 BASE64 = r"^[A-Za-z0-9+/]+={0,2}$"

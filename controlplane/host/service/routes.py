@@ -13,10 +13,9 @@ from controlplane.core.atomic import write_atomic
 from controlplane.core.errors import CwliteError, PolicyError, PolicyReason
 from controlplane.core.events import Event, EventKind
 from controlplane.core.policy import check_signature, decode_signature, parse_policy, signature_path
+from controlplane.core.wire import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
 from controlplane.host.service.limits import Bounds, Reject
 from controlplane.host.service.models import (
-    API_VERSION,
-    MAX_LOG_PAGE,
     ActivateRequest,
     ActivateResponse,
     EnrolResponse,
@@ -29,7 +28,6 @@ from controlplane.host.service.models import (
     QuoteResponse,
 )
 from controlplane.host.service.state import ActivePolicy, ServiceState
-from controlplane.host.service.tls import quote_qualifying_data
 
 PUSHED = "pushed policy"     # how a pushed policy is named in messages (it has no file yet)
 FORBIDDEN = frozenset({PolicyReason.UNSIGNED, PolicyReason.SIGNATURE})   # 403; any other refusal is 422

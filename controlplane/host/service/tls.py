@@ -1,33 +1,22 @@
 """The service's TLS identity: a fresh key and self-signed certificate at every start.
 
-SHA-256 of the key's SubjectPublicKeyInfo DER is what the measurement log
-records (TLS_KEY) and what every quote's qualifying data binds, so a verifier
-can tell this service from a relay.
+SHA-256 of the key's SubjectPublicKeyInfo DER (core.wire.spki_sha256) is what
+the measurement log records (TLS_KEY) and what every quote's qualifying data
+binds (core.wire.quote_qualifying_data), so a verifier can tell this service
+from a relay.
 """
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import ipaddress
 from dataclasses import dataclass
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-
-def quote_qualifying_data(nonce: bytes, spki_sha256: bytes) -> bytes:
-    """What every quote signs as extra data: SHA-256(nonce || SHA-256(TLS SPKI DER))."""
-    return hashlib.sha256(nonce + spki_sha256).digest()
-
-
-def spki_sha256(cert_or_key: x509.Certificate | ec.EllipticCurvePublicKey | Any) -> bytes:
-    """SHA-256 of a certificate's (or public key's) SubjectPublicKeyInfo DER."""
-    key = cert_or_key.public_key() if isinstance(cert_or_key, x509.Certificate) else cert_or_key
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).digest()
+from controlplane.core.wire import spki_sha256
 
 
 @dataclass(frozen=True)

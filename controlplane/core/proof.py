@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from controlplane.core.errors import VerifyError
-from controlplane.core.keys import load_public_key, load_signing_key, public_pem  # noqa: F401 - proof's key API
 from controlplane.core.quote import Quote, verify_quote
 from controlplane.core.wire import quote_qualifying_data
 
@@ -34,7 +33,7 @@ def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-# keys: loaded by controlplane.core.keys (one loader for every Ed25519 key) -------------
+# the verifier's name in a proof (keys are loaded by controlplane.core.keys) ------------
 def key_id(key: Ed25519PublicKey) -> str:
     """SHA-256 of the raw public key, hex: names the verifier inside a proof."""
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

@@ -19,7 +19,7 @@ import pytest
 from controlplane.core.policy import parse_policy
 from prima.engine import Engine, measure_files
 from tests.conftest import requires
-from tests.kernel.prima_lab import c_project, shared_libs
+from tests.bypass.lab import c_project, shared_libs
 
 pytestmark = [pytest.mark.bench, requires(root=True), requires(tool="gcc")]
 

@@ -160,31 +160,43 @@ class MeasureDB:
     # -- opening ------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, create: bool = False) -> "MeasureDB":
-        """Open (with `create`, create) the DB at `path`; refuse a file that is not one, or a newer schema."""
+    def open(cls, path: str | os.PathLike[str], *, create: bool = False, readonly: bool = False) -> "MeasureDB":
+        """Open (with `create`, create) the DB at `path`; refuse a file that is not one, or a newer schema.
+
+        `readonly` never writes (no migration, no journal change): for readers such as `db show`,
+        which must work on a DB the user may read but not write.
+        """
         p = Path(path)
-        if not p.exists() and not create:
-            raise MeasureDBError(f"{p}: no such measurement DB (build one: cwlite db build ... --db {p})")
-        if create:
-            p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.exists():
+            if not create:
+                raise MeasureDBError(f"{p}: no such measurement DB (build one: cwlite db build ... --db {p})")
+            if not p.parent.is_dir():    # a typo in the directory must not silently become a new tree
+                raise MeasureDBError(f"{p.parent}: no such directory for the measurement DB (create it first)")
+        else:
+            try:
+                p.open("rb").close()     # sqlite would only say "unable to open database file"
+            except OSError as exc:
+                raise MeasureDBError(f"{p}: cannot read the measurement DB: {exc.strerror or exc}") from exc
         try:
-            conn = sqlite3.connect(str(p), isolation_level=None, timeout=30.0, check_same_thread=False)
+            conn = (sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, timeout=30.0,
+                                    check_same_thread=False) if readonly else
+                    sqlite3.connect(str(p), isolation_level=None, timeout=30.0, check_same_thread=False))
         except sqlite3.Error as exc:
             raise MeasureDBError(f"{p}: cannot open: {exc}") from exc
         db = cls(p, conn)
         try:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA busy_timeout = 30000")
-            db._check_and_migrate(create)
+            db._check_and_migrate(create, readonly)
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise MeasureDBError(f"{p}: not a usable measurement DB: {exc}") from exc
+            raise MeasureDBError(f"{p}: not a usable measurement DB: {' '.join(str(exc).split())}") from exc
         except BaseException:
             conn.close()
             raise
         return db
 
-    def _check_and_migrate(self, create: bool) -> None:
+    def _check_and_migrate(self, create: bool, readonly: bool = False) -> None:
         c = self._conn
         app = c.execute("PRAGMA application_id").fetchone()[0]
         version = c.execute("PRAGMA user_version").fetchone()[0]
@@ -197,8 +209,13 @@ class MeasureDB:
         if version > SCHEMA_VERSION:
             raise MeasureDBError(f"{self.path}: user_version: schema {version} is newer than this cwlite's ({SCHEMA_VERSION})")
         ok = c.execute("PRAGMA quick_check").fetchone()[0]
-        if ok != "ok":
-            raise MeasureDBError(f"{self.path}: quick_check: {ok}")
+        if ok != "ok":    # sqlite's report spans lines ("*** in database main ***\n..."): the error is one
+            raise MeasureDBError(f"{self.path}: quick_check: {' '.join(ok.split())}")
+        if readonly:
+            if version < SCHEMA_VERSION:
+                raise MeasureDBError(f"{self.path}: user_version: schema {version} needs migrating to "
+                                     f"{SCHEMA_VERSION}; open it once with write access (cwlite db build)")
+            return
         if version < SCHEMA_VERSION:
             migrate(c, SCHEMA_VERSION)
         c.execute("PRAGMA journal_mode = WAL")
@@ -479,7 +496,7 @@ def _statements(script: str) -> list[str]:
 
 def diff(old: str | os.PathLike[str], new: str | os.PathLike[str]) -> Diff:
     """Measurements added, removed and changed from DB `old` to DB `new`."""
-    with MeasureDB.open(old) as a, MeasureDB.open(new) as b:
+    with MeasureDB.open(old, readonly=True) as a, MeasureDB.open(new, readonly=True) as b:
         def keyed(db: MeasureDB) -> dict[tuple[str, str, str, str], str]:
             return {(m.trust_set, m.origin, m.package, m.path): m.digest.hex() for m in db.measurements() if not m.untrusted}
 

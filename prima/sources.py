@@ -120,11 +120,14 @@ def build(
             files = list(measure.walk(d))
             step = _counter(f"dir {d}", len(files), progress)
 
+            before = len(rows)
             for m in measure.measure_many(files, cache=cache, progress=step):
                 reused += m.reused
                 local.append(m)
                 if m.kind is not None:
                     rows.append(Measurement(m.sha256, "dir", str(d), "", m.path, note, m.kind))
+            if len(rows) == before:      # an empty or mistyped directory must not make an empty trust set
+                raise MeasureDBError(f"{d}: --from-dir: no executable or shared object found; nothing to trust")
         sources = {
             "deb": [str(d) for d in deb_dirs] + ([f"packages: {' '.join(sorted(deb_packages))}"] if deb_packages else []),
             "dpkg": (True if from_dpkg is True else sorted(from_dpkg)) if from_dpkg else [],

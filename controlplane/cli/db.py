@@ -139,7 +139,7 @@ def show(db_path: str, as_json: bool, what: str | None) -> None:
       cwlite db show /usr/bin/make
       cwlite db show 3f5c...e1 (a 64-hex-digit SHA-256)
     """
-    with MeasureDB.open(db_path) as mdb:
+    with MeasureDB.open(db_path, readonly=True) as mdb:
         if what is None:
             emit(mdb.summary(), as_json, _print_summary)
             return

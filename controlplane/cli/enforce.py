@@ -16,7 +16,7 @@ from typing import IO, Sequence
 
 import click
 
-from controlplane.core.errors import CwliteError, EnforcementError
+from controlplane.core.errors import CwliteError, EnforcementError, FileError
 from controlplane.core.events import Event, EventKind, EventSink
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import Policy, load_policy
@@ -38,7 +38,10 @@ class JsonLinesSink:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._f = open(path, "a", encoding="utf-8")
+        try:
+            self._f = open(path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise FileError.from_os(path, exc, "open the events file") from exc
 
     def record(self, event: Event) -> None:
         self._f.write(json.dumps(event_json(event), sort_keys=True) + "\n")

@@ -51,6 +51,15 @@ for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify
     cli.add_command(_command)
 
 
+def _usage_line(exc: click.ClickException) -> str:
+    """A click error as one line: the command it concerns, the message, where help is."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return message
+    return f"{ctx.command_path}: {message} (see {ctx.command_path} --help)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI; a CwliteError is one line on stderr and exit 1."""
     debug_flag = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -59,15 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("cwlite: aborted", err=True)
         return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
+    except click.ClickException as exc:    # usage errors too: one line, exit 1, as every other error
+        click.echo(f"cwlite: error: {_usage_line(exc)}", err=True)
+        return 1
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except CwliteError as exc:
         if debug_flag:
             raise
         click.echo(f"cwlite: error: {exc}", err=True)
+        return 1
+    except OSError as exc:      # a file nobody turned into a CwliteError yet: still one line naming it
+        if debug_flag:
+            raise
+        click.echo(f"cwlite: error: {exc.filename or 'I/O'}: {exc.strerror or exc}", err=True)
         return 1
     return 0
 

@@ -8,7 +8,7 @@ import click
 
 from controlplane.cli.output import emit
 from controlplane.core.atomic import write_atomic
-from controlplane.core.errors import KeyFileError
+from controlplane.core.errors import FileError, KeyFileError
 from controlplane.core.keys import load_signing_key, write_key_pair
 from controlplane.core.policy import load_policy, sign_policy, signature_path
 
@@ -109,6 +109,8 @@ def keygen(prefix: Path, as_json: bool) -> None:
       cwlite policy keygen ./controller --json
     """
     key_path, pub_path = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
+    if not key_path.parent.is_dir():
+        raise FileError(f"{key_path.parent}: no such directory; create it first", path=str(key_path.parent))
     if key_path.exists():
         raise KeyFileError(f"{key_path}: exists; not overwriting a key", path=str(key_path))
     write_key_pair(key_path, pub_path)

@@ -14,7 +14,7 @@ import click
 from controlplane.cli.output import emit
 from controlplane.cli.proof import print_proof
 from controlplane.core.atomic import write_atomic
-from controlplane.core.errors import VerifyError
+from controlplane.core.errors import FileError, VerifyError
 from controlplane.core.keys import load_signing_key
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import load_policy, read_signature, signature_path
@@ -123,9 +123,11 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
     """
     from controlplane.verifier import attest as v   # lazy: see the note at the top
 
-    key = load_signing_key(data_dir / "verifier.key", create=True)
     if proof_out is not None and len(hosts) != 1:
         raise click.UsageError("--proof-out needs exactly one HOST")
+    if proof_out is not None and not proof_out.parent.is_dir():   # before the attestation, not after it
+        raise FileError(f"{proof_out}: --proof-out directory {proof_out.parent} does not exist", path=str(proof_out))
+    key = load_signing_key(data_dir / "verifier.key", create=True)
     with _open_store(data_dir, store_url) as store:
         policy_file, extra = policy_path, ()
         if push_policy is not None:

@@ -10,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from controlplane.core.errors import FileError
+
 
 def fsync_dir(directory: Path) -> None:
     """Make renames and creations in `directory` durable."""
@@ -23,7 +25,12 @@ def fsync_dir(directory: Path) -> None:
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Replace `path` with `data` (file mode `mode`) atomically and durably."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    if path.is_dir():
+        raise FileError(f"{path}: is a directory; cannot write a file there", path=str(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise FileError.from_os(path, exc, f"write (directory {path.parent})") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -31,6 +38,9 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise FileError.from_os(path, exc, "write") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -8,6 +8,7 @@ attributes so tests and callers assert on data, not on text.
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 
 
 class CwliteError(Exception):
@@ -61,6 +62,19 @@ class KeyFileError(CwliteError):
     def __init__(self, message: str, *, path: str = "") -> None:
         super().__init__(message)
         self.path = path
+
+
+class FileError(CwliteError):
+    """A file cwlite must read or write is missing, a directory, or not permitted; `.path` names it."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+    @classmethod
+    def from_os(cls, path: str | Path, exc: OSError, doing: str) -> "FileError":
+        """`PATH: cannot DOING: STRERROR` from an OSError, naming the file the user gave."""
+        return cls(f"{path}: cannot {doing}: {exc.strerror or exc}", path=str(path))
 
 
 class MeasureDBError(CwliteError):

@@ -382,6 +382,9 @@ def read_signature(sig_path: Path) -> bytes:
     except FileNotFoundError:
         raise PolicyError(f"{sig_path}: signature missing (a controller key is configured)",
                           reason=PolicyReason.UNSIGNED, source=str(sig_path)) from None
+    except OSError as exc:
+        raise PolicyError(f"{sig_path}: cannot read the signature: {exc.strerror or exc}",
+                          reason=PolicyReason.READ, source=str(sig_path)) from exc
     return decode_signature(data, source=str(sig_path))
 
 

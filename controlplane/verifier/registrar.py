@@ -33,7 +33,10 @@ def load_cas(paths: Iterable[Path]) -> list[x509.Certificate]:
     """CA certificates (PEM or DER files, PEM bundles allowed) the EK certificate may chain to."""
     cas: list[x509.Certificate] = []
     for p in paths:
-        data = Path(p).read_bytes()
+        try:
+            data = Path(p).read_bytes()
+        except OSError as exc:
+            raise VerifyError(f"{p}: cannot read the EK CA certificate: {exc.strerror or exc}", reason="ek-cert") from exc
         try:
             cas.extend(x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data
                        else [x509.load_der_x509_certificate(data)])

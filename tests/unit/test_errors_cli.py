@@ -39,4 +39,4 @@ def test_help_ends_with_examples() -> None:
 
 
 def test_unknown_command_is_usage_error() -> None:
-    assert main(["no-such-command"]) == 2
+    assert main(["no-such-command"]) == 1

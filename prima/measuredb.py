@@ -172,15 +172,13 @@ class MeasureDB:
                 raise MeasureDBError(f"{p}: no such measurement DB (build one: cwlite db build ... --db {p})")
             if not p.parent.is_dir():    # a typo in the directory must not silently become a new tree
                 raise MeasureDBError(f"{p.parent}: no such directory for the measurement DB (create it first)")
-        else:
-            try:
-                p.open("rb").close()     # sqlite would only say "unable to open database file"
-            except OSError as exc:
-                raise MeasureDBError(f"{p}: cannot read the measurement DB: {exc.strerror or exc}") from exc
+        elif not os.access(p, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
+            # sqlite would only say "unable to open database file". No open()/close() here: closing any
+            # descriptor of the file drops every POSIX lock this process's SQLite connections hold on it.
+            raise MeasureDBError(f"{p}: cannot read the measurement DB: Permission denied")
         try:
-            conn = (sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, timeout=30.0,
-                                    check_same_thread=False) if readonly else
-                    sqlite3.connect(str(p), isolation_level=None, timeout=30.0, check_same_thread=False))
+            conn = sqlite3.connect(_readonly_uri(p) if readonly else str(p), uri=readonly, isolation_level=None,
+                                   timeout=30.0, check_same_thread=False)
         except sqlite3.Error as exc:
             raise MeasureDBError(f"{p}: cannot open: {exc}") from exc
         db = cls(p, conn)
@@ -208,9 +206,11 @@ class MeasureDB:
             raise MeasureDBError(f"{self.path}: application_id: {app:#x} is not a cwlite measurement DB")
         if version > SCHEMA_VERSION:
             raise MeasureDBError(f"{self.path}: user_version: schema {version} is newer than this cwlite's ({SCHEMA_VERSION})")
-        ok = c.execute("PRAGMA quick_check").fetchone()[0]
-        if ok != "ok":    # sqlite's report spans lines ("*** in database main ***\n..."): the error is one
-            raise MeasureDBError(f"{self.path}: quick_check: {' '.join(ok.split())}")
+        report = [line for (text,) in c.execute("PRAGMA quick_check") for line in str(text).splitlines()
+                  if line != "ok" and not line.startswith("***")]
+        if report:    # sqlite's report spans lines and rows: the error is one line, the first problem and a count
+            more = f" (and {len(report) - 1} more problems)" if len(report) > 1 else ""
+            raise MeasureDBError(f"{self.path}: quick_check: {report[0]}{more}; rebuild it with cwlite db build")
         if readonly:
             if version < SCHEMA_VERSION:
                 raise MeasureDBError(f"{self.path}: user_version: schema {version} needs migrating to "
@@ -457,6 +457,20 @@ class MeasureDB:
             for ts, path, digest in want
             if path not in now or now[path].sha256 != digest
         ]
+
+
+def _readonly_uri(p: Path) -> str:
+    """A read-only SQLite URI; immutable when this user cannot write the file or its directory.
+
+    A WAL database needs its -shm file, which a reader without write access can
+    neither create nor update: SQLite then refuses even to read ("attempt to write
+    a readonly database"). Such a reader cannot have a writer of its own, so it
+    reads the file as it is on disk (a build by another user in flight is not seen).
+    """
+    uri = f"{p.resolve().as_uri()}?mode=ro"
+    if not (os.access(p, os.W_OK) and os.access(p.parent, os.W_OK)):
+        uri += "&immutable=1"
+    return uri
 
 
 class _Transaction:

@@ -1,12 +1,23 @@
 """What a new user hit (issue 28 §1): every mistake is one `cwlite: error:` line naming the file, exit 1."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from controlplane.cli.main import main
+from prima.measuredb import MeasureDB
+from prima.sources import build
+from tests.conftest import requires
+from tests.unit.test_measuredb import _tree
 from tests.unit.test_policy import GOOD
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -82,3 +93,54 @@ def test_usage_errors_are_one_line_exit_1(policy: Path, tmp_path: Path, capsys) 
     err = one_line_error(capsys, "tpm", "quote", "--nonce", "zz", "--data-dir", str(tmp_path))
     assert err.startswith("cwlite: error: cwlite tpm quote: ") and "non-hexadecimal" in err
     assert one_line_error(capsys, "no-such-command").startswith("cwlite: error: cwlite: No such command")
+
+
+def test_db_corrupted_mid_file_is_one_line(tmp_path: Path, capsys) -> None:
+    db = tmp_path / "a.db"
+    build(db, from_dir=[_tree(tmp_path / "site")], trust_set="s")
+    data = bytearray(db.read_bytes())
+    data[4096 + 8:4096 + 24] = bytes(16)       # page 2's cell pointers: sqlite's report spans several lines
+    db.write_bytes(data)
+    err = one_line_error(capsys, "db", "show", "--db", str(db))
+    assert f"{db}: quick_check: On tree page 2 cell 0: Offset 0 out of range" in err and "more problems" in err
+
+
+def test_db_build_into_a_missing_directory_refuses(tmp_path: Path, capsys) -> None:
+    site = _tree(tmp_path / "site")
+    err = one_line_error(capsys, "db", "build", "--db", str(tmp_path / "typo" / "x.db"), "--trust-set", "s",
+                         "--from-dir", str(site))
+    assert f"{tmp_path / 'typo'}: no such directory for the measurement DB" in err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_db_build_from_an_empty_dir_refuses(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README").write_text("not code\n")
+    err = one_line_error(capsys, "db", "build", "--db", str(tmp_path / "x.db"), "--trust-set", "s",
+                         "--from-dir", str(tmp_path / "empty"))
+    assert f"{tmp_path / 'empty'}: --from-dir: no executable or shared object found" in err
+    with MeasureDB.open(tmp_path / "x.db") as db:
+        assert db.trust_sets() == []
+
+
+@requires(root=True, tool="setpriv")
+def test_db_as_a_user_who_may_only_read_it() -> None:
+    """`db show` as nobody: a DB it may read is shown without a write; one it may not read says so."""
+    shared = Path(tempfile.mkdtemp(prefix="cwlite-ro-"))     # pytest's tmp_path is 0700: nobody could not enter
+    try:
+        shared.chmod(0o755)
+        db = shared / "trusted.db"
+        build(db, from_dir=[_tree(shared / "site")], trust_set="s")
+        db.chmod(0o644)
+        before = db.read_bytes()
+        cmd = [*NOBODY, sys.executable, "-m", "controlplane.cli", "db", "show", "--db", str(db)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+        assert proc.returncode == 0, proc.stderr
+        assert "s: dir 3" in proc.stdout
+        assert db.read_bytes() == before and sorted(p.name for p in shared.iterdir()) == ["site", "trusted.db"]
+        db.chmod(0o600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+        assert proc.returncode == 1
+        assert proc.stderr == f"cwlite: error: {db}: cannot read the measurement DB: Permission denied\n"
+    finally:
+        shutil.rmtree(shared)

@@ -117,13 +117,21 @@ def verify(data_dir: Path, log_file: Path | None, pcr: int | None, device: str |
     path = _log_path(data_dir, log_file)
     entries = _read_any(path)
     pcr = _log_pcr(path, pcr)
-    with open_tpm(data_dir, device=device) as tpm:
+    foreign = [e for e in entries if e.pcr != pcr]
+    if entries and len(foreign) == len(entries):   # every prefix would "match" an untouched (zero) PCR
+        raise LogError(f"{path}: no entry of the {len(entries)}-entry log is for PCR {pcr} (entry 0 is for PCR "
+                       f"{entries[0].pcr}): give --pcr {entries[0].pcr}", entry=0)
+    with open_tpm(data_dir, device=device, create=False) as tpm:
         value = tpm.read_pcr(pcr)
     prefixes = imalog.replay_prefixes(entries, pcr)
     matches = [k for k, v in enumerate(prefixes) if v == value]
     if not matches:
-        raise LogError(f"{path}: entry {len(entries)}: PCR {pcr} ({value.hex()[:16]}...) matches no prefix of the "
-                       f"{len(entries)}-entry log", entry=len(entries))
+        where = f"PCR {pcr} ({value.hex()[:16]}...) matches no prefix of the {len(entries)}-entry log"
+        if foreign:                  # the likeliest cause: an entry's PCR field was changed
+            raise LogError(f"{path}: entry {foreign[0].index}: recorded for PCR {foreign[0].pcr}, not {pcr}; {where}",
+                           entry=foreign[0].index)
+        raise LogError(f"{path}: {where} (entries 0..{len(entries) - 1}): the PCR was extended outside the log "
+                       f"or an entry was altered")
     k = matches[-1]
     result = {"log": str(path), "pcr": pcr, "pcr_value": value.hex(), "entries": len(entries), "matched": k,
               "pending": len(entries) - k, "ok": True}
@@ -164,7 +172,7 @@ def pcrread(pcrs: tuple[int, ...], data_dir: Path, device: str | None, as_json: 
     """
     from controlplane.host.tpm import open_tpm  # here: tpm2-pytss costs ~0.15 s on every `cwlite` start
 
-    with open_tpm(data_dir, device=device) as t:
+    with open_tpm(data_dir, device=device, create=False) as t:
         values = t.read_pcrs(pcrs or (10, 11))
     emit({"bank": "sha256", "pcrs": {str(k): v.hex() for k, v in sorted(values.items())}}, as_json,
          lambda d: [click.echo(f"sha256:{k:>2}: 0x{v.upper()}") for k, v in d["pcrs"].items()])
@@ -191,7 +199,7 @@ def quote(nonce: str, pcrs: str, data_dir: Path, device: str | None, as_json: bo
         selection = [int(p) for p in pcrs.split(",") if p.strip()]
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-    with open_tpm(data_dir, device=device) as t:
+    with open_tpm(data_dir, device=device, create=False) as t:
         q = t.quote(qd, selection)
         ak = t.ak_public()
     info = verify_quote(ak, q, qd)
@@ -216,7 +224,7 @@ def info(data_dir: Path, device: str | None, as_json: bool) -> None:
     """
     from controlplane.host.tpm import open_tpm  # here: tpm2-pytss costs ~0.15 s on every `cwlite` start
 
-    with open_tpm(data_dir, device=device) as t:
+    with open_tpm(data_dir, device=device, create=False) as t:
         data = t.info()
         data["ak"]["public_pem"] = public_pem(t.ak_public()).decode()
         data["ek_certificate"] = t.ek_certificate() is not None

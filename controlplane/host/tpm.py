@@ -51,7 +51,7 @@ from controlplane.core.quote import (
     parse_quote_attest,
     pcr_composite_digest,
 )
-from controlplane.host.swtpm import Swtpm
+from controlplane.host.swtpm import STATE_FILE, Swtpm
 
 # ESYS prints its own error lines to stderr; cwlite reports each failure once, as a TpmError.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -338,17 +338,25 @@ def tcti_for(device: str) -> str:
     return f"device:{device}" if device.startswith("/") else device
 
 
-def open_tpm(data_dir: Path, *, device: str | None = None, ak_alg: str = "ecc") -> Tpm:
+def open_tpm(data_dir: Path, *, device: str | None = None, ak_alg: str = "ecc", create: bool = True) -> Tpm:
     """The TPM cwlite uses: `device` when given (a path or a TCTI string), else /dev/tpmrm0
     when present, else the embedded swtpm with its state under `data_dir/swtpm` (the one
-    another cwlite process already runs there, or a new one this Tpm stops on close)."""
+    another cwlite process already runs there, or a new one this Tpm stops on close).
+
+    Without `create` the embedded swtpm must already be manufactured: a command that only
+    reads (pcrread, quote, log verify) must not make a new TPM out of a mistyped --data-dir
+    and print its zeros as if they were the machine's."""
     if device is None and os.path.exists(TPM_DEVICE):
         device = TPM_DEVICE
     if device is not None:
         if device.startswith("/") and not os.path.exists(device):
             raise TpmError(f"{device}: no such TPM device")
         return Tpm(tcti_for(device), ak_alg=ak_alg)
-    sw = Swtpm.attach(Path(data_dir) / "swtpm") or Swtpm.start(Path(data_dir) / "swtpm")
+    swtpm_dir = Path(data_dir) / "swtpm"
+    if not create and not (swtpm_dir / "state" / STATE_FILE).exists():
+        raise TpmError(f"{swtpm_dir}: no embedded TPM here and no {TPM_DEVICE}: give the --data-dir "
+                       f"`cwlite serve` uses, or --device")
+    sw = Swtpm.attach(swtpm_dir) or Swtpm.start(swtpm_dir)
     try:
         return Tpm(sw.tcti, ak_alg=ak_alg, swtpm=sw)
     except BaseException:

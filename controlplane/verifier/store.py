@@ -182,7 +182,7 @@ class Store:
         with self._session() as s:
             row = s.scalars(select(HostRow).where(HostRow.name == name)).one_or_none()
             if row is None:
-                raise StoreError(f"{self.where()}: host {name!r} is not enrolled (cwlite verify --enrol URL)")
+                raise StoreError(f"{self.where()}: host {name!r} is not enrolled (enrol it: cwlite enrol URL {name})")
             return _host(row)
 
     def hosts(self) -> list[Host]:

@@ -144,3 +144,13 @@ def test_db_as_a_user_who_may_only_read_it() -> None:
         assert proc.stderr == f"cwlite: error: {db}: cannot read the measurement DB: Permission denied\n"
     finally:
         shutil.rmtree(shared)
+
+
+def test_unknown_host_hint_names_a_real_command(policy: Path, tmp_path: Path, capsys) -> None:
+    db = tmp_path / "trusted.db"
+    build(db, from_dir=[_tree(tmp_path / "site")], trust_set="toolchain")
+    err = one_line_error(capsys, "verify", "build9", "--policy", str(policy), "--db", str(db),
+                         "--data-dir", str(tmp_path / "verifier"))
+    assert err.endswith("host 'build9' is not enrolled (enrol it: cwlite enrol URL build9)")
+    hint = err[err.index("cwlite enrol"):-1].split()
+    assert main([hint[1], "--help"]) == 0 and "URL NAME" in capsys.readouterr().out

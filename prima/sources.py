@@ -9,18 +9,17 @@ md5sums) are prima.debian's; hashing and the file cache are prima.measure's.
 from __future__ import annotations
 
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from controlplane.core.errors import MeasureDBError
+from controlplane.core.policy import TRUST_SET_NAME, TRUST_SET_RULE
 from prima import debian, measure
 from prima.measure import Measured
 from prima.measuredb import MeasureDB, Measurement
 
-_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,8 @@ def build(
     - from_dir: directories the site builds itself; origin = the directory, `note`.
     Nothing is written until every source has been measured and checked.
     """
-    if not _SET_NAME.match(trust_set or ""):
-        raise MeasureDBError(f"trust set {trust_set!r}: name must be 1-64 of [A-Za-z0-9_.-], starting alphanumeric")
+    if not TRUST_SET_NAME.match(trust_set or ""):   # the policy's rule: a set it could never name is useless
+        raise MeasureDBError(f"{trust_set!r}: trust set names are {TRUST_SET_RULE}")
     if not (from_deb or from_dpkg or from_dir):
         raise MeasureDBError(f"trust set {trust_set}: no source given (from_deb, from_dpkg or from_dir)")
     deb_dirs = measure.check_dirs(from_deb, "--from-deb")

@@ -23,14 +23,16 @@ from controlplane.core.errors import CwliteError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
+@click.option("--debug", is_flag=True, help="Show a traceback on errors (also accepted after the subcommand).")
+@click.version_option(package_name="cwlite", prog_name="cwlite", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """cwlite: enforce and prove CW-Lite integrity on a build machine.
 
-    PRIMA (only trusted code under a TP label), Port Authority (untrusted
-    network input only to trusted filters), CDI protection, an ima-ng
-    measurement log extended into a TPM PCR, and quotes a remote verifier checks.
+    PRIMA (only trusted code under a TP label), CDI protection, an ima-ng
+    measurement log extended into a TPM PCR, and quotes a remote verifier
+    checks. Port Authority rules (untrusted network input only to trusted
+    filters) are parsed and checked but NOT enforced yet.
 
     \b
     Examples:
@@ -51,6 +53,14 @@ for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify
     cli.add_command(_command)
 
 
+def _debug_first(args: list[str]) -> list[str]:
+    """`--debug` anywhere before a `--` is the group's flag: `cwlite policy check x --debug` works too."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:end]:
+        return args
+    return ["--debug", *(a for i, a in enumerate(args) if not (i < end and a == "--debug"))]
+
+
 def _usage_line(exc: click.ClickException) -> str:
     """A click error as one line: the command it concerns, the message, where help is."""
     message = " ".join(exc.format_message().split())
@@ -62,9 +72,10 @@ def _usage_line(exc: click.ClickException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI; a CwliteError is one line on stderr and exit 1."""
-    debug_flag = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = _debug_first(list(argv if argv is not None else sys.argv[1:]))
+    debug_flag = args[:1] == ["--debug"]
     try:
-        cli.main(args=argv, prog_name="cwlite", standalone_mode=False)
+        cli.main(args=args, prog_name="cwlite", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("cwlite: aborted", err=True)
         return 130

@@ -5,6 +5,9 @@ import json
 from typing import Any, Callable
 
 import click
+from rich.console import Console
+
+PIPED_WIDTH = 1000     # a file or a pipe is not 80 columns wide: rows stay whole for grep and diff
 
 
 def emit(data: dict, as_json: bool, human: Callable[[Any], None]) -> None:
@@ -13,3 +16,9 @@ def emit(data: dict, as_json: bool, human: Callable[[Any], None]) -> None:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
     else:
         human(data)
+
+
+def console() -> Console:
+    """A rich Console on stdout: the terminal's width on a terminal; not wrapped at 80 columns when piped."""
+    con = Console()
+    return con if con.is_terminal else Console(width=PIPED_WIDTH, soft_wrap=True)

@@ -5,11 +5,10 @@ import json
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from controlplane.core import proof as proof_mod
-from controlplane.cli.output import emit
+from controlplane.cli.output import console, emit
 from controlplane.core.keys import load_public_key
 
 
@@ -51,19 +50,21 @@ def check_cmd(file: Path, key_path: Path, as_json: bool) -> None:
 
 @proof.command("show")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def show_cmd(file: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the (unchecked) proof document as JSON.")
+def show_cmd(file: Path, as_json: bool) -> None:
     """Print FILE's verdict table WITHOUT checking the signature (use `check` for that).
 
     \b
     Examples:
       cwlite proof show p.json
       cwlite proof show p.json | less -R
+      cwlite proof show p.json --json | jq .entries
     """
     try:
         doc = json.loads(_read(file))
     except ValueError as exc:
         raise click.ClickException(f"{file}: not JSON: {exc}") from exc
-    print_proof(doc, header=f"{file}: NOT checked (unverified content)")
+    emit(doc, as_json, lambda d: print_proof(d, header=f"{file}: NOT checked (unverified content)"))
 
 
 def _read(file: Path) -> bytes:
@@ -75,7 +76,7 @@ def _read(file: Path) -> bytes:
 
 def print_proof(doc: dict, *, header: str = "") -> None:
     """The proof for a person: who, what was checked, each entry that was not simply trusted, the verdict."""
-    con = Console()
+    con = console()
     if header:
         con.print(header)
     host, log = doc.get("host", {}), doc.get("log", {})

@@ -68,6 +68,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
             mlog_mod.MeasurementLog.open(Path(data_dir) / "measurements.log", tpm, pcr=pcr) as log:
         state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=pcr, policy_path=policy_path,
                              policy=active, db_digest=db_digest, controller_key=controller_key, rate_per_s=rate)
+        server = Server(state, host=host, port=port)     # bind first: a service that cannot listen records nothing
         state.record_tls_key()
         daemon = thread = None
         failure: list[BaseException] = []
@@ -85,7 +86,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
             thread.start()
             state.on_policy = lambda _policy: setattr(daemon, "reload_requested", True)
         try:
-            with Server(state, host=host, port=port) as server:
+            with server:
                 yield Running(state, server, daemon, log, failure)
         finally:
             if daemon is not None:

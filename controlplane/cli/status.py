@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from controlplane.cli.output import emit
+from controlplane.cli.output import console, emit
 from controlplane.host import status as status_mod
 from ebpf import loader
 
@@ -41,7 +40,7 @@ def _print_status(s: dict) -> None:
     table.add_row("bcc", f"{s['bcc'].get('version')}  headers {s['bcc'].get('headers')}")
     table.add_row("TPM", f"{s['tpm']['use'] or '[red]none[/]'}  (device {s['tpm']['device']}, swtpm {s['tpm']['swtpm']})")
     table.add_row("backend", f"[bold]{s['backend'] or 'none'}[/]  {s['backend_reason']}")
-    Console().print(table)
+    console().print(table)
 
 
 @click.group()

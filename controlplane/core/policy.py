@@ -78,7 +78,11 @@ ON_EXEC = tuple(m.value for m in OnExec)
 ANON_EXEC = tuple(m.value for m in AnonExec)
 PROTOCOLS = ("tcp", "udp")
 MAX_TRUST_SETS = 64  # one bit each in the kernel's 64-bit mask
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")  # labels and trust sets: safe in ima-ng names
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")  # labels: they become SELinux types (cwlite_L_t)
+# Trust sets are only names in the policy and the DB (never an SELinux or ima-ng identifier), so `-` is allowed
+# too: `cwlite db build --trust-set build-tools` must make a set the policy can name. prima.sources uses this.
+TRUST_SET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+TRUST_SET_RULE = "letters, digits, _ and -, starting with a letter, at most 63"
 
 
 @dataclass(frozen=True)
@@ -299,8 +303,8 @@ def parse_policy(text: str, *, source: str) -> Policy:
     if len(sets) > MAX_TRUST_SETS:
         raise ctx.fail(("trust_sets",), f"{len(sets)} trust sets; at most {MAX_TRUST_SETS} (one bit each)")
     for s in sets:
-        if not _NAME.match(s):
-            raise ctx.fail(("trust_sets",), f"{s!r}: names are letters, digits and _, starting with a letter")
+        if not TRUST_SET_NAME.match(s):
+            raise ctx.fail(("trust_sets",), f"{s!r}: trust set names are {TRUST_SET_RULE}")
 
     labels_raw = _table(ctx, top["labels"], ("labels",), {k: False for k in top["labels"]} if isinstance(top["labels"], dict) else {})
     if not labels_raw:

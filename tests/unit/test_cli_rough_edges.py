@@ -1,7 +1,9 @@
 """What a new user hit (issue 28 §1): every mistake is one `cwlite: error:` line naming the file, exit 1."""
 from __future__ import annotations
 
-import os
+import importlib.metadata
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -11,11 +13,15 @@ from pathlib import Path
 import pytest
 
 from controlplane.cli.main import main
+from controlplane.core.errors import MeasureDBError, PolicyError
+from controlplane.core.policy import load_policy
 from prima.measuredb import MeasureDB
 from prima.sources import build
 from tests.conftest import requires
 from tests.unit.test_measuredb import _tree
 from tests.unit.test_policy import GOOD
+
+README = Path(__file__).parents[2] / "README.md"
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -154,3 +160,67 @@ def test_unknown_host_hint_names_a_real_command(policy: Path, tmp_path: Path, ca
     assert err.endswith("host 'build9' is not enrolled (enrol it: cwlite enrol URL build9)")
     hint = err[err.index("cwlite enrol"):-1].split()
     assert main([hint[1], "--help"]) == 0 and "URL NAME" in capsys.readouterr().out
+
+
+def test_version(capsys) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"cwlite {importlib.metadata.version('cwlite')}\n"
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "controlplane.cli", "policy", "check", str(tmp_path / "no.toml"),
+                           "--debug"], capture_output=True, text=True, cwd=README.parent)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "PolicyError" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "controlplane.cli", "policy", "check", str(tmp_path / "no.toml")],
+                          capture_output=True, text=True, cwd=README.parent)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def _proof_doc(subject: str) -> dict:
+    return {"host": {"name": "build1", "url": "https://10.0.0.5:8443"}, "log": {"start": 0, "end": 3, "pcr": 10},
+            "verdict": "untrusted", "reasons": ["entry 2: untrusted code"], "trusted_entries": 2,
+            "entries": [{"index": 2, "verdict": "untrusted", "reason": "not-in-db", "label": "tp_build",
+                         "op": "exec", "subject": subject, "digest": "ab" * 32}]}
+
+
+def test_proof_show_json(tmp_path: Path, capsys) -> None:
+    doc = _proof_doc("/usr/bin/evil")
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    rc, out, _ = run(capsys, "proof", "show", str(tmp_path / "p.json"), "--json")
+    assert rc == 0 and json.loads(out) == doc
+
+
+def test_piped_output_is_not_wrapped_at_80_columns(tmp_path: Path, capsys) -> None:
+    """capsys is not a terminal, as a pipe or a file is not: each row must stay on one line."""
+    subject = "/srv/build/" + "very-long-directory-name/" * 8 + "cc1"
+    (tmp_path / "p.json").write_text(json.dumps(_proof_doc(subject)))
+    rc, out, _ = run(capsys, "proof", "show", str(tmp_path / "p.json"))
+    assert rc == 0
+    row = [line for line in out.splitlines() if "not-in-db" in line]
+    assert len(row) == 1 and subject in row[0] and "tp_build" in row[0]
+
+
+def test_top_level_help_does_not_claim_port_authority_works(capsys) -> None:
+    rc, out, _ = run(capsys, "--help")
+    assert rc == 0
+    text = " ".join(out.split())
+    assert "Port Authority rules (untrusted network input only to trusted filters) are parsed and checked but NOT " \
+           "enforced yet" in text
+
+
+def test_readme_trust_set_names_are_ones_the_policy_and_the_db_accept(tmp_path: Path) -> None:
+    names = set(re.findall(r"--trust-set (\S+)", README.read_text()))
+    assert "build-tools" in names
+    site = _tree(tmp_path / "site")
+    for name in names:
+        policy = tmp_path / f"{name}.toml"
+        policy.write_text(GOOD.replace('"toolchain"', f'"{name}"'))
+        assert name in load_policy(policy).trust_sets()
+        assert build(tmp_path / "x.db", from_dir=[site], trust_set=name).trust_set == name
+    for bad in ("build.tools", "1tools", "-tools"):          # one rule for both: what one refuses, so does the other
+        policy = tmp_path / "bad.toml"
+        policy.write_text(GOOD.replace('"toolchain"', f'"{bad}"'))
+        with pytest.raises(PolicyError, match="trust set names are letters, digits, _ and -"):
+            load_policy(policy)
+        with pytest.raises(MeasureDBError, match="trust set names are letters, digits, _ and -"):
+            build(tmp_path / "x.db", from_dir=[site], trust_set=bad)

@@ -160,7 +160,7 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
         MeasureDB.open(tmp_path / "missing.db")
     with pytest.raises(MeasureDBError, match=r"/nonexistent/dir: --from-dir: no such directory"):
         build(tmp_path / "x.db", from_dir=["/nonexistent/dir"], trust_set="s")
-    with pytest.raises(MeasureDBError, match=r"trust set 'bad name'"):
+    with pytest.raises(MeasureDBError, match=r"'bad name': trust set names are"):
         build(tmp_path / "x.db", from_dir=[tmp_path], trust_set="bad name")
     # The CLI: one line on stderr, exit 1.
     for argv, text in (

@@ -5,7 +5,7 @@ import base64
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -52,13 +52,28 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def _known_query_only(request: Request) -> None:
+    """422 for a query parameter the route does not take: `?start=99` must not quietly mean `from=0`."""
+    route = request.scope.get("route")
+    known = {p.alias for p in route.dependant.query_params} if route is not None else set()
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise Reject(422, f"{unknown[0]}: unknown query parameter (this endpoint takes: "
+                          f"{', '.join(sorted(known)) or 'none'})")
+
+
 # the application ---------------------------------------------------------------------
 def create_app(state: ServiceState) -> FastAPI:
-    """The FastAPI application answering from `state` (tests and `cwlite serve` both use this)."""
+    """The FastAPI application answering from `state` (tests and `cwlite serve` both use this).
+
+    No /docs or /redoc: those pages load Swagger UI and ReDoc from a CDN, a blank page on an
+    air-gapped build farm. The schema itself is served at /openapi.json.
+    """
     app = FastAPI(title="cwlite attestation service", version=API_VERSION,
                   description="Fresh TPM quotes bound to this TLS key, the measurement log, the active policy.",
                   responses={422: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
-                             413: {"model": ErrorResponse}})
+                             413: {"model": ErrorResponse}},
+                  docs_url=None, redoc_url=None, dependencies=[Depends(_known_query_only)])
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

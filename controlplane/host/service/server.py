@@ -1,6 +1,7 @@
 """Running the service: uvicorn over HTTPS with the fresh TLS identity, in a background thread."""
 from __future__ import annotations
 
+import socket
 import tempfile
 import threading
 import time
@@ -13,15 +14,35 @@ from controlplane.host.service.routes import create_app
 from controlplane.host.service.state import ServiceState
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port, or one CwliteError line (not uvicorn's log line and then ours)."""
+    try:
+        family, _type, _proto, _name, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as exc:
+        raise CwliteError(f"attestation service: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise CwliteError(f"attestation service: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
+
+
 class Server:
     """`with Server(state) as s: s.url`: the service on `host:port` until the block ends.
 
-    The TLS private key exists on disk only while uvicorn loads it (a private temp dir), then is removed.
+    The port is bound when the Server is made, before anything is served or recorded: a caller
+    records the TLS key only for a service that can actually listen. The TLS private key exists
+    on disk only while uvicorn loads it (a private temp dir), then is removed.
     """
 
     def __init__(self, state: ServiceState, *, host: str = "127.0.0.1", port: int = 0,
                  log_level: str = "warning") -> None:
         self.state = state
+        self.sock = listen(host, port)
         with tempfile.TemporaryDirectory(prefix="cwlite-tls-") as tmp:
             keyfile, certfile = Path(tmp) / "key.pem", Path(tmp) / "cert.pem"
             keyfile.touch(mode=0o600)
@@ -30,9 +51,14 @@ class Server:
             self.config = uvicorn.Config(create_app(state), host=host, port=port, ssl_keyfile=str(keyfile),
                                          ssl_certfile=str(certfile), log_level=log_level, access_log=False,
                                          limit_concurrency=64, timeout_keep_alive=5, h11_max_incomplete_event_size=16384)
-            self.config.load()
+            try:
+                self.config.load()
+            except BaseException:
+                self.sock.close()
+                raise
         self.server = uvicorn.Server(self.config)
-        self.thread = threading.Thread(target=self.server.run, name="cwlite-service", daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="cwlite-service", daemon=True)
 
     def __enter__(self) -> "Server":
         self.thread.start()
@@ -45,7 +71,7 @@ class Server:
 
     @property
     def port(self) -> int:
-        return self.server.servers[0].sockets[0].getsockname()[1]
+        return self.sock.getsockname()[1]
 
     @property
     def url(self) -> str:
@@ -54,3 +80,4 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        self.sock.close()

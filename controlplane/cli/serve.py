@@ -69,32 +69,33 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
         state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=pcr, policy_path=policy_path,
                              policy=active, db_digest=db_digest, controller_key=controller_key, rate_per_s=rate)
         server = Server(state, host=host, port=port)     # bind first: a service that cannot listen records nothing
-        state.record_tls_key()
-        daemon = thread = None
-        failure: list[BaseException] = []
-        if enforce:
-            daemon = Daemon(policy_path, db_path, log, backend=backend, controller_key=controller_key, log=say,
-                            policy=active.policy)
+        with contextlib.closing(server.sock):   # closed on every path, the served one included
+            state.record_tls_key()
+            daemon = thread = None
+            failure: list[BaseException] = []
+            if enforce:
+                daemon = Daemon(policy_path, db_path, log, backend=backend, controller_key=controller_key, log=say,
+                                policy=active.policy)
 
-            def run() -> None:
-                try:
-                    daemon.run()
-                except BaseException as exc:  # noqa: BLE001 - reported by the serving thread
-                    failure.append(exc)
+                def run() -> None:
+                    try:
+                        daemon.run()
+                    except BaseException as exc:  # noqa: BLE001 - reported by the serving thread
+                        failure.append(exc)
 
-            thread = threading.Thread(target=run, name="cwlite-enforce", daemon=True)
-            thread.start()
-            state.on_policy = lambda _policy: setattr(daemon, "reload_requested", True)
-        try:
-            with server:
-                yield Running(state, server, daemon, log, failure)
-        finally:
-            if daemon is not None:
-                daemon.stop_requested = True
-                thread.join(timeout=30)
-            log.flush()
-        if failure:
-            raise EnforcementError(f"enforcement stopped: {failure[0]}") from failure[0]
+                thread = threading.Thread(target=run, name="cwlite-enforce", daemon=True)
+                thread.start()
+                state.on_policy = lambda _policy: setattr(daemon, "reload_requested", True)
+            try:
+                with server:
+                    yield Running(state, server, daemon, log, failure)
+            finally:
+                if daemon is not None:
+                    daemon.stop_requested = True
+                    thread.join(timeout=30)
+                log.flush()
+            if failure:
+                raise EnforcementError(f"enforcement stopped: {failure[0]}") from failure[0]
 
 
 @click.command("serve")

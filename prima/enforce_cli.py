@@ -74,7 +74,8 @@ def resolve_backend(requested: str) -> str:
 
 
 def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None):
-    """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets, the DB digest."""
+    """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets (a
+    callable taking Engine.watch, so the engine watches each file before it is read), the DB digest."""
     from controlplane.policy import load_policy
     from prima.measuredb import MeasureDB
 
@@ -86,7 +87,16 @@ def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None):
         if missing:
             raise EnforcementError(f"{policy_path}: trust_sets: {', '.join(missing)} not in {db_path} "
                                    f"(has: {', '.join(db.trust_sets()) or 'none'})")
-        return policy, db.kernel_view(policy.trust_sets()), db.digest()
+        digest = db.digest()
+        # at most one entry per measured path and its overlayfs layer file: sizes the maps
+        size_hint = 2 * sum(len(db.measurements(s)) for s in policy.trust_sets())
+
+    def view(watch):
+        with MeasureDB.open(db_path) as db:
+            return db.kernel_view(policy.trust_sets(), watch=watch)
+
+    view.size_hint = size_hint
+    return policy, view, digest
 
 
 class Daemon:
@@ -100,13 +110,15 @@ class Daemon:
         self.stop_requested = False
 
     def run(self) -> None:
-        from prima.engine import Engine
+        from prima.engine import MIN_TRUST_MAX, Engine
 
         policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key)
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
-        engine = Engine(policy, view, backend=backend, db_digest=db_digest)
+        engine = Engine(policy, view, backend=backend, db_digest=db_digest,
+                        trust_max=max(MIN_TRUST_MAX, 2 * view.size_hint))
         try:
-            self._say(f"enforcing {self.policy_path} ({policy.mode}) with {len(view)} trusted files, backend {backend}")
+            self._say(f"enforcing {self.policy_path} ({policy.mode}) with {engine.loaded.trusted_files} trusted files, "
+                      f"backend {backend}")
             while not self.stop_requested:
                 for ev in engine.poll(200):
                     self.sink.record(ev)

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from controlplane.errors import EnforcementError
 from controlplane.events import ZERO_DIGEST, Event, EventKind
 from controlplane.policy import Policy
+from prima import measure
 from prima.measuredb import KernelEntry, kernel_dev
 
 if TYPE_CHECKING:
@@ -46,7 +48,8 @@ MIN_TRUST_MAX = 4096
 KINDS = {1: EventKind.TRUSTED_LOAD, 2: EventKind.LABEL_TRANSITION, 3: EventKind.VIOLATION}
 OPS = {1: "exec", 2: "interp", 3: "script", 4: "mmap", 5: "mprotect", 6: "anon-exec", 7: "entrypoint", 8: "drop"}
 ACTIONS = {0: "allowed", 1: "killed", 2: "denied"}
-WHYS = {0: "", 1: "unmeasured", 2: "changed-after-measurement", 3: "not-in-trust-set", 4: "no-file", 5: "anonymous-exec"}
+WHYS = {0: "", 1: "unmeasured", 2: "changed-after-measurement", 3: "not-in-trust-set", 4: "no-file", 5: "anonymous-exec",
+        6: "open-for-write", 7: "write-enabled-since-measurement", 8: "overlay-layer-untrusted"}
 DROPS = {0: "ringbuf", 1: "label-map", 2: "seen-map", 3: "cdi-map"}
 DROP_MAX = 4
 
@@ -63,17 +66,24 @@ class CwlEvent(ctypes.Structure):
     ]
 
 
-def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int) -> list[KernelEntry]:
-    """Stat and hash files into kernel-view entries, for tests and benchmarks that need no DB
-    (the daemon's source is MeasureDB.kernel_view)."""
-    import hashlib
+Watch = Callable[[Iterable[tuple[int, int]]], None]  # Engine.watch: kernel (dev, ino) keys about to be read
+Measure = Callable[[Watch], Sequence[KernelEntry]]  # measures after watching: see Engine.reload
 
+
+def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int, watch: Watch | None = None) -> list[KernelEntry]:
+    """Stat and hash files into kernel-view entries, for tests and benchmarks that need no DB
+    (the daemon's source is MeasureDB.kernel_view). `watch` gets the keys before any is read;
+    a file open for write while it is read is left out (its content may be changing)."""
+    sts = [(os.fspath(p), os.stat(p)) for p in paths]
+    if watch is not None:
+        watch([(kernel_dev(st.st_dev), st.st_ino) for _p, st in sts])
     out = []
-    for p in paths:
-        st = os.stat(p)
-        with open(p, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").digest()
-        out.append(KernelEntry(kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns, sets_mask, digest, os.fspath(p)))
+    for p, st in sts:
+        measured_ns = time.monotonic_ns()
+        m = measure.measure_file(os.path.realpath(p), only_code=False)
+        if m is None or not m.stable or (m.ident.dev, m.ident.ino) != (st.st_dev, st.st_ino):
+            continue
+        out.append(KernelEntry(kernel_dev(st.st_dev), st.st_ino, m.ident.ctime_ns, sets_mask, m.sha256, p, measured_ns))
     return out
 
 
@@ -94,13 +104,13 @@ class Engine:
     Use as a context manager: `with Engine(policy, entries) as e: e.poll(...)`.
     """
 
-    def __init__(self, policy: Policy, entries: Sequence[KernelEntry], *, backend: str = "tracepoint",
+    def __init__(self, policy: Policy, entries: Sequence[KernelEntry] | Measure, *, backend: str = "tracepoint",
                  db_digest: bytes = ZERO_DIGEST, trust_max: int | None = None,
                  ringbuf_pages: int = RINGBUF_PAGES) -> None:
         if backend not in BACKENDS:
             raise EnforcementError(f"backend {backend!r}: not one of {', '.join(BACKENDS)}")
         self.backend = backend
-        self.trust_max = trust_max or max(MIN_TRUST_MAX, 2 * len(entries))
+        self.trust_max = trust_max or max(MIN_TRUST_MAX, 2 * (0 if callable(entries) else len(entries)))
         self.ringbuf_pages = ringbuf_pages
         self._label_ids: dict[str, int] = {}
         self._paths: dict[tuple[int, int], str] = {}
@@ -114,11 +124,12 @@ class Engine:
         self._start(policy, entries, db_digest)
 
     # ---- lifecycle --------------------------------------------------------------------
-    def _start(self, policy: Policy, entries: Sequence[KernelEntry], db_digest: bytes) -> None:
+    def _start(self, policy: Policy, entries: Sequence[KernelEntry] | Measure, db_digest: bytes) -> None:
         from ebpf import loader
 
         flags = [f"-DCWL_TRUST_MAX={self.trust_max}", f"-DCWL_ENTRY_MAX={ENTRY_MAX}", f"-DCWL_LABEL_MAX={LABEL_MAX}",
-                 f"-DCWL_TASK_MAX={TASK_MAX}", f"-DCWL_SEEN_MAX={SEEN_MAX}", f"-DCWL_RINGBUF_PAGES={self.ringbuf_pages}"]
+                 f"-DCWL_TASK_MAX={TASK_MAX}", f"-DCWL_SEEN_MAX={SEEN_MAX}", f"-DCWL_RINGBUF_PAGES={self.ringbuf_pages}",
+                 f"-DCWL_TAINT_MAX={2 * self.trust_max}"]
         if self.backend == "lsm":  # the lsm backend also guards CDIs (prima.cdi, ebpf/cdi.h)
             from prima import cdi
 
@@ -138,9 +149,38 @@ class Engine:
             self.close(record_stop=False)
             raise
 
-    def reload(self, policy: Policy, entries: Sequence[KernelEntry], db_digest: bytes = ZERO_DIGEST) -> Loaded:
-        """Fill the idle generation from `policy` + `entries`, then flip to it (atomic for the kernel)."""
+    def watch(self, keys: Iterable[tuple[int, int]]) -> None:
+        """Start recording write-enabling events (cwl_taint) on these kernel (dev, ino) keys.
+
+        Call it BEFORE their content is read: a file is trusted only if no write
+        was enabled on it after its entry's measured_ns, and only watched keys are
+        recorded. Existing records are kept (a taint is not undone by watching again).
+        """
+        table = self._require()[b"cwl_taint"]
+        zero = ctypes.c_uint64(0)
+        for dev, ino in keys:
+            k = table.Key(dev=dev, ino=ino)
+            try:
+                table[k]
+            except KeyError:
+                try:
+                    table[k] = zero
+                except Exception as exc:
+                    raise EnforcementError(f"prima/{self.backend}: taint map full ({2 * self.trust_max} files): "
+                                           f"restart `cwlite enforce` to resize") from exc
+
+    def reload(self, policy: Policy, entries: Sequence[KernelEntry] | Measure, db_digest: bytes = ZERO_DIGEST) -> Loaded:
+        """Fill the idle generation from `policy` + `entries`, then flip to it (atomic for the kernel).
+
+        `entries` is best a callable that measures after calling watch() with the
+        keys it will read (MeasureDB.kernel_view and measure_files take `watch`):
+        then a write enabled while, or after, a file is read is never missed.
+        Plain entries are watched here, after they were read.
+        """
         bpf = self._require()
+        if callable(entries):
+            entries = entries(self.watch)
+        self.watch((e.dev, e.ino) for e in entries)
         if len(entries) > self.trust_max:
             raise EnforcementError(f"measurement DB kernel view: {len(entries)} files, the loaded maps hold "
                                    f"{self.trust_max}: restart `cwlite enforce` to resize")
@@ -158,7 +198,7 @@ class Engine:
         paths: dict[tuple[int, int], str] = {}
         for e in entries:
             k = trust.Key(dev=e.dev, ino=e.ino)
-            v = trust.Leaf(ctime_ns=e.ctime_ns, sets_mask=e.sets_mask)
+            v = trust.Leaf(ctime_ns=e.ctime_ns, sets_mask=e.sets_mask, measured_ns=e.measured_ns)
             ctypes.memmove(v.digest, e.digest, 32)
             trust[k] = v
             paths[(e.dev, e.ino)] = e.path
@@ -198,6 +238,14 @@ class Engine:
         bpf[b"cwl_gen"][bpf[b"cwl_gen"].Key(0)] = ctypes.c_uint32(gen)
         self._generation = gen
         self._paths = paths
+        # Records of files the live generation no longer trusts are dropped (the next
+        # reload watches its own keys again before reading them).
+        taint = bpf[b"cwl_taint"]
+        for k in [k for k in taint.keys() if (k.dev, k.ino) not in paths]:
+            try:
+                del taint[k]
+            except KeyError:
+                pass
         self._queue.append(Event(EventKind.POLICY_LOAD, policy.digest(), subject=policy.source,
                                  detail={"mode": policy.mode, "generation": gen}))
         self._queue.append(Event(EventKind.DB_LOAD, db_digest, subject=f"{len(entries)} trusted files",

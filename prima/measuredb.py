@@ -81,6 +81,15 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+# File systems whose ctime changes with every change of content once nobody holds the
+# file open for write: write(2) stamps it (file_modified), and the first write to a
+# page through a shared mapping faults into ->page_mkwrite, which stamps it
+# (ext4_page_mkwrite, btrfs_page_mkwrite, xfs_write_fault: file_update_time). tmpfs
+# has no page_mkwrite (mapped pages are written with no stamp) and overlayfs passes
+# mappings to whatever its layers are: their files are always read again.
+CTIME_WITNESS_FS = frozenset({"ext4", "btrfs", "xfs"})
+
+
 def kernel_dev(st_dev: int) -> int:
     """Userspace st_dev (glibc's major/minor encoding) -> dev_t as the kernel keeps it in super_block.s_dev.
 
@@ -111,7 +120,8 @@ _ORIGIN_COLS = "origin, package, version, path, note, trust_set, untrusted, file
 
 @dataclass(frozen=True)
 class KernelEntry:
-    """One BPF map entry: key (dev as the kernel encodes it, ino), value (trust-set bitmask, ctime cookie)."""
+    """One BPF map entry: key (dev as the kernel encodes it, ino), value (trust-set bitmask, ctime cookie,
+    and when its content was read: CLOCK_MONOTONIC ns, what the kernel's taint records compare with)."""
 
     dev: int
     ino: int
@@ -119,6 +129,7 @@ class KernelEntry:
     sets_mask: int
     digest: bytes
     path: str
+    measured_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -314,10 +325,15 @@ class MeasureDB:
     def file_cache(self, *, preload: bool = True) -> Callable[[os.stat_result], Measured | None]:
         """A lookup stat() -> the measurement made when the file had the same (dev, ino, size, mtime, ctime).
 
+        Only where the ctime witnesses every change (CTIME_WITNESS_FS) and only
+        measurements made with no writer (`stable`, the only ones stored): a
+        stat-invisible change (tmpfs, overlayfs, btrfs subvolume devices we cannot
+        place) is never answered from here, so a build is as strict as `verify`.
         `preload` reads the whole cache at once (a build asks about most of
         it); otherwise each lookup is one indexed query (a few files of many).
         """
         cols = "dev, ino, size, mtime_ns, ctime_ns, path, file_kind, interpreter, sha256, md5"
+        witness = {m.dev for m in mounts() if m.fstype in CTIME_WITNESS_FS}
 
         def measured(r: tuple, st: os.stat_result) -> Measured:
             return Measured(r[5], Identity.of(st), FileKind(r[6], r[7]) if r[6] else None, r[8], r[9])
@@ -326,12 +342,16 @@ class MeasureDB:
             cache = {r[:5]: r for r in self._conn.execute(f"SELECT {cols} FROM files")}
 
             def get(st: os.stat_result) -> Measured | None:
+                if st.st_dev not in witness:
+                    return None
                 r = cache.get((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
                 return None if r is None else measured(r, st)
 
             return get
 
         def query(st: os.stat_result) -> Measured | None:
+            if st.st_dev not in witness:
+                return None
             r = self._conn.execute(
                 f"SELECT {cols} FROM files WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ?",
                 (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
@@ -348,6 +368,7 @@ class MeasureDB:
                 (m.ident.dev, m.ident.ino, m.ident.size, m.ident.mtime_ns, m.ident.ctime_ns, m.path,
                  m.kind.kind if m.kind else None, m.kind.interpreter if m.kind else "", m.sha256, m.md5)
                 for m in measured
+                if m.stable  # read while something could write it: never answered from the cache
             ],
         )
 
@@ -395,15 +416,20 @@ class MeasureDB:
 
     # -- the kernel's view ----------------------------------------------------
 
-    def kernel_view(self, trust_sets: Sequence[str]) -> list[KernelEntry]:
+    def kernel_view(self, trust_sets: Sequence[str], *, watch: Callable[[Iterable[tuple[int, int]]], None] | None = None) -> list[KernelEntry]:
         """BPF map entries for files on this machine whose current content is trusted in `trust_sets`.
 
         Bit i of `sets_mask` is trust_sets[i] (the policy fixes the order).
         Candidates are the paths the DB knows (measured paths and the local
         cache); each is stat()ed (following symlinks, so /bin/ls of a
-        merged-/usr system is /usr/bin/ls's inode), and a file whose
-        size/mtime/ctime changed since it was measured is measured again: if
-        its content is no longer trusted, it is not in the view.
+        merged-/usr system is /usr/bin/ls's inode) and measured again unless
+        the cache may answer (file_cache): if its content is no longer
+        trusted, it is not in the view. A file open for write now (or while it
+        was read) is left out: its content may be changing.
+
+        `watch` (prima.engine Engine.watch) gets every kernel key before any
+        content is read, and each entry's measured_ns is taken after that: the
+        kernel then refuses the file if a write is enabled on it any time later.
         """
         self._check_sets(trust_sets)
         if len(trust_sets) > 64:
@@ -418,16 +444,27 @@ class MeasureDB:
             tuple(trust_sets),
         )]
         ids = KernelIdentity()
-        current = self.measure_paths(paths + ids.overlay_layer_paths(paths))
+        paths += ids.overlay_layer_paths(paths)
+        if watch is not None:
+            keys = []
+            for p in paths:
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    continue
+                keys.append((ids.dev(p, st.st_dev), st.st_ino))
+            watch(keys)
+        measured_ns = time.monotonic_ns()
+        current = self.measure_paths(paths)
         entries: dict[tuple[int, int], KernelEntry] = {}
         for m in current.values():
             mask = masks.get(m.sha256 or b"", 0)
-            if not mask:
+            if not mask or not m.stable or (m.reused and measure.has_writers(m.path)):
                 continue
             key = (ids.dev(m.path, m.ident.dev), m.ident.ino)
             # Two files on one key (btrfs subvolumes repeat inode numbers): keep the first; the
             # other's ctime cookie will not match, so it is denied (fail closed), never confused.
-            entries.setdefault(key, KernelEntry(key[0], key[1], m.ident.ctime_ns, mask, m.sha256, m.path))
+            entries.setdefault(key, KernelEntry(key[0], key[1], m.ident.ctime_ns, mask, m.sha256, m.path, measured_ns))
         return sorted(entries.values(), key=lambda e: (e.dev, e.ino))
 
     def measure_paths(self, paths: Iterable[str], *, rehash: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Measured]:

@@ -128,19 +128,24 @@ def hash_reader(read_into: Callable[[memoryview], int], *, md5: bool = False, on
     return kind, sha.digest(), (m5.digest() if m5 is not None else None)
 
 
-def _read_lease(fd: int) -> bool:
-    """Take a read lease on `fd`: True when nobody has the file open for write (a shared
-    writable mapping holds its file open), False otherwise or where leases are unavailable."""
+def _read_lease(fd: int) -> bool | None:
+    """Take a read lease on `fd`: True when taken (nobody has the file open for write; a shared
+    writable mapping holds its file open), False when refused for a writer (EAGAIN), None where
+    this file system or caller gets no leases (9p, NFS: EINVAL; not the owner: EACCES)."""
     try:
         fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)  # a lease break would otherwise send SIGIO: fatal
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-    except OSError:
-        return False  # EAGAIN: a writer; EACCES/EINVAL: cannot tell (not stable)
+    except OSError as exc:
+        return False if exc.errno == errno.EAGAIN else None
     return True
 
 
-def _lease_held(fd: int) -> bool:
-    """True while the read lease is unbroken (no open for write since it was taken)."""
+def _lease_held(fd: int, leased: bool | None) -> bool:
+    """After reading: False when the lease was refused or broken (an open for write meanwhile)."""
+    if leased is None:
+        return True  # no lease here: the kernel's trust-time writer check is all there is
+    if not leased:
+        return False
     try:
         held = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
@@ -156,7 +161,7 @@ def has_writers(path: str | os.PathLike[str]) -> bool:
     except OSError:
         return True
     try:
-        return not (_read_lease(fd) and _lease_held(fd))
+        return not _lease_held(fd, _read_lease(fd))
     finally:
         os.close(fd)
 
@@ -188,7 +193,7 @@ def measure_file(path: str | os.PathLike[str], *, md5: bool = False, only_code: 
                 kind, sha, m5 = hash_reader(f.readinto, md5=md5, only_code=only_code)
             if kind is None and only_code:
                 return Measured(p, before, None)
-            stable = _lease_held(fd) and leased
+            stable = _lease_held(fd, leased)
             if Identity.of(os.fstat(fd)) == before:
                 young = before.ctime_ns + RACY_NS - time.time_ns()
                 if young <= 0 or _attempt == 2:

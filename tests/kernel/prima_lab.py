@@ -123,7 +123,8 @@ class Lab:
         policy = parse_policy(
             f'mode = "{mode}"\ntrust_sets = ["lab"]\n[labels.{label}]\nentrypoints = ["{entrypoint}"]\n'
             f'trust_set = "lab"\non_exec = "{on_exec}"\nanon_exec = "{anon_exec}"\n', source=f"{label}.toml")
-        return policy, measure_files([*self.base, entrypoint, *trusted], 1)
+        self.last_entries = measure_files([*self.base, entrypoint, *trusted], 1)
+        return policy, self.last_entries
 
     def label(self, *, mode: str = "enforce", on_exec: str = "keep", anon_exec: str = "violation",
               trusted: Iterable[str] = ()) -> "Label":

@@ -1,0 +1,241 @@
+"""What was measured is what runs (issue 20): attacks that change a trusted file's bytes without
+changing its (dev, ino, ctime), as scenarios shared by both backends.
+
+Each `case_*` takes the lab (tests/kernel/prima_lab.py, on either backend), a scratch
+directory and the backend's `Outcome`, so the tracepoint suite (tests/kernel) and the lsm
+suite (tests/vm/guest) run the same attack and differ only in how a refusal looks: the
+tracepoint backend kills (the calling shell sees status 137), the lsm backend denies
+(EPERM, the caller lives). The attacker is this (unlabelled, root) test process.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import mmap
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from controlplane.events import EventKind
+from prima import measure
+from tests.kernel.prima_lab import Lab
+
+TAINTED = "write-enabled-since-measurement"
+WRITERS = "open-for-write"
+LAYER = "overlay-layer-untrusted"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a backend refuses a TP's load, as its caller and its log see it."""
+
+    backend: str
+    action: str  # the violation event's detail["action"]
+
+    def refused(self, r: subprocess.CompletedProcess, what: str) -> None:
+        """`r` ran `<load>; echo rc=$?` in a TP shell: the load must not have happened."""
+        if self.backend == "tracepoint":
+            assert r.stdout.split()[-1:] == ["rc=137"], f"{what}: not killed: {r.stdout!r} {r.stderr!r}"
+        else:
+            assert os.strerror(errno.EPERM) in r.stderr, f"{what}: no EPERM: {r.stdout!r} {r.stderr!r}"
+            assert r.stdout.split()[-1:] in (["rc=126"], ["rc=3"]), f"{what}: {r.stdout!r}"
+
+
+TRACEPOINT = Outcome("tracepoint", "killed")
+LSM = Outcome("lsm", "denied")
+
+
+# ---- the attacker's tools ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def mounted(*args: str) -> Iterator[None]:
+    """mount ARGS... for the block; lazily unmounted after."""
+    subprocess.run(["mount", *args], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", args[-1]], check=False)
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path) -> Iterator[Path]:
+    where.mkdir(exist_ok=True)
+    with mounted("-t", "tmpfs", "-o", "size=32m", "cwlite-content", str(where)):
+        yield where
+
+
+@contextlib.contextmanager
+def ext4(where: Path) -> Iterator[Path]:
+    """A fresh ext4 on a loop device backed by an image file the test owns."""
+    image = where.with_suffix(".img")
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    where.mkdir(exist_ok=True)
+    with mounted("-o", "loop", str(image), str(where)):
+        yield where
+
+
+def stat_key(path: Path) -> tuple[int, ...]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+@contextlib.contextmanager
+def shared_mapping(path: Path) -> Iterator[mmap.mmap]:
+    """A MAP_SHARED writable mapping of `path`, every page faulted in by a read first: on
+    tmpfs (no page_mkwrite) the pages are then mapped writable and later writes never fault."""
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED,
+                                          prot=mmap.PROT_READ | mmap.PROT_WRITE) as m:
+        hashlib.sha256(m).digest()
+        yield m
+
+
+def patch(m: mmap.mmap) -> None:
+    """Change the last byte (in the section header table: the program still runs)."""
+    m[len(m) - 1] = m[len(m) - 1] ^ 0x01
+
+
+def sha256(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+def patch_stat_invisibly(path: Path) -> bytes:
+    """Patch `path` through a shared mapping (tmpfs); returns the new digest. Asserts the stat did not change."""
+    before = stat_key(path)
+    with shared_mapping(path) as m:
+        patch(m)
+    assert stat_key(path) == before, "the patch changed the stat: not the attack this tests"
+    return sha256(path)
+
+
+def violations(tp, op: str):
+    return tp.events(EventKind.VIOLATION, op=op)
+
+
+def tool_copy(where: Path) -> Path:
+    """A copy of /usr/bin/true at `where`/tool (a new inode: trusted only once measured)."""
+    tool = where / "tool"
+    shutil.copy2("/usr/bin/true", tool)
+    return tool
+
+
+# ---- the scenarios ----------------------------------------------------------------------------
+
+def case_tmpfs_shared_patch_then_exec(lab: Lab, tmp_path: Path, outcome: Outcome) -> None:
+    """Patched through MAP_SHARED after measurement (tmpfs: ctime never changes): the exec is refused."""
+    with tmpfs(tmp_path / "t") as mnt:
+        tool = tool_copy(mnt)
+        tp = lab.label(trusted=[str(tool)])
+        assert tp.sh(f"{tool}; echo rc=$?").stdout.strip() == "rc=0"
+        patch_stat_invisibly(tool)
+        outcome.refused(tp.sh(f"{tool}; echo rc=$?"), "exec of the patched file")
+        [v] = violations(tp, "exec")
+        assert v.detail["why"] == TAINTED and v.detail["action"] == outcome.action
+        assert v.detail["ino"] == os.stat(tool).st_ino
+
+
+def case_tmpfs_shared_patch_then_mmap_exec(lab: Lab, tmp_path: Path, outcome: Outcome) -> None:
+    """The same patch, then the TP maps the file PROT_EXEC: refused at the mapping."""
+    with tmpfs(tmp_path / "t") as mnt:
+        tool = tool_copy(mnt)
+        tp = lab.label(trusted=[str(tool)])
+        assert tp.sh(f"{lab.helper} mmap {tool}; echo rc=$?").stdout.split() == ["mapped", "rc=0"]
+        patch_stat_invisibly(tool)
+        outcome.refused(tp.sh(f"{lab.helper} mmap {tool}; echo rc=$?"), "mmap(PROT_EXEC) of the patched file")
+        [v] = violations(tp, "mmap")
+        assert v.detail["why"] == TAINTED and v.detail["action"] == outcome.action
+        assert v.detail["ino"] == os.stat(tool).st_ino
+
+
+def case_ext4_dirty_before_measure_then_patch(lab: Lab, tmp_path: Path, outcome: Outcome) -> None:
+    """ext4: a page dirtied through a shared mapping before measurement takes later writes through
+    the same mapping without a ctime change. The measurement sees the writer and leaves the file
+    out, so after the patch (and the writer gone) the TP's exec is refused as unmeasured."""
+    with ext4(tmp_path / "e") as mnt:
+        tool = tool_copy(mnt)
+        with shared_mapping(tool) as m:
+            m[len(m) - 1] = m[len(m) - 1]  # dirty the page: the write fault stamps the ctime now
+            dirty = stat_key(tool)
+            assert measure.has_writers(tool)
+            tp = lab.label(trusted=[str(tool)])
+            assert (os.stat(tool).st_ino, os.stat(tool).st_ctime_ns) not in {
+                (e.ino, e.ctime_ns) for e in lab.last_entries}
+            patch(m)  # the page is still dirty and writable: no fault, no stamp
+            assert stat_key(tool) == dirty
+        outcome.refused(tp.sh(f"{tool}; echo rc=$?"), "exec of the file patched through a dirty mapping")
+        [v] = violations(tp, "exec")
+        assert v.detail["why"] == "unmeasured" and v.detail["ino"] == os.stat(tool).st_ino
+
+
+def case_writer_holds_the_file_open(lab: Lab, tmp_path: Path, outcome: Outcome) -> None:
+    """Opened for write after measurement and held: the kernel refuses the exec itself (ETXTBSY),
+    and a TP's executable mapping of it is refused as open for write."""
+    tool = tool_copy(tmp_path)
+    tp = lab.label(trusted=[str(tool)])
+    assert tp.sh(f"{tool}; echo rc=$?").stdout.strip() == "rc=0"
+    with open(tool, "r+b"):
+        r = tp.sh(f"{tool}; echo rc=$?")
+        assert r.stdout.strip() != "rc=0", r
+        if os.strerror(errno.ETXTBSY) not in r.stderr:  # a kernel that lets a written file be exec'd
+            outcome.refused(r, "exec of a file open for write")
+        outcome.refused(tp.sh(f"{lab.helper} mmap {tool}; echo rc=$?"), "mmap(PROT_EXEC) of a file open for write")
+        [v] = violations(tp, "mmap")
+        assert v.detail["why"] == WRITERS and v.detail["action"] == outcome.action
+
+
+def case_rewritten_closed_and_remeasured_is_trusted(lab: Lab, tmp_path: Path, outcome: Outcome) -> None:
+    """No false alarm: once a patched file is measured again, the TP runs it, and the log carries
+    the digest of the bytes that now run."""
+    with tmpfs(tmp_path / "t") as mnt:
+        tool = tool_copy(mnt)
+        tp = lab.label(trusted=[str(tool)])
+        new = patch_stat_invisibly(tool)
+        outcome.refused(tp.sh(f"{tool}; echo rc=$?"), "exec of the patched file")
+        again = lab.label(trusted=[str(tool)])
+        assert again.sh(f"{tool}; {lab.helper} mmap {tool}; echo rc=$?").stdout.split() == ["mapped", "rc=0"]
+        loads = [e for e in again.events(EventKind.TRUSTED_LOAD) if e.detail["ino"] == os.stat(tool).st_ino]
+        assert loads and {e.digest for e in loads} == {new}
+        assert not again.events(EventKind.VIOLATION, timeout=0.3)
+    # a plain write(2) and close: the ctime says so; measured again, trusted again
+    tool = tool_copy(tmp_path)
+    tp = lab.label(trusted=[str(tool)])
+    with open(tool, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    outcome.refused(tp.sh(f"{tool}; echo rc=$?"), "exec of the rewritten file")
+    assert violations(tp, "exec")[0].detail["why"] in ("changed-after-measurement", TAINTED)
+    again = lab.label(trusted=[str(tool)])
+    assert again.sh(f"{tool}; echo rc=$?").stdout.strip() == "rc=0"
+    assert not again.events(EventKind.VIOLATION, timeout=0.3)
+
+
+def case_overlay_lower_layer_rewrite(lab: Lab, tmp_path: Path, outcome: Outcome) -> None:
+    """The lower layer's file is rewritten directly: exec through the overlay is keyed by the overlay
+    inode, whose cached ctime is stale; the layer inode it shows is judged too."""
+    with tmpfs(tmp_path / "o") as base:
+        lower, upper, work, merged = (base / n for n in ("lower", "upper", "work", "merged"))
+        for d in (lower, upper, work, merged):
+            d.mkdir()
+        tool_copy(lower)
+        with mounted("-t", "overlay", "cwlite-content", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}",
+                     str(merged)):
+            tool = merged / "tool"
+            tp = lab.label(trusted=[str(tool), str(lower / "tool")])  # what kernel_view gives: both identities
+            assert tp.sh(f"{tool}; echo rc=$?").stdout.strip() == "rc=0"
+            overlay_ctime = os.stat(tool).st_ctime_ns
+            with open(lower / "tool", "r+b") as f:
+                f.seek(-1, os.SEEK_END)
+                last = f.read(1)
+                f.seek(-1, os.SEEK_END)
+                f.write(bytes([last[0] ^ 1]))
+            outcome.refused(tp.sh(f"{tool}; echo rc=$?"), "exec through the overlay of a rewritten lower file")
+            [v] = violations(tp, "exec")
+            assert v.detail["why"] == LAYER and v.detail["action"] == outcome.action
+            assert overlay_ctime  # (stat through the overlay reports the layer's ctime; the overlay inode's is stale)

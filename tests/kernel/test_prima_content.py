@@ -1,0 +1,73 @@
+"""What was measured is what runs, on the host kernel (tracepoint backend): each attack of
+tests/kernel/prima_content.py changes a trusted file's bytes without changing its stat, and the
+TP's load is killed with a violation naming why. Plus `db build` after such a change."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from prima.measuredb import MeasureDB, build
+from tests.conftest import requires
+from tests.kernel import prima_content as content
+from tests.kernel.prima_lab import Lab
+
+pytestmark = [requires(root=True), requires(tool="gcc")]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    lab = Lab(tmp_path_factory.mktemp("prima-content"))
+    yield lab
+    lab.close()
+
+
+@pytest.mark.parametrize("case", [
+    content.case_tmpfs_shared_patch_then_exec,
+    content.case_tmpfs_shared_patch_then_mmap_exec,
+    pytest.param(content.case_ext4_dirty_before_measure_then_patch, marks=requires(tool="mkfs.ext4")),
+    content.case_writer_holds_the_file_open,
+    content.case_rewritten_closed_and_remeasured_is_trusted,
+    content.case_overlay_lower_layer_rewrite,
+], ids=lambda c: c.__name__.removeprefix("case_"))
+def test_content_change_is_refused(lab, tmp_path, case) -> None:
+    case(lab, tmp_path, content.TRACEPOINT)
+
+
+def _digest_of(db_path, path) -> bytes:
+    with MeasureDB.open(db_path) as db:
+        [(digest,)] = {(m[5],) for m in db.measurements("t") if m[4] == str(path)}
+    return digest
+
+
+def test_db_build_after_a_stat_invisible_change_records_the_new_digest(tmp_path) -> None:
+    with content.tmpfs(tmp_path / "t") as mnt:
+        tool = content.tool_copy(mnt)
+        db = tmp_path / "m.db"
+        build(db, from_dir=[mnt], trust_set="t")
+        old = _digest_of(db, tool)
+        new = content.patch_stat_invisibly(tool)
+        assert new != old
+        again = build(db, from_dir=[mnt], trust_set="t")
+        assert _digest_of(db, tool) == new and again.reused == 0
+        with MeasureDB.open(db) as m:
+            assert m.verify(["t"]) == []
+
+
+@requires(tool="mkfs.ext4")
+def test_db_build_cache_is_used_on_ext4_only_for_files_measured_without_a_writer(tmp_path) -> None:
+    """ext4 stamps the ctime at every first write to a clean page, so the cache may answer for a file
+    measured with nobody writing it; never for one measured while a shared mapping could write it."""
+    with content.ext4(tmp_path / "e") as mnt:
+        tool = content.tool_copy(mnt)
+        db = tmp_path / "m.db"
+        build(db, from_dir=[mnt], trust_set="t")
+        assert build(db, from_dir=[mnt], trust_set="t").reused == 1  # unchanged, no writer: from the cache
+        with content.shared_mapping(tool) as m:
+            m[len(m) - 1] = m[len(m) - 1]  # dirty: stamped now
+            build(db, from_dir=[mnt], trust_set="t")  # measured while writable: not cached
+            content.patch(m)  # no fault, no stamp
+            unstamped = content.stat_key(tool)
+        assert content.stat_key(tool) == unstamped
+        again = build(db, from_dir=[mnt], trust_set="t")
+        assert again.reused == 0 and _digest_of(db, tool) == content.sha256(tool)

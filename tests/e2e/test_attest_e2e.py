@@ -5,6 +5,8 @@ untrusted program -> the next proof "untrusted", naming that log entry.
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from controlplane import proof as proof_mod
@@ -75,3 +77,39 @@ def test_a_pushed_signed_policy_is_enforced_by_the_engine(tmp_path):
     assert att.verdict == "untrusted"
     assert [e["reason"] for e in att.document["entries"]] == ["violation"]
     assert att.document["entries"][0]["subject"] == str(layout.untrusted)
+
+
+def test_a_trusted_file_patched_without_a_stat_change_is_named_in_the_proof(tmp_path):
+    """Issue 20: a measured file patched through a shared mapping (tmpfs: no ctime change). The TP's
+    next exec of it is a violation (audit mode: allowed and logged), not a trusted load of the old
+    digest, and the verifier's next proof is untrusted naming that entry."""
+    from controlplane.demo import PACKAGES, TRUST_SET
+    from prima.measuredb import build
+    from tests.kernel import prima_content as content
+
+    layout = prepare(tmp_path)
+    with content.tmpfs(tmp_path / "tools") as tools:
+        tool = content.tool_copy(tools)
+        build(layout.db, from_dpkg=list(PACKAGES), deps=False, from_dir=[layout.entry.parent, tools],
+              trust_set=TRUST_SET, note="demo + a tool on tmpfs")
+        shutil.copy2(layout.db, layout.verifier_db)
+        with Demo.start(layout) as demo:
+            demo.enrol()
+            assert demo.run_as_tp(tool).returncode == 0
+            demo.wait_logged(lambda e: e.name.endswith(f":{tool}") and ":trusted-load:" in e.name, what="trusted load")
+            first = demo.attest()
+            assert first.verdict == "trusted", first.reasons
+
+            new = content.patch_stat_invisibly(tool)
+            r = demo.run_as_tp(tool)
+            assert r.returncode == 0  # audit mode: allowed, logged
+            violation = demo.wait_logged(lambda e: e.name == f"cwlite:violation:{LABEL}:exec:{tool}", what="violation")
+            second = demo.attest()
+            # the patched bytes never appear as a trusted load of the measured digest
+            loads = [e for e in demo.running.log.entries(0) if e.name.endswith(f":{tool}") and ":trusted-load:" in e.name]
+            assert len(loads) == 1 and loads[0].digest != new
+
+    assert second.verdict == "untrusted" and second.log_start == first.log_end
+    assert second.document["entries"] == [{
+        "index": violation.index, "verdict": "untrusted", "reason": "violation", "kind": "violation",
+        "label": LABEL, "op": "exec", "subject": str(tool), "digest": violation.digest.hex()}]

@@ -260,27 +260,33 @@ static __always_inline u64 cwl_taint_of(const struct cwl_inode_key *key)
 	return rec ? *rec : 0;
 }
 
-/* `file`'s identity and map key, with its taint and, on overlayfs, the verdict on the
- * layer file it shows (judged for any trust set: it must be the measured content; the
- * label's set is judged on the overlay file). 0, or -1 when the identity cannot be read. */
-static __always_inline int cwl_identify(u32 gen, const void *file, struct cwl_file_id *id, struct cwl_inode_key *key)
+/* Complete an identity read by cwl_file_identity for judging: its taint and, on overlayfs,
+ * the verdict on the layer file it shows (judged for any trust set: it must be the measured
+ * content; the label's set is judged on the overlay file). */
+static __always_inline void cwl_content(u32 gen, struct cwl_file_id *id, const struct cwl_inode_key *key)
 {
 	struct cwl_file_id lid;
 	struct cwl_inode_key lkey;
 
-	if (cwl_file_identity(file, id))
-		return -1;
-	cwl_inode_key_of(id, key);
 	id->taint_ns = cwl_taint_of(key);
 	if (!id->layer)
-		return 0;
+		return;
 	if (cwl_inode_identity((const void *)id->layer, &lid)) {
 		id->layer_why = CWL_WHY_NO_FILE;
-		return 0;
+		return;
 	}
 	cwl_inode_key_of(&lid, &lkey);
 	lid.taint_ns = cwl_taint_of(&lkey);
 	id->layer_why = cwl_judge(&lid, cwl_trust_of(gen, &lkey), ~0ULL);
+}
+
+/* `file`'s identity and map key, ready to judge. 0, or -1 when the identity cannot be read. */
+static __always_inline int cwl_identify(u32 gen, const void *file, struct cwl_file_id *id, struct cwl_inode_key *key)
+{
+	if (cwl_file_identity(file, id))
+		return -1;
+	cwl_inode_key_of(id, key);
+	cwl_content(gen, id, key);
 	return 0;
 }
 
@@ -355,14 +361,17 @@ static __always_inline int cwl_exec_decide(const void *bprm, const void *file, s
 	x->entry = 0;
 	x->file = file;
 	x->path = 0;
-	x->have_id = cwl_identify(x->gen, file, &x->id, &key) == 0;
-	if (x->have_id)
+	x->have_id = cwl_file_identity(file, &x->id) == 0;
+	if (x->have_id) {
+		cwl_inode_key_of(&x->id, &key);
 		x->entry = cwl_entry_of(x->gen, &key);
+	}
 	if (!x->entry && !x->cur)
 		return 1; /* the hot path: an unlabelled task exec'd a non-entrypoint */
 	CWL_READ(x->path, bprm, CWL_OFF_LINUX_BINPRM_FILENAME);
 	if (!x->have_id)
 		return 0;
+	cwl_content(x->gen, &x->id, &key);
 	x->t = cwl_trust_of(x->gen, &key);
 	cwl_decide_exec(x->cur, cwl_label_conf_of(x->gen, x->cur), x->entry,
 			cwl_label_conf_of(x->gen, x->entry ? x->entry->label : 0), &x->id, x->t, &x->d);

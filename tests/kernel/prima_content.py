@@ -126,30 +126,29 @@ def tool_copy(where: Path) -> Path:
 
 # ---- the scenarios ----------------------------------------------------------------------------
 
-def case_tmpfs_shared_patch_then_exec(lab: Lab, tmp_path: Path, outcome: Outcome) -> None:
-    """Patched through MAP_SHARED after measurement (tmpfs: ctime never changes): the exec is refused."""
+def _tmpfs_patch_then_load(lab: Lab, tmp_path: Path, outcome: Outcome, load: str, op: str) -> None:
+    """Measure a tool on tmpfs, load it the way `load` says ({tool}, {helper}), patch it through
+    MAP_SHARED (ctime never changes on tmpfs), load it again: refused, why = the taint."""
     with tmpfs(tmp_path / "t") as mnt:
         tool = tool_copy(mnt)
+        cmd = load.format(tool=tool, helper=lab.helper)
         tp = lab.label(trusted=[str(tool)])
-        assert tp.sh(f"{tool}; echo rc=$?").stdout.strip() == "rc=0"
+        assert tp.sh(f"{cmd}; echo rc=$?").stdout.split()[-1:] == ["rc=0"]
         patch_stat_invisibly(tool)
-        outcome.refused(tp.sh(f"{tool}; echo rc=$?"), "exec of the patched file")
-        [v] = violations(tp, "exec")
+        outcome.refused(tp.sh(f"{cmd}; echo rc=$?"), f"{op} of the patched file")
+        [v] = violations(tp, op)
         assert v.detail["why"] == TAINTED and v.detail["action"] == outcome.action
         assert v.detail["ino"] == os.stat(tool).st_ino
+
+
+def case_tmpfs_shared_patch_then_exec(lab: Lab, tmp_path: Path, outcome: Outcome) -> None:
+    """Patched through MAP_SHARED after measurement: the TP's exec is refused."""
+    _tmpfs_patch_then_load(lab, tmp_path, outcome, "{tool}", "exec")
 
 
 def case_tmpfs_shared_patch_then_mmap_exec(lab: Lab, tmp_path: Path, outcome: Outcome) -> None:
     """The same patch, then the TP maps the file PROT_EXEC: refused at the mapping."""
-    with tmpfs(tmp_path / "t") as mnt:
-        tool = tool_copy(mnt)
-        tp = lab.label(trusted=[str(tool)])
-        assert tp.sh(f"{lab.helper} mmap {tool}; echo rc=$?").stdout.split() == ["mapped", "rc=0"]
-        patch_stat_invisibly(tool)
-        outcome.refused(tp.sh(f"{lab.helper} mmap {tool}; echo rc=$?"), "mmap(PROT_EXEC) of the patched file")
-        [v] = violations(tp, "mmap")
-        assert v.detail["why"] == TAINTED and v.detail["action"] == outcome.action
-        assert v.detail["ino"] == os.stat(tool).st_ino
+    _tmpfs_patch_then_load(lab, tmp_path, outcome, "{helper} mmap {tool}", "mmap")
 
 
 def case_ext4_dirty_before_measure_then_patch(lab: Lab, tmp_path: Path, outcome: Outcome) -> None:
@@ -239,3 +238,17 @@ def case_overlay_lower_layer_rewrite(lab: Lab, tmp_path: Path, outcome: Outcome)
             [v] = violations(tp, "exec")
             assert v.detail["why"] == LAYER and v.detail["action"] == outcome.action
             assert overlay_ctime  # (stat through the overlay reports the layer's ctime; the overlay inode's is stale)
+
+
+CASES = [
+    case_tmpfs_shared_patch_then_exec,
+    case_tmpfs_shared_patch_then_mmap_exec,
+    case_ext4_dirty_before_measure_then_patch,
+    case_writer_holds_the_file_open,
+    case_rewritten_closed_and_remeasured_is_trusted,
+    case_overlay_lower_layer_rewrite,
+]
+
+
+def case_id(case) -> str:
+    return case.__name__.removeprefix("case_")

@@ -96,7 +96,7 @@ def shared_libs(binary: str) -> list[str]:
 class Lab:
     """One engine; each test gets a fresh label (fresh dedupe) with its own entrypoint."""
 
-    def __init__(self, root: Path, *, ringbuf_pages: int | None = None) -> None:
+    def __init__(self, root: Path, *, ringbuf_pages: int | None = None, backend: str = "tracepoint") -> None:
         self.root = root
         self.shell = str(root / "sh-base")            # trusted, not an entrypoint
         shutil.copy2("/bin/sh", self.shell)
@@ -110,7 +110,7 @@ class Lab:
                             *shared_libs("/bin/sh"), *shared_libs(self.helper), *shared_libs(self.true)})
         self.events: list[Event] = []
         self._n = 0
-        kwargs = {} if ringbuf_pages is None else {"ringbuf_pages": ringbuf_pages}
+        kwargs = {"backend": backend} if ringbuf_pages is None else {"ringbuf_pages": ringbuf_pages, "backend": backend}
         self.engine = Engine(*self._policy_and_entries("tp_lab0", self._new_entrypoint("tp_lab0")), **kwargs)
 
     def _new_entrypoint(self, label: str) -> str:

@@ -22,14 +22,8 @@ def lab(tmp_path_factory):
     lab.close()
 
 
-@pytest.mark.parametrize("case", [
-    content.case_tmpfs_shared_patch_then_exec,
-    content.case_tmpfs_shared_patch_then_mmap_exec,
-    pytest.param(content.case_ext4_dirty_before_measure_then_patch, marks=requires(tool="mkfs.ext4")),
-    content.case_writer_holds_the_file_open,
-    content.case_rewritten_closed_and_remeasured_is_trusted,
-    content.case_overlay_lower_layer_rewrite,
-], ids=lambda c: c.__name__.removeprefix("case_"))
+@pytest.mark.parametrize("case", content.CASES, ids=content.case_id)
+@requires(tool="mkfs.ext4")
 def test_content_change_is_refused(lab, tmp_path, case) -> None:
     case(lab, tmp_path, content.TRACEPOINT)
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-from controlplane.errors import EnforcementError
-from controlplane.events import ZERO_DIGEST, Event, EventKind
-from controlplane.policy import Policy
+from controlplane.core.errors import EnforcementError
+from controlplane.core.events import ZERO_DIGEST, Event, EventKind
+from controlplane.core.policy import Policy
 from prima import measure
 from prima.measuredb import KernelEntry, kernel_dev
 

@@ -9,9 +9,11 @@ import shutil
 
 import pytest
 
-from controlplane import proof as proof_mod
-from controlplane.demo import LABEL, TRUSTED_PROGRAM, Demo, prepare
+from controlplane.core import proof as proof_mod
+from controlplane.cli.demo import LABEL, PACKAGES, TRUST_SET, TRUSTED_PROGRAM, Demo, prepare
+from prima.measuredb import build
 from tests.conftest import requires
+from tests.kernel import prima_content as content
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), pytest.mark.timeout(300)]
 
@@ -47,8 +49,8 @@ def test_a_pushed_signed_policy_is_enforced_by_the_engine(tmp_path):
     """The controller switches the host from audit to enforce over the attested channel."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from controlplane import verifier
-    from controlplane.policy import load_policy, sign_policy, signature_path
+    from controlplane.verifier import attest as verifier
+    from controlplane.core.policy import load_policy, sign_policy, signature_path
     from prima.measuredb import MeasureDB
 
     controller = Ed25519PrivateKey.generate()
@@ -83,10 +85,6 @@ def test_a_trusted_file_patched_without_a_stat_change_is_named_in_the_proof(tmp_
     """Issue 20: a measured file patched through a shared mapping (tmpfs: no ctime change). The TP's
     next exec of it is a violation (audit mode: allowed and logged), not a trusted load of the old
     digest, and the verifier's next proof is untrusted naming that entry."""
-    from controlplane.demo import PACKAGES, TRUST_SET
-    from prima.measuredb import build
-    from tests.kernel import prima_content as content
-
     layout = prepare(tmp_path)
     with content.tmpfs(tmp_path / "tools") as tools:
         tool = content.tool_copy(tools)

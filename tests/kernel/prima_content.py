@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from controlplane.events import EventKind
+from controlplane.core.events import EventKind
 from prima import measure
 from tests.kernel.prima_lab import Lab
 

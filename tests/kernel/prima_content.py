@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import pytest
+
 from controlplane.core.events import EventKind
 from prima import measure
 from tests.kernel.prima_lab import Lab
@@ -76,8 +78,13 @@ def ext4(where: Path) -> Iterator[Path]:
         f.truncate(32 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
     where.mkdir(exist_ok=True)
-    with mounted("-o", "loop", str(image), str(where)):
+    probe = subprocess.run(["mount", "-o", "loop", str(image), str(where)], capture_output=True, text=True)
+    if probe.returncode != 0:  # the VM tier's guest refuses loop-backed block mounts (EPERM)
+        pytest.skip(f"cannot mount a loop-backed ext4 here: {probe.stderr.strip()}")
+    try:
         yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def stat_key(path: Path) -> tuple[int, ...]:

@@ -165,7 +165,7 @@ class Engine:
             except KeyError:
                 try:
                     table[k] = zero
-                except Exception as exc:
+                except Exception as exc:  # bcc raises a bare Exception when the update fails (map full)
                     raise EnforcementError(f"prima/{self.backend}: taint map full ({2 * self.trust_max} files): "
                                            f"restart `cwlite enforce` to resize") from exc
 
@@ -180,10 +180,10 @@ class Engine:
         bpf = self._require()
         if callable(entries):
             entries = entries(self.watch)
-        self.watch((e.dev, e.ino) for e in entries)
         if len(entries) > self.trust_max:
             raise EnforcementError(f"measurement DB kernel view: {len(entries)} files, the loaded maps hold "
                                    f"{self.trust_max}: restart `cwlite enforce` to resize")
+        self.watch((e.dev, e.ino) for e in entries)
         gen = 0 if self._generation != 0 else 1
         sfx = str(gen)
         for name in sorted(policy.labels):

@@ -438,11 +438,7 @@ class MeasureDB:
         for i, name in enumerate(trust_sets):
             for (d,) in self._conn.execute("SELECT DISTINCT digest FROM measurements WHERE trust_set = ? AND untrusted = ''", (name,)):
                 masks[d] = masks.get(d, 0) | (1 << i)
-        q = ",".join("?" * len(trust_sets))
-        paths = [r[0] for r in self._conn.execute(
-            f"SELECT DISTINCT path FROM measurements WHERE trust_set IN ({q}) UNION SELECT path FROM files WHERE sha256 IS NOT NULL",
-            tuple(trust_sets),
-        )]
+        paths = self._view_candidates(trust_sets)
         ids = KernelIdentity()
         paths += ids.overlay_layer_paths(paths)
         if watch is not None:
@@ -466,6 +462,18 @@ class MeasureDB:
             # other's ctime cookie will not match, so it is denied (fail closed), never confused.
             entries.setdefault(key, KernelEntry(key[0], key[1], m.ident.ctime_ns, mask, m.sha256, m.path, measured_ns))
         return sorted(entries.values(), key=lambda e: (e.dev, e.ino))
+
+    def _view_candidates(self, trust_sets: Sequence[str]) -> list[str]:
+        q = ",".join("?" * len(trust_sets))
+        return [r[0] for r in self._conn.execute(
+            f"SELECT DISTINCT path FROM measurements WHERE trust_set IN ({q}) UNION SELECT path FROM files WHERE sha256 IS NOT NULL",
+            tuple(trust_sets),
+        )]
+
+    def kernel_view_bound(self, trust_sets: Sequence[str]) -> int:
+        """The most files kernel_view(trust_sets) can watch and return (each candidate path and its
+        overlayfs layer file): what the engine's maps must hold."""
+        return 2 * len(self._view_candidates(trust_sets))
 
     def measure_paths(self, paths: Iterable[str], *, rehash: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Measured]:
         """Current measurement of each path that is a regular file (symlinks followed), by the path given.

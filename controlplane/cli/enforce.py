@@ -75,7 +75,8 @@ def resolve_backend(requested: str) -> str:
 
 def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None):
     """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets (a
-    callable taking Engine.watch, so the engine watches each file before it is read), the DB digest."""
+    callable taking Engine.watch, so the engine watches each file before it is read), the DB digest,
+    and how many entries the view can have at most (to size the engine's maps)."""
     from controlplane.core.policy import load_policy
     from prima.measuredb import MeasureDB
 
@@ -88,15 +89,13 @@ def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None):
             raise EnforcementError(f"{policy_path}: trust_sets: {', '.join(missing)} not in {db_path} "
                                    f"(has: {', '.join(db.trust_sets()) or 'none'})")
         digest = db.digest()
-        # at most one entry per measured path and its overlayfs layer file: sizes the maps
-        size_hint = 2 * sum(len(db.measurements(s)) for s in policy.trust_sets())
+        size_hint = db.kernel_view_bound(policy.trust_sets())
 
     def view(watch):
         with MeasureDB.open(db_path) as db:
             return db.kernel_view(policy.trust_sets(), watch=watch)
 
-    view.size_hint = size_hint
-    return policy, view, digest
+    return policy, view, digest, size_hint
 
 
 class Daemon:
@@ -112,10 +111,9 @@ class Daemon:
     def run(self) -> None:
         from prima.engine import MIN_TRUST_MAX, Engine
 
-        policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key)
+        policy, view, db_digest, size_hint = load_inputs(self.policy_path, self.db_path, self.controller_key)
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
-        engine = Engine(policy, view, backend=backend, db_digest=db_digest,
-                        trust_max=max(MIN_TRUST_MAX, 2 * view.size_hint))
+        engine = Engine(policy, view, backend=backend, db_digest=db_digest, trust_max=max(MIN_TRUST_MAX, 2 * size_hint))
         try:
             self._say(f"enforcing {self.policy_path} ({policy.mode}) with {engine.loaded.trusted_files} trusted files, "
                       f"backend {backend}")
@@ -133,7 +131,7 @@ class Daemon:
 
     def _reload(self, engine) -> None:
         try:
-            policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key)
+            policy, view, db_digest, _size = load_inputs(self.policy_path, self.db_path, self.controller_key)
             loaded = engine.reload(policy, view, db_digest)
         except CwliteError as exc:
             # The previous generation is still live: enforcement never stopped.

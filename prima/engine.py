@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from controlplane.core.errors import EnforcementError
 from controlplane.core.events import ZERO_DIGEST, Event, EventKind
 from controlplane.core.policy import Policy
-from prima import measure
-from prima.measuredb import KernelEntry, kernel_dev
+from ebpf import abi, loader
+from prima import cdi
+from prima.kernelview import KernelEntry, Watch, kernel_dev
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # bcc itself is imported by ebpf.loader when a program is compiled
     import bcc
 
 # One source, two backends (ebpf/exec.bpf.c): the -D flag that selects each.
@@ -44,14 +43,31 @@ ENTRY_MAX = 1024        # entrypoint inodes
 RINGBUF_PAGES = 256     # 1 MiB of events in flight
 MIN_TRUST_MAX = 4096
 
-# cwlite.h constants, by name (the C header is the source; these decode its records).
-KINDS = {1: EventKind.TRUSTED_LOAD, 2: EventKind.LABEL_TRANSITION, 3: EventKind.VIOLATION}
-OPS = {1: "exec", 2: "interp", 3: "script", 4: "mmap", 5: "mprotect", 6: "anon-exec", 7: "entrypoint", 8: "drop"}
-ACTIONS = {0: "allowed", 1: "killed", 2: "denied"}
-WHYS = {0: "", 1: "unmeasured", 2: "changed-after-measurement", 3: "not-in-trust-set", 4: "no-file", 5: "anonymous-exec",
-        6: "open-for-write", 7: "write-enabled-since-measurement", 8: "overlay-layer-untrusted"}
-DROPS = {0: "ringbuf", 1: "label-map", 2: "seen-map", 3: "cdi-map"}
-DROP_MAX = 4
+Measure = Callable[[Watch], Sequence[KernelEntry]]  # measures after watching: see Engine.reload
+
+# The words events carry into the log (and the verifier reads), for the header's names
+# whose word is not the name itself; the numbers are cwlite.h's / cdi.h's (ebpf.abi).
+WORDS = {
+    "CWL_WHY_NONE": "", "CWL_WHY_UNKNOWN": "unmeasured", "CWL_WHY_CHANGED": "changed-after-measurement",
+    "CWL_WHY_NOT_IN_SET": "not-in-trust-set", "CWL_WHY_ANON": "anonymous-exec",
+    "CWL_WHY_WRITERS": "open-for-write", "CWL_WHY_TAINTED": "write-enabled-since-measurement",
+    "CWL_WHY_LAYER": "overlay-layer-untrusted",
+    "CWL_DROP_LABEL": "label-map", "CWL_DROP_SEEN": "seen-map", "CWL_DROP_CDI": "cdi-map",
+}
+
+
+def words(prefix: str, *, exclude: tuple[str, ...] = ()) -> dict[int, str]:
+    """value -> event word for a group of header constants: WORDS, else the name (CDI_ dropped) in lower-case-with-dashes."""
+    return {value: WORDS.get(prefix + name, name.removeprefix("CDI_").lower().replace("_", "-"))
+            for value, name in abi.names(prefix, exclude=exclude).items()}
+
+
+KINDS = {value: EventKind[name] for value, name in abi.names("CWL_EV_").items()}
+OPS = words("CWL_OP_")          # cwlite.h's PRIMA ops and cdi.h's CWL_OP_CDI_* (lsm backend only)
+ACTIONS = words("CWL_ACT_")
+WHYS = words("CWL_WHY_")
+DROPS = words("CWL_DROP_", exclude=("CWL_DROP_MAX",))
+DROP_MAX = abi.value("CWL_DROP_MAX")
 
 
 class CwlEvent(ctypes.Structure):
@@ -62,29 +78,9 @@ class CwlEvent(ctypes.Structure):
         ("label", ctypes.c_uint32), ("prev_label", ctypes.c_uint32), ("action", ctypes.c_uint32),
         ("why", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
         ("ino", ctypes.c_uint64), ("ctime_ns", ctypes.c_uint64), ("ktime_ns", ctypes.c_uint64),
-        ("digest", ctypes.c_uint8 * 32), ("comm", ctypes.c_char * 16), ("name", ctypes.c_char * 128),
+        ("digest", ctypes.c_uint8 * 32), ("comm", ctypes.c_char * 16),
+        ("name", ctypes.c_char * abi.value("CWL_NAME_LEN")),
     ]
-
-
-Watch = Callable[[Iterable[tuple[int, int]]], None]  # Engine.watch: kernel (dev, ino) keys about to be read
-Measure = Callable[[Watch], Sequence[KernelEntry]]  # measures after watching: see Engine.reload
-
-
-def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int, watch: Watch | None = None) -> list[KernelEntry]:
-    """Stat and hash files into kernel-view entries, for tests and benchmarks that need no DB
-    (the daemon's source is MeasureDB.kernel_view). `watch` gets the keys before any is read;
-    a file open for write while it is read is left out (its content may be changing)."""
-    sts = [(os.fspath(p), os.stat(p)) for p in paths]
-    if watch is not None:
-        watch([(kernel_dev(st.st_dev), st.st_ino) for _p, st in sts])
-    out = []
-    for p, st in sts:
-        measured_ns = time.monotonic_ns()
-        m = measure.measure_file(os.path.realpath(p), only_code=False)
-        if m is None or not m.stable or (m.ident.dev, m.ident.ino) != (st.st_dev, st.st_ino):
-            continue
-        out.append(KernelEntry(kernel_dev(st.st_dev), st.st_ino, m.ident.ctime_ns, sets_mask, m.sha256, p, measured_ns))
-    return out
 
 
 @dataclass(frozen=True)
@@ -117,7 +113,6 @@ class Engine:
         self._queue: deque[Event] = deque()
         self._drops_seen = [0] * DROP_MAX
         self._decode_errors = 0
-        self._ops, self._whys = dict(OPS), dict(WHYS)
         self._bpf: "bcc.BPF | None" = None
         self._generation = -1
         self.loaded: Loaded | None = None
@@ -125,17 +120,11 @@ class Engine:
 
     # ---- lifecycle --------------------------------------------------------------------
     def _start(self, policy: Policy, entries: Sequence[KernelEntry] | Measure, db_digest: bytes) -> None:
-        from ebpf import loader
-
         flags = [f"-DCWL_TRUST_MAX={self.trust_max}", f"-DCWL_ENTRY_MAX={ENTRY_MAX}", f"-DCWL_LABEL_MAX={LABEL_MAX}",
                  f"-DCWL_TASK_MAX={TASK_MAX}", f"-DCWL_SEEN_MAX={SEEN_MAX}", f"-DCWL_RINGBUF_PAGES={self.ringbuf_pages}",
                  f"-DCWL_TAINT_MAX={2 * self.trust_max}"]
         if self.backend == "lsm":  # the lsm backend also guards CDIs (prima.cdi, ebpf/cdi.h)
-            from prima import cdi
-
             flags += cdi.cflags()
-            self._ops.update(cdi.ops())
-            self._whys.update(cdi.whys())
         # bcc attaches at load, before the first generation is written: until
         # then the maps are empty, so no process can enter a label and nothing
         # is labelled yet (labels are only entered through cwl_entry*).
@@ -173,9 +162,9 @@ class Engine:
         """Fill the idle generation from `policy` + `entries`, then flip to it (atomic for the kernel).
 
         `entries` is best a callable that measures after calling watch() with the
-        keys it will read (MeasureDB.kernel_view and measure_files take `watch`):
-        then a write enabled while, or after, a file is read is never missed.
-        Plain entries are watched here, after they were read.
+        keys it will read (prima.kernelview.kernel_view takes `watch`): then a
+        write enabled while, or after, a file is read is never missed. Plain
+        entries are watched here, after they were read.
         """
         bpf = self._require()
         if callable(entries):
@@ -228,8 +217,6 @@ class Engine:
                 found[ep] = name
 
         if self.backend == "lsm":
-            from prima import cdi
-
             cdi.fill_generation(bpf, gen, policy, self._label_ids)
 
         conf = bpf[b"cwl_conf"]
@@ -272,6 +259,12 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def bpf(self) -> "bcc.BPF":
+        """The loaded programs and maps (bcc), for inspection by name as exec.bpf.c declares them
+        (tests read cwl_task_labels and the programs' run counts through it). Raises when closed."""
+        return self._require()
+
     def _require(self) -> "bcc.BPF":
         if self._bpf is None:
             raise EnforcementError(f"prima/{self.backend}: engine is closed")
@@ -302,30 +295,16 @@ class Engine:
             "ktime_ns": r.ktime_ns, "backend": self.backend, "name": name,
         }
         if r.why:
-            detail["why"] = self._whys.get(r.why, str(r.why))
+            detail["why"] = WHYS.get(r.why, str(r.why))
         if kind is EventKind.LABEL_TRANSITION:
             detail["from"] = self._label_name(r.prev_label)
         return Event(kind, bytes(r.digest), self._label_name(r.label if r.label else r.prev_label),
-                     self._ops.get(r.op, str(r.op)), subject or name, detail)
+                     OPS.get(r.op, str(r.op)), subject or name, detail)
 
     def drops(self) -> dict[str, int]:
         """Kernel-side failure counts since load (summed over CPUs)."""
         table = self._require()[b"cwl_drops"]
         return {DROPS.get(i, str(i)): sum(table[table.Key(i)]) for i in range(DROP_MAX) if i in DROPS}
-
-    def program_stats(self) -> dict[str, tuple[int, int]]:
-        """Per program: (runs, total ns) as the kernel counts them (only while BPF stats are enabled)."""
-        out = {}
-        for name, fn in self._require().funcs.items():
-            info = dict(line.split(":\t", 1) for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines()
-                        if ":\t" in line)
-            out[name.decode() if isinstance(name, bytes) else name] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
-        return out
-
-    def labelled_processes(self) -> dict[int, str]:
-        """tgid -> label of every process the kernel holds a label for."""
-        table = self._require()[b"cwl_task_labels"]
-        return {k.value: self._label_name(v.label) for k, v in table.items()}
 
     def drain(self) -> list[Event]:
         """Events already queued (after close(): the last records and daemon-stop)."""

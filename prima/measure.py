@@ -24,6 +24,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import signal
 import stat
 import struct
@@ -32,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from controlplane.core.errors import MeasureDBError
 
@@ -204,6 +205,53 @@ def measure_file(path: str | os.PathLike[str], *, md5: bool = False, only_code: 
         finally:
             os.close(fd)
     raise MeasureDBError(f"{p}: changed while being measured (twice); measure it again when it is stable")
+
+
+def unescape_mountinfo(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo: where, the superblock's device (st_dev encoding), type, super options."""
+
+    point: str
+    dev: int
+    fstype: str
+    options: Mapping[str, str]
+
+
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+    out: list[Mount] = []
+    try:
+        text = Path(mountinfo).read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        f, r = left.split(), right.split()
+        if len(f) < 5 or len(r) < 3:
+            continue
+        major, minor = (int(x) for x in f[2].split(":"))
+        opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in re.split(r"(?<!\\),", r[2]))
+        out.append(Mount(unescape_mountinfo(f[4]), os.makedev(major, minor), r[0], opts))
+    return out
+
+
+# File systems whose ctime changes with every change of content once nobody holds the
+# file open for write: write(2) stamps it (file_modified), and the first write to a
+# page through a shared mapping faults into ->page_mkwrite, which stamps it
+# (ext4_page_mkwrite, btrfs_page_mkwrite, xfs_write_fault: file_update_time). tmpfs
+# has no page_mkwrite (mapped pages are written with no stamp) and overlayfs passes
+# mappings to whatever its layers are: their files are always read again.
+CTIME_WITNESS_FS = frozenset({"ext4", "btrfs", "xfs"})
+
+
+def ctime_witness_devs() -> set[int]:
+    """st_dev of every mounted file system in CTIME_WITNESS_FS: where an unchanged stat means unchanged bytes
+    (for a file measured with no writer)."""
+    return {m.dev for m in mounts() if m.fstype in CTIME_WITNESS_FS}
 
 
 def walk(root: str | os.PathLike[str]) -> Iterator[tuple[str, os.stat_result]]:

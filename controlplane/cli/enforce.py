@@ -18,8 +18,13 @@ import click
 
 from controlplane.core.errors import CwliteError, EnforcementError
 from controlplane.core.events import Event, EventKind, EventSink
+from controlplane.core.paths import DEFAULT_DATA_DIR
+from controlplane.core.policy import Policy, load_policy
+from ebpf.probe import probe_lsm
+from prima.engine import MIN_TRUST_MAX, Engine, Measure
+from prima.kernelview import kernel_view, kernel_view_bound
+from prima.measuredb import MeasureDB
 
-DEFAULT_DATA = Path("/var/lib/cwlite")
 
 
 def event_json(event: Event) -> dict:
@@ -68,18 +73,13 @@ def resolve_backend(requested: str) -> str:
     """"auto" -> "lsm" when a BPF LSM program loads here, else "tracepoint"."""
     if requested != "auto":
         return requested
-    from ebpf.probe import probe_lsm
-
     return "lsm" if probe_lsm().ok else "tracepoint"
 
 
-def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None):
+def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None) -> tuple[Policy, Measure, bytes, int]:
     """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets (a
     callable taking Engine.watch, so the engine watches each file before it is read), the DB digest,
     and how many entries the view can have at most (to size the engine's maps)."""
-    from controlplane.core.policy import load_policy
-    from prima.measuredb import MeasureDB
-
     policy = load_policy(policy_path, controller_key=controller_key, require_signature=controller_key is not None)
     if not db_path.exists():
         raise EnforcementError(f"{db_path}: no measurement DB (build one with `cwlite db build`)")
@@ -89,11 +89,11 @@ def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None):
             raise EnforcementError(f"{policy_path}: trust_sets: {', '.join(missing)} not in {db_path} "
                                    f"(has: {', '.join(db.trust_sets()) or 'none'})")
         digest = db.digest()
-        size_hint = db.kernel_view_bound(policy.trust_sets())
+        size_hint = kernel_view_bound(db, policy.trust_sets())
 
     def view(watch):
         with MeasureDB.open(db_path) as db:
-            return db.kernel_view(policy.trust_sets(), watch=watch)
+            return kernel_view(db, policy.trust_sets(), watch=watch)
 
     return policy, view, digest, size_hint
 
@@ -109,8 +109,6 @@ class Daemon:
         self.stop_requested = False
 
     def run(self) -> None:
-        from prima.engine import MIN_TRUST_MAX, Engine
-
         policy, view, db_digest, size_hint = load_inputs(self.policy_path, self.db_path, self.controller_key)
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
         engine = Engine(policy, view, backend=backend, db_digest=db_digest, trust_max=max(MIN_TRUST_MAX, 2 * size_hint))
@@ -129,7 +127,7 @@ class Daemon:
                 self.sink.record(ev)
             self._say("detached")
 
-    def _reload(self, engine) -> None:
+    def _reload(self, engine: Engine) -> None:
         try:
             policy, view, db_digest, _size = load_inputs(self.policy_path, self.db_path, self.controller_key)
             loaded = engine.reload(policy, view, db_digest)
@@ -154,7 +152,7 @@ class Daemon:
               help="Append every event as a JSON line to this file (fsynced).")
 @click.option("--mlog", is_flag=True, help="Record every event in the measurement log (DATA_DIR/measurements.log, "
               "extended into the policy's PCR).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA, show_default=True,
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR, show_default=True,
               help="With --mlog: where the log and the embedded swtpm live.")
 @click.option("--device", help="With --mlog: TPM device or TCTI (default: /dev/tpmrm0, else the embedded swtpm).")
 @click.option("--backend", type=click.Choice(["auto", "tracepoint", "lsm"]), default="auto", show_default=True,
@@ -195,9 +193,9 @@ def enforce(policy_path: Path, db_path: Path, events_path: Path | None, mlog: bo
         closers.append(js.close)
     tpm_ctx = None
     if mlog:
+        # Only --mlog needs the TPM: tpm2-pytss costs ~0.15 s at import, paid by every `cwlite` start if at the top.
         from controlplane.host import mlog as mlog_mod
         from controlplane.host import tpm as tpm_mod
-        from controlplane.core.policy import load_policy
 
         pcr = mlog_mod.choose_pcr(load_policy(policy_path).pcr)
         tpm_ctx = tpm_mod.open_tpm(data_dir, device=device)

@@ -11,7 +11,7 @@ import pytest
 
 from controlplane.core import proof as proof_mod
 from controlplane.cli.demo import LABEL, PACKAGES, TRUST_SET, TRUSTED_PROGRAM, Demo, prepare
-from prima.measuredb import build
+from prima.sources import build
 from tests.conftest import requires
 from tests.kernel import prima_content as content
 

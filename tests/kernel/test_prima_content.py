@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from prima.measuredb import MeasureDB, build
+from prima.measuredb import MeasureDB
+from prima.sources import build
 from tests.conftest import requires
 from tests.kernel import prima_content as content
 from tests.kernel.prima_lab import Lab
@@ -30,7 +31,7 @@ def test_content_change_is_refused(lab, tmp_path, case) -> None:
 
 def _digest_of(db_path, path) -> bytes:
     with MeasureDB.open(db_path) as db:
-        [(digest,)] = {(m[5],) for m in db.measurements("t") if m[4] == str(path)}
+        [digest] = {m.digest for m in db.measurements("t") if m.path == str(path)}
     return digest
 
 

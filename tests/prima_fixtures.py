@@ -1,0 +1,52 @@
+"""Test-side views of a running prima Engine, and kernel-view entries made without a measurement DB.
+
+The daemon gets its entries from prima.kernelview.kernel_view (a MeasureDB)
+and never asks which processes carry a label or how long its programs ran;
+tests and benchmarks do, so those views live here, on Engine's public
+surface (`engine.bpf`, `engine.loaded`).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+from prima import measure
+from prima.engine import Engine
+from prima.kernelview import KernelEntry, Watch, kernel_dev
+
+
+def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int, watch: Watch | None = None) -> list[KernelEntry]:
+    """Stat and hash files into kernel-view entries, each trusted for `sets_mask` (no DB, no cache).
+    `watch` (Engine.watch) gets the keys before any is read; a file open for write while it is read
+    is left out, as kernel_view leaves it out (its content may be changing)."""
+    sts = [(os.fspath(p), os.stat(p)) for p in paths]
+    if watch is not None:
+        watch([(kernel_dev(st.st_dev), st.st_ino) for _p, st in sts])
+    out = []
+    for p, st in sts:
+        measured_ns = time.monotonic_ns()
+        m = measure.measure_file(os.path.realpath(p), only_code=False)
+        if m is None or not m.stable or (m.ident.dev, m.ident.ino) != (st.st_dev, st.st_ino):
+            continue
+        out.append(KernelEntry(kernel_dev(st.st_dev), st.st_ino, m.ident.ctime_ns, sets_mask, m.sha256, p, measured_ns))
+    return out
+
+
+def labelled_processes(engine: Engine) -> dict[int, str]:
+    """tgid -> label name of every process the kernel holds a label for (BPF: cwl_task_labels)."""
+    assert engine.loaded is not None
+    names = {lid: name for name, lid in engine.loaded.labels.items()}
+    table = engine.bpf[b"cwl_task_labels"]
+    return {k.value: names.get(v.label, f"#{v.label}") for k, v in table.items()}
+
+
+def program_stats(engine: Engine) -> dict[str, tuple[int, int]]:
+    """Per program: (runs, total ns) as the kernel counts them (only while BPF stats are enabled)."""
+    out = {}
+    for name, fn in engine.bpf.funcs.items():
+        info = dict(line.split(":\t", 1) for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines()
+                    if ":\t" in line)
+        out[name.decode() if isinstance(name, bytes) else name] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
+    return out

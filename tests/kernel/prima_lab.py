@@ -97,7 +97,7 @@ def shared_libs(binary: str) -> list[str]:
 class Lab:
     """One engine; each test gets a fresh label (fresh dedupe) with its own entrypoint."""
 
-    def __init__(self, root: Path, *, ringbuf_pages: int | None = None, backend: str = "tracepoint") -> None:
+    def __init__(self, root: Path, *, ringbuf_pages: int | None = None, backend: str | None = None) -> None:
         self.root = root
         self.shell = str(root / "sh-base")            # trusted, not an entrypoint
         shutil.copy2("/bin/sh", self.shell)
@@ -111,7 +111,7 @@ class Lab:
                             *shared_libs("/bin/sh"), *shared_libs(self.helper), *shared_libs(self.true)})
         self.events: list[Event] = []
         self._n = 0
-        kwargs = {"backend": backend} if ringbuf_pages is None else {"ringbuf_pages": ringbuf_pages, "backend": backend}
+        kwargs = {k: v for k, v in (("ringbuf_pages", ringbuf_pages), ("backend", backend)) if v is not None}
         self.engine = Engine(*self._policy_and_entries("tp_lab0", self._new_entrypoint("tp_lab0")), **kwargs)
 
     def _new_entrypoint(self, label: str) -> str:

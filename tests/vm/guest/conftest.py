@@ -18,18 +18,6 @@ def results_dir() -> Path:
     return Path(os.environ["CWLITE_VM_RESULTS"])
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path):
-    """A fresh tmpfs: a real local filesystem with stable (dev, ino), unlike the 9p root or /tmp's overlay."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "cwlite-test", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 @pytest.fixture(scope="session")
 def host_root_files() -> None:
     """Expose the host's files without virtme's overlays on /usr and /usr/lib.

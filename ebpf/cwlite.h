@@ -40,24 +40,35 @@ static __always_inline u64 cwl_read_uint(const void *base, u32 off, u32 size)
 
 /* A file's identity as the measurement DB's kernel view keys it: the device
  * as the kernel encodes it (super_block.s_dev: MAJOR<<20|MINOR), the inode
- * number, and the change cookie (ctime in ns; a write after measurement
- * changes it, so the file is no longer trusted until measured again). */
+ * number, and the change cookie (ctime in ns: a write(2) after measurement
+ * changes it). The cookie alone is not enough: a write through a shared
+ * mapping need not change it (tmpfs never, ext4/btrfs not for a page already
+ * dirty), so the trust check also wants `writers` (i_writecount > 0: the file
+ * is open for write, which every shared writable mapping of it holds) and the
+ * taint record (prima_decide.h), and for an overlayfs inode the same of its
+ * layer inode (`layer`, what is really mapped). */
 struct cwl_file_id {
 	u32 dev;
-	u32 _pad;
+	u32 writers; /* 1: open for write (or mapped shared-writable) now */
 	u64 ino;
 	u64 ctime_ns;
+	u64 layer;     /* overlayfs: the real inode (a kernel pointer) the overlay inode shows; else 0 */
+	u64 taint_ns;  /* filled from the taint map by exec.bpf.c: when a write was last enabled */
+	u32 layer_why; /* filled by exec.bpf.c: the layer inode's CWL_WHY_* (0: trusted or no layer) */
+	u32 _pad;
 };
 
-/* Fill `id` from a `struct file *`. Returns 0, or -1 when a pointer is NULL. */
-static __always_inline int cwl_file_identity(const void *file, struct cwl_file_id *id)
+#define CWL_OVERLAYFS_SUPER_MAGIC 0x794c7630 /* uapi linux/magic.h */
+
+/* Fill `id` from an inode. Returns 0, or -1 when a pointer is NULL. */
+static __always_inline int cwl_inode_identity(const void *inode, struct cwl_file_id *id)
 {
-	const void *inode = 0, *sb = 0;
+	const void *sb = 0;
+	unsigned long magic = 0;
+	int writecount = 0;
 
 	__builtin_memset(id, 0, sizeof(*id));
-	if (!file || CWL_READ(inode, file, CWL_OFF_FILE_F_INODE) || !inode)
-		return -1;
-	if (CWL_READ(sb, inode, CWL_OFF_INODE_I_SB) || !sb)
+	if (!inode || CWL_READ(sb, inode, CWL_OFF_INODE_I_SB) || !sb)
 		return -1;
 	CWL_READ(id->dev, sb, CWL_OFF_SUPER_BLOCK_S_DEV);
 	CWL_READ(id->ino, inode, CWL_OFF_INODE_I_INO);
@@ -65,7 +76,29 @@ static __always_inline int cwl_file_identity(const void *file, struct cwl_file_i
 	 * bit 31 of i_ctime_nsec; a real nsec value is < 2^30 on every kernel. */
 	id->ctime_ns = cwl_read_uint(inode, CWL_OFF_INODE_I_CTIME_SEC, CWL_SZ_INODE_I_CTIME_SEC) * 1000000000ULL +
 		       (cwl_read_uint(inode, CWL_OFF_INODE_I_CTIME_NSEC, CWL_SZ_INODE_I_CTIME_NSEC) & 0x3fffffffULL);
+	/* i_writecount: > 0 open for write (get_write_access); < 0 write-denied (an
+	 * executing image, deny_write_access); 0 neither. Fail closed if unreadable. */
+	if (CWL_READ(writecount, inode, CWL_OFF_INODE_I_WRITECOUNT) || writecount > 0)
+		id->writers = 1;
+	/* overlayfs keys its inodes by the real inode (ovl_get_inode -> iget5_locked ->
+	 * ovl_inode_set: i_private = the upper inode, or the lower one when there is no
+	 * upper), and maps that real file's pages (ovl_mmap swaps vm_file). */
+	CWL_READ(magic, sb, CWL_OFF_SUPER_BLOCK_S_MAGIC);
+	if (magic == CWL_OVERLAYFS_SUPER_MAGIC)
+		CWL_READ(id->layer, inode, CWL_OFF_INODE_I_PRIVATE);
 	return 0;
+}
+
+/* Fill `id` from a `struct file *`. Returns 0, or -1 when a pointer is NULL. */
+static __always_inline int cwl_file_identity(const void *file, struct cwl_file_id *id)
+{
+	const void *inode = 0;
+
+	if (!file || CWL_READ(inode, file, CWL_OFF_FILE_F_INODE) || !inode) {
+		__builtin_memset(id, 0, sizeof(*id));
+		return -1;
+	}
+	return cwl_inode_identity(inode, id);
 }
 
 /* The running task's executable file (task->mm->exe_file), or NULL for kernel threads. */
@@ -263,11 +296,14 @@ struct cwl_inode_key {
 };
 
 /* A trusted file (MeasureDB.kernel_view entry): trusted only while its ctime
- * still equals the one measured, and only for the labels whose bit is set. */
+ * still equals the one measured, nothing has it open for write, no write was
+ * enabled on it since `measured_ns` (the taint map), and only for the labels
+ * whose bit is set. */
 struct cwl_trust {
 	u64 ctime_ns;
 	u64 sets_mask;
 	u8 digest[32]; /* SHA-256 of the content: the event's measurement */
+	u64 measured_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) before the content was read */
 };
 
 /* Per label: its trust-set bit and what the policy says about exec and JIT memory. */
@@ -332,6 +368,9 @@ struct cwl_seen_key {
 #define CWL_WHY_NOT_IN_SET 3 /* trusted, but not for this label's trust set */
 #define CWL_WHY_NO_FILE 4  /* could not read the file's identity (fail closed) */
 #define CWL_WHY_ANON 5     /* anonymous executable memory */
+#define CWL_WHY_WRITERS 6  /* open for write / mapped shared-writable now: content may differ */
+#define CWL_WHY_TAINTED 7  /* opened for write or mapped shared-writable since it was measured */
+#define CWL_WHY_LAYER 8    /* overlayfs: the layer file it shows is not the measured one */
 
 /* One ring-buffer record. Fixed layout: 240 bytes. */
 #define CWL_NAME_LEN 128

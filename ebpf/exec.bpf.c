@@ -251,6 +251,68 @@ static __always_inline int cwl_violation(u32 gen, u32 op, u32 label, u32 why, co
 	return -CWL_EPERM;
 }
 
+/* ---- content: is what a load gets still what was measured? (issue 20) ------------- */
+
+/* When a write was last enabled on `key` (0: never since watched, or not watched). */
+static __always_inline u64 cwl_taint_of(const struct cwl_inode_key *key)
+{
+	u64 *rec = cwl_taint.lookup((void *)key);
+	return rec ? *rec : 0;
+}
+
+/* Complete an identity read by cwl_file_identity for judging: its taint and, on overlayfs,
+ * the verdict on the layer file it shows (judged for any trust set: it must be the measured
+ * content; the label's set is judged on the overlay file). */
+static __always_inline void cwl_content(u32 gen, struct cwl_file_id *id, const struct cwl_inode_key *key)
+{
+	struct cwl_file_id lid;
+	struct cwl_inode_key lkey;
+
+	id->taint_ns = cwl_taint_of(key);
+	if (!id->layer)
+		return;
+	if (cwl_inode_identity((const void *)id->layer, &lid)) {
+		id->layer_why = CWL_WHY_NO_FILE;
+		return;
+	}
+	cwl_inode_key_of(&lid, &lkey);
+	lid.taint_ns = cwl_taint_of(&lkey);
+	id->layer_why = cwl_judge(&lid, cwl_trust_of(gen, &lkey), ~0ULL);
+}
+
+/* `file`'s identity and map key, ready to judge. 0, or -1 when the identity cannot be read. */
+static __always_inline int cwl_identify(u32 gen, const void *file, struct cwl_file_id *id, struct cwl_inode_key *key)
+{
+	if (cwl_file_identity(file, id))
+		return -1;
+	cwl_inode_key_of(id, key);
+	cwl_content(gen, id, key);
+	return 0;
+}
+
+/* A write became possible on `file` (opened for write; tracepoint: mapped shared from a
+ * writable descriptor): a watched file (and the layer file behind an overlayfs one) records
+ * when, so no TP loads it until it is measured again after this moment. */
+static __always_inline void cwl_note_write(const void *file)
+{
+	struct cwl_file_id id;
+	struct cwl_inode_key key;
+	u64 now = bpf_ktime_get_ns(), *rec;
+
+	if (cwl_file_identity(file, &id))
+		return;
+	cwl_inode_key_of(&id, &key);
+	rec = cwl_taint.lookup(&key);
+	if (rec)
+		*rec = now;
+	if (id.layer && cwl_inode_identity((const void *)id.layer, &id) == 0) {
+		cwl_inode_key_of(&id, &key);
+		rec = cwl_taint.lookup(&key);
+		if (rec)
+			*rec = now;
+	}
+}
+
 /* Judge a code file loaded by a process under `label`: 0 when trusted (or in
  * audit mode), else the violation's verdict. */
 static __always_inline int cwl_check_file(u32 gen, u32 op, u32 label, const void *file)
@@ -260,8 +322,7 @@ static __always_inline int cwl_check_file(u32 gen, u32 op, u32 label, const void
 	const struct cwl_trust *t = 0;
 	u32 why;
 
-	if (cwl_file_identity(file, &id) == 0) {
-		cwl_inode_key_of(&id, &key);
+	if (cwl_identify(gen, file, &id, &key) == 0) {
 		t = cwl_trust_of(gen, &key);
 		why = cwl_judge(&id, t, cwl_set_bit(cwl_label_conf_of(gen, label)));
 	} else {
@@ -310,6 +371,7 @@ static __always_inline int cwl_exec_decide(const void *bprm, const void *file, s
 	CWL_READ(x->path, bprm, CWL_OFF_LINUX_BINPRM_FILENAME);
 	if (!x->have_id)
 		return 0;
+	cwl_content(x->gen, &x->id, &key);
 	x->t = cwl_trust_of(x->gen, &key);
 	cwl_decide_exec(x->cur, cwl_label_conf_of(x->gen, x->cur), x->entry,
 			cwl_label_conf_of(x->gen, x->entry ? x->entry->label : 0), &x->id, x->t, &x->d);
@@ -573,6 +635,10 @@ LSM_PROBE(d_instantiate, struct dentry *dentry, struct inode *inode)
 	return 0;
 }
 
+/* Open for write: a CDI only for its writers; a measured file is tainted (no TP loads it
+ * until measured again). This also covers shared writable mappings, which need a file
+ * opened for write (do_mmap clears VM_MAYWRITE without FMODE_WRITE), so mmap_file and
+ * file_mprotect need no taint of their own. */
 LSM_PROBE(file_open, struct file *file, int ret)
 {
 	u32 mode = 0;
@@ -582,6 +648,7 @@ LSM_PROBE(file_open, struct file *file, int ret)
 	CWL_READ(mode, file, CWL_OFF_FILE_F_MODE);
 	if (!(mode & CWL_FMODE_WRITE))
 		return 0;
+	cwl_note_write(file);
 	return cwl_cdi_guard(CWL_OP_CDI_OPEN_WRITE, cwl_file_dentry(file));
 }
 
@@ -690,8 +757,22 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	return 0;
 }
 
+/* Kernel-internal file mode bit (include/linux/fs.h: FMODE_WRITE), unchanged since 2.6. */
+#define CWL_FMODE_WRITE 0x2
+#define CWL_MAP_SHARED 0x1 /* also set in MAP_SHARED_VALIDATE (0x3) */
+
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 {
+	/* A shared mapping of a file open for write (any process): writes through it change
+	 * the content without changing the ctime (tmpfs never; ext4/btrfs not for a page
+	 * already dirty), and a later mprotect(PROT_WRITE) needs the same FMODE_WRITE file.
+	 * The tracepoint backend hooks no open(): a write(2) changes the ctime instead. */
+	if ((args->flags & (CWL_MAP_SHARED | CWL_MAP_ANONYMOUS)) == CWL_MAP_SHARED) {
+		const void *file = cwl_fd_file((s64)(int)args->fd);
+		u32 mode = 0;
+		if (file && CWL_READ(mode, file, CWL_OFF_FILE_F_MODE) == 0 && (mode & CWL_FMODE_WRITE))
+			cwl_note_write(file);
+	}
 	if (!(cwl_effective_prot(args->prot) & CWL_PROT_EXEC))
 		return 0;
 	u32 label = cwl_current_label();

@@ -67,6 +67,10 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "MAPLE_ARANGE_64_PIVOT": ("maple_arange_64.pivot",),
     "MAPLE_ARANGE_64_SLOT": ("maple_arange_64.slot",),
     "TASK_STRUCT_PERSONALITY": ("task_struct.personality",),
+    # Content checks (issue 20): open writers, and the layer inode behind an overlayfs inode.
+    "INODE_I_WRITECOUNT": ("inode.i_writecount",),
+    "INODE_I_PRIVATE": ("inode.i_private",),
+    "SUPER_BLOCK_S_MAGIC": ("super_block.s_magic",),
 }
 
 _MAIN_C = "/virtual/main.c"

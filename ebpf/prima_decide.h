@@ -26,8 +26,8 @@
 #include "cwlite.h"
 
 #if !defined(CWL_TRUST_MAX) || !defined(CWL_ENTRY_MAX) || !defined(CWL_LABEL_MAX) || \
-	!defined(CWL_TASK_MAX) || !defined(CWL_SEEN_MAX) || !defined(CWL_RINGBUF_PAGES)
-#error "CWL_TRUST_MAX/ENTRY_MAX/LABEL_MAX/TASK_MAX/SEEN_MAX/RINGBUF_PAGES missing: sizes come from prima.engine"
+	!defined(CWL_TASK_MAX) || !defined(CWL_SEEN_MAX) || !defined(CWL_RINGBUF_PAGES) || !defined(CWL_TAINT_MAX)
+#error "CWL_TRUST_MAX/ENTRY_MAX/LABEL_MAX/TASK_MAX/SEEN_MAX/RINGBUF_PAGES/TAINT_MAX missing: sizes come from prima.engine"
 #endif
 
 /* ABI constants (uapi asm-generic/mman-common.h, stable on every architecture cwlite runs on). */
@@ -47,6 +47,13 @@ BPF_ARRAY(cwl_gen, u32, 1);              /* [0] = the live generation (0 or 1) *
 /* Process state and bookkeeping (not generational). */
 BPF_HASH(cwl_task_labels, u32, struct cwl_task_label, CWL_TASK_MAX); /* tgid -> label */
 BPF_HASH(cwl_seen, struct cwl_seen_key, u8, CWL_SEEN_MAX);
+/* Taint: (dev, ino) -> CLOCK_MONOTONIC ns of the last time a write was enabled on
+ * the file (opened for write, mapped shared with a writable file), 0 = never
+ * since it was watched. The engine watches every key of both generations before
+ * their content is read (prima.engine Engine.watch), so the hooks only update
+ * records that exist: a file is judged tainted when the record is newer than its
+ * trust entry's measured_ns, which only a new measurement (and reload) moves past. */
+BPF_HASH(cwl_taint, struct cwl_inode_key, u64, CWL_TAINT_MAX);
 BPF_PERCPU_ARRAY(cwl_drops, u64, CWL_DROP_MAX);
 BPF_RINGBUF_OUTPUT(cwl_events, CWL_RINGBUF_PAGES);
 
@@ -59,13 +66,22 @@ static __always_inline void cwl_inode_key_of(const struct cwl_file_id *id, struc
 
 /* Why the file `id` is NOT trusted for a label whose trust-set bit is `set_bit`,
  * given its trust-map record `t` (NULL: not in the DB's kernel view).
- * CWL_WHY_NONE means trusted. */
+ * CWL_WHY_NONE means trusted: the bytes a load gets are the measured ones only
+ * if the change cookie is the measured one, nothing can write the file now, no
+ * write was enabled on it since it was measured, and (overlayfs) the same holds
+ * for the layer file it shows. */
 static __always_inline u32 cwl_judge(const struct cwl_file_id *id, const struct cwl_trust *t, u64 set_bit)
 {
 	if (!t)
 		return CWL_WHY_UNKNOWN;
 	if (t->ctime_ns != id->ctime_ns)
 		return CWL_WHY_CHANGED;
+	if (id->writers)
+		return CWL_WHY_WRITERS;
+	if (id->taint_ns > t->measured_ns)
+		return CWL_WHY_TAINTED;
+	if (id->layer_why)
+		return CWL_WHY_LAYER;
 	if (!set_bit || !(t->sets_mask & set_bit))
 		return CWL_WHY_NOT_IN_SET;
 	return CWL_WHY_NONE;

@@ -21,14 +21,14 @@ import ctypes
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from controlplane.core.errors import EnforcementError
 from controlplane.core.events import ZERO_DIGEST, Event, EventKind
 from controlplane.core.policy import Policy
 from ebpf import abi, loader
 from prima import cdi
-from prima.kernelview import KernelEntry, kernel_dev
+from prima.kernelview import KernelEntry, Watch, kernel_dev
 
 if TYPE_CHECKING:  # bcc itself is imported by ebpf.loader when a program is compiled
     import bcc
@@ -43,11 +43,15 @@ ENTRY_MAX = 1024        # entrypoint inodes
 RINGBUF_PAGES = 256     # 1 MiB of events in flight
 MIN_TRUST_MAX = 4096
 
+Measure = Callable[[Watch], Sequence[KernelEntry]]  # measures after watching: see Engine.reload
+
 # The words events carry into the log (and the verifier reads), for the header's names
 # whose word is not the name itself; the numbers are cwlite.h's / cdi.h's (ebpf.abi).
 WORDS = {
     "CWL_WHY_NONE": "", "CWL_WHY_UNKNOWN": "unmeasured", "CWL_WHY_CHANGED": "changed-after-measurement",
     "CWL_WHY_NOT_IN_SET": "not-in-trust-set", "CWL_WHY_ANON": "anonymous-exec",
+    "CWL_WHY_WRITERS": "open-for-write", "CWL_WHY_TAINTED": "write-enabled-since-measurement",
+    "CWL_WHY_LAYER": "overlay-layer-untrusted",
     "CWL_DROP_LABEL": "label-map", "CWL_DROP_SEEN": "seen-map", "CWL_DROP_CDI": "cdi-map",
 }
 
@@ -96,13 +100,13 @@ class Engine:
     Use as a context manager: `with Engine(policy, entries) as e: e.poll(...)`.
     """
 
-    def __init__(self, policy: Policy, entries: Sequence[KernelEntry], *, backend: str = "tracepoint",
+    def __init__(self, policy: Policy, entries: Sequence[KernelEntry] | Measure, *, backend: str = "tracepoint",
                  db_digest: bytes = ZERO_DIGEST, trust_max: int | None = None,
                  ringbuf_pages: int = RINGBUF_PAGES) -> None:
         if backend not in BACKENDS:
             raise EnforcementError(f"backend {backend!r}: not one of {', '.join(BACKENDS)}")
         self.backend = backend
-        self.trust_max = trust_max or max(MIN_TRUST_MAX, 2 * len(entries))
+        self.trust_max = trust_max or max(MIN_TRUST_MAX, 2 * (0 if callable(entries) else len(entries)))
         self.ringbuf_pages = ringbuf_pages
         self._label_ids: dict[str, int] = {}
         self._paths: dict[tuple[int, int], str] = {}
@@ -115,9 +119,10 @@ class Engine:
         self._start(policy, entries, db_digest)
 
     # ---- lifecycle --------------------------------------------------------------------
-    def _start(self, policy: Policy, entries: Sequence[KernelEntry], db_digest: bytes) -> None:
+    def _start(self, policy: Policy, entries: Sequence[KernelEntry] | Measure, db_digest: bytes) -> None:
         flags = [f"-DCWL_TRUST_MAX={self.trust_max}", f"-DCWL_ENTRY_MAX={ENTRY_MAX}", f"-DCWL_LABEL_MAX={LABEL_MAX}",
-                 f"-DCWL_TASK_MAX={TASK_MAX}", f"-DCWL_SEEN_MAX={SEEN_MAX}", f"-DCWL_RINGBUF_PAGES={self.ringbuf_pages}"]
+                 f"-DCWL_TASK_MAX={TASK_MAX}", f"-DCWL_SEEN_MAX={SEEN_MAX}", f"-DCWL_RINGBUF_PAGES={self.ringbuf_pages}",
+                 f"-DCWL_TAINT_MAX={2 * self.trust_max}"]
         if self.backend == "lsm":  # the lsm backend also guards CDIs (prima.cdi, ebpf/cdi.h)
             flags += cdi.cflags()
         # bcc attaches at load, before the first generation is written: until
@@ -133,12 +138,41 @@ class Engine:
             self.close(record_stop=False)
             raise
 
-    def reload(self, policy: Policy, entries: Sequence[KernelEntry], db_digest: bytes = ZERO_DIGEST) -> Loaded:
-        """Fill the idle generation from `policy` + `entries`, then flip to it (atomic for the kernel)."""
+    def watch(self, keys: Iterable[tuple[int, int]]) -> None:
+        """Start recording write-enabling events (cwl_taint) on these kernel (dev, ino) keys.
+
+        Call it BEFORE their content is read: a file is trusted only if no write
+        was enabled on it after its entry's measured_ns, and only watched keys are
+        recorded. Existing records are kept (a taint is not undone by watching again).
+        """
+        table = self._require()[b"cwl_taint"]
+        zero = ctypes.c_uint64(0)
+        for dev, ino in keys:
+            k = table.Key(dev=dev, ino=ino)
+            try:
+                table[k]
+            except KeyError:
+                try:
+                    table[k] = zero
+                except Exception as exc:  # bcc raises a bare Exception when the update fails (map full)
+                    raise EnforcementError(f"prima/{self.backend}: taint map full ({2 * self.trust_max} files): "
+                                           f"restart `cwlite enforce` to resize") from exc
+
+    def reload(self, policy: Policy, entries: Sequence[KernelEntry] | Measure, db_digest: bytes = ZERO_DIGEST) -> Loaded:
+        """Fill the idle generation from `policy` + `entries`, then flip to it (atomic for the kernel).
+
+        `entries` is best a callable that measures after calling watch() with the
+        keys it will read (prima.kernelview.kernel_view takes `watch`): then a
+        write enabled while, or after, a file is read is never missed. Plain
+        entries are watched here, after they were read.
+        """
         bpf = self._require()
+        if callable(entries):
+            entries = entries(self.watch)
         if len(entries) > self.trust_max:
             raise EnforcementError(f"measurement DB kernel view: {len(entries)} files, the loaded maps hold "
                                    f"{self.trust_max}: restart `cwlite enforce` to resize")
+        self.watch((e.dev, e.ino) for e in entries)
         gen = 0 if self._generation != 0 else 1
         sfx = str(gen)
         for name in sorted(policy.labels):
@@ -153,7 +187,7 @@ class Engine:
         paths: dict[tuple[int, int], str] = {}
         for e in entries:
             k = trust.Key(dev=e.dev, ino=e.ino)
-            v = trust.Leaf(ctime_ns=e.ctime_ns, sets_mask=e.sets_mask)
+            v = trust.Leaf(ctime_ns=e.ctime_ns, sets_mask=e.sets_mask, measured_ns=e.measured_ns)
             ctypes.memmove(v.digest, e.digest, 32)
             trust[k] = v
             paths[(e.dev, e.ino)] = e.path
@@ -191,6 +225,14 @@ class Engine:
         bpf[b"cwl_gen"][bpf[b"cwl_gen"].Key(0)] = ctypes.c_uint32(gen)
         self._generation = gen
         self._paths = paths
+        # Records of files the live generation no longer trusts are dropped (the next
+        # reload watches its own keys again before reading them).
+        taint = bpf[b"cwl_taint"]
+        for k in [k for k in taint.keys() if (k.dev, k.ino) not in paths]:
+            try:
+                del taint[k]
+            except KeyError:
+                pass
         self._queue.append(Event(EventKind.POLICY_LOAD, policy.digest(), subject=policy.source,
                                  detail={"mode": policy.mode, "generation": gen}))
         self._queue.append(Event(EventKind.DB_LOAD, db_digest, subject=f"{len(entries)} trusted files",

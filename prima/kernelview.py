@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
 from controlplane.core.errors import MeasureDBError
+from prima import measure
+from prima.measure import Mount, mounts
+from prima.measure import unescape_mountinfo
 from prima.measuredb import MeasureDB
 
 SETS_MAX = 64  # trust sets in one kernel view: one bit each in a u64 sets_mask
@@ -33,7 +36,8 @@ def kernel_dev(st_dev: int) -> int:
 
 @dataclass(frozen=True)
 class KernelEntry:
-    """One BPF map entry: key (dev as the kernel encodes it, ino), value (trust-set bitmask, ctime cookie)."""
+    """One BPF map entry: key (dev as the kernel encodes it, ino), value (trust-set bitmask, ctime cookie,
+    and when its content was read: CLOCK_MONOTONIC ns, what the kernel's taint records compare with)."""
 
     dev: int
     ino: int
@@ -41,38 +45,7 @@ class KernelEntry:
     sets_mask: int
     digest: bytes
     path: str
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One line of /proc/self/mountinfo: where, the superblock's device (st_dev encoding), type, super options."""
-
-    point: str
-    dev: int
-    fstype: str
-    options: Mapping[str, str]
-
-
-def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
-    out: list[Mount] = []
-    try:
-        text = Path(mountinfo).read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        left, _, right = line.partition(" - ")
-        f, r = left.split(), right.split()
-        if len(f) < 5 or len(r) < 3:
-            continue
-        major, minor = (int(x) for x in f[2].split(":"))
-        opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in re.split(r"(?<!\\),", r[2]))
-        out.append(Mount(_unescape(f[4]), os.makedev(major, minor), r[0], opts))
-    return out
+    measured_ns: int = 0
 
 
 class KernelIdentity:
@@ -123,22 +96,36 @@ class KernelIdentity:
             layers += [x for x in re.split(r"(?<!\\):", m.options.get("lowerdir", "")) if x]
             rel = os.path.relpath(os.path.realpath(p), m.point)
             for layer in layers:
-                candidate = os.path.join(_unescape(layer).replace("\\:", ":").replace("\\,", ","), rel)
+                candidate = os.path.join(unescape_mountinfo(layer).replace("\\:", ":").replace("\\,", ","), rel)
                 if os.path.lexists(candidate):
                     out.append(candidate)
                     break
         return out
 
 
-def kernel_view(db: MeasureDB, trust_sets: Sequence[str]) -> list[KernelEntry]:
+Watch = Callable[[Iterable[tuple[int, int]]], None]  # prima.engine Engine.watch: kernel keys about to be read
+
+
+def kernel_view_bound(db: MeasureDB, trust_sets: Sequence[str]) -> int:
+    """The most files kernel_view(db, trust_sets) can watch and return (each candidate path and its
+    overlayfs layer file): what the engine's maps must hold."""
+    return 2 * len(db.known_paths(trust_sets))
+
+
+def kernel_view(db: MeasureDB, trust_sets: Sequence[str], *, watch: Watch | None = None) -> list[KernelEntry]:
     """BPF map entries for files on this machine whose current content is trusted in `trust_sets`.
 
     Bit i of `sets_mask` is trust_sets[i] (the policy fixes the order).
     Candidates are the paths the DB knows (measured paths and the local
     cache); each is stat()ed (following symlinks, so /bin/ls of a
-    merged-/usr system is /usr/bin/ls's inode), and a file whose
-    size/mtime/ctime changed since it was measured is measured again: if
-    its content is no longer trusted, it is not in the view.
+    merged-/usr system is /usr/bin/ls's inode) and measured again unless
+    the cache may answer (MeasureDB.file_cache): if its content is no longer
+    trusted, it is not in the view. A file open for write now (or while it
+    was read) is left out: its content may be changing.
+
+    `watch` (prima.engine Engine.watch) gets every kernel key before any
+    content is read, and each entry's measured_ns is taken after that: the
+    kernel then refuses the file if a write is enabled on it any time later.
     """
     db.require_sets(trust_sets)
     if len(trust_sets) > SETS_MAX:
@@ -147,16 +134,27 @@ def kernel_view(db: MeasureDB, trust_sets: Sequence[str]) -> list[KernelEntry]:
     for i, name in enumerate(trust_sets):
         for d in db.trusted_digests(name):
             masks[d] = masks.get(d, 0) | (1 << i)
-    paths = db.known_paths(trust_sets)
     ids = KernelIdentity()
-    current = db.measure_paths(paths + ids.overlay_layer_paths(paths))
+    paths = db.known_paths(trust_sets)
+    paths += ids.overlay_layer_paths(paths)
+    if watch is not None:
+        keys = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            keys.append((ids.dev(p, st.st_dev), st.st_ino))
+        watch(keys)
+    measured_ns = time.monotonic_ns()
+    current = db.measure_paths(paths)
     entries: dict[tuple[int, int], KernelEntry] = {}
     for m in current.values():
         mask = masks.get(m.sha256 or b"", 0)
-        if not mask:
+        if not mask or not m.stable or (m.reused and measure.has_writers(m.path)):
             continue
         key = (ids.dev(m.path, m.ident.dev), m.ident.ino)
         # Two files on one key (btrfs subvolumes repeat inode numbers): keep the first; the
         # other's ctime cookie will not match, so it is denied (fail closed), never confused.
-        entries.setdefault(key, KernelEntry(key[0], key[1], m.ident.ctime_ns, mask, m.sha256, m.path))
+        entries.setdefault(key, KernelEntry(key[0], key[1], m.ident.ctime_ns, mask, m.sha256, m.path, measured_ns))
     return sorted(entries.values(), key=lambda e: (e.dev, e.ino))

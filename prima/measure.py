@@ -6,21 +6,34 @@ line names an interpreter (so the interpreter can be policy-checked too).
 
 Measuring is bound by SHA-256 and I/O: files are read in 1 MiB blocks and
 hashed on a thread pool sized to the cores (hashlib releases the GIL on large
-buffers). A file whose (dev, ino, size, mtime, ctime) is unchanged since it
-was last measured is not read again (the cache key).
+buffers).
+
+A measurement is `stable` when nothing could change the bytes while they were
+read: the file was open for write by nobody (a read lease, F_SETLEASE F_RDLCK,
+is refused while any descriptor or shared writable mapping holds write access,
+and is broken by any open for write during the read), and its ctime is older
+than two clock ticks (the kernel stamps ctime from a coarse clock, so a write
+within the same tick as the last change would leave it unchanged; a younger
+file is read again once that has passed). Only stable measurements go to the
+cache, and the cache is used only where a later write must change the ctime
+(the caller's rule: prima.measuredb).
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
+import re
+import signal
 import stat
 import struct
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from controlplane.core.errors import MeasureDBError
 
@@ -29,6 +42,8 @@ ELF_MAGIC = b"\x7fELF"
 ET_EXEC, ET_DYN = 2, 3
 # The kernel reads at most this much of a #! line (BINPRM_BUF_SIZE).
 SHEBANG_MAX = 256
+# A ctime younger than this may be shared by a write still to come (coarse clock: 1-10 ms ticks).
+RACY_NS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,7 @@ class Measured:
     sha256: bytes | None = None
     md5: bytes | None = None
     reused: bool = False  # taken from the cache, not read now
+    stable: bool = True   # nobody could write it while it was read (see the module docstring)
 
 
 _buffers = threading.local()
@@ -113,14 +129,53 @@ def hash_reader(read_into: Callable[[memoryview], int], *, md5: bool = False, on
     return kind, sha.digest(), (m5.digest() if m5 is not None else None)
 
 
+def _read_lease(fd: int) -> bool | None:
+    """Take a read lease on `fd`: True when taken (nobody has the file open for write; a shared
+    writable mapping holds its file open), False when refused for a writer (EAGAIN), None where
+    this file system or caller gets no leases (9p, NFS: EINVAL; not the owner: EACCES)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)  # a lease break would otherwise send SIGIO: fatal
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return False if exc.errno == errno.EAGAIN else None
+    return True
+
+
+def _lease_held(fd: int, leased: bool | None) -> bool:
+    """After reading: False when the lease was refused or broken (an open for write meanwhile)."""
+    if leased is None:
+        return True  # no lease here: the kernel's trust-time writer check is all there is
+    if not leased:
+        return False
+    try:
+        held = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        return False
+    return held
+
+
+def has_writers(path: str | os.PathLike[str]) -> bool:
+    """True when `path` is open for write (or mapped shared-writable) now, or that cannot be told."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        return not _lease_held(fd, _read_lease(fd))
+    finally:
+        os.close(fd)
+
+
 def measure_file(path: str | os.PathLike[str], *, md5: bool = False, only_code: bool = True) -> Measured | None:
     """Classify and hash one regular file; None when it is not a regular file (symlink, device, gone).
 
     The identity is taken from the open descriptor before and after reading:
     a file that changed while being read is read again (once), then refused.
+    A file changed less than RACY_NS ago is read again after that has passed.
     """
     p = os.fspath(path)
-    for _attempt in range(2):
+    for _attempt in range(3):
         try:
             fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -134,17 +189,69 @@ def measure_file(path: str | os.PathLike[str], *, md5: bool = False, only_code: 
             if not stat.S_ISREG(st.st_mode):
                 return None
             before = Identity.of(st)
+            leased = _read_lease(fd)
             with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
                 kind, sha, m5 = hash_reader(f.readinto, md5=md5, only_code=only_code)
             if kind is None and only_code:
                 return Measured(p, before, None)
+            stable = _lease_held(fd, leased)
             if Identity.of(os.fstat(fd)) == before:
-                return Measured(p, before, kind, sha, m5)
+                young = before.ctime_ns + RACY_NS - time.time_ns()
+                if young <= 0 or _attempt == 2:
+                    return Measured(p, before, kind, sha, m5, stable=stable and young <= 0)
+                time.sleep(young / 1e9)
         except OSError as exc:
             raise MeasureDBError(f"{p}: cannot read: {exc.strerror}") from exc
         finally:
             os.close(fd)
     raise MeasureDBError(f"{p}: changed while being measured (twice); measure it again when it is stable")
+
+
+def unescape_mountinfo(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo: where, the superblock's device (st_dev encoding), type, super options."""
+
+    point: str
+    dev: int
+    fstype: str
+    options: Mapping[str, str]
+
+
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+    out: list[Mount] = []
+    try:
+        text = Path(mountinfo).read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        f, r = left.split(), right.split()
+        if len(f) < 5 or len(r) < 3:
+            continue
+        major, minor = (int(x) for x in f[2].split(":"))
+        opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in re.split(r"(?<!\\),", r[2]))
+        out.append(Mount(unescape_mountinfo(f[4]), os.makedev(major, minor), r[0], opts))
+    return out
+
+
+# File systems whose ctime changes with every change of content once nobody holds the
+# file open for write: write(2) stamps it (file_modified), and the first write to a
+# page through a shared mapping faults into ->page_mkwrite, which stamps it
+# (ext4_page_mkwrite, btrfs_page_mkwrite, xfs_write_fault: file_update_time). tmpfs
+# has no page_mkwrite (mapped pages are written with no stamp) and overlayfs passes
+# mappings to whatever its layers are: their files are always read again.
+CTIME_WITNESS_FS = frozenset({"ext4", "btrfs", "xfs"})
+
+
+def ctime_witness_devs() -> set[int]:
+    """st_dev of every mounted file system in CTIME_WITNESS_FS: where an unchanged stat means unchanged bytes
+    (for a file measured with no writer)."""
+    return {m.dev for m in mounts() if m.fstype in CTIME_WITNESS_FS}
 
 
 def walk(root: str | os.PathLike[str]) -> Iterator[tuple[str, os.stat_result]]:

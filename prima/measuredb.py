@@ -330,10 +330,15 @@ class MeasureDB:
     def file_cache(self, *, preload: bool = True) -> Callable[[os.stat_result], Measured | None]:
         """A lookup stat() -> the measurement made when the file had the same (dev, ino, size, mtime, ctime).
 
+        Only where the ctime witnesses every change (measure.CTIME_WITNESS_FS) and
+        only measurements made with no writer (`stable`, the only ones stored): a
+        stat-invisible change (tmpfs, overlayfs, btrfs subvolume devices we cannot
+        place) is never answered from here, so a build is as strict as `verify`.
         `preload` reads the whole cache at once (a build asks about most of
         it); otherwise each lookup is one indexed query (a few files of many).
         """
         cols = "dev, ino, size, mtime_ns, ctime_ns, path, file_kind, interpreter, sha256, md5"
+        witness = measure.ctime_witness_devs()
 
         def measured(r: tuple, st: os.stat_result) -> Measured:
             _dev, _ino, _size, _mtime, _ctime, path, file_kind, interpreter, sha256, md5 = r
@@ -343,12 +348,16 @@ class MeasureDB:
             cache = {r[:5]: r for r in self._conn.execute(f"SELECT {cols} FROM files")}
 
             def get(st: os.stat_result) -> Measured | None:
+                if st.st_dev not in witness:
+                    return None
                 r = cache.get((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
                 return None if r is None else measured(r, st)
 
             return get
 
         def query(st: os.stat_result) -> Measured | None:
+            if st.st_dev not in witness:
+                return None
             r = self._conn.execute(
                 f"SELECT {cols} FROM files WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ?",
                 (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
@@ -365,6 +374,7 @@ class MeasureDB:
                 (m.ident.dev, m.ident.ino, m.ident.size, m.ident.mtime_ns, m.ident.ctime_ns, m.path,
                  m.kind.kind if m.kind else None, m.kind.interpreter if m.kind else "", m.sha256, m.md5)
                 for m in measured
+                if m.stable  # read while something could write it: never answered from the cache
             ],
         )
 

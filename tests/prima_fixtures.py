@@ -7,23 +7,30 @@ surface (`engine.bpf`, `engine.loaded`).
 """
 from __future__ import annotations
 
-import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Iterable
 
+from prima import measure
 from prima.engine import Engine
-from prima.kernelview import KernelEntry, kernel_dev
+from prima.kernelview import KernelEntry, Watch, kernel_dev
 
 
-def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int) -> list[KernelEntry]:
-    """Stat and hash files into kernel-view entries, each trusted for `sets_mask` (no DB, no cache)."""
+def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int, watch: Watch | None = None) -> list[KernelEntry]:
+    """Stat and hash files into kernel-view entries, each trusted for `sets_mask` (no DB, no cache).
+    `watch` (Engine.watch) gets the keys before any is read; a file open for write while it is read
+    is left out, as kernel_view leaves it out (its content may be changing)."""
+    sts = [(os.fspath(p), os.stat(p)) for p in paths]
+    if watch is not None:
+        watch([(kernel_dev(st.st_dev), st.st_ino) for _p, st in sts])
     out = []
-    for p in paths:
-        st = os.stat(p)
-        with open(p, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").digest()
-        out.append(KernelEntry(kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns, sets_mask, digest, os.fspath(p)))
+    for p, st in sts:
+        measured_ns = time.monotonic_ns()
+        m = measure.measure_file(os.path.realpath(p), only_code=False)
+        if m is None or not m.stable or (m.ident.dev, m.ident.ino) != (st.st_dev, st.st_ino):
+            continue
+        out.append(KernelEntry(kernel_dev(st.st_dev), st.st_ino, m.ident.ctime_ns, sets_mask, m.sha256, p, measured_ns))
     return out
 
 

@@ -21,8 +21,8 @@ from controlplane.core.events import Event, EventKind, EventSink
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import Policy, load_policy
 from ebpf.probe import probe_lsm
-from prima.engine import Engine
-from prima.kernelview import KernelEntry, kernel_view
+from prima.engine import MIN_TRUST_MAX, Engine, Measure
+from prima.kernelview import kernel_view, kernel_view_bound
 from prima.measuredb import MeasureDB
 
 
@@ -80,8 +80,10 @@ def resolve_backend(requested: str) -> str:
 
 
 def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None, policy: Policy | None = None
-                ) -> tuple[Policy, list[KernelEntry], bytes]:
-    """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets, the DB digest.
+                ) -> tuple[Policy, Measure, bytes, int]:
+    """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets (a
+    callable taking Engine.watch, so the engine watches each file before it is read), the DB digest,
+    and how many entries the view can have at most (to size the engine's maps).
 
     `policy`: the policy already loaded from `policy_path` by the caller (not read and parsed again).
     """
@@ -94,7 +96,14 @@ def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None, p
         if missing:
             raise EnforcementError(f"{policy_path}: trust_sets: {', '.join(missing)} not in {db_path} "
                                    f"(has: {', '.join(db.trust_sets()) or 'none'})")
-        return policy, kernel_view(db, policy.trust_sets()), db.digest()
+        digest = db.digest()
+        size_hint = kernel_view_bound(db, policy.trust_sets())
+
+    def view(watch):
+        with MeasureDB.open(db_path) as db:
+            return kernel_view(db, policy.trust_sets(), watch=watch)
+
+    return policy, view, digest, size_hint
 
 
 class Daemon:
@@ -110,11 +119,12 @@ class Daemon:
         self.stop_requested = False
 
     def run(self) -> None:
-        policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key, self.policy)
+        policy, view, db_digest, size_hint = load_inputs(self.policy_path, self.db_path, self.controller_key, self.policy)
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
-        engine = Engine(policy, view, backend=backend, db_digest=db_digest)
+        engine = Engine(policy, view, backend=backend, db_digest=db_digest, trust_max=max(MIN_TRUST_MAX, 2 * size_hint))
         try:
-            self._say(f"enforcing {self.policy_path} ({policy.mode}) with {len(view)} trusted files, backend {backend}")
+            self._say(f"enforcing {self.policy_path} ({policy.mode}) with {engine.loaded.trusted_files} trusted files, "
+                      f"backend {backend}")
             while not self.stop_requested:
                 for ev in engine.poll(200):
                     self.sink.record(ev)
@@ -129,7 +139,7 @@ class Daemon:
 
     def _reload(self, engine: Engine) -> None:
         try:
-            policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key)
+            policy, view, db_digest, _size = load_inputs(self.policy_path, self.db_path, self.controller_key)
             loaded = engine.reload(policy, view, db_digest)
         except CwliteError as exc:
             # The previous generation is still live: enforcement never stopped.

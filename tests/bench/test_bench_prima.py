@@ -98,6 +98,31 @@ def bpf_run_time_stats():
         os.close(fd)
 
 
+MMAPS_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+/* mmaps N FILE shared|private: N mmap+munmap of FILE's first page (shared: read-write, from an
+ * O_RDWR descriptor: what the tracepoint backend records as a write enabled on the file). */
+int main(int argc, char **argv)
+{
+	long n = atol(argv[1]);
+	int shared = !strcmp(argv[3], "shared");
+	int fd = open(argv[2], shared ? O_RDWR : O_RDONLY);
+	if (fd < 0) { perror("open"); return 1; }
+	for (long i = 0; i < n; i++) {
+		void *p = mmap(0, 4096, shared ? PROT_READ | PROT_WRITE : PROT_READ, shared ? MAP_SHARED : MAP_PRIVATE, fd, 0);
+		if (p == MAP_FAILED) { perror("mmap"); return 1; }
+		munmap(p, 4096);
+	}
+	return 0;
+}
+"""
+
+
 @pytest.fixture(scope="module")
 def bench_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bench-prima")
@@ -108,13 +133,16 @@ def bench_dir(tmp_path_factory) -> Path:
     (d / "syscalls.c").write_text(SYSCALLS_C)
     subprocess.run(["gcc", "-O2", "-o", str(d / "syscalls"), str(d / "syscalls.c")], check=True)
     shutil.copy2(d / "driver", d / "driver-ep")  # the label's entrypoint: same code, its own inode
+    (d / "mmaps.c").write_text(MMAPS_C)
+    subprocess.run(["gcc", "-O2", "-o", str(d / "mmaps"), str(d / "mmaps.c")], check=True)
     return d
 
 
-def _engine(d: Path) -> Engine:
+def _engine(d: Path, extra: list[str] | None = None) -> Engine:
     policy = parse_policy(f'mode = "enforce"\ntrust_sets = ["bench"]\n[labels.tp_bench]\nentrypoints = ["{d / "driver-ep"}"]\n'
                           f'trust_set = "bench"\n', source="bench.toml")
-    files = {str(d / "driver"), str(d / "driver-ep"), str(d / "tiny"), *shared_libs(str(d / "tiny")), *shared_libs(str(d / "driver"))}
+    files = {str(d / "driver"), str(d / "driver-ep"), str(d / "tiny"), *shared_libs(str(d / "tiny")), *shared_libs(str(d / "driver")),
+             *(extra or [])}
     return Engine(policy, measure_files(sorted(files), 1))
 
 
@@ -200,6 +228,25 @@ def test_time_inside_the_bpf_programs(bench_dir: Path) -> None:
             for k in sorted(after):
                 runs, ns = after[k][0] - before[k][0], after[k][1] - before[k][1]
                 print(f"    {k:48s} {runs / n:5.1f} runs/exec  {ns / max(runs, 1):6.0f} ns/run")
+
+
+def test_time_inside_sys_enter_mmap_per_mapping(bench_dir: Path) -> None:
+    """Issue 20's added work: a MAP_SHARED mapping of a descriptor open for write is looked up in the
+    taint map (any process); other mappings by unlabelled processes return at the first test."""
+    d = bench_dir
+    n = 20_000
+    target = d / "watched"
+    shutil.copy2(d / "tiny", target)
+    prog = "tracepoint__syscalls__sys_enter_mmap"
+    with bpf_run_time_stats():
+        with _engine(d, extra=[str(target)]) as engine:
+            for mode in ("private", "shared"):
+                before = program_stats(engine)[prog]
+                subprocess.run([str(d / "mmaps"), str(n), str(target), mode], check=True)
+                after = program_stats(engine)[prog]
+                runs, ns = after[0] - before[0], after[1] - before[1]
+                print(f"\nPRIMA sys_enter_mmap, unlabelled {mode} mapping of a trusted file: {ns / max(runs, 1):.0f} ns/run "
+                      f"({runs} runs)")
 
 
 def test_syscall_tax_on_every_process(bench_dir: Path) -> None:

@@ -130,7 +130,8 @@ class Lab:
             f'mode = "{label.mode}"\ntrust_sets = ["lab"]\n[labels.{label.name}]\nentrypoints = ["{label.entrypoint}"]\n'
             f'trust_set = "lab"\non_exec = "{label.on_exec}"\nanon_exec = "{label.anon_exec}"\n',
             source=f"{label.name}.toml")
-        return policy, measure_files([*self.base, label.entrypoint, *trusted], 1)
+        self.last_entries = measure_files([*self.base, label.entrypoint, *trusted], 1)
+        return policy, self.last_entries
 
     def label(self, *, mode: str = "enforce", on_exec: str = "keep", anon_exec: str = "violation",
               trusted: Iterable[str] = ()) -> "Label":

@@ -8,7 +8,7 @@ event the engine produced from the ring buffer.
 A tier runs the suite by subclassing `BypassScenarios` with its backend:
 tests/kernel/test_prima_bypass.py (tracepoint, host kernel) and
 tests/vm/guest/test_lsm_prima.py (lsm, in the VM); scenarios that exist on one
-backend only live there. New attacks go here, once.
+backend only live there. New attacks go here, once (content-change attacks: content.py).
 """
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ import pytest
 
 from controlplane.core.events import EventKind
 from tests.bypass.backend import Backend
+from tests.bypass.content import ContentScenarios
 from tests.bypass.lab import LDSO, Lab
 
 
-class BypassScenarios:
+class BypassScenarios(ContentScenarios):
     """Every bypass attempt, against the class's `backend`."""
 
     backend: Backend

@@ -5,16 +5,20 @@ untrusted program -> the next proof "untrusted", naming that log entry.
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controlplane.cli.demo import LABEL, TRUSTED_PROGRAM, Demo, prepare
+from controlplane.cli.demo import LABEL, PACKAGES, TRUST_SET, TRUSTED_PROGRAM, Demo, prepare
 from controlplane.core import proof as proof_mod
 from controlplane.core.keys import load_signing_key, public_pem
 from controlplane.core.policy import load_policy, sign_policy, signature_path
 from controlplane.verifier import attest as verifier
 from prima.measuredb import MeasureDB
+from prima.sources import build
 from tests.conftest import requires
+from tests.bypass import content
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), pytest.mark.timeout(300)]
 
@@ -74,3 +78,35 @@ def test_a_pushed_signed_policy_is_enforced_by_the_engine(tmp_path):
     assert att.verdict == "untrusted"
     assert [e["reason"] for e in att.document["entries"]] == ["violation"]
     assert att.document["entries"][0]["subject"] == str(layout.untrusted)
+
+
+def test_a_trusted_file_patched_without_a_stat_change_is_named_in_the_proof(tmp_path):
+    """Issue 20: a measured file patched through a shared mapping (tmpfs: no ctime change). The TP's
+    next exec of it is a violation (audit mode: allowed and logged), not a trusted load of the old
+    digest, and the verifier's next proof is untrusted naming that entry."""
+    layout = prepare(tmp_path)
+    with content.tmpfs(tmp_path / "tools") as tools:
+        tool = content.tool_copy(tools)
+        build(layout.db, from_dpkg=list(PACKAGES), deps=False, from_dir=[layout.entry.parent, tools],
+              trust_set=TRUST_SET, note="demo + a tool on tmpfs")
+        shutil.copy2(layout.db, layout.verifier_db)
+        with Demo.start(layout) as demo:
+            demo.enrol()
+            assert demo.run_as_tp(tool).returncode == 0
+            demo.wait_logged(lambda e: e.name.endswith(f":{tool}") and ":trusted-load:" in e.name, what="trusted load")
+            first = demo.attest()
+            assert first.verdict == "trusted", first.reasons
+
+            new = content.patch_stat_invisibly(tool)
+            r = demo.run_as_tp(tool)
+            assert r.returncode == 0  # audit mode: allowed, logged
+            violation = demo.wait_logged(lambda e: e.name == f"cwlite:violation:{LABEL}:exec:{tool}", what="violation")
+            second = demo.attest()
+            # the patched bytes never appear as a trusted load of the measured digest
+            loads = [e for e in demo.running.log.entries(0) if e.name.endswith(f":{tool}") and ":trusted-load:" in e.name]
+            assert len(loads) == 1 and loads[0].digest != new
+
+    assert second.verdict == "untrusted" and second.log_start == first.log_end
+    assert second.document["entries"] == [{
+        "index": violation.index, "verdict": "untrusted", "reason": "violation", "kind": "violation",
+        "label": LABEL, "op": "exec", "subject": str(tool), "digest": violation.digest.hex()}]

@@ -269,3 +269,23 @@ def test_build_killed_inside_its_write_transaction_changes_nothing(tmp_path: Pat
         break
     probe.close()
     assert in_transaction >= 1, "never caught the builder inside its transaction"
+
+
+def test_a_file_open_for_write_while_measured_is_unstable_uncached_and_out_of_the_kernel_view(tmp_path: Path) -> None:
+    """Its bytes may change behind any stat (a shared mapping): measured, but neither cached nor trusted."""
+    site = _tree(tmp_path / "site")
+    tool = site / "bin" / "tool"
+    db_path = tmp_path / "m.db"
+    assert not measure.has_writers(tool) and measure.measure_file(tool).stable
+    with open(tool, "r+b"):
+        assert measure.has_writers(tool)
+        m = measure.measure_file(tool)
+        assert m.sha256 == measure.measure_file(TRUE).sha256 and not m.stable
+        build(db_path, from_dir=[site], trust_set="site")
+        with MeasureDB.open(db_path) as db:
+            assert db.file_cache()(os.stat(tool)) is None
+            assert str(tool) not in {e.path for e in kernel_view(db, ["site"])}
+    build(db_path, from_dir=[site], trust_set="site")
+    with MeasureDB.open(db_path) as db:
+        view = {e.path: e for e in kernel_view(db, ["site"])}
+        assert str(tool) in view and view[str(tool)].measured_ns > 0

@@ -31,7 +31,7 @@ from controlplane import mlog
 from controlplane import proof as proof_mod
 from controlplane.client import Channel
 from controlplane.errors import CwliteError, StoreError, VerifyError
-from controlplane.events import EventKind, parse_ima_name
+from controlplane.events import Event, EventKind, parse_ima_name, transition_source
 from controlplane.service import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
 from controlplane.store import Host, Store
 
@@ -154,11 +154,7 @@ class Judge:
             f.tls_keys = (f.tls_keys + [ev.digest.hex()])[-8:]
             verdict = INFO
         elif kind is EventKind.LABEL_TRANSITION:
-            label = self._labels.get(ev.label)
-            if label is None:
-                verdict, reason = UNTRUSTED, "unknown-label"
-            elif label.entrypoints and ev.subject not in label.entrypoints:
-                verdict, reason = UNTRUSTED, "entrypoint"
+            verdict, reason = self._transition(ev)
         elif kind is EventKind.VIOLATION:
             verdict, reason = UNTRUSTED, "violation"
         elif kind is EventKind.LOST_EVENTS:
@@ -168,6 +164,23 @@ class Judge:
         if verdict == UNTRUSTED:
             f.untrusted += 1
         return self._v(entry, verdict, reason, kind.value, ev.label, ev.op, ev.subject)
+
+    def _transition(self, ev: Event) -> tuple[str, str]:
+        """A label-transition entry: into a known label through its entrypoint, from no label or
+        along a transition the label left declares; or a drop, which only an on_exec="drop" label makes."""
+        label = self._labels.get(ev.label)
+        if label is None:
+            return UNTRUSTED, "unknown-label"
+        if ev.op == "drop":
+            return (TRUSTED, "") if label.on_exec == "drop" else (UNTRUSTED, "drop")
+        source = transition_source(ev.op)
+        if source and ev.label not in getattr(self._labels.get(source), "transitions", ()):
+            return UNTRUSTED, "undeclared-transition"
+        if not source and ev.op != "exec":
+            return UNTRUSTED, "unknown-entry"
+        if label.entrypoints and ev.subject not in label.entrypoints:
+            return UNTRUSTED, "entrypoint"
+        return TRUSTED, ""
 
     @staticmethod
     def _v(entry: Any, verdict: str, reason: str, kind: str, label: str, op: str, subject: str) -> EntryVerdict:

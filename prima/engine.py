@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from controlplane.errors import EnforcementError
-from controlplane.events import ZERO_DIGEST, Event, EventKind
+from controlplane.events import ZERO_DIGEST, Event, EventKind, transition_op
 from controlplane.policy import Policy
 from prima.measuredb import KernelEntry, kernel_dev
 
@@ -44,9 +44,14 @@ MIN_TRUST_MAX = 4096
 
 # cwlite.h constants, by name (the C header is the source; these decode its records).
 KINDS = {1: EventKind.TRUSTED_LOAD, 2: EventKind.LABEL_TRANSITION, 3: EventKind.VIOLATION}
-OPS = {1: "exec", 2: "interp", 3: "script", 4: "mmap", 5: "mprotect", 6: "anon-exec", 7: "entrypoint", 8: "drop"}
+OPS = {1: "exec", 2: "interp", 3: "script", 4: "mmap", 5: "mprotect", 6: "anon-exec", 7: "entrypoint", 8: "drop",
+       9: "ptrace", 10: "proc-mem", 11: "vm-write", 12: "exec-stack", 13: "compat-syscall", 14: "io-uring",
+       15: "transition", 16: "traceme"}
+SUBJECT_OPS = (9, 10, 11, 16)  # events about two processes: the current one and `peer`
+OP_TRACEME = 16                # ... where the current process is the subject, not the actor
 ACTIONS = {0: "allowed", 1: "killed", 2: "denied"}
-WHYS = {0: "", 1: "unmeasured", 2: "changed-after-measurement", 3: "not-in-trust-set", 4: "no-file", 5: "anonymous-exec"}
+WHYS = {0: "", 1: "unmeasured", 2: "changed-after-measurement", 3: "not-in-trust-set", 4: "no-file", 5: "anonymous-exec",
+        6: "undeclared-transition", 7: "traced", 8: "outside-label", 9: "compat-syscall", 10: "io-uring"}
 DROPS = {0: "ringbuf", 1: "label-map", 2: "seen-map", 3: "cdi-map"}
 DROP_MAX = 4
 
@@ -57,7 +62,7 @@ class CwlEvent(ctypes.Structure):
     _fields_ = [
         ("kind", ctypes.c_uint32), ("op", ctypes.c_uint32), ("pid", ctypes.c_uint32), ("tgid", ctypes.c_uint32),
         ("label", ctypes.c_uint32), ("prev_label", ctypes.c_uint32), ("action", ctypes.c_uint32),
-        ("why", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+        ("why", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("peer", ctypes.c_uint32),
         ("ino", ctypes.c_uint64), ("ctime_ns", ctypes.c_uint64), ("ktime_ns", ctypes.c_uint64),
         ("digest", ctypes.c_uint8 * 32), ("comm", ctypes.c_char * 16), ("name", ctypes.c_char * 128),
     ]
@@ -171,6 +176,9 @@ class Engine:
                 leaf.set_bit = 1 << sets.index(lb.trust_set)
                 leaf.on_exec_drop = 1 if lb.on_exec == "drop" else 0
                 leaf.anon_exec_violation = 1 if lb.anon_exec == "violation" else 0
+                leaf.enter_mask = sum(1 << self._label_ids[t] for t in lb.transitions)
+                leaf.compat_allow = 1 if lb.compat_syscalls == "allow" else 0
+                leaf.io_uring_allow = 1 if lb.io_uring == "allow" else 0
             labels[labels.Key(lid)] = leaf
 
         entry = bpf[f"cwl_entry{sfx}".encode()]
@@ -255,10 +263,23 @@ class Engine:
         }
         if r.why:
             detail["why"] = self._whys.get(r.why, str(r.why))
+        op = self._ops.get(r.op, str(r.op))
         if kind is EventKind.LABEL_TRANSITION:
             detail["from"] = self._label_name(r.prev_label)
+            if r.op == 1 and r.prev_label:  # a hop between labels: the verifier checks it was declared
+                op = transition_op(detail["from"])
+        if r.op in SUBJECT_OPS:
+            subject = self._subject_text(r, detail)
         return Event(kind, bytes(r.digest), self._label_name(r.label if r.label else r.prev_label),
-                     self._ops.get(r.op, str(r.op)), subject or name, detail)
+                     op, subject or name, detail)
+
+    def _subject_text(self, r: CwlEvent, detail: dict) -> str:
+        """Both processes of a subject event, actor first: `tgid 12 (gdb, -) -> tgid 34 (tp_build)`."""
+        me = f"tgid {r.tgid} ({detail['comm']}, {self._label_name(r.prev_label if r.op != OP_TRACEME else r.label) or '-'})"
+        peer = f"tgid {r.peer} ({self._label_name(r.label if r.op != OP_TRACEME else r.prev_label) or '-'})"
+        actor, subject = (peer, me) if r.op == OP_TRACEME else (me, peer)
+        detail.update(peer=r.peer, actor=actor, subject=subject)
+        return f"{actor} -> {subject}"
 
     def drops(self) -> dict[str, int]:
         """Kernel-side failure counts since load (summed over CPUs)."""

@@ -7,6 +7,7 @@ processes.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -120,20 +121,38 @@ class Lab:
 
     def _policy_and_entries(self, label: str, entrypoint: str, *, mode: str = "enforce", on_exec: str = "keep",
                             anon_exec: str = "violation", trusted: Iterable[str] = ()):
-        policy = parse_policy(
-            f'mode = "{mode}"\ntrust_sets = ["lab"]\n[labels.{label}]\nentrypoints = ["{entrypoint}"]\n'
-            f'trust_set = "lab"\non_exec = "{on_exec}"\nanon_exec = "{anon_exec}"\n', source=f"{label}.toml")
-        return policy, measure_files([*self.base, entrypoint, *trusted], 1)
+        return self._policy_of([(label, entrypoint, {"on_exec": on_exec, "anon_exec": anon_exec})], mode, trusted)
+
+    def _policy_of(self, labels: list[tuple[str, str, dict]], mode: str, trusted: Iterable[str]):
+        """A policy of `labels` (name, entrypoint, label keys: strings or lists of strings), all on trust set "lab"."""
+        text = f'mode = "{mode}"\ntrust_sets = ["lab"]\n'
+        for name, ep, keys in labels:
+            text += f'[labels.{name}]\nentrypoints = ["{ep}"]\ntrust_set = "lab"\n'
+            text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+        policy = parse_policy(text, source=f"{labels[0][0]}.toml")
+        return policy, measure_files([*self.base, *(ep for _, ep, _ in labels), *trusted], 1)
 
     def label(self, *, mode: str = "enforce", on_exec: str = "keep", anon_exec: str = "violation",
-              trusted: Iterable[str] = ()) -> "Label":
-        """Reload the engine with a new label whose entrypoint is a fresh copy of /bin/sh."""
-        self._n += 1
-        name = f"tp_lab{self._n}"
-        ep = self._new_entrypoint(name)
-        self.engine.reload(*self._policy_and_entries(name, ep, mode=mode, on_exec=on_exec, anon_exec=anon_exec,
-                                                     trusted=trusted))
-        return Label(self, name, ep)
+              trusted: Iterable[str] = (), **keys: str) -> "Label":
+        """Reload the engine with a new label whose entrypoint is a fresh copy of /bin/sh
+        (`keys`: more of the label's policy keys, e.g. compat_syscalls="allow")."""
+        return self.labels(dict(on_exec=on_exec, anon_exec=anon_exec, **keys), mode=mode, trusted=trusted)[0]
+
+    def labels(self, *specs: dict, mode: str = "enforce", trusted: Iterable[str] = ()) -> list["Label"]:
+        """Reload the engine with one new label per spec (its policy keys; "transitions" names
+        other specs by index), each entered through its own fresh copy of /bin/sh."""
+        names = []
+        for _ in specs:
+            self._n += 1
+            names.append(f"tp_lab{self._n}")
+        labels = []
+        for name, spec in zip(names, specs):
+            keys = dict(spec)
+            if "transitions" in keys:
+                keys["transitions"] = [names[i] for i in keys["transitions"]]
+            labels.append((name, self._new_entrypoint(name), keys))
+        self.engine.reload(*self._policy_of(labels, mode, trusted))
+        return [Label(self, name, ep) for name, ep, _ in labels]
 
     def collect(self, timeout_ms: int = 50) -> list[Event]:
         self.events += self.engine.poll(timeout_ms)

@@ -404,10 +404,11 @@ struct cwl_seen_key {
 #define CWL_OP_PROC_MEM 10
 #define CWL_OP_VM_WRITE 11
 #define CWL_OP_EXEC_STACK 12
-#define CWL_OP_COMPAT 13
+#define CWL_OP_COMPAT_SYSCALL 13
 #define CWL_OP_IO_URING 14
 #define CWL_OP_TRANSITION 15
-#define CWL_OP_TRACEME 16 /* PTRACE_TRACEME: the current process is the subject, its parent the tracer */
+/* 16..23: cdi.h's CWL_OP_CDI_* */
+#define CWL_OP_TRACEME 24 /* PTRACE_TRACEME: the current process is the subject, its parent the tracer */
 
 /* What happened to the process. */
 #define CWL_ACT_ALLOWED 0 /* trusted, a transition, or audit mode */

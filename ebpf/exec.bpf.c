@@ -1012,7 +1012,7 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 		if (label) {
 			u32 gen = cwl_live_gen();
 			if (cwl_decide_compat(cwl_label_conf_of(gen, label)) != CWL_WHY_NONE)
-				cwl_violation(gen, CWL_OP_COMPAT, label, CWL_WHY_COMPAT, 0, 0, 0);
+				cwl_violation(gen, CWL_OP_COMPAT_SYSCALL, label, CWL_WHY_COMPAT, 0, 0, 0);
 		}
 		if (id == CWL_NR32_PROCESS_VM_WRITEV && !CWL_READ(pid, regs, CWL_OFF_PT_REGS_BX))
 			cwl_check_vm_write((u32)pid);

@@ -46,9 +46,9 @@ MIN_TRUST_MAX = 4096
 KINDS = {1: EventKind.TRUSTED_LOAD, 2: EventKind.LABEL_TRANSITION, 3: EventKind.VIOLATION}
 OPS = {1: "exec", 2: "interp", 3: "script", 4: "mmap", 5: "mprotect", 6: "anon-exec", 7: "entrypoint", 8: "drop",
        9: "ptrace", 10: "proc-mem", 11: "vm-write", 12: "exec-stack", 13: "compat-syscall", 14: "io-uring",
-       15: "transition", 16: "traceme"}
-SUBJECT_OPS = (9, 10, 11, 16)  # events about two processes: the current one and `peer`
-OP_TRACEME = 16                # ... where the current process is the subject, not the actor
+       15: "transition", 24: "traceme"}  # 16..23: cdi.h's (prima.cdi.ops)
+SUBJECT_OPS = (9, 10, 11, 24)  # events about two processes: the current one and `peer`
+OP_TRACEME = 24                # ... where the current process is the subject, not the actor
 ACTIONS = {0: "allowed", 1: "killed", 2: "denied"}
 WHYS = {0: "", 1: "unmeasured", 2: "changed-after-measurement", 3: "not-in-trust-set", 4: "no-file", 5: "anonymous-exec",
         6: "undeclared-transition", 7: "traced", 8: "outside-label", 9: "compat-syscall", 10: "io-uring"}

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 from controlplane.events import Event, EventKind
-from tests.kernel.prima_lab import Lab, Label
+from controlplane.policy import parse_policy
+from prima.engine import measure_files
+from tests.kernel.prima_lab import Lab, Label, shared_libs
 
 ATTACK_C = r"""
 #define _GNU_SOURCE
@@ -215,14 +217,8 @@ def build_kit(root: Path) -> Kit:
     attack, execstack = root / "attack", root / "execstack"
     subprocess.run(["gcc", "-O2", "-mno-red-zone", "-o", str(attack), str(root / "attack.c")], check=True)
     subprocess.run(["gcc", "-O2", "-z", "execstack", "-o", str(execstack), str(root / "execstack.c")], check=True)
-    libc = next(p for p in _libs(str(attack)) if "/libc.so" in p)
+    libc = next(p for p in shared_libs(str(attack)) if "/libc.so" in p)
     return Kit(str(attack), str(execstack), libc)
-
-
-def _libs(binary: str) -> list[str]:
-    from tests.kernel.prima_lab import shared_libs
-
-    return shared_libs(binary)
 
 
 @dataclass(frozen=True)
@@ -260,10 +256,11 @@ def run_outside(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
 
 
 class Victim:
-    """A TP process waiting to be attacked: its pid and the addresses of its code and data."""
+    """A TP process waiting to be attacked (started through `entrypoint`, a shell that enters its
+    label): its pid and the addresses of its code and data."""
 
-    def __init__(self, label: Label, kit: Kit) -> None:
-        self.proc = subprocess.Popen([label.entrypoint, "-c", 'exec "$0" "$@"', kit.attack, "victim"],
+    def __init__(self, entrypoint: str, kit: Kit) -> None:
+        self.proc = subprocess.Popen([entrypoint, "-c", 'exec "$0" "$@"', kit.attack, "victim"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         pid, self.code, self.data = self.proc.stdout.readline().split()
@@ -307,7 +304,7 @@ def assert_names_both(v: Event, actor_pid: int | None, actor_label: str, subject
 
 def attack_ptrace_poketext_from_unlabelled(lab: Lab, kit: Kit, outcome: Outcome) -> None:
     tp = lab.label(trusted=kit.trusted)
-    with Victim(tp, kit) as victim:
+    with Victim(tp.entrypoint, kit) as victim:
         r = run_outside(kit.attack, "poke", str(victim.pid), victim.code)
         outcome.stopped(r, "ptrace")
         assert victim.finish() == "code=7 marker=7"
@@ -344,7 +341,7 @@ def attack_traceme_inside_a_tp(lab: Lab, kit: Kit, outcome: Outcome) -> None:
 
 def attack_proc_pid_mem_write(lab: Lab, kit: Kit, outcome: Outcome) -> None:
     tp = lab.label(trusted=kit.trusted)
-    with Victim(tp, kit) as victim:
+    with Victim(tp.entrypoint, kit) as victim:
         r = run_outside(kit.attack, "memwrite", str(victim.pid), victim.code)
         outcome.stopped(r, "open", errno=errno_mod.EACCES)  # lsm: mm_access turns the hook's EPERM into EACCES
         assert victim.finish() == "code=7 marker=7"
@@ -354,7 +351,7 @@ def attack_proc_pid_mem_write(lab: Lab, kit: Kit, outcome: Outcome) -> None:
 
 def attack_process_vm_writev(lab: Lab, kit: Kit, outcome: Outcome) -> None:
     tp = lab.label(trusted=kit.trusted)
-    with Victim(tp, kit) as victim:
+    with Victim(tp.entrypoint, kit) as victim:
         r = run_outside(kit.attack, "vmwrite", str(victim.pid), victim.data)
         outcome.stopped(r, "process_vm_writev")
         after = victim.finish()
@@ -367,7 +364,7 @@ def attack_process_vm_writev(lab: Lab, kit: Kit, outcome: Outcome) -> None:
 
 def legit_debugger_of_the_same_label_attaches(lab: Lab, kit: Kit, outcome: Outcome) -> None:
     tp = lab.label(trusted=kit.trusted)
-    with Victim(tp, kit) as victim:
+    with Victim(tp.entrypoint, kit) as victim:
         r = run_in(tp, kit.attack, "poke", str(victim.pid), victim.code)
         assert r.stdout.strip() == "poked", r
         assert victim.finish() == "code=42 marker=7"
@@ -377,7 +374,7 @@ def legit_debugger_of_the_same_label_attaches(lab: Lab, kit: Kit, outcome: Outco
 def attack_debugger_of_another_label(lab: Lab, kit: Kit, outcome: Outcome) -> None:
     """Labels protect each other too (the enforcement daemon's reserved label relies on it)."""
     a, b = lab.labels({}, {}, trusted=kit.trusted)
-    with Victim(a, kit) as victim:
+    with Victim(a.entrypoint, kit) as victim:
         r = run_in(b, kit.attack, "poke", str(victim.pid), victim.code)
         outcome.stopped(r, "ptrace")
         assert victim.finish() == "code=7 marker=7"
@@ -395,7 +392,7 @@ def _wx(lab: Lab, kit: Kit, outcome: Outcome, argv: list[str], call: str, op: st
 
 
 def attack_rwx_private_mapping_of_trusted_lib(lab: Lab, kit: Kit, outcome: Outcome) -> None:
-    _wx(lab, kit, outcome, ["rwx-lib", kit.lib], "mmap", "anon-exec" if outcome.backend == "tracepoint" else "mmap")
+    _wx(lab, kit, outcome, ["rwx-lib", kit.lib], "mmap", "anon-exec")
 
 
 def attack_rw_private_then_mprotect_rx(lab: Lab, kit: Kit, outcome: Outcome) -> None:
@@ -521,9 +518,6 @@ def attack_declared_transition_through_an_entrypoint_the_label_does_not_trust(la
 
 def _without(lab: Lab, a: Label, b: Label, *, drop: str, kit: Kit):
     """The policy of (a -> b) where `drop` is trusted for b's trust set only."""
-    from controlplane.policy import parse_policy
-    from prima.engine import measure_files
-
     text = (f'mode = "enforce"\ntrust_sets = ["lab", "only_b"]\n'
             f'[labels.{a.name}]\nentrypoints = ["{a.entrypoint}"]\ntrust_set = "lab"\ntransitions = ["{b.name}"]\n'
             f'[labels.{b.name}]\nentrypoints = ["{b.entrypoint}"]\ntrust_set = "only_b"\n')

@@ -10,6 +10,7 @@ from controlplane.errors import EnforcementError, KernelError
 from controlplane.policy import parse_policy
 from ebpf import loader
 from prima import cdi
+from prima.engine import OPS
 from prima.measuredb import kernel_dev
 from tests.conftest import requires
 
@@ -77,3 +78,11 @@ def test_lsm_hook_parameters_are_read_from_btf() -> None:
     assert ("-DCWL_LSM_SETATTR_IDMAP" in cdi.cflags()) == (len(setattr_params) == 3)
     with pytest.raises(KernelError, match="no BPF LSM hook bpf_lsm_no_such_hook"):
         cdi.lsm_hook_params("no_such_hook")
+
+
+def test_event_op_numbers_are_the_headers_and_never_collide() -> None:
+    """prima.engine decodes cwlite.h's CWL_OP_* by number; cdi.h's must not reuse one."""
+    text = (loader.source_dir() / "cwlite.h").read_text()
+    header = {int(v): n.lower().replace("_", "-") for n, v in re.findall(r"^#define\s+CWL_OP_(\w+)\s+(\d+)", text, re.M)}
+    assert OPS == header
+    assert not set(OPS) & set(cdi.ops())

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from controlplane.errors import EnforcementError
-from controlplane.events import ZERO_DIGEST, Event, EventKind, transition_op
-from controlplane.policy import Policy
+from controlplane.core.errors import EnforcementError
+from controlplane.core.events import ZERO_DIGEST, Event, EventKind, transition_op
+from controlplane.core.policy import Policy
 from prima.measuredb import KernelEntry, kernel_dev
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from controlplane.demo import LABEL, Demo, prepare
+from controlplane.cli.demo import LABEL, Demo, prepare
 from tests.conftest import requires
 from tests.kernel.prima_subject import INJECTED, Victim, build_kit
 

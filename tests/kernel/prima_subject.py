@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from controlplane.events import Event, EventKind
-from controlplane.policy import parse_policy
+from controlplane.core.events import Event, EventKind
+from controlplane.core.policy import parse_policy
 from prima.engine import measure_files
 from tests.kernel.prima_lab import Lab, Label, shared_libs
 

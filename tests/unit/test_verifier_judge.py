@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane import mlog
-from controlplane.events import Event, EventKind
-from controlplane.policy import parse_policy
-from controlplane.verifier import Facts, Judge, Reference, replay_to
+from controlplane.host import mlog
+from controlplane.core.events import Event, EventKind
+from controlplane.core.policy import parse_policy
+from controlplane.verifier.attest import Facts, Judge, Reference, replay_to
 from prima.measuredb import MeasureDB
 from tests.attest_fixtures import reference  # noqa: F401
 

@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from controlplane.events import EventKind
+from controlplane.core.events import EventKind
 from prima.engine import Engine
 from tests.kernel import prima_lab
 from tests.kernel.prima_lab import LDSO, Lab

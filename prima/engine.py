@@ -274,12 +274,14 @@ class Engine:
                      op, subject or name, detail)
 
     def _subject_text(self, r: CwlEvent, detail: dict) -> str:
-        """Both processes of a subject event, actor first: `tgid 12 (gdb, -) -> tgid 34 (tp_build)`."""
-        me = f"tgid {r.tgid} ({detail['comm']}, {self._label_name(r.prev_label if r.op != OP_TRACEME else r.label) or '-'})"
-        peer = f"tgid {r.peer} ({self._label_name(r.label if r.op != OP_TRACEME else r.prev_label) or '-'})"
+        """Both processes of a subject event, actor first, without spaces (a log name keeps them
+        as "_"): `tgid=12(gdb,-)->tgid=34(tp_build)`; the current process also names its comm."""
+        comm = str(detail["comm"]).replace(" ", "_")
+        me = f"tgid={r.tgid}({comm},{self._label_name(r.prev_label if r.op != OP_TRACEME else r.label) or '-'})"
+        peer = f"tgid={r.peer}({self._label_name(r.label if r.op != OP_TRACEME else r.prev_label) or '-'})"
         actor, subject = (peer, me) if r.op == OP_TRACEME else (me, peer)
         detail.update(peer=r.peer, actor=actor, subject=subject)
-        return f"{actor} -> {subject}"
+        return f"{actor}->{subject}"
 
     def drops(self) -> dict[str, int]:
         """Kernel-side failure counts since load (summed over CPUs)."""

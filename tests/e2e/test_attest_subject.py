@@ -83,6 +83,6 @@ def test_injection_and_label_hop_are_named_in_the_proof(tmp_path):
         after = demo.attest()
     assert after.verdict == "untrusted"
     assert [(e["index"], e["reason"], e["op"], e["subject"]) for e in after.document["entries"]] == [
-        (poke.index, "violation", "ptrace", f"tgid {attacker.pid} (attack, -) -> tgid {victim.pid} ({LABEL})"),
+        (poke.index, "violation", "ptrace", f"tgid={attacker.pid}(attack,-)->tgid={victim.pid}({LABEL})"),
         (hop.index, "violation", "transition", str(jit)),
     ]

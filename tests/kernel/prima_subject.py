@@ -293,11 +293,11 @@ def one_violation(label: Label, op: str, outcome: Outcome, *, why: str) -> Event
 
 def assert_names_both(v: Event, actor_pid: int | None, actor_label: str, subject_pid: int, subject_label: str) -> None:
     """A subject violation names both processes (pids, labels), actor first."""
-    actor, subject = v.subject.split(" -> ")
+    actor, subject = v.subject.split("->")
     if actor_pid is not None:
-        assert actor.startswith(f"tgid {actor_pid} ("), v.subject
-    assert actor.endswith(f", {actor_label or '-'})"), v.subject
-    assert subject == f"tgid {subject_pid} ({subject_label})", v.subject
+        assert actor.startswith(f"tgid={actor_pid}("), v.subject
+    assert actor.endswith(f",{actor_label or '-'})"), v.subject
+    assert subject == f"tgid={subject_pid}({subject_label})", v.subject
 
 
 # ---- 1. a TP as a subject: nobody outside its label modifies it ------------------------------
@@ -336,7 +336,7 @@ def attack_traceme_inside_a_tp(lab: Lab, kit: Kit, outcome: Outcome) -> None:
         assert "refused ptrace errno=1" in r.stdout, r
     v = one_violation(tp, "traceme", outcome, why="outside-label")
     # the current process is the subject here: its parent (the test, unlabelled) would be the tracer
-    assert v.subject == f"tgid {os.getpid()} (-) -> tgid {v.detail['tgid']} ({v.detail['comm']}, {tp.name})", v.subject
+    assert v.subject == f"tgid={os.getpid()}(-)->tgid={v.detail['tgid']}({v.detail['comm']},{tp.name})", v.subject
 
 
 def attack_proc_pid_mem_write(lab: Lab, kit: Kit, outcome: Outcome) -> None:

@@ -5,11 +5,16 @@ and friends; only the results dir (CWLITE_VM_RESULTS) reaches the host.
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from prima.engine import Engine
+from tests.kernel import prima_lab
+from tests.kernel.prima_lab import Lab
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +50,15 @@ def host_root_files() -> None:
     for _dev, target, fstype, *_ in reversed(mounts):
         if fstype == "overlay" and target in ("/usr", "/usr/lib"):
             subprocess.run(["umount", "-l", target], check=True)
+
+
+@pytest.fixture(scope="session")
+def lsm_lab(tmp_path_factory, host_root_files):
+    """One PRIMA lab on the lsm backend for every guest module (each test takes fresh labels):
+    a bcc compile of exec.bpf.c costs minutes under software emulation, so it is made once."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prima_lab, "Engine", functools.partial(Engine, backend="lsm"))
+        lab = Lab(tmp_path_factory.mktemp("prima-lsm"))
+    assert lab.engine.backend == "lsm"
+    yield lab
+    lab.close()

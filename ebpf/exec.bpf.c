@@ -957,30 +957,24 @@ TRACEPOINT_PROBE(syscalls, sys_enter_pkey_mprotect)
 
 /* ---- tracepoint backend: a TP as a subject, and what syscall tracepoints cannot see -----
  *
- * Two raw syscall tracepoints, one program each for every syscall of every process (the
- * per-syscall tracepoints above already put every syscall on the kernel's tracing path; a raw
- * program adds one call and a few loads, filtered before any map lookup):
- *   sys_enter  a TP's 32-bit (int 0x80) or x32 syscalls, which per-syscall tracepoints never
- *              see (trace_syscalls.c ignores compat syscalls): a violation unless allowed;
- *              process_vm_writev into a process of another label; io_uring_setup by a TP.
- *   sys_exit   a successful ptrace: the tracer's tracees and a PTRACE_TRACEME'd task's
- *              tracer must share the tracee's label (checked after the fact, so the label a
- *              concurrent exec just gave is seen; the tracer dies before its next instruction);
- *              an open that returned a /proc/PID/mem file for write (cwl_check_mem_open).
- * Both see native and 32-bit calls of unlabelled processes alike (their numbers differ). */
+ * Per-syscall tracepoints (their programs run only for their own syscall):
+ *   sys_exit_ptrace            a successful ptrace: the tracer's tracees and a PTRACE_TRACEME'd
+ *                              task's tracer must share the tracee's label (checked after the
+ *                              fact, so the label a concurrent exec just gave is seen; the
+ *                              tracer dies before its next instruction)
+ *   sys_exit_open/openat/openat2  a /proc/PID/mem file opened for write (cwl_check_mem_open)
+ *   sys_enter_process_vm_writev   into a process of another label
+ *   sys_enter_io_uring_setup   by a TP
+ * and one raw tracepoint, sys_enter, whose program runs for every syscall of every process:
+ * 32-bit (int 0x80) and x32 syscalls, which per-syscall tracepoints never see (x86's
+ * trace_syscalls.c ignores compat syscalls): a TP's are a violation unless allowed; an
+ * outsider's 32-bit ptrace attach or process_vm_writev into a TP is one too. */
 #define CWL_TS_COMPAT 0x0002          /* arch/x86/include/asm/thread_info.h: a 32-bit syscall is running */
 #define CWL_X32_SYSCALL_BIT 0x40000000 /* arch/x86/include/uapi/asm/unistd.h */
-#define CWL_NR_OPEN 2                 /* arch/x86/entry/syscalls/syscall_64.tbl */
-#define CWL_NR_PTRACE 101
-#define CWL_NR_OPENAT 257
-#define CWL_NR_PROCESS_VM_WRITEV 311
-#define CWL_NR_IO_URING_SETUP 425
-#define CWL_NR_OPENAT2 437
-#define CWL_NR32_OPEN 5               /* arch/x86/entry/syscalls/syscall_32.tbl */
-#define CWL_NR32_PTRACE 26
-#define CWL_NR32_OPENAT 295
+#define CWL_NR32_PTRACE 26            /* arch/x86/entry/syscalls/syscall_32.tbl */
 #define CWL_NR32_PROCESS_VM_WRITEV 348
-#define CWL_NR32_OPENAT2 437
+#define CWL_PTRACE_ATTACH 16          /* include/uapi/linux/ptrace.h */
+#define CWL_PTRACE_SEIZE 0x4206
 
 static __always_inline int cwl_in_compat_syscall(void)
 {
@@ -989,46 +983,55 @@ static __always_inline int cwl_in_compat_syscall(void)
 	return (status & CWL_TS_COMPAT) != 0;
 }
 
-/* process_vm_writev(pid, ...) into a process of another label: the writer is killed here, at
- * sys_enter; the syscall still runs, but pinning the target's pages stops at the pending fatal
- * signal (mm/gup.c __get_user_pages: -EINTR before the first page), so nothing is written. */
-static __always_inline void cwl_check_vm_write(u32 pid)
+/* The current process would modify process `pid` (a tid, as syscalls name it) by `op`. */
+static __always_inline void cwl_check_modify_pid(u32 op, u32 pid)
 {
 	u32 actor = cwl_current_label(), subject = cwl_label_of_pid(pid);
 
 	if (cwl_decide_modify(actor, subject) != CWL_WHY_NONE)
-		cwl_subject_violation(cwl_live_gen(), CWL_OP_VM_WRITE, CWL_WHY_OUTSIDER, subject, actor, pid);
+		cwl_subject_violation(cwl_live_gen(), op, CWL_WHY_OUTSIDER, subject, actor, pid);
 }
 
-/* sys_enter(struct pt_regs *regs, long id) */
+/* process_vm_writev(pid, ...) into a process of another label: the writer is killed here, at
+ * sys_enter; the syscall still runs, but pinning the target's pages stops at the pending fatal
+ * signal (mm/gup.c __get_user_pages: -EINTR before the first page), so nothing is written. */
+TRACEPOINT_PROBE(syscalls, sys_enter_process_vm_writev)
+{
+	cwl_check_modify_pid(CWL_OP_VM_WRITE, (u32)args->pid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_io_uring_setup)
+{
+	u32 label = cwl_current_label();
+	if (label) {
+		u32 gen = cwl_live_gen();
+		if (cwl_decide_io_uring(cwl_label_conf_of(gen, label)) != CWL_WHY_NONE)
+			cwl_violation(gen, CWL_OP_IO_URING, label, CWL_WHY_IO_URING, 0, 0, 0);
+	}
+	return 0;
+}
+
+/* sys_enter(struct pt_regs *regs, long id): the hot path reads one field and returns. */
 RAW_TRACEPOINT_PROBE(sys_enter)
 {
 	const void *regs = (const void *)ctx->args[0];
-	u64 id = ctx->args[1];
-	u64 pid = 0;
+	u64 id = ctx->args[1], a = 0, b = 0;
 
-	if (cwl_in_compat_syscall() || (id & CWL_X32_SYSCALL_BIT)) {
-		u32 label = cwl_current_label();
-		if (label) {
-			u32 gen = cwl_live_gen();
-			if (cwl_decide_compat(cwl_label_conf_of(gen, label)) != CWL_WHY_NONE)
-				cwl_violation(gen, CWL_OP_COMPAT_SYSCALL, label, CWL_WHY_COMPAT, 0, 0, 0);
-		}
-		if (id == CWL_NR32_PROCESS_VM_WRITEV && !CWL_READ(pid, regs, CWL_OFF_PT_REGS_BX))
-			cwl_check_vm_write((u32)pid);
+	if (!cwl_in_compat_syscall() && !(id & CWL_X32_SYSCALL_BIT))
 		return 0;
+	u32 label = cwl_current_label();
+	if (label) {
+		u32 gen = cwl_live_gen();
+		if (cwl_decide_compat(cwl_label_conf_of(gen, label)) != CWL_WHY_NONE)
+			cwl_violation(gen, CWL_OP_COMPAT_SYSCALL, label, CWL_WHY_COMPAT, 0, 0, 0);
 	}
-	if (id == CWL_NR_PROCESS_VM_WRITEV) {
-		if (!CWL_READ(pid, regs, CWL_OFF_PT_REGS_DI))
-			cwl_check_vm_write((u32)pid);
-	} else if (id == CWL_NR_IO_URING_SETUP) {
-		u32 label = cwl_current_label();
-		if (label) {
-			u32 gen = cwl_live_gen();
-			if (cwl_decide_io_uring(cwl_label_conf_of(gen, label)) != CWL_WHY_NONE)
-				cwl_violation(gen, CWL_OP_IO_URING, label, CWL_WHY_IO_URING, 0, 0, 0);
-		}
-	}
+	/* an outsider's 32-bit attack (ebx, ecx: the first two arguments) */
+	if (id == CWL_NR32_PROCESS_VM_WRITEV && !CWL_READ(a, regs, CWL_OFF_PT_REGS_BX))
+		cwl_check_modify_pid(CWL_OP_VM_WRITE, (u32)a);
+	else if (id == CWL_NR32_PTRACE && !CWL_READ(a, regs, CWL_OFF_PT_REGS_BX) && !CWL_READ(b, regs, CWL_OFF_PT_REGS_CX) &&
+		 ((u32)a == CWL_PTRACE_ATTACH || (u32)a == CWL_PTRACE_SEIZE))
+		cwl_check_modify_pid(CWL_OP_PTRACE, (u32)b);
 	return 0;
 }
 
@@ -1070,33 +1073,31 @@ static __always_inline void cwl_check_ptrace_exit(void)
 	}
 }
 
-/* sys_exit(struct pt_regs *regs, long ret) */
-RAW_TRACEPOINT_PROBE(sys_exit)
+TRACEPOINT_PROBE(syscalls, sys_exit_ptrace)
 {
-	const void *regs = (const void *)ctx->args[0];
-	s64 ret = (s64)ctx->args[1];
-	u64 id = 0;
-
-	if (ret < 0 || CWL_READ(id, regs, CWL_OFF_PT_REGS_ORIG_AX))
-		return 0;
-	switch (id) { /* the hot path: any other syscall, decided before the task is read */
-	case CWL_NR_OPEN:
-	case CWL_NR_OPENAT:
-	case CWL_NR_OPENAT2: /* == CWL_NR32_OPENAT2 */
-	case CWL_NR_PTRACE:
-	case CWL_NR32_OPEN:
-	case CWL_NR32_OPENAT:
-	case CWL_NR32_PTRACE:
-		break;
-	default:
-		return 0;
-	}
-	int compat = cwl_in_compat_syscall();
-	if (id == (compat ? CWL_NR32_PTRACE : CWL_NR_PTRACE))
+	if (args->ret == 0)
 		cwl_check_ptrace_exit();
-	else if (compat ? (id == CWL_NR32_OPEN || id == CWL_NR32_OPENAT || id == CWL_NR32_OPENAT2)
-			: (id == CWL_NR_OPEN || id == CWL_NR_OPENAT || id == CWL_NR_OPENAT2))
-		cwl_check_mem_open(cwl_fd_file(ret));
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_open)
+{
+	if (args->ret >= 0)
+		cwl_check_mem_open(cwl_fd_file(args->ret));
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat)
+{
+	if (args->ret >= 0)
+		cwl_check_mem_open(cwl_fd_file(args->ret));
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat2)
+{
+	if (args->ret >= 0)
+		cwl_check_mem_open(cwl_fd_file(args->ret));
 	return 0;
 }
 #endif

@@ -84,9 +84,8 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "FILE_OPERATIONS_OPEN": ("file_operations.open",),
     "MM_STRUCT_ARG_START": ("mm_struct.arg_start",),
     "VM_AREA_STRUCT_VM_FLAGS": ("vm_area_struct.vm_flags",),
-    "PT_REGS_ORIG_AX": ("pt_regs.orig_ax",),
-    "PT_REGS_DI": ("pt_regs.di",),
     "PT_REGS_BX": ("pt_regs.bx",),
+    "PT_REGS_CX": ("pt_regs.cx",),
 }
 
 # Kernel functions whose addresses the programs compare pointers with (-D<macro>=<address>,

@@ -21,15 +21,16 @@ import ctypes
 import os
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from controlplane.core.errors import EnforcementError
 from controlplane.core.events import ZERO_DIGEST, Event, EventKind, transition_op
 from controlplane.core.policy import Policy
-from prima.measuredb import KernelEntry, kernel_dev
+from ebpf import abi, loader
+from prima import cdi
+from prima.kernelview import KernelEntry, kernel_dev
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # bcc itself is imported by ebpf.loader when a program is compiled
     import bcc
 
 # One source, two backends (ebpf/exec.bpf.c): the -D flag that selects each.
@@ -42,18 +43,33 @@ ENTRY_MAX = 1024        # entrypoint inodes
 RINGBUF_PAGES = 256     # 1 MiB of events in flight
 MIN_TRUST_MAX = 4096
 
-# cwlite.h constants, by name (the C header is the source; these decode its records).
-KINDS = {1: EventKind.TRUSTED_LOAD, 2: EventKind.LABEL_TRANSITION, 3: EventKind.VIOLATION}
-OPS = {1: "exec", 2: "interp", 3: "script", 4: "mmap", 5: "mprotect", 6: "anon-exec", 7: "entrypoint", 8: "drop",
-       9: "ptrace", 10: "proc-mem", 11: "vm-write", 12: "exec-stack", 13: "compat-syscall", 14: "io-uring",
-       15: "transition", 24: "traceme"}  # 16..23: cdi.h's (prima.cdi.ops)
-SUBJECT_OPS = (9, 10, 11, 24)  # events about two processes: the current one and `peer`
-OP_TRACEME = 24                # ... where the current process is the subject, not the actor
-ACTIONS = {0: "allowed", 1: "killed", 2: "denied"}
-WHYS = {0: "", 1: "unmeasured", 2: "changed-after-measurement", 3: "not-in-trust-set", 4: "no-file", 5: "anonymous-exec",
-        6: "undeclared-transition", 7: "traced", 8: "outside-label", 9: "compat-syscall", 10: "io-uring"}
-DROPS = {0: "ringbuf", 1: "label-map", 2: "seen-map", 3: "cdi-map"}
-DROP_MAX = 4
+# The words events carry into the log (and the verifier reads), for the header's names
+# whose word is not the name itself; the numbers are cwlite.h's / cdi.h's (ebpf.abi).
+WORDS = {
+    "CWL_WHY_NONE": "", "CWL_WHY_UNKNOWN": "unmeasured", "CWL_WHY_CHANGED": "changed-after-measurement",
+    "CWL_WHY_NOT_IN_SET": "not-in-trust-set", "CWL_WHY_ANON": "anonymous-exec",
+    "CWL_WHY_UNDECLARED": "undeclared-transition", "CWL_WHY_OUTSIDER": "outside-label",
+    "CWL_WHY_COMPAT": "compat-syscall",
+    "CWL_DROP_LABEL": "label-map", "CWL_DROP_SEEN": "seen-map", "CWL_DROP_CDI": "cdi-map",
+}
+
+
+def words(prefix: str, *, exclude: tuple[str, ...] = ()) -> dict[int, str]:
+    """value -> event word for a group of header constants: WORDS, else the name (CDI_ dropped) in lower-case-with-dashes."""
+    return {value: WORDS.get(prefix + name, name.removeprefix("CDI_").lower().replace("_", "-"))
+            for value, name in abi.names(prefix, exclude=exclude).items()}
+
+
+KINDS = {value: EventKind[name] for value, name in abi.names("CWL_EV_").items()}
+OPS = words("CWL_OP_")          # cwlite.h's PRIMA ops and cdi.h's CWL_OP_CDI_* (lsm backend only)
+ACTIONS = words("CWL_ACT_")
+WHYS = words("CWL_WHY_")
+DROPS = words("CWL_DROP_", exclude=("CWL_DROP_MAX",))
+DROP_MAX = abi.value("CWL_DROP_MAX")
+OP_EXEC = abi.value("CWL_OP_EXEC")
+OP_TRACEME = abi.value("CWL_OP_TRACEME")  # a subject event where the current process is the subject
+# events about two processes, the current one and `peer` (cwlite.h: a TP as a subject)
+SUBJECT_OPS = frozenset(abi.value(f"CWL_OP_{n}") for n in ("PTRACE", "PROC_MEM", "VM_WRITE", "TRACEME"))
 
 
 class CwlEvent(ctypes.Structure):
@@ -64,22 +80,9 @@ class CwlEvent(ctypes.Structure):
         ("label", ctypes.c_uint32), ("prev_label", ctypes.c_uint32), ("action", ctypes.c_uint32),
         ("why", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("peer", ctypes.c_uint32),
         ("ino", ctypes.c_uint64), ("ctime_ns", ctypes.c_uint64), ("ktime_ns", ctypes.c_uint64),
-        ("digest", ctypes.c_uint8 * 32), ("comm", ctypes.c_char * 16), ("name", ctypes.c_char * 128),
+        ("digest", ctypes.c_uint8 * 32), ("comm", ctypes.c_char * 16),
+        ("name", ctypes.c_char * abi.value("CWL_NAME_LEN")),
     ]
-
-
-def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int) -> list[KernelEntry]:
-    """Stat and hash files into kernel-view entries, for tests and benchmarks that need no DB
-    (the daemon's source is MeasureDB.kernel_view)."""
-    import hashlib
-
-    out = []
-    for p in paths:
-        st = os.stat(p)
-        with open(p, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").digest()
-        out.append(KernelEntry(kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns, sets_mask, digest, os.fspath(p)))
-    return out
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,6 @@ class Engine:
         self._queue: deque[Event] = deque()
         self._drops_seen = [0] * DROP_MAX
         self._decode_errors = 0
-        self._ops, self._whys = dict(OPS), dict(WHYS)
         self._bpf: "bcc.BPF | None" = None
         self._generation = -1
         self.loaded: Loaded | None = None
@@ -120,16 +122,10 @@ class Engine:
 
     # ---- lifecycle --------------------------------------------------------------------
     def _start(self, policy: Policy, entries: Sequence[KernelEntry], db_digest: bytes) -> None:
-        from ebpf import loader
-
         flags = [f"-DCWL_TRUST_MAX={self.trust_max}", f"-DCWL_ENTRY_MAX={ENTRY_MAX}", f"-DCWL_LABEL_MAX={LABEL_MAX}",
                  f"-DCWL_TASK_MAX={TASK_MAX}", f"-DCWL_SEEN_MAX={SEEN_MAX}", f"-DCWL_RINGBUF_PAGES={self.ringbuf_pages}"]
         if self.backend == "lsm":  # the lsm backend also guards CDIs (prima.cdi, ebpf/cdi.h)
-            from prima import cdi
-
             flags += cdi.cflags()
-            self._ops.update(cdi.ops())
-            self._whys.update(cdi.whys())
         # bcc attaches at load, before the first generation is written: until
         # then the maps are empty, so no process can enter a label and nothing
         # is labelled yet (labels are only entered through cwl_entry*).
@@ -196,8 +192,6 @@ class Engine:
                 found[ep] = name
 
         if self.backend == "lsm":
-            from prima import cdi
-
             cdi.fill_generation(bpf, gen, policy, self._label_ids)
 
         conf = bpf[b"cwl_conf"]
@@ -232,6 +226,12 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def bpf(self) -> "bcc.BPF":
+        """The loaded programs and maps (bcc), for inspection by name as exec.bpf.c declares them
+        (tests read cwl_task_labels and the programs' run counts through it). Raises when closed."""
+        return self._require()
+
     def _require(self) -> "bcc.BPF":
         if self._bpf is None:
             raise EnforcementError(f"prima/{self.backend}: engine is closed")
@@ -262,11 +262,11 @@ class Engine:
             "ktime_ns": r.ktime_ns, "backend": self.backend, "name": name,
         }
         if r.why:
-            detail["why"] = self._whys.get(r.why, str(r.why))
-        op = self._ops.get(r.op, str(r.op))
+            detail["why"] = WHYS.get(r.why, str(r.why))
+        op = OPS.get(r.op, str(r.op))
         if kind is EventKind.LABEL_TRANSITION:
             detail["from"] = self._label_name(r.prev_label)
-            if r.op == 1 and r.prev_label:  # a hop between labels: the verifier checks it was declared
+            if r.op == OP_EXEC and r.prev_label:  # a hop between labels: the verifier checks it was declared
                 op = transition_op(detail["from"])
         if r.op in SUBJECT_OPS:
             subject = self._subject_text(r, detail)
@@ -287,20 +287,6 @@ class Engine:
         """Kernel-side failure counts since load (summed over CPUs)."""
         table = self._require()[b"cwl_drops"]
         return {DROPS.get(i, str(i)): sum(table[table.Key(i)]) for i in range(DROP_MAX) if i in DROPS}
-
-    def program_stats(self) -> dict[str, tuple[int, int]]:
-        """Per program: (runs, total ns) as the kernel counts them (only while BPF stats are enabled)."""
-        out = {}
-        for name, fn in self._require().funcs.items():
-            info = dict(line.split(":\t", 1) for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines()
-                        if ":\t" in line)
-            out[name.decode() if isinstance(name, bytes) else name] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
-        return out
-
-    def labelled_processes(self) -> dict[int, str]:
-        """tgid -> label of every process the kernel holds a label for."""
-        table = self._require()[b"cwl_task_labels"]
-        return {k.value: self._label_name(v.label) for k, v in table.items()}
 
     def drain(self) -> list[Event]:
         """Events already queued (after close(): the last records and daemon-stop)."""

@@ -18,8 +18,13 @@ import click
 
 from controlplane.core.errors import CwliteError, EnforcementError
 from controlplane.core.events import Event, EventKind, EventSink
+from controlplane.core.paths import DEFAULT_DATA_DIR
+from controlplane.core.policy import Policy, load_policy
+from ebpf.probe import probe_lsm
+from prima.engine import Engine
+from prima.kernelview import KernelEntry, kernel_view
+from prima.measuredb import MeasureDB
 
-DEFAULT_DATA = Path("/var/lib/cwlite")
 
 
 def event_json(event: Event) -> dict:
@@ -68,17 +73,17 @@ def resolve_backend(requested: str) -> str:
     """"auto" -> "lsm" when a BPF LSM program loads here, else "tracepoint"."""
     if requested != "auto":
         return requested
-    from ebpf.probe import probe_lsm
-
     return "lsm" if probe_lsm().ok else "tracepoint"
 
 
-def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None):
-    """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets, the DB digest."""
-    from controlplane.core.policy import load_policy
-    from prima.measuredb import MeasureDB
+def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None, policy: Policy | None = None
+                ) -> tuple[Policy, list[KernelEntry], bytes]:
+    """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets, the DB digest.
 
-    policy = load_policy(policy_path, controller_key=controller_key, require_signature=controller_key is not None)
+    `policy`: the policy already loaded from `policy_path` by the caller (not read and parsed again).
+    """
+    if policy is None:
+        policy = load_policy(policy_path, controller_key=controller_key, require_signature=controller_key is not None)
     if not db_path.exists():
         raise EnforcementError(f"{db_path}: no measurement DB (build one with `cwlite db build`)")
     with MeasureDB.open(db_path) as db:
@@ -86,23 +91,23 @@ def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None):
         if missing:
             raise EnforcementError(f"{policy_path}: trust_sets: {', '.join(missing)} not in {db_path} "
                                    f"(has: {', '.join(db.trust_sets()) or 'none'})")
-        return policy, db.kernel_view(policy.trust_sets()), db.digest()
+        return policy, kernel_view(db, policy.trust_sets()), db.digest()
 
 
 class Daemon:
     """The enforce loop, usable from other commands (e.g. a service embedding enforcement)."""
 
     def __init__(self, policy_path: Path, db_path: Path, sink: EventSink, *, backend: str = "auto",
-                 controller_key: Path | None = None, log: IO[str] = sys.stderr) -> None:
+                 controller_key: Path | None = None, log: IO[str] = sys.stderr, policy: Policy | None = None) -> None:
+        """`policy`: `policy_path` as the caller already loaded it (checked with `controller_key`), for the start."""
         self.policy_path, self.db_path, self.sink = policy_path, db_path, sink
+        self.policy = policy
         self.backend, self.controller_key, self.log = backend, controller_key, log
         self.reload_requested = False
         self.stop_requested = False
 
     def run(self) -> None:
-        from prima.engine import Engine
-
-        policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key)
+        policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key, self.policy)
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
         engine = Engine(policy, view, backend=backend, db_digest=db_digest)
         try:
@@ -119,7 +124,7 @@ class Daemon:
                 self.sink.record(ev)
             self._say("detached")
 
-    def _reload(self, engine) -> None:
+    def _reload(self, engine: Engine) -> None:
         try:
             policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key)
             loaded = engine.reload(policy, view, db_digest)
@@ -144,7 +149,7 @@ class Daemon:
               help="Append every event as a JSON line to this file (fsynced).")
 @click.option("--mlog", is_flag=True, help="Record every event in the measurement log (DATA_DIR/measurements.log, "
               "extended into the policy's PCR).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA, show_default=True,
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR, show_default=True,
               help="With --mlog: where the log and the embedded swtpm live.")
 @click.option("--device", help="With --mlog: TPM device or TCTI (default: /dev/tpmrm0, else the embedded swtpm).")
 @click.option("--backend", type=click.Choice(["auto", "tracepoint", "lsm"]), default="auto", show_default=True,
@@ -184,18 +189,20 @@ def enforce(policy_path: Path, db_path: Path, events_path: Path | None, mlog: bo
         sinks.append(js)
         closers.append(js.close)
     tpm_ctx = None
+    # parsed once, signature checked once: the daemon starts from this policy (SIGHUP re-reads the file)
+    policy = load_policy(policy_path, controller_key=controller_key, require_signature=controller_key is not None)
     if mlog:
+        # Only --mlog needs the TPM: tpm2-pytss costs ~0.15 s at import, paid by every `cwlite` start if at the top.
         from controlplane.host import mlog as mlog_mod
         from controlplane.host import tpm as tpm_mod
-        from controlplane.core.policy import load_policy
 
-        pcr = mlog_mod.choose_pcr(load_policy(policy_path).pcr)
+        pcr = mlog_mod.choose_pcr(policy.pcr)
         tpm_ctx = tpm_mod.open_tpm(data_dir, device=device)
         tpm = tpm_ctx.__enter__()
         log = mlog_mod.MeasurementLog.open(data_dir / "measurements.log", tpm, pcr=pcr)
         sinks.append(log)
         closers.append(log.close)
-    daemon = Daemon(policy_path, db_path, Tee(sinks), backend=backend, controller_key=controller_key)
+    daemon = Daemon(policy_path, db_path, Tee(sinks), backend=backend, controller_key=controller_key, policy=policy)
 
     def on_hup(signum, frame) -> None:
         daemon.reload_requested = True

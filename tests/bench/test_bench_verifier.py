@@ -2,7 +2,7 @@
 and the quote round trip over loopback TLS with a real swtpm.
 
 Figures (medians of alternating rounds, baseline measured in the same run):
-- full check: what the verifier does with a fetched /v1/log text: mlog.parse_ascii (template
+- full check: what the verifier does with a fetched /v1/log text: imalog.parse_ascii (template
   hash checked per entry), incremental replay to the quoted value, every entry judged against
   the policy and the measurement DB; entries/s and the ratio to a bare hashlib replay loop
   over the same ASCII text (split the line, rebuild the ima-ng template data, SHA-256 it,
@@ -20,9 +20,18 @@ import struct
 import time
 from pathlib import Path
 
-from controlplane.host import mlog
+from controlplane.core import imalog
+from controlplane.core.imalog import replay_to
+from controlplane.core.policy import load_policy
+from controlplane.core.quote import verify_quote
+from controlplane.core.wire import quote_qualifying_data
 from controlplane.core.events import Event, EventKind
-from controlplane.verifier.attest import Facts, Judge, _parse_page, replay_to
+from controlplane.verifier.evidence import fetch_quote, parse_page
+from controlplane.verifier import registrar
+from controlplane.verifier.client import Channel
+from controlplane.verifier.judge import Facts, Judge
+from controlplane.verifier.store import Store
+from prima.measuredb import MeasureDB
 from tests.attest_fixtures import make_reference, running_host
 from tests.conftest import requires
 
@@ -33,7 +42,7 @@ ROUNDS = 5
 PCR = 10
 
 
-def _log(ref, db_digest: bytes, policy_digest: bytes) -> list[mlog.LogEntry]:
+def _log(ref, db_digest: bytes, policy_digest: bytes) -> list[imalog.LogEntry]:
     """A host's log: the start-up entries, then label transitions and trusted loads of DB files."""
     tools = list(ref.trusted.items())
     events = [Event(EventKind.BOOT_AGGREGATE, hashlib.sha256(b"boot").digest()),
@@ -47,7 +56,7 @@ def _log(ref, db_digest: bytes, policy_digest: bytes) -> list[mlog.LogEntry]:
         kind = EventKind.LABEL_TRANSITION if path == ref.entry else EventKind.TRUSTED_LOAD
         events.append(Event(kind, digest, "tp_build", "exec", path))
         i += 1
-    return [mlog.LogEntry.new(n, PCR, e.digest, e.ima_name()) for n, e in enumerate(events)]
+    return [imalog.LogEntry.new(n, PCR, e.digest, e.ima_name()) for n, e in enumerate(events)]
 
 
 def _bare_replay(text: str) -> bytes:
@@ -63,7 +72,7 @@ def _bare_replay(text: str) -> bytes:
 
 
 def _check(ref_open, text: str, start: int, start_value: bytes, target: bytes, facts: Facts) -> int:
-    entries = _parse_page(text, start)
+    entries = parse_page(text, start)
     n = replay_to(entries, start_value, target, PCR)
     assert n == len(entries)
     judge = Judge(ref_open, facts)
@@ -73,16 +82,13 @@ def _check(ref_open, text: str, start: int, start_value: bytes, target: bytes, f
 
 
 def test_replay_and_check_100k(tmp_path: Path) -> None:
-    from controlplane.core.policy import load_policy
-    from prima.measuredb import MeasureDB
-
     ref = make_reference(tmp_path)
     with MeasureDB.open(ref.db_path) as db:
         db_digest = db.digest()
     entries = _log(ref, db_digest, load_policy(ref.policy_path).digest())
     full, new = entries[:N], entries[N:]
-    full_text, new_text = mlog.to_ascii(full), mlog.to_ascii(new)
-    prefixes = mlog.replay_prefixes(entries, PCR)
+    full_text, new_text = imalog.to_ascii(full), imalog.to_ascii(new)
+    prefixes = imalog.replay_prefixes(entries, PCR)
     mid, end = prefixes[N], prefixes[N + NEW]
 
     bare, checked, incremental, parse_only = [], [], [], []
@@ -105,25 +111,19 @@ def test_replay_and_check_100k(tmp_path: Path) -> None:
         assert _bare_replay(full_text) == mid
         bare.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        _parse_page(full_text, 0)
+        parse_page(full_text, 0)
         parse_only.append(time.perf_counter() - t0)
 
     p = statistics.median(parse_only)
     b, c, i = statistics.median(bare), statistics.median(checked), statistics.median(incremental)
     print(f"\nverifier: {N} entries: bare hashlib replay {N / b:,.0f} entries/s ({b * 1000:.0f} ms); "
           f"parse+replay+check {N / c:,.0f} entries/s ({c * 1000:.0f} ms); ratio {b / c:.2f} (target >= 0.5); "
-          f"of which mlog.parse_ascii alone {p * 1000:.0f} ms (ratio bare/parse {b / p:.2f})")
+          f"of which imalog.parse_ascii alone {p * 1000:.0f} ms (ratio bare/parse {b / p:.2f})")
     print(f"verifier: incremental {NEW} new entries {i * 1000:.2f} ms = {100 * i / c:.2f}% of a full check "
           f"(target < 5%)")
 
 
 def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: F401
-
-    from controlplane.verifier import registrar
-    from controlplane.verifier.client import Channel
-    from controlplane.verifier.store import Store
-    from controlplane.verifier.attest import _quote_checked
 
     with running_host(tmp_path / "host") as h, Store(f"sqlite:///{tmp_path}/a.db") as store:
         host = registrar.enrol(h.url, "bench", store)
@@ -131,12 +131,9 @@ def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
         with Channel(h.url) as ch:
             for _ in range(300):
                 t0 = time.perf_counter()
-                _quote_checked(ch, host, os.urandom(32))
+                fetch_quote(ch, host, os.urandom(32))
                 times.append(time.perf_counter() - t0)
         # baseline, same TPM, same run: TPM2_Quote + verify_quote in-process, no HTTPS
-        from controlplane.host.service import quote_qualifying_data
-        from controlplane.host.tpm import verify_quote
-
         direct, pcrs = [], sorted({*range(10), 10})
         for _ in range(300):
             nonce = os.urandom(32)
@@ -149,7 +146,7 @@ def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
         for _ in range(30):                       # a new TLS connection per round, as `cwlite verify` does
             t0 = time.perf_counter()
             with Channel(h.url) as ch:
-                _quote_checked(ch, host, os.urandom(32))
+                fetch_quote(ch, host, os.urandom(32))
             fresh.append(time.perf_counter() - t0)
     q = statistics.quantiles(times, n=100)
     qf = statistics.quantiles(fresh, n=100)

@@ -2,7 +2,7 @@
 
 The demo slice (PRIMA tracepoint backend + swtpm + HTTPS service + verifier) in enforce
 mode, with a second label (a JIT label) and the attack programs of
-tests/kernel/prima_subject.py measured in the DB. Before the attacks the proof is
+tests/bypass/subject.py measured in the DB. Before the attacks the proof is
 "trusted"; after them it is "untrusted", naming exactly the two violation entries.
 A declared transition, in the same run, stays trusted.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from controlplane.cli.demo import LABEL, Demo, prepare
 from tests.conftest import requires
-from tests.kernel.prima_subject import INJECTED, Victim, build_kit
+from tests.bypass.subject import INJECTED, Victim, build_kit
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), requires(tool="gcc"), pytest.mark.timeout(300)]
 

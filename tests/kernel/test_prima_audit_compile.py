@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from prima.measuredb import build
+from prima.sources import build
 from tests.conftest import requires
-from tests.kernel.prima_lab import c_project
+from tests.bypass.lab import c_project
 
 pytestmark = [requires(root=True), requires(tool="gcc")]
 

@@ -5,34 +5,17 @@ and friends; only the results dir (CWLITE_VM_RESULTS) reaches the host.
 """
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from prima.engine import Engine
-from tests.kernel import prima_lab
-from tests.kernel.prima_lab import Lab
-
 
 @pytest.fixture(scope="session")
 def results_dir() -> Path:
     """Where a guest test may leave files for the host (the VM's --rwdir)."""
     return Path(os.environ["CWLITE_VM_RESULTS"])
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path):
-    """A fresh tmpfs: a real local filesystem with stable (dev, ino), unlike the 9p root or /tmp's overlay."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "cwlite-test", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture(scope="session")
@@ -50,15 +33,3 @@ def host_root_files() -> None:
     for _dev, target, fstype, *_ in reversed(mounts):
         if fstype == "overlay" and target in ("/usr", "/usr/lib"):
             subprocess.run(["umount", "-l", target], check=True)
-
-
-@pytest.fixture(scope="session")
-def lsm_lab(tmp_path_factory, host_root_files):
-    """One PRIMA lab on the lsm backend for every guest module (each test takes fresh labels):
-    a bcc compile of exec.bpf.c costs minutes under software emulation, so it is made once."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prima_lab, "Engine", functools.partial(Engine, backend="lsm"))
-        lab = Lab(tmp_path_factory.mktemp("prima-lsm"))
-    assert lab.engine.backend == "lsm"
-    yield lab
-    lab.close()

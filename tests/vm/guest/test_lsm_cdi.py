@@ -20,8 +20,9 @@ import pytest
 
 from controlplane.core.events import Event, EventKind
 from controlplane.core.policy import Policy, parse_policy
-from prima.engine import Engine, measure_files
-from tests.kernel.prima_lab import LDSO, shared_libs
+from prima.engine import Engine
+from tests.bypass.lab import LDSO, shared_libs
+from tests.prima_fixtures import measure_files
 
 TOOLS = ("mv", "ln", "rm", "truncate", "mkdir", "chmod")
 

@@ -1,10 +1,11 @@
 """A TP stays what it was measured to be (issue 21): each attack as a scenario over the backend under test.
 
-Every scenario takes the PRIMA Lab (tests/kernel/prima_lab.py), the compiled attack
+Every scenario takes the PRIMA Lab (tests/bypass/lab.py), the compiled attack
 programs (`Kit`) and the backend's `Outcome`: how that backend stops a violation
 (tracepoint: SIGKILL of the offending process before its next instruction; lsm:
-the syscall fails). The host tier (tests/kernel/test_prima_subject.py) runs them on
-the tracepoint backend, the VM tier (tests/vm/guest/test_lsm_subject.py) on lsm.
+the syscall fails). A tier runs them by mixing `SubjectScenarios` into its
+`BypassScenarios` class (one engine for both): tests/kernel/test_prima_bypass.py
+(tracepoint, host kernel), tests/vm/guest/test_lsm_prima.py (lsm, in the VM).
 Each asserts the outcome and the violation event; a few also go through the
 verifier (tests/e2e/test_attest_e2e.py).
 
@@ -20,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import pytest
+
 from controlplane.core.events import Event, EventKind
 from controlplane.core.policy import parse_policy
-from prima.engine import measure_files
-from tests.kernel.prima_lab import Lab, Label, shared_libs
+from tests.bypass.backend import Backend
+from tests.bypass.lab import Lab, Label, shared_libs
+from tests.prima_fixtures import measure_files
 
 ATTACK_C = r"""
 #define _GNU_SOURCE
@@ -529,3 +533,18 @@ SCENARIOS: dict[str, Callable[[Lab, Kit, Outcome], None]] = {
     name.removeprefix("attack_").removeprefix("legit_"): fn for name, fn in dict(globals()).items()
     if name.startswith(("attack_", "legit_")) and callable(fn)
 }
+
+
+class SubjectScenarios:
+    """Every scenario above against the class's `backend`, on the class's lab (BypassScenarios')."""
+
+    backend: Backend
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def kit(cls, lab: Lab) -> Kit:
+        return build_kit(lab.root)
+
+    @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+    def test_subject(self, lab: Lab, kit: Kit, scenario: str) -> None:
+        SCENARIOS[scenario](lab, kit, Outcome(self.backend.name))

@@ -1,6 +1,8 @@
-"""A small lab for PRIMA kernel tests and benchmarks: test-local entrypoints, a trusted helper, one engine.
+"""A small lab for the PRIMA bypass suite and benchmarks: test-local entrypoints, a trusted helper, one engine.
 
-Only files created under the lab's own directory are entrypoints, so no other
+The engine runs the backend the caller names (`backend="tracepoint"` on the
+host kernel, `"lsm"` in the VM): the suite (tests/bypass/scenarios.py) is the
+same for both. Only files created under the lab's own directory are entrypoints, so no other
 process on this (shared) machine is ever labelled. System files (/usr/bin/true,
 libc, ld.so) are trusted by inode, which changes nothing for unlabelled
 processes.
@@ -16,8 +18,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from controlplane.core.events import Event, EventKind
-from controlplane.core.policy import parse_policy
-from prima.engine import Engine, measure_files
+from controlplane.core.policy import Policy, parse_policy
+from prima.engine import Engine
+from prima.kernelview import KernelEntry
+from tests.prima_fixtures import labelled_processes, measure_files
 
 HELPER_C = r"""
 #define _GNU_SOURCE
@@ -95,9 +99,9 @@ def shared_libs(binary: str) -> list[str]:
 
 
 class Lab:
-    """One engine; each test gets a fresh label (fresh dedupe) with its own entrypoint."""
+    """One engine on `backend`; each test gets a fresh label (fresh dedupe) with its own entrypoint."""
 
-    def __init__(self, root: Path, *, ringbuf_pages: int | None = None) -> None:
+    def __init__(self, root: Path, *, backend: str = "tracepoint", ringbuf_pages: int | None = None) -> None:
         self.root = root
         self.shell = str(root / "sh-base")            # trusted, not an entrypoint
         shutil.copy2("/bin/sh", self.shell)
@@ -112,25 +116,24 @@ class Lab:
         self.events: list[Event] = []
         self._n = 0
         kwargs = {} if ringbuf_pages is None else {"ringbuf_pages": ringbuf_pages}
-        self.engine = Engine(*self._policy_and_entries("tp_lab0", self._new_entrypoint("tp_lab0")), **kwargs)
+        first = Label(self, "tp_lab0", self._new_entrypoint("tp_lab0"))
+        self.engine = Engine(*self.policy_for(first), backend=backend, **kwargs)
 
     def _new_entrypoint(self, label: str) -> str:
         ep = str(self.root / f"ep-{label}")
         shutil.copy2("/bin/sh", ep)
         return ep
 
-    def _policy_and_entries(self, label: str, entrypoint: str, *, mode: str = "enforce", on_exec: str = "keep",
-                            anon_exec: str = "violation", trusted: Iterable[str] = ()):
-        return self._policy_of([(label, entrypoint, {"on_exec": on_exec, "anon_exec": anon_exec})], mode, trusted)
-
-    def _policy_of(self, labels: list[tuple[str, str, dict]], mode: str, trusted: Iterable[str]):
-        """A policy of `labels` (name, entrypoint, label keys: strings or lists of strings), all on trust set "lab"."""
-        text = f'mode = "{mode}"\ntrust_sets = ["lab"]\n'
-        for name, ep, keys in labels:
-            text += f'[labels.{name}]\nentrypoints = ["{ep}"]\ntrust_set = "lab"\n'
-            text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
-        policy = parse_policy(text, source=f"{labels[0][0]}.toml")
-        return policy, measure_files([*self.base, *(ep for _, ep, _ in labels), *trusted], 1)
+    def policy_for(self, *labels: "Label", trusted: Iterable[str] = ()) -> tuple[Policy, list[KernelEntry]]:
+        """The policy holding only `labels` (their settings, their entrypoints) and the entries trusting
+        the lab's base files, the entrypoints and `trusted`: what `Engine.reload` takes."""
+        text = f'mode = "{labels[0].mode}"\ntrust_sets = ["lab"]\n'
+        for lb in labels:
+            text += (f'[labels.{lb.name}]\nentrypoints = ["{lb.entrypoint}"]\ntrust_set = "lab"\n'
+                     f'on_exec = "{lb.on_exec}"\nanon_exec = "{lb.anon_exec}"\n')
+            text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in lb.keys.items())
+        policy = parse_policy(text, source=f"{labels[0].name}.toml")
+        return policy, measure_files([*self.base, *(lb.entrypoint for lb in labels), *trusted], 1)
 
     def label(self, *, mode: str = "enforce", on_exec: str = "keep", anon_exec: str = "violation",
               trusted: Iterable[str] = (), **keys: str) -> "Label":
@@ -148,11 +151,22 @@ class Lab:
         labels = []
         for name, spec in zip(names, specs):
             keys = dict(spec)
+            on_exec, anon_exec = keys.pop("on_exec", "keep"), keys.pop("anon_exec", "violation")
             if "transitions" in keys:
                 keys["transitions"] = [names[i] for i in keys["transitions"]]
-            labels.append((name, self._new_entrypoint(name), keys))
-        self.engine.reload(*self._policy_of(labels, mode, trusted))
-        return [Label(self, name, ep) for name, ep, _ in labels]
+            labels.append(Label(self, name, self._new_entrypoint(name), mode=mode, on_exec=on_exec,
+                                anon_exec=anon_exec, keys=keys))
+        self.engine.reload(*self.policy_for(*labels, trusted=trusted))
+        return labels
+
+    def reload(self, label: "Label", *, trusted: Iterable[str] = ()) -> None:
+        """Reload with the same `label` and new trust: running members keep the label."""
+        self.engine.reload(*self.policy_for(label, trusted=trusted))
+
+    def labelled_processes(self) -> dict[int, str]:
+        """tgid -> label, as the tracepoint backend's task map holds them (lsm keeps labels in task
+        storage, which user space cannot list)."""
+        return labelled_processes(self.engine)
 
     def collect(self, timeout_ms: int = 50) -> list[Event]:
         self.events += self.engine.poll(timeout_ms)
@@ -171,8 +185,13 @@ class Lab:
 
 
 class Label:
-    def __init__(self, lab: Lab, name: str, entrypoint: str) -> None:
+    """A label of the lab's policy, entered by exec of its own entrypoint (a copy of /bin/sh)."""
+
+    def __init__(self, lab: Lab, name: str, entrypoint: str, *, mode: str = "enforce", on_exec: str = "keep",
+                 anon_exec: str = "violation", keys: dict | None = None) -> None:
         self.lab, self.name, self.entrypoint = lab, name, entrypoint
+        self.mode, self.on_exec, self.anon_exec = mode, on_exec, anon_exec
+        self.keys = keys or {}  # more policy keys of the label (transitions, compat_syscalls, io_uring)
 
     def sh(self, script: str, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run `script` in a process that entered this label (exec of the entrypoint)."""
@@ -181,6 +200,9 @@ class Label:
     def events(self, kind: EventKind | None = None, *, op: str | None = None, timeout: float = 5.0) -> list[Event]:
         return self.lab.wait_for(lambda e: e.label == self.name and (kind is None or e.kind is kind)
                                  and (op is None or e.op == op), timeout)
+
+    def violations(self, op: str | None = None, timeout: float = 5.0) -> list[Event]:
+        return self.events(EventKind.VIOLATION, op=op, timeout=timeout)
 
 
 UNIT_C = r"""

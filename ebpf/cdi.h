@@ -31,8 +31,6 @@
 #define CWL_S_IFMT 0170000
 #define CWL_S_IFDIR 0040000
 
-/* Kernel-internal file mode bit (include/linux/fs.h: FMODE_WRITE), unchanged since 2.6. */
-#define CWL_FMODE_WRITE 0x2
 
 /* Map value: which labels may write this CDI inode. */
 struct cwl_cdi {

@@ -101,6 +101,9 @@ static __always_inline int cwl_file_identity(const void *file, struct cwl_file_i
 	return cwl_inode_identity(inode, id);
 }
 
+/* Kernel-internal file mode bit (include/linux/fs.h: FMODE_WRITE), unchanged since 2.6. */
+#define CWL_FMODE_WRITE 0x2
+
 /* The running task's executable file (task->mm->exe_file), or NULL for kernel threads. */
 static __always_inline const void *cwl_current_exe_file(void)
 {
@@ -234,23 +237,89 @@ static __always_inline int cwl_vma_at(const void *mm, u64 addr, const void **vma
 	return -1;
 }
 
-/* The file mapped at `addr` in the current task: 1 (*file set, NULL = anonymous;
- * *end = the mapping's end), 0 unmapped, -1 cannot tell. */
-static __always_inline int cwl_file_at(u64 addr, const void **file, u64 *end)
+/* What a mapping of the current task holds: its file (NULL = anonymous), whether
+ * pages of it were copied on write (anon_vma: the task wrote to a private file
+ * mapping, so what it runs there is no longer the file's bytes), its end, its vm_flags. */
+struct cwl_vma_view {
+	const void *file;
+	const void *anon_vma;
+	u64 end;
+	u64 flags;
+};
+
+/* The mapping at `addr` in the current task: 1 (*v filled), 0 unmapped, -1 cannot tell. */
+static __always_inline int cwl_vma_view_at(u64 addr, struct cwl_vma_view *v)
 {
 	const void *task = (const void *)bpf_get_current_task();
 	const void *mm = 0, *vma = 0;
 	int found;
 
-	*file = 0;
-	*end = 0;
+	__builtin_memset(v, 0, sizeof(*v));
 	if (CWL_READ(mm, task, CWL_OFF_TASK_STRUCT_MM) || !mm)
 		return -1;
 	found = cwl_vma_at(mm, addr, &vma);
 	if (found != 1)
 		return found;
-	if (CWL_READ(*file, vma, CWL_OFF_VM_AREA_STRUCT_VM_FILE) || CWL_READ(*end, vma, CWL_OFF_VM_AREA_STRUCT_VM_END))
+	if (CWL_READ(v->file, vma, CWL_OFF_VM_AREA_STRUCT_VM_FILE) ||
+	    CWL_READ(v->anon_vma, vma, CWL_OFF_VM_AREA_STRUCT_ANON_VMA) ||
+	    CWL_READ(v->end, vma, CWL_OFF_VM_AREA_STRUCT_VM_END))
 		return -1;
+	v->flags = cwl_read_uint(vma, CWL_OFF_VM_AREA_STRUCT_VM_FLAGS, CWL_SZ_VM_AREA_STRUCT_VM_FLAGS);
+	return 1;
+}
+
+/* Is the current task's stack executable (PT_GNU_STACK with PF_X, or no PT_GNU_STACK on an
+ * arch whose default is an executable stack)? 1 yes, 0 no, -1 cannot tell. The stack is the
+ * mapping holding mm->arg_start (the argument strings): set by setup_arg_pages, before the
+ * kernel maps the image's segments, so it is right both in mmap_file during an exec and at
+ * sched_process_exec. */
+#define CWL_VM_EXEC 0x4
+static __always_inline int cwl_stack_exec(void)
+{
+	const void *task = (const void *)bpf_get_current_task();
+	const void *mm = 0;
+	u64 arg_start = 0;
+	struct cwl_vma_view v;
+
+	if (CWL_READ(mm, task, CWL_OFF_TASK_STRUCT_MM) || !mm || CWL_READ(arg_start, mm, CWL_OFF_MM_STRUCT_ARG_START))
+		return -1;
+	if (cwl_vma_view_at(arg_start, &v) != 1)
+		return -1;
+	return (v.flags & CWL_VM_EXEC) ? 1 : 0;
+}
+
+/* Is `task` being ptraced (task->ptrace != 0)? */
+static __always_inline int cwl_task_traced(const void *task)
+{
+	u32 ptrace = 0;
+	return task && CWL_READ(ptrace, task, CWL_OFF_TASK_STRUCT_PTRACE) == 0 && ptrace != 0;
+}
+
+/* Is `file` a /proc/<pid>/mem (or task/<tid>/mem) file open for writing? Identified by its
+ * file_operations' open (fs/proc/base.c mem_open, whose address prima.engine reads from
+ * /proc/kallsyms and passes as CWL_PROC_MEM_OPEN), never by a path. When it is, *tgid is the
+ * process whose memory it writes (the inode's proc_inode.pid -> its task -> tgid). */
+#ifndef CWL_PROC_MEM_OPEN
+#error "CWL_PROC_MEM_OPEN missing: the address of mem_open comes from /proc/kallsyms through prima.engine"
+#endif
+static __always_inline int cwl_proc_mem_write(const void *file, u32 *tgid)
+{
+	const void *fop = 0, *open = 0, *inode = 0, *pid = 0, *first = 0;
+	u32 mode = 0;
+
+	*tgid = 0;
+	if (!file || CWL_READ(fop, file, CWL_OFF_FILE_F_OP) || !fop || CWL_READ(open, fop, CWL_OFF_FILE_OPERATIONS_OPEN))
+		return 0;
+	if ((u64)open != (u64)CWL_PROC_MEM_OPEN)
+		return 0;
+	if (CWL_READ(mode, file, CWL_OFF_FILE_F_MODE) || !(mode & CWL_FMODE_WRITE))
+		return 0;
+	/* container_of(inode, struct proc_inode, vfs_inode)->pid->tasks[PIDTYPE_PID].first */
+	if (CWL_READ(inode, file, CWL_OFF_FILE_F_INODE) || !inode ||
+	    CWL_READ(pid, (const char *)inode - CWL_OFF_PROC_INODE_VFS_INODE, CWL_OFF_PROC_INODE_PID) || !pid ||
+	    CWL_READ(first, pid, CWL_OFF_PID_TASKS) || !first)
+		return 1; /* a mem file whose process is gone: nothing to write, still an attempt */
+	CWL_READ(*tgid, (const char *)first - CWL_OFF_TASK_STRUCT_PID_LINKS, CWL_OFF_TASK_STRUCT_TGID);
 	return 1;
 }
 
@@ -306,12 +375,16 @@ struct cwl_trust {
 	u64 measured_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) before the content was read */
 };
 
-/* Per label: its trust-set bit and what the policy says about exec and JIT memory. */
+/* Per label: its trust-set bit and what the policy says about exec, JIT memory,
+ * the labels it may enter, and the syscall ABIs the tracepoint backend cannot mediate. */
 struct cwl_label_conf {
 	u64 set_bit;       /* 1 << index of the label's trust set; 0 = trusts nothing */
+	u64 enter_mask;    /* bit i: may enter label id i by exec of its entrypoint (transitions) */
 	u8 on_exec_drop;   /* 1: exec of a non-entrypoint image leaves the label */
 	u8 anon_exec_violation; /* 1: PROT_EXEC anonymous memory is a violation */
-	u8 _pad[6];
+	u8 compat_allow;   /* 1: 32-bit syscalls (int 0x80) are allowed (tracepoint backend) */
+	u8 io_uring_allow; /* 1: io_uring_setup is allowed (tracepoint backend) */
+	u8 _pad[4];
 };
 
 /* Entrypoint map value: exec'ing this inode (if trusted for `label`) enters `label`. */
@@ -327,9 +400,10 @@ struct cwl_conf {
 };
 
 /* Label of a process (tracepoint backend: keyed by tgid). */
+#define CWL_TL_STACK_PENDING 1 /* lsm: the new image's stack is judged at its first mapping */
 struct cwl_task_label {
 	u32 label;
-	u32 _pad;
+	u32 flags; /* CWL_TL_* */
 };
 
 /* "First trusted load of this measurement under this label" dedupe key. */
@@ -355,6 +429,22 @@ struct cwl_seen_key {
 #define CWL_OP_ANON_EXEC 6
 #define CWL_OP_ENTRYPOINT 7
 #define CWL_OP_DROP 8
+/* A TP as a subject (its label is Event.label; the other process is the event's peer):
+ * ptrace (lsm: ptrace_access_check in attach mode, which also covers /proc/PID/mem and
+ * process_vm_writev; tracepoint: attach/seize/traceme), proc-mem (/proc/PID/mem opened for
+ * write), vm-write (process_vm_writev), exec-stack (the new image's stack is executable),
+ * compat-syscall (a 32-bit syscall), io-uring (io_uring_setup), transition (entering
+ * another label). In ptrace/proc-mem/vm-write events the current process is the actor and
+ * `peer` the subject; in traceme events the reverse. */
+#define CWL_OP_PTRACE 9
+#define CWL_OP_PROC_MEM 10
+#define CWL_OP_VM_WRITE 11
+#define CWL_OP_EXEC_STACK 12
+#define CWL_OP_COMPAT_SYSCALL 13
+#define CWL_OP_IO_URING 14
+#define CWL_OP_TRANSITION 15
+/* 16..23: cdi.h's CWL_OP_CDI_* */
+#define CWL_OP_TRACEME 24 /* PTRACE_TRACEME: the current process is the subject, its parent the tracer */
 
 /* What happened to the process. */
 #define CWL_ACT_ALLOWED 0 /* trusted, a transition, or audit mode */
@@ -371,6 +461,11 @@ struct cwl_seen_key {
 #define CWL_WHY_WRITERS 6  /* open for write / mapped shared-writable now: content may differ */
 #define CWL_WHY_TAINTED 7  /* opened for write or mapped shared-writable since it was measured */
 #define CWL_WHY_LAYER 8    /* overlayfs: the layer file it shows is not the measured one */
+#define CWL_WHY_UNDECLARED 9 /* another label's entrypoint, and the policy declares no such transition */
+#define CWL_WHY_TRACED 10   /* entering a label while ptraced */
+#define CWL_WHY_OUTSIDER 11 /* modified by a process outside its label (ptrace, memory writes) */
+#define CWL_WHY_COMPAT 12   /* a 32-bit syscall, which the tracepoint backend cannot mediate */
+#define CWL_WHY_IO_URING 13 /* io_uring, whose operations the tracepoint backend cannot mediate */
 
 /* One ring-buffer record. Fixed layout: 240 bytes. */
 #define CWL_NAME_LEN 128
@@ -384,7 +479,7 @@ struct cwl_event {
 	u32 action;
 	u32 why;
 	u32 dev;
-	u32 _pad;
+	u32 peer;       /* subject events: the other process's tgid (prev_label: its label) */
 	u64 ino;
 	u64 ctime_ns;
 	u64 ktime_ns;

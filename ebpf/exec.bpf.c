@@ -94,8 +94,6 @@ static __always_inline void cwl_drop(u32 reason)
 #ifdef CWL_BACKEND_LSM
 #include "cdi.h"
 
-#define CWL_PROT_WRITE 0x2
-#define CWL_MAP_SHARED 0x1
 #define CWL_ACT_ENFORCED CWL_ACT_DENIED
 
 struct linux_binprm;
@@ -155,11 +153,31 @@ static __always_inline void cwl_event_name(struct cwl_event *e, const void *dent
 #else /* CWL_BACKEND_TP */
 #define CWL_ACT_ENFORCED CWL_ACT_KILLED
 
-static __always_inline u32 cwl_current_label(void)
+/* Threads of labelled processes other than their leader (tid -> tgid), so that a syscall
+ * naming a thread (ptrace, process_vm_writev take a tid) finds its process's label. Added at
+ * sched_process_fork, removed at the thread's exit; after an exec a process has one thread. */
+BPF_HASH(cwl_task_threads, u32, u32, CWL_TASK_MAX);
+
+static __always_inline u32 cwl_label_of_tgid(u32 tgid)
 {
-	u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct cwl_task_label *tl = cwl_task_labels.lookup(&tgid);
 	return tl ? tl->label : 0;
+}
+
+/* The label of the process that thread `pid` (a tid, as syscalls take it) belongs to. */
+static __always_inline u32 cwl_label_of_pid(u32 pid)
+{
+	u32 label = cwl_label_of_tgid(pid), *tgid;
+
+	if (label)
+		return label;
+	tgid = cwl_task_threads.lookup(&pid);
+	return tgid ? cwl_label_of_tgid(*tgid) : 0;
+}
+
+static __always_inline u32 cwl_current_label(void)
+{
+	return cwl_label_of_tgid(bpf_get_current_pid_tgid() >> 32);
 }
 
 /* Give the current process `label` (0: none). 0, or -1 when the label cannot be held. */
@@ -198,10 +216,11 @@ static __always_inline void cwl_event_name(struct cwl_event *e, const void *file
 /* ---- events and verdicts, shared ----------------------------------------------------- */
 
 /* Reserve, fill and submit one event named by `path` (exec) or else by `obj`
- * (CWL_EVENT_OBJ); a full ring buffer is counted, never silent. */
-static __always_inline void cwl_emit(u32 kind, u32 op, u32 label, u32 prev, u32 action, u32 why,
-				     const struct cwl_file_id *id, const struct cwl_trust *t,
-				     const void *obj, const char *path)
+ * (CWL_EVENT_OBJ); `peer`: the other process of a subject event (0: none). A full ring
+ * buffer is counted, never silent. */
+static __always_inline void cwl_emit_peer(u32 kind, u32 op, u32 label, u32 prev, u32 action, u32 why,
+					  const struct cwl_file_id *id, const struct cwl_trust *t,
+					  const void *obj, const char *path, u32 peer)
 {
 	struct cwl_event *e = cwl_events.ringbuf_reserve(sizeof(struct cwl_event));
 	if (!e) {
@@ -209,11 +228,19 @@ static __always_inline void cwl_emit(u32 kind, u32 op, u32 label, u32 prev, u32 
 		return;
 	}
 	cwl_fill_event(e, kind, op, label, prev, action, why, id, t);
+	e->peer = peer;
 	if (path)
 		bpf_probe_read_kernel_str(e->name, sizeof(e->name), path);
 	else
 		cwl_event_name(e, obj);
 	cwl_events.ringbuf_submit(e, 0);
+}
+
+static __always_inline void cwl_emit(u32 kind, u32 op, u32 label, u32 prev, u32 action, u32 why,
+				     const struct cwl_file_id *id, const struct cwl_trust *t,
+				     const void *obj, const char *path)
+{
+	cwl_emit_peer(kind, op, label, prev, action, why, id, t, obj, path, 0);
 }
 
 /* A trusted load: an event only the first time this measurement is seen under this label. */
@@ -313,6 +340,48 @@ static __always_inline void cwl_note_write(const void *file)
 	}
 }
 
+/* A TP as a subject: process `peer` and the current process, one modifying the other (ptrace,
+ * its memory; CWL_OP_TRACEME: the current process is the subject, else the actor). Logged under
+ * the subject's label naming both processes (the event's pid/comm are the current process's,
+ * prev_label is the actor's label, peer the other tgid). In enforce mode the lsm hook returns
+ * -EPERM and the tracepoint backend kills the current process (before it returns to user space). */
+static __always_inline int cwl_subject_violation(u32 gen, u32 op, u32 why, u32 subject, u32 actor, u32 peer)
+{
+	u32 enforce = cwl_enforcing(gen);
+
+#ifdef CWL_BACKEND_TP
+	if (enforce)
+		bpf_send_signal(CWL_SIGKILL);
+#endif
+	cwl_emit_peer(CWL_EV_VIOLATION, op, subject, actor, enforce ? CWL_ACT_ENFORCED : CWL_ACT_ALLOWED, why, 0, 0,
+		      0, 0, peer);
+	return enforce ? -CWL_EPERM : 0;
+}
+
+/* The current process opened `file` (a proc mem file for write, *tgid its process): under a
+ * TP label its own memory is anonymous-exec territory (writes reach executable mappings
+ * through FOLL_FORCE, W^X); another labelled process may be written only by its own label. */
+static __always_inline int cwl_check_mem_open(const void *file)
+{
+	u32 target = 0, me = bpf_get_current_pid_tgid() >> 32, actor, subject;
+
+	if (!cwl_proc_mem_write(file, &target))
+		return 0;
+	actor = cwl_current_label();
+	u32 gen = cwl_live_gen();
+	if (target == me) {
+		if (!actor || cwl_decide_anon(cwl_label_conf_of(gen, actor)) == CWL_WHY_NONE)
+			return 0;
+		return cwl_subject_violation(gen, CWL_OP_PROC_MEM, CWL_WHY_ANON, actor, actor, me);
+	}
+#ifdef CWL_BACKEND_TP
+	subject = cwl_label_of_pid(target);
+	if (cwl_decide_modify(actor, subject) != CWL_WHY_NONE)
+		return cwl_subject_violation(gen, CWL_OP_PROC_MEM, CWL_WHY_OUTSIDER, subject, actor, target);
+#endif
+	return 0; /* lsm: mem_open asks ptrace_access_check (PTRACE_MODE_ATTACH) about other processes */
+}
+
 /* Judge a code file loaded by a process under `label`: 0 when trusted (or in
  * audit mode), else the violation's verdict. */
 static __always_inline int cwl_check_file(u32 gen, u32 op, u32 label, const void *file)
@@ -374,14 +443,33 @@ static __always_inline int cwl_exec_decide(const void *bprm, const void *file, s
 	cwl_content(x->gen, &x->id, &key);
 	x->t = cwl_trust_of(x->gen, &key);
 	cwl_decide_exec(x->cur, cwl_label_conf_of(x->gen, x->cur), x->entry,
-			cwl_label_conf_of(x->gen, x->entry ? x->entry->label : 0), &x->id, x->t, &x->d);
+			cwl_label_conf_of(x->gen, x->entry ? x->entry->label : 0), &x->id, x->t,
+			cwl_task_traced((const void *)bpf_get_current_task()), &x->d);
 	return 0;
 }
 
-#ifdef CWL_BACKEND_LSM
-/* Under lsm the ELF interpreter is judged by mmap_file, like every other mapping. */
-static __always_inline void cwl_check_interp(u32 gen, u32 label)
+/* An executable stack under `label` (PT_GNU_STACK with PF_X): memory no measured file holds,
+ * judged by the label's anon_exec rule; a stack that cannot be found is a violation (fail closed). */
+static __always_inline int cwl_judge_stack(u32 gen, u32 label)
 {
+	int exec = cwl_stack_exec();
+	u32 why;
+
+	if (exec == 0)
+		return 0;
+	why = exec < 0 ? CWL_WHY_NO_FILE : cwl_decide_anon(cwl_label_conf_of(gen, label));
+	return why == CWL_WHY_NONE ? 0 : cwl_violation(gen, CWL_OP_EXEC_STACK, label, why, 0, 0, 0);
+}
+
+#ifdef CWL_BACKEND_LSM
+/* Under lsm the ELF interpreter is judged by mmap_file, like every other mapping; the stack is
+ * made executable (setup_arg_pages) after bprm_committed_creds, so it is judged at the image's
+ * first mapping (mmap_file, cwl_stack_pending). */
+static __always_inline void cwl_check_image(u32 gen, u32 label)
+{
+	struct cwl_task_label *tl = cwl_label_slot(bpf_get_current_task_btf(), 0);
+	if (tl)
+		tl->flags |= CWL_TL_STACK_PENDING;
 }
 
 /* A violation once the exec can no longer fail: too late for -EPERM, so in enforce mode the
@@ -403,8 +491,8 @@ static __always_inline void cwl_violation_committed(u32 gen, u32 op, u32 label, 
  * a syscall, so sys_enter_mmap never sees it): found at AT_BASE. */
 static __always_inline void cwl_check_interp(u32 gen, u32 label)
 {
-	const void *file = 0;
-	u64 base = 0, end = 0;
+	struct cwl_vma_view v;
+	u64 base = 0;
 
 	if (cwl_interp_base(&base)) {
 		cwl_violation(gen, CWL_OP_INTERP, label, CWL_WHY_NO_FILE, 0, 0, 0);
@@ -412,11 +500,18 @@ static __always_inline void cwl_check_interp(u32 gen, u32 label)
 	}
 	if (!base)
 		return; /* static image */
-	if (cwl_file_at(base, &file, &end) != 1 || !file) {
+	if (cwl_vma_view_at(base, &v) != 1 || !v.file) {
 		cwl_violation(gen, CWL_OP_INTERP, label, CWL_WHY_NO_FILE, 0, 0, 0);
 		return;
 	}
-	cwl_check_file(gen, CWL_OP_INTERP, label, file);
+	cwl_check_file(gen, CWL_OP_INTERP, label, v.file);
+}
+
+/* The new image is complete at sched_process_exec: its interpreter and its stack. */
+static __always_inline void cwl_check_image(u32 gen, u32 label)
+{
+	cwl_check_interp(gen, label);
+	cwl_judge_stack(gen, label);
 }
 
 /* The tracepoint backend only ever acts after the fact: its violation already kills. */
@@ -444,7 +539,10 @@ static __always_inline void cwl_commit_exec(const struct cwl_exec_ctx *x)
 			cwl_emit(CWL_EV_LABEL_TRANSITION, CWL_OP_EXEC, x->d.label, x->cur, CWL_ACT_ALLOWED, CWL_WHY_NONE,
 				 &x->id, x->t, obj, x->path);
 		cwl_trusted(CWL_OP_EXEC, x->d.label, &x->id, x->t, obj, x->path);
-		cwl_check_interp(x->gen, x->d.label);
+		cwl_check_image(x->gen, x->d.label);
+		return;
+	case CWL_EXEC_DENY:
+		cwl_violation_committed(x->gen, x->d.op, x->d.label, x->d.why, &x->id, obj, x->path, 1);
 		return;
 	case CWL_EXEC_BAD_ENTRY:
 		/* Unlabelled caller: nothing to stop, but the modified entrypoint is worth a record. */
@@ -461,7 +559,7 @@ static __always_inline void cwl_commit_exec(const struct cwl_exec_ctx *x)
 	}
 	if (x->d.why == CWL_WHY_NONE) {
 		cwl_trusted(CWL_OP_EXEC, x->cur, &x->id, x->t, obj, x->path);
-		cwl_check_interp(x->gen, x->cur);
+		cwl_check_image(x->gen, x->cur);
 	} else {
 		cwl_violation_committed(x->gen, CWL_OP_EXEC, x->cur, x->d.why, &x->id, obj, x->path, 1);
 	}
@@ -496,6 +594,8 @@ LSM_PROBE(bprm_check_security, struct linux_binprm *bprm, int ret)
 		return cwl_violation(x.gen, CWL_OP_EXEC, x.cur, CWL_WHY_NO_FILE, &x.id, 0, x.path);
 	if (x.d.outcome == CWL_EXEC_SAME && x.d.why != CWL_WHY_NONE)
 		return cwl_violation(x.gen, CWL_OP_EXEC, x.cur, x.d.why, &x.id, 0, x.path);
+	if (x.d.outcome == CWL_EXEC_DENY)
+		return cwl_violation(x.gen, x.d.op, x.d.label, x.d.why, &x.id, 0, x.path);
 	return 0; /* trusted, an entrypoint, a drop: the label changes at commit */
 }
 
@@ -545,12 +645,27 @@ static __always_inline int cwl_check_mapping(u32 op, unsigned long prot, const v
 	return cwl_check_file(gen, op, label, file);
 }
 
+/* The first mapping of a new image (bprm_committed_creds marked it): its stack, which
+ * setup_arg_pages made executable or not just before the kernel maps the image's segments. */
+static __always_inline int cwl_stack_pending(void)
+{
+	struct cwl_task_label *tl = cwl_label_slot(bpf_get_current_task_btf(), 0);
+
+	if (!tl || !(tl->flags & CWL_TL_STACK_PENDING))
+		return 0;
+	tl->flags &= ~CWL_TL_STACK_PENDING;
+	return cwl_judge_stack(cwl_live_gen(), tl->label);
+}
+
 LSM_PROBE(mmap_file, struct file *file, unsigned long reqprot, unsigned long prot, unsigned long flags, int ret)
 {
 	if (ret)
 		return ret;
-	/* private writable code: what runs is the task's own copy, not the measured file */
-	return cwl_check_mapping(CWL_OP_MMAP, prot, file, (prot & CWL_PROT_WRITE) && !(flags & CWL_MAP_SHARED));
+	ret = cwl_stack_pending();
+	if (ret)
+		return ret;
+	/* writable and executable: what runs is what the task writes, not the measured file */
+	return cwl_check_mapping(CWL_OP_MMAP, prot, file, cwl_mapping_not_the_file(prot, 0));
 }
 
 LSM_PROBE(file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsigned long prot, int ret)
@@ -561,7 +676,52 @@ LSM_PROBE(file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsi
 		return ret;
 	CWL_READ(file, vma, CWL_OFF_VM_AREA_STRUCT_VM_FILE);
 	CWL_READ(anon, vma, CWL_OFF_VM_AREA_STRUCT_ANON_VMA); /* pages copied on write */
-	return cwl_check_mapping(CWL_OP_MPROTECT, prot, file, anon != 0);
+	return cwl_check_mapping(CWL_OP_MPROTECT, prot, file, cwl_mapping_not_the_file(prot, anon != 0));
+}
+
+/* ---- a TP as a subject: only its own label may modify it ------------------------------ */
+
+#define CWL_PTRACE_MODE_ATTACH 0x02 /* include/linux/ptrace.h */
+
+static __always_inline u32 cwl_label_of_task(struct task_struct *task)
+{
+	struct cwl_task_label *tl = cwl_label_slot(task, 0);
+	return tl ? tl->label : 0;
+}
+
+/* The current task would modify `child`: ptrace attach/seize, /proc/PID/mem (mem_open ->
+ * mm_access) and process_vm_readv/writev ask in PTRACE_MODE_ATTACH; reads of /proc/PID/stat,
+ * maps, environ (PTRACE_MODE_READ) stay allowed. The kernel never asks about a task's own
+ * thread group (its own /proc/self/mem is file_open's, cwl_check_mem_open). */
+LSM_PROBE(ptrace_access_check, struct task_struct *child, unsigned int mode, int ret)
+{
+	u32 subject, actor, tgid = 0;
+
+	if (ret)
+		return ret;
+	if (!(mode & CWL_PTRACE_MODE_ATTACH))
+		return 0;
+	subject = cwl_label_of_task(child);
+	actor = cwl_current_label();
+	if (cwl_decide_modify(actor, subject) == CWL_WHY_NONE)
+		return 0;
+	CWL_READ(tgid, child, CWL_OFF_TASK_STRUCT_TGID);
+	return cwl_subject_violation(cwl_live_gen(), CWL_OP_PTRACE, CWL_WHY_OUTSIDER, subject, actor, tgid);
+}
+
+/* PTRACE_TRACEME: the current task would be traced by `parent`. */
+LSM_PROBE(ptrace_traceme, struct task_struct *parent, int ret)
+{
+	u32 subject, actor, tgid = 0;
+
+	if (ret)
+		return ret;
+	subject = cwl_current_label();
+	actor = cwl_label_of_task(parent);
+	if (cwl_decide_modify(actor, subject) == CWL_WHY_NONE)
+		return 0;
+	CWL_READ(tgid, parent, CWL_OFF_TASK_STRUCT_TGID);
+	return cwl_subject_violation(cwl_live_gen(), CWL_OP_TRACEME, CWL_WHY_OUTSIDER, subject, actor, tgid);
 }
 
 /* ---- CDI protection ------------------------------------------------------------------ */
@@ -648,8 +808,9 @@ LSM_PROBE(file_open, struct file *file, int ret)
 	CWL_READ(mode, file, CWL_OFF_FILE_F_MODE);
 	if (!(mode & CWL_FMODE_WRITE))
 		return 0;
-	cwl_note_write(file);
-	return cwl_cdi_guard(CWL_OP_CDI_OPEN_WRITE, cwl_file_dentry(file));
+	cwl_note_write(file); /* taint first: even an open refused below was asked for */
+	ret = cwl_check_mem_open(file); /* a TP's own /proc/PID/mem (W^X) */
+	return ret ? ret : cwl_cdi_guard(CWL_OP_CDI_OPEN_WRITE, cwl_file_dentry(file));
 }
 
 LSM_PROBE(inode_create, struct inode *dir, struct dentry *dentry, unsigned short mode, int ret)
@@ -738,8 +899,18 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	if (!tl)
 		return 0;
 	CWL_READ(child_tgid, child, CWL_OFF_TASK_STRUCT_TGID);
-	if (!child_tgid || child_tgid == tgid)
-		return 0; /* a thread: shares the process's entry */
+	if (!child_tgid)
+		return 0;
+	if (child_tgid == tgid) {
+		/* a thread: shares the process's entry; its tid must still lead to it */
+		u32 tid = 0;
+		CWL_READ(tid, child, CWL_OFF_TASK_STRUCT_PID);
+		if (tid && cwl_task_threads.update(&tid, &tgid)) {
+			cwl_drop(CWL_DROP_LABEL);
+			cwl_violation(cwl_live_gen(), CWL_OP_EXEC, tl->label, CWL_WHY_NONE, 0, 0, 0);
+		}
+		return 0;
+	}
 	struct cwl_task_label nl = {.label = tl->label};
 	if (cwl_task_labels.update(&child_tgid, &nl)) {
 		/* The child would run unlabelled: fail closed by killing the parent (the fork's caller). */
@@ -751,7 +922,10 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
-	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
+	if (tid != tgid)
+		cwl_task_threads.delete(&tid);
 	if (cwl_group_dead())
 		cwl_task_labels.delete(&tgid);
 	return 0;
@@ -785,7 +959,15 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 			cwl_violation(gen, CWL_OP_ANON_EXEC, label, why, 0, 0, 0);
 		return 0;
 	}
-	cwl_check_file(gen, CWL_OP_MMAP, label, cwl_fd_file((s64)(int)args->fd));
+	const void *file = cwl_fd_file((s64)(int)args->fd);
+	if (cwl_mapping_not_the_file(cwl_effective_prot(args->prot), 0)) {
+		/* writable and executable: what runs is what the task writes, not the measured file */
+		u32 why = cwl_decide_anon(cwl_label_conf_of(gen, label));
+		if (why != CWL_WHY_NONE)
+			cwl_violation(gen, CWL_OP_ANON_EXEC, label, why, 0, file, 0);
+		return 0;
+	}
+	cwl_check_file(gen, CWL_OP_MMAP, label, file);
 	return 0;
 }
 
@@ -820,25 +1002,25 @@ static __always_inline int cwl_on_mprotect(u64 start, u64 len, unsigned long pro
 	u32 gen = cwl_live_gen();
 	u64 addr = start, stop = start + len;
 	for (int i = 0; i < CWL_MPROTECT_VMAS; i++) {
-		const void *file = 0;
-		u64 end = 0;
-		int found = cwl_file_at(addr, &file, &end);
+		struct cwl_vma_view v;
+		int found = cwl_vma_view_at(addr, &v);
 		if (found == 0)
 			return 0; /* a hole: mprotect fails with ENOMEM before changing anything */
 		if (found < 0) {
 			cwl_violation(gen, CWL_OP_MPROTECT, label, CWL_WHY_NO_FILE, 0, 0, 0);
 			return 0;
 		}
-		if (file) {
-			if (cwl_check_file(gen, CWL_OP_MPROTECT, label, file))
+		if (v.file && !cwl_mapping_not_the_file(cwl_effective_prot(prot), v.anon_vma != 0)) {
+			if (cwl_check_file(gen, CWL_OP_MPROTECT, label, v.file))
 				return 0; /* killed: the rest of the range does not matter */
 		} else if (cwl_decide_anon(cwl_label_conf_of(gen, label)) != CWL_WHY_NONE) {
-			cwl_violation(gen, CWL_OP_MPROTECT, label, CWL_WHY_ANON, 0, 0, 0);
+			/* no file, or pages that are (or will be, W+X) the task's own writes */
+			cwl_violation(gen, CWL_OP_MPROTECT, label, CWL_WHY_ANON, 0, v.file, 0);
 			return 0;
 		}
-		if (end >= stop || end <= addr)
+		if (v.end >= stop || v.end <= addr)
 			return 0;
-		addr = end;
+		addr = v.end;
 	}
 	cwl_violation(gen, CWL_OP_MPROTECT, label, CWL_WHY_NO_FILE, 0, 0, 0);
 	return 0;
@@ -852,5 +1034,151 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mprotect)
 TRACEPOINT_PROBE(syscalls, sys_enter_pkey_mprotect)
 {
 	return cwl_on_mprotect(args->start, args->len, args->prot);
+}
+
+/* ---- tracepoint backend: a TP as a subject, and what syscall tracepoints cannot see -----
+ *
+ * Per-syscall tracepoints (their programs run only for their own syscall):
+ *   sys_exit_ptrace            a successful ptrace: the tracer's tracees and a PTRACE_TRACEME'd
+ *                              task's tracer must share the tracee's label (checked after the
+ *                              fact, so the label a concurrent exec just gave is seen; the
+ *                              tracer dies before its next instruction)
+ *   sys_exit_open/openat/openat2  a /proc/PID/mem file opened for write (cwl_check_mem_open)
+ *   sys_enter_process_vm_writev   into a process of another label
+ *   sys_enter_io_uring_setup   by a TP
+ * and one raw tracepoint, sys_enter, whose program runs for every syscall of every process:
+ * 32-bit (int 0x80) and x32 syscalls, which per-syscall tracepoints never see (x86's
+ * trace_syscalls.c ignores compat syscalls): a TP's are a violation unless allowed; an
+ * outsider's 32-bit ptrace attach or process_vm_writev into a TP is one too. */
+#define CWL_TS_COMPAT 0x0002          /* arch/x86/include/asm/thread_info.h: a 32-bit syscall is running */
+#define CWL_X32_SYSCALL_BIT 0x40000000 /* arch/x86/include/uapi/asm/unistd.h */
+#define CWL_NR32_PTRACE 26            /* arch/x86/entry/syscalls/syscall_32.tbl */
+#define CWL_NR32_PROCESS_VM_WRITEV 348
+#define CWL_PTRACE_ATTACH 16          /* include/uapi/linux/ptrace.h */
+#define CWL_PTRACE_SEIZE 0x4206
+
+static __always_inline int cwl_in_compat_syscall(void)
+{
+	u32 status = 0;
+	CWL_READ(status, (const void *)bpf_get_current_task(), CWL_OFF_TASK_STRUCT_THREAD_INFO_STATUS);
+	return (status & CWL_TS_COMPAT) != 0;
+}
+
+/* The current process would modify process `pid` (a tid, as syscalls name it) by `op`. */
+static __always_inline void cwl_check_modify_pid(u32 op, u32 pid)
+{
+	u32 actor = cwl_current_label(), subject = cwl_label_of_pid(pid);
+
+	if (cwl_decide_modify(actor, subject) != CWL_WHY_NONE)
+		cwl_subject_violation(cwl_live_gen(), op, CWL_WHY_OUTSIDER, subject, actor, pid);
+}
+
+/* process_vm_writev(pid, ...) into a process of another label: the writer is killed here, at
+ * sys_enter; the syscall still runs, but pinning the target's pages stops at the pending fatal
+ * signal (mm/gup.c __get_user_pages: -EINTR before the first page), so nothing is written. */
+TRACEPOINT_PROBE(syscalls, sys_enter_process_vm_writev)
+{
+	cwl_check_modify_pid(CWL_OP_VM_WRITE, (u32)args->pid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_io_uring_setup)
+{
+	u32 label = cwl_current_label();
+	if (label) {
+		u32 gen = cwl_live_gen();
+		if (cwl_decide_io_uring(cwl_label_conf_of(gen, label)) != CWL_WHY_NONE)
+			cwl_violation(gen, CWL_OP_IO_URING, label, CWL_WHY_IO_URING, 0, 0, 0);
+	}
+	return 0;
+}
+
+/* sys_enter(struct pt_regs *regs, long id): the hot path reads one field and returns. */
+RAW_TRACEPOINT_PROBE(sys_enter)
+{
+	const void *regs = (const void *)ctx->args[0];
+	u64 id = ctx->args[1], a = 0, b = 0;
+
+	if (!cwl_in_compat_syscall() && !(id & CWL_X32_SYSCALL_BIT))
+		return 0;
+	u32 label = cwl_current_label();
+	if (label) {
+		u32 gen = cwl_live_gen();
+		if (cwl_decide_compat(cwl_label_conf_of(gen, label)) != CWL_WHY_NONE)
+			cwl_violation(gen, CWL_OP_COMPAT_SYSCALL, label, CWL_WHY_COMPAT, 0, 0, 0);
+	}
+	/* an outsider's 32-bit attack (ebx, ecx: the first two arguments) */
+	if (id == CWL_NR32_PROCESS_VM_WRITEV && !CWL_READ(a, regs, CWL_OFF_PT_REGS_BX))
+		cwl_check_modify_pid(CWL_OP_VM_WRITE, (u32)a);
+	else if (id == CWL_NR32_PTRACE && !CWL_READ(a, regs, CWL_OFF_PT_REGS_BX) && !CWL_READ(b, regs, CWL_OFF_PT_REGS_CX) &&
+		 ((u32)a == CWL_PTRACE_ATTACH || (u32)a == CWL_PTRACE_SEIZE))
+		cwl_check_modify_pid(CWL_OP_PTRACE, (u32)b);
+	return 0;
+}
+
+/* After a successful ptrace call by the current task. */
+#define CWL_PTRACED_MAX 8
+static __always_inline void cwl_check_ptrace_exit(void)
+{
+	const char *task = (const char *)bpf_get_current_task();
+	const char *head = task + CWL_OFF_TASK_STRUCT_PTRACED;
+	const char *node = 0;
+	u32 me = cwl_current_label(), gen = cwl_live_gen();
+
+	/* its tracees (task->ptraced, linked through tracee->ptrace_entry; the newest first) */
+	if (CWL_READ(node, head, 0))
+		return;
+	for (int i = 0; i < CWL_PTRACED_MAX; i++) {
+		u32 tgid = 0, subject;
+		if (!node || node == head)
+			break;
+		CWL_READ(tgid, node - CWL_OFF_TASK_STRUCT_PTRACE_ENTRY, CWL_OFF_TASK_STRUCT_TGID);
+		subject = cwl_label_of_tgid(tgid);
+		if (cwl_decide_modify(me, subject) != CWL_WHY_NONE) {
+			cwl_subject_violation(gen, CWL_OP_PTRACE, CWL_WHY_OUTSIDER, subject, me, tgid);
+			return;
+		}
+		if (CWL_READ(node, node, 0))
+			break;
+	}
+	/* PTRACE_TRACEME: its own tracer (task->parent while traced) */
+	if (me && cwl_task_traced(task)) {
+		const void *tracer = 0;
+		u32 tgid = 0, actor;
+		CWL_READ(tracer, task, CWL_OFF_TASK_STRUCT_PARENT);
+		if (tracer)
+			CWL_READ(tgid, tracer, CWL_OFF_TASK_STRUCT_TGID);
+		actor = cwl_label_of_tgid(tgid);
+		if (cwl_decide_modify(actor, me) != CWL_WHY_NONE)
+			cwl_subject_violation(gen, CWL_OP_TRACEME, CWL_WHY_OUTSIDER, me, actor, tgid);
+	}
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_ptrace)
+{
+	if (args->ret == 0)
+		cwl_check_ptrace_exit();
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_open)
+{
+	if (args->ret >= 0)
+		cwl_check_mem_open(cwl_fd_file(args->ret));
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat)
+{
+	if (args->ret >= 0)
+		cwl_check_mem_open(cwl_fd_file(args->ret));
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat2)
+{
+	if (args->ret >= 0)
+		cwl_check_mem_open(cwl_fd_file(args->ret));
+	return 0;
 }
 #endif

@@ -71,7 +71,31 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "INODE_I_WRITECOUNT": ("inode.i_writecount",),
     "INODE_I_PRIVATE": ("inode.i_private",),
     "SUPER_BLOCK_S_MAGIC": ("super_block.s_magic",),
+    # A TP as a subject (exec.bpf.c): tracing state, tracer and tracees, a thread's tid, the
+    # 32-bit-syscall flag (x86), a /proc/PID/mem file's process, the stack's flags, syscall registers.
+    "TASK_STRUCT_PTRACE": ("task_struct.ptrace",),
+    "TASK_STRUCT_PARENT": ("task_struct.parent",),
+    "TASK_STRUCT_PID": ("task_struct.pid",),
+    "TASK_STRUCT_PTRACED": ("task_struct.ptraced",),
+    "TASK_STRUCT_PTRACE_ENTRY": ("task_struct.ptrace_entry",),
+    "TASK_STRUCT_PID_LINKS": ("task_struct.pid_links",),
+    "TASK_STRUCT_THREAD_INFO_STATUS": ("task_struct.thread_info.status",),
+    "PROC_INODE_PID": ("proc_inode.pid",),
+    "PROC_INODE_VFS_INODE": ("proc_inode.vfs_inode",),
+    "PID_TASKS": ("pid.tasks",),
+    "FILE_F_OP": ("file.f_op",),
+    "FILE_OPERATIONS_OPEN": ("file_operations.open",),
+    "MM_STRUCT_ARG_START": ("mm_struct.arg_start",),
+    "VM_AREA_STRUCT_VM_FLAGS": ("vm_area_struct.vm_flags",),
+    "PT_REGS_BX": ("pt_regs.bx",),
+    "PT_REGS_CX": ("pt_regs.cx",),
 }
+
+# Kernel functions whose addresses the programs compare pointers with (-D<macro>=<address>,
+# from /proc/kallsyms): the open of /proc/PID/mem files (fs/proc/base.c), which identifies
+# them by their file_operations, not by a path. A text symbol: present without KALLSYMS_ALL.
+KERNEL_SYMBOLS: dict[str, str] = {"CWL_PROC_MEM_OPEN": "mem_open"}
+KALLSYMS = "/proc/kallsyms"
 
 _MAIN_C = "/virtual/main.c"
 _DIAG = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):(?:(?P<col>\d+):)?\s*(?P<kind>error|fatal error):\s*(?P<msg>.*)$")
@@ -107,14 +131,40 @@ def offset_cflags(btf_path: str = VMLINUX) -> tuple[str, ...]:
     return tuple(flags)
 
 
+@functools.lru_cache(maxsize=2)
+def symbol_cflags(kallsyms: str = KALLSYMS) -> tuple[str, ...]:
+    """-D flags for every KERNEL_SYMBOLS entry: its one address in the core kernel (cached per process).
+
+    A symbol the kernel has twice, or an address hidden as 0 (kptr_restrict, no CAP_SYSLOG),
+    is an error: a pointer compared with 0 would match every file without that operation.
+    """
+    wanted = {sym: macro for macro, sym in KERNEL_SYMBOLS.items()}
+    found: dict[str, list[int]] = {sym: [] for sym in wanted}
+    try:
+        with open(kallsyms) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] in found and parts[1] in "tT":  # core kernel: no [module]
+                    found[parts[2]].append(int(parts[0], 16))
+    except OSError as exc:
+        raise KernelError(f"{kallsyms}: cannot read kernel symbols ({exc})") from exc
+    flags = []
+    for sym, addrs in found.items():
+        if len(addrs) != 1 or not addrs[0]:
+            why = "not found" if not addrs else f"{len(addrs)} definitions" if len(addrs) > 1 else "address hidden (run as root, kptr_restrict <= 1)"
+            raise KernelError(f"{kallsyms}: {sym}: {why}")
+        flags.append(f"-D{wanted[sym]}={addrs[0]:#x}ULL")
+    return tuple(flags)
+
+
 def render(name: str, cflags: Sequence[str] = (), *, btf_path: str = VMLINUX) -> Program:
-    """Read `ebpf/<name>` and gather its flags: BTF offsets, the include path, then the caller's."""
+    """Read `ebpf/<name>` and gather its flags: BTF offsets, kernel symbols, the include path, then the caller's."""
     path = source_dir() / name
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise KernelError(f"ebpf/{name}: no such BPF source (have: {', '.join(sorted(p.name for p in source_dir().glob('*.bpf.c')))})") from None
-    flags = (*offset_cflags(btf_path), f"-I{source_dir()}", *cflags)
+    flags = (*offset_cflags(btf_path), *symbol_cflags(), f"-I{source_dir()}", *cflags)
     return Program(name=name, text=text, cflags=flags)
 
 

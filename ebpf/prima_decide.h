@@ -6,7 +6,10 @@
  *   - is this file (dev, ino, ctime) trusted for this label's trust-set bit?
  *   - which label does a process run under after exec (entrypoint transition,
  *     keep or drop)?
- *   - is PROT_EXEC anonymous memory allowed for this label?
+ *   - is PROT_EXEC anonymous memory allowed for this label, and is a mapping's
+ *     content still its file's bytes (W^X)?
+ *   - may a process modify (ptrace, write the memory of) a process of a label?
+ *   - may a TP use what the tracepoint backend cannot mediate (32-bit syscalls, io_uring)?
  * and fills the one event layout (struct cwl_event, cwlite.h).
  *
  * Map OPERATIONS (lookup/update/ringbuf) are not here: bcc rewrites
@@ -98,29 +101,55 @@ static __always_inline u64 cwl_set_bit(const struct cwl_label_conf *lc)
 #define CWL_EXEC_ENTER 1 /* trusted entrypoint: the process enters `label` */
 #define CWL_EXEC_DROP 2  /* policy on_exec = drop: the process leaves its label */
 #define CWL_EXEC_BAD_ENTRY 3 /* an entrypoint whose file is not trusted: no transition */
+#define CWL_EXEC_DENY 4  /* a violation under `label` (op, why): an undeclared or untrusted label
+			  * hop, or a traced process entering a label; the label does not change */
 
 struct cwl_exec_decision {
 	u32 outcome; /* CWL_EXEC_* */
-	u32 label;   /* label the new image runs under */
+	u32 label;   /* label the new image runs under (DENY: the label the violation is under) */
 	u32 why;     /* CWL_WHY_* of the image for `label` (or of the entrypoint for BAD_ENTRY) */
-	u32 _pad;
+	u32 op;      /* DENY: CWL_OP_TRANSITION, or CWL_OP_EXEC (traced) */
 };
 
 /* Decide the label of a process that just exec'd an image.
  *   cur: its label before exec (0: unlabelled), cur_conf: that label's conf
  *   entry: the entrypoint record of the image (NULL: not an entrypoint),
  *   entry_conf: the conf of the label the entrypoint gives,
- *   id/t: the image's identity and trust record.
- * An entrypoint gives its label only when its file is trusted for that label;
- * otherwise a labelled process keeps (default) or drops its label, and a kept
+ *   id/t: the image's identity and trust record,
+ *   traced: the process is ptraced.
+ * An entrypoint gives its label only when its file is trusted for that label.
+ * A TP enters another label only along a declared transition, and only through an
+ * entrypoint its own label trusts (else DENY); a traced process never enters a label
+ * it is not already in (its tracer could change the new TP before it runs: DENY).
+ * Otherwise a labelled process keeps (default) or drops its label, and a kept
  * label must trust the new image. */
 static __always_inline void cwl_decide_exec(u32 cur, const struct cwl_label_conf *cur_conf,
 					    const struct cwl_entry *entry, const struct cwl_label_conf *entry_conf,
-					    const struct cwl_file_id *id, const struct cwl_trust *t,
+					    const struct cwl_file_id *id, const struct cwl_trust *t, int traced,
 					    struct cwl_exec_decision *d)
 {
 	__builtin_memset(d, 0, sizeof(*d));
 	d->label = cur;
+	if (entry && entry->label && entry->label != cur) {
+		u32 why = CWL_WHY_NONE;
+		if (cur) {
+			u64 declared = cur_conf ? cur_conf->enter_mask & (1ULL << (entry->label & 63)) : 0;
+			why = declared ? cwl_judge(id, t, cwl_set_bit(cur_conf)) : CWL_WHY_UNDECLARED;
+		}
+		if (why != CWL_WHY_NONE) {
+			d->outcome = CWL_EXEC_DENY;
+			d->op = CWL_OP_TRANSITION;
+			d->why = why;
+			return;
+		}
+		if (traced && cwl_judge(id, t, cwl_set_bit(entry_conf)) == CWL_WHY_NONE) {
+			d->outcome = CWL_EXEC_DENY;
+			d->op = CWL_OP_EXEC;
+			d->why = CWL_WHY_TRACED;
+			d->label = cur ? cur : entry->label;
+			return;
+		}
+	}
 	if (entry && entry->label) {
 		u32 why = cwl_judge(id, t, cwl_set_bit(entry_conf));
 		if (why == CWL_WHY_NONE) {
@@ -148,6 +177,40 @@ static __always_inline void cwl_decide_exec(u32 cur, const struct cwl_label_conf
 static __always_inline u32 cwl_decide_anon(const struct cwl_label_conf *lc)
 {
 	return (!lc || lc->anon_exec_violation) ? CWL_WHY_ANON : CWL_WHY_NONE;
+}
+
+/* W^X: is what an executable file mapping would run NOT the file's measured bytes, so that
+ * it is judged as anonymous memory (cwl_decide_anon) instead of as the file? True when the
+ * mapping would be writable and executable at once (PROT_WRITE with PROT_EXEC: pages written
+ * later would sit in an already-executable mapping, shared or private), or when pages of a
+ * private mapping were already copied on write (`cow`: vma->anon_vma is set). */
+#define CWL_PROT_WRITE 0x2
+static __always_inline int cwl_mapping_not_the_file(u64 prot, int cow)
+{
+	return ((prot & CWL_PROT_WRITE) && (prot & CWL_PROT_EXEC)) || cow;
+}
+
+/* May a process under label `actor` modify (ptrace-attach, write the memory of) a process
+ * under label `subject`? A TP is a high-integrity subject: only its own label may. Generic
+ * over every label, reserved ones included. CWL_WHY_NONE when allowed. */
+static __always_inline u32 cwl_decide_modify(u32 actor, u32 subject)
+{
+	return (subject && actor != subject) ? CWL_WHY_OUTSIDER : CWL_WHY_NONE;
+}
+
+/* A 32-bit syscall (int 0x80) by a TP: the tracepoint backend's syscall tracepoints do not
+ * see them (kernel/trace/trace_syscalls.c ignores compat syscalls on x86), so they are a
+ * violation unless the label allows them. */
+static __always_inline u32 cwl_decide_compat(const struct cwl_label_conf *lc)
+{
+	return (lc && lc->compat_allow) ? CWL_WHY_NONE : CWL_WHY_COMPAT;
+}
+
+/* io_uring_setup by a TP: io_uring's operations (openat, write, ...) run without syscalls,
+ * so the tracepoint backend sees none of them; a violation unless the label allows it. */
+static __always_inline u32 cwl_decide_io_uring(const struct cwl_label_conf *lc)
+{
+	return (lc && lc->io_uring_allow) ? CWL_WHY_NONE : CWL_WHY_IO_URING;
 }
 
 /* Fill everything of an event but `name` (the caller knows which name fits). */

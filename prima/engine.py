@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from controlplane.core.errors import EnforcementError
-from controlplane.core.events import ZERO_DIGEST, Event, EventKind
+from controlplane.core.events import ZERO_DIGEST, Event, EventKind, transition_op
 from controlplane.core.policy import Policy
 from ebpf import abi, loader
 from prima import cdi
@@ -52,6 +52,8 @@ WORDS = {
     "CWL_WHY_NOT_IN_SET": "not-in-trust-set", "CWL_WHY_ANON": "anonymous-exec",
     "CWL_WHY_WRITERS": "open-for-write", "CWL_WHY_TAINTED": "write-enabled-since-measurement",
     "CWL_WHY_LAYER": "overlay-layer-untrusted",
+    "CWL_WHY_UNDECLARED": "undeclared-transition", "CWL_WHY_OUTSIDER": "outside-label",
+    "CWL_WHY_COMPAT": "compat-syscall",
     "CWL_DROP_LABEL": "label-map", "CWL_DROP_SEEN": "seen-map", "CWL_DROP_CDI": "cdi-map",
 }
 
@@ -68,6 +70,10 @@ ACTIONS = words("CWL_ACT_")
 WHYS = words("CWL_WHY_")
 DROPS = words("CWL_DROP_", exclude=("CWL_DROP_MAX",))
 DROP_MAX = abi.value("CWL_DROP_MAX")
+OP_EXEC = abi.value("CWL_OP_EXEC")
+OP_TRACEME = abi.value("CWL_OP_TRACEME")  # a subject event where the current process is the subject
+# events about two processes, the current one and `peer` (cwlite.h: a TP as a subject)
+SUBJECT_OPS = frozenset(abi.value(f"CWL_OP_{n}") for n in ("PTRACE", "PROC_MEM", "VM_WRITE", "TRACEME"))
 
 
 class CwlEvent(ctypes.Structure):
@@ -76,7 +82,7 @@ class CwlEvent(ctypes.Structure):
     _fields_ = [
         ("kind", ctypes.c_uint32), ("op", ctypes.c_uint32), ("pid", ctypes.c_uint32), ("tgid", ctypes.c_uint32),
         ("label", ctypes.c_uint32), ("prev_label", ctypes.c_uint32), ("action", ctypes.c_uint32),
-        ("why", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+        ("why", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("peer", ctypes.c_uint32),
         ("ino", ctypes.c_uint64), ("ctime_ns", ctypes.c_uint64), ("ktime_ns", ctypes.c_uint64),
         ("digest", ctypes.c_uint8 * 32), ("comm", ctypes.c_char * 16),
         ("name", ctypes.c_char * abi.value("CWL_NAME_LEN")),
@@ -200,6 +206,9 @@ class Engine:
                 leaf.set_bit = 1 << sets.index(lb.trust_set)
                 leaf.on_exec_drop = 1 if lb.on_exec == "drop" else 0
                 leaf.anon_exec_violation = 1 if lb.anon_exec == "violation" else 0
+                leaf.enter_mask = sum(1 << self._label_ids[t] for t in lb.transitions)
+                leaf.compat_allow = 1 if lb.compat_syscalls == "allow" else 0
+                leaf.io_uring_allow = 1 if lb.io_uring == "allow" else 0
             labels[labels.Key(lid)] = leaf
 
         entry = bpf[f"cwl_entry{sfx}".encode()]
@@ -296,10 +305,25 @@ class Engine:
         }
         if r.why:
             detail["why"] = WHYS.get(r.why, str(r.why))
+        op = OPS.get(r.op, str(r.op))
         if kind is EventKind.LABEL_TRANSITION:
             detail["from"] = self._label_name(r.prev_label)
+            if r.op == OP_EXEC and r.prev_label:  # a hop between labels: the verifier checks it was declared
+                op = transition_op(detail["from"])
+        if r.op in SUBJECT_OPS:
+            subject = self._subject_text(r, detail)
         return Event(kind, bytes(r.digest), self._label_name(r.label if r.label else r.prev_label),
-                     OPS.get(r.op, str(r.op)), subject or name, detail)
+                     op, subject or name, detail)
+
+    def _subject_text(self, r: CwlEvent, detail: dict) -> str:
+        """Both processes of a subject event, actor first, without spaces (a log name keeps them
+        as "_"): `tgid=12(gdb,-)->tgid=34(tp_build)`; the current process also names its comm."""
+        comm = str(detail["comm"]).replace(" ", "_")
+        me = f"tgid={r.tgid}({comm},{self._label_name(r.prev_label if r.op != OP_TRACEME else r.label) or '-'})"
+        peer = f"tgid={r.peer}({self._label_name(r.label if r.op != OP_TRACEME else r.prev_label) or '-'})"
+        actor, subject = (peer, me) if r.op == OP_TRACEME else (me, peer)
+        detail.update(peer=r.peer, actor=actor, subject=subject)
+        return f"{actor}->{subject}"
 
     def drops(self) -> dict[str, int]:
         """Kernel-side failure counts since load (summed over CPUs)."""

@@ -121,7 +121,8 @@ class Demo:
                 Store.open(default_url(layout.verifier_dir)) as store:
             key = load_signing_key(layout.verifier_dir / "verifier.key", create=True)
             demo = cls(layout, running, store, key)
-            demo.wait_logged(lambda e: e.name.startswith("cwlite:db-load:"), what="enforcement start")
+            # the engine's bcc compile: about 10 s on an idle machine, a minute on a loaded one
+            demo.wait_logged(lambda e: e.name.startswith("cwlite:db-load:"), what="enforcement start", timeout=120)
             yield demo
 
     def enrol(self, name: str = "build-vm-1"):

@@ -40,7 +40,9 @@ def policy() -> None:
 def _human(d: dict) -> None:
     click.echo(f"{d['policy']}: ok ({d['mode']}, {len(d['labels'])} label(s), trust sets {', '.join(d['trust_sets'])})")
     for name, lb in d["labels"].items():
-        click.echo(f"  {name}: {', '.join(lb['entrypoints'])} -> {lb['trust_set']} (on_exec {lb['on_exec']}, anon_exec {lb['anon_exec']})")
+        click.echo(f"  {name}: {', '.join(lb['entrypoints'])} -> {lb['trust_set']} (on_exec {lb['on_exec']}, anon_exec {lb['anon_exec']}, "
+                   f"transitions {', '.join(lb.get('transitions', [])) or 'none'}, compat_syscalls {lb.get('compat_syscalls', 'deny')}, "
+                   f"io_uring {lb.get('io_uring', 'deny')})")
     click.echo(f"  digest {d['digest']}" + ("  signature verified" if d["signed"] else ""))
 
 

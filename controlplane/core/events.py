@@ -49,6 +49,21 @@ class Event:
         return f"cwlite:{self.kind.value}:{self.label or '-'}:{self.op or '-'}:{self.subject}"
 
 
+# A label-transition entry from one TP label to another names the label left in its op
+# (`exec-from-<label>`; label names have no '-'), so the verifier can check it was declared.
+TRANSITION_FROM = "exec-from-"
+
+
+def transition_op(prev_label: str) -> str:
+    """The op of a label-transition entry leaving `prev_label` ("exec" when entered from no label)."""
+    return f"{TRANSITION_FROM}{prev_label}" if prev_label else "exec"
+
+
+def transition_source(op: str) -> str:
+    """The label a label-transition entry's op says was left ('' when none)."""
+    return op[len(TRANSITION_FROM):] if op.startswith(TRANSITION_FROM) else ""
+
+
 def parse_ima_name(digest: bytes, name: str) -> Event | None:
     """The Event an ima-ng name encodes, or None for a name cwlite did not write (e.g. a kernel IMA file entry)."""
     if name == "boot_aggregate":

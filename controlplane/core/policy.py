@@ -14,6 +14,9 @@ Schema (every key is checked; unknown keys and wrong types are errors naming
     trust_set = "toolchain"
     on_exec = "keep"            # "keep" (default: the new image must be trusted) | "drop"
     anon_exec = "violation"     # "violation" (default) | "allow" (JITs)
+    transitions = ["tp_sign"]   # labels this label may enter by exec of their entrypoint (default: none)
+    compat_syscalls = "deny"    # "deny" (default) | "allow": 32-bit syscalls (int 0x80) from a 64-bit TP
+    io_uring = "deny"           # "deny" (default) | "allow": io_uring_setup by a TP
 
     [[cdis]]
     path = "/srv/build/out"
@@ -76,6 +79,7 @@ SCOPES = ("labelled",)
 BACKENDS = ("auto", "lsm", "tracepoint")
 ON_EXEC = tuple(m.value for m in OnExec)
 ANON_EXEC = tuple(m.value for m in AnonExec)
+DENY_ALLOW = ("deny", "allow")
 PROTOCOLS = ("tcp", "udp")
 MAX_TRUST_SETS = 64  # one bit each in the kernel's 64-bit mask
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")  # labels: they become SELinux types (cwlite_L_t)
@@ -94,6 +98,16 @@ class Label:
     trust_set: str
     on_exec: OnExec = OnExec.KEEP
     anon_exec: AnonExec = AnonExec.VIOLATION
+    transitions: tuple[str, ...] = ()   # labels it may enter (exec of their trusted entrypoint)
+    compat_syscalls: str = "deny"       # 32-bit syscalls of a 64-bit TP (tracepoint backend: unmediated)
+    io_uring: str = "deny"              # io_uring_setup (tracepoint backend: its ops are unmediated)
+
+    def subject_keys(self) -> dict[str, Any]:
+        """transitions, compat_syscalls, io_uring where they differ from the default: the digest
+        covers every setting, and a policy that leaves them at their defaults keeps the digest
+        (and the signature) it had before these keys existed."""
+        keys = {"transitions": list(self.transitions), "compat_syscalls": self.compat_syscalls, "io_uring": self.io_uring}
+        return {k: v for k, v in keys.items() if v != {"transitions": [], "compat_syscalls": "deny", "io_uring": "deny"}[k]}
 
 
 @dataclass(frozen=True)
@@ -146,7 +160,7 @@ class Policy:
             "trust_sets": list(self.trust_set_names),
             "labels": {
                 n: {"entrypoints": list(lb.entrypoints), "trust_set": lb.trust_set,
-                    "on_exec": lb.on_exec.value, "anon_exec": lb.anon_exec.value}
+                    "on_exec": lb.on_exec.value, "anon_exec": lb.anon_exec.value, **lb.subject_keys()}
                 for n, lb in sorted(self.labels.items())
             },
             "cdis": [{"path": c.path, "writers": list(c.writers)} for c in self.cdis],
@@ -315,7 +329,8 @@ def parse_policy(text: str, *, source: str) -> Policy:
         path = ("labels", name)
         if not _NAME.match(name):
             raise ctx.fail(path, "label names are letters, digits and _, starting with a letter")
-        _table(ctx, body, path, {"entrypoints": True, "trust_set": True, "on_exec": False, "anon_exec": False})
+        _table(ctx, body, path, {"entrypoints": True, "trust_set": True, "on_exec": False, "anon_exec": False,
+                                 "transitions": False, "compat_syscalls": False, "io_uring": False})
         entrypoints = _strings(ctx, body, path, "entrypoints")
         for ep in entrypoints:
             if not ep.startswith("/"):
@@ -326,9 +341,17 @@ def parse_policy(text: str, *, source: str) -> Policy:
         trust_set = _get(ctx, body, path, "trust_set", str)
         if trust_set not in sets:
             raise ctx.fail((*path, "trust_set"), f"unknown trust set {trust_set!r} (defined: {', '.join(sets)})")
+        transitions = _strings(ctx, body, path, "transitions", nonempty=False)
+        if name in transitions:
+            raise ctx.fail((*path, "transitions"), f"{name!r} names itself (re-entering its own entrypoint needs no transition)")
         labels[name] = Label(name, entrypoints, trust_set,
                              OnExec(_get(ctx, body, path, "on_exec", str, "keep", ON_EXEC)),
-                             AnonExec(_get(ctx, body, path, "anon_exec", str, "violation", ANON_EXEC)))
+                             AnonExec(_get(ctx, body, path, "anon_exec", str, "violation", ANON_EXEC)),
+                             transitions,
+                             _get(ctx, body, path, "compat_syscalls", str, "deny", DENY_ALLOW),
+                             _get(ctx, body, path, "io_uring", str, "deny", DENY_ALLOW))
+    for name, lb in labels.items():
+        _known(ctx, ("labels", name, "transitions"), lb.transitions, labels, "label")
 
     cdis: list[Cdi] = []
     cdis_raw = _get(ctx, top, (), "cdis", list, [])

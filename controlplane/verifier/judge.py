@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from controlplane.core.events import EventKind, parse_ima_name
+from controlplane.core.events import Event, EventKind, parse_ima_name, transition_source
 
 
 class Verdict(StrEnum):
@@ -139,11 +139,7 @@ class Judge:
             f.tls_keys = (f.tls_keys + [ev.digest.hex()])[-8:]
             verdict = Verdict.INFO
         elif kind is EventKind.LABEL_TRANSITION:
-            label = self._labels.get(ev.label)
-            if label is None:
-                verdict, reason = Verdict.UNTRUSTED, "unknown-label"
-            elif label.entrypoints and ev.subject not in label.entrypoints:
-                verdict, reason = Verdict.UNTRUSTED, "entrypoint"
+            verdict, reason = self._transition(ev)
         elif kind is EventKind.VIOLATION:
             verdict, reason = Verdict.UNTRUSTED, "violation"
         elif kind is EventKind.LOST_EVENTS:
@@ -153,6 +149,23 @@ class Judge:
         if verdict is Verdict.UNTRUSTED:
             f.untrusted += 1
         return self._v(entry, verdict, reason, kind.value, ev.label, ev.op, ev.subject)
+
+    def _transition(self, ev: Event) -> tuple[Verdict, str]:
+        """A label-transition entry: into a known label through its entrypoint, from no label or
+        along a transition the label left declares; or a drop, which only an on_exec="drop" label makes."""
+        label = self._labels.get(ev.label)
+        if label is None:
+            return Verdict.UNTRUSTED, "unknown-label"
+        if ev.op == "drop":
+            return (Verdict.TRUSTED, "") if label.on_exec == "drop" else (Verdict.UNTRUSTED, "drop")
+        source = transition_source(ev.op)
+        if source and ev.label not in getattr(self._labels.get(source), "transitions", ()):
+            return Verdict.UNTRUSTED, "undeclared-transition"
+        if not source and ev.op != "exec":
+            return Verdict.UNTRUSTED, "unknown-entry"
+        if label.entrypoints and ev.subject not in label.entrypoints:
+            return Verdict.UNTRUSTED, "entrypoint"
+        return Verdict.TRUSTED, ""
 
     @staticmethod
     def _v(entry: Any, verdict: Verdict, reason: str, kind: str, label: str, op: str, subject: str) -> EntryVerdict:

@@ -9,6 +9,7 @@ processes.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -123,24 +124,41 @@ class Lab:
         shutil.copy2("/bin/sh", ep)
         return ep
 
-    def policy_for(self, label: "Label", *, trusted: Iterable[str] = ()) -> tuple[Policy, list[KernelEntry]]:
-        """The policy holding only `label` (its settings, its entrypoint) and the entries trusting the
-        lab's base files, the entrypoint and `trusted`: what `Engine.reload` takes."""
-        policy = parse_policy(
-            f'mode = "{label.mode}"\ntrust_sets = ["lab"]\n[labels.{label.name}]\nentrypoints = ["{label.entrypoint}"]\n'
-            f'trust_set = "lab"\non_exec = "{label.on_exec}"\nanon_exec = "{label.anon_exec}"\n',
-            source=f"{label.name}.toml")
-        self.last_entries = measure_files([*self.base, label.entrypoint, *trusted], 1)
+    def policy_for(self, *labels: "Label", trusted: Iterable[str] = ()) -> tuple[Policy, list[KernelEntry]]:
+        """The policy holding only `labels` (their settings, their entrypoints) and the entries trusting
+        the lab's base files, the entrypoints and `trusted`: what `Engine.reload` takes."""
+        text = f'mode = "{labels[0].mode}"\ntrust_sets = ["lab"]\n'
+        for lb in labels:
+            text += (f'[labels.{lb.name}]\nentrypoints = ["{lb.entrypoint}"]\ntrust_set = "lab"\n'
+                     f'on_exec = "{lb.on_exec}"\nanon_exec = "{lb.anon_exec}"\n')
+            text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in lb.keys.items())
+        policy = parse_policy(text, source=f"{labels[0].name}.toml")
+        self.last_entries = measure_files([*self.base, *(lb.entrypoint for lb in labels), *trusted], 1)
         return policy, self.last_entries
 
     def label(self, *, mode: str = "enforce", on_exec: str = "keep", anon_exec: str = "violation",
-              trusted: Iterable[str] = ()) -> "Label":
-        """Reload the engine with a new label whose entrypoint is a fresh copy of /bin/sh."""
-        self._n += 1
-        name = f"tp_lab{self._n}"
-        label = Label(self, name, self._new_entrypoint(name), mode=mode, on_exec=on_exec, anon_exec=anon_exec)
-        self.engine.reload(*self.policy_for(label, trusted=trusted))
-        return label
+              trusted: Iterable[str] = (), **keys: str) -> "Label":
+        """Reload the engine with a new label whose entrypoint is a fresh copy of /bin/sh
+        (`keys`: more of the label's policy keys, e.g. compat_syscalls="allow")."""
+        return self.labels(dict(on_exec=on_exec, anon_exec=anon_exec, **keys), mode=mode, trusted=trusted)[0]
+
+    def labels(self, *specs: dict, mode: str = "enforce", trusted: Iterable[str] = ()) -> list["Label"]:
+        """Reload the engine with one new label per spec (its policy keys; "transitions" names
+        other specs by index), each entered through its own fresh copy of /bin/sh."""
+        names = []
+        for _ in specs:
+            self._n += 1
+            names.append(f"tp_lab{self._n}")
+        labels = []
+        for name, spec in zip(names, specs):
+            keys = dict(spec)
+            on_exec, anon_exec = keys.pop("on_exec", "keep"), keys.pop("anon_exec", "violation")
+            if "transitions" in keys:
+                keys["transitions"] = [names[i] for i in keys["transitions"]]
+            labels.append(Label(self, name, self._new_entrypoint(name), mode=mode, on_exec=on_exec,
+                                anon_exec=anon_exec, keys=keys))
+        self.engine.reload(*self.policy_for(*labels, trusted=trusted))
+        return labels
 
     def reload(self, label: "Label", *, trusted: Iterable[str] = ()) -> None:
         """Reload with the same `label` and new trust: running members keep the label."""
@@ -171,9 +189,10 @@ class Label:
     """A label of the lab's policy, entered by exec of its own entrypoint (a copy of /bin/sh)."""
 
     def __init__(self, lab: Lab, name: str, entrypoint: str, *, mode: str = "enforce", on_exec: str = "keep",
-                 anon_exec: str = "violation") -> None:
+                 anon_exec: str = "violation", keys: dict | None = None) -> None:
         self.lab, self.name, self.entrypoint = lab, name, entrypoint
         self.mode, self.on_exec, self.anon_exec = mode, on_exec, anon_exec
+        self.keys = keys or {}  # more policy keys of the label (transitions, compat_syscalls, io_uring)
 
     def sh(self, script: str, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run `script` in a process that entered this label (exec of the entrypoint)."""

@@ -14,11 +14,12 @@ from controlplane.core.events import EventKind
 from tests.bypass.backend import TRACEPOINT
 from tests.bypass.lab import Lab
 from tests.bypass.scenarios import BypassScenarios
+from tests.bypass.subject import SubjectScenarios
 
 pytestmark = list(TRACEPOINT.marks)
 
 
-class TestTracepoint(BypassScenarios):
+class TestTracepoint(BypassScenarios, SubjectScenarios):
     backend = TRACEPOINT
 
     def test_hashbang_script_is_judged_by_its_interpreter(self, lab: Lab, tmp_path: Path) -> None:

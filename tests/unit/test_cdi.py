@@ -67,3 +67,4 @@ def test_lsm_hook_parameters_are_read_from_btf() -> None:
     assert ("-DCWL_LSM_SETATTR_IDMAP" in cdi.cflags()) == (len(setattr_params) == 3)
     with pytest.raises(KernelError, match="no BPF LSM hook bpf_lsm_no_such_hook"):
         cdi.lsm_hook_params("no_such_hook")
+

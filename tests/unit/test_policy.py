@@ -72,6 +72,8 @@ def test_good_policy_parses_with_defaults() -> None:
     b = pol.labels["tp_build"]
     assert (b.entrypoints, b.trust_set, b.on_exec, b.anon_exec) == (("/usr/bin/distccd",), "toolchain", "keep", "allow")
     assert pol.labels["tp_sign"].on_exec == "drop" and pol.labels["tp_sign"].anon_exec == "violation"
+    # a TP is closed by default: no transitions, no 32-bit syscalls, no io_uring
+    assert (b.transitions, b.compat_syscalls, b.io_uring) == ((), "deny", "deny")
     assert pol.cdis[0].path == "/srv/build/out" and pol.cdis[0].writers == ("tp_build",)
     rule = pol.port_authority.rules[0]
     assert (rule.port, rule.protocol, rule.labels) == (3632, "tcp", ("tp_build",))
@@ -86,6 +88,11 @@ def test_digest_is_stable_over_key_order_whitespace_comments_and_explicit_defaul
 
 def test_digest_changes_with_meaning() -> None:
     a = parse_policy(GOOD, source="a.toml")
+    for extra in ('transitions = ["tp_sign"]', 'compat_syscalls = "allow"', 'io_uring = "allow"'):
+        changed = parse_policy(GOOD.replace('anon_exec = "allow"', f'anon_exec = "allow"\n{extra}'), source="a")
+        assert changed.digest() != a.digest(), extra
+    explicit = 'anon_exec = "allow"\ntransitions = []\ncompat_syscalls = "deny"\nio_uring = "deny"'
+    assert parse_policy(GOOD.replace('anon_exec = "allow"', explicit), source="a").digest() == a.digest()
     assert parse_policy(GOOD.replace('mode = "enforce"', 'mode = "audit"'), source="a").digest() != a.digest()
     # trust_sets order fixes the kernel bitmask, so it is meaningful
     assert parse_policy(GOOD.replace('["core", "toolchain"]', '["toolchain", "core"]'), source="a").digest() != a.digest()
@@ -95,7 +102,7 @@ def test_digest_changes_with_meaning() -> None:
     "old,new,line,key,message",
     [
         ('anon_exec = "allow"', 'anon_exec = "allow"\nentrypoint = "/x"', 9, "labels.tp_build.entrypoint",
-         "unknown key (allowed: anon_exec, entrypoints, on_exec, trust_set)"),
+         "unknown key (allowed: anon_exec, compat_syscalls, entrypoints, io_uring, on_exec, transitions, trust_set)"),
         ('trust_set = "toolchain"', 'trust_set = "base"', 7, "labels.tp_build.trust_set",
          "unknown trust set 'base' (defined: core, toolchain)"),
         ('mode = "enforce"', 'mode = "enforcing"', 2, "mode", "'enforcing' is not one of enforce, audit"),
@@ -113,6 +120,18 @@ def test_digest_changes_with_meaning() -> None:
          "'/usr/bin/distccd' is already the entrypoint of label 'tp_build'"),
         ('on_exec = "drop"', 'on_exec = true', 13, "labels.tp_sign.on_exec", "expected string, got boolean"),
         ('[[cdis]]', '[[cdis]]\nmode2 = 1', 16, "cdis[0].mode2", "unknown key (allowed: path, writers)"),
+        ('anon_exec = "allow"', 'anon_exec = "allow"\ntransitions = ["tp_nope"]', 9, "labels.tp_build.transitions",
+         "unknown label 'tp_nope' (defined: tp_build, tp_sign)"),
+        ('anon_exec = "allow"', 'anon_exec = "allow"\ntransitions = ["tp_build"]', 9, "labels.tp_build.transitions",
+         "'tp_build' names itself (re-entering its own entrypoint needs no transition)"),
+        ('anon_exec = "allow"', 'anon_exec = "allow"\ntransitions = "tp_sign"', 9, "labels.tp_build.transitions",
+         "expected array, got string"),
+        ('anon_exec = "allow"', 'anon_exec = "allow"\ntransitions = ["tp_sign", "tp_sign"]', 9,
+         "labels.tp_build.transitions", "duplicate entries"),
+        ('anon_exec = "allow"', 'anon_exec = "allow"\ncompat_syscalls = "permit"', 9, "labels.tp_build.compat_syscalls",
+         "'permit' is not one of deny, allow"),
+        ('anon_exec = "allow"', 'anon_exec = "allow"\nio_uring = false', 9, "labels.tp_build.io_uring",
+         "expected string, got boolean"),
     ],
 )
 def test_bad_policies_name_line_and_key(old, new, line, key, message) -> None:

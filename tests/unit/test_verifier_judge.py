@@ -6,7 +6,9 @@ import pytest
 from controlplane.core import imalog
 from controlplane.core.imalog import replay_to
 from controlplane.core.events import Event, EventKind
-from controlplane.verifier.judge import Facts, Judge
+from controlplane.core.policy import parse_policy
+from controlplane.verifier.judge import Facts, Judge, Reference
+from prima.measuredb import MeasureDB
 from tests.attest_fixtures import reference  # noqa: F401
 
 BOOT = b"\xbb" * 32
@@ -72,3 +74,28 @@ def test_replay_to_finds_the_quoted_prefix_from_any_verified_state():
     assert replay_to(entries[2:], values[2], values[6], 10) == 4          # incremental, from entry 2
     assert replay_to(entries[2:], values[2], values[2], 10) == 0
     assert replay_to(entries[:3] + entries[4:], bytes(32), values[6], 10) is None   # one removed
+
+
+def test_label_transitions_are_checked_against_the_declared_ones(reference):
+    """Entering a label from another one is trusted only along a transition the left label declares."""
+    cc = next(p for p in reference.trusted if p.endswith("/cc"))
+    text = (f'mode = "enforce"\ntrust_sets = ["toolchain"]\n'
+            f'[labels.tp_build]\nentrypoints = ["{reference.entry}"]\ntrust_set = "toolchain"\ntransitions = ["tp_cc"]\n'
+            f'[labels.tp_cc]\nentrypoints = ["{cc}"]\ntrust_set = "toolchain"\n'
+            f'[labels.tp_drop]\nentrypoints = ["/usr/bin/drop"]\ntrust_set = "toolchain"\non_exec = "drop"\n')
+    with MeasureDB.open(reference.db_path) as db:
+        j = Judge(Reference(parse_policy(text, source="t.toml"), db), Facts(), pcr=10)
+        d_cc, d_entry = reference.trusted[cc], reference.trusted[reference.entry]
+        rows = [
+            (Event(EventKind.LABEL_TRANSITION, d_cc, "tp_cc", "exec-from-tp_build", cc), "trusted", ""),
+            (Event(EventKind.LABEL_TRANSITION, d_entry, "tp_build", "exec-from-tp_cc", reference.entry),
+             "untrusted", "undeclared-transition"),
+            (Event(EventKind.LABEL_TRANSITION, d_cc, "tp_cc", "exec-from-tp_nope", cc), "untrusted", "undeclared-transition"),
+            (Event(EventKind.LABEL_TRANSITION, d_cc, "tp_cc", "exec-from-tp_build", reference.entry), "untrusted", "entrypoint"),
+            (Event(EventKind.LABEL_TRANSITION, d_cc, "tp_cc", "exec", cc), "trusted", ""),
+            (Event(EventKind.LABEL_TRANSITION, d_cc, "tp_cc", "sideways", cc), "untrusted", "unknown-entry"),
+            (Event(EventKind.LABEL_TRANSITION, d_cc, "tp_drop", "drop", cc), "trusted", ""),
+            (Event(EventKind.LABEL_TRANSITION, d_cc, "tp_build", "drop", cc), "untrusted", "drop"),
+        ]
+        got = [(v.verdict, v.reason) for v in (j.judge(_entry(i, e)) for i, (e, _, _) in enumerate(rows))]
+    assert got == [(v, r) for _, v, r in rows]

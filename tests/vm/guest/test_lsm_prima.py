@@ -17,6 +17,7 @@ import pytest
 from tests.bypass.backend import LSM
 from tests.bypass.lab import Lab
 from tests.bypass.scenarios import BypassScenarios
+from tests.bypass.subject import SubjectScenarios
 
 pytestmark = list(LSM.marks)
 
@@ -47,7 +48,7 @@ int main(int argc, char **argv)
 
 
 @pytest.mark.usefixtures("host_root_files")  # before the lab measures system files
-class TestLsm(BypassScenarios):
+class TestLsm(BypassScenarios, SubjectScenarios):
     backend = LSM
 
     def test_hashbang_script_exec_is_judged_as_the_script(self, lab: Lab, tmp_path: Path) -> None:

@@ -68,6 +68,16 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "MAPLE_ARANGE_64_PIVOT": ("maple_arange_64.pivot",),
     "MAPLE_ARANGE_64_SLOT": ("maple_arange_64.slot",),
     "TASK_STRUCT_PERSONALITY": ("task_struct.personality",),
+    # Self-protection (selfprotect.h): fd -> BPF map/link/program ids, a task's process group, pidfd -> pid.
+    "FILE_PRIVATE_DATA": ("file.private_data",),
+    "INODE_I_PRIVATE": ("inode.i_private",),
+    "BPF_MAP_ID": ("bpf_map.id",),
+    "BPF_PROG_AUX": ("bpf_prog.aux",),
+    "BPF_PROG_AUX_ID": ("bpf_prog_aux.id",),
+    "BPF_LINK_PROG": ("bpf_link.prog",),
+    "SIGNAL_STRUCT_PIDS": ("signal_struct.pids",),
+    "PID_NUMBERS": ("pid.numbers",),
+    "UPID_NR": ("upid.nr",),
 }
 
 _MAIN_C = "/virtual/main.c"

@@ -104,7 +104,8 @@ static __always_inline int cwl_bpf_cmd_fd_offset(u32 cmd, u64 *kind)
 
 /* The cwl_objs key of the BPF object behind descriptor `fd` of the current task, or 0 when it is not
  * one of `kind` (a map for CWL_OBJ_MAP; a link, judged by its program, for CWL_OBJ_PROG). The file's
- * type is told by its anon-inode name (kernel/bpf/syscall.c: "bpf-map", "bpf_link"), so a descriptor
+ * type is told by its anon-inode name (kernel/bpf/syscall.c: "bpf-map"; "bpf_link" when made,
+ * "bpf-link" when reopened by id), so a descriptor
  * of another kind is never read as a map. */
 static __always_inline u64 cwl_bpf_fd_key(s64 fd, u64 kind)
 {
@@ -123,7 +124,8 @@ static __always_inline u64 cwl_bpf_fd_key(s64 fd, u64 kind)
 		return 0;
 	if (kind == CWL_OBJ_MAP && n[3] == '-' && n[4] == 'm' && n[5] == 'a' && n[6] == 'p' && n[7] == 0) {
 		CWL_READ(id, obj, CWL_OFF_BPF_MAP_ID);
-	} else if (kind == CWL_OBJ_PROG && n[3] == '_' && n[4] == 'l' && n[5] == 'i' && n[6] == 'n' && n[7] == 'k') {
+	} else if (kind == CWL_OBJ_PROG && (n[3] == '_' || n[3] == '-') && n[4] == 'l' && n[5] == 'i' && n[6] == 'n' &&
+		   n[7] == 'k') {
 		const void *prog = 0, *aux = 0;
 		if (CWL_READ(prog, obj, CWL_OFF_BPF_LINK_PROG) || !prog || CWL_READ(aux, prog, CWL_OFF_BPF_PROG_AUX) || !aux)
 			return 0;

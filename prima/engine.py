@@ -195,6 +195,19 @@ class Engine:
         if maps and self._bpf is not None:
             selfprotect.remove_maps(self._bpf, [mid for _, mid in maps.values()])
 
+    def table_fd(self, name: str) -> int:
+        """The fd of one of the BPF object's maps (any type bcc made, task storage included), owned by the engine."""
+        from bcc import libbcc
+
+        fd = libbcc.lib.bpf_table_fd(self._require().module, name.encode())
+        if fd < 0:
+            raise EnforcementError(f"prima/{self.backend}: no map {name!r} in {SOURCE}")
+        return fd
+
+    def program_ids(self) -> set[int]:
+        """Kernel ids of the engine's programs (what `bpftool prog/link show` lists)."""
+        return selfprotect.program_objects(self._require())[0]
+
     def generation_maps(self) -> dict[str, int]:
         """Map ids of the live generation, by name (cwl_trust, cwl_entry, ...): for `bpftool map` and tests."""
         return {name: mid for name, (_, mid) in self._slots.get(self._generation, {}).items()}

@@ -91,7 +91,8 @@ class ServiceState:
     """What the service answers from. `tpm` and `mlog` follow controlplane.tpm / controlplane.mlog.
 
     `policy_path` is the active policy file (replaced atomically by POST /v1/policy);
-    `on_policy(policy)` lets a co-located enforcement engine load a pushed policy.
+    `on_policy(policy)` lets a co-located enforcement engine load a pushed policy;
+    `on_quote(nonce)` asks it to log its liveness entry for the nonce before the quote is taken.
     """
 
     tpm: Any
@@ -102,6 +103,7 @@ class ServiceState:
     db_digest: bytes | None = None
     controller_key: Any = None          # Ed25519PublicKey or path: who may push policies
     on_policy: Callable[[Any], None] | None = None
+    on_quote: Callable[[bytes], object] | None = None
     rate_per_s: float = 50.0
     burst: int = 200
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -292,7 +294,12 @@ def create_app(state: ServiceState) -> FastAPI:
         """A TPM quote over `pcrs` with qualifying data SHA-256(nonce || SHA-256(this TLS key's SPKI))."""
         if state.pcr not in req.pcrs:
             raise _Reject(422, f"pcrs: must include the measurement-log PCR {state.pcr}")
-        qd = quote_qualifying_data(bytes.fromhex(req.nonce), state.tls.spki_sha256)
+        nonce = bytes.fromhex(req.nonce)
+        if state.on_quote is not None:
+            # the engine logs "alive, nonce N, events up to K" itself; if it is dead nothing is logged,
+            # and the verifier's proof says so
+            state.on_quote(nonce)
+        qd = quote_qualifying_data(nonce, state.tls.spki_sha256)
         q, covered = state.mlog.quote(qd, req.pcrs)   # the quote and exactly the entries its PCR holds
         return QuoteResponse(quote=q.to_dict(), tls_spki_sha256=state.tls.spki_sha256.hex(),
                              log_length=len(covered), pcr=state.pcr)

@@ -31,7 +31,7 @@ from controlplane import mlog
 from controlplane import proof as proof_mod
 from controlplane.client import Channel
 from controlplane.errors import CwliteError, StoreError, VerifyError
-from controlplane.events import EventKind, parse_ima_name
+from controlplane.events import EventKind, alive_digest, parse_ima_name
 from controlplane.service import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
 from controlplane.store import Host, Store
 
@@ -97,13 +97,16 @@ class Judge:
     """Judges entries one by one against a Reference, updating Facts. Collects, never stops at the first."""
 
     def __init__(self, ref: Reference, facts: Facts, *, pcr: int | None = None,
-                 boot_aggregate: bytes | None = None) -> None:
+                 boot_aggregate: bytes | None = None, nonce: bytes | None = None) -> None:
         """`pcr`: the log's PCR (an entry for another PCR was not replayed: untrusted);
-        `boot_aggregate`: SHA-256 over the quoted PCRs 0-9, which the log's first entry must carry."""
+        `boot_aggregate`: SHA-256 over the quoted PCRs 0-9, which the log's first entry must carry;
+        `nonce`: this round's nonce: a running engine must have logged its liveness entry for it."""
         self.ref = ref
         self.facts = facts
         self.pcr = pcr
         self.boot_aggregate = boot_aggregate
+        self.nonce = nonce
+        self.alive = False      # the engine-alive entry for `nonce` was seen
         self._trusted_sets: dict[str, frozenset[bytes]] = {}
         self._labels = ref.policy.labels
 
@@ -163,6 +166,10 @@ class Judge:
             verdict, reason = UNTRUSTED, "violation"
         elif kind is EventKind.LOST_EVENTS:
             verdict, reason = UNTRUSTED, "lost-events"
+        elif kind is EventKind.ENGINE_ALIVE:
+            verdict = INFO
+            if self.nonce is not None and ev.digest == alive_digest(self.nonce):
+                self.alive = True
         if self.pcr is not None and entry.pcr != self.pcr:
             verdict, reason = UNTRUSTED, "wrong-pcr"
         if verdict == UNTRUSTED:
@@ -182,6 +189,9 @@ class Judge:
             reasons.append("no boot_aggregate entry")
         if not f.daemon_running:
             reasons.append("enforcement not running (no daemon-start, or stopped)")
+        elif self.nonce is not None and not self.alive:
+            reasons.append("enforcement engine silent: no engine-alive entry for this round's nonce "
+                           "(the engine is dead or stalled behind a live attestation service)")
         if f.policy != self.ref.policy_digest.hex():
             reasons.append(f"active policy {f.policy[:16] or 'none'} is not the verifier's {self.ref.policy_digest.hex()[:16]}")
         if f.db and f.db != self.ref.db_digest.hex():
@@ -340,7 +350,7 @@ def _attest(host: Host, ref: Reference, key, *, store: Store | None, full: bool)
     boot = None
     if all(p in quote.pcr_values for p in BOOT_PCRS):
         boot = mlog.boot_aggregate(quote.pcr_values)
-    judge = Judge(ref, facts, pcr=host.pcr, boot_aggregate=boot)
+    judge = Judge(ref, facts, pcr=host.pcr, boot_aggregate=boot, nonce=nonce)
     verdicts = [judge.judge(e) for e in covered]
     reasons = judge.overall(peer)
     if old_boot and facts.boot_aggregate and facts.boot_aggregate != old_boot:

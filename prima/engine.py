@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from cext import bpfmap
 from controlplane.errors import CwliteError, EnforcementError
-from controlplane.events import ZERO_DIGEST, Event, EventKind
+from controlplane.events import ZERO_DIGEST, Event, EventKind, alive_digest
 from controlplane.policy import Policy
 from prima import selfprotect
 from prima.measuredb import KernelEntry, kernel_dev
@@ -374,6 +374,15 @@ class Engine:
         table = self._require()[b"cwl_task_labels"]
         daemon = selfprotect.daemon_label()
         return {k.value: self._label_name(v.label) for k, v in table.items() if v.label != daemon}
+
+    def alive(self, nonce: bytes) -> list[Event]:
+        """Read the ring buffer, then add the liveness entry for a verifier's `nonce` ("alive, nonce N,
+        events up to K"): every queued event, that entry last, for the caller to record in this order."""
+        self._collect(None)
+        self._queue.append(Event(EventKind.ENGINE_ALIVE, alive_digest(nonce), op="alive",
+                                 subject=f"prima/{self.backend} events={self.records}",
+                                 detail={"nonce": nonce.hex(), "events": self.records, "backend": self.backend}))
+        return self.drain()
 
     def drain(self) -> list[Event]:
         """Events already queued (after close(): the last records and daemon-stop)."""

@@ -268,9 +268,11 @@ def test_records_read_at_detach_are_kept_before_daemon_stop(tmp_path) -> None:
 
 
 def test_no_unenforced_window_across_reloads(lab) -> None:
-    """A labelled loop execs an untrusted binary while the engine reloads 20 times: every exec dies."""
+    """A labelled loop execs an untrusted binary while the engine reloads 20 times: every exec dies.
+    (A reload waits one RCU grace period per generation slot it replaces, tens of ms: the loop is
+    long enough for several.)"""
     tp = lab.label()
-    loop = subprocess.Popen([tp.entrypoint, "-c", f"i=0; while [ $i -lt 300 ]; do {lab.untrusted}; echo $?; i=$((i+1)); done"],
+    loop = subprocess.Popen([tp.entrypoint, "-c", f"i=0; while [ $i -lt 1000 ]; do {lab.untrusted}; echo $?; i=$((i+1)); done"],
                             stdout=subprocess.PIPE, text=True)
     policy, entries = lab._policy_and_entries(tp.name, tp.entrypoint)
     reloads = 0
@@ -278,7 +280,7 @@ def test_no_unenforced_window_across_reloads(lab) -> None:
         lab.engine.reload(policy, entries)
         reloads += 1
     out = loop.communicate(timeout=120)[0].split()
-    assert reloads >= 5 and out == ["137"] * 300
+    assert reloads >= 5 and out == ["137"] * 1000
 
 
 def test_modified_entrypoint_gives_no_label(lab) -> None:

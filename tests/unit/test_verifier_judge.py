@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from controlplane import mlog
-from controlplane.events import Event, EventKind
+from controlplane.events import Event, EventKind, alive_digest
 from controlplane.verifier import Facts, Judge, replay_to
 from tests.attest_fixtures import reference  # noqa: F401
 
@@ -71,3 +71,23 @@ def test_replay_to_finds_the_quoted_prefix_from_any_verified_state():
     assert replay_to(entries[2:], values[2], values[6], 10) == 4          # incremental, from entry 2
     assert replay_to(entries[2:], values[2], values[2], 10) == 0
     assert replay_to(entries[:3] + entries[4:], bytes(32), values[6], 10) is None   # one removed
+
+
+@pytest.mark.parametrize("logged, silent", [("this", False), ("other", True), ("none", True)])
+def test_a_running_engine_must_answer_this_rounds_nonce(reference, logged, silent):
+    """A live service in front of a dead engine: no engine-alive entry for the nonce -> a reason."""
+    ref = reference.open()
+    try:
+        nonce = b"\x42" * 32
+        j = Judge(ref, Facts(), pcr=10, boot_aggregate=BOOT, nonce=nonce)
+        events = [Event(EventKind.BOOT_AGGREGATE, BOOT), Event(EventKind.DAEMON_START, subject="prima/tracepoint"),
+                  Event(EventKind.POLICY_LOAD, ref.policy_digest), Event(EventKind.DB_LOAD, ref.db_digest)]
+        if logged != "none":
+            other = nonce if logged == "this" else b"\x43" * 32
+            events.append(Event(EventKind.ENGINE_ALIVE, alive_digest(other), op="alive", subject="prima/tp events=3"))
+        verdicts = [j.judge(_entry(i, e)) for i, e in enumerate(events)]
+        assert all(v.verdict != "untrusted" for v in verdicts)
+        reasons = j.overall(None)
+        assert any("no engine-alive entry" in r for r in reasons) == silent, reasons
+    finally:
+        ref.db.close()

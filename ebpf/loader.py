@@ -76,8 +76,7 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "BPF_PROG_AUX_ID": ("bpf_prog_aux.id",),
     "BPF_LINK_PROG": ("bpf_link.prog",),
     "SIGNAL_STRUCT_PIDS": ("signal_struct.pids",),
-    "PID_NUMBERS": ("pid.numbers",),
-    "UPID_NR": ("upid.nr",),
+    "PID_NUMBERS_NR": ("pid.numbers.nr",),  # numbers[0].nr: the pid in the initial namespace
 }
 
 _MAIN_C = "/virtual/main.c"

@@ -146,7 +146,7 @@ static __always_inline u32 cwl_current_pgid(void)
 	if (bpf_probe_read_kernel(&pid, sizeof(pid), (const char *)sig + CWL_OFF_SIGNAL_STRUCT_PIDS +
 						       CWL_PIDTYPE_PGID * sizeof(void *)) || !pid)
 		return 0;
-	CWL_READ(nr, pid, CWL_OFF_PID_NUMBERS + CWL_OFF_UPID_NR);
+	CWL_READ(nr, pid, CWL_OFF_PID_NUMBERS_NR);
 	return nr;
 }
 
@@ -163,7 +163,7 @@ static __always_inline u32 cwl_pidfd_nr(s64 fd)
 	if (!pid)
 		CWL_READ(pid, file, CWL_OFF_FILE_PRIVATE_DATA);
 	if (pid)
-		CWL_READ(nr, pid, CWL_OFF_PID_NUMBERS + CWL_OFF_UPID_NR);
+		CWL_READ(nr, pid, CWL_OFF_PID_NUMBERS_NR);
 	return nr;
 }
 

@@ -45,3 +45,19 @@ def host_root_files() -> None:
     for _dev, target, fstype, *_ in reversed(mounts):
         if fstype == "overlay" and target in ("/usr", "/usr/lib"):
             subprocess.run(["umount", "-l", target], check=True)
+
+
+@pytest.fixture(scope="module")
+def lsm_lab(tmp_path_factory, host_root_files):
+    """A PRIMA lab (tests/kernel/prima_lab.py) whose engine runs the lsm backend, one per test module."""
+    import functools
+
+    from prima.engine import Engine
+    from tests.kernel import prima_lab
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prima_lab, "Engine", functools.partial(Engine, backend="lsm"))
+        lab = prima_lab.Lab(tmp_path_factory.mktemp("prima-lsm"))
+    assert lab.engine.backend == "lsm"
+    yield lab
+    lab.close()

@@ -9,7 +9,6 @@ process lives on; every attempt is a `denied` violation event.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import shutil
@@ -18,21 +17,14 @@ import subprocess
 import pytest
 
 from controlplane.events import EventKind
-from prima.engine import Engine
-from tests.kernel import prima_lab
-from tests.kernel.prima_lab import LDSO, Lab
+from tests.kernel.prima_lab import LDSO
 
 EPERM_TEXT = os.strerror(1)  # "Operation not permitted": EACCES would read "Permission denied"
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory, host_root_files):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prima_lab, "Engine", functools.partial(Engine, backend="lsm"))
-        lab = Lab(tmp_path_factory.mktemp("prima-lsm"))
-    assert lab.engine.backend == "lsm"
-    yield lab
-    lab.close()
+def lab(lsm_lab):
+    return lsm_lab
 
 
 def _violations(label, op):

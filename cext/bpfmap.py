@@ -41,11 +41,10 @@ def map_info(fd: int) -> MapInfo:
     return MapInfo(*(p[0] for p in out))
 
 
-def create_like(template: MapInfo, name: str) -> int:
-    """A new, empty map of the template's type, sizes and flags (what a map-of-maps slot accepts); its fd.
-    BPF: BPF_MAP_CREATE."""
-    return _check(lib.cwl_map_create(template.type, name.encode(), template.key_size, template.value_size,
-                                     template.max_entries, template.flags), f"create map {name}")
+def create_like(template_fd: int, name: str) -> int:
+    """A new, empty map exactly like the template (type, sizes, flags, BTF types): what a
+    map-of-maps slot typed by that template accepts; its fd. BPF: BPF_MAP_CREATE."""
+    return _check(lib.cwl_map_create_like(template_fd, name.encode()), f"create map {name} like fd {template_fd}")
 
 
 def update(fd: int, key: bytes, value: bytes) -> None:

@@ -18,10 +18,7 @@ from build_btf import _libbpf_version  # noqa: E402  (one libbpf check for both 
 ffibuilder = FFI()
 ffibuilder.cdef(
     """
-    int bpf_map_create(int map_type, const char *map_name, uint32_t key_size, uint32_t value_size,
-                       uint32_t max_entries, const void *opts);
-    int cwl_map_create(int map_type, const char *map_name, uint32_t key_size, uint32_t value_size,
-                       uint32_t max_entries, uint32_t map_flags);
+    int cwl_map_create_like(int template_fd, const char *map_name);
     int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
     int bpf_map_lookup_elem(int fd, const void *key, void *value);
     int bpf_map_delete_elem(int fd, const void *key);
@@ -37,14 +34,35 @@ ffibuilder.set_source(
     r"""
     #include <errno.h>
     #include <string.h>
+    #include <unistd.h>
     #include <bpf/bpf.h>
 
-    /* bpf_map_create with map_flags (the only option cwlite sets): -errno on failure. */
-    static int cwl_map_create(int map_type, const char *map_name, uint32_t key_size, uint32_t value_size,
-                              uint32_t max_entries, uint32_t map_flags)
+    /* A new map exactly like `template_fd`: type, sizes, flags and BTF types. A map-of-maps slot takes
+       only maps whose metadata equals its template's, and on 6.1 that includes what the BTF says
+       (a map made without BTF differs in timer_off from one made with it). The fd, or -errno. */
+    static int cwl_map_create_like(int template_fd, const char *map_name)
     {
-        LIBBPF_OPTS(bpf_map_create_opts, opts, .map_flags = map_flags);
-        return bpf_map_create((enum bpf_map_type)map_type, map_name, key_size, value_size, max_entries, &opts);
+        struct bpf_map_info info;
+        uint32_t len = sizeof(info);
+        int err, btf_fd = -1, fd;
+
+        memset(&info, 0, sizeof(info));
+        err = bpf_obj_get_info_by_fd(template_fd, &info, &len);
+        if (err)
+            return err;
+        LIBBPF_OPTS(bpf_map_create_opts, opts, .map_flags = info.map_flags);
+        if (info.btf_id) {
+            btf_fd = bpf_btf_get_fd_by_id(info.btf_id);
+            if (btf_fd < 0)
+                return btf_fd;
+            opts.btf_fd = btf_fd;
+            opts.btf_key_type_id = info.btf_key_type_id;
+            opts.btf_value_type_id = info.btf_value_type_id;
+        }
+        fd = bpf_map_create(info.type, map_name, info.key_size, info.value_size, info.max_entries, &opts);
+        if (btf_fd >= 0)
+            close(btf_fd);
+        return fd;
     }
 
     /* What a map is (BPF_OBJ_GET_INFO_BY_FD): 0 or -errno. */

@@ -169,8 +169,7 @@ class Engine:
     def _fresh_map(self, name: str, items: Iterable[tuple[object, object]]) -> tuple[int, int]:
         """A new map typed as `<name>_t`, filled with `items` and frozen: (fd, map id)."""
         bpf = self._require()
-        template = bpfmap.map_info(bpf[f"{name}_t".encode()].map_fd)
-        fd = bpfmap.create_like(template, name)
+        fd = bpfmap.create_like(bpf[f"{name}_t".encode()].map_fd, name)
         try:
             for key, value in items:
                 bpfmap.update(fd, bytes(key), bytes(value))

@@ -177,8 +177,7 @@ def scenario_replace_generation_slot(lab, exp: Expect) -> None:
     outer = bcc_map_id(lab, "cwl_trust")
     gen = lab.engine.loaded.generation
     r = attacker(f"""
-        tmpl = bpfmap.map_info(bpfmap.fd_by_id({lab.engine.generation_maps()['cwl_trust']}))
-        mine = bpfmap.create_like(tmpl, "attacker")
+        mine = bpfmap.create_like(bpfmap.fd_by_id({lab.engine.generation_maps()['cwl_trust']}), "attacker")
         bpfmap.update(bpfmap.fd_by_id({outer}), struct.pack("=I", {gen}), struct.pack("=I", mine))
         print("replaced")
     """)

@@ -54,7 +54,7 @@ venv: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/cwlite status
-	$(PY) -m controlplane.demo
+	$(PY) -m controlplane.cli.demo
 
 test: setup
 	$(PY) -m pytest tests/unit tests/kernel tests/vm tests/e2e

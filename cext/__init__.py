@@ -8,7 +8,7 @@ from __future__ import annotations
 try:
     from cext import _btf  # noqa: F401  (the compiled module)
 except ImportError as exc:  # pragma: no cover - only on a broken install
-    from controlplane.errors import CwliteError
+    from controlplane.core.errors import CwliteError
 
     raise CwliteError("cext not built: run `pip install .` (or `make setup`) in the cwlite checkout") from exc
 

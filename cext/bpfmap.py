@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from cext._bpf import ffi, lib
-from controlplane.errors import KernelError
+from controlplane.core.errors import KernelError
 
 MAX_PROG_MAPS = 64  # maps one program may use (the verifier's limit is 64)
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from cext._btf import ffi, lib
-from controlplane.errors import BtfError
+from controlplane.core.errors import BtfError
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
 

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from controlplane.errors import BpfCompileError, KernelError
+from controlplane.core.errors import BpfCompileError, KernelError
 
 if TYPE_CHECKING:  # bcc is imported lazily: tracefs must be mounted before `import bcc`
     import bcc

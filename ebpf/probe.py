@@ -9,7 +9,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from controlplane.errors import CwliteError
+from controlplane.core.errors import CwliteError
 from ebpf import loader
 
 

@@ -19,8 +19,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
-from controlplane.errors import EnforcementError, KernelError
-from controlplane.policy import Policy
+from controlplane.core.errors import EnforcementError, KernelError
+from controlplane.core.policy import Policy
 from ebpf import loader
 from prima.measuredb import kernel_dev
 

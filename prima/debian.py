@@ -34,7 +34,7 @@ from urllib.parse import unquote
 
 from debian.debfile import DebError, DebFile
 
-from controlplane.errors import MeasureDBError
+from controlplane.core.errors import MeasureDBError
 from prima.measure import FileKind, hash_reader
 
 LISTS_DIR = Path("/var/lib/apt/lists")

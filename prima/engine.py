@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from cext import bpfmap
-from controlplane.errors import CwliteError, EnforcementError
-from controlplane.events import ZERO_DIGEST, Event, EventKind, alive_digest
-from controlplane.policy import Policy
+from controlplane.core.errors import CwliteError, EnforcementError
+from controlplane.core.events import ZERO_DIGEST, Event, EventKind, alive_digest
+from controlplane.core.policy import Policy
 from prima import selfprotect
 from prima.measuredb import KernelEntry, kernel_dev
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from controlplane.errors import MeasureDBError
+from controlplane.core.errors import MeasureDBError
 
 BLOCK = 1 << 20
 ELF_MAGIC = b"\x7fELF"

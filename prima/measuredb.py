@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from controlplane.errors import MeasureDBError
+from controlplane.core.errors import MeasureDBError
 from prima import measure
 from prima.measure import FileKind, Identity, Measured
 

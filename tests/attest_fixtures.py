@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from controlplane.events import Event, EventKind, alive_digest
-from controlplane.service import Server, ServiceState, TlsIdentity
+from controlplane.core.events import Event, EventKind, alive_digest
+from controlplane.host.service import Server, ServiceState, TlsIdentity
 
 POLICY = """\
 mode = "audit"
@@ -42,8 +42,8 @@ class Reference:
     entry: str
 
     def open(self, extra: frozenset[bytes] = frozenset()):
-        from controlplane.policy import load_policy
-        from controlplane.verifier import Reference as Ref
+        from controlplane.core.policy import load_policy
+        from controlplane.verifier.attest import Reference as Ref
         from prima.measuredb import MeasureDB
 
         return Ref(load_policy(self.policy_path), MeasureDB.open(self.db_path), extra)
@@ -90,7 +90,7 @@ class TestHost:
 def enforcement_started(host: TestHost, ref: Reference) -> None:
     """What the enforcement engine writes when it starts: daemon-start, the policy and DB it loaded;
     and from then on, as a live engine does, its liveness entry for each quote's nonce."""
-    from controlplane.policy import load_policy
+    from controlplane.core.policy import load_policy
     from prima.measuredb import MeasureDB
 
     with MeasureDB.open(ref.db_path) as db:
@@ -106,8 +106,8 @@ def enforcement_started(host: TestHost, ref: Reference) -> None:
 def running_host(data_dir: Path, *, tpm=None, log=None, policy_path: Path | None = None,
                  controller_key=None, db_digest: bytes | None = None, rate: float = 1000.0) -> Iterator[TestHost]:
     """swtpm (unless `tpm` is given) + measurement log + HTTPS service on 127.0.0.1:<free port>."""
-    from controlplane import mlog as mlog_mod
-    from controlplane.tpm import open_tpm
+    from controlplane.host import mlog as mlog_mod
+    from controlplane.host.tpm import open_tpm
 
     with contextlib.ExitStack() as stack:
         if tpm is None:

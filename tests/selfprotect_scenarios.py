@@ -25,8 +25,8 @@ import threading
 from dataclasses import dataclass
 
 from cext import bpfmap
-from controlplane.errors import KernelError
-from controlplane.events import Event, EventKind
+from controlplane.core.errors import KernelError
+from controlplane.core.events import Event, EventKind
 from prima import selfprotect
 
 EPERM_TEXT = os.strerror(1)

@@ -30,7 +30,7 @@ needs_swtpm = requires(tool="swtpm_setup")
 def swtpm_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("swtpm_setup") is None or shutil.which("swtpm") is None:
         pytest.skip("swtpm/swtpm_setup not installed (make setup installs them)")
-    from controlplane.swtpm import manufacture
+    from controlplane.host.swtpm import manufacture
 
     base = tmp_path_factory.mktemp("swtpm-template")
     manufacture(base)
@@ -39,7 +39,7 @@ def swtpm_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def swtpm(swtpm_template: Path, tmp_path: Path) -> Iterator["object"]:
-    from controlplane.swtpm import Swtpm
+    from controlplane.host.swtpm import Swtpm
 
     data_dir = tmp_path / "swtpm"
     shutil.copytree(swtpm_template, data_dir, symlinks=True)
@@ -52,7 +52,7 @@ def swtpm(swtpm_template: Path, tmp_path: Path) -> Iterator["object"]:
 
 @pytest.fixture
 def tpm(swtpm) -> Iterator["object"]:
-    from controlplane.tpm import Tpm
+    from controlplane.host.tpm import Tpm
 
     with Tpm(swtpm.tcti) as t:
         yield t
@@ -60,7 +60,7 @@ def tpm(swtpm) -> Iterator["object"]:
 
 @pytest.fixture
 def rsa_tpm(swtpm) -> Iterator["object"]:
-    from controlplane.tpm import Tpm
+    from controlplane.host.tpm import Tpm
 
     with Tpm(swtpm.tcti, ak_alg="rsa") as t:
         yield t

@@ -15,8 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
-from controlplane import mlog
-from controlplane.events import Event, EventKind
+from controlplane.host import mlog
+from controlplane.core.events import Event, EventKind
 from tests.conftest import requires
 from tests.tpm_fixtures import swtpm, swtpm_template, tpm  # noqa: F401
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.policy import parse_policy
+from controlplane.core.policy import parse_policy
 from prima.engine import Engine, measure_files
 from tests.conftest import requires
 from tests.kernel.prima_lab import c_project, shared_libs

@@ -20,9 +20,9 @@ import struct
 import time
 from pathlib import Path
 
-from controlplane import mlog
-from controlplane.events import Event, EventKind
-from controlplane.verifier import Facts, Judge, _parse_page, replay_to
+from controlplane.host import mlog
+from controlplane.core.events import Event, EventKind
+from controlplane.verifier.attest import Facts, Judge, _parse_page, replay_to
 from tests.attest_fixtures import make_reference, running_host
 from tests.conftest import requires
 
@@ -73,7 +73,7 @@ def _check(ref_open, text: str, start: int, start_value: bytes, target: bytes, f
 
 
 def test_replay_and_check_100k(tmp_path: Path) -> None:
-    from controlplane.policy import load_policy
+    from controlplane.core.policy import load_policy
     from prima.measuredb import MeasureDB
 
     ref = make_reference(tmp_path)
@@ -120,10 +120,10 @@ def test_replay_and_check_100k(tmp_path: Path) -> None:
 def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: F401
 
-    from controlplane import registrar
-    from controlplane.client import Channel
-    from controlplane.store import Store
-    from controlplane.verifier import _quote_checked
+    from controlplane.verifier import registrar
+    from controlplane.verifier.client import Channel
+    from controlplane.verifier.store import Store
+    from controlplane.verifier.attest import _quote_checked
 
     with running_host(tmp_path / "host") as h, Store(f"sqlite:///{tmp_path}/a.db") as store:
         host = registrar.enrol(h.url, "bench", store)
@@ -134,8 +134,8 @@ def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
                 _quote_checked(ch, host, os.urandom(32))
                 times.append(time.perf_counter() - t0)
         # baseline, same TPM, same run: TPM2_Quote + verify_quote in-process, no HTTPS
-        from controlplane.service import quote_qualifying_data
-        from controlplane.tpm import verify_quote
+        from controlplane.host.service import quote_qualifying_data
+        from controlplane.host.tpm import verify_quote
 
         direct, pcrs = [], sorted({*range(10), 10})
         for _ in range(300):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane import proof as proof_mod
-from controlplane.demo import LABEL, TRUSTED_PROGRAM, Demo, prepare
+from controlplane.core import proof as proof_mod
+from controlplane.cli.demo import LABEL, TRUSTED_PROGRAM, Demo, prepare
 from tests.conftest import requires
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), pytest.mark.timeout(300)]
@@ -45,8 +45,8 @@ def test_a_pushed_signed_policy_is_enforced_by_the_engine(tmp_path):
     """The controller switches the host from audit to enforce over the attested channel."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from controlplane import verifier
-    from controlplane.policy import load_policy, sign_policy, signature_path
+    from controlplane.verifier import attest as verifier
+    from controlplane.core.policy import load_policy, sign_policy, signature_path
     from prima.measuredb import MeasureDB
 
     controller = Ed25519PrivateKey.generate()

@@ -19,12 +19,13 @@ from typing import Iterator
 
 import pytest
 
-from controlplane import proof as proof_mod
-from controlplane import registrar, verifier
-from controlplane.demo import Layout, prepare
-from controlplane.policy import load_policy
-from controlplane.store import Store, default_url
-from controlplane.swtpm import Swtpm
+from controlplane.cli.demo import Layout, prepare
+from controlplane.core import proof as proof_mod
+from controlplane.core.policy import load_policy
+from controlplane.host.swtpm import Swtpm
+from controlplane.verifier import attest as verifier
+from controlplane.verifier import registrar
+from controlplane.verifier.store import Store, default_url
 from prima.measuredb import MeasureDB
 from tests.conftest import requires
 

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from controlplane.events import Event, EventKind
-from controlplane.policy import parse_policy
+from controlplane.core.events import Event, EventKind
+from controlplane.core.policy import parse_policy
 from prima.engine import Engine, measure_files
 
 HELPER_C = r"""

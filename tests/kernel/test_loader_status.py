@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from controlplane.errors import BpfCompileError
+from controlplane.core.errors import BpfCompileError
 from ebpf import loader
 from tests.conftest import requires
 

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from controlplane.events import EventKind
+from controlplane.core.events import EventKind
 from tests.conftest import requires
 from tests.kernel.prima_lab import LDSO, Lab
 

@@ -115,8 +115,8 @@ def test_enforce_refuses_a_policy_naming_a_trust_set_the_db_lacks(site) -> None:
 @requires(tool="swtpm_setup")
 def test_enforce_records_into_the_measurement_log(site, swtpm) -> None:
     """--mlog: every event is an ima-ng entry extended into the policy's PCR (real swtpm)."""
-    from controlplane import mlog
-    from controlplane.tpm import Tpm
+    from controlplane.host import mlog
+    from controlplane.host.tpm import Tpm
 
     tmp, bin_dir, other, db, policy = site
     policy.write_text(policy.read_text().replace('mode = "enforce"', 'mode = "enforce"\npcr = 11'))

@@ -1,4 +1,4 @@
-"""controlplane.atomic: the one writer for files that must never be half-written."""
+"""controlplane.core.atomic: the one writer for files that must never be half-written."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from controlplane.atomic import write_atomic
+from controlplane.core.atomic import write_atomic
 
 
 def test_replaces_whole_with_the_given_mode(tmp_path) -> None:

@@ -14,11 +14,12 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controlplane import proof as proof_mod
-from controlplane import registrar, verifier
-from controlplane.errors import VerifyError
-from controlplane.events import EventKind
-from controlplane.store import Store
+from controlplane.core import proof as proof_mod
+from controlplane.verifier import registrar
+from controlplane.verifier import attest as verifier
+from controlplane.core.errors import VerifyError
+from controlplane.core.events import EventKind
+from controlplane.verifier.store import Store
 from tests.attest_fixtures import Relay, enforcement_started, reference, running_host  # noqa: F401
 from tests.conftest import requires
 from tests.pg_fixtures import postgres_url  # noqa: F401
@@ -82,7 +83,7 @@ def test_enrol_checks_the_ek_chain_and_pins_ek_and_ak(host, store):
 
 
 def test_enrol_refuses_an_ek_certificate_from_another_ca(host, store, tmp_path):
-    from controlplane.tpm import open_tpm
+    from controlplane.host.tpm import open_tpm
 
     with open_tpm(tmp_path / "other") as other:
         other.ek_public()
@@ -120,7 +121,7 @@ class _SplitTpm:
 
 @pytest.mark.parametrize("activating", ["ek-tpm", "ak-tpm"])
 def test_an_ak_from_another_tpm_is_refused(host, store, tmp_path, activating):
-    from controlplane.tpm import open_tpm
+    from controlplane.host.tpm import open_tpm
 
     with open_tpm(tmp_path / "other") as other:
         split = _SplitTpm(host.tpm, other)
@@ -254,7 +255,7 @@ def test_replayed_quote_is_refused(host, store, key, reference):
 
 
 def test_quote_from_another_tpm_is_refused(host, store, key, reference, tmp_path):
-    from controlplane.tpm import open_tpm
+    from controlplane.host.tpm import open_tpm
 
     _enrol(host, store)
     with open_tpm(tmp_path / "other") as other:
@@ -322,7 +323,7 @@ def test_reboot_is_flagged_then_the_new_boot_is_judged(tmp_path, store, key, ref
 
 # -- policy push over the attested channel --------------------------------------------------------
 def test_signed_policy_push_is_loaded_and_logged_forged_one_refused(tmp_path, store, key, reference):
-    from controlplane.policy import load_policy, sign_policy
+    from controlplane.core.policy import load_policy, sign_policy
 
     controller = Ed25519PrivateKey.generate()
     active = tmp_path / "active.toml"

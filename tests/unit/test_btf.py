@@ -9,7 +9,7 @@ from functools import lru_cache
 import pytest
 
 from cext import Btf
-from controlplane.errors import BtfError
+from controlplane.core.errors import BtfError
 from ebpf.loader import KERNEL_FIELDS, VMLINUX
 
 pytestmark = pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool not installed (make setup)")

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from controlplane.errors import EnforcementError, KernelError
-from controlplane.policy import parse_policy
+from controlplane.core.errors import EnforcementError, KernelError
+from controlplane.core.policy import parse_policy
 from ebpf import loader
 from prima import cdi
 from prima.measuredb import kernel_dev

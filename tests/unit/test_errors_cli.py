@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from controlplane.cli import main
-from controlplane.errors import BtfError, CwliteError, KernelError, VerifyError
+from controlplane.cli.main import main
+from controlplane.core.errors import BtfError, CwliteError, KernelError, VerifyError
 
 
 def test_hierarchy_is_one_family() -> None:

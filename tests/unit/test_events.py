@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from controlplane.events import Event, EventKind, parse_ima_name
+from controlplane.core.events import Event, EventKind, parse_ima_name
 
 
 @given(

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.cli import main
-from controlplane.errors import MeasureDBError
+from controlplane.cli.main import main
+from controlplane.core.errors import MeasureDBError
 from prima import measure
 from prima.measuredb import MIGRATIONS, SCHEMA_VERSION, MeasureDB, build, diff, kernel_dev, migrate
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.errors import MeasureDBError
-from prima import debian, measure
+from controlplane.core.errors import MeasureDBError
+from prima import debian
+from prima import measure
 from prima.measuredb import MeasureDB, build, kernel_dev
 
 LISTS = debian.LISTS_DIR

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import mlog
-from controlplane.cli import main
-from controlplane.events import Event, EventKind
-from controlplane.tpm import Quote, verify_quote
+from controlplane.host import mlog
+from controlplane.cli.main import main
+from controlplane.core.events import Event, EventKind
+from controlplane.host.tpm import Quote, verify_quote
 from tests.conftest import requires
 from tests.tpm_fixtures import swtpm, swtpm_template, tpm  # noqa: F401
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import mlog
-from controlplane.errors import LogError
-from controlplane.events import Event, EventKind, parse_ima_name
+from controlplane.host import mlog
+from controlplane.core.errors import LogError
+from controlplane.core.events import Event, EventKind, parse_ima_name
 from tests.vectors import ima_ng_kernel
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"

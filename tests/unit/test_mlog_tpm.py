@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import mlog
-from controlplane.errors import LogError
-from controlplane.events import Event, EventKind
-from controlplane.tpm import Tpm, verify_quote
+from controlplane.host import mlog
+from controlplane.core.errors import LogError
+from controlplane.core.events import Event, EventKind
+from controlplane.host.tpm import Tpm, verify_quote
 from tests.conftest import requires
 from tests.tpm_fixtures import tpm2_pcrread, swtpm, swtpm_template, tpm, tpm_tools_env  # noqa: F401
 
@@ -54,9 +54,9 @@ def test_log_and_pcr_agree_after_10000_entries(tpm, tpm_tools_env, tmp_path: Pat
 CHILD = textwrap.dedent("""
     import hashlib, sys
     from pathlib import Path
-    from controlplane import mlog
-    from controlplane.events import Event, EventKind
-    from controlplane.tpm import Tpm
+    from controlplane.host import mlog
+    from controlplane.core.events import Event, EventKind
+    from controlplane.host.tpm import Tpm
     tpm = Tpm(sys.argv[1])
     log = mlog.MeasurementLog.open(Path(sys.argv[2]), tpm, pcr=int(sys.argv[3]))
     for i in range(int(sys.argv[4])):
@@ -96,9 +96,9 @@ def test_crash_between_log_and_extend_recovers(swtpm, tpm, tmp_path: Path) -> No
 EMBEDDED_CHILD = textwrap.dedent("""
     import hashlib, sys
     from pathlib import Path
-    from controlplane import mlog
-    from controlplane.events import Event, EventKind
-    from controlplane.tpm import open_tpm
+    from controlplane.host import mlog
+    from controlplane.core.events import Event, EventKind
+    from controlplane.host.tpm import open_tpm
     tpm = open_tpm(Path(sys.argv[1]))             # starts the embedded swtpm
     log = mlog.MeasurementLog.open(Path(sys.argv[1]) / "measurements.log", tpm, pcr=10)
     for i in range(30):
@@ -110,8 +110,8 @@ EMBEDDED_CHILD = textwrap.dedent("""
 
 def test_a_crashed_daemon_leaves_the_embedded_tpm_running_and_recovers(tmp_path: Path) -> None:
     """The embedded swtpm outlives its daemon like hardware: the restarted daemon attaches and recovers."""
-    from controlplane.swtpm import Swtpm
-    from controlplane.tpm import open_tpm
+    from controlplane.host.swtpm import Swtpm
+    from controlplane.host.tpm import open_tpm
 
     env = dict(os.environ, **{mlog.FAULT_ENV: "after-log-before-extend:10"})
     proc = subprocess.run([sys.executable, "-c", EMBEDDED_CHILD, str(tmp_path)], cwd=REPO, env=env,
@@ -140,10 +140,10 @@ def test_without_the_fault_the_child_finishes(swtpm, tpm, tmp_path: Path) -> Non
 FULL_DISK = textwrap.dedent("""
     import hashlib, resource, signal, sys
     from pathlib import Path
-    from controlplane import mlog
-    from controlplane.errors import LogError
-    from controlplane.events import Event, EventKind
-    from controlplane.tpm import Tpm
+    from controlplane.host import mlog
+    from controlplane.core.errors import LogError
+    from controlplane.core.events import Event, EventKind
+    from controlplane.host.tpm import Tpm
     log = mlog.MeasurementLog.open(Path(sys.argv[1]), Tpm(sys.argv[2]), pcr=10)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     size = Path(sys.argv[1]).stat().st_size
@@ -269,7 +269,7 @@ def test_one_writer_per_log(filled, tpm) -> None:
 
 
 def test_a_tpm_reset_starts_a_new_log_and_keeps_the_old(swtpm, tmp_path: Path) -> None:
-    from controlplane.swtpm import Swtpm
+    from controlplane.host.swtpm import Swtpm
 
     path = tmp_path / "m.log"
     with Tpm(swtpm.tcti) as t, mlog.MeasurementLog.open(path, t, pcr=10) as log:

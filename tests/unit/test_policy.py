@@ -7,8 +7,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controlplane.errors import PolicyError
-from controlplane.policy import load_policy, parse_policy, sign_policy, signature_path
+from controlplane.core.errors import PolicyError
+from controlplane.core.policy import load_policy, parse_policy, sign_policy, signature_path
 
 GOOD = """\
 # a build VM

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from controlplane.cli import main
-from controlplane.policy import load_policy
+from controlplane.cli.main import main
+from controlplane.core.policy import load_policy
 from tests.unit.test_policy import GOOD
 
 

@@ -6,9 +6,9 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controlplane import proof
-from controlplane.cli import main
-from controlplane.errors import VerifyError
+from controlplane.core import proof
+from controlplane.cli.main import main
+from controlplane.core.errors import VerifyError
 
 
 def _doc():

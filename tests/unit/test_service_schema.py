@@ -6,7 +6,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from controlplane.service import create_app
+from controlplane.host.service import create_app
 from tests.attest_fixtures import enforcement_started, make_reference, running_host
 from tests.conftest import requires
 
@@ -27,7 +27,7 @@ def live_host(tmp_path_factory):
 
 def _schema():
     """The schema as the service serves it at /openapi.json (building it touches no TPM)."""
-    from controlplane.service import ServiceState, TlsIdentity
+    from controlplane.host.service import ServiceState, TlsIdentity
 
     return create_app(ServiceState(tpm=None, mlog=None, tls=TlsIdentity.fresh())).openapi()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from controlplane.errors import StoreError
-from controlplane.store import Host, Store
+from controlplane.core.errors import StoreError
+from controlplane.verifier.store import Host, Store
 from tests.pg_fixtures import postgres_url  # noqa: F401 - fixture
 
 _N = 0

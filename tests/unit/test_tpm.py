@@ -1,4 +1,4 @@
-"""controlplane.tpm against a real swtpm: PCRs, the AK, quotes and their software check, credentials."""
+"""controlplane.host.tpm against a real swtpm: PCRs, the AK, quotes and their software check, credentials."""
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +10,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from controlplane import tpm as tpm_mod
-from controlplane.errors import TpmError, VerifyError
+from controlplane.host import tpm as tpm_mod
+from controlplane.core.errors import TpmError, VerifyError
 from tests.conftest import requires
 from tests.tpm_fixtures import tpm2_pcrread, rsa_tpm, swtpm, swtpm_template, tpm, tpm_tools_env  # noqa: F401
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane import mlog
-from controlplane.events import Event, EventKind, alive_digest
-from controlplane.verifier import Facts, Judge, replay_to
+from controlplane.host import mlog
+from controlplane.core.events import Event, EventKind, alive_digest
+from controlplane.verifier.attest import Facts, Judge, replay_to
 from tests.attest_fixtures import reference  # noqa: F401
 
 BOOT = b"\xbb" * 32

@@ -1,6 +1,6 @@
 """An independent encoder of kernel IMA `ima-ng` (and `ima-sig`) measurement lists, from the kernel sources.
 
-It shares no code with controlplane.mlog: each byte below is placed by reading
+It shares no code with controlplane.host.mlog: each byte below is placed by reading
 security/integrity/ima/ima_fs.c (ima_measurements_show, ima_ascii_measurements_show),
 ima_template_lib.c (ima_eventdigest_ng_init, ima_write_template_field_data) and
 ima_crypto.c (ima_calc_field_array_hash_tfm, ima_calc_boot_aggregate_tfm). It

@@ -12,8 +12,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from controlplane.swtpm import Swtpm
-from controlplane.tpm import Tpm
+from controlplane.host.swtpm import Swtpm
+from controlplane.host.tpm import Tpm
 
 HERE = Path(__file__).parent
 QUALIFYING = hashlib.sha256(b"cwlite quote vector").digest()

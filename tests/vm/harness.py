@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from controlplane.errors import CwliteError
+from controlplane.core.errors import CwliteError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # `integrity` must stay: without it `ima_policy=...` panics the 6.1 kernel.

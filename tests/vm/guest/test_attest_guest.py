@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controlplane import mlog, registrar, verifier
-from controlplane.events import EventKind
-from controlplane.store import Store
-from controlplane.tpm import open_tpm
+from controlplane.host import mlog
+
+from controlplane.verifier import registrar
+
+from controlplane.verifier import attest as verifier
+from controlplane.core.events import EventKind
+from controlplane.verifier.store import Store
+from controlplane.host.tpm import open_tpm
 from tests.attest_fixtures import enforcement_started, make_reference, running_host
 
 PCR = 13

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.events import Event, EventKind
-from controlplane.policy import Policy, parse_policy
+from controlplane.core.events import Event, EventKind
+from controlplane.core.policy import Policy, parse_policy
 from prima.engine import Engine, measure_files
 from tests.kernel.prima_lab import LDSO, shared_libs
 

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from controlplane.events import EventKind
+from controlplane.core.events import EventKind
 from tests.kernel.prima_lab import LDSO
 
 EPERM_TEXT = os.strerror(1)  # "Operation not permitted": EACCES would read "Permission denied"

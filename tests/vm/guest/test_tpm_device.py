@@ -1,4 +1,4 @@
-"""Inside the VM: controlplane.tpm and the measurement log on a real /dev/tpmrm0 (the vTPM).
+"""Inside the VM: controlplane.host.tpm and the measurement log on a real /dev/tpmrm0 (the vTPM).
 
 The guest kernel's own IMA measures into PCR 10 (its boot_aggregate), so this
 is where cwlite's PCR choice is exercised for real. Every test here uses its
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import mlog
-from controlplane.errors import LogError
-from controlplane.events import Event, EventKind
-from controlplane.tpm import DEVICE, Quote, make_credential, open_tpm, verify_quote
+from controlplane.host import mlog
+from controlplane.core.errors import LogError
+from controlplane.core.events import Event, EventKind
+from controlplane.host.tpm import DEVICE, Quote, make_credential, open_tpm, verify_quote
 from tests.tpm_fixtures import tpm2_pcrread
 
 REPO = Path(__file__).resolve().parents[3]
@@ -103,9 +103,9 @@ def test_log_and_pcr_agree_on_the_device(tpm, tmp_path: Path) -> None:
 CHILD = textwrap.dedent("""
     import hashlib, sys
     from pathlib import Path
-    from controlplane import mlog
-    from controlplane.events import Event, EventKind
-    from controlplane.tpm import Tpm
+    from controlplane.host import mlog
+    from controlplane.core.events import Event, EventKind
+    from controlplane.host.tpm import Tpm
     log = mlog.MeasurementLog.open(Path(sys.argv[1]), Tpm("device:/dev/tpmrm0"), pcr=15)
     for i in range(40):
         log.record(Event(EventKind.VIOLATION, hashlib.sha256(b"%d" % i).digest(), "tp", "exec", f"/bin/{i}"))

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from controlplane.atomic import fsync_dir, write_atomic
-from controlplane.errors import LogError
-from controlplane.events import Event, EventKind
+from controlplane.core.atomic import fsync_dir, write_atomic
+from controlplane.core.errors import LogError
+from controlplane.core.events import Event, EventKind
 
 TEMPLATE = "ima-ng"                              # what cwlite writes
 TEMPLATE_FIELDS = {"ima-ng": 2, "ima-sig": 3}   # what it reads: ima-sig = ima-ng + a signature (kernel logs)
@@ -134,7 +134,7 @@ class LogEntry:
 
     def event(self) -> Event | None:
         """The cwlite Event this entry records (None for an entry cwlite did not write)."""
-        from controlplane.events import parse_ima_name
+        from controlplane.core.events import parse_ima_name
 
         return parse_ima_name(self.digest, self.name)
 

@@ -46,7 +46,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from controlplane.errors import PolicyError
+from controlplane.core.errors import PolicyError
 
 MODES = ("enforce", "audit")
 SCOPES = ("labelled",)

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from controlplane.errors import StoreError
+from controlplane.core.errors import StoreError
 
 
 class _Base(DeclarativeBase):

@@ -16,7 +16,7 @@ from typing import IO, Iterator
 
 import click
 
-from controlplane.errors import EnforcementError
+from controlplane.core.errors import EnforcementError
 
 DEFAULT_DATA = Path("/var/lib/cwlite")
 
@@ -42,17 +42,17 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
                     backend: str = "auto", controller_key: Path | None = None, device: str | None = None,
                     rate: float = 50.0, say: IO[str] = sys.stderr) -> Iterator[Running]:
     """TPM + measurement log (+ enforcement daemon thread) + HTTPS service; all stopped on exit."""
-    from controlplane import mlog as mlog_mod
-    from controlplane import tpm as tpm_mod
-    from controlplane.service import Server, ServiceState, TlsIdentity
+    from controlplane.host import mlog as mlog_mod
+    from controlplane.host import tpm as tpm_mod
+    from controlplane.host.service import Server, ServiceState, TlsIdentity
 
     if enforce and (policy_path is None or db_path is None):
         raise click.UsageError("--enforce needs --policy and --db")
     if pcr is None:
-        from controlplane.mlog import DEFAULT_PCR, choose_pcr
+        from controlplane.host.mlog import DEFAULT_PCR, choose_pcr
 
         if policy_path is not None:
-            from controlplane.policy import load_policy
+            from controlplane.core.policy import load_policy
 
             pcr = choose_pcr(load_policy(policy_path).pcr)
         else:
@@ -72,7 +72,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
         daemon = thread = None
         failure: list[BaseException] = []
         if enforce:
-            from prima.enforce_cli import Daemon
+            from controlplane.cli.enforce import Daemon
 
             daemon = Daemon(policy_path, db_path, log, backend=backend, controller_key=controller_key, log=say)
 

@@ -27,13 +27,13 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Iterator
 
-from controlplane import mlog
-from controlplane import proof as proof_mod
-from controlplane.client import Channel
-from controlplane.errors import CwliteError, StoreError, VerifyError
-from controlplane.events import EventKind, alive_digest, parse_ima_name
-from controlplane.service import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
-from controlplane.store import Host, Store
+from controlplane.host import mlog
+from controlplane.core import proof as proof_mod
+from controlplane.verifier.client import Channel
+from controlplane.core.errors import CwliteError, StoreError, VerifyError
+from controlplane.core.events import EventKind, alive_digest, parse_ima_name
+from controlplane.host.service import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
+from controlplane.verifier.store import Host, Store
 
 TRUSTED, UNTRUSTED, INFO = "trusted", "untrusted", "info"
 ZERO = bytes(32)
@@ -223,7 +223,7 @@ def replay_to(entries: list, start_value: bytes, target: bytes, pcr: int) -> int
 
 def _parse_page(text: str, start: int, source: str = "log") -> list:
     """Entries of one /v1/log page, with their absolute indices (mlog's parser: one format, one parser)."""
-    from controlplane.errors import LogError
+    from controlplane.core.errors import LogError
 
     try:
         entries = mlog.parse_ascii(text, source=source)
@@ -260,7 +260,7 @@ class Attestation:
 
 
 def _quote_checked(ch: Channel, host: Host, nonce: bytes):
-    from controlplane import tpm as tpm_mod
+    from controlplane.host import tpm as tpm_mod
 
     # PCRs 0-9 too: the log's boot_aggregate entry must match them (the log belongs to this boot)
     pcrs = sorted({*BOOT_PCRS, host.pcr})

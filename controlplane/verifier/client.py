@@ -16,7 +16,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from controlplane.errors import VerifyError
+from controlplane.core.errors import VerifyError
 
 
 class Channel:

@@ -59,7 +59,7 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss import utils as tss_utils
 
-from controlplane.errors import TpmError, VerifyError
+from controlplane.core.errors import TpmError, VerifyError
 
 # ESYS prints its own error lines to stderr; cwlite reports each failure once, as a TpmError.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -565,7 +565,7 @@ def open_tpm(data_dir: Path, *, device: str | None = None, ak_alg: str = "ecc") 
         if device.startswith("/") and not os.path.exists(device):
             raise TpmError(f"{device}: no such TPM device")
         return Tpm(tcti_for(device), ak_alg=ak_alg)
-    from controlplane.swtpm import Swtpm
+    from controlplane.host.swtpm import Swtpm
 
     sw = Swtpm.attach(Path(data_dir) / "swtpm") or Swtpm.start(Path(data_dir) / "swtpm")
     try:

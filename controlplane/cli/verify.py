@@ -8,7 +8,7 @@ from typing import Iterator
 
 import click
 
-from controlplane.cli import emit
+from controlplane.cli.output import emit
 
 DEFAULT_DATA = Path("/var/lib/cwlite/verifier")
 
@@ -21,7 +21,7 @@ def _common(f):
 
 
 def _open_store(data_dir: Path, url: str | None):
-    from controlplane.store import Store, default_url
+    from controlplane.verifier.store import Store, default_url
 
     data_dir.mkdir(parents=True, exist_ok=True)
     return Store.open(url or default_url(data_dir))
@@ -55,7 +55,7 @@ def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tu
     """
     import hashlib
 
-    from controlplane import registrar
+    from controlplane.verifier import registrar
 
     cas = registrar.load_cas(ek_cas) if ek_cas else None
     with _open_store(data_dir, store_url) as store:
@@ -70,8 +70,8 @@ def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tu
 
 @contextlib.contextmanager
 def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ...] = ()) -> Iterator:
-    from controlplane.policy import load_policy
-    from controlplane.verifier import Reference
+    from controlplane.core.policy import load_policy
+    from controlplane.verifier.attest import Reference
     from prima.measuredb import MeasureDB
 
     policy = load_policy(policy_path)
@@ -115,11 +115,11 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
     """
     import json
 
-    from controlplane import proof as proof_mod
-    from controlplane.atomic import write_atomic
-    from controlplane import verifier as v
-    from controlplane.errors import VerifyError
-    from controlplane.proof_cli import print_proof
+    from controlplane.core import proof as proof_mod
+    from controlplane.core.atomic import write_atomic
+    from controlplane.verifier import attest as v
+    from controlplane.core.errors import VerifyError
+    from controlplane.cli.proof import print_proof
 
     key = proof_mod.load_signing_key(data_dir / "verifier.key", create=True)
     if proof_out is not None and len(hosts) != 1:
@@ -127,7 +127,7 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
     with _open_store(data_dir, store_url) as store:
         policy_file, extra = policy_path, ()
         if push_policy is not None:
-            from controlplane.policy import load_policy, read_signature, signature_path
+            from controlplane.core.policy import load_policy, read_signature, signature_path
 
             if len(hosts) != 1:
                 raise click.UsageError("--push-policy needs exactly one HOST")
@@ -162,8 +162,8 @@ def _watch(store, ref, key, hosts, rounds, as_json) -> None:
     import json
     import time
 
-    from controlplane import verifier as v
-    from controlplane.errors import VerifyError
+    from controlplane.verifier import attest as v
+    from controlplane.core.errors import VerifyError
 
     last: dict[str, str] = {}
     for name, result in v.watch(store, ref, key, hosts=hosts or None, rounds=rounds):

@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.atomic import write_atomic
-from controlplane.errors import TpmError
+from controlplane.core.atomic import write_atomic
+from controlplane.core.errors import TpmError
 
 SWTPM = "swtpm"
 SWTPM_SETUP = "swtpm_setup"

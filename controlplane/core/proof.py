@@ -21,8 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from controlplane.atomic import write_atomic
-from controlplane.errors import VerifyError
+from controlplane.core.atomic import write_atomic
+from controlplane.core.errors import VerifyError
 
 FORMAT = "cwlite-proof/1"
 TRUSTED, UNTRUSTED = "trusted", "untrusted"
@@ -137,8 +137,8 @@ def check_quote(doc: Mapping[str, Any], *, source: str = "proof") -> None:
     A signed proof already says the verifier checked this; re-checking lets a third party see the
     TPM's own evidence without trusting the verifier for that part. Reason "proof-quote" on failure.
     """
-    from controlplane import tpm as tpm_mod
-    from controlplane.service import quote_qualifying_data
+    from controlplane.host import tpm as tpm_mod
+    from controlplane.host.service import quote_qualifying_data
 
     try:
         host, log = doc["host"], doc["log"]

@@ -9,8 +9,8 @@ from typing import Callable, Iterator
 
 import click
 
-from controlplane.cli import emit
-from controlplane.errors import MeasureDBError
+from controlplane.cli.output import emit
+from controlplane.core.errors import MeasureDBError
 
 DEFAULT_DB = "/var/lib/cwlite/measure.db"
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")

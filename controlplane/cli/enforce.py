@@ -18,8 +18,8 @@ from typing import IO, Sequence
 
 import click
 
-from controlplane.errors import CwliteError, EnforcementError
-from controlplane.events import Event, EventKind, EventSink
+from controlplane.core.errors import CwliteError, EnforcementError
+from controlplane.core.events import Event, EventKind, EventSink
 
 DEFAULT_DATA = Path("/var/lib/cwlite")
 ALIVE_TIMEOUT_S = 5.0  # how long a quote waits for the engine's liveness entry
@@ -78,7 +78,7 @@ def resolve_backend(requested: str) -> str:
 
 def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None):
     """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets, the DB digest."""
-    from controlplane.policy import load_policy
+    from controlplane.core.policy import load_policy
     from prima.measuredb import MeasureDB
 
     policy = load_policy(policy_path, controller_key=controller_key, require_signature=controller_key is not None)
@@ -208,9 +208,9 @@ def enforce(policy_path: Path, db_path: Path, events_path: Path | None, mlog: bo
         closers.append(js.close)
     tpm_ctx = None
     if mlog:
-        from controlplane import mlog as mlog_mod
-        from controlplane import tpm as tpm_mod
-        from controlplane.policy import load_policy
+        from controlplane.host import mlog as mlog_mod
+        from controlplane.host import tpm as tpm_mod
+        from controlplane.core.policy import load_policy
 
         pcr = mlog_mod.choose_pcr(load_policy(policy_path).pcr)
         tpm_ctx = tpm_mod.open_tpm(data_dir, device=device)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from controlplane.cli import emit
+from controlplane.cli.output import emit
 
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 _path = click.argument("policy", type=click.Path(dir_okay=False, path_type=Path))
@@ -53,7 +53,7 @@ def check(policy: Path, controller_key: Path | None, as_json: bool) -> None:
       cwlite policy check policy.toml
       cwlite policy check policy.toml --controller-key controller.pub --json
     """
-    from controlplane.policy import load_policy
+    from controlplane.core.policy import load_policy
 
     pol = load_policy(policy, controller_key=controller_key, require_signature=controller_key is not None)
     data = {"policy": str(policy), "digest": pol.digest().hex(), "signed": controller_key is not None, **pol.canonical()}
@@ -71,7 +71,7 @@ def digest(policy: Path, as_json: bool) -> None:
       cwlite policy digest policy.toml
       cwlite policy digest policy.toml --json
     """
-    from controlplane.policy import load_policy
+    from controlplane.core.policy import load_policy
 
     emit({"policy": str(policy), "digest": load_policy(policy).digest().hex()}, as_json, lambda d: click.echo(d["digest"]))
 
@@ -89,8 +89,8 @@ def sign(policy: Path, key_path: Path, as_json: bool) -> None:
       cwlite policy sign policy.toml --key controller.key
       cwlite policy check policy.toml --controller-key controller.pub
     """
-    from controlplane.atomic import write_atomic
-    from controlplane.policy import load_policy, load_private_key, sign_policy, signature_path
+    from controlplane.core.atomic import write_atomic
+    from controlplane.core.policy import load_policy, load_private_key, sign_policy, signature_path
 
     pol = load_policy(policy)
     sig = sign_policy(pol, load_private_key(key_path))
@@ -114,8 +114,8 @@ def keygen(prefix: Path, as_json: bool) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from controlplane.errors import PolicyError
-    from controlplane.atomic import write_atomic
+    from controlplane.core.errors import PolicyError
+    from controlplane.core.atomic import write_atomic
 
     key_path, pub_path = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
     if key_path.exists():

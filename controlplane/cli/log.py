@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from controlplane.cli import emit
-from controlplane.errors import LogError
+from controlplane.cli.output import emit
+from controlplane.core.errors import LogError
 
 DEFAULT_DATA = Path("/var/lib/cwlite")
 LOG_NAME = "measurements.log"
@@ -69,7 +69,7 @@ def show(data_dir: Path, log_file: Path | None, start: int, as_json: bool) -> No
       # the kernel's own IMA log
       cwlite log show --log /sys/kernel/security/ima/binary_runtime_measurements
     """
-    from controlplane import mlog
+    from controlplane.host import mlog
 
     entries = _read_any(_log_path(data_dir, log_file))[start:]
     emit({"entries": [e.to_dict() for e in entries]}, as_json,
@@ -77,7 +77,7 @@ def show(data_dir: Path, log_file: Path | None, start: int, as_json: bool) -> No
 
 
 def _read_any(path: Path):
-    from controlplane import mlog
+    from controlplane.host import mlog
 
     try:
         data = path.read_bytes()
@@ -114,8 +114,8 @@ def verify(data_dir: Path, log_file: Path | None, pcr: int | None, device: str |
       # for scripts
       cwlite log verify --json | jq .pending
     """
-    from controlplane import mlog
-    from controlplane.tpm import open_tpm
+    from controlplane.host import mlog
+    from controlplane.host.tpm import open_tpm
 
     path = _log_path(data_dir, log_file)
     entries = _read_any(path)
@@ -165,7 +165,7 @@ def pcrread(pcrs: tuple[int, ...], data_dir: Path, device: str | None, as_json: 
       # compare with tpm2-tools on the same TPM
       TPM2TOOLS_TCTI=device:/dev/tpmrm0 tpm2_pcrread sha256:10
     """
-    from controlplane.tpm import open_tpm
+    from controlplane.host.tpm import open_tpm
 
     with open_tpm(data_dir, device=device) as t:
         values = t.read_pcrs(pcrs or (10, 11))
@@ -187,7 +187,7 @@ def quote(nonce: str, pcrs: str, data_dir: Path, device: str | None, as_json: bo
       cwlite tpm quote --nonce $(openssl rand -hex 32)
       cwlite tpm quote --nonce 00ff --pcrs 0,7,10 --json > quote.json
     """
-    from controlplane.tpm import open_tpm, verify_quote
+    from controlplane.host.tpm import open_tpm, verify_quote
 
     try:
         qd = bytes.fromhex(nonce)
@@ -217,7 +217,7 @@ def info(data_dir: Path, device: str | None, as_json: bool) -> None:
       cwlite tpm info --json | jq .ak.name
       cwlite tpm info --device swtpm:host=127.0.0.1,port=2321
     """
-    from controlplane.tpm import open_tpm, public_pem
+    from controlplane.host.tpm import open_tpm, public_pem
 
     with open_tpm(data_dir, device=device) as t:
         data = t.info()

@@ -40,8 +40,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from controlplane.errors import CwliteError, PolicyError
-from controlplane.events import Event, EventKind
+from controlplane.core.errors import CwliteError, PolicyError
+from controlplane.core.events import Event, EventKind
 
 API_VERSION = "v1"
 MAX_BODY = 256 * 1024            # bytes; a signed policy is the largest legitimate body
@@ -88,7 +88,7 @@ class TlsIdentity:
 
 @dataclass
 class ServiceState:
-    """What the service answers from. `tpm` and `mlog` follow controlplane.tpm / controlplane.mlog.
+    """What the service answers from. `tpm` and `mlog` follow controlplane.host.tpm / controlplane.mlog.
 
     `policy_path` is the active policy file (replaced atomically by POST /v1/policy);
     `on_policy(policy)` lets a co-located enforcement engine load a pushed policy;
@@ -320,7 +320,7 @@ def create_app(state: ServiceState) -> FastAPI:
         """The active policy (text and canonical digest) and the measurement-DB digest."""
         text = pol = None
         if state.policy_path is not None and Path(state.policy_path).exists():
-            from controlplane.policy import load_policy
+            from controlplane.core.policy import load_policy
 
             text = Path(state.policy_path).read_text()
             pol = load_policy(state.policy_path)
@@ -335,7 +335,7 @@ def create_app(state: ServiceState) -> FastAPI:
         if state.controller_key is None or state.policy_path is None:
             raise _Reject(409, "policy push disabled: the service was started without --controller-key/--policy")
         pol = _checked_policy(state, req)
-        from controlplane.atomic import write_atomic
+        from controlplane.core.atomic import write_atomic
 
         with state.lock:
             path = Path(state.policy_path)
@@ -382,8 +382,8 @@ def _sig_path(policy_path: Path) -> Path:
 
 
 def _checked_policy(state: ServiceState, req: PolicyPush):
-    """Parse the pushed policy and check its signature with controlplane.policy (one implementation)."""
-    from controlplane.policy import load_policy
+    """Parse the pushed policy and check its signature with controlplane.core.policy (one implementation)."""
+    from controlplane.core.policy import load_policy
 
     signature = _unb64(req.signature, "signature")
     with tempfile.TemporaryDirectory(prefix="cwlite-push-") as tmp:

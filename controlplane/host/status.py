@@ -43,7 +43,7 @@ def _active_lsms() -> list[str] | None:
 
 def _btf() -> dict:
     from cext import Btf
-    from controlplane.errors import BtfError
+    from controlplane.core.errors import BtfError
 
     try:
         with Btf(loader.VMLINUX) as btf:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from controlplane import proof as proof_mod
-from controlplane.cli import emit
+from controlplane.core import proof as proof_mod
+from controlplane.cli.output import emit
 
 
 @click.group("proof")

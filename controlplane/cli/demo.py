@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from controlplane.errors import CwliteError
+from controlplane.core.errors import CwliteError
 
 TRUST_SET = "demo"
 LABEL = "tp_demo"
@@ -103,9 +103,9 @@ class Demo:
     @contextlib.contextmanager
     def start(cls, layout: Layout, *, controller_key: Path | None = None,
               say: io.TextIOBase | None = None) -> Iterator["Demo"]:
-        from controlplane import proof as proof_mod
-        from controlplane.service_cli import running_service
-        from controlplane.store import Store, default_url
+        from controlplane.core import proof as proof_mod
+        from controlplane.cli.serve import running_service
+        from controlplane.verifier.store import Store, default_url
 
         with running_service(layout.host_dir, policy_path=layout.policy, db_path=layout.db, enforce=True,
                              backend="tracepoint", controller_key=controller_key,
@@ -117,7 +117,7 @@ class Demo:
             yield demo
 
     def enrol(self, name: str = "build-vm-1"):
-        from controlplane import registrar
+        from controlplane.verifier import registrar
 
         ca = self.layout.host_dir / "swtpm" / "ca"
         cas = registrar.load_cas(sorted(ca.glob("*cert*.pem")))
@@ -142,7 +142,7 @@ class Demo:
             time.sleep(0.05)
 
     def attest(self, name: str = "build-vm-1"):
-        from controlplane import verifier
+        from controlplane.verifier import attest as verifier
 
         ref = _reference(self.layout)
         try:
@@ -152,8 +152,8 @@ class Demo:
 
 
 def _reference(layout: Layout):
-    from controlplane.policy import load_policy
-    from controlplane.verifier import Reference
+    from controlplane.core.policy import load_policy
+    from controlplane.verifier.attest import Reference
     from prima.measuredb import MeasureDB
 
     return Reference(load_policy(layout.verifier_policy), MeasureDB.open(layout.verifier_db))
@@ -178,8 +178,8 @@ def main(work: Path | None = None) -> int:
     """`make demo`: the whole slice, with a narration a newcomer can follow."""
     from rich.console import Console
 
-    from controlplane import proof as proof_mod
-    from controlplane.proof_cli import print_proof
+    from controlplane.core import proof as proof_mod
+    from controlplane.cli.proof import print_proof
 
     con = Console()
     if os.geteuid() != 0:

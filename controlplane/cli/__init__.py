@@ -1,0 +1,1 @@
+"""Roof: the `cwlite` command and the demo, which compose every layer."""

@@ -1,0 +1,1 @@
+"""Core layer: pure code every other layer stands on (no kernel, TPM or web server)."""

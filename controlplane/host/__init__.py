@@ -1,0 +1,1 @@
+"""Host layer: the live measurement log, the TPM, swtpm, and the attestation service."""

@@ -1,0 +1,1 @@
+"""Verifier layer: attests hosts and builds proofs; imports the core layer only."""

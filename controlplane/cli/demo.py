@@ -113,7 +113,8 @@ class Demo:
                 Store.open(default_url(layout.verifier_dir)) as store:
             key = proof_mod.load_signing_key(layout.verifier_dir / "verifier.key", create=True)
             demo = cls(layout, running, store, key)
-            demo.wait_logged(lambda e: e.name.startswith("cwlite:db-load:"), what="enforcement start")
+            demo.wait_logged(lambda e: e.name.startswith("cwlite:db-load:"), what="enforcement start",
+                             timeout=120)  # bcc compiles exec.bpf.c: tens of seconds on a loaded machine
             yield demo
 
     def enrol(self, name: str = "build-vm-1"):

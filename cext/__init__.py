@@ -5,11 +5,11 @@ depend on kernel-header struct layouts (DESIGN.md, "Kernel mediation").
 """
 from __future__ import annotations
 
+from controlplane.core.errors import CwliteError
+
 try:
     from cext import _btf  # noqa: F401  (the compiled module)
 except ImportError as exc:  # pragma: no cover - only on a broken install
-    from controlplane.core.errors import CwliteError
-
     raise CwliteError("cext not built: run `pip install .` (or `make setup`) in the cwlite checkout") from exc
 
 from cext.btf import Btf, Field, VMLINUX

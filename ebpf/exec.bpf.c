@@ -862,7 +862,7 @@ static __always_inline int cwl_guard_bpf(u32 cmd, const void *attr, int user_att
 	key = cwl_bpf_fd_key(fd, kind);
 	if (!key || !cwl_objs.lookup(&key))
 		return 0;
-	return cwl_self_violation(CWL_OP_SELF_BPF, CWL_WHY_SELF_NOT_DAEMON, cmd, key);
+	return cwl_self_violation(CWL_OP_BPF, CWL_WHY_NOT_DAEMON, cmd, key);
 }
 
 /* A signal `sig` aimed at `pid` (kill(2) semantics): 0 when allowed, else the violation's verdict.
@@ -877,7 +877,7 @@ static __always_inline int cwl_guard_signal(s64 pid, int sig)
 	label = cwl_task_label();
 	if (!label || label == CWL_LABEL_DAEMON || !(d = cwl_the_daemon()) || !cwl_hits_daemon(d, pid))
 		return 0;
-	return cwl_self_violation(CWL_OP_SELF_SIGNAL, CWL_WHY_SELF_TP_SIGNAL, sig, (u64)pid);
+	return cwl_self_violation(CWL_OP_SIGNAL, CWL_WHY_TP_SIGNAL, sig, (u64)pid);
 }
 
 #ifdef CWL_BACKEND_LSM

@@ -17,12 +17,11 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from cext import VMLINUX, Btf
 from controlplane.core.errors import BpfCompileError, KernelError
 
 if TYPE_CHECKING:  # bcc is imported lazily: tracefs must be mounted before `import bcc`
     import bcc
-
-VMLINUX = "/sys/kernel/btf/vmlinux"
 
 # The kernel fields cwlite's programs read, as macro stem -> alternative BTF
 # paths (kernels rename fields; the first that exists wins). Each becomes
@@ -105,8 +104,6 @@ def source_dir() -> Path:
 @functools.lru_cache(maxsize=4)
 def offset_cflags(btf_path: str = VMLINUX) -> tuple[str, ...]:
     """-D flags for every KERNEL_FIELDS entry, resolved from `btf_path` (cached per process)."""
-    from cext import Btf
-
     with Btf(btf_path) as btf:
         flags: list[str] = []
         for stem, paths in KERNEL_FIELDS.items():
@@ -141,7 +138,7 @@ def compile_program(program: Program) -> "bcc.BPF":
     BPF: whatever the source declares; bcc auto-attaches TRACEPOINT_PROBE and LSM_PROBE.
     """
     ensure_tracefs()
-    import bcc
+    import bcc  # here, after tracefs is mounted: bcc decides at import where tracepoints are
 
     # clang writes diagnostics straight to fd 2; capture them to name the line.
     with tempfile.TemporaryFile(mode="w+b") as err:

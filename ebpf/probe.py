@@ -47,7 +47,7 @@ def probe_tracepoint_and_net() -> dict[str, ProbeResult]:
     except CwliteError as exc:
         fail = ProbeResult(False, str(exc))
         return {k: fail for k in ("tracepoint", "cgroup_skb", "tc")}
-    import bcc
+    import bcc  # after loader.load mounted tracefs: bcc looks for it at import (ebpf.loader)
 
     results: dict[str, ProbeResult] = {}
     try:

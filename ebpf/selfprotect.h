@@ -20,8 +20,8 @@
  * at all, whoever asks.
  *
  * Map OPERATIONS stay in exec.bpf.c (bcc rewrites them only in the main source); this header holds
- * layouts, constants, the maps' declarations and the probe reads. Python reads CWL_LABEL_DAEMON and
- * the CWL_OP_SELF_* / CWL_WHY_SELF_* values from this file (prima/selfprotect.py).
+ * layouts, constants, the maps' declarations and the probe reads. Python reads every number here
+ * through ebpf.abi (CWL_LABEL_DAEMON, the ops, reasons and bpf commands events carry).
  */
 #ifndef CWL_SELFPROTECT_H
 #define CWL_SELFPROTECT_H
@@ -51,10 +51,10 @@ struct cwl_daemon {
 #define CWL_OBJ_PROG 2ULL
 
 /* Event ops and reasons (struct cwl_event.op/why; PRIMA's are below 16, CDI's 16..23). */
-#define CWL_OP_SELF_BPF 24    /* a bpf(2) write on cwlite's object: dev = command, ino = (kind << 32) | id */
-#define CWL_OP_SELF_SIGNAL 25 /* a signal to the daemon: dev = signal, ino = the pid/tid/group aimed at */
-#define CWL_WHY_SELF_NOT_DAEMON 24 /* only the daemon may change cwlite's maps and links */
-#define CWL_WHY_SELF_TP_SIGNAL 25  /* a TP may not signal the daemon */
+#define CWL_OP_BPF 24    /* a bpf(2) write on cwlite's object: dev = command, ino = (kind << 32) | id */
+#define CWL_OP_SIGNAL 25 /* a signal to the daemon: dev = signal, ino = the pid/tid/group aimed at */
+#define CWL_WHY_NOT_DAEMON 24 /* only the daemon may change cwlite's maps and links */
+#define CWL_WHY_TP_SIGNAL 25  /* a TP may not signal the daemon */
 
 /* bpf(2) commands (uapi linux/bpf.h enum bpf_cmd: ABI, append-only) that change a map or a link. */
 #define CWL_BPF_MAP_UPDATE_ELEM 2

@@ -1,7 +1,8 @@
 """CDI protection for the lsm backend: which inodes are CDIs, and which TP labels may write each.
 
 BPF: ebpf/exec.bpf.c -DCWL_BACKEND_LSM (file_open, inode_create/link/unlink/rename/setattr, ...)
-reads the generation slots of cwl_cdi (ebpf/cdi.h). The engine asks
+reads the generation slots of cwl_cdi (ebpf/cdi.h; its CWL_OP_CDI_*/CWL_WHY_CDI_* numbers
+are decoded by prima.engine through ebpf.abi). The engine asks
 `generation_items()` for the generation it is about to make live, so CDIs
 change with the policy in the same flip as PRIMA's maps.
 
@@ -20,38 +21,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 from controlplane.core.errors import EnforcementError, KernelError
+from cext import VMLINUX
 from controlplane.core.policy import Policy
-from ebpf import loader
-from prima.measuredb import kernel_dev
+from prima.kernelview import kernel_dev
 
 if TYPE_CHECKING:
     import bcc
 
 CDI_MAX = 65536  # CDI inodes (files and directories) in one generation
 WRITER_LABEL_LIMIT = 64  # writers are one bit per label id in a u64
-
-_DEFINE = re.compile(r"^#define\s+CWL_(OP|WHY)_CDI_(\w+)\s+(\d+)", re.MULTILINE)
-
-
-@functools.lru_cache(maxsize=1)
-def _header_names() -> dict[str, dict[int, str]]:
-    """cdi.h's CWL_OP_CDI_* / CWL_WHY_CDI_* values: the header stays the one source of the numbers."""
-    text = (loader.source_dir() / "cdi.h").read_text()
-    names: dict[str, dict[int, str]] = {"OP": {}, "WHY": {}}
-    for group, name, value in _DEFINE.findall(text):
-        word = name.lower().replace("_", "-")
-        names[group][int(value)] = word
-    return names
-
-
-def ops() -> dict[int, str]:
-    """Event op numbers of CDI operations -> Event.op words (open-write, create, link, unlink, rename, setattr)."""
-    return dict(_header_names()["OP"])
-
-
-def whys() -> dict[int, str]:
-    """Event why numbers of CDI violations -> words (not-writer)."""
-    return dict(_header_names()["WHY"])
 
 
 @dataclass(frozen=True)
@@ -117,7 +95,7 @@ def generation_items(bpf: "bcc.BPF", policy: Policy, label_ids: Mapping[str, int
             for c in cdi_inodes(policy, label_ids)]
 
 
-def cflags(btf_path: str = loader.VMLINUX) -> list[str]:
+def cflags(btf_path: str = VMLINUX) -> list[str]:
     """-D flags exec.bpf.c's lsm backend needs beyond PRIMA's: the CDI map size and this kernel's inode_setattr arguments."""
     flags = [f"-DCWL_CDI_MAX={CDI_MAX}"]
     if lsm_hook_params("inode_setattr", btf_path)[0] != "dentry":
@@ -126,7 +104,7 @@ def cflags(btf_path: str = loader.VMLINUX) -> list[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def lsm_hook_params(hook: str, btf_path: str = loader.VMLINUX) -> tuple[str, ...]:
+def lsm_hook_params(hook: str, btf_path: str = VMLINUX) -> tuple[str, ...]:
     """Parameter names of the kernel's BPF LSM attach point `bpf_lsm_<hook>`, from BTF (bpftool)."""
     proc = subprocess.run(["bpftool", "btf", "dump", "file", btf_path, "format", "raw"], capture_output=True, text=True)
     if proc.returncode != 0:

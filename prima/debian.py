@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import subprocess
+import tarfile
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 from urllib.parse import unquote
 
+from debian.deb822 import Packages, Release
 from debian.debfile import DebError, DebFile
 
 from controlplane.core.errors import MeasureDBError
@@ -107,15 +109,11 @@ class PackageIndex:
     starts: dict[bytes, tuple[int, ...]]
 
     def stanzas(self, name: str) -> Iterator[dict[str, str]]:
-        from debian.deb822 import Packages
-
         for start in self.starts.get(name.encode(), ()):
             end = self.text.find(b"\n\n", start)
             yield Packages(self.text[start : end if end >= 0 else len(self.text)].decode("utf-8"))
 
     def by_sha256(self, sha256_hex: str) -> dict[str, str] | None:
-        from debian.deb822 import Packages
-
         at = self.text.find(f"\nSHA256: {sha256_hex}\n".encode())
         if at < 0:
             return None
@@ -163,8 +161,6 @@ def verified_indexes(lists_dir: Path = LISTS_DIR, keyrings: Sequence[Path] | Non
     refuses the whole build (one line naming the file and field). An InRelease
     signed by no trusted key, or past its Valid-Until, is not used.
     """
-    from debian.deb822 import Release
-
     keyrings = apt_keyrings() if keyrings is None else list(keyrings)
     if not lists_dir.is_dir():
         raise MeasureDBError(f"{lists_dir}: no apt lists directory (run apt-get update)")
@@ -262,8 +258,6 @@ class DebMember:
 
 def deb_code_files(deb: Path) -> list[DebMember]:
     """Measure every code file in a (verified) .deb's data.tar, in archive order."""
-    import tarfile
-
     out: list[DebMember] = []
     by_name: dict[str, DebMember] = {}
     try:
@@ -308,8 +302,6 @@ class Installed:
 
 
 def _status(admindir: Path) -> dict[str, list[dict[str, str]]]:
-    from debian.deb822 import Packages
-
     path = admindir / "status"
     try:
         fh = open(path, encoding="utf-8")

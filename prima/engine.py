@@ -25,17 +25,17 @@ import os
 import struct
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from cext import bpfmap
 from controlplane.core.errors import CwliteError, EnforcementError
 from controlplane.core.events import ZERO_DIGEST, Event, EventKind, alive_digest
 from controlplane.core.policy import Policy
-from prima import selfprotect
-from prima.measuredb import KernelEntry, kernel_dev
+from ebpf import abi, loader
+from prima import cdi, selfprotect
+from prima.kernelview import KernelEntry, kernel_dev
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # bcc itself is imported by ebpf.loader when a program is compiled
     import bcc
 
 # One source, two backends (ebpf/exec.bpf.c): the -D flag that selects each.
@@ -48,15 +48,29 @@ ENTRY_MAX = 1024        # entrypoint inodes
 RINGBUF_PAGES = 256     # 1 MiB of events in flight
 MIN_TRUST_MAX = 4096
 
-# cwlite.h constants, by name (the C header is the source; these decode its records).
-KINDS = {1: EventKind.TRUSTED_LOAD, 2: EventKind.LABEL_TRANSITION, 3: EventKind.VIOLATION}
-OPS = {1: "exec", 2: "interp", 3: "script", 4: "mmap", 5: "mprotect", 6: "anon-exec", 7: "entrypoint", 8: "drop"}
-ACTIONS = {0: "allowed", 1: "killed", 2: "denied"}
-WHYS = {0: "", 1: "unmeasured", 2: "changed-after-measurement", 3: "not-in-trust-set", 4: "no-file", 5: "anonymous-exec"}
-DROPS = {0: "ringbuf", 1: "label-map", 2: "seen-map", 3: "cdi-map"}
-DROP_MAX = 4
-# The generation maps (prima_decide.h, cdi.h): an array of maps per name, typed by its `<name>_t` template.
-GENERATION_MAPS = ("cwl_trust", "cwl_entry", "cwl_labels", "cwl_conf")
+# The words events carry into the log (and the verifier reads), for the header's names
+# whose word is not the name itself; the numbers are cwlite.h's / cdi.h's (ebpf.abi).
+WORDS = {
+    "CWL_WHY_NONE": "", "CWL_WHY_UNKNOWN": "unmeasured", "CWL_WHY_CHANGED": "changed-after-measurement",
+    "CWL_WHY_NOT_IN_SET": "not-in-trust-set", "CWL_WHY_ANON": "anonymous-exec",
+    "CWL_DROP_LABEL": "label-map", "CWL_DROP_SEEN": "seen-map", "CWL_DROP_CDI": "cdi-map",
+}
+
+
+def words(prefix: str, *, exclude: tuple[str, ...] = ()) -> dict[int, str]:
+    """value -> event word for a group of header constants: WORDS, else the name (CDI_ dropped) in lower-case-with-dashes."""
+    return {value: WORDS.get(prefix + name, name.removeprefix("CDI_").lower().replace("_", "-"))
+            for value, name in abi.names(prefix, exclude=exclude).items()}
+
+
+KINDS = {value: EventKind[name] for value, name in abi.names("CWL_EV_").items()}
+OPS = words("CWL_OP_")          # cwlite.h's PRIMA ops and cdi.h's CWL_OP_CDI_* (lsm backend only)
+ACTIONS = words("CWL_ACT_")
+WHYS = words("CWL_WHY_")
+DROPS = words("CWL_DROP_", exclude=("CWL_DROP_MAX",))
+DROP_MAX = abi.value("CWL_DROP_MAX")
+# Self-protection events (selfprotect.h) name what they concern by numbers, not by a file.
+SELF_OPS = frozenset({abi.value("CWL_OP_BPF"), abi.value("CWL_OP_SIGNAL")})
 
 
 class CwlEvent(ctypes.Structure):
@@ -67,22 +81,9 @@ class CwlEvent(ctypes.Structure):
         ("label", ctypes.c_uint32), ("prev_label", ctypes.c_uint32), ("action", ctypes.c_uint32),
         ("why", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
         ("ino", ctypes.c_uint64), ("ctime_ns", ctypes.c_uint64), ("ktime_ns", ctypes.c_uint64),
-        ("digest", ctypes.c_uint8 * 32), ("comm", ctypes.c_char * 16), ("name", ctypes.c_char * 128),
+        ("digest", ctypes.c_uint8 * 32), ("comm", ctypes.c_char * 16),
+        ("name", ctypes.c_char * abi.value("CWL_NAME_LEN")),
     ]
-
-
-def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int) -> list[KernelEntry]:
-    """Stat and hash files into kernel-view entries, for tests and benchmarks that need no DB
-    (the daemon's source is MeasureDB.kernel_view)."""
-    import hashlib
-
-    out = []
-    for p in paths:
-        st = os.stat(p)
-        with open(p, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").digest()
-        out.append(KernelEntry(kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns, sets_mask, digest, os.fspath(p)))
-    return out
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,6 @@ class Engine:
         self._queue: deque[Event] = deque()
         self._drops_seen = [0] * DROP_MAX
         self._decode_errors = 0
-        self._ops, self._whys = dict(OPS), dict(WHYS)
-        self._self_ops = frozenset(selfprotect.ops())
         self._bpf: "bcc.BPF | None" = None
         self._generation = -1
         self._slots: dict[int, dict[str, tuple[int, int]]] = {0: {}, 1: {}}  # gen -> name -> (fd, map id)
@@ -127,19 +126,11 @@ class Engine:
 
     # ---- lifecycle --------------------------------------------------------------------
     def _start(self, policy: Policy, entries: Sequence[KernelEntry], db_digest: bytes) -> None:
-        from ebpf import loader
-
         flags = [f"-DCWL_TRUST_MAX={self.trust_max}", f"-DCWL_ENTRY_MAX={ENTRY_MAX}", f"-DCWL_LABEL_MAX={LABEL_MAX}",
                  f"-DCWL_TASK_MAX={TASK_MAX}", f"-DCWL_SEEN_MAX={SEEN_MAX}", f"-DCWL_RINGBUF_PAGES={self.ringbuf_pages}"]
         if self.backend == "lsm":  # the lsm backend also guards CDIs (prima.cdi, ebpf/cdi.h)
-            from prima import cdi
-
             flags += cdi.cflags()
-            self._ops.update(cdi.ops())
-            self._whys.update(cdi.whys())
             flags += selfprotect.lsm_cflags()
-        self._ops.update(selfprotect.ops())
-        self._whys.update(selfprotect.whys())
         # bcc attaches at load, before the first generation is written: until
         # then the maps are empty, so no process can enter a label and nothing
         # is labelled yet (labels are only entered through cwl_entry*).
@@ -193,19 +184,6 @@ class Engine:
             os.close(fd)
         if maps and self._bpf is not None:
             selfprotect.remove_maps(self._bpf, [mid for _, mid in maps.values()])
-
-    def table_fd(self, name: str) -> int:
-        """The fd of one of the BPF object's maps (any type bcc made, task storage included), owned by the engine."""
-        from bcc import libbcc
-
-        fd = libbcc.lib.bpf_table_fd(self._require().module, name.encode())
-        if fd < 0:
-            raise EnforcementError(f"prima/{self.backend}: no map {name!r} in {SOURCE}")
-        return fd
-
-    def program_ids(self) -> set[int]:
-        """Kernel ids of the engine's programs (what `bpftool prog/link show` lists)."""
-        return selfprotect.program_objects(self._require())[0]
 
     def generation_maps(self) -> dict[str, int]:
         """Map ids of the live generation, by name (cwl_trust, cwl_entry, ...): for `bpftool map` and tests."""
@@ -265,8 +243,6 @@ class Engine:
         items = {"cwl_trust": trust_items, "cwl_entry": entry_items, "cwl_labels": label_items,
                  "cwl_conf": [(conf.Key(0), conf.Leaf(enforce=1 if policy.mode == "enforce" else 0))]}
         if self.backend == "lsm":
-            from prima import cdi
-
             items["cwl_cdi"] = cdi.generation_items(bpf, policy, self._label_ids)
         fresh: dict[str, tuple[int, int]] = {}
         try:
@@ -311,6 +287,12 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def bpf(self) -> "bcc.BPF":
+        """The loaded programs and maps (bcc), for inspection by name as exec.bpf.c declares them
+        (tests read cwl_task_labels and the programs' run counts through it). Raises when closed."""
+        return self._require()
+
     def _require(self) -> "bcc.BPF":
         if self._bpf is None:
             raise EnforcementError(f"prima/{self.backend}: engine is closed")
@@ -337,9 +319,9 @@ class Engine:
     def _event(self, r: CwlEvent) -> Event:
         kind = KINDS[r.kind]
         name = bytes(r.name).split(b"\0", 1)[0].decode(errors="replace")
-        op = self._ops.get(r.op, str(r.op))
+        op = OPS.get(r.op, str(r.op))
         subject = self._paths.get((r.dev, r.ino)) if kind is EventKind.TRUSTED_LOAD else None
-        if r.op in self._self_ops:
+        if r.op in SELF_OPS:
             subject = selfprotect.describe(op, r.dev, r.ino)
         detail = {
             "pid": r.pid, "tgid": r.tgid, "comm": bytes(r.comm).split(b"\0", 1)[0].decode(errors="replace"),
@@ -347,7 +329,7 @@ class Engine:
             "ktime_ns": r.ktime_ns, "backend": self.backend, "name": name,
         }
         if r.why:
-            detail["why"] = self._whys.get(r.why, str(r.why))
+            detail["why"] = WHYS.get(r.why, str(r.why))
         if kind is EventKind.LABEL_TRANSITION:
             detail["from"] = self._label_name(r.prev_label)
         return Event(kind, bytes(r.digest), self._label_name(r.label if r.label else r.prev_label),
@@ -357,22 +339,6 @@ class Engine:
         """Kernel-side failure counts since load (summed over CPUs)."""
         table = self._require()[b"cwl_drops"]
         return {DROPS.get(i, str(i)): sum(table[table.Key(i)]) for i in range(DROP_MAX) if i in DROPS}
-
-    def program_stats(self) -> dict[str, tuple[int, int]]:
-        """Per program: (runs, total ns) as the kernel counts them (only while BPF stats are enabled)."""
-        out = {}
-        for name, fn in self._require().funcs.items():
-            info = dict(line.split(":\t", 1) for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines()
-                        if ":\t" in line)
-            out[name.decode() if isinstance(name, bytes) else name] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
-        return out
-
-    def labelled_processes(self) -> dict[int, str]:
-        """tgid -> label of every process the kernel holds a label for (tracepoint backend; the daemon's
-        own reserved label is not listed)."""
-        table = self._require()[b"cwl_task_labels"]
-        daemon = selfprotect.daemon_label()
-        return {k.value: self._label_name(v.label) for k, v in table.items() if v.label != daemon}
 
     def alive(self, nonce: bytes) -> list[Event]:
         """Read the ring buffer, then add the liveness entry for a verifier's `nonce` ("alive, nonce N,

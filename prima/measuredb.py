@@ -1,4 +1,4 @@
-"""The measurement DB: trusted measurements with their origins, and the kernel's view of them.
+"""The measurement DB's store: trusted measurements with their origins, in one SQLite file.
 
 One SQLite file in WAL mode (readers never block a build, a build never
 blocks readers). The schema is versioned by `PRAGMA user_version` and
@@ -14,19 +14,21 @@ Tables:
 - `files`: what was measured on THIS machine, keyed by (dev, ino) with size,
   mtime and ctime: the incremental cache, and how `kernel_view` knows which
   inode holds which content. It is not part of `digest()`.
+
+What fills it is prima.sources (dpkg, .deb, directories); what the kernel
+gets from it is prima.kernelview.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import sqlite3
 import stat as stat_mod
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
 from controlplane.core.errors import MeasureDBError
 from prima import measure
@@ -34,7 +36,6 @@ from prima.measure import FileKind, Identity, Measured
 
 APPLICATION_ID = 0x63776C64  # "cwld": marks a SQLite file as a cwlite measurement DB
 ORIGIN_KINDS = ("deb", "dpkg", "dir")
-_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Each entry upgrades the schema from version i to i+1 (user_version = len(applied)).
 MIGRATIONS: tuple[str, ...] = (
@@ -81,58 +82,39 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def kernel_dev(st_dev: int) -> int:
-    """Userspace st_dev (glibc's major/minor encoding) -> dev_t as the kernel keeps it in super_block.s_dev.
-
-    The kernel's internal dev_t is MAJOR<<20 | MINOR (include/linux/kdev_t.h),
-    which is what a BPF program reads; stat() reports the "huge" encoding
-    glibc's major()/minor() decode (major<<8|minor for small numbers).
-    """
-    return (os.major(st_dev) << 20) | os.minor(st_dev)
-
-
 @dataclass(frozen=True)
-class Origin:
-    """Where a trusted measurement comes from: kind "deb" | "dpkg" | "dir", package (or directory), version, path."""
+class Measurement:
+    """One measurement and its origin: a source makes it (prima.sources); the store keeps it in `trust_set`."""
 
-    kind: str
-    package: str
+    digest: bytes
+    origin: str  # "deb" | "dpkg" | "dir"
+    package: str  # the package, or for "dir" the directory
     version: str
     path: str
     note: str
-    trust_set: str = ""
+    code: FileKind  # "elf", or "script" with its #! line (for policy checks of interpreters)
     untrusted: str = ""  # '' when trusted; else the reason (e.g. "md5sums mismatch")
-    code: str = ""  # "elf" | "script"
-    interpreter: str = ""  # a script's #! line (interpreter and argument), for policy checks of interpreters
+    trust_set: str = ""  # set by the store when read back
 
 
-_ORIGIN_COLS = "origin, package, version, path, note, trust_set, untrusted, file_kind, interpreter"
+_MEASUREMENT_COLS = "digest, origin, package, version, path, note, file_kind, interpreter, untrusted, trust_set"
 
 
-@dataclass(frozen=True)
-class KernelEntry:
-    """One BPF map entry: key (dev as the kernel encodes it, ino), value (trust-set bitmask, ctime cookie)."""
-
-    dev: int
-    ino: int
-    ctime_ns: int
-    sets_mask: int
-    digest: bytes
-    path: str
+def _measurement(row: tuple) -> Measurement:
+    digest, origin, package, version, path, note, file_kind, interpreter, untrusted, trust_set = row
+    return Measurement(bytes(digest), origin, package, version, path, note, FileKind(file_kind, interpreter), untrusted, trust_set)
 
 
 @dataclass(frozen=True)
-class Row:
-    """One measurement as a source produced it, before it is stored."""
+class Change:
+    """One trusted measurement added, removed or changed between two DBs (digests as hex; '' where absent)."""
 
-    digest: bytes
+    trust_set: str
     origin: str
     package: str
-    version: str
     path: str
-    note: str
-    kind: FileKind
-    untrusted: str = ""
+    old_digest: str
+    new_digest: str
 
 
 @dataclass(frozen=True)
@@ -149,20 +131,22 @@ class Mismatch:
 class Diff:
     """Measurements added, removed or changed between two DBs, keyed by (trust set, origin, package, path)."""
 
-    added: tuple[tuple[str, ...], ...] = ()
-    removed: tuple[tuple[str, ...], ...] = ()
-    changed: tuple[tuple[str, ...], ...] = ()
+    added: tuple[Change, ...] = ()
+    removed: tuple[Change, ...] = ()
+    changed: tuple[Change, ...] = ()
     old_digest: bytes = b""
     new_digest: bytes = b""
 
     def to_dict(self) -> dict:
-        keys = ("trust_set", "origin", "package", "path", "digest")
+        def where(c: Change) -> dict:
+            return {"trust_set": c.trust_set, "origin": c.origin, "package": c.package, "path": c.path}
+
         return {
             "old_digest": self.old_digest.hex(),
             "new_digest": self.new_digest.hex(),
-            "added": [dict(zip(keys, r)) for r in self.added],
-            "removed": [dict(zip(keys, r)) for r in self.removed],
-            "changed": [dict(zip((*keys[:4], "old_digest", "new_digest"), r)) for r in self.changed],
+            "added": [{**where(c), "digest": c.new_digest} for c in self.added],
+            "removed": [{**where(c), "digest": c.old_digest} for c in self.removed],
+            "changed": [{**where(c), "old_digest": c.old_digest, "new_digest": c.new_digest} for c in self.changed],
         }
 
 
@@ -253,39 +237,54 @@ class MeasureDB:
             h.update("".join(line + "\n" for (line,) in self._conn.execute(sql)).encode())
         return h.digest()
 
-    def lookup(self, digest: bytes, *, include_untrusted: bool = False) -> list[Origin]:
+    def lookup(self, digest: bytes, *, include_untrusted: bool = False) -> list[Measurement]:
         """The trusted origins of a measurement (with `include_untrusted`, also rows kept only to say why not)."""
         rows = self._conn.execute(
-            f"SELECT {_ORIGIN_COLS} FROM measurements WHERE digest = ? "
+            f"SELECT {_MEASUREMENT_COLS} FROM measurements WHERE digest = ? "
             + ("" if include_untrusted else "AND untrusted = '' ")
             + "ORDER BY trust_set, origin, package, path",
             (bytes(digest),),
         )
-        return [Origin(*r) for r in rows]
+        return [_measurement(r) for r in rows]
 
     def is_trusted(self, digest: bytes, trust_set: str) -> bool:
-        self._check_sets([trust_set])
+        self.require_sets([trust_set])
         row = self._conn.execute(
             "SELECT 1 FROM measurements WHERE digest = ? AND trust_set = ? AND untrusted = '' LIMIT 1", (bytes(digest), trust_set)
         ).fetchone()
         return row is not None
 
-    def _check_sets(self, names: Sequence[str]) -> None:
+    def trusted_digests(self, trust_set: str) -> frozenset[bytes]:
+        """Every measurement trusted in `trust_set` (one query: the verifier and the kernel view ask per set)."""
+        self.require_sets([trust_set])
+        return frozenset(bytes(d) for (d,) in self._conn.execute(
+            "SELECT DISTINCT digest FROM measurements WHERE trust_set = ? AND untrusted = ''", (trust_set,)))
+
+    def known_paths(self, trust_sets: Sequence[str]) -> list[str]:
+        """Paths measured in `trust_sets`, and every code file of the local cache: where trusted content may be now."""
+        q = ",".join("?" * len(trust_sets))
+        return [r[0] for r in self._conn.execute(
+            f"SELECT DISTINCT path FROM measurements WHERE trust_set IN ({q}) UNION SELECT path FROM files WHERE sha256 IS NOT NULL",
+            tuple(trust_sets),
+        )]
+
+    def require_sets(self, names: Sequence[str]) -> None:
+        """Refuse (one line, naming the defined sets) any of `names` this DB does not define."""
         defined = self.trust_sets()
         for n in names:
             if n not in defined:
                 raise MeasureDBError(f"{self.path}: trust set {n!r}: unknown (defined: {', '.join(defined) or 'none'})")
 
-    def origins_at(self, path: str) -> list[Origin]:
+    def origins_at(self, path: str) -> list[Measurement]:
         """Origins recorded for a path (as given, and as resolved through symlinks)."""
         paths = {path, os.path.realpath(path)}
         q = ",".join("?" * len(paths))
         rows = self._conn.execute(
-            f"SELECT {_ORIGIN_COLS} FROM measurements WHERE path IN ({q}) "
+            f"SELECT {_MEASUREMENT_COLS} FROM measurements WHERE path IN ({q}) "
             "ORDER BY trust_set, origin, package, path",
             tuple(paths),
         )
-        return [Origin(*r) for r in rows]
+        return [_measurement(r) for r in rows]
 
     def summary(self) -> dict:
         """Schema version, digest, and per trust set the counts by origin kind (for `cwlite db show`)."""
@@ -300,14 +299,14 @@ class MeasureDB:
             sets[name] = {"note": note, "sources": json.loads(sources), "built_at": built, "measurements": counts}
         return {"path": str(self.path), "schema_version": self.schema_version, "digest": self.digest().hex(), "trust_sets": sets}
 
-    def measurements(self, trust_set: str | None = None) -> list[tuple]:
-        """(trust_set, origin, package, version, path, digest, untrusted) rows, sorted."""
-        sql = "SELECT trust_set, origin, package, version, path, digest, untrusted FROM measurements"
+    def measurements(self, trust_set: str | None = None) -> list[Measurement]:
+        """Every measurement (of `trust_set`), trusted or not, sorted by trust set, origin, package, version, path."""
+        sql = f"SELECT {_MEASUREMENT_COLS} FROM measurements"
         args: tuple = ()
         if trust_set is not None:
             sql += " WHERE trust_set = ?"
             args = (trust_set,)
-        return list(self._conn.execute(sql + " ORDER BY 1, 2, 3, 4, 5", args))
+        return [_measurement(r) for r in self._conn.execute(sql + " ORDER BY trust_set, origin, package, version, path", args)]
 
     # -- the local file cache ------------------------------------------------
 
@@ -320,7 +319,8 @@ class MeasureDB:
         cols = "dev, ino, size, mtime_ns, ctime_ns, path, file_kind, interpreter, sha256, md5"
 
         def measured(r: tuple, st: os.stat_result) -> Measured:
-            return Measured(r[5], Identity.of(st), FileKind(r[6], r[7]) if r[6] else None, r[8], r[9])
+            _dev, _ino, _size, _mtime, _ctime, path, file_kind, interpreter, sha256, md5 = r
+            return Measured(path, Identity.of(st), FileKind(file_kind, interpreter) if file_kind else None, sha256, md5)
 
         if preload:
             cache = {r[:5]: r for r in self._conn.execute(f"SELECT {cols} FROM files")}
@@ -366,9 +366,9 @@ class MeasureDB:
     def _transaction(self):
         return _Transaction(self._conn)
 
-    def replace_trust_set(self, name: str, rows: Sequence[Row], *, note: str, sources: dict, local: Sequence[Measured] = ()) -> None:
+    def replace_trust_set(self, name: str, rows: Sequence[Measurement], *, note: str, sources: dict, local: Sequence[Measured] = ()) -> None:
         """Make `name` hold exactly `rows`, in one transaction (all or nothing); no write when nothing changed."""
-        new = {(r.digest, r.origin, r.package, r.version, r.path, r.note, r.kind.kind, r.kind.interpreter, r.untrusted) for r in rows}
+        new = {(r.digest, r.origin, r.package, r.version, r.path, r.note, r.code.kind, r.code.interpreter, r.untrusted) for r in rows}
         old_set = self._conn.execute("SELECT note, sources FROM trust_sets WHERE name = ?", (name,)).fetchone()
         if old_set == (note, json.dumps(sources, sort_keys=True)) and not local:
             old = set(self._conn.execute(
@@ -384,51 +384,16 @@ class MeasureDB:
             self._conn.executemany(
                 "INSERT OR REPLACE INTO measurements(trust_set, digest, origin, package, version, path, note, file_kind, interpreter, untrusted) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [(name, r.digest, r.origin, r.package, r.version, r.path, r.note, r.kind.kind, r.kind.interpreter, r.untrusted) for r in rows],
+                [(name, r.digest, r.origin, r.package, r.version, r.path, r.note, r.code.kind, r.code.interpreter, r.untrusted) for r in rows],
             )
             self._store_files(local)
 
     def remove_trust_set(self, name: str) -> None:
-        self._check_sets([name])
+        self.require_sets([name])
         with self._transaction():
             self._conn.execute("DELETE FROM trust_sets WHERE name = ?", (name,))
 
-    # -- the kernel's view ----------------------------------------------------
-
-    def kernel_view(self, trust_sets: Sequence[str]) -> list[KernelEntry]:
-        """BPF map entries for files on this machine whose current content is trusted in `trust_sets`.
-
-        Bit i of `sets_mask` is trust_sets[i] (the policy fixes the order).
-        Candidates are the paths the DB knows (measured paths and the local
-        cache); each is stat()ed (following symlinks, so /bin/ls of a
-        merged-/usr system is /usr/bin/ls's inode), and a file whose
-        size/mtime/ctime changed since it was measured is measured again: if
-        its content is no longer trusted, it is not in the view.
-        """
-        self._check_sets(trust_sets)
-        if len(trust_sets) > 64:
-            raise MeasureDBError(f"{self.path}: kernel view: {len(trust_sets)} trust sets; at most 64 fit the bitmask")
-        masks: dict[bytes, int] = {}
-        for i, name in enumerate(trust_sets):
-            for (d,) in self._conn.execute("SELECT DISTINCT digest FROM measurements WHERE trust_set = ? AND untrusted = ''", (name,)):
-                masks[d] = masks.get(d, 0) | (1 << i)
-        q = ",".join("?" * len(trust_sets))
-        paths = [r[0] for r in self._conn.execute(
-            f"SELECT DISTINCT path FROM measurements WHERE trust_set IN ({q}) UNION SELECT path FROM files WHERE sha256 IS NOT NULL",
-            tuple(trust_sets),
-        )]
-        ids = KernelIdentity()
-        current = self.measure_paths(paths + ids.overlay_layer_paths(paths))
-        entries: dict[tuple[int, int], KernelEntry] = {}
-        for m in current.values():
-            mask = masks.get(m.sha256 or b"", 0)
-            if not mask:
-                continue
-            key = (ids.dev(m.path, m.ident.dev), m.ident.ino)
-            # Two files on one key (btrfs subvolumes repeat inode numbers): keep the first; the
-            # other's ctime cookie will not match, so it is denied (fail closed), never confused.
-            entries.setdefault(key, KernelEntry(key[0], key[1], m.ident.ctime_ns, mask, m.sha256, m.path))
-        return sorted(entries.values(), key=lambda e: (e.dev, e.ino))
+    # -- this machine's files ------------------------------------------------
 
     def measure_paths(self, paths: Iterable[str], *, rehash: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Measured]:
         """Current measurement of each path that is a regular file (symlinks followed), by the path given.
@@ -462,12 +427,12 @@ class MeasureDB:
         gone). A deb origin describes an archive, not this machine: not checked.
         """
         names = self.trust_sets() if trust_sets is None else list(trust_sets)
-        self._check_sets(names)
+        self.require_sets(names)
         want = sorted(
-            (ts, path, digest)
+            (m.trust_set, m.path, m.digest)
             for name in names
-            for ts, origin, _pkg, _ver, path, digest, untrusted in self.measurements(name)
-            if not untrusted and origin != "deb"
+            for m in self.measurements(name)
+            if not m.untrusted and m.origin != "deb"
         )
         now = self.measure_paths({path for _ts, path, _d in want}, rehash=True, progress=progress)
         return [
@@ -475,96 +440,6 @@ class MeasureDB:
             for ts, path, digest in want
             if path not in now or now[path].sha256 != digest
         ]
-
-
-# -- file identity as the kernel sees it ---------------------------------------
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One line of /proc/self/mountinfo: where, the superblock's device (st_dev encoding), type, super options."""
-
-    point: str
-    dev: int
-    fstype: str
-    options: Mapping[str, str]
-
-
-def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
-    out: list[Mount] = []
-    try:
-        text = Path(mountinfo).read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        left, _, right = line.partition(" - ")
-        f, r = left.split(), right.split()
-        if len(f) < 5 or len(r) < 3:
-            continue
-        major, minor = (int(x) for x in f[2].split(":"))
-        opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in re.split(r"(?<!\\),", r[2]))
-        out.append(Mount(_unescape(f[4]), os.makedev(major, minor), r[0], opts))
-    return out
-
-
-class KernelIdentity:
-    """Maps what stat() says to what the kernel keys on: super_block.s_dev (kernel encoding) per file.
-
-    stat()'s st_dev is the superblock's device on most filesystems (ext4,
-    xfs, tmpfs, overlayfs), but btrfs reports a per-subvolume anonymous
-    device while its inodes carry the one superblock's s_dev (and inode
-    numbers repeat across subvolumes). A file whose st_dev is no mounted
-    superblock's is mapped through the mount that holds it.
-    """
-
-    def __init__(self, mount_list: Sequence[Mount] | None = None) -> None:
-        self.mounts = list(mounts() if mount_list is None else mount_list)
-        self._sb_devs = {m.dev for m in self.mounts}
-        self._by_depth = sorted(self.mounts, key=lambda m: len(m.point), reverse=True)
-
-    def dev(self, path: str, st_dev: int) -> int:
-        """The kernel's dev_t for the file at `path` whose stat() gave `st_dev`."""
-        if st_dev in self._sb_devs or not self.mounts:
-            return kernel_dev(st_dev)
-        real = os.path.realpath(path)
-        for m in self._by_depth:
-            if real == m.point or real.startswith(m.point.rstrip("/") + "/"):
-                return kernel_dev(m.dev)
-        return kernel_dev(st_dev)
-
-    def overlay_layer_paths(self, paths: Iterable[str]) -> list[str]:
-        """For files on an overlayfs, the layer file the overlay shows (the topmost layer holding it).
-
-        exec() through an overlay is seen by the kernel as the overlay's inode
-        (s_dev of the overlay), but mmap() maps the layer's own file (overlayfs
-        swaps vm_file for the real file): the kernel view needs both identities.
-        """
-        overlays = {m.dev: m for m in self.mounts if m.fstype == "overlay"}
-        if not overlays:
-            return []
-        out = []
-        for p in paths:
-            try:
-                st = os.stat(p)
-            except OSError:
-                continue
-            m = overlays.get(st.st_dev)
-            if m is None:
-                continue
-            layers = [m.options["upperdir"]] if m.options.get("upperdir") else []
-            layers += [x for x in re.split(r"(?<!\\):", m.options.get("lowerdir", "")) if x]
-            rel = os.path.relpath(os.path.realpath(p), m.point)
-            for layer in layers:
-                candidate = os.path.join(_unescape(layer).replace("\\:", ":").replace("\\,", ","), rel)
-                if os.path.lexists(candidate):
-                    out.append(candidate)
-                    break
-        return out
 
 
 class _Transaction:
@@ -602,157 +477,17 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-# -- building ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    trust_set: str
-    measured: int
-    untrusted: int
-    reused: int
-    digest: bytes
-    sources: dict = field(default_factory=dict)
-
-
-def build(
-    db_path: str | os.PathLike[str],
-    *,
-    from_deb: Sequence[str | os.PathLike[str]] = (),
-    deb_packages: Sequence[str] = (),
-    from_dpkg: Sequence[str] | bool = (),
-    from_dir: Sequence[str | os.PathLike[str]] = (),
-    trust_set: str,
-    note: str = "",
-    deps: bool = True,
-    lists_dir: str | os.PathLike[str] | None = None,
-    keyrings: Sequence[str | os.PathLike[str]] | None = None,
-    dpkg_admindir: str | os.PathLike[str] | None = None,
-    dpkg_root: str | os.PathLike[str] = "/",
-    progress: Callable[[str, int, int], None] | None = None,
-) -> BuildResult:
-    """Measure the given sources and make `trust_set` hold exactly what they trust (one transaction).
-
-    - from_deb: directories of .deb files, each checked back to apt's signed InRelease;
-      with `deb_packages`, only those packages and (unless `deps` is False)
-      what they depend on, resolved from the verified Packages stanzas: a
-      dependency with no .deb in the directories is an error.
-    - from_dpkg: installed package names (True = all installed), with their
-      dependencies unless `deps` is False; each file is cross-checked with
-      dpkg's md5sums (a mismatch is stored as untrusted). `dpkg_root` is where
-      the files are read (a copy of a system for tests or offline images).
-    - from_dir: directories the site builds itself; origin = the directory, `note`.
-    Nothing is written until every source has been measured and checked.
-    """
-    from prima import debian
-
-    if not _SET_NAME.match(trust_set or ""):
-        raise MeasureDBError(f"trust set {trust_set!r}: name must be 1-64 of [A-Za-z0-9_.-], starting alphanumeric")
-    if not (from_deb or from_dpkg or from_dir):
-        raise MeasureDBError(f"trust set {trust_set}: no source given (from_deb, from_dpkg or from_dir)")
-    deb_dirs = measure.check_dirs(from_deb, "--from-deb")
-    dir_dirs = measure.check_dirs(from_dir, "--from-dir")
-    rows: list[Row] = []
-    local: list[Measured] = []
-    reused = 0
-    tick = progress or (lambda phase, done, total: None)
-    db = MeasureDB.open(db_path, create=True)
-    try:
-        cache = db.file_cache()
-        if deb_dirs:
-            indexes = debian.verified_indexes(Path(lists_dir) if lists_dir else debian.LISTS_DIR, [Path(k) for k in keyrings] if keyrings is not None else None)
-            debs = debian.debs_in(deb_dirs)
-            if not debs:
-                raise MeasureDBError(f"{', '.join(map(str, deb_dirs))}: --from-deb: no .deb files")
-            ids = [debian.check_deb(d, indexes) for d in debs]
-            if deb_packages:
-                available: dict[str, list] = {}
-                for i in ids:
-                    available.setdefault(i.package, []).append(i.stanza)
-                keep = set(debian.closure(list(deb_packages), available, where=", ".join(map(str, deb_dirs)),
-                                          missing="no verified .deb here", deps=deps))
-                debs, ids = [d for d, i in zip(debs, ids) if i.package in keep], [i for i in ids if i.package in keep]
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-                for n, (deb, ident, members) in enumerate(zip(debs, ids, pool.map(debian.deb_code_files, debs)), 1):
-                    rows += [Row(m.sha256, "deb", ident.package, ident.version, m.path, note, m.kind) for m in members]
-                    tick("deb", n, len(debs))
-        if from_dpkg:
-            admindir = Path(dpkg_admindir) if dpkg_admindir else debian.DPKG_ADMINDIR
-            root = Path(dpkg_root)
-            pkgs = debian.installed_packages(None if from_dpkg is True else list(from_dpkg), admindir=admindir, deps=deps)
-            listed = []  # (package, path as dpkg lists it, path read, md5 dpkg recorded)
-            for pkg in pkgs:
-                paths, sums = debian.dpkg_files(pkg, admindir)
-                listed += [(pkg, p, str(root / p.lstrip("/")), sums.get(p)) for p in paths]
-            got = {m.path: m for m in measure.measure_many(
-                ((full, None) for _pkg, _p, full, _sum in listed), cache=cache, md5=True,
-                progress=_counter("dpkg", len(listed), progress))}
-            for pkg, path, full, want in listed:
-                m = got.pop(full, None)
-                if m is None:
-                    continue  # a directory, a symlink, or not there
-                reused += m.reused
-                local.append(m)
-                if m.kind is None:
-                    continue
-                why = ("no md5sums entry (conffile or not shipped by dpkg)" if want is None
-                       else "" if m.md5 and m.md5.hex() == want else f"md5sums mismatch (dpkg: {want}, file: {m.md5.hex() if m.md5 else '?'})")
-                rows.append(Row(m.sha256, "dpkg", pkg.package, pkg.version, path, note, m.kind, why))
-        for d in dir_dirs:
-            files = list(measure.walk(d))
-            step = _counter(f"dir {d}", len(files), progress)
-
-            for m in measure.measure_many(files, cache=cache, progress=step):
-                reused += m.reused
-                local.append(m)
-                if m.kind is not None:
-                    rows.append(Row(m.sha256, "dir", str(d), "", m.path, note, m.kind))
-        sources = {
-            "deb": [str(d) for d in deb_dirs] + ([f"packages: {' '.join(sorted(deb_packages))}"] if deb_packages else []),
-            "dpkg": (True if from_dpkg is True else sorted(from_dpkg)) if from_dpkg else [],
-            "dir": [str(d) for d in dir_dirs],
-        }
-        db.replace_trust_set(trust_set, _dedupe(rows), note=note, sources=sources, local=[m for m in local if not m.reused])
-        untrusted = sum(1 for r in rows if r.untrusted)
-        return BuildResult(trust_set, len(rows), untrusted, reused, db.digest(), sources)
-    finally:
-        db.close()
-
-
-def _counter(phase: str, total: int, progress: Callable[[str, int, int], None] | None) -> Callable[[int], None] | None:
-    """Adapt a (phase, done, total) progress callback to measure_many's per-file ticks."""
-    if progress is None:
-        return None
-    done = 0
-
-    def step(k: int) -> None:
-        nonlocal done
-        done += k
-        progress(phase, done, total)
-
-    return step
-
-
-def _dedupe(rows: list[Row]) -> list[Row]:
-    seen: dict[tuple, Row] = {}
-    for r in rows:
-        seen.setdefault((r.origin, r.package, r.version, r.path), r)
-    return list(seen.values())
-
-
 def diff(old: str | os.PathLike[str], new: str | os.PathLike[str]) -> Diff:
     """Measurements added, removed and changed from DB `old` to DB `new`."""
     with MeasureDB.open(old) as a, MeasureDB.open(new) as b:
-        def keyed(db: MeasureDB) -> dict[tuple[str, ...], str]:
-            return {(ts, o, pk, p): d.hex() for ts, o, pk, _v, p, d, u in db.measurements() if not u}
+        def keyed(db: MeasureDB) -> dict[tuple[str, str, str, str], str]:
+            return {(m.trust_set, m.origin, m.package, m.path): m.digest.hex() for m in db.measurements() if not m.untrusted}
 
         ka, kb = keyed(a), keyed(b)
         return Diff(
-            added=tuple((*k, kb[k]) for k in sorted(kb.keys() - ka.keys())),
-            removed=tuple((*k, ka[k]) for k in sorted(ka.keys() - kb.keys())),
-            changed=tuple((*k, ka[k], kb[k]) for k in sorted(ka.keys() & kb.keys()) if ka[k] != kb[k]),
+            added=tuple(Change(*k, "", kb[k]) for k in sorted(kb.keys() - ka.keys())),
+            removed=tuple(Change(*k, ka[k], "") for k in sorted(ka.keys() - kb.keys())),
+            changed=tuple(Change(*k, ka[k], kb[k]) for k in sorted(ka.keys() & kb.keys()) if ka[k] != kb[k]),
             old_digest=a.digest(),
             new_digest=b.digest(),
         )

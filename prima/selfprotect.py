@@ -13,67 +13,41 @@ subject's own label may ptrace it or write its memory" covers it, while PRIMA tr
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
-import re
 import struct
 from typing import TYPE_CHECKING, Iterable
 
-from cext import bpfmap
-from ebpf import loader
+from cext import VMLINUX, bpfmap
+from ebpf import abi
+from prima.cdi import lsm_hook_params
 
 if TYPE_CHECKING:
     import bcc
 
-HEADER = "selfprotect.h"
-_DEFINE = re.compile(r"^#define\s+CWL_(OP_SELF|WHY_SELF|BPF|OBJ)_(\w+)\s+(\d+)", re.MULTILINE)
-_LABEL = re.compile(r"^#define\s+CWL_LABEL_DAEMON\s+(\d+)", re.MULTILINE)
-DAEMON_LABEL_NAME = "cwlite"  # how events and `labelled_processes()` name the reserved label
-
-
-@functools.lru_cache(maxsize=1)
-def _header() -> tuple[int, dict[str, dict[int, str]]]:
-    """selfprotect.h's numbers: the header stays their one source."""
-    text = (loader.source_dir() / HEADER).read_text()
-    names: dict[str, dict[int, str]] = {"OP_SELF": {}, "WHY_SELF": {}, "BPF": {}, "OBJ": {}}
-    for group, name, value in _DEFINE.findall(text):
-        names[group][int(value)] = name.lower().replace("_", "-")
-    return int(_LABEL.search(text)[1]), names
+DAEMON_LABEL_NAME = "cwlite"  # how events name the reserved label
 
 
 def daemon_label() -> int:
     """CWL_LABEL_DAEMON: the daemon's reserved label id (never a policy label)."""
-    return _header()[0]
-
-
-def ops() -> dict[int, str]:
-    """Event op numbers of self-protection events -> Event.op words (bpf, signal)."""
-    return dict(_header()[1]["OP_SELF"])
-
-
-def whys() -> dict[int, str]:
-    """Event why numbers -> words (not-daemon, tp-signal)."""
-    return dict(_header()[1]["WHY_SELF"])
+    return abi.value("CWL_LABEL_DAEMON")
 
 
 def describe(op: str, what: int, whom: int) -> str:
     """The subject of a self-protection event (selfprotect.h: dev = what, ino = whom)."""
     if op == "bpf":
-        kind = {1: "map", 2: "link of prog"}.get(whom >> 32, "object")
-        return f"{_header()[1]['BPF'].get(what, f'cmd-{what}')} {kind} {whom & 0xffffffff}"
+        kind = {abi.value("CWL_OBJ_MAP"): "map", abi.value("CWL_OBJ_PROG"): "link of prog"}.get(whom >> 32, "object")
+        command = abi.names("CWL_BPF_", exclude=("CWL_BPF_ATTR_FD", "CWL_BPF_ATTR_BATCH_MAP_FD")).get(what)
+        return f"{command.lower().replace('_', '-') if command else f'cmd-{what}'} {kind} {whom & 0xffffffff}"
     return f"signal {what} to {ctypes.c_int32(whom & 0xffffffff).value}"
 
 
-def lsm_cflags(btf_path: str = loader.VMLINUX) -> list[str]:
+def lsm_cflags(btf_path: str = VMLINUX) -> list[str]:
     """-D flags for this kernel's `bpf` LSM hook (6.16+ pass a 4th argument, `kernel`)."""
-    from prima.cdi import lsm_hook_params
-
     return ["-DCWL_LSM_BPF_KERNEL_ARG"] if len(lsm_hook_params("bpf", btf_path)) > 3 else []
 
 
 def _obj_key(kind: str, obj_id: int) -> bytes:
-    value = {"MAP": 1, "PROG": 2}[kind]
-    return struct.pack("=Q", (value << 32) | obj_id)
+    return struct.pack("=Q", (abi.value(f"CWL_OBJ_{kind}") << 32) | obj_id)
 
 
 def _fd(bpf: "bcc.BPF", name: str) -> int:
@@ -124,7 +98,7 @@ def label_daemon(bpf: "bcc.BPF", backend: str) -> None:
     if backend == "tracepoint":
         bpfmap.update(_fd(bpf, "cwl_task_labels"), struct.pack("=I", os.getpid()), value)
         return
-    from bcc import libbcc
+    from bcc import libbcc  # loaded already (the engine compiled): bcc decides at import where tracefs is
 
     fd = libbcc.lib.bpf_table_fd(bpf.module, b"cwl_task_label_ls")
     pidfd = os.pidfd_open(os.getpid())

@@ -51,7 +51,7 @@ class Reference:
 
 def make_reference(base: Path) -> Reference:
     """A measurement DB (trust set "toolchain") built from a directory of real executables, and a policy."""
-    from prima.measuredb import build
+    from prima.sources import build
 
     tools = base / "tools"
     tools.mkdir(parents=True)

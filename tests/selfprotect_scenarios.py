@@ -28,6 +28,8 @@ from cext import bpfmap
 from controlplane.core.errors import KernelError
 from controlplane.core.events import Event, EventKind
 from prima import selfprotect
+from prima.kernelview import kernel_dev
+from tests.prima_fixtures import program_ids, table_fd
 
 EPERM_TEXT = os.strerror(1)
 
@@ -70,7 +72,7 @@ def attacker(code: str) -> subprocess.CompletedProcess:
 
 def bcc_map_id(lab, name: str) -> int:
     """The kernel id of one of the engine's fixed (bcc) maps."""
-    return bpfmap.map_info(lab.engine.table_fd(name)).id
+    return bpfmap.map_info(table_fd(lab.engine, name)).id
 
 
 def hex_bytes(data: bytes) -> list[str]:
@@ -91,9 +93,9 @@ def mark(lab) -> int:
 def _label_key(lab, pid: int):
     """(map fd, key) of `pid`'s label: cwl_task_labels[tgid] (tracepoint) or task storage by pidfd (lsm)."""
     if lab.engine.backend == "tracepoint":
-        return lab.engine.table_fd("cwl_task_labels"), struct.pack("=I", pid), None
+        return table_fd(lab.engine, "cwl_task_labels"), struct.pack("=I", pid), None
     pidfd = os.pidfd_open(pid)
-    return lab.engine.table_fd("cwl_task_label_ls"), struct.pack("=i", pidfd), pidfd
+    return table_fd(lab.engine, "cwl_task_label_ls"), struct.pack("=i", pidfd), pidfd
 
 
 def label_of(lab, pid: int) -> int:
@@ -147,8 +149,6 @@ def scenario_forge_trust_entry(lab, exp: Expect) -> None:
     tp = lab.label()
     trust_id = lab.engine.generation_maps()["cwl_trust"]
     st = os.stat(lab.untrusted)
-    from prima.measuredb import kernel_dev
-
     key = struct.pack("=IIQ", kernel_dev(st.st_dev), 0, st.st_ino)
     value = struct.pack("=QQ", st.st_ctime_ns, (1 << 64) - 1) + bytes(32)
     r = bpftool("map", "update", "id", str(trust_id), "key", "hex", *hex_bytes(key), "value", "hex", *hex_bytes(value))
@@ -201,7 +201,7 @@ def scenario_dump_still_works(lab, exp: Expect) -> None:
 def scenario_link_detach(lab, exp: Expect) -> None:
     """root detaches one of cwlite's links: refused or killed, logged; the program stays attached."""
     since = mark(lab)
-    ours = lab.engine.program_ids()
+    ours = program_ids(lab.engine)
     links = [link for link in json.loads(bpftool("-j", "link", "show").stdout) if link.get("prog_id") in ours]
     assert links, "no bpf link of cwlite's programs"
     link = links[0]

@@ -6,7 +6,7 @@
   local CA), made once per session with swtpm_setup; each test copies it.
 - `swtpm`: a running swtpm on a private copy of that state (`.tcti`, `.data_dir`,
   the CA under `.data_dir / "ca"`); stopped (terminate, wait, kill) at teardown.
-- `tpm`: a `controlplane.tpm.Tpm` on that swtpm (ECC AK); `rsa_tpm`: the same with an RSA AK.
+- `tpm`: a `controlplane.host.tpm.Tpm` on that swtpm (ECC AK); `rsa_tpm`: the same with an RSA AK.
 - `tpm_tools_env`: os.environ plus TPM2TOOLS_TCTI for tpm2-tools on that swtpm;
   `tpm2_pcrread(env, pcr)`: what tpm2-tools reads there (an independent check).
 """
@@ -21,6 +21,8 @@ from typing import Iterator
 
 import pytest
 
+from controlplane.host.swtpm import Swtpm, manufacture
+from controlplane.host.tpm import Tpm
 from tests.conftest import requires
 
 needs_swtpm = requires(tool="swtpm_setup")
@@ -30,17 +32,13 @@ needs_swtpm = requires(tool="swtpm_setup")
 def swtpm_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("swtpm_setup") is None or shutil.which("swtpm") is None:
         pytest.skip("swtpm/swtpm_setup not installed (make setup installs them)")
-    from controlplane.host.swtpm import manufacture
-
     base = tmp_path_factory.mktemp("swtpm-template")
     manufacture(base)
     return base
 
 
 @pytest.fixture
-def swtpm(swtpm_template: Path, tmp_path: Path) -> Iterator["object"]:
-    from controlplane.host.swtpm import Swtpm
-
+def swtpm(swtpm_template: Path, tmp_path: Path) -> Iterator[Swtpm]:
     data_dir = tmp_path / "swtpm"
     shutil.copytree(swtpm_template, data_dir, symlinks=True)
     sw = Swtpm.start(data_dir)
@@ -51,17 +49,13 @@ def swtpm(swtpm_template: Path, tmp_path: Path) -> Iterator["object"]:
 
 
 @pytest.fixture
-def tpm(swtpm) -> Iterator["object"]:
-    from controlplane.host.tpm import Tpm
-
+def tpm(swtpm) -> Iterator[Tpm]:
     with Tpm(swtpm.tcti) as t:
         yield t
 
 
 @pytest.fixture
-def rsa_tpm(swtpm) -> Iterator["object"]:
-    from controlplane.host.tpm import Tpm
-
+def rsa_tpm(swtpm) -> Iterator[Tpm]:
     with Tpm(swtpm.tcti, ak_alg="rsa") as t:
         yield t
 

@@ -8,11 +8,15 @@ import sys
 from typing import Callable, Iterator
 
 import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from controlplane.cli.output import emit
 from controlplane.core.errors import MeasureDBError
+from controlplane.core.paths import DEFAULT_DATA_DIR
+from prima.measuredb import MeasureDB, Measurement, diff
 
-DEFAULT_DB = "/var/lib/cwlite/measure.db"
+DEFAULT_DB = str(DEFAULT_DATA_DIR / "measure.db")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 db_option = click.option(
@@ -48,9 +52,6 @@ def _progress() -> Iterator[Callable[[str, int, int], None] | None]:
     if not sys.stderr.isatty():
         yield None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -97,12 +98,13 @@ def build_cmd(db_path: str, trust_set: str, from_deb: tuple[str, ...], from_dpkg
       # code the site builds itself, with a note
       cwlite db build --trust-set site --from-dir /opt/site/bin --note "ci job 4211"
     """
-    from prima import measuredb
+    # Here, not at the top: prima.sources brings python-debian (~30 ms), which only `db build` needs.
+    from prima.sources import build
 
     if packages and not (from_dpkg or from_deb) or packages and from_dpkg and from_deb:
         raise click.UsageError("package names go with exactly one of --from-dpkg or --from-deb")
     with _progress() as tick:
-        result = measuredb.build(
+        result = build(
             db_path, from_deb=list(from_deb), deb_packages=list(packages) if from_deb else [], from_dpkg=(list(packages) or True) if from_dpkg else (), from_dir=list(from_dir),
             trust_set=trust_set, note=note, deps=not no_deps, lists_dir=lists_dir,
             keyrings=list(keyrings) if keyrings else None, dpkg_root=dpkg_root, progress=tick,
@@ -114,9 +116,10 @@ def build_cmd(db_path: str, trust_set: str, from_deb: tuple[str, ...], from_dpkg
         f"{d['reused']} unchanged files reused); DB digest {d['digest']}"))
 
 
-def _origin_dict(o) -> dict:
-    return {"trust_set": o.trust_set, "kind": o.kind, "package": o.package, "version": o.version, "path": o.path,
-            "note": o.note, "trusted": not o.untrusted, "untrusted": o.untrusted, "code": o.code, "interpreter": o.interpreter}
+def _origin_dict(m: Measurement) -> dict:
+    return {"trust_set": m.trust_set, "kind": m.origin, "package": m.package, "version": m.version, "path": m.path,
+            "note": m.note, "trusted": not m.untrusted, "untrusted": m.untrusted, "code": m.code.kind,
+            "interpreter": m.code.interpreter}
 
 
 @db.command("show")
@@ -136,8 +139,6 @@ def show(db_path: str, as_json: bool, what: str | None) -> None:
       cwlite db show /usr/bin/make
       cwlite db show 3f5c...e1 (a 64-hex-digit SHA-256)
     """
-    from prima.measuredb import MeasureDB
-
     with MeasureDB.open(db_path) as mdb:
         if what is None:
             emit(mdb.summary(), as_json, _print_summary)
@@ -195,8 +196,6 @@ def diff_cmd(as_json: bool, old: str, new: str) -> None:
       cwlite db diff /var/lib/cwlite/measure.db.old /var/lib/cwlite/measure.db
       cwlite db diff --json a.db b.db | jq '.changed | length'
     """
-    from prima.measuredb import diff
-
     def human(d: dict) -> None:
         click.echo(f"digest {d['old_digest']} -> {d['new_digest']}")
         for sign, key in (("+", "added"), ("-", "removed")):
@@ -220,8 +219,6 @@ def verify(db_path: str, trust_sets: tuple[str, ...], as_json: bool) -> None:
       cwlite db verify
       cwlite db verify --trust-set build-tools --json
     """
-    from prima.measuredb import MeasureDB
-
     with MeasureDB.open(db_path) as mdb:
         found = mdb.verify(list(trust_sets) or None)
     data = {"db": db_path, "mismatches": [

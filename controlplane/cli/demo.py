@@ -71,7 +71,7 @@ class Layout:
 
 def prepare(work: Path, *, mode: str = "audit") -> Layout:
     """Build the DB (dpkg packages + the entrypoint's directory) and the policy; copy both for the verifier."""
-    from prima.measuredb import build
+    from prima.sources import build
 
     work = Path(work)
     tp_bin, elsewhere, verifier = work / "tp-bin", work / "downloads", work / "verifier"
@@ -129,8 +129,10 @@ class Demo:
         cmd = " ".join([str(program), *args])
         return subprocess.run([str(self.layout.entry), "-c", cmd], capture_output=True, text=True, timeout=60)
 
-    def wait_logged(self, pred: Callable, *, what: str, timeout: float = 20.0):
-        """The first committed log entry matching `pred` (enforcement writes asynchronously)."""
+    def wait_logged(self, pred: Callable, *, what: str, timeout: float = 180.0):
+        """The first committed log entry matching `pred` (enforcement writes asynchronously).
+
+        The deadline covers a bcc compile of the engine, which takes a minute or more on a loaded 2-core machine."""
         deadline = time.monotonic() + timeout
         while True:
             if self.running.failure:

@@ -20,8 +20,13 @@ import click
 
 from controlplane.core.errors import CwliteError, EnforcementError
 from controlplane.core.events import Event, EventKind, EventSink
+from controlplane.core.paths import DEFAULT_DATA_DIR
+from controlplane.core.policy import Policy, load_policy
+from ebpf.probe import probe_lsm
+from prima.engine import Engine
+from prima.kernelview import KernelEntry, kernel_view
+from prima.measuredb import MeasureDB
 
-DEFAULT_DATA = Path("/var/lib/cwlite")
 ALIVE_TIMEOUT_S = 5.0  # how long a quote waits for the engine's liveness entry
 
 
@@ -71,16 +76,11 @@ def resolve_backend(requested: str) -> str:
     """"auto" -> "lsm" when a BPF LSM program loads here, else "tracepoint"."""
     if requested != "auto":
         return requested
-    from ebpf.probe import probe_lsm
-
     return "lsm" if probe_lsm().ok else "tracepoint"
 
 
-def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None):
+def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None) -> tuple[Policy, list[KernelEntry], bytes]:
     """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets, the DB digest."""
-    from controlplane.core.policy import load_policy
-    from prima.measuredb import MeasureDB
-
     policy = load_policy(policy_path, controller_key=controller_key, require_signature=controller_key is not None)
     if not db_path.exists():
         raise EnforcementError(f"{db_path}: no measurement DB (build one with `cwlite db build`)")
@@ -89,7 +89,7 @@ def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None):
         if missing:
             raise EnforcementError(f"{policy_path}: trust_sets: {', '.join(missing)} not in {db_path} "
                                    f"(has: {', '.join(db.trust_sets()) or 'none'})")
-        return policy, db.kernel_view(policy.trust_sets()), db.digest()
+        return policy, kernel_view(db, policy.trust_sets()), db.digest()
 
 
 class Daemon:
@@ -112,8 +112,6 @@ class Daemon:
         return done.wait(timeout)
 
     def run(self) -> None:
-        from prima.engine import Engine
-
         policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key)
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
         engine = Engine(policy, view, backend=backend, db_digest=db_digest)
@@ -132,7 +130,7 @@ class Daemon:
                 self.sink.record(ev)
             self._say("detached")
 
-    def _answer_alive(self, engine) -> None:
+    def _answer_alive(self, engine: Engine) -> None:
         while True:
             try:
                 nonce, done = self._alive.get_nowait()
@@ -142,7 +140,7 @@ class Daemon:
                 self.sink.record(ev)
             done.set()
 
-    def _reload(self, engine) -> None:
+    def _reload(self, engine: Engine) -> None:
         try:
             policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key)
             loaded = engine.reload(policy, view, db_digest)
@@ -167,7 +165,7 @@ class Daemon:
               help="Append every event as a JSON line to this file (fsynced).")
 @click.option("--mlog", is_flag=True, help="Record every event in the measurement log (DATA_DIR/measurements.log, "
               "extended into the policy's PCR).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA, show_default=True,
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR, show_default=True,
               help="With --mlog: where the log and the embedded swtpm live.")
 @click.option("--device", help="With --mlog: TPM device or TCTI (default: /dev/tpmrm0, else the embedded swtpm).")
 @click.option("--backend", type=click.Choice(["auto", "tracepoint", "lsm"]), default="auto", show_default=True,
@@ -208,9 +206,9 @@ def enforce(policy_path: Path, db_path: Path, events_path: Path | None, mlog: bo
         closers.append(js.close)
     tpm_ctx = None
     if mlog:
+        # Only --mlog needs the TPM: tpm2-pytss costs ~0.15 s at import, paid by every `cwlite` start if at the top.
         from controlplane.host import mlog as mlog_mod
         from controlplane.host import tpm as tpm_mod
-        from controlplane.core.policy import load_policy
 
         pcr = mlog_mod.choose_pcr(load_policy(policy_path).pcr)
         tpm_ctx = tpm_mod.open_tpm(data_dir, device=device)

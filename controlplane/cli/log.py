@@ -8,12 +8,14 @@ from pathlib import Path
 import click
 
 from controlplane.cli.output import emit
+from controlplane.core import imalog
 from controlplane.core.errors import LogError
+from controlplane.core.paths import DEFAULT_DATA_DIR
+from controlplane.core.quote import public_pem, verify_quote
 
-DEFAULT_DATA = Path("/var/lib/cwlite")
 LOG_NAME = "measurements.log"
 
-_data_dir = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA,
+_data_dir = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR,
                          show_default=True, help="cwlite's data dir (the log, the embedded swtpm).")
 _device = click.option("--device", help="TPM device or TCTI string (default: /dev/tpmrm0, else the embedded swtpm).")
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -69,16 +71,12 @@ def show(data_dir: Path, log_file: Path | None, start: int, as_json: bool) -> No
       # the kernel's own IMA log
       cwlite log show --log /sys/kernel/security/ima/binary_runtime_measurements
     """
-    from controlplane.host import mlog
-
     entries = _read_any(_log_path(data_dir, log_file))[start:]
     emit({"entries": [e.to_dict() for e in entries]}, as_json,
-         lambda _d: click.echo(mlog.to_ascii(entries), nl=False))
+         lambda _d: click.echo(imalog.to_ascii(entries), nl=False))
 
 
 def _read_any(path: Path):
-    from controlplane.host import mlog
-
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
@@ -86,8 +84,8 @@ def _read_any(path: Path):
     except IsADirectoryError as exc:
         raise LogError(f"{path}: is a directory") from exc
     if data[:1].isdigit() or data[:1] == b" ":   # ASCII lines start with the PCR number ("%2d")
-        return mlog.parse_ascii(data.decode("utf-8", "surrogateescape"), source=str(path))
-    return mlog.parse_binary(data, source=str(path))
+        return imalog.parse_ascii(data.decode("utf-8", "surrogateescape"), source=str(path))
+    return imalog.parse_binary(data, source=str(path))
 
 
 @log.command("verify")
@@ -114,7 +112,6 @@ def verify(data_dir: Path, log_file: Path | None, pcr: int | None, device: str |
       # for scripts
       cwlite log verify --json | jq .pending
     """
-    from controlplane.host import mlog
     from controlplane.host.tpm import open_tpm
 
     path = _log_path(data_dir, log_file)
@@ -122,7 +119,7 @@ def verify(data_dir: Path, log_file: Path | None, pcr: int | None, device: str |
     pcr = _log_pcr(path, pcr)
     with open_tpm(data_dir, device=device) as tpm:
         value = tpm.read_pcr(pcr)
-    prefixes = mlog.replay_prefixes(entries, pcr)
+    prefixes = imalog.replay_prefixes(entries, pcr)
     matches = [k for k, v in enumerate(prefixes) if v == value]
     if not matches:
         raise LogError(f"{path}: entry {len(entries)}: PCR {pcr} ({value.hex()[:16]}...) matches no prefix of the "
@@ -187,7 +184,7 @@ def quote(nonce: str, pcrs: str, data_dir: Path, device: str | None, as_json: bo
       cwlite tpm quote --nonce $(openssl rand -hex 32)
       cwlite tpm quote --nonce 00ff --pcrs 0,7,10 --json > quote.json
     """
-    from controlplane.host.tpm import open_tpm, verify_quote
+    from controlplane.host.tpm import open_tpm
 
     try:
         qd = bytes.fromhex(nonce)
@@ -217,7 +214,7 @@ def info(data_dir: Path, device: str | None, as_json: bool) -> None:
       cwlite tpm info --json | jq .ak.name
       cwlite tpm info --device swtpm:host=127.0.0.1,port=2321
     """
-    from controlplane.host.tpm import open_tpm, public_pem
+    from controlplane.host.tpm import open_tpm
 
     with open_tpm(data_dir, device=device) as t:
         data = t.info()

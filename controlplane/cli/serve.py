@@ -17,8 +17,8 @@ from typing import IO, Iterator
 import click
 
 from controlplane.core.errors import EnforcementError
+from controlplane.core.paths import DEFAULT_DATA_DIR
 
-DEFAULT_DATA = Path("/var/lib/cwlite")
 
 
 @dataclass
@@ -99,7 +99,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
 
 
 @click.command("serve")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA, show_default=True,
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR, show_default=True,
               help="Where the measurement log and the embedded swtpm live.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8443, show_default=True, help="TCP port (0: any free).")

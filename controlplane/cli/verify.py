@@ -9,8 +9,9 @@ from typing import Iterator
 import click
 
 from controlplane.cli.output import emit
+from controlplane.core.paths import DEFAULT_DATA_DIR
 
-DEFAULT_DATA = Path("/var/lib/cwlite/verifier")
+DEFAULT_DATA = DEFAULT_DATA_DIR / "verifier"
 
 
 def _common(f):

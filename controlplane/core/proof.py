@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from controlplane.core.atomic import write_atomic
 from controlplane.core.errors import VerifyError
+from controlplane.core.quote import Quote, verify_quote
+from controlplane.core.wire import quote_qualifying_data
 
 FORMAT = "cwlite-proof/1"
 TRUSTED, UNTRUSTED = "trusted", "untrusted"
@@ -137,23 +139,20 @@ def check_quote(doc: Mapping[str, Any], *, source: str = "proof") -> None:
     A signed proof already says the verifier checked this; re-checking lets a third party see the
     TPM's own evidence without trusting the verifier for that part. Reason "proof-quote" on failure.
     """
-    from controlplane.host import tpm as tpm_mod
-    from controlplane.host.service import quote_qualifying_data
-
     try:
         host, log = doc["host"], doc["log"]
         ak_public = base64.b64decode(host["ak_public"], validate=True)
         if hashlib.sha256(ak_public).hexdigest() != host["ak_sha256"]:
             raise ValueError("ak_public does not match ak_sha256")
         qd = quote_qualifying_data(bytes.fromhex(doc["nonce"]), bytes.fromhex(host["tls_spki_sha256"]))
-        quote = tpm_mod.Quote.from_dict(doc["quote"])
+        quote = Quote.from_dict(doc["quote"])
         pcr, value = int(log["pcr"]), bytes.fromhex(log["pcr_value"])
     except (KeyError, TypeError, ValueError) as exc:
         raise VerifyError(f"{source}: quote: fields missing or malformed ({exc})", reason="proof-quote") from exc
     except VerifyError as exc:
         raise VerifyError(f"{source}: {exc}", reason="proof-quote") from exc
     try:
-        tpm_mod.verify_quote(ak_public, quote, qd)
+        verify_quote(ak_public, quote, qd)
     except VerifyError as exc:
         raise VerifyError(f"{source}: {exc}", reason="proof-quote") from exc
     if quote.pcr_values.get(pcr) != value:

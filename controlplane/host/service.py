@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
 import ipaddress
 import tempfile
 import threading
@@ -42,24 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from controlplane.core.errors import CwliteError, PolicyError
 from controlplane.core.events import Event, EventKind
+from controlplane.core.wire import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data, spki_sha256
 
-API_VERSION = "v1"
 MAX_BODY = 256 * 1024            # bytes; a signed policy is the largest legitimate body
-MAX_LOG_PAGE = 50_000            # entries per /v1/log response
 NONCE_HEX = r"^[0-9a-fA-F]{32,128}$"   # 16..64 bytes: fresh enough, bounded
 PCR_MAX = 23
-
-
-def quote_qualifying_data(nonce: bytes, spki_sha256: bytes) -> bytes:
-    """What every quote signs as extra data: SHA-256(nonce || SHA-256(TLS SPKI DER))."""
-    return hashlib.sha256(nonce + spki_sha256).digest()
-
-
-def spki_sha256(cert_or_key: x509.Certificate | ec.EllipticCurvePublicKey | Any) -> bytes:
-    """SHA-256 of a certificate's (or public key's) SubjectPublicKeyInfo DER."""
-    key = cert_or_key.public_key() if isinstance(cert_or_key, x509.Certificate) else cert_or_key
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).digest()
 
 
 @dataclass(frozen=True)

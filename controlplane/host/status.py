@@ -8,10 +8,12 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cext import VMLINUX, Btf
+from controlplane.core.errors import BtfError
+from controlplane.core.paths import TPM_DEVICE
 from ebpf import loader, probe
 
 SECURITYFS_LSM = "/sys/kernel/security/lsm"
-TPM_DEVICE = "/dev/tpmrm0"
 
 
 @dataclass(frozen=True)
@@ -42,19 +44,16 @@ def _active_lsms() -> list[str] | None:
 
 
 def _btf() -> dict:
-    from cext import Btf
-    from controlplane.core.errors import BtfError
-
     try:
-        with Btf(loader.VMLINUX) as btf:
+        with Btf(VMLINUX) as btf:
             ctime = btf.first_field(*loader.KERNEL_FIELDS["INODE_I_CTIME_SEC"])
-        return {"present": True, "path": loader.VMLINUX, "ctime_field": ctime.path}
+        return {"present": True, "path": VMLINUX, "ctime_field": ctime.path}
     except BtfError as exc:
-        return {"present": False, "path": loader.VMLINUX, "error": str(exc)}
+        return {"present": False, "path": VMLINUX, "error": str(exc)}
 
 
 def _bcc() -> dict:
-    try:
+    try:  # here, not at the top: a missing bcc is reported, and tracefs is mounted before `import bcc` (ebpf.loader)
         import bcc
     except ImportError:
         return {"version": None, "error": "bcc not importable: install python3-bpfcc (make setup)"}
@@ -65,11 +64,15 @@ def _bcc() -> dict:
 
 
 def _tpm() -> dict:
+    # Here, not at the top: every `cwlite` start imports this module (cli/status), and host.tpm
+    # brings tpm2-pytss (~0.15 s); only `cwlite status` needs the device path.
+    from controlplane.host.tpm import DEVICE
+
     swtpm = shutil.which("swtpm")
     return {
-        "device": TPM_DEVICE if os.path.exists(TPM_DEVICE) else None,
+        "device": DEVICE if os.path.exists(DEVICE) else None,
         "swtpm": swtpm,
-        "use": "device" if os.path.exists(TPM_DEVICE) else ("embedded swtpm" if swtpm else None),
+        "use": "device" if os.path.exists(DEVICE) else ("embedded swtpm" if swtpm else None),
     }
 
 

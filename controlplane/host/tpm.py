@@ -1,4 +1,4 @@
-"""The TPM: PCR extend/read, an attestation key, quotes, and their software checks.
+"""The TPM: PCR extend/read, an attestation key, quotes, credential activation (host side).
 
 tpm2-pytss types never leave this module: callers see bytes (marshalled TPM
 structures where a verifier needs them), ints and frozen dataclasses. Every
@@ -14,59 +14,48 @@ persistent so its name is stable across daemon restarts. A verifier binds it
 to the EK with `make_credential` (pure software) and the TPM's
 `activate_credential`.
 
-`verify_quote` runs anywhere (no TPM): it checks the signature over the
-attestation bytes first, and parses them only after, as the STYLE asks.
+What a verifier does with these bytes (`verify_quote`, `make_credential`, key
+names) is pure Python in controlplane.core.quote: it needs no TSS.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss import ESAPI, TSS2_Exception
-from tpm2_pytss.constants import (
-    ESYS_TR,
-    TPM2_ALG,
-    TPM2_CAP,
-    TPM2_GENERATED,
-    TPM2_PT,
-    TPM2_SE,
-    TPM2_ST,
-    TPMA_OBJECT,
-)
+from tpm2_pytss import utils as tss_utils
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_SE, TPMA_OBJECT
 from tpm2_pytss.types import (
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
-    TPM2B_NAME,
     TPM2B_PUBLIC,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
-    TPMS_ATTEST,
     TPMS_PCR_SELECTION,
     TPMT_HA,
     TPMT_SIG_SCHEME,
-    TPMT_SIGNATURE,
     TPMT_SYM_DEF,
 )
-from tpm2_pytss import utils as tss_utils
 
-from controlplane.core.errors import TpmError, VerifyError
+from controlplane.core.errors import TpmError
+from controlplane.core.paths import TPM_DEVICE
+from controlplane.core.quote import (
+    PCR_COUNT,
+    SHA256_SIZE,
+    Quote,
+    ak_name_of,
+    parse_quote_attest,
+    pcr_composite_digest,
+)
+from controlplane.host.swtpm import Swtpm
 
 # ESYS prints its own error lines to stderr; cwlite reports each failure once, as a TpmError.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
-DEVICE = "/dev/tpmrm0"
-SHA256_SIZE = 32
-PCR_COUNT = 24
 # Persistent handles for the AK (owner range, outside the TCG EK range 0x81010000-0x8101ffff).
 AK_HANDLES: Mapping[str, int] = {"ecc": 0x81000C10, "rsa": 0x81000C11}
 RSA_EK_HANDLE = 0x81010001          # TCG EK Credential Profile: persistent RSA-2048 EK
@@ -76,211 +65,6 @@ _AK_ATTRS = (
     | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.NODA
 )
 _AK_ALGS: Mapping[str, str] = {"ecc": "ecc256:ecdsa-sha256:null", "rsa": "rsa2048:rsassa-sha256:null"}
-_HASHES = {TPM2_ALG.SHA256: hashes.SHA256, TPM2_ALG.SHA384: hashes.SHA384, TPM2_ALG.SHA512: hashes.SHA512}
-
-
-# ---------------------------------------------------------------------------------------------
-# Quotes: what travels to the verifier, and what the verifier learns from one.
-
-@dataclass(frozen=True)
-class Quote:
-    """A TPM2_Quote: the signed TPMS_ATTEST bytes, the TPMT_SIGNATURE, and the claimed PCR values."""
-
-    attest: bytes
-    signature: bytes
-    pcrs: tuple[int, ...]
-    pcr_values: dict[int, bytes] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {
-            "attest": base64.b64encode(self.attest).decode(),
-            "signature": base64.b64encode(self.signature).decode(),
-            "pcrs": list(self.pcrs),
-            "pcr_values": {str(k): v.hex() for k, v in sorted(self.pcr_values.items())},
-            "bank": "sha256",
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "Quote":
-        """Parse untrusted JSON; a bad field raises VerifyError(reason="malformed") naming it."""
-        def need(key: str):
-            if key not in data:
-                raise VerifyError(f"quote: {key}: missing", reason="malformed")
-            return data[key]
-
-        try:
-            attest = base64.b64decode(need("attest"), validate=True)
-            signature = base64.b64decode(need("signature"), validate=True)
-        except (ValueError, TypeError) as exc:
-            raise VerifyError(f"quote: attest/signature: not base64 ({exc})", reason="malformed") from exc
-        if data.get("bank", "sha256") != "sha256":
-            raise VerifyError(f"quote: bank: {data.get('bank')!r} (only sha256)", reason="malformed")
-        try:
-            pcrs = tuple(int(p) for p in need("pcrs"))
-            values = {int(k): bytes.fromhex(v) for k, v in dict(need("pcr_values")).items()}
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise VerifyError(f"quote: pcrs/pcr_values: {exc}", reason="malformed") from exc
-        for pcr in pcrs:
-            if not 0 <= pcr < PCR_COUNT:
-                raise VerifyError(f"quote: pcrs: {pcr} out of range 0..{PCR_COUNT - 1}", reason="malformed")
-        for pcr, value in values.items():
-            if len(value) != SHA256_SIZE:
-                raise VerifyError(f"quote: pcr_values.{pcr}: {len(value)} bytes, want {SHA256_SIZE}",
-                                  reason="malformed")
-        return cls(attest, signature, pcrs, values)
-
-
-@dataclass(frozen=True)
-class QuoteInfo:
-    """What a verified quote proves: the PCRs (sha256 bank), their digest and values, the TPM's clock."""
-
-    pcrs: tuple[int, ...]
-    pcr_digest: bytes
-    pcr_values: dict[int, bytes]
-    qualifying_data: bytes
-    signer_name: bytes
-    clock: int
-    reset_count: int
-    restart_count: int
-    safe: bool
-    firmware_version: int
-
-    def to_dict(self) -> dict:
-        return {
-            "pcrs": list(self.pcrs), "pcr_digest": self.pcr_digest.hex(),
-            "pcr_values": {str(k): v.hex() for k, v in sorted(self.pcr_values.items())},
-            "qualifying_data": self.qualifying_data.hex(), "signer_name": self.signer_name.hex(),
-            "clock": self.clock, "reset_count": self.reset_count, "restart_count": self.restart_count,
-            "safe": self.safe, "firmware_version": f"{self.firmware_version:016x}",
-        }
-
-
-def pcr_composite_digest(pcr_values: Mapping[int, bytes], pcrs: Sequence[int]) -> bytes:
-    """SHA-256 over the selected PCR values in ascending PCR order, as TPM2_Quote computes pcrDigest."""
-    h = hashlib.sha256()
-    for pcr in sorted(set(pcrs)):
-        h.update(pcr_values[pcr])
-    return h.digest()
-
-
-def _unmarshal(cls, data: bytes, what: str):
-    """One whole marshalled TPM structure of type `cls`, or VerifyError(malformed) naming `what`."""
-    try:
-        obj, used = cls.unmarshal(data)
-    except (TSS2_Exception, ValueError, TypeError) as exc:
-        raise VerifyError(f"{what}: not a {cls.__name__}: {exc}", reason="malformed") from exc
-    if used != len(data):
-        raise VerifyError(f"{what}: {len(data) - used} trailing bytes after the {cls.__name__}", reason="malformed")
-    return obj
-
-
-def _public_key(ak_public: bytes):
-    """The cryptography key inside a marshalled TPM2B_PUBLIC (trusted input: from enrolment)."""
-    pub = _unmarshal(TPM2B_PUBLIC, ak_public, "ak_public")
-    attrs = pub.publicArea.objectAttributes
-    if not attrs & TPMA_OBJECT.RESTRICTED or not attrs & TPMA_OBJECT.SIGN_ENCRYPT:
-        raise VerifyError("ak_public: not a restricted signing key", reason="malformed")
-    try:
-        return serialization.load_der_public_key(pub.publicArea.to_der())
-    except (TSS2_Exception, ValueError, TypeError) as exc:
-        raise VerifyError(f"ak_public: unusable public key: {exc}", reason="malformed") from exc
-
-
-def _check_signature(key, signature: bytes, signed: bytes) -> None:
-    """Raise VerifyError(signature) unless `signature` (TPMT_SIGNATURE) by `key` covers `signed`."""
-    sig = _unmarshal(TPMT_SIGNATURE, signature, "quote: signature")
-    try:
-        if sig.sigAlg == TPM2_ALG.ECDSA and isinstance(key, ec.EllipticCurvePublicKey):
-            halg = _HASHES[sig.signature.ecdsa.hash]
-            der = encode_dss_signature(int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big"),
-                                       int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big"))
-            key.verify(der, signed, ec.ECDSA(halg()))
-        elif sig.sigAlg == TPM2_ALG.RSASSA and isinstance(key, rsa.RSAPublicKey):
-            halg = _HASHES[sig.signature.rsassa.hash]
-            key.verify(bytes(sig.signature.rsassa.sig), signed, padding.PKCS1v15(), halg())
-        elif sig.sigAlg == TPM2_ALG.RSAPSS and isinstance(key, rsa.RSAPublicKey):
-            halg = _HASHES[sig.signature.rsapss.hash]
-            key.verify(bytes(sig.signature.rsapss.sig), signed,
-                       padding.PSS(mgf=padding.MGF1(halg()), salt_length=padding.PSS.AUTO), halg())
-        else:
-            raise VerifyError(f"quote: signature: scheme {TPM2_ALG(sig.sigAlg)} does not match the AK",
-                              reason="signature")
-    except KeyError as exc:
-        raise VerifyError("quote: signature: unsupported hash algorithm", reason="signature") from exc
-    except InvalidSignature as exc:
-        raise VerifyError("quote: signature: does not verify with the AK", reason="signature") from exc
-
-
-def _signed_attest(attest: bytes) -> TPMS_ATTEST:
-    """Parse TPMS_ATTEST bytes. Call only once the AK's signature over exactly these bytes verified."""
-    parsed = _unmarshal(TPMS_ATTEST, attest, "quote: attest")
-    if parsed.magic != TPM2_GENERATED.VALUE or parsed.type != TPM2_ST.ATTEST_QUOTE:
-        raise VerifyError("quote: attest: not a TPM-generated quote (magic/type)", reason="malformed")
-    return parsed
-
-
-def verify_quote(ak_public: bytes, quote: Quote, qualifying_data: bytes) -> QuoteInfo:
-    """Check a quote in software: signature, then freshness (qualifying data), then the claimed PCR values.
-
-    Raises VerifyError with reason "signature", "nonce", "pcr-digest" or "malformed".
-    """
-    key = _public_key(ak_public)                 # trusted: from enrolment
-    _unverified_attest = quote.attest            # untrusted until the signature check below passes
-    _check_signature(key, quote.signature, _unverified_attest)
-    att = _signed_attest(_unverified_attest)     # verified now: the AK signed exactly these bytes
-    if bytes(att.extraData) != bytes(qualifying_data):
-        raise VerifyError("quote: extraData: does not match the qualifying data sent (stale or replayed quote)",
-                          reason="nonce")
-    selected: list[int] = []
-    for sel in att.attested.quote.pcrSelect:
-        bitmap = bytes(sel.pcrSelect)[: sel.sizeofSelect]
-        pcrs = [i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1]
-        if pcrs and sel.hash != TPM2_ALG.SHA256:
-            raise VerifyError(f"quote: pcrSelect: bank {TPM2_ALG(sel.hash)} (only sha256)", reason="malformed")
-        selected += pcrs
-    if sorted(selected) != sorted(set(quote.pcrs)):
-        raise VerifyError(f"quote: pcrs: claimed {sorted(set(quote.pcrs))}, signed selection {sorted(selected)}",
-                          reason="pcr-digest")
-    missing = [p for p in selected if p not in quote.pcr_values]
-    if missing:
-        raise VerifyError(f"quote: pcr_values: no value for PCR {missing[0]}", reason="malformed")
-    digest = bytes(att.attested.quote.pcrDigest)
-    if pcr_composite_digest(quote.pcr_values, selected) != digest:
-        raise VerifyError("quote: pcr_values: their digest differs from the signed pcrDigest", reason="pcr-digest")
-    clock = att.clockInfo
-    return QuoteInfo(
-        pcrs=tuple(sorted(selected)), pcr_digest=digest,
-        pcr_values={p: quote.pcr_values[p] for p in sorted(selected)},
-        qualifying_data=bytes(att.extraData), signer_name=bytes(att.qualifiedSigner),
-        clock=int(clock.clock), reset_count=int(clock.resetCount), restart_count=int(clock.restartCount),
-        safe=bool(clock.safe), firmware_version=int(att.firmwareVersion),
-    )
-
-
-def make_credential(ek_public: bytes, ak_name: bytes, secret: bytes) -> tuple[bytes, bytes]:
-    """Verifier side of enrolment, in software: seal `secret` to the EK for the key named `ak_name`.
-
-    Returns (credential_blob, encrypted_secret), marshalled TPM2B_ID_OBJECT and
-    TPM2B_ENCRYPTED_SECRET, for `Tpm.activate_credential`.
-    """
-    pub = _unmarshal(TPM2B_PUBLIC, ek_public, "ek_public")
-    if not 0 < len(secret) <= SHA256_SIZE:
-        raise VerifyError(f"secret: {len(secret)} bytes (1..{SHA256_SIZE})", reason="malformed")
-    try:
-        blob, enc = tss_utils.make_credential(pub, secret, TPM2B_NAME(ak_name))
-    except (ValueError, TypeError) as exc:
-        raise VerifyError(f"ek_public: cannot seal a credential to it: {exc}", reason="malformed") from exc
-    return blob.marshal(), enc.marshal()
-
-
-def public_pem(tpm2b_public: bytes) -> bytes:
-    """A marshalled TPM2B_PUBLIC (AK or EK) as a PEM SubjectPublicKeyInfo (for tpm2_checkquote, openssl)."""
-    return _unmarshal(TPM2B_PUBLIC, tpm2b_public, "public").publicArea.to_pem()
-
-
-def ak_name_of(ak_public: bytes) -> bytes:
-    """The TPM name (nameAlg || digest of the public area) of a marshalled TPM2B_PUBLIC."""
-    return bytes(_unmarshal(TPM2B_PUBLIC, ak_public, "ak_public").get_name())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,9 +301,8 @@ class Tpm:
                 with self._tss("Quote", f"0x{AK_HANDLES[self.ak_alg]:08x}"):
                     attest, sig = self._ectx.quote(self._ak, sel, qualifying_data, scheme, session1=ESYS_TR.PASSWORD)
                 after = self.read_pcrs(pcrs)
-            attest_bytes = bytes(attest)
-            parsed, _ = TPMS_ATTEST.unmarshal(attest_bytes)
-            if before == after and bytes(parsed.attested.quote.pcrDigest) == pcr_composite_digest(after, pcrs):
+            attest_bytes = bytes(attest)      # from the TPM itself, through this process's own connection
+            if before == after and parse_quote_attest(attest_bytes).pcr_digest == pcr_composite_digest(after, pcrs):
                 return Quote(attest_bytes, sig.marshal(), tuple(sorted(set(pcrs))), after)
         raise TpmError("quote: PCRs kept changing during 16 attempts (a writer extends continuously)")
 
@@ -559,14 +342,12 @@ def open_tpm(data_dir: Path, *, device: str | None = None, ak_alg: str = "ecc") 
     """The TPM cwlite uses: `device` when given (a path or a TCTI string), else /dev/tpmrm0
     when present, else the embedded swtpm with its state under `data_dir/swtpm` (the one
     another cwlite process already runs there, or a new one this Tpm stops on close)."""
-    if device is None and os.path.exists(DEVICE):
-        device = DEVICE
+    if device is None and os.path.exists(TPM_DEVICE):
+        device = TPM_DEVICE
     if device is not None:
         if device.startswith("/") and not os.path.exists(device):
             raise TpmError(f"{device}: no such TPM device")
         return Tpm(tcti_for(device), ak_alg=ak_alg)
-    from controlplane.host.swtpm import Swtpm
-
     sw = Swtpm.attach(Path(data_dir) / "swtpm") or Swtpm.start(Path(data_dir) / "swtpm")
     try:
         return Tpm(sw.tcti, ak_alg=ak_alg, swtpm=sw)

@@ -27,12 +27,12 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Iterator
 
-from controlplane.host import mlog
+from controlplane.core import imalog as mlog
 from controlplane.core import proof as proof_mod
 from controlplane.verifier.client import Channel
 from controlplane.core.errors import CwliteError, StoreError, VerifyError
 from controlplane.core.events import EventKind, alive_digest, parse_ima_name
-from controlplane.host.service import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
+from controlplane.core.wire import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
 from controlplane.verifier.store import Host, Store
 
 TRUSTED, UNTRUSTED, INFO = "trusted", "untrusted", "info"
@@ -113,10 +113,8 @@ class Judge:
     def _trusted(self, digest: bytes, trust_set: str) -> bool:
         trusted = self._trusted_sets.get(trust_set)
         if trusted is None:
-            # one query per trust set instead of one per entry: (.., digest, untrusted) rows, '' = trusted
-            self.ref.db.is_trusted(digest, trust_set)      # validates the set name (MeasureDBError if unknown)
-            trusted = self._trusted_sets[trust_set] = frozenset(
-                bytes(r[5]) for r in self.ref.db.measurements(trust_set) if not r[6])
+            # one query per trust set instead of one per entry (MeasureDBError if the set is unknown)
+            trusted = self._trusted_sets[trust_set] = self.ref.db.trusted_digests(trust_set)
         return digest in trusted
 
     def judge(self, entry: Any) -> EntryVerdict:
@@ -260,7 +258,7 @@ class Attestation:
 
 
 def _quote_checked(ch: Channel, host: Host, nonce: bytes):
-    from controlplane.host import tpm as tpm_mod
+    from controlplane.core import quote as tpm_mod
 
     # PCRs 0-9 too: the log's boot_aggregate entry must match them (the log belongs to this boot)
     pcrs = sorted({*BOOT_PCRS, host.pcr})

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from controlplane.verifier.client import Channel
 from controlplane.core.errors import VerifyError
-from controlplane.host.service import API_VERSION
+from controlplane.core.wire import API_VERSION
 from controlplane.verifier.store import Host, Store
 
 
@@ -88,7 +88,7 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 def enrol(url: str, name: str, store: Store, *, cas: list[x509.Certificate] | None = None,
           require_ek_cert: bool = False, pcr: int = 10, interval_s: float = 30.0) -> Host:
     """Enrol the host serving at `url` under `name`: check its EK, activate a credential, pin EK and AK."""
-    from controlplane.host import tpm as tpm_mod
+    from controlplane.core import quote as tpm_mod
 
     with Channel(url) as ch:
         claim = ch.get(f"/{API_VERSION}/enrol")

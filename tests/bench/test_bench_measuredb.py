@@ -12,7 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from prima.measuredb import MeasureDB, build
+from prima.measuredb import MeasureDB
+from prima.sources import build
 
 DIRS = ("/usr/bin", "/usr/lib/x86_64-linux-gnu")
 ROUNDS = 3
@@ -42,7 +43,7 @@ def test_bench_build_cold_and_incremental(tmp_path: Path) -> None:
     t_incr, incr = _best(lambda: build(db, from_dir=list(DIRS), trust_set="bench"))
 
     with MeasureDB.open(db) as mdb:
-        code_bytes = sum(os.stat(p).st_size for _ts, _o, _pk, _v, p, _d, _u in mdb.measurements("bench"))
+        code_bytes = sum(os.stat(m.path).st_size for m in mdb.measurements("bench"))
     assert cold.measured > 1000 and cold.untrusted == 0
     assert incr.digest == cold.digest and incr.reused == len(files)
 

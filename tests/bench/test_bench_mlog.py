@@ -11,12 +11,16 @@ Target: log / raw >= 0.8.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
-from controlplane.host import mlog
+from controlplane.core import imalog
 from controlplane.core.events import Event, EventKind
+from controlplane.host import mlog
 from tests.conftest import requires
 from tests.tpm_fixtures import swtpm, swtpm_template, tpm  # noqa: F401
 
@@ -41,10 +45,6 @@ def _fresh_log(tpm, path: Path) -> mlog.MeasurementLog:
 
 def _tools_rate(tcti: str, n: int = 40) -> float | None:
     """tpm2_pcrextend, one process per extend (for scale: what a shell-script log would get)."""
-    import os
-    import shutil
-    import subprocess
-
     if shutil.which("tpm2_pcrextend") is None:
         return None
     env = dict(os.environ, TPM2TOOLS_TCTI=tcti)
@@ -74,7 +74,7 @@ def test_log_rate_vs_raw_extend(swtpm, tpm, tmp_path: Path) -> None:
                 log.record(e)
             log.flush()
             grouped.append(N / (time.perf_counter() - t0))
-            assert mlog.replay(log.entries(), LOG_PCR) == tpm.read_pcr(LOG_PCR)
+            assert imalog.replay(log.entries(), LOG_PCR) == tpm.read_pcr(LOG_PCR)
         raw.append((before + raw_rate()) / 2)   # raw measured just before and just after the log round
 
         n_single = N // 10
@@ -83,7 +83,7 @@ def test_log_rate_vs_raw_extend(swtpm, tpm, tmp_path: Path) -> None:
             for e in events[:n_single]:
                 log.record(e, wait=True)
             single.append(n_single / (time.perf_counter() - t0))
-            assert mlog.replay(log.entries(), LOG_PCR) == tpm.read_pcr(LOG_PCR)
+            assert imalog.replay(log.entries(), LOG_PCR) == tpm.read_pcr(LOG_PCR)
 
     ratios = [g / r for g, r in zip(grouped, raw)]
     raw_m, grouped_m, single_m = (statistics.median(x) for x in (raw, grouped, single))

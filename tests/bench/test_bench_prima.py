@@ -17,9 +17,13 @@ from pathlib import Path
 import pytest
 
 from controlplane.core.policy import parse_policy
-from prima.engine import Engine, measure_files
+from prima.engine import Engine
+from prima.kernelview import kernel_view
+from prima.measuredb import MeasureDB
+from prima.sources import build
 from tests.conftest import requires
 from tests.kernel.prima_lab import c_project, shared_libs
+from tests.prima_fixtures import labelled_processes, measure_files, program_stats
 
 pytestmark = [pytest.mark.bench, requires(root=True), requires(tool="gcc")]
 
@@ -126,7 +130,7 @@ def _detached(engine: Engine):
 
     Benchmark only: this is an unenforced window, which the engine itself never opens.
     """
-    bpf = engine._bpf
+    bpf = engine.bpf
     names = [n.decode() if isinstance(n, bytes) else n for n in bpf.funcs]
     raw = [n[len("raw_tracepoint__"):] for n in names if n.startswith("raw_tracepoint__")]
     tps = [n[len("tracepoint__"):].replace("__", ":", 1) for n in names if n.startswith("tracepoint__")]
@@ -171,9 +175,9 @@ def test_fork_exec_cost(bench_dir: Path) -> None:
 def test_no_label_leak_after_many_short_processes(bench_dir: Path) -> None:
     d = bench_dir
     with _engine(d) as engine:
-        before = len(engine.labelled_processes())
+        before = len(labelled_processes(engine))
         ns, _ = _per_exec_ns(d / "driver-ep", d / "tiny", LEAK_PROCESSES)
-        after = len(engine.labelled_processes())
+        after = len(labelled_processes(engine))
         drops = engine.drops()
     print(f"\nPRIMA label state after {LEAK_PROCESSES} short labelled processes ({ns / 1000:.1f} us each): "
           f"{before} labelled before, {after} after (the driver itself: 0 once it exited); drops {drops}")
@@ -188,9 +192,9 @@ def test_time_inside_the_bpf_programs(bench_dir: Path) -> None:
     with bpf_run_time_stats():
         for name, driver in (("unlabelled", d / "driver"), ("labelled", d / "driver-ep")):
             with _engine(d) as engine:
-                before = engine.program_stats()
+                before = program_stats(engine)
                 _per_exec_ns(driver, d / "tiny", n)
-                after = engine.program_stats()
+                after = program_stats(engine)
             total = sum(after[k][1] - before[k][1] for k in after)
             print(f"\nPRIMA programs, {name} fork+exec ({n} execs): {total / n:.0f} ns per exec in BPF")
             for k in sorted(after):
@@ -226,8 +230,6 @@ def _make_cpu_s(make: Path, src: Path) -> float:
 
 def test_c_compile_under_a_tp_label(tmp_path: Path) -> None:
     """make -j2 of a 49-file C project under a TP label whose trust set is the toolchain from dpkg."""
-    from prima.measuredb import MeasureDB, build
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     make = bin_dir / "make"
@@ -237,16 +239,16 @@ def test_c_compile_under_a_tp_label(tmp_path: Path) -> None:
     policy = parse_policy(f'mode = "enforce"\ntrust_sets = ["toolchain"]\n[labels.tp_build]\nentrypoints = ["{make}"]\n'
                           f'trust_set = "toolchain"\n', source="build.toml")
     with MeasureDB.open(db_path) as db:
-        view = db.kernel_view(policy.trust_sets())
+        view = kernel_view(db, policy.trust_sets())
     src = c_project(tmp_path)
     plain, enforced, violations, in_bpf = [], [], [], []
     with bpf_run_time_stats():
         for _ in range(5):
             plain.append(_make_cpu_s(make, src))
             with Engine(policy, view) as engine:
-                before = engine.program_stats()
+                before = program_stats(engine)
                 enforced.append(_make_cpu_s(make, src))
-                after = engine.program_stats()
+                after = program_stats(engine)
                 events = engine.poll(100)
             in_bpf.append(sum(after[k][1] - before[k][1] for k in after) / 1e9)
             violations += [e for e in events if e.kind.value == "violation"]

@@ -2,7 +2,7 @@
 and the quote round trip over loopback TLS with a real swtpm.
 
 Figures (medians of alternating rounds, baseline measured in the same run):
-- full check: what the verifier does with a fetched /v1/log text: mlog.parse_ascii (template
+- full check: what the verifier does with a fetched /v1/log text: imalog.parse_ascii (template
   hash checked per entry), incremental replay to the quoted value, every entry judged against
   the policy and the measurement DB; entries/s and the ratio to a bare hashlib replay loop
   over the same ASCII text (split the line, rebuild the ima-ng template data, SHA-256 it,
@@ -20,7 +20,7 @@ import struct
 import time
 from pathlib import Path
 
-from controlplane.host import mlog
+from controlplane.core import imalog
 from controlplane.core.events import Event, EventKind
 from controlplane.verifier.attest import Facts, Judge, _parse_page, replay_to
 from tests.attest_fixtures import make_reference, running_host
@@ -33,7 +33,7 @@ ROUNDS = 5
 PCR = 10
 
 
-def _log(ref, db_digest: bytes, policy_digest: bytes) -> list[mlog.LogEntry]:
+def _log(ref, db_digest: bytes, policy_digest: bytes) -> list[imalog.LogEntry]:
     """A host's log: the start-up entries, then label transitions and trusted loads of DB files."""
     tools = list(ref.trusted.items())
     events = [Event(EventKind.BOOT_AGGREGATE, hashlib.sha256(b"boot").digest()),
@@ -47,7 +47,7 @@ def _log(ref, db_digest: bytes, policy_digest: bytes) -> list[mlog.LogEntry]:
         kind = EventKind.LABEL_TRANSITION if path == ref.entry else EventKind.TRUSTED_LOAD
         events.append(Event(kind, digest, "tp_build", "exec", path))
         i += 1
-    return [mlog.LogEntry.new(n, PCR, e.digest, e.ima_name()) for n, e in enumerate(events)]
+    return [imalog.LogEntry.new(n, PCR, e.digest, e.ima_name()) for n, e in enumerate(events)]
 
 
 def _bare_replay(text: str) -> bytes:
@@ -81,8 +81,8 @@ def test_replay_and_check_100k(tmp_path: Path) -> None:
         db_digest = db.digest()
     entries = _log(ref, db_digest, load_policy(ref.policy_path).digest())
     full, new = entries[:N], entries[N:]
-    full_text, new_text = mlog.to_ascii(full), mlog.to_ascii(new)
-    prefixes = mlog.replay_prefixes(entries, PCR)
+    full_text, new_text = imalog.to_ascii(full), imalog.to_ascii(new)
+    prefixes = imalog.replay_prefixes(entries, PCR)
     mid, end = prefixes[N], prefixes[N + NEW]
 
     bare, checked, incremental, parse_only = [], [], [], []
@@ -112,7 +112,7 @@ def test_replay_and_check_100k(tmp_path: Path) -> None:
     b, c, i = statistics.median(bare), statistics.median(checked), statistics.median(incremental)
     print(f"\nverifier: {N} entries: bare hashlib replay {N / b:,.0f} entries/s ({b * 1000:.0f} ms); "
           f"parse+replay+check {N / c:,.0f} entries/s ({c * 1000:.0f} ms); ratio {b / c:.2f} (target >= 0.5); "
-          f"of which mlog.parse_ascii alone {p * 1000:.0f} ms (ratio bare/parse {b / p:.2f})")
+          f"of which imalog.parse_ascii alone {p * 1000:.0f} ms (ratio bare/parse {b / p:.2f})")
     print(f"verifier: incremental {NEW} new entries {i * 1000:.2f} ms = {100 * i / c:.2f}% of a full check "
           f"(target < 5%)")
 
@@ -134,8 +134,8 @@ def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
                 _quote_checked(ch, host, os.urandom(32))
                 times.append(time.perf_counter() - t0)
         # baseline, same TPM, same run: TPM2_Quote + verify_quote in-process, no HTTPS
-        from controlplane.host.service import quote_qualifying_data
-        from controlplane.host.tpm import verify_quote
+        from controlplane.core.quote import verify_quote
+        from controlplane.core.wire import quote_qualifying_data
 
         direct, pcrs = [], sorted({*range(10), 10})
         for _ in range(300):

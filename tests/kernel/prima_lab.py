@@ -16,7 +16,8 @@ from typing import Callable, Iterable
 
 from controlplane.core.events import Event, EventKind
 from controlplane.core.policy import parse_policy
-from prima.engine import Engine, measure_files
+from prima.engine import Engine
+from tests.prima_fixtures import measure_files
 
 HELPER_C = r"""
 #define _GNU_SOURCE

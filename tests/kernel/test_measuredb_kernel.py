@@ -16,7 +16,9 @@ from typing import Iterator
 import pytest
 
 from ebpf import loader
-from prima.measuredb import MeasureDB, build, kernel_dev
+from prima.kernelview import kernel_dev, kernel_view
+from prima.measuredb import MeasureDB
+from prima.sources import build
 from tests.conftest import requires
 
 pytestmark = requires(root=True)
@@ -50,7 +52,7 @@ def _mount(*args: str) -> Iterator[None]:
 
 def _view_key(db_path: Path, exe: Path) -> tuple[int, int, int]:
     with MeasureDB.open(db_path) as db:
-        (entry,) = [e for e in db.kernel_view(["t"]) if e.path == str(exe)]
+        (entry,) = [e for e in kernel_view(db, ["t"]) if e.path == str(exe)]
     return entry.dev, entry.ino, entry.ctime_ns
 
 
@@ -72,7 +74,7 @@ def test_kernel_dev_and_ctime_cookie_match_bpf_on_the_root_fs(probe, tmp_path: P
     seen = _exec_identity(probe, exe)
     assert seen[2] != key[2]
     with MeasureDB.open(tmp_path / "m.db") as db:
-        assert seen not in {(e.dev, e.ino, e.ctime_ns) for e in db.kernel_view(["t"])}
+        assert seen not in {(e.dev, e.ino, e.ctime_ns) for e in kernel_view(db, ["t"])}
 
 
 def test_tmpfs_identity_is_its_anonymous_device(probe, tmp_path: Path) -> None:
@@ -106,7 +108,7 @@ def test_overlay_identity_is_the_overlay_mount_not_the_layer(probe, tmp_path: Pa
         assert _exec_identity(probe, lower / "true-copy") == lower_key
         # mmap through the overlay maps the layer's file: the overlay DB's view holds that identity too.
         with MeasureDB.open(tmp_path / "m.db") as db:
-            keys = {(e.dev, e.ino, e.ctime_ns): e.path for e in db.kernel_view(["t"])}
+            keys = {(e.dev, e.ino, e.ctime_ns): e.path for e in kernel_view(db, ["t"])}
         assert keys == {key: str(exe), lower_key: str(lower / "true-copy")}
 
 
@@ -131,7 +133,7 @@ def test_btrfs_identity_is_the_superblock_not_the_subvolume(probe, tmp_path: Pat
         assert os.stat(top).st_ino == os.stat(twin).st_ino and os.stat(top).st_dev != os.stat(twin).st_dev
         build(tmp_path / "m.db", from_dir=[mnt], trust_set="t")
         with MeasureDB.open(tmp_path / "m.db") as db:
-            view = {(e.dev, e.ino, e.ctime_ns) for e in db.kernel_view(["t"])}
+            view = {(e.dev, e.ino, e.ctime_ns) for e in kernel_view(db, ["t"])}
         seen = {p.name: _exec_identity(probe, p) for p in (top, twin, other)}
         assert seen["sub-true"] in view
         assert kernel_dev(os.stat(other).st_dev) != seen["sub-true"][0]  # st_dev alone would have missed it

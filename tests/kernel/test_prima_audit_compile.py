@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from prima.measuredb import build
+from prima.sources import build
 from tests.conftest import requires
 from tests.kernel.prima_lab import c_project
 

@@ -16,6 +16,7 @@ import pytest
 from controlplane.core.events import EventKind
 from tests.conftest import requires
 from tests.kernel.prima_lab import LDSO, Lab
+from tests.prima_fixtures import labelled_processes
 
 pytestmark = [requires(root=True), requires(tool="gcc")]
 
@@ -213,10 +214,10 @@ def test_reload_swaps_trust_without_losing_labels(lab, tmp_path) -> None:
         sh.stdin.write(f"{tool}; echo rc=$?\n")
         sh.stdin.flush()
         assert sh.stdout.readline().strip() == "rc=0"
-        assert lab.engine.labelled_processes().get(sh.pid) == tp.name
+        assert labelled_processes(lab.engine).get(sh.pid) == tp.name
         policy, entries = lab._policy_and_entries(tp.name, tp.entrypoint)  # same label, tool no longer trusted
         lab.engine.reload(policy, entries)
-        assert lab.engine.labelled_processes().get(sh.pid) == tp.name
+        assert labelled_processes(lab.engine).get(sh.pid) == tp.name
         sh.stdin.write(f"{tool}; echo rc=$?\n")
         sh.stdin.flush()
         assert sh.stdout.readline().strip() == KILLED
@@ -228,10 +229,10 @@ def test_reload_swaps_trust_without_losing_labels(lab, tmp_path) -> None:
 
 def test_labels_do_not_leak_after_many_short_processes(lab) -> None:
     tp = lab.label()
-    baseline = len(lab.engine.labelled_processes())
+    baseline = len(labelled_processes(lab.engine))
     r = tp.sh("i=0; while [ $i -lt 2000 ]; do /usr/bin/true; i=$((i+1)); done; echo done", timeout=120)
     assert r.stdout.strip() == "done"
-    assert len(lab.engine.labelled_processes()) == baseline
+    assert len(labelled_processes(lab.engine)) == baseline
 
 
 def test_lost_events_are_reported(tmp_path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prima.measuredb import build
+from prima.sources import build
 from tests.conftest import requires
 from tests.tpm_fixtures import swtpm, swtpm_template  # noqa: F401
 
@@ -115,6 +115,7 @@ def test_enforce_refuses_a_policy_naming_a_trust_set_the_db_lacks(site) -> None:
 @requires(tool="swtpm_setup")
 def test_enforce_records_into_the_measurement_log(site, swtpm) -> None:
     """--mlog: every event is an ima-ng entry extended into the policy's PCR (real swtpm)."""
+    from controlplane.core import imalog
     from controlplane.host import mlog
     from controlplane.host.tpm import Tpm
 
@@ -131,4 +132,4 @@ def test_enforce_records_into_the_measurement_log(site, swtpm) -> None:
     assert names[0] == "boot_aggregate" and names[1] == "cwlite:daemon-start:-:-:prima/tracepoint"
     assert f"cwlite:violation:tp_cli:exec:{other / 'false'}" in names and names[-1] == "cwlite:daemon-stop:-:-:prima/tracepoint"
     with Tpm(swtpm.tcti) as tpm:
-        assert mlog.replay(entries, 11) == tpm.read_pcr(11)
+        assert imalog.replay(entries, 11) == tpm.read_pcr(11)

@@ -8,9 +8,9 @@ from functools import lru_cache
 
 import pytest
 
-from cext import Btf
+from cext import VMLINUX, Btf
 from controlplane.core.errors import BtfError
-from ebpf.loader import KERNEL_FIELDS, VMLINUX
+from ebpf.loader import KERNEL_FIELDS
 
 pytestmark = pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool not installed (make setup)")
 

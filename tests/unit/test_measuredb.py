@@ -15,7 +15,10 @@ import pytest
 from controlplane.cli.main import main
 from controlplane.core.errors import MeasureDBError
 from prima import measure
-from prima.measuredb import MIGRATIONS, SCHEMA_VERSION, MeasureDB, build, diff, kernel_dev, migrate
+from prima.measure import FileKind
+from prima.kernelview import kernel_dev, kernel_view
+from prima.measuredb import MIGRATIONS, SCHEMA_VERSION, MeasureDB, diff, migrate
+from prima.sources import build
 
 TRUE = "/usr/bin/true"
 
@@ -60,10 +63,10 @@ def test_dir_build_records_origin_and_digest_is_order_independent(tmp_path: Path
         assert db.trust_sets() == ["site"] and db.schema_version == SCHEMA_VERSION
         digest = measure.measure_file(site / "bin" / "tool").sha256
         (o,) = db.lookup(digest)
-        assert (o.kind, o.package, o.path, o.note, o.trust_set) == ("dir", str(site), str(site / "bin" / "tool"), "ci 42", "site")
+        assert (o.origin, o.package, o.path, o.note, o.trust_set) == ("dir", str(site), str(site / "bin" / "tool"), "ci 42", "site")
         assert db.is_trusted(digest, "site")
         (script,) = db.lookup(measure.measure_file(site / "bin" / "run.sh").sha256)
-        assert (script.code, script.interpreter) == ("script", "/bin/sh -e")
+        assert script.code == FileKind("script", "/bin/sh -e")
     # Same content built into another DB in another order of sets: same digest.
     build(tmp_path / "b.db", from_dir=[site], trust_set="other", note="x")
     build(tmp_path / "b.db", from_dir=[site], trust_set="site", note="ci 42")
@@ -98,24 +101,24 @@ def test_kernel_view_bits_follow_the_callers_order_and_drop_changed_files(tmp_pa
     build(db_path, from_dir=[site / "bin"], trust_set="bin")
     tool = site / "bin" / "tool"
     with MeasureDB.open(db_path) as db:
-        view = {e.path: e for e in db.kernel_view(["bin", "site"])}
+        view = {e.path: e for e in kernel_view(db, ["bin", "site"])}
         st = os.stat(tool)
         e = view[str(tool)]
         assert (e.dev, e.ino, e.ctime_ns, e.sets_mask) == (kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns, 0b11)
-        assert {e.sets_mask for e in db.kernel_view(["site"])} == {1}
+        assert {e.sets_mask for e in kernel_view(db, ["site"])} == {1}
         # Metadata change only (ctime moves, content same): still trusted, new cookie.
         time.sleep(0.01)
         os.utime(tool)
-        e2 = {e.path: e for e in db.kernel_view(["site", "bin"])}[str(tool)]
+        e2 = {e.path: e for e in kernel_view(db, ["site", "bin"])}[str(tool)]
         assert e2.ctime_ns == os.stat(tool).st_ctime_ns != e.ctime_ns and e2.sets_mask == 0b11
         # Content change: no longer in the view.
         with open(tool, "r+b") as f:
             f.seek(100)
             f.write(b"\x90")
-        assert str(tool) not in {e.path for e in db.kernel_view(["site", "bin"])}
+        assert str(tool) not in {e.path for e in kernel_view(db, ["site", "bin"])}
         assert [m.path for m in db.verify(["site"])] == [str(tool)]
         with pytest.raises(MeasureDBError, match=r"trust set 'nope': unknown \(defined: bin, site\)"):
-            db.kernel_view(["site", "nope"])
+            kernel_view(db, ["site", "nope"])
 
 
 def test_migration_from_schema_1_keeps_data(tmp_path: Path) -> None:

@@ -17,7 +17,9 @@ import pytest
 from controlplane.core.errors import MeasureDBError
 from prima import debian
 from prima import measure
-from prima.measuredb import MeasureDB, build, kernel_dev
+from prima.kernelview import kernel_dev, kernel_view
+from prima.measuredb import MeasureDB
+from prima.sources import build
 
 LISTS = debian.LISTS_DIR
 PACKAGES = ("coreutils", "distcc")
@@ -55,20 +57,20 @@ def test_debs_build_with_origin_package_and_version(debs: Path, tmp_path: Path) 
     assert result.untrusted == 0 and result.measured > 100
     with MeasureDB.open(tmp_path / "m.db") as db:
         rows = db.measurements("tools")
-        assert {r[2] for r in rows} == set(PACKAGES)
+        assert {m.package for m in rows} == set(PACKAGES)
         coreutils_version = _deb(debs, "coreutils").name.split("_")[1]
-        ls = [r for r in rows if r[4] == "/bin/ls"]
-        assert [(r[1], r[2], r[3]) for r in ls] == [("deb", "coreutils", coreutils_version)]
+        ls = [m for m in rows if m.path == "/bin/ls"]
+        assert [(m.origin, m.package, m.version) for m in ls] == [("deb", "coreutils", coreutils_version)]
         # The archive's /bin/ls is this machine's /usr/bin/ls when the installed coreutils is that version.
         if subprocess.run(["dpkg-query", "-W", "-f=${Version}", "coreutils"], capture_output=True, text=True).stdout == coreutils_version:
             assert db.is_trusted(measure.measure_file("/usr/bin/ls").sha256, "tools")
             st = os.stat("/usr/bin/ls")  # merged /usr: the archive's /bin/ls is this inode
-            view = {(e.dev, e.ino): e for e in db.kernel_view(["tools"])}
+            view = {(e.dev, e.ino): e for e in kernel_view(db, ["tools"])}
             assert view[(kernel_dev(st.st_dev), st.st_ino)].path in ("/bin/ls", "/usr/bin/ls")
-        assert any(r[4] == "/usr/bin/distccd" for r in rows)
+        assert any(m.path == "/usr/bin/distccd" for m in rows)
         # update-distcc-symlinks is a #! perl script: it counts as code, with its interpreter.
-        assert [r[1] for r in rows if r[4] == "/usr/sbin/update-distcc-symlinks"] == ["deb"]
-        assert "/usr/share/doc/distcc/README" not in {r[4] for r in rows}
+        assert [m.origin for m in rows if m.path == "/usr/sbin/update-distcc-symlinks"] == ["deb"]
+        assert "/usr/share/doc/distcc/README" not in {m.path for m in rows}
 
 
 def test_tampered_packages_line_is_refused(debs: Path, tmp_path: Path) -> None:
@@ -156,10 +158,10 @@ def test_dpkg_refuses_a_modified_copy_of_an_installed_binary(tmp_path: Path) -> 
         assert not db.is_trusted(bad, "core")
         assert db.lookup(bad) == []  # not a trusted origin; kept only to say why
         (o,) = db.lookup(bad, include_untrusted=True)
-        assert (o.kind, o.package, o.path) == ("dpkg", "coreutils", "/bin/true")
+        assert (o.origin, o.package, o.path) == ("dpkg", "coreutils", "/bin/true")
         assert o.untrusted == f"md5sums mismatch (dpkg: {sums['/bin/true']}, file: {hashlib.md5(altered.read_bytes()).hexdigest()})"
         assert db.is_trusted(measure.measure_file(root / "bin" / "ls").sha256, "core")
-        assert bad not in {e.digest for e in db.kernel_view(["core"])}
+        assert bad not in {e.digest for e in kernel_view(db, ["core"])}
 
 
 def test_dpkg_resolves_dependencies_from_package_metadata(tmp_path: Path) -> None:
@@ -173,17 +175,17 @@ def test_dpkg_resolves_dependencies_from_package_metadata(tmp_path: Path) -> Non
 def test_dpkg_build_on_this_machine_marks_conffiles_untrusted(tmp_path: Path) -> None:
     result = build(tmp_path / "m.db", from_dpkg=["distcc"], deps=False, trust_set="distcc")
     with MeasureDB.open(tmp_path / "m.db") as db:
-        rows = {r[4]: r for r in db.measurements("distcc")}
-        assert rows["/usr/bin/distccd"][6] == "" and db.is_trusted(rows["/usr/bin/distccd"][5], "distcc")
+        rows = {m.path: m for m in db.measurements("distcc")}
+        assert rows["/usr/bin/distccd"].untrusted == "" and db.is_trusted(rows["/usr/bin/distccd"].digest, "distcc")
         # /etc/init.d/distcc is a conffile: dpkg keeps no md5sums line for it, so it is not trusted.
-        assert rows["/etc/init.d/distcc"][6].startswith("no md5sums entry")
+        assert rows["/etc/init.d/distcc"].untrusted.startswith("no md5sums entry")
     assert result.untrusted >= 1
 
 
 def test_deb_trust_set_takes_named_packages_and_needs_their_dependencies(debs: Path, tmp_path: Path) -> None:
     only = build(tmp_path / "m.db", from_deb=[debs], deb_packages=["distcc"], deps=False, trust_set="distcc")
     with MeasureDB.open(tmp_path / "m.db") as db:
-        assert {r[2] for r in db.measurements("distcc")} == {"distcc"} and only.measured > 0
+        assert {m.package for m in db.measurements("distcc")} == {"distcc"} and only.measured > 0
     # With dependencies (from the verified Packages stanza), each must have its .deb here: fail closed.
     with pytest.raises(MeasureDBError, match=rf"^{debs}: package distcc: Depends [a-z0-9.+-]+( \| [a-z0-9.+-]+)*: no verified \.deb here$"):
         build(tmp_path / "m.db", from_deb=[debs], deb_packages=["distcc"], trust_set="distcc")

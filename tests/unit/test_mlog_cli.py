@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.host import mlog
 from controlplane.cli.main import main
+from controlplane.core import imalog
 from controlplane.core.events import Event, EventKind
-from controlplane.host.tpm import Quote, verify_quote
+from controlplane.core.quote import Quote, verify_quote
+from controlplane.host import mlog
 from tests.conftest import requires
 from tests.tpm_fixtures import swtpm, swtpm_template, tpm  # noqa: F401
 
@@ -36,13 +37,13 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 def test_show_prints_the_ascii_form_and_json(data_dir: Path, capsys) -> None:
     entries = mlog.read_log(data_dir / "measurements.log")
     rc, out, _ = run(capsys, "log", "show", "--data-dir", str(data_dir))
-    assert rc == 0 and out == mlog.to_ascii(entries)
+    assert rc == 0 and out == imalog.to_ascii(entries)
     rc, out, _ = run(capsys, "log", "show", "--data-dir", str(data_dir), "--from", "6", "--json")
     assert rc == 0 and [e["index"] for e in json.loads(out)["entries"]] == [6, 7, 8]
     ascii_file = data_dir / "copy.ascii"                       # the ASCII form reads back the same
-    ascii_file.write_text(mlog.to_ascii(entries))
+    ascii_file.write_text(imalog.to_ascii(entries))
     rc, out2, _ = run(capsys, "log", "show", "--log", str(ascii_file))
-    assert rc == 0 and out2 == mlog.to_ascii(entries)
+    assert rc == 0 and out2 == imalog.to_ascii(entries)
 
 
 def test_verify_replays_against_the_pcr(data_dir: Path, swtpm, tpm, capsys) -> None:

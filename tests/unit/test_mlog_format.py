@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.host import mlog
+from controlplane.core import imalog
 from controlplane.core.errors import LogError
 from controlplane.core.events import Event, EventKind, parse_ima_name
+from controlplane.host import mlog
 from tests.vectors import ima_ng_kernel
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
@@ -29,8 +30,8 @@ def test_vector_files_are_what_the_independent_encoder_writes(sample) -> None:
 
 def test_binary_and_ascii_parse_to_the_same_entries(sample) -> None:
     binary, text, meta = sample
-    from_bin = mlog.parse_binary(binary)
-    from_ascii = mlog.parse_ascii(text)
+    from_bin = imalog.parse_binary(binary)
+    from_ascii = imalog.parse_ascii(text)
     assert from_bin == from_ascii
     assert [(e.digest_alg, e.digest.hex(), e.name, e.is_violation, e.template_name, e.signature.hex())
             for e in from_bin] == \
@@ -40,22 +41,22 @@ def test_binary_and_ascii_parse_to_the_same_entries(sample) -> None:
 
 def test_serialisers_reproduce_the_kernel_bytes(sample) -> None:
     binary, text, _ = sample
-    entries = mlog.parse_binary(binary)
-    assert mlog.to_binary(entries) == binary
-    assert mlog.to_ascii(entries) == text
+    entries = imalog.parse_binary(binary)
+    assert imalog.to_binary(entries) == binary
+    assert imalog.to_ascii(entries) == text
     for e in entries:
-        if e.is_violation or e.template_name != mlog.TEMPLATE:
+        if e.is_violation or e.template_name != imalog.TEMPLATE:
             continue
-        again = mlog.LogEntry.new(e.index, e.pcr, e.digest, e.name, e.digest_alg)
+        again = imalog.LogEntry.new(e.index, e.pcr, e.digest, e.name, e.digest_alg)
         assert again == e and again.binary() == e.binary()
 
 
 def test_replay_from_either_form_gives_the_sha256_pcr(sample) -> None:
     binary, text, meta = sample
     want = bytes.fromhex(meta["sha256_pcr"])
-    assert mlog.replay(mlog.parse_binary(binary), 10) == want
-    assert mlog.replay(mlog.parse_ascii(text), 10) == want
-    assert mlog.replay(mlog.parse_binary(binary), 11) == bytes(32)   # other PCRs untouched
+    assert imalog.replay(imalog.parse_binary(binary), 10) == want
+    assert imalog.replay(imalog.parse_ascii(text), 10) == want
+    assert imalog.replay(imalog.parse_binary(binary), 11) == bytes(32)   # other PCRs untouched
 
 
 @pytest.mark.parametrize("stem", sorted({p.stem for p in VECTORS.glob("kernel_ima*.bin")}))
@@ -65,64 +66,64 @@ def test_a_real_kernels_log_byte_for_byte(stem: str) -> None:
     text = (VECTORS / f"{stem}.ascii").read_text()
     meta = json.loads((VECTORS / f"{stem}.json").read_text())
     pcrs = {int(k): bytes.fromhex(v) for k, v in meta["pcrs"].items()}
-    entries = mlog.parse_binary(binary)
+    entries = imalog.parse_binary(binary)
     assert len(entries) == meta["entries"]
-    assert mlog.to_binary(entries) == binary and mlog.to_ascii(entries) == text
-    assert mlog.parse_ascii(text) == entries
-    assert mlog.replay(entries, 10) == pcrs[10]                       # the vTPM's sha256 PCR 10
+    assert imalog.to_binary(entries) == binary and imalog.to_ascii(entries) == text
+    assert imalog.parse_ascii(text) == entries
+    assert imalog.replay(entries, 10) == pcrs[10]                       # the vTPM's sha256 PCR 10
     assert entries[0].name == "boot_aggregate"
-    assert entries[0].digest == mlog.boot_aggregate(pcrs) != hashlib.sha256(bytes(320)).digest()   # firmware PCRs
+    assert entries[0].digest == imalog.boot_aggregate(pcrs) != hashlib.sha256(bytes(320)).digest()   # firmware PCRs
     assert any(e.is_violation for e in entries)                       # open-writers: zero hash, extends 0xff
     assert any(e.name.endswith("/with_space") for e in entries)       # the kernel's space -> "_"
     assert {e.template_name for e in entries} == {meta["cmdline_ima"].split()[0].split("=")[1]}
     # cwlite's writer makes the same bytes as the kernel for the same (digest, name)
-    ng = [e for e in entries if not e.is_violation and e.template_name == mlog.TEMPLATE]
-    again = [mlog.LogEntry.new(e.index, e.pcr, e.digest, e.name.replace("_", " "), e.digest_alg) for e in ng]
+    ng = [e for e in entries if not e.is_violation and e.template_name == imalog.TEMPLATE]
+    again = [imalog.LogEntry.new(e.index, e.pcr, e.digest, e.name.replace("_", " "), e.digest_alg) for e in ng]
     assert [e.binary() for e in again] == [e.binary() for e in ng]
 
 
 def test_a_violation_entry_extends_ff() -> None:
-    e = mlog.parse_binary(ima_ng_kernel.entry(10, "sha256", bytes(32), "/x", violation=True)[0])[0]
+    e = imalog.parse_binary(ima_ng_kernel.entry(10, "sha256", bytes(32), "/x", violation=True)[0])[0]
     assert e.is_violation and e.pcr_digest == b"\xff" * 32
 
 
 def test_boot_aggregate_is_sha256_over_pcrs_0_to_9() -> None:
     pcrs = {i: hashlib.sha256(bytes([i])).digest() for i in range(24)}
     want = hashlib.sha256(b"".join(pcrs[i] for i in range(10))).digest()
-    assert mlog.boot_aggregate(pcrs) == want
+    assert imalog.boot_aggregate(pcrs) == want
     assert Event(EventKind.BOOT_AGGREGATE, want).ima_name() == "boot_aggregate"
 
 
 def test_names_are_made_kernel_safe_and_still_parse_as_events() -> None:
     ev = Event(EventKind.VIOLATION, hashlib.sha256(b"x").digest(), "tp_build", "exec", "/tmp/a b\nc")
-    e = mlog.LogEntry.new(3, 10, ev.digest, ev.ima_name())
+    e = imalog.LogEntry.new(3, 10, ev.digest, ev.ima_name())
     assert e.name == "cwlite:violation:tp_build:exec:/tmp/a_b_c"
     assert " " not in e.ascii().split(" ", 4)[4] and "\n" not in e.ascii()
     back = parse_ima_name(e.digest, e.name)
     assert back is not None and (back.kind, back.label, back.op) == (EventKind.VIOLATION, "tp_build", "exec")
-    assert mlog.parse_ascii(e.ascii() + "\n")[0].name == e.name
+    assert imalog.parse_ascii(e.ascii() + "\n")[0].name == e.name
 
 
 @pytest.mark.parametrize("cut", [1, 10, 27, 40, 80])
 def test_truncated_binary_names_the_entry(sample, cut: int) -> None:
     binary, _, _ = sample
-    entries = mlog.parse_binary(binary)
+    entries = imalog.parse_binary(binary)
     offset = sum(len(e.binary()) for e in entries[:4])   # inside entry 4
     with pytest.raises(LogError) as err:
-        mlog.parse_binary(binary[: offset + cut], source="m.log")
+        imalog.parse_binary(binary[: offset + cut], source="m.log")
     assert err.value.entry == 4
     assert str(err.value).startswith("m.log: entry 4: ") and "\n" not in str(err.value)
 
 
 def test_a_flipped_byte_is_refused_naming_its_entry(sample) -> None:
     binary, _, _ = sample
-    entries = mlog.parse_binary(binary)
+    entries = imalog.parse_binary(binary)
     offset = sum(len(e.binary()) for e in entries[:5])
     for where in (4, 40, len(entries[5].binary()) - 3):   # template hash, digest, name
         bad = bytearray(binary)
         bad[offset + where] ^= 0x01
         with pytest.raises(LogError) as err:
-            mlog.parse_binary(bytes(bad))
+            imalog.parse_binary(bytes(bad))
         assert err.value.entry == 5, str(err.value)
 
 
@@ -138,7 +139,7 @@ def test_malformed_ascii_lines_name_the_entry(sample) -> None:
     }
     for what, line in cases.items():
         with pytest.raises(LogError) as err:
-            mlog.parse_ascii("".join(lines[:2] + [line] + lines[3:]))
+            imalog.parse_ascii("".join(lines[:2] + [line] + lines[3:]))
         assert err.value.entry == 2, what
 
 
@@ -161,11 +162,11 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.binary(min_size=32, max_size=32), st.text(max_size=80)), max_size=8))
 def test_any_entries_round_trip_through_both_forms(rows) -> None:
-    entries = [mlog.LogEntry.new(i, 10, d, name) for i, (d, name) in enumerate(rows)]
-    binary = mlog.to_binary(entries)
-    assert mlog.parse_binary(binary) == entries
-    assert mlog.parse_ascii(mlog.to_ascii(entries)) == entries
-    assert mlog.replay(mlog.parse_ascii(mlog.to_ascii(entries)), 10) == mlog.replay(entries, 10)
+    entries = [imalog.LogEntry.new(i, 10, d, name) for i, (d, name) in enumerate(rows)]
+    binary = imalog.to_binary(entries)
+    assert imalog.parse_binary(binary) == entries
+    assert imalog.parse_ascii(imalog.to_ascii(entries)) == entries
+    assert imalog.replay(imalog.parse_ascii(imalog.to_ascii(entries)), 10) == imalog.replay(entries, 10)
 
 
 @settings(max_examples=300, deadline=None)
@@ -179,8 +180,23 @@ def test_damaged_input_raises_only_log_errors(data) -> None:
         blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
     blob = bytes(blob[: data.draw(st.integers(0, len(blob)))]) + data.draw(st.binary(max_size=16))
     line_text = text[: data.draw(st.integers(0, len(text)))] + data.draw(st.text(max_size=40))
-    for parse, arg in ((mlog.parse_binary, blob), (mlog.parse_ascii, line_text)):
+    for parse, arg in ((imalog.parse_binary, blob), (imalog.parse_ascii, line_text)):
         try:
             parse(arg)
         except LogError as exc:
             assert exc.entry is not None and "\n" not in str(exc)
+
+
+def test_one_replay_from_any_start_value() -> None:
+    """replay, replay_prefixes and replay_to are one chain: from reset, or from a verified midpoint."""
+    entries = [imalog.LogEntry.new(i, 10 if i % 3 else 11, hashlib.sha256(b"%d" % i).digest(), f"/bin/{i}")
+               for i in range(9)]
+    values = imalog.replay_prefixes(entries, 10)
+    assert values[0] == imalog.ZERO_PCR and values[-1] == imalog.replay(entries, 10)
+    assert values[3] == values[4]                       # entry 3 is for PCR 11: PCR 10 unchanged
+    assert imalog.replay(entries[5:], 10, start=values[5]) == values[-1]
+    assert imalog.replay_prefixes(entries[5:], 10, values[5]) == values[5:]
+    assert imalog.replay_to(entries, imalog.ZERO_PCR, values[8], 10) == 8
+    assert imalog.replay_to(entries[5:], values[5], values[8], 10) == 3
+    assert imalog.replay_to(entries[5:], values[5], values[5], 10) == 0
+    assert imalog.replay_to(entries[:4] + entries[5:], imalog.ZERO_PCR, values[9], 10) is None   # one removed

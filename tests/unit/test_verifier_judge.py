@@ -1,9 +1,9 @@
-"""The verifier's verdict per entry, one row per rule (no TPM: entries made with mlog.LogEntry.new)."""
+"""The verifier's verdict per entry, one row per rule (no TPM: entries made with imalog.LogEntry.new)."""
 from __future__ import annotations
 
 import pytest
 
-from controlplane.host import mlog
+from controlplane.core import imalog
 from controlplane.core.events import Event, EventKind, alive_digest
 from controlplane.verifier.attest import Facts, Judge, replay_to
 from tests.attest_fixtures import reference  # noqa: F401
@@ -19,7 +19,7 @@ def judge(reference):
 
 
 def _entry(index, event, pcr=10):
-    return mlog.LogEntry.new(index, pcr, event.digest, event.ima_name())
+    return imalog.LogEntry.new(index, pcr, event.digest, event.ima_name())
 
 
 def test_each_rule(judge):
@@ -47,7 +47,7 @@ def test_each_rule(judge):
     got = [(v.verdict, v.reason) for v in (j.judge(_entry(i, e)) for i, (e, _, _) in enumerate(rows))]
     assert got == [(v, r) for _, v, r in rows]
     assert j.facts.untrusted == sum(1 for _, v, _ in rows if v == "untrusted")
-    assert j.judge(mlog.LogEntry.new(99, 10, b"\x05" * 32, "/usr/bin/ls")).reason == "unknown-entry"
+    assert j.judge(imalog.LogEntry.new(99, 10, b"\x05" * 32, "/usr/bin/ls")).reason == "unknown-entry"
     assert j.judge(_entry(100, Event(EventKind.TLS_KEY, b"\x01" * 32), pcr=11)).reason == "wrong-pcr"
 
 
@@ -66,7 +66,7 @@ def test_overall_conditions(judge):
 
 def test_replay_to_finds_the_quoted_prefix_from_any_verified_state():
     entries = [_entry(i, Event(EventKind.TLS_KEY, bytes([i]) * 32)) for i in range(6)]
-    values = mlog.replay_prefixes(entries, 10)
+    values = imalog.replay_prefixes(entries, 10)
     assert replay_to(entries, bytes(32), values[4], 10) == 4
     assert replay_to(entries[2:], values[2], values[6], 10) == 4          # incremental, from entry 2
     assert replay_to(entries[2:], values[2], values[2], 10) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from controlplane.core import imalog
 from controlplane.host import mlog
 
 from controlplane.verifier import registrar
@@ -39,7 +40,7 @@ def test_attest_on_the_vtpm(tmp_path) -> None:
         try:
             first = verifier.attest(store.host("vm"), r, key, store=store)
             assert first.verdict == "trusted", first.reasons
-            assert log.entries(0)[0].digest == mlog.boot_aggregate(firmware)
+            assert log.entries(0)[0].digest == imalog.boot_aggregate(firmware)
             h.record(EventKind.VIOLATION, b"\x66" * 32, label="tp_build", op="exec", subject="/tmp/evil")
             second = verifier.attest(store.host("vm"), r, key, store=store)
             assert second.verdict == "untrusted"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from prima.measuredb import build
+from prima.sources import build
 from tests import selfprotect_scenarios as sc
 
 EXPECT = sc.expect("lsm")

@@ -15,14 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.host import mlog
+from controlplane.core import imalog
 from controlplane.core.errors import LogError
 from controlplane.core.events import Event, EventKind
-from controlplane.host.tpm import DEVICE, Quote, make_credential, open_tpm, verify_quote
+from controlplane.core.paths import TPM_DEVICE
+from controlplane.core.quote import Quote, make_credential, verify_quote
+from controlplane.host import mlog
+from controlplane.host.tpm import open_tpm
+from tests.mlog_fault import FAULT_EXIT
 from tests.tpm_fixtures import tpm2_pcrread
 
 REPO = Path(__file__).resolve().parents[3]
-ENV = dict(os.environ, TPM2TOOLS_TCTI=f"device:{DEVICE}")
+ENV = dict(os.environ, TPM2TOOLS_TCTI=f"device:{TPM_DEVICE}")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,7 @@ def ev(i: int) -> Event:
 
 
 def test_the_device_is_chosen(tpm) -> None:
-    assert tpm.tcti == f"device:{DEVICE}" and tpm.swtpm is None
+    assert tpm.tcti == f"device:{TPM_DEVICE}" and tpm.swtpm is None
 
 
 def test_pcr_choice_follows_the_kernels_ima() -> None:
@@ -55,11 +59,11 @@ def test_pcr_choice_follows_the_kernels_ima() -> None:
 def test_the_kernels_own_ima_log_replays_to_its_pcr(tpm) -> None:
     """mlog's parser on the live kernel log: same ASCII as the kernel prints, replay = the vTPM's PCR 10."""
     ima = Path("/sys/kernel/security/ima")
-    entries = mlog.parse_binary((ima / "binary_runtime_measurements").read_bytes())
-    assert mlog.to_ascii(entries) == (ima / "ascii_runtime_measurements").read_text()
+    entries = imalog.parse_binary((ima / "binary_runtime_measurements").read_bytes())
+    assert imalog.to_ascii(entries) == (ima / "ascii_runtime_measurements").read_text()
     assert entries[0].name == "boot_aggregate"
-    assert entries[0].digest == mlog.boot_aggregate(tpm.read_pcrs(range(10)))
-    assert mlog.replay(entries, 10) == tpm.read_pcr(10) == _pcrread(10)
+    assert entries[0].digest == imalog.boot_aggregate(tpm.read_pcrs(range(10)))
+    assert imalog.replay(entries, 10) == tpm.read_pcr(10) == _pcrread(10)
 
 
 def test_extend_and_read_match_tpm2_pcrread(tpm) -> None:
@@ -85,13 +89,13 @@ def test_quote_and_credential_on_the_vtpm(tpm) -> None:
 def test_log_and_pcr_agree_on_the_device(tpm, tmp_path: Path) -> None:
     path = tmp_path / "m.log"
     with mlog.MeasurementLog.open(path, tpm, pcr=14) as log:
-        assert log.entries()[0].digest == mlog.boot_aggregate(tpm.read_pcrs(range(10)))
+        assert log.entries()[0].digest == imalog.boot_aggregate(tpm.read_pcrs(range(10)))
         for i in range(500):
             log.record(ev(i))
         log.flush()
-        assert mlog.replay(log.entries(), 14) == tpm.read_pcr(14) == _pcrread(14)
-    text = mlog.to_ascii(mlog.read_log(path))
-    assert mlog.replay(mlog.parse_ascii(text), 14) == _pcrread(14)
+        assert imalog.replay(log.entries(), 14) == tpm.read_pcr(14) == _pcrread(14)
+    text = imalog.to_ascii(mlog.read_log(path))
+    assert imalog.replay(imalog.parse_ascii(text), 14) == _pcrread(14)
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01                             # inside the last entry's name
     path.write_bytes(bytes(data))
@@ -106,6 +110,8 @@ CHILD = textwrap.dedent("""
     from controlplane.host import mlog
     from controlplane.core.events import Event, EventKind
     from controlplane.host.tpm import Tpm
+    from tests.mlog_fault import crash_after_durable
+    crash_after_durable(int(sys.argv[2]))
     log = mlog.MeasurementLog.open(Path(sys.argv[1]), Tpm("device:/dev/tpmrm0"), pcr=15)
     for i in range(40):
         log.record(Event(EventKind.VIOLATION, hashlib.sha256(b"%d" % i).digest(), "tp", "exec", f"/bin/{i}"))
@@ -115,12 +121,11 @@ CHILD = textwrap.dedent("""
 
 def test_crash_between_log_and_extend_recovers_on_the_device(tpm, tmp_path: Path) -> None:
     path = tmp_path / "m.log"
-    env = dict(os.environ, **{mlog.FAULT_ENV: "after-log-before-extend:20"})
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), "20"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == mlog.FAULT_EXIT, proc.stderr
+    assert proc.returncode == FAULT_EXIT, proc.stderr
     logged = mlog.read_log(path)
-    assert mlog.replay(logged, 15) != tpm.read_pcr(15)
+    assert imalog.replay(logged, 15) != tpm.read_pcr(15)
     with mlog.MeasurementLog.open(path, tpm, pcr=15) as log:
         assert log.recovered > 0
-        assert mlog.replay(logged, 15) == tpm.read_pcr(15) == _pcrread(15)
+        assert imalog.replay(logged, 15) == tpm.read_pcr(15) == _pcrread(15)

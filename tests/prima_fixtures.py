@@ -1,0 +1,62 @@
+"""Test-side views of a running prima Engine, and kernel-view entries made without a measurement DB.
+
+The daemon gets its entries from prima.kernelview.kernel_view (a MeasureDB)
+and never asks which processes carry a label or how long its programs ran;
+tests and benchmarks do, so those views live here, on Engine's public
+surface (`engine.bpf`, `engine.loaded`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable
+
+from prima import selfprotect
+from prima.engine import Engine
+from prima.kernelview import KernelEntry, kernel_dev
+
+
+def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int) -> list[KernelEntry]:
+    """Stat and hash files into kernel-view entries, each trusted for `sets_mask` (no DB, no cache)."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        with open(p, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").digest()
+        out.append(KernelEntry(kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns, sets_mask, digest, os.fspath(p)))
+    return out
+
+
+def labelled_processes(engine: Engine) -> dict[int, str]:
+    """tgid -> label name of every process the kernel holds a TP label for (BPF: cwl_task_labels;
+    the daemon's own reserved label is left out)."""
+    assert engine.loaded is not None
+    names = {lid: name for name, lid in engine.loaded.labels.items()}
+    table = engine.bpf[b"cwl_task_labels"]
+    daemon = selfprotect.daemon_label()
+    return {k.value: names.get(v.label, f"#{v.label}") for k, v in table.items() if v.label != daemon}
+
+
+def table_fd(engine: Engine, name: str) -> int:
+    """The fd of one of the engine's maps, any type bcc made (task storage included), owned by the engine."""
+    from bcc import libbcc  # after the engine loaded: bcc decides at import where tracefs is (ebpf.loader)
+
+    fd = libbcc.lib.bpf_table_fd(engine.bpf.module, name.encode())
+    assert fd >= 0, f"no map {name!r} in the engine's BPF object"
+    return fd
+
+
+def program_ids(engine: Engine) -> set[int]:
+    """Kernel ids of the engine's programs (what `bpftool prog/link show` lists)."""
+    return selfprotect.program_objects(engine.bpf)[0]
+
+
+def program_stats(engine: Engine) -> dict[str, tuple[int, int]]:
+    """Per program: (runs, total ns) as the kernel counts them (only while BPF stats are enabled)."""
+    out = {}
+    for name, fn in engine.bpf.funcs.items():
+        info = dict(line.split(":\t", 1) for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines()
+                    if ":\t" in line)
+        out[name.decode() if isinstance(name, bytes) else name] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
+    return out

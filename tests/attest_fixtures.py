@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import socket
 import ssl
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,13 @@ from typing import Any, Iterator
 import pytest
 
 from controlplane.core.events import Event, EventKind, alive_digest
+from controlplane.core.policy import load_policy
+from controlplane.host import mlog as mlog_mod
 from controlplane.host.service import Server, ServiceState, TlsIdentity
+from controlplane.host.tpm import open_tpm
+from controlplane.verifier.judge import Reference as Ref
+from prima.measuredb import MeasureDB
+from prima.sources import build
 
 POLICY = """\
 mode = "audit"
@@ -42,17 +49,11 @@ class Reference:
     entry: str
 
     def open(self, extra: frozenset[bytes] = frozenset()):
-        from controlplane.core.policy import load_policy
-        from controlplane.verifier.attest import Reference as Ref
-        from prima.measuredb import MeasureDB
-
         return Ref(load_policy(self.policy_path), MeasureDB.open(self.db_path), extra)
 
 
 def make_reference(base: Path) -> Reference:
     """A measurement DB (trust set "toolchain") built from a directory of real executables, and a policy."""
-    from prima.sources import build
-
     tools = base / "tools"
     tools.mkdir(parents=True)
     trusted = {}
@@ -90,9 +91,6 @@ class TestHost:
 def enforcement_started(host: TestHost, ref: Reference) -> None:
     """What the enforcement engine writes when it starts: daemon-start, the policy and DB it loaded;
     and from then on, as a live engine does, its liveness entry for each quote's nonce."""
-    from controlplane.core.policy import load_policy
-    from prima.measuredb import MeasureDB
-
     with MeasureDB.open(ref.db_path) as db:
         db_digest = db.digest()
     host.record(EventKind.DAEMON_START, subject="cwlite enforce")
@@ -106,9 +104,6 @@ def enforcement_started(host: TestHost, ref: Reference) -> None:
 def running_host(data_dir: Path, *, tpm=None, log=None, policy_path: Path | None = None,
                  controller_key=None, db_digest: bytes | None = None, rate: float = 1000.0) -> Iterator[TestHost]:
     """swtpm (unless `tpm` is given) + measurement log + HTTPS service on 127.0.0.1:<free port>."""
-    from controlplane.host import mlog as mlog_mod
-    from controlplane.host.tpm import open_tpm
-
     with contextlib.ExitStack() as stack:
         if tpm is None:
             tpm = stack.enter_context(open_tpm(data_dir))
@@ -129,8 +124,6 @@ class Relay:
     """
 
     def __init__(self, upstream_port: int) -> None:
-        import tempfile
-
         self.upstream = upstream_port
         ident = TlsIdentity.fresh()
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -44,3 +45,14 @@ def postgres_url():
         subprocess.run(_as_pg([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
                        capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def new_database(server_url: str, name: str) -> str:
+    """CREATE DATABASE `name` on the server at `server_url`; the SQLAlchemy URL of the new database."""
+    engine = create_engine(server_url)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(text(f"CREATE DATABASE {name}"))
+    finally:
+        engine.dispose()
+    return server_url.replace("/postgres?", f"/{name}?")

@@ -28,7 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from rich.console import Console
+from rich.table import Table
+
+from controlplane.cli.proof import print_proof
+from controlplane.cli.serve import running_service
+from controlplane.core import proof as proof_mod
 from controlplane.core.errors import CwliteError
+from controlplane.core.keys import load_public_key, load_signing_key
+from controlplane.core.policy import load_policy
+from controlplane.verifier import attest as verifier
+from controlplane.verifier import registrar
+from controlplane.verifier.judge import Reference
+from controlplane.verifier.store import Store, default_url
+from prima.measuredb import MeasureDB
+from prima.sources import build
 
 TRUST_SET = "demo"
 LABEL = "tp_demo"
@@ -71,8 +85,6 @@ class Layout:
 
 def prepare(work: Path, *, mode: str = "audit") -> Layout:
     """Build the DB (dpkg packages + the entrypoint's directory) and the policy; copy both for the verifier."""
-    from prima.sources import build
-
     work = Path(work)
     tp_bin, elsewhere, verifier = work / "tp-bin", work / "downloads", work / "verifier"
     for d in (tp_bin, elsewhere, verifier, work / "host"):
@@ -103,23 +115,17 @@ class Demo:
     @contextlib.contextmanager
     def start(cls, layout: Layout, *, controller_key: Path | None = None,
               say: io.TextIOBase | None = None) -> Iterator["Demo"]:
-        from controlplane.core import proof as proof_mod
-        from controlplane.cli.serve import running_service
-        from controlplane.verifier.store import Store, default_url
-
         with running_service(layout.host_dir, policy_path=layout.policy, db_path=layout.db, enforce=True,
                              backend="tracepoint", controller_key=controller_key,
                              say=say or io.StringIO()) as running, \
                 Store.open(default_url(layout.verifier_dir)) as store:
-            key = proof_mod.load_signing_key(layout.verifier_dir / "verifier.key", create=True)
+            key = load_signing_key(layout.verifier_dir / "verifier.key", create=True)
             demo = cls(layout, running, store, key)
             demo.wait_logged(lambda e: e.name.startswith("cwlite:db-load:"), what="enforcement start",
                              timeout=120)  # bcc compiles exec.bpf.c: tens of seconds on a loaded machine
             yield demo
 
     def enrol(self, name: str = "build-vm-1"):
-        from controlplane.verifier import registrar
-
         ca = self.layout.host_dir / "swtpm" / "ca"
         cas = registrar.load_cas(sorted(ca.glob("*cert*.pem")))
         return registrar.enrol(self.running.url, name, self.store, cas=cas, require_ek_cert=True)
@@ -145,8 +151,6 @@ class Demo:
             time.sleep(0.05)
 
     def attest(self, name: str = "build-vm-1"):
-        from controlplane.verifier import attest as verifier
-
         ref = _reference(self.layout)
         try:
             return verifier.attest(self.store.host(name), ref, self.key, store=self.store)
@@ -155,17 +159,11 @@ class Demo:
 
 
 def _reference(layout: Layout):
-    from controlplane.core.policy import load_policy
-    from controlplane.verifier.attest import Reference
-    from prima.measuredb import MeasureDB
-
     return Reference(load_policy(layout.verifier_policy), MeasureDB.open(layout.verifier_db))
 
 
 def _print_round(con, att) -> None:
     """Every log entry this round judged (a proof lists only those not simply trusted)."""
-    from rich.table import Table
-
     colour = {"trusted": "green", "info": "cyan", "untrusted": "red"}
     table = Table(title=f"measurement log entries {att.log_start}..{att.log_end - 1} as the verifier judged them",
                   title_justify="left")
@@ -179,11 +177,6 @@ def _print_round(con, att) -> None:
 
 def main(work: Path | None = None) -> int:
     """`make demo`: the whole slice, with a narration a newcomer can follow."""
-    from rich.console import Console
-
-    from controlplane.core import proof as proof_mod
-    from controlplane.cli.proof import print_proof
-
     con = Console()
     if os.geteuid() != 0:
         con.print("[red]cwlite demo: needs root (it loads BPF programs)[/]")
@@ -232,7 +225,7 @@ def main(work: Path | None = None) -> int:
     step("6. anyone checks the proofs offline with the verifier's public key")
     pub = layout.verifier_dir / "verifier.pub"
     for name in ("proof-1.json", "proof-2.json"):
-        doc = proof_mod.check((work / name).read_bytes(), proof_mod.load_public_key(pub), source=name)
+        doc = proof_mod.check((work / name).read_bytes(), load_public_key(pub), source=name)
         con.print(f"$ cwlite proof check {work / name} --key {pub}  -> signature OK, verdict {doc['verdict']}")
     ok = first.verdict == "trusted" and second.verdict == "untrusted"
     con.print(f"[bold]{'demo complete' if ok else 'demo FAILED'}[/] in {time.monotonic() - t0:.1f}s "

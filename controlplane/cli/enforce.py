@@ -79,9 +79,14 @@ def resolve_backend(requested: str) -> str:
     return "lsm" if probe_lsm().ok else "tracepoint"
 
 
-def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None) -> tuple[Policy, list[KernelEntry], bytes]:
-    """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets, the DB digest."""
-    policy = load_policy(policy_path, controller_key=controller_key, require_signature=controller_key is not None)
+def load_inputs(policy_path: Path, db_path: Path, controller_key: Path | None, policy: Policy | None = None
+                ) -> tuple[Policy, list[KernelEntry], bytes]:
+    """Policy (signature checked when a key is configured), the DB's kernel view for its trust sets, the DB digest.
+
+    `policy`: the policy already loaded from `policy_path` by the caller (not read and parsed again).
+    """
+    if policy is None:
+        policy = load_policy(policy_path, controller_key=controller_key, require_signature=controller_key is not None)
     if not db_path.exists():
         raise EnforcementError(f"{db_path}: no measurement DB (build one with `cwlite db build`)")
     with MeasureDB.open(db_path) as db:
@@ -96,8 +101,10 @@ class Daemon:
     """The enforce loop, usable from other commands (e.g. a service embedding enforcement)."""
 
     def __init__(self, policy_path: Path, db_path: Path, sink: EventSink, *, backend: str = "auto",
-                 controller_key: Path | None = None, log: IO[str] = sys.stderr) -> None:
+                 controller_key: Path | None = None, log: IO[str] = sys.stderr, policy: Policy | None = None) -> None:
+        """`policy`: `policy_path` as the caller already loaded it (checked with `controller_key`), for the start."""
         self.policy_path, self.db_path, self.sink = policy_path, db_path, sink
+        self.policy = policy
         self.backend, self.controller_key, self.log = backend, controller_key, log
         self.reload_requested = False
         self.stop_requested = False
@@ -112,7 +119,7 @@ class Daemon:
         return done.wait(timeout)
 
     def run(self) -> None:
-        policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key)
+        policy, view, db_digest = load_inputs(self.policy_path, self.db_path, self.controller_key, self.policy)
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
         engine = Engine(policy, view, backend=backend, db_digest=db_digest)
         try:
@@ -205,18 +212,20 @@ def enforce(policy_path: Path, db_path: Path, events_path: Path | None, mlog: bo
         sinks.append(js)
         closers.append(js.close)
     tpm_ctx = None
+    # parsed once, signature checked once: the daemon starts from this policy (SIGHUP re-reads the file)
+    policy = load_policy(policy_path, controller_key=controller_key, require_signature=controller_key is not None)
     if mlog:
         # Only --mlog needs the TPM: tpm2-pytss costs ~0.15 s at import, paid by every `cwlite` start if at the top.
         from controlplane.host import mlog as mlog_mod
         from controlplane.host import tpm as tpm_mod
 
-        pcr = mlog_mod.choose_pcr(load_policy(policy_path).pcr)
+        pcr = mlog_mod.choose_pcr(policy.pcr)
         tpm_ctx = tpm_mod.open_tpm(data_dir, device=device)
         tpm = tpm_ctx.__enter__()
         log = mlog_mod.MeasurementLog.open(data_dir / "measurements.log", tpm, pcr=pcr)
         sinks.append(log)
         closers.append(log.close)
-    daemon = Daemon(policy_path, db_path, Tee(sinks), backend=backend, controller_key=controller_key)
+    daemon = Daemon(policy_path, db_path, Tee(sinks), backend=backend, controller_key=controller_key, policy=policy)
 
     def on_hup(signum, frame) -> None:
         daemon.reload_requested = True

@@ -112,7 +112,7 @@ def verify(data_dir: Path, log_file: Path | None, pcr: int | None, device: str |
       # for scripts
       cwlite log verify --json | jq .pending
     """
-    from controlplane.host.tpm import open_tpm
+    from controlplane.host.tpm import open_tpm  # here: tpm2-pytss costs ~0.15 s on every `cwlite` start
 
     path = _log_path(data_dir, log_file)
     entries = _read_any(path)
@@ -162,7 +162,7 @@ def pcrread(pcrs: tuple[int, ...], data_dir: Path, device: str | None, as_json: 
       # compare with tpm2-tools on the same TPM
       TPM2TOOLS_TCTI=device:/dev/tpmrm0 tpm2_pcrread sha256:10
     """
-    from controlplane.host.tpm import open_tpm
+    from controlplane.host.tpm import open_tpm  # here: tpm2-pytss costs ~0.15 s on every `cwlite` start
 
     with open_tpm(data_dir, device=device) as t:
         values = t.read_pcrs(pcrs or (10, 11))
@@ -184,7 +184,7 @@ def quote(nonce: str, pcrs: str, data_dir: Path, device: str | None, as_json: bo
       cwlite tpm quote --nonce $(openssl rand -hex 32)
       cwlite tpm quote --nonce 00ff --pcrs 0,7,10 --json > quote.json
     """
-    from controlplane.host.tpm import open_tpm
+    from controlplane.host.tpm import open_tpm  # here: tpm2-pytss costs ~0.15 s on every `cwlite` start
 
     try:
         qd = bytes.fromhex(nonce)
@@ -214,7 +214,7 @@ def info(data_dir: Path, device: str | None, as_json: bool) -> None:
       cwlite tpm info --json | jq .ak.name
       cwlite tpm info --device swtpm:host=127.0.0.1,port=2321
     """
-    from controlplane.host.tpm import open_tpm
+    from controlplane.host.tpm import open_tpm  # here: tpm2-pytss costs ~0.15 s on every `cwlite` start
 
     with open_tpm(data_dir, device=device) as t:
         data = t.info()

@@ -7,6 +7,10 @@ from pathlib import Path
 import click
 
 from controlplane.cli.output import emit
+from controlplane.core.atomic import write_atomic
+from controlplane.core.errors import KeyFileError
+from controlplane.core.keys import load_signing_key, write_key_pair
+from controlplane.core.policy import load_policy, sign_policy, signature_path
 
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 _path = click.argument("policy", type=click.Path(dir_okay=False, path_type=Path))
@@ -53,8 +57,6 @@ def check(policy: Path, controller_key: Path | None, as_json: bool) -> None:
       cwlite policy check policy.toml
       cwlite policy check policy.toml --controller-key controller.pub --json
     """
-    from controlplane.core.policy import load_policy
-
     pol = load_policy(policy, controller_key=controller_key, require_signature=controller_key is not None)
     data = {"policy": str(policy), "digest": pol.digest().hex(), "signed": controller_key is not None, **pol.canonical()}
     emit(data, as_json, _human)
@@ -71,8 +73,6 @@ def digest(policy: Path, as_json: bool) -> None:
       cwlite policy digest policy.toml
       cwlite policy digest policy.toml --json
     """
-    from controlplane.core.policy import load_policy
-
     emit({"policy": str(policy), "digest": load_policy(policy).digest().hex()}, as_json, lambda d: click.echo(d["digest"]))
 
 
@@ -89,11 +89,8 @@ def sign(policy: Path, key_path: Path, as_json: bool) -> None:
       cwlite policy sign policy.toml --key controller.key
       cwlite policy check policy.toml --controller-key controller.pub
     """
-    from controlplane.core.atomic import write_atomic
-    from controlplane.core.policy import load_policy, load_private_key, sign_policy, signature_path
-
     pol = load_policy(policy)
-    sig = sign_policy(pol, load_private_key(key_path))
+    sig = sign_policy(pol, load_signing_key(key_path))
     out = signature_path(policy)
     write_atomic(out, base64.b64encode(sig) + b"\n")
     emit({"policy": str(policy), "digest": pol.digest().hex(), "signature": str(out)}, as_json,
@@ -111,21 +108,9 @@ def keygen(prefix: Path, as_json: bool) -> None:
       cwlite policy keygen /etc/cwlite/controller
       cwlite policy keygen ./controller --json
     """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from controlplane.core.errors import PolicyError
-    from controlplane.core.atomic import write_atomic
-
     key_path, pub_path = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
     if key_path.exists():
-        raise PolicyError(f"{key_path}: exists; not overwriting a key", source=str(key_path))
-    key = Ed25519PrivateKey.generate()
-    write_atomic(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    write_atomic(pub_path, key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
-    pub_path.chmod(0o644)
+        raise KeyFileError(f"{key_path}: exists; not overwriting a key", path=str(key_path))
+    write_key_pair(key_path, pub_path)
     emit({"private": str(key_path), "public": str(pub_path)}, as_json,
          lambda d: click.echo(f"{d['private']} (keep secret), {d['public']}"))

@@ -1,12 +1,16 @@
 """`cwlite proof`: check a proof offline and show its verdict table."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from controlplane.core import proof as proof_mod
 from controlplane.cli.output import emit
+from controlplane.core.keys import load_public_key
 
 
 @click.group("proof")
@@ -38,7 +42,7 @@ def check_cmd(file: Path, key_path: Path, as_json: bool) -> None:
       cwlite proof check p.json --key verifier.pub --json | jq -r .verdict
     """
     data = _read(file)
-    doc = proof_mod.check(data, proof_mod.load_public_key(key_path), source=str(file))
+    doc = proof_mod.check(data, load_public_key(key_path), source=str(file))
     proof_mod.check_quote(doc, source=str(file))
     emit(doc, as_json, lambda d: print_proof(
         d, header=f"{file}: signature OK, quote OK (AK signature, nonce and TLS key binding, PCR value) "
@@ -55,8 +59,6 @@ def show_cmd(file: Path) -> None:
       cwlite proof show p.json
       cwlite proof show p.json | less -R
     """
-    import json
-
     try:
         doc = json.loads(_read(file))
     except ValueError as exc:
@@ -73,9 +75,6 @@ def _read(file: Path) -> bytes:
 
 def print_proof(doc: dict, *, header: str = "") -> None:
     """The proof for a person: who, what was checked, each entry that was not simply trusted, the verdict."""
-    from rich.console import Console
-    from rich.table import Table
-
     con = Console()
     if header:
         con.print(header)

@@ -16,9 +16,12 @@ from typing import IO, Iterator
 
 import click
 
+from controlplane.cli.enforce import Daemon
 from controlplane.core.errors import EnforcementError
 from controlplane.core.paths import DEFAULT_DATA_DIR
-
+from controlplane.core.policy import read_policy
+from controlplane.host import mlog as mlog_mod
+from prima.measuredb import MeasureDB
 
 
 @dataclass
@@ -42,39 +45,35 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
                     backend: str = "auto", controller_key: Path | None = None, device: str | None = None,
                     rate: float = 50.0, say: IO[str] = sys.stderr) -> Iterator[Running]:
     """TPM + measurement log (+ enforcement daemon thread) + HTTPS service; all stopped on exit."""
-    from controlplane.host import mlog as mlog_mod
+    # Loaded only when serving: FastAPI/uvicorn and tpm2-pytss take over 1 s to import, paid by every
+    # `cwlite` start if at the top.
     from controlplane.host import tpm as tpm_mod
-    from controlplane.host.service import Server, ServiceState, TlsIdentity
+    from controlplane.host.service import ActivePolicy, Server, ServiceState, TlsIdentity
 
     if enforce and (policy_path is None or db_path is None):
         raise click.UsageError("--enforce needs --policy and --db")
-    if pcr is None:
-        from controlplane.host.mlog import DEFAULT_PCR, choose_pcr
-
-        if policy_path is not None:
-            from controlplane.core.policy import load_policy
-
-            pcr = choose_pcr(load_policy(policy_path).pcr)
-        else:
-            pcr = choose_pcr(DEFAULT_PCR)
+    active = None
+    if policy_path is not None:
+        # parsed once: the service serves it and the embedded engine starts from it (signature checked for that)
+        checked = enforce and controller_key is not None
+        active = ActivePolicy.of(*read_policy(policy_path, controller_key=controller_key if checked else None,
+                                              require_signature=checked))
+    pcr = mlog_mod.choose_pcr(active.policy.pcr if active else mlog_mod.DEFAULT_PCR) if pcr is None else pcr
     db_digest = None
     if db_path is not None:
-        from prima.measuredb import MeasureDB
-
         with MeasureDB.open(db_path) as db:
             db_digest = db.digest()
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     with tpm_mod.open_tpm(data_dir, device=device) as tpm, \
             mlog_mod.MeasurementLog.open(Path(data_dir) / "measurements.log", tpm, pcr=pcr) as log:
         state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=pcr, policy_path=policy_path,
-                             db_digest=db_digest, controller_key=controller_key, rate_per_s=rate)
+                             policy=active, db_digest=db_digest, controller_key=controller_key, rate_per_s=rate)
         state.record_tls_key()
         daemon = thread = None
         failure: list[BaseException] = []
         if enforce:
-            from controlplane.cli.enforce import Daemon
-
-            daemon = Daemon(policy_path, db_path, log, backend=backend, controller_key=controller_key, log=say)
+            daemon = Daemon(policy_path, db_path, log, backend=backend, controller_key=controller_key, log=say,
+                            policy=active.policy)
 
             def run() -> None:
                 try:

@@ -2,14 +2,27 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
 import click
 
 from controlplane.cli.output import emit
+from controlplane.cli.proof import print_proof
+from controlplane.core.atomic import write_atomic
+from controlplane.core.errors import VerifyError
+from controlplane.core.keys import load_signing_key
 from controlplane.core.paths import DEFAULT_DATA_DIR
+from controlplane.core.policy import load_policy, read_signature, signature_path
+from controlplane.verifier.judge import Reference, Verdict
+from prima.measuredb import MeasureDB
+
+# verifier.attest, .registrar and .store (httpx, SQLAlchemy: about 0.5 s to import) are imported by the
+# commands that use them, not here: every `cwlite` start would pay for them.
 
 DEFAULT_DATA = DEFAULT_DATA_DIR / "verifier"
 
@@ -22,7 +35,7 @@ def _common(f):
 
 
 def _open_store(data_dir: Path, url: str | None):
-    from controlplane.verifier.store import Store, default_url
+    from controlplane.verifier.store import Store, default_url   # lazy: see the note at the top
 
     data_dir.mkdir(parents=True, exist_ok=True)
     return Store.open(url or default_url(data_dir))
@@ -54,9 +67,7 @@ def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tu
           --ek-ca /var/lib/cwlite/swtpm/ca/swtpm-localca-rootca-cert.pem
       cwlite enrol https://10.0.0.5:8443 build1 --interval 10 --json
     """
-    import hashlib
-
-    from controlplane.verifier import registrar
+    from controlplane.verifier import registrar   # lazy: see the note at the top
 
     cas = registrar.load_cas(ek_cas) if ek_cas else None
     with _open_store(data_dir, store_url) as store:
@@ -71,10 +82,6 @@ def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tu
 
 @contextlib.contextmanager
 def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ...] = ()) -> Iterator:
-    from controlplane.core.policy import load_policy
-    from controlplane.verifier.attest import Reference
-    from prima.measuredb import MeasureDB
-
     policy = load_policy(policy_path)
     with MeasureDB.open(db_path) as db:
         yield Reference(policy, db, frozenset(extra_policies))
@@ -114,22 +121,14 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
       # replace the host's policy (signed by the controller), then attest against it
       cwlite verify build1 --push-policy new.toml --policy policy.toml --db trusted.db
     """
-    import json
+    from controlplane.verifier import attest as v   # lazy: see the note at the top
 
-    from controlplane.core import proof as proof_mod
-    from controlplane.core.atomic import write_atomic
-    from controlplane.verifier import attest as v
-    from controlplane.core.errors import VerifyError
-    from controlplane.cli.proof import print_proof
-
-    key = proof_mod.load_signing_key(data_dir / "verifier.key", create=True)
+    key = load_signing_key(data_dir / "verifier.key", create=True)
     if proof_out is not None and len(hosts) != 1:
         raise click.UsageError("--proof-out needs exactly one HOST")
     with _open_store(data_dir, store_url) as store:
         policy_file, extra = policy_path, ()
         if push_policy is not None:
-            from controlplane.core.policy import load_policy, read_signature, signature_path
-
             if len(hosts) != 1:
                 raise click.UsageError("--push-policy needs exactly one HOST")
             answer = v.push_policy(store.host(hosts[0]), push_policy.read_text(),
@@ -153,18 +152,14 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
                 if proof_out is not None:
                     write_atomic(proof_out, att.proof, mode=0o644)
                 emit(att.document, as_json, print_proof)
-                if att.verdict != v.TRUSTED:
+                if att.verdict != Verdict.TRUSTED:
                     worst = 2
             if worst:
                 sys.exit(worst)      # SystemExit: click's Exit would be swallowed in non-standalone mode
 
 
 def _watch(store, ref, key, hosts, rounds, as_json) -> None:
-    import json
-    import time
-
-    from controlplane.verifier import attest as v
-    from controlplane.core.errors import VerifyError
+    from controlplane.verifier import attest as v   # lazy: see the note at the top
 
     last: dict[str, str] = {}
     for name, result in v.watch(store, ref, key, hosts=hosts or None, rounds=rounds):
@@ -181,7 +176,7 @@ def _watch(store, ref, key, hosts, rounds, as_json) -> None:
         if as_json:
             click.echo(json.dumps({"host": name, "state": state, "at": stamp,
                                    "proof": None if isinstance(result, VerifyError) else result.document}))
-        elif state != last.get(name) or state != v.TRUSTED:
-            flag = "" if state == v.TRUSTED else "  <-- FLAGGED"
+        elif state != last.get(name) or state != Verdict.TRUSTED:
+            flag = "" if state == Verdict.TRUSTED else "  <-- FLAGGED"
             click.echo(f"{stamp} {name}: {line}{flag}")
         last[name] = state

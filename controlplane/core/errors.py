@@ -7,6 +7,8 @@ attributes so tests and callers assert on data, not on text.
 """
 from __future__ import annotations
 
+from enum import StrEnum
+
 
 class CwliteError(Exception):
     """Base of every cwlite error: `str(exc)` is one actionable line."""
@@ -30,14 +32,35 @@ class BpfCompileError(KernelError):
         self.compiler_output = compiler_output
 
 
-class PolicyError(CwliteError):
-    """A policy bundle is malformed, unsigned when it must be, or inconsistent; `.source`, `.line`, `.key` say where."""
+class PolicyReason(StrEnum):
+    """Why a policy was refused: callers (the service's 403 vs 422) decide on this, never on message text."""
 
-    def __init__(self, message: str, *, source: str = "", line: int | None = None, key: str = "") -> None:
+    READ = "read"              # the file cannot be read
+    SYNTAX = "syntax"          # not TOML
+    SCHEMA = "schema"          # TOML, but a key is unknown, missing, mistyped or inconsistent
+    UNSIGNED = "unsigned"      # a signature is required and there is none (or no key to check it)
+    SIGNATURE = "signature"    # the signature is malformed or does not verify
+
+
+class PolicyError(CwliteError):
+    """A policy bundle is malformed, unsigned when it must be, or inconsistent; `.source`, `.line`, `.key` say where,
+    `.reason` (a PolicyReason) says why."""
+
+    def __init__(self, message: str, *, reason: PolicyReason = PolicyReason.SCHEMA, source: str = "",
+                 line: int | None = None, key: str = "") -> None:
         super().__init__(message)
+        self.reason = reason
         self.source = source
         self.line = line
         self.key = key
+
+
+class KeyFileError(CwliteError):
+    """An Ed25519 key file is missing, unreadable or not Ed25519; `.path` names it."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class MeasureDBError(CwliteError):

@@ -39,20 +39,43 @@ import json
 import re
 import tomllib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Mapping
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from controlplane.core.errors import PolicyError
+from controlplane.core.errors import PolicyError, PolicyReason
+from controlplane.core.keys import load_public_key
 
-MODES = ("enforce", "audit")
+
+class Mode(StrEnum):
+    """What a violation does: `enforce` stops it (killed / EPERM), `audit` only logs it."""
+
+    ENFORCE = "enforce"
+    AUDIT = "audit"
+
+
+class OnExec(StrEnum):
+    """A labelled process exec'ing a non-entrypoint: `keep` its label (the new image must be trusted) or `drop` it."""
+
+    KEEP = "keep"
+    DROP = "drop"
+
+
+class AnonExec(StrEnum):
+    """Anonymous executable memory in a labelled process: a `violation`, or `allow`ed (JITs)."""
+
+    VIOLATION = "violation"
+    ALLOW = "allow"
+
+
+MODES = tuple(m.value for m in Mode)
 SCOPES = ("labelled",)
 BACKENDS = ("auto", "lsm", "tracepoint")
-ON_EXEC = ("keep", "drop")
-ANON_EXEC = ("violation", "allow")
+ON_EXEC = tuple(m.value for m in OnExec)
+ANON_EXEC = tuple(m.value for m in AnonExec)
 PROTOCOLS = ("tcp", "udp")
 MAX_TRUST_SETS = 64  # one bit each in the kernel's 64-bit mask
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")  # labels and trust sets: safe in ima-ng names
@@ -65,8 +88,8 @@ class Label:
     name: str
     entrypoints: tuple[str, ...]
     trust_set: str
-    on_exec: str = "keep"
-    anon_exec: str = "violation"
+    on_exec: OnExec = OnExec.KEEP
+    anon_exec: AnonExec = AnonExec.VIOLATION
 
 
 @dataclass(frozen=True)
@@ -95,7 +118,7 @@ class PortAuthority:
 class Policy:
     """A validated policy bundle. `source` is where it came from (for messages only, not digested)."""
 
-    mode: str
+    mode: Mode
     scope: str
     backend: str
     pcr: int
@@ -112,13 +135,14 @@ class Policy:
     def canonical(self) -> dict[str, Any]:
         """The normalised form the digest covers (defaults filled, labels by name)."""
         return {
-            "mode": self.mode,
+            "mode": self.mode.value,
             "scope": self.scope,
             "backend": self.backend,
             "pcr": self.pcr,
             "trust_sets": list(self.trust_set_names),
             "labels": {
-                n: {"entrypoints": list(lb.entrypoints), "trust_set": lb.trust_set, "on_exec": lb.on_exec, "anon_exec": lb.anon_exec}
+                n: {"entrypoints": list(lb.entrypoints), "trust_set": lb.trust_set,
+                    "on_exec": lb.on_exec.value, "anon_exec": lb.anon_exec.value}
                 for n, lb in sorted(self.labels.items())
             },
             "cdis": [{"path": c.path, "writers": list(c.writers)} for c in self.cdis],
@@ -261,11 +285,11 @@ def parse_policy(text: str, *, source: str) -> Policy:
         line = int(m.group(1)) if m else None
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         raise PolicyError(f"{source}:{line}: TOML syntax: {msg}" if line else f"{source}: TOML syntax: {msg}",
-                          source=source, line=line, key="") from None
+                          reason=PolicyReason.SYNTAX, source=source, line=line, key="") from None
     ctx = _Ctx(text, source)
     top = _table(ctx, data, (), {"mode": True, "scope": False, "backend": False, "pcr": False, "trust_sets": True,
                                  "labels": True, "cdis": False, "port_authority": False})
-    mode = _get(ctx, top, (), "mode", str, choices=MODES)
+    mode = Mode(_get(ctx, top, (), "mode", str, choices=MODES))
     scope = _get(ctx, top, (), "scope", str, "labelled", SCOPES)
     backend = _get(ctx, top, (), "backend", str, "auto", BACKENDS)
     pcr = _get(ctx, top, (), "pcr", int, 10)
@@ -299,8 +323,8 @@ def parse_policy(text: str, *, source: str) -> Policy:
         if trust_set not in sets:
             raise ctx.fail((*path, "trust_set"), f"unknown trust set {trust_set!r} (defined: {', '.join(sets)})")
         labels[name] = Label(name, entrypoints, trust_set,
-                             _get(ctx, body, path, "on_exec", str, "keep", ON_EXEC),
-                             _get(ctx, body, path, "anon_exec", str, "violation", ANON_EXEC))
+                             OnExec(_get(ctx, body, path, "on_exec", str, "keep", ON_EXEC)),
+                             AnonExec(_get(ctx, body, path, "anon_exec", str, "violation", ANON_EXEC)))
 
     cdis: list[Cdi] = []
     cdis_raw = _get(ctx, top, (), "cdis", list, [])
@@ -337,35 +361,8 @@ def signature_path(policy_path: str | Path) -> Path:
     return p.with_name(p.name + ".sig")
 
 
-def load_public_key(key: Ed25519PublicKey | str | Path) -> Ed25519PublicKey:
-    """The controller's key: an Ed25519PublicKey, or a PEM file holding one."""
-    if isinstance(key, Ed25519PublicKey):
-        return key
-    try:
-        pub = serialization.load_pem_public_key(Path(key).read_bytes())
-    except (OSError, ValueError) as exc:
-        raise PolicyError(f"{key}: not a readable PEM public key ({exc})", source=str(key)) from exc
-    if not isinstance(pub, Ed25519PublicKey):
-        raise PolicyError(f"{key}: controller key is not Ed25519", source=str(key))
-    return pub
-
-
-def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise PolicyError(f"{path}: not a readable unencrypted PEM private key ({exc})", source=str(path)) from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise PolicyError(f"{path}: signing key is not Ed25519", source=str(path))
-    return key
-
-
-def read_signature(sig_path: Path) -> bytes:
-    """A .sig file: raw 64 bytes, or their base64 text."""
-    try:
-        data = sig_path.read_bytes()
-    except FileNotFoundError:
-        raise PolicyError(f"{sig_path}: signature missing (a controller key is configured)", source=str(sig_path)) from None
+def decode_signature(data: bytes, *, source: str) -> bytes:
+    """A signature as stored or sent: raw 64 bytes, or their base64 text."""
     if len(data) == 64:
         return data
     try:
@@ -373,8 +370,19 @@ def read_signature(sig_path: Path) -> bytes:
     except binascii.Error:
         raw = b""
     if len(raw) != 64:
-        raise PolicyError(f"{sig_path}: signature malformed (want 64 raw bytes or their base64)", source=str(sig_path))
+        raise PolicyError(f"{source}: signature malformed (want 64 raw bytes or their base64)",
+                          reason=PolicyReason.SIGNATURE, source=source)
     return raw
+
+
+def read_signature(sig_path: Path) -> bytes:
+    """A .sig file: raw 64 bytes, or their base64 text."""
+    try:
+        data = sig_path.read_bytes()
+    except FileNotFoundError:
+        raise PolicyError(f"{sig_path}: signature missing (a controller key is configured)",
+                          reason=PolicyReason.UNSIGNED, source=str(sig_path)) from None
+    return decode_signature(data, source=str(sig_path))
 
 
 def sign_policy(policy: Policy, key: Ed25519PrivateKey) -> bytes:
@@ -382,25 +390,37 @@ def sign_policy(policy: Policy, key: Ed25519PrivateKey) -> bytes:
     return key.sign(policy.digest())
 
 
+def check_signature(policy: Policy, signature: bytes, controller_key: Ed25519PublicKey | str | Path, *,
+                    source: str) -> None:
+    """Fail closed unless `signature` is the controller's over the policy's digest; `source` names the signature."""
+    try:
+        load_public_key(controller_key).verify(signature, policy.digest())
+    except InvalidSignature:
+        raise PolicyError(f"{source}: signature does not verify with the controller key "
+                          f"(policy digest {policy.digest().hex()})", reason=PolicyReason.SIGNATURE,
+                          source=source) from None
+
+
+def read_policy(path: str | Path, *, controller_key: Ed25519PublicKey | str | Path | None = None,
+                require_signature: bool = False) -> tuple[str, Policy]:
+    """The policy file's text and the policy parsed from it (read once, parsed once); with a controller key
+    its `.sig` must verify (fail closed)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{p}: cannot read policy ({exc})", reason=PolicyReason.READ, source=str(p)) from exc
+    if require_signature and controller_key is None:
+        raise PolicyError(f"{p}: a signature is required but no controller key is configured",
+                          reason=PolicyReason.UNSIGNED, source=str(p))
+    policy = parse_policy(text, source=str(p))
+    if controller_key is not None:
+        sig_path = signature_path(p)
+        check_signature(policy, read_signature(sig_path), controller_key, source=str(sig_path))
+    return text, policy
 
 
 def load_policy(path: str | Path, *, controller_key: Ed25519PublicKey | str | Path | None = None,
                 require_signature: bool = False) -> Policy:
     """Read, parse and validate a policy; with a controller key its `.sig` must verify (fail closed)."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"{p}: cannot read policy ({exc})", source=str(p)) from exc
-    if require_signature and controller_key is None:
-        raise PolicyError(f"{p}: a signature is required but no controller key is configured", source=str(p))
-    policy = parse_policy(text, source=str(p))
-    if controller_key is not None:
-        pub = load_public_key(controller_key)
-        sig_path = signature_path(p)
-        try:
-            pub.verify(read_signature(sig_path), policy.digest())
-        except InvalidSignature:
-            raise PolicyError(f"{sig_path}: signature does not verify with the controller key "
-                              f"(policy digest {policy.digest().hex()})", source=str(sig_path)) from None
-    return policy
+    return read_policy(path, controller_key=controller_key, require_signature=require_signature)[1]

@@ -14,14 +14,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from controlplane.core.atomic import write_atomic
 from controlplane.core.errors import VerifyError
 from controlplane.core.quote import Quote, verify_quote
 from controlplane.core.wire import quote_qualifying_data
@@ -35,53 +33,7 @@ def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-# keys ------------------------------------------------------------------------
-def load_signing_key(path: Path, *, create: bool = False) -> Ed25519PrivateKey:
-    """The verifier's Ed25519 key (PKCS#8 PEM); made (mode 0600) with its `.pub` beside it when `create`."""
-    path = Path(path)
-    if not path.exists():
-        if not create:
-            raise VerifyError(f"{path}: verifier key not found (cwlite verify creates it on first use)",
-                              reason="key")
-        key = Ed25519PrivateKey.generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()), mode=0o600)
-        write_atomic(path.with_suffix(".pub"), public_pem(key.public_key()), mode=0o644)
-        return key
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise VerifyError(f"{path}: not a PEM private key: {exc}", reason="key") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise VerifyError(f"{path}: not an Ed25519 key ({type(key).__name__})", reason="key")
-    return key
-
-
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    """An Ed25519 public key from a PEM file (SubjectPublicKeyInfo) or 32 raw/hex bytes."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise VerifyError(f"{path}: cannot read the public key: {exc.strerror}", reason="key") from exc
-    try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            key = serialization.load_pem_public_key(data)
-        else:
-            raw = data.strip()
-            key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(raw.decode()) if len(raw) == 64 else raw)
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise VerifyError(f"{path}: not an Ed25519 public key: {exc}", reason="key") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise VerifyError(f"{path}: not an Ed25519 public key ({type(key).__name__})", reason="key")
-    return key
-
-
-def public_pem(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
+# the verifier's name in a proof (keys are loaded by controlplane.core.keys) ------------
 def key_id(key: Ed25519PublicKey) -> str:
     """SHA-256 of the raw public key, hex: names the verifier inside a proof."""
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

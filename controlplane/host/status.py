@@ -64,15 +64,11 @@ def _bcc() -> dict:
 
 
 def _tpm() -> dict:
-    # Here, not at the top: every `cwlite` start imports this module (cli/status), and host.tpm
-    # brings tpm2-pytss (~0.15 s); only `cwlite status` needs the device path.
-    from controlplane.host.tpm import DEVICE
-
     swtpm = shutil.which("swtpm")
     return {
-        "device": DEVICE if os.path.exists(DEVICE) else None,
+        "device": TPM_DEVICE if os.path.exists(TPM_DEVICE) else None,
         "swtpm": swtpm,
-        "use": "device" if os.path.exists(DEVICE) else ("embedded swtpm" if swtpm else None),
+        "use": "device" if os.path.exists(TPM_DEVICE) else ("embedded swtpm" if swtpm else None),
     }
 
 

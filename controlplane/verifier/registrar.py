@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from controlplane.verifier.client import Channel
 from controlplane.core.errors import VerifyError
+from controlplane.core.quote import ak_name_of, make_credential
 from controlplane.core.wire import API_VERSION
 from controlplane.verifier.store import Host, Store
 
@@ -88,8 +89,6 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 def enrol(url: str, name: str, store: Store, *, cas: list[x509.Certificate] | None = None,
           require_ek_cert: bool = False, pcr: int = 10, interval_s: float = 30.0) -> Host:
     """Enrol the host serving at `url` under `name`: check its EK, activate a credential, pin EK and AK."""
-    from controlplane.core import quote as tpm_mod
-
     with Channel(url) as ch:
         claim = ch.get(f"/{API_VERSION}/enrol")
         try:
@@ -103,9 +102,9 @@ def enrol(url: str, name: str, store: Store, *, cas: list[x509.Certificate] | No
         if ek_cert is not None and cas:
             check_ek_certificate(ek_cert, ek_public, cas)
         # the AK's name is computed here from its public area, never taken from the host
-        ak_name = tpm_mod.ak_name_of(ak_public)
+        ak_name = ak_name_of(ak_public)
         secret = os.urandom(32)
-        blob, encrypted = tpm_mod.make_credential(ek_public, ak_name, secret)
+        blob, encrypted = make_credential(ek_public, ak_name, secret)
         try:
             answer = ch.post(f"/{API_VERSION}/enrol/activate",
                              {"credential_blob": base64.b64encode(blob).decode(),

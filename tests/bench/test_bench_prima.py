@@ -22,7 +22,7 @@ from prima.kernelview import kernel_view
 from prima.measuredb import MeasureDB
 from prima.sources import build
 from tests.conftest import requires
-from tests.kernel.prima_lab import c_project, shared_libs
+from tests.bypass.lab import c_project, shared_libs
 from tests.prima_fixtures import labelled_processes, measure_files, program_stats
 
 pytestmark = [pytest.mark.bench, requires(root=True), requires(tool="gcc")]

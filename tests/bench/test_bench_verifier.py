@@ -21,8 +21,17 @@ import time
 from pathlib import Path
 
 from controlplane.core import imalog
+from controlplane.core.imalog import replay_to
+from controlplane.core.policy import load_policy
+from controlplane.core.quote import verify_quote
+from controlplane.core.wire import quote_qualifying_data
 from controlplane.core.events import Event, EventKind
-from controlplane.verifier.attest import Facts, Judge, _parse_page, replay_to
+from controlplane.verifier.evidence import fetch_quote, parse_page
+from controlplane.verifier import registrar
+from controlplane.verifier.client import Channel
+from controlplane.verifier.judge import Facts, Judge
+from controlplane.verifier.store import Store
+from prima.measuredb import MeasureDB
 from tests.attest_fixtures import make_reference, running_host
 from tests.conftest import requires
 
@@ -63,7 +72,7 @@ def _bare_replay(text: str) -> bytes:
 
 
 def _check(ref_open, text: str, start: int, start_value: bytes, target: bytes, facts: Facts) -> int:
-    entries = _parse_page(text, start)
+    entries = parse_page(text, start)
     n = replay_to(entries, start_value, target, PCR)
     assert n == len(entries)
     judge = Judge(ref_open, facts)
@@ -73,9 +82,6 @@ def _check(ref_open, text: str, start: int, start_value: bytes, target: bytes, f
 
 
 def test_replay_and_check_100k(tmp_path: Path) -> None:
-    from controlplane.core.policy import load_policy
-    from prima.measuredb import MeasureDB
-
     ref = make_reference(tmp_path)
     with MeasureDB.open(ref.db_path) as db:
         db_digest = db.digest()
@@ -105,7 +111,7 @@ def test_replay_and_check_100k(tmp_path: Path) -> None:
         assert _bare_replay(full_text) == mid
         bare.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        _parse_page(full_text, 0)
+        parse_page(full_text, 0)
         parse_only.append(time.perf_counter() - t0)
 
     p = statistics.median(parse_only)
@@ -118,12 +124,6 @@ def test_replay_and_check_100k(tmp_path: Path) -> None:
 
 
 def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: F401
-
-    from controlplane.verifier import registrar
-    from controlplane.verifier.client import Channel
-    from controlplane.verifier.store import Store
-    from controlplane.verifier.attest import _quote_checked
 
     with running_host(tmp_path / "host") as h, Store(f"sqlite:///{tmp_path}/a.db") as store:
         host = registrar.enrol(h.url, "bench", store)
@@ -131,12 +131,9 @@ def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
         with Channel(h.url) as ch:
             for _ in range(300):
                 t0 = time.perf_counter()
-                _quote_checked(ch, host, os.urandom(32))
+                fetch_quote(ch, host, os.urandom(32))
                 times.append(time.perf_counter() - t0)
         # baseline, same TPM, same run: TPM2_Quote + verify_quote in-process, no HTTPS
-        from controlplane.core.quote import verify_quote
-        from controlplane.core.wire import quote_qualifying_data
-
         direct, pcrs = [], sorted({*range(10), 10})
         for _ in range(300):
             nonce = os.urandom(32)
@@ -149,7 +146,7 @@ def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
         for _ in range(30):                       # a new TLS connection per round, as `cwlite verify` does
             t0 = time.perf_counter()
             with Channel(h.url) as ch:
-                _quote_checked(ch, host, os.urandom(32))
+                fetch_quote(ch, host, os.urandom(32))
             fresh.append(time.perf_counter() - t0)
     q = statistics.quantiles(times, n=100)
     qf = statistics.quantiles(fresh, n=100)

@@ -6,9 +6,14 @@ untrusted program -> the next proof "untrusted", naming that log entry.
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controlplane.core import proof as proof_mod
 from controlplane.cli.demo import LABEL, TRUSTED_PROGRAM, Demo, prepare
+from controlplane.core import proof as proof_mod
+from controlplane.core.keys import load_signing_key, public_pem
+from controlplane.core.policy import load_policy, sign_policy, signature_path
+from controlplane.verifier import attest as verifier
+from prima.measuredb import MeasureDB
 from tests.conftest import requires
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), pytest.mark.timeout(300)]
@@ -37,21 +42,15 @@ def test_trusted_then_untrusted_exec_is_named_in_the_proof(tmp_path):
     assert second.document["entries"] == [{
         "index": violation.index, "verdict": "untrusted", "reason": "violation", "kind": "violation",
         "label": LABEL, "op": "exec", "subject": str(layout.untrusted), "digest": violation.digest.hex()}]
-    pub = proof_mod.load_signing_key(layout.verifier_dir / "verifier.key").public_key()
+    pub = load_signing_key(layout.verifier_dir / "verifier.key").public_key()
     assert proof_mod.check(second.proof, pub)["verdict"] == "untrusted"
 
 
 def test_a_pushed_signed_policy_is_enforced_by_the_engine(tmp_path):
     """The controller switches the host from audit to enforce over the attested channel."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from controlplane.verifier import attest as verifier
-    from controlplane.core.policy import load_policy, sign_policy, signature_path
-    from prima.measuredb import MeasureDB
-
     controller = Ed25519PrivateKey.generate()
     pub = tmp_path / "controller.pub"
-    pub.write_bytes(proof_mod.public_pem(controller.public_key()))
+    pub.write_bytes(public_pem(controller.public_key()))
     layout = prepare(tmp_path / "work")
     signature_path(layout.policy).write_bytes(sign_policy(load_policy(layout.policy), controller))
     with Demo.start(layout, controller_key=pub) as demo:

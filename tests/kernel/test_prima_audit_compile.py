@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prima.sources import build
 from tests.conftest import requires
-from tests.kernel.prima_lab import c_project
+from tests.bypass.lab import c_project
 
 pytestmark = [requires(root=True), requires(tool="gcc")]
 

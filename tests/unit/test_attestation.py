@@ -5,6 +5,7 @@ attacker could present, and asserts the verifier's refusal reason.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import itertools
@@ -15,14 +16,17 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controlplane.core import proof as proof_mod
-from controlplane.verifier import registrar
-from controlplane.verifier import attest as verifier
 from controlplane.core.errors import VerifyError
 from controlplane.core.events import EventKind
+from controlplane.core.keys import load_public_key, public_pem
+from controlplane.core.policy import load_policy, sign_policy
+from controlplane.host.tpm import open_tpm
+from controlplane.verifier import attest as verifier
+from controlplane.verifier import registrar
 from controlplane.verifier.store import Store
 from tests.attest_fixtures import Relay, enforcement_started, reference, running_host  # noqa: F401
 from tests.conftest import requires
-from tests.pg_fixtures import postgres_url  # noqa: F401
+from tests.pg_fixtures import new_database, postgres_url  # noqa: F401
 
 _DBS = itertools.count()
 
@@ -38,12 +42,8 @@ def store(tmp_path):
 @pytest.fixture
 def pg_store(postgres_url):
     """The store on the real PostgreSQL server (a fleet of verifiers shares one), in a fresh database."""
-    from sqlalchemy import text
-
     name = f"attest_{os.getpid()}_{next(_DBS)}"
-    with Store(postgres_url)._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text(f"CREATE DATABASE {name}"))
-    with Store.open(postgres_url.replace("/postgres?", f"/{name}?")) as s:
+    with Store.open(new_database(postgres_url, name)) as s:
         yield s
 
 
@@ -83,8 +83,6 @@ def test_enrol_checks_the_ek_chain_and_pins_ek_and_ak(host, store):
 
 
 def test_enrol_refuses_an_ek_certificate_from_another_ca(host, store, tmp_path):
-    from controlplane.host.tpm import open_tpm
-
     with open_tpm(tmp_path / "other") as other:
         other.ek_public()
         other_cas = registrar.load_cas(sorted((tmp_path / "other" / "swtpm" / "ca").glob("*cert*.pem")))
@@ -121,8 +119,6 @@ class _SplitTpm:
 
 @pytest.mark.parametrize("activating", ["ek-tpm", "ak-tpm"])
 def test_an_ak_from_another_tpm_is_refused(host, store, tmp_path, activating):
-    from controlplane.host.tpm import open_tpm
-
     with open_tpm(tmp_path / "other") as other:
         split = _SplitTpm(host.tpm, other)
         if activating == "ak-tpm":
@@ -147,8 +143,8 @@ def test_trusted_proof_then_a_violation_is_named(host, key, reference, tmp_path,
     assert first.verdict == "trusted", first.reasons
     assert first.document["entries"] == [] and first.log_start == 0 and first.log_end == len(host.log.entries(0))
     pub = tmp_path / "v.pub"
-    pub.write_bytes(proof_mod.public_pem(key.public_key()))
-    assert proof_mod.check(first.proof, proof_mod.load_public_key(pub))["verdict"] == "trusted"
+    pub.write_bytes(public_pem(key.public_key()))
+    assert proof_mod.check(first.proof, load_public_key(pub))["verdict"] == "trusted"
 
     evil = bytes.fromhex("66" * 32)
     host.record(EventKind.VIOLATION, evil, label="tp_build", op="exec", subject="/tmp/evil_x")
@@ -255,8 +251,6 @@ def test_replayed_quote_is_refused(host, store, key, reference):
 
 
 def test_quote_from_another_tpm_is_refused(host, store, key, reference, tmp_path):
-    from controlplane.host.tpm import open_tpm
-
     _enrol(host, store)
     with open_tpm(tmp_path / "other") as other:
         host.state.mlog = _QuotedBy(host.log, other)
@@ -323,8 +317,6 @@ def test_reboot_is_flagged_then_the_new_boot_is_judged(tmp_path, store, key, ref
 
 # -- policy push over the attested channel --------------------------------------------------------
 def test_signed_policy_push_is_loaded_and_logged_forged_one_refused(tmp_path, store, key, reference):
-    from controlplane.core.policy import load_policy, sign_policy
-
     controller = Ed25519PrivateKey.generate()
     active = tmp_path / "active.toml"
     active.write_text(reference.policy_path.read_text())
@@ -343,9 +335,23 @@ def test_signed_policy_push_is_loaded_and_logged_forged_one_refused(tmp_path, st
         with pytest.raises(VerifyError, match="HTTP 403: pushed policy.sig: signature does not verify"):
             verifier.push_policy(store.host("build1"), new_text, old_sig)
         assert len(h.log.entries(0)) == n_before and active.read_text() == reference.policy_path.read_text()
+        # 403 vs 422 is decided by PolicyError.reason: a bad signature is forbidden, a bad policy unprocessable
+        with _client(h) as c:
+            r = c.post("/v1/policy", json={"policy": new_text, "signature": base64.b64encode(b"x" * 10).decode()})
+            assert r.status_code == 403 and r.json()["error"].startswith("pushed policy.sig: signature malformed")
+            r = c.post("/v1/policy", json={"policy": new_text + "bogus = 1\n",
+                                           "signature": base64.b64encode(good_sig).decode()})
+            assert r.status_code == 422 and "bogus: unknown key" in r.json()["error"]
+            r = c.post("/v1/policy", json={"policy": "mode = [", "signature": base64.b64encode(good_sig).decode()})
+            assert r.status_code == 422 and r.json()["error"].startswith("pushed policy: TOML syntax")
+        assert len(h.log.entries(0)) == n_before
 
         answer = verifier.push_policy(store.host("build1"), new_text, good_sig)
         assert answer["policy_digest"] == new_policy.digest().hex()
+        with _client(h) as c:
+            served = c.get("/v1/policy").json()
+        assert (served["policy"], served["policy_digest"], served["mode"]) == (new_text, answer["policy_digest"],
+                                                                             "enforce")
         last = h.log.entries(0)[-1]
         assert last.name.startswith("cwlite:policy-load:") and last.digest == new_policy.digest()
         assert load_policy(active).digest() == new_policy.digest()

@@ -7,8 +7,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controlplane.core.errors import PolicyError
-from controlplane.core.policy import load_policy, parse_policy, sign_policy, signature_path
+from controlplane.core.errors import PolicyError, PolicyReason
+from controlplane.core.policy import (
+    AnonExec,
+    Mode,
+    OnExec,
+    load_policy,
+    parse_policy,
+    sign_policy,
+    signature_path,
+)
 
 GOOD = """\
 # a build VM
@@ -186,3 +194,39 @@ def test_signature_failures_are_refused(tmp_path) -> None:
     signature_path(path).write_text("not base64!")
     with pytest.raises(PolicyError, match="signature malformed"):
         load_policy(path, controller_key=pub_pem)
+
+
+def test_refusals_carry_their_reason_as_data(tmp_path) -> None:
+    """Callers (the service's 403 vs 422) decide on PolicyError.reason, never on the message text."""
+    priv, pub_pem = _keys(tmp_path)
+    path = tmp_path / "policy.toml"
+
+    def reason(**kw) -> PolicyReason:
+        with pytest.raises(PolicyError) as info:
+            load_policy(path, **kw)
+        return info.value.reason
+
+    assert reason() is PolicyReason.READ
+    path.write_text("mode = [")
+    assert reason() is PolicyReason.SYNTAX
+    path.write_text(GOOD.replace('mode = "enforce"', 'mode = "strict"'))
+    assert reason() is PolicyReason.SCHEMA
+    path.write_text(GOOD)
+    assert reason(controller_key=pub_pem) is PolicyReason.UNSIGNED
+    assert reason(require_signature=True) is PolicyReason.UNSIGNED
+    signature_path(path).write_text("not base64!")
+    assert reason(controller_key=pub_pem) is PolicyReason.SIGNATURE
+    signature_path(path).write_bytes(sign_policy(load_policy(path), Ed25519PrivateKey.generate()))
+    assert reason(controller_key=pub_pem) is PolicyReason.SIGNATURE
+    signature_path(path).write_bytes(sign_policy(load_policy(path), priv))
+    assert load_policy(path, controller_key=pub_pem).digest() == parse_policy(GOOD, source="x").digest()
+
+
+def test_modes_and_exec_rules_are_enums_and_the_digest_is_the_string_form() -> None:
+    pol = parse_policy(GOOD, source="x")
+    assert pol.mode is Mode.ENFORCE
+    assert {lb.on_exec for lb in pol.labels.values()} == {OnExec.KEEP, OnExec.DROP}
+    assert {lb.anon_exec for lb in pol.labels.values()} == {AnonExec.ALLOW, AnonExec.VIOLATION}
+    assert pol.canonical()["mode"] == "enforce" and type(pol.canonical()["mode"]) is str
+    # pinned: the canonical digest did not change when the values became enums (signatures stay valid)
+    assert pol.digest().hex() == "837877ab6725a4fcdea7ae5594d2af07243d4514aac55682eb66bbdf914f3ad4"

@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from controlplane.core import proof
 from controlplane.cli.main import main
 from controlplane.core.errors import VerifyError
+from controlplane.core.keys import load_public_key, load_signing_key
 
 
 def _doc():
@@ -21,14 +22,14 @@ def _doc():
 
 
 def test_sign_then_check_round_trip(tmp_path):
-    key = proof.load_signing_key(tmp_path / "v.key", create=True)
+    key = load_signing_key(tmp_path / "v.key", create=True)
     data = proof.sign(_doc(), key)
-    doc = proof.check(data, proof.load_public_key(tmp_path / "v.pub"))
+    doc = proof.check(data, load_public_key(tmp_path / "v.pub"))
     assert doc["verdict"] == "untrusted" and doc["entries"][0]["subject"] == "/tmp/évil x"
     assert doc["verifier_key"] == proof.key_id(key.public_key())
     assert (tmp_path / "v.key").stat().st_mode & 0o777 == 0o600
     # the same key loads back
-    assert proof.load_signing_key(tmp_path / "v.key").public_key() == key.public_key()
+    assert load_signing_key(tmp_path / "v.key").public_key() == key.public_key()
 
 
 def test_every_one_byte_change_is_refused():
@@ -59,7 +60,7 @@ def test_other_key_and_reformatted_file_are_refused():
 
 
 def test_cli_check(tmp_path, capsys):
-    key = proof.load_signing_key(tmp_path / "v.key", create=True)
+    key = load_signing_key(tmp_path / "v.key", create=True)
     p = tmp_path / "p.json"
     p.write_bytes(proof.sign(_doc(), key))
     # signed, but carrying no TPM quote: the offline quote check refuses it (real proofs: test_attest_cli)

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import text
 
 from controlplane.core.errors import StoreError
 from controlplane.verifier.store import Host, Store
-from tests.pg_fixtures import postgres_url  # noqa: F401 - fixture
+from tests.pg_fixtures import new_database, postgres_url  # noqa: F401 - fixture
 
 _N = 0
 
@@ -21,9 +20,7 @@ def store(request, tmp_path):
         base = request.getfixturevalue("postgres_url")
         _N += 1
         name = f"t{_N}_{abs(hash(request.node.name)) % 10**8}"
-        with Store(base)._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.execute(text(f"CREATE DATABASE {name}"))
-        url = base.replace("/postgres?", f"/{name}?")
+        url = new_database(base, name)
     with Store.open(url) as s:
         yield s
 

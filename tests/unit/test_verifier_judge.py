@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 
 from controlplane.core import imalog
+from controlplane.core.imalog import replay_to
 from controlplane.core.events import Event, EventKind, alive_digest
-from controlplane.verifier.attest import Facts, Judge, replay_to
+from controlplane.verifier.judge import Facts, Judge
 from tests.attest_fixtures import reference  # noqa: F401
 
 BOOT = b"\xbb" * 32

@@ -18,18 +18,6 @@ def results_dir() -> Path:
     return Path(os.environ["CWLITE_VM_RESULTS"])
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path):
-    """A fresh tmpfs: a real local filesystem with stable (dev, ino), unlike the 9p root or /tmp's overlay."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "cwlite-test", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 @pytest.fixture(scope="session")
 def host_root_files() -> None:
     """Expose the host's files without virtme's overlays on /usr and /usr/lib.
@@ -45,19 +33,3 @@ def host_root_files() -> None:
     for _dev, target, fstype, *_ in reversed(mounts):
         if fstype == "overlay" and target in ("/usr", "/usr/lib"):
             subprocess.run(["umount", "-l", target], check=True)
-
-
-@pytest.fixture(scope="module")
-def lsm_lab(tmp_path_factory, host_root_files):
-    """A PRIMA lab (tests/kernel/prima_lab.py) whose engine runs the lsm backend, one per test module."""
-    import functools
-
-    from prima.engine import Engine
-    from tests.kernel import prima_lab
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prima_lab, "Engine", functools.partial(Engine, backend="lsm"))
-        lab = prima_lab.Lab(tmp_path_factory.mktemp("prima-lsm"))
-    assert lab.engine.backend == "lsm"
-    yield lab
-    lab.close()

@@ -21,8 +21,8 @@ import pytest
 from controlplane.core.events import Event, EventKind
 from controlplane.core.policy import Policy, parse_policy
 from prima.engine import Engine
+from tests.bypass.lab import LDSO, shared_libs
 from tests.prima_fixtures import measure_files
-from tests.kernel.prima_lab import LDSO, shared_libs
 
 TOOLS = ("mv", "ln", "rm", "truncate", "mkdir", "chmod")
 

@@ -1,9 +1,7 @@
-"""Enforcement protects itself under the `lsm` backend, in the VM (issue 22).
+"""Enforcement protects itself (tests/bypass/selfprotect.py) in the VM: the lsm backend's `bpf` and
+`task_kill` hooks refuse the attack with EPERM, the attacker lives, and the attack is logged.
 
-The scenarios are tests/selfprotect_scenarios.py's, shared with the tracepoint
-run on the host (tests/kernel/test_prima_selfprotect.py): here the `bpf` and
-`task_kill` LSM hooks refuse the attack with EPERM, the attacker lives, and the
-attack is logged. The engine runs in this guest test process (the daemon).
+Plus a daemon in its own process (`cwlite enforce`), which a TP's SIGKILL cannot stop.
 """
 from __future__ import annotations
 
@@ -17,47 +15,16 @@ from pathlib import Path
 import pytest
 
 from prima.sources import build
-from tests import selfprotect_scenarios as sc
+from tests.bypass import selfprotect as sc
+from tests.bypass.backend import LSM
+from tests.bypass.selfprotect import SelfProtectScenarios
 
-EXPECT = sc.expect("lsm")
-
-
-@pytest.fixture(scope="module")
-def lab(lsm_lab):
-    return lsm_lab
+pytestmark = list(LSM.marks)
 
 
-def test_deleting_a_tp_label_is_refused_and_logged(lab) -> None:
-    sc.scenario_delete_tp_label(lab, EXPECT)
-
-
-def test_forged_trust_entry_is_refused(lab) -> None:
-    sc.scenario_forge_trust_entry(lab, EXPECT)
-
-
-def test_replacing_a_generation_slot_is_refused(lab) -> None:
-    sc.scenario_replace_generation_slot(lab, EXPECT)
-
-
-def test_map_dump_still_works(lab) -> None:
-    sc.scenario_dump_still_works(lab, EXPECT)
-
-
-def test_link_detach_is_refused(lab) -> None:
-    sc.scenario_link_detach(lab, EXPECT)
-
-
-@pytest.mark.parametrize("target", ["pid", "group", "thread"])
-def test_tp_signal_to_the_daemon_is_refused(lab, target) -> None:
-    sc.scenario_tp_signals_daemon(lab, EXPECT, target)
-
-
-def test_daemon_holds_the_reserved_label(lab) -> None:
-    sc.scenario_daemon_label(lab, EXPECT)
-
-
-def test_reload_makes_fresh_frozen_maps(lab) -> None:
-    sc.scenario_reload_makes_fresh_frozen_maps(lab, EXPECT)
+@pytest.mark.usefixtures("host_root_files")  # before the lab measures system files
+class TestLsmSelfProtect(SelfProtectScenarios):
+    backend = LSM
 
 
 def test_a_tp_cannot_sigkill_a_separate_daemon(tmp_path) -> None:

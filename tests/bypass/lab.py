@@ -1,6 +1,8 @@
-"""A small lab for PRIMA kernel tests and benchmarks: test-local entrypoints, a trusted helper, one engine.
+"""A small lab for the PRIMA bypass suite and benchmarks: test-local entrypoints, a trusted helper, one engine.
 
-Only files created under the lab's own directory are entrypoints, so no other
+The engine runs the backend the caller names (`backend="tracepoint"` on the
+host kernel, `"lsm"` in the VM): the suite (tests/bypass/scenarios.py) is the
+same for both. Only files created under the lab's own directory are entrypoints, so no other
 process on this (shared) machine is ever labelled. System files (/usr/bin/true,
 libc, ld.so) are trusted by inode, which changes nothing for unlabelled
 processes.
@@ -15,9 +17,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from controlplane.core.events import Event, EventKind
-from controlplane.core.policy import parse_policy
+from controlplane.core.policy import Policy, parse_policy
 from prima.engine import Engine
-from tests.prima_fixtures import measure_files
+from prima.kernelview import KernelEntry
+from tests.prima_fixtures import labelled_processes, measure_files
 
 HELPER_C = r"""
 #define _GNU_SOURCE
@@ -95,9 +98,9 @@ def shared_libs(binary: str) -> list[str]:
 
 
 class Lab:
-    """One engine; each test gets a fresh label (fresh dedupe) with its own entrypoint."""
+    """One engine on `backend`; each test gets a fresh label (fresh dedupe) with its own entrypoint."""
 
-    def __init__(self, root: Path, *, ringbuf_pages: int | None = None) -> None:
+    def __init__(self, root: Path, *, backend: str = "tracepoint", ringbuf_pages: int | None = None) -> None:
         self.root = root
         self.shell = str(root / "sh-base")            # trusted, not an entrypoint
         shutil.copy2("/bin/sh", self.shell)
@@ -112,29 +115,40 @@ class Lab:
         self.events: list[Event] = []
         self._n = 0
         kwargs = {} if ringbuf_pages is None else {"ringbuf_pages": ringbuf_pages}
-        self.engine = Engine(*self._policy_and_entries("tp_lab0", self._new_entrypoint("tp_lab0")), **kwargs)
+        first = Label(self, "tp_lab0", self._new_entrypoint("tp_lab0"))
+        self.engine = Engine(*self.policy_for(first), backend=backend, **kwargs)
 
     def _new_entrypoint(self, label: str) -> str:
         ep = str(self.root / f"ep-{label}")
         shutil.copy2("/bin/sh", ep)
         return ep
 
-    def _policy_and_entries(self, label: str, entrypoint: str, *, mode: str = "enforce", on_exec: str = "keep",
-                            anon_exec: str = "violation", trusted: Iterable[str] = ()):
+    def policy_for(self, label: "Label", *, trusted: Iterable[str] = ()) -> tuple[Policy, list[KernelEntry]]:
+        """The policy holding only `label` (its settings, its entrypoint) and the entries trusting the
+        lab's base files, the entrypoint and `trusted`: what `Engine.reload` takes."""
         policy = parse_policy(
-            f'mode = "{mode}"\ntrust_sets = ["lab"]\n[labels.{label}]\nentrypoints = ["{entrypoint}"]\n'
-            f'trust_set = "lab"\non_exec = "{on_exec}"\nanon_exec = "{anon_exec}"\n', source=f"{label}.toml")
-        return policy, measure_files([*self.base, entrypoint, *trusted], 1)
+            f'mode = "{label.mode}"\ntrust_sets = ["lab"]\n[labels.{label.name}]\nentrypoints = ["{label.entrypoint}"]\n'
+            f'trust_set = "lab"\non_exec = "{label.on_exec}"\nanon_exec = "{label.anon_exec}"\n',
+            source=f"{label.name}.toml")
+        return policy, measure_files([*self.base, label.entrypoint, *trusted], 1)
 
     def label(self, *, mode: str = "enforce", on_exec: str = "keep", anon_exec: str = "violation",
               trusted: Iterable[str] = ()) -> "Label":
         """Reload the engine with a new label whose entrypoint is a fresh copy of /bin/sh."""
         self._n += 1
         name = f"tp_lab{self._n}"
-        ep = self._new_entrypoint(name)
-        self.engine.reload(*self._policy_and_entries(name, ep, mode=mode, on_exec=on_exec, anon_exec=anon_exec,
-                                                     trusted=trusted))
-        return Label(self, name, ep)
+        label = Label(self, name, self._new_entrypoint(name), mode=mode, on_exec=on_exec, anon_exec=anon_exec)
+        self.engine.reload(*self.policy_for(label, trusted=trusted))
+        return label
+
+    def reload(self, label: "Label", *, trusted: Iterable[str] = ()) -> None:
+        """Reload with the same `label` and new trust: running members keep the label."""
+        self.engine.reload(*self.policy_for(label, trusted=trusted))
+
+    def labelled_processes(self) -> dict[int, str]:
+        """tgid -> label, as the tracepoint backend's task map holds them (lsm keeps labels in task
+        storage, which user space cannot list)."""
+        return labelled_processes(self.engine)
 
     def collect(self, timeout_ms: int = 50) -> list[Event]:
         self.events += self.engine.poll(timeout_ms)
@@ -153,8 +167,12 @@ class Lab:
 
 
 class Label:
-    def __init__(self, lab: Lab, name: str, entrypoint: str) -> None:
+    """A label of the lab's policy, entered by exec of its own entrypoint (a copy of /bin/sh)."""
+
+    def __init__(self, lab: Lab, name: str, entrypoint: str, *, mode: str = "enforce", on_exec: str = "keep",
+                 anon_exec: str = "violation") -> None:
         self.lab, self.name, self.entrypoint = lab, name, entrypoint
+        self.mode, self.on_exec, self.anon_exec = mode, on_exec, anon_exec
 
     def sh(self, script: str, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run `script` in a process that entered this label (exec of the entrypoint)."""
@@ -163,6 +181,9 @@ class Label:
     def events(self, kind: EventKind | None = None, *, op: str | None = None, timeout: float = 5.0) -> list[Event]:
         return self.lab.wait_for(lambda e: e.label == self.name and (kind is None or e.kind is kind)
                                  and (op is None or e.op == op), timeout)
+
+    def violations(self, op: str | None = None, timeout: float = 5.0) -> list[Event]:
+        return self.events(EventKind.VIOLATION, op=op, timeout=timeout)
 
 
 UNIT_C = r"""

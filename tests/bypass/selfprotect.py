@@ -1,12 +1,13 @@
-"""Attacks on enforcement itself, written once for both backends (issue 22).
+"""Attacks on enforcement itself (issue 22), each written once for both backends.
 
-Each scenario takes a lab (tests/kernel/prima_lab.py: the engine runs in this
-test process, which is therefore the daemon) and the backend's expected outcome
-(`expect(backend)`): under lsm the attack is refused with EPERM and the attacker
-lives; under tracepoints the attacker is killed at the syscall's entry (a
-tracepoint cannot fail a syscall, so the command itself still runs). Both log a
-violation event, which every later proof shows. The kernel tier runs them on the
-host (tracepoint), tests/vm/guest/test_lsm_selfprotect.py in the VM (lsm).
+A tier runs them by subclassing `SelfProtectScenarios` with its backend
+(tests/bypass/backend.py): tests/kernel/test_prima_selfprotect.py
+(tracepoint, host kernel) and tests/vm/guest/test_lsm_selfprotect.py (lsm, in
+the VM). The engine runs in the test process, which is therefore the daemon.
+Under lsm an attack is refused with EPERM and the attacker lives; under
+tracepoints the attacker is killed at the syscall's entry (a tracepoint cannot
+fail a syscall, so the command itself still runs). Both log a violation event,
+which every later proof shows.
 
 The attacker is a root process that is not the daemon: `bpftool`, or a small
 Python process calling bpf(2) through cext.bpfmap (task storage keys are pidfds,
@@ -24,10 +25,14 @@ import textwrap
 import threading
 from dataclasses import dataclass
 
+import pytest
+
 from cext import bpfmap
 from controlplane.core.errors import KernelError
 from controlplane.core.events import Event, EventKind
 from prima import selfprotect
+from tests.bypass.backend import Backend
+from tests.bypass.lab import Lab
 from prima.kernelview import kernel_dev
 from tests.prima_fixtures import program_ids, table_fd
 
@@ -267,3 +272,47 @@ def scenario_reload_makes_fresh_frozen_maps(lab, exp: Expect) -> None:
     tp.sh(f"{lab.untrusted}; echo rc=$?")
     [v] = tp.events(EventKind.VIOLATION, op="exec")
     assert v.detail["action"] == exp.action
+
+
+class SelfProtectScenarios:
+    """Every attack on cwlite itself, against the class's `backend`."""
+
+    backend: Backend
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def lab(cls, tmp_path_factory: pytest.TempPathFactory):
+        """One engine on the class's backend for all its scenarios (a bcc compile each)."""
+        lab = Lab(tmp_path_factory.mktemp(f"selfprotect-{cls.backend.name}"), backend=cls.backend.name)
+        assert lab.engine.backend == cls.backend.name
+        yield lab
+        lab.close()
+
+    @property
+    def expect(self) -> Expect:
+        return expect(self.backend.name)
+
+    def test_deleting_a_tp_label_is_stopped_and_logged(self, lab: Lab) -> None:
+        scenario_delete_tp_label(lab, self.expect)
+
+    def test_forged_trust_entry_is_refused_by_the_freeze(self, lab: Lab) -> None:
+        scenario_forge_trust_entry(lab, self.expect)
+
+    def test_replacing_a_generation_slot_is_stopped(self, lab: Lab) -> None:
+        scenario_replace_generation_slot(lab, self.expect)
+
+    def test_map_dump_still_works(self, lab: Lab) -> None:
+        scenario_dump_still_works(lab, self.expect)
+
+    def test_link_detach_is_stopped(self, lab: Lab) -> None:
+        scenario_link_detach(lab, self.expect)
+
+    @pytest.mark.parametrize("target", ["pid", "group", "thread"])
+    def test_tp_signal_to_the_daemon_is_stopped(self, lab: Lab, target: str) -> None:
+        scenario_tp_signals_daemon(lab, self.expect, target)
+
+    def test_daemon_holds_the_reserved_label(self, lab: Lab) -> None:
+        scenario_daemon_label(lab, self.expect)
+
+    def test_reload_makes_fresh_frozen_maps(self, lab: Lab) -> None:
+        scenario_reload_makes_fresh_frozen_maps(lab, self.expect)

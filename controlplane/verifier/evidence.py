@@ -1,0 +1,81 @@
+"""The evidence of one round, fetched over the attestation channel: a checked quote and log pages.
+
+`fetch_quote` asks for a quote over the log PCR and PCRs 0-9 and checks it
+(AK signature, nonce bound with the channel's TLS key); a quote valid for
+another TLS key is a relay (reason "tls-key"). `fetch_log` reads log entries
+from an offset, page by page, parsed by the one ima-ng parser.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from controlplane.core.errors import CwliteError, LogError, VerifyError
+from controlplane.core.imalog import BOOT_AGGREGATE_PCRS, parse_ascii
+from controlplane.core.quote import Quote, verify_quote
+from controlplane.core.wire import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
+from controlplane.verifier.client import Channel
+from controlplane.verifier.store import Host
+
+BOOT_PCRS = BOOT_AGGREGATE_PCRS      # what the sha256 boot_aggregate covers
+
+
+@dataclass(frozen=True)
+class CheckedQuote:
+    """A quote whose AK signature and nonce + TLS key binding checked; `pcr_value` is the log PCR's value."""
+
+    quote: Quote
+    info: Any                   # the TPMS_ATTEST facts verify_quote decoded (clock, reset_count, ...)
+    peer_spki: bytes            # SHA-256 of the TLS key this channel saw (the one the quote binds)
+    pcr_value: bytes
+
+
+def fetch_quote(ch: Channel, host: Host, nonce: bytes) -> CheckedQuote:
+    """POST /v1/quote with `nonce` and check the answer against `host`'s pinned AK and this channel's TLS key."""
+    # PCRs 0-9 too: the log's boot_aggregate entry must match them (the log belongs to this boot)
+    pcrs = sorted({*BOOT_PCRS, host.pcr})
+    resp = ch.post(f"/{API_VERSION}/quote", {"nonce": nonce.hex(), "pcrs": pcrs})
+    peer = ch.peer_spki_sha256
+    try:
+        quote = Quote.from_dict(resp["quote"])
+    except (KeyError, TypeError, ValueError, CwliteError) as exc:
+        raise VerifyError(f"{host.name}: quote: malformed ({exc})", reason="malformed") from exc
+    try:
+        info = verify_quote(host.ak_public, quote, quote_qualifying_data(nonce, peer))
+    except VerifyError as exc:
+        if exc.reason != "nonce":
+            raise
+        claimed = bytes.fromhex(str(resp.get("tls_spki_sha256", "")).strip() or "00")
+        if claimed != peer:
+            try:
+                verify_quote(host.ak_public, quote, quote_qualifying_data(nonce, claimed))
+            except VerifyError:
+                raise exc from None
+            raise VerifyError(f"{host.name}: the quote binds TLS key {claimed.hex()[:16]} but this channel's key "
+                              f"is {peer.hex()[:16]}: a relay (man in the middle)", reason="tls-key") from None
+        raise
+    value = quote.pcr_values.get(host.pcr)
+    if value is None:
+        raise VerifyError(f"{host.name}: quote: PCR {host.pcr} not quoted", reason="malformed")
+    return CheckedQuote(quote, info, peer, value)
+
+
+def parse_page(text: str, start: int, source: str = "log") -> list:
+    """Entries of one /v1/log page, with their absolute indices (one format, one parser)."""
+    try:
+        entries = parse_ascii(text, source=source)
+    except LogError as exc:
+        raise VerifyError(f"{exc} (entry {start + (exc.entry or 0)} of the host's log)", reason="log") from exc
+    if start and entries and entries[0].index != start:
+        entries = [replace(e, index=start + i) for i, e in enumerate(entries)]
+    return entries
+
+
+def fetch_log(ch: Channel, start: int) -> list:
+    """All entries from `start`, page by page."""
+    out: list = []
+    while True:
+        page = ch.get(f"/{API_VERSION}/log", **{"from": start + len(out), "limit": MAX_LOG_PAGE})
+        out.extend(parse_page(page["ascii"], page["start"], f"{ch.url}/{API_VERSION}/log"))
+        if page["count"] == 0 or page["start"] + page["count"] >= page["total"]:
+            return out

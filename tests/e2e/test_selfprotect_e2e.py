@@ -21,6 +21,7 @@ import pytest
 
 from controlplane.cli.demo import Layout, prepare
 from controlplane.core import proof as proof_mod
+from controlplane.core.keys import load_signing_key
 from controlplane.core.policy import load_policy
 from controlplane.host.swtpm import Swtpm
 from controlplane.verifier import attest as verifier
@@ -85,7 +86,7 @@ def test_a_tp_kills_the_daemon_and_the_next_proof_says_the_engine_is_dead(layout
     port = _free_port()
     run_tp = lambda cmd: subprocess.run([str(layout.entry), "-c", cmd], capture_output=True, text=True, timeout=60)
     with Store.open(default_url(layout.verifier_dir)) as store:
-        key = proof_mod.load_signing_key(layout.verifier_dir / "verifier.key", create=True)
+        key = load_signing_key(layout.verifier_dir / "verifier.key", create=True)
         with _serve(layout, port, "--enforce", "--backend", "tracepoint", wait_for="cwlite enforce: enforcing") as daemon:
             cas = registrar.load_cas(sorted((layout.host_dir / "swtpm" / "ca").glob("*cert*.pem")))
             registrar.enrol(f"https://127.0.0.1:{port}", "build-vm-1", store, cas=cas, require_ek_cert=True)
@@ -104,5 +105,5 @@ def test_a_tp_kills_the_daemon_and_the_next_proof_says_the_engine_is_dead(layout
     assert second.verdict == "untrusted"
     assert any("no engine-alive entry for this round's nonce" in r for r in second.reasons), second.reasons
     assert not any(r.startswith("reboot") for r in second.reasons), second.reasons
-    pub = proof_mod.load_signing_key(layout.verifier_dir / "verifier.key").public_key()
+    pub = load_signing_key(layout.verifier_dir / "verifier.key").public_key()
     assert proof_mod.check(second.proof, pub)["verdict"] == "untrusted"

@@ -14,7 +14,9 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 libbpf-dev bpftool
 	swtpm swtpm-tools tpm2-tools libtss2-dev libtss2-tcti-swtpm0 \
 	qemu-system-x86 linux-image-amd64 busybox-static \
 	python3-venv python3-dev build-essential pkg-config libffi-dev \
-	gpgv gpg debian-archive-keyring distcc iproute2 postgresql btrfs-progs
+	gpgv gpg debian-archive-keyring distcc iproute2 postgresql btrfs-progs \
+	selinux-policy-dev selinux-policy-default python3-setools python3-selinux \
+	semodule-utils checkpolicy policycoreutils graphviz
 
 .PHONY: setup apt headers venv demo test bench clean
 
@@ -63,4 +65,4 @@ bench: setup
 	$(PY) -m pytest -m bench -s tests/bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info cext/_btf*.so cext/_bpf*.so
+	rm -rf $(VENV) build *.egg-info cext/_btf*.so cext/_bpf*.so selinux-policy/tmp selinux-policy/*.pp

@@ -15,6 +15,7 @@ from controlplane.cli.enforce import enforce
 from controlplane.cli.log import log, tpm
 from controlplane.cli.policy import policy
 from controlplane.cli.proof import proof
+from controlplane.cli.selinux import selinux
 from controlplane.cli.serve import serve
 from controlplane.cli.status import debug, status
 from controlplane.cli.verify import enrol, verify
@@ -46,7 +47,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, log, tpm):
+for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, log, tpm, selinux):
     cli.add_command(_command)
 
 

@@ -99,3 +99,12 @@ class VerifyError(CwliteError):
 
 class StoreError(CwliteError):
     """The attestation store (SQLAlchemy URL) cannot be opened or refused a change."""
+
+
+class SelinuxError(CwliteError):
+    """An SELinux module cannot be rendered, built or loaded, or a policy cannot be analysed; `.source`, `.field` say where."""
+
+    def __init__(self, message: str, *, source: str = "", field: str = "") -> None:
+        super().__init__(message)
+        self.source = source
+        self.field = field

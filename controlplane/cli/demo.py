@@ -121,8 +121,7 @@ class Demo:
                 Store.open(default_url(layout.verifier_dir)) as store:
             key = load_signing_key(layout.verifier_dir / "verifier.key", create=True)
             demo = cls(layout, running, store, key)
-            demo.wait_logged(lambda e: e.name.startswith("cwlite:db-load:"), what="enforcement start",
-                             timeout=120)  # bcc compiles exec.bpf.c: tens of seconds on a loaded machine
+            demo.wait_logged(lambda e: e.name.startswith("cwlite:db-load:"), what="enforcement start")
             yield demo
 
     def enrol(self, name: str = "build-vm-1"):

@@ -47,7 +47,7 @@ $(VENV)/bin/python:
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 
 # Reinstall when the packaging or the cffi extension changes.
-$(VENV)/.installed: $(VENV)/bin/python pyproject.toml setup.py cext/build_btf.py
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml setup.py cext/build_btf.py cext/build_bpf.py
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
@@ -65,4 +65,4 @@ bench: setup
 	$(PY) -m pytest -m bench -s tests/bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info cext/_btf*.so selinux-policy/tmp selinux-policy/*.pp
+	rm -rf $(VENV) build *.egg-info cext/_btf*.so cext/_bpf*.so selinux-policy/tmp selinux-policy/*.pp

@@ -1,8 +1,9 @@
 """Kernel struct field offsets from BTF, through libbpf's BTF API (cext._btf).
 
 A path is `struct.member[.member...]`: the first word names a struct or union,
-each later one a member, found through anonymous structs/unions and through
-embedded (not pointed-to) structs. Kernels rename fields (6.1's
+each later one a member, found through anonymous structs/unions, through
+embedded (not pointed-to) structs, and through an array of structs to its
+first element (`pid.numbers.nr` is `pid.numbers[0].nr`). Kernels rename fields (6.1's
 `inode.i_ctime` is `inode.i_ctime_sec` on 6.11+), so `first_field` takes
 alternatives and says which one this kernel has.
 """

@@ -56,10 +56,13 @@ ffibuilder.set_source(
     }
 
     /* The struct/union a member type resolves to through typedefs and
-       modifiers (never through pointers), or -EINVAL. */
+       modifiers, and through an array to its first element (never through
+       pointers), or -EINVAL. */
     static int cwl_composite_of(const struct btf *btf, uint32_t type_id)
     {
         int id = btf__resolve_type(btf, type_id);
+        if (id >= 0 && btf_is_array(btf__type_by_id(btf, id)))
+            id = btf__resolve_type(btf, btf_array(btf__type_by_id(btf, id))->type);
         if (id < 0)
             return -EINVAL;
         return btf_is_composite(btf__type_by_id(btf, id)) ? id : -EINVAL;

@@ -1,6 +1,6 @@
 """The numbers of the kernel<->Python contract, read once from the headers that define them.
 
-`ebpf/cwlite.h` and `ebpf/cdi.h` are the one source of every `CWL_*` constant
+`ebpf/cwlite.h`, `ebpf/cdi.h` and `ebpf/selfprotect.h` are the one source of every `CWL_*` constant
 an event carries (kinds, ops, actions, reasons, drop indexes, sizes). Python
 never retypes them (STYLE.md: constants flow one way): `constants()` reads
 each object-like `#define CWL_<NAME> <integer>` of those headers, and
@@ -17,7 +17,7 @@ from typing import Mapping
 from controlplane.core.errors import KernelError
 from ebpf import loader
 
-HEADERS = ("cwlite.h", "cdi.h")
+HEADERS = ("cwlite.h", "cdi.h", "selfprotect.h")
 
 # An object-like #define of a CWL_ name (a function-like one has "(" right after the name).
 _DEFINE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(CWL_\w+)(?![\w(])[ \t]*(.*?)[ \t]*(?:/\*.*?\*/[ \t]*|//.*)?$",

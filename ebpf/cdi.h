@@ -55,9 +55,10 @@ struct cwl_cdi {
 #define CWL_DROP_CDI 3
 _Static_assert(CWL_DROP_CDI < CWL_DROP_MAX, "cwl_drops too small for CWL_DROP_CDI");
 
-/* Generational, like PRIMA's maps (prima_decide.h): index = cwl_gen[0]. */
-BPF_HASH(cwl_cdi0, struct cwl_inode_key, struct cwl_cdi, CWL_CDI_MAX);
-BPF_HASH(cwl_cdi1, struct cwl_inode_key, struct cwl_cdi, CWL_CDI_MAX);
+/* Generational, like PRIMA's maps (prima_decide.h): slot = cwl_gen[0]; each generation's map is
+ * made, filled and frozen by the engine (d_instantiate still adds to it: programs may). */
+BPF_HASH(cwl_cdi_t, struct cwl_inode_key, struct cwl_cdi, CWL_CDI_MAX);
+BPF_ARRAY_OF_MAPS(cwl_cdi, "cwl_cdi_t", 2);
 
 /* The map key of an inode: (super_block.s_dev, i_ino), as cwl_file_identity reads them. */
 static __always_inline int cwl_inode_key_from_inode(const void *inode, struct cwl_inode_key *key)

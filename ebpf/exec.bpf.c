@@ -37,6 +37,7 @@
  * thread exits (sched_process_exit).
  */
 #include "prima_decide.h"
+#include "selfprotect.h"
 
 #if defined(CWL_BACKEND_LSM) == defined(CWL_BACKEND_TP)
 #error "define exactly one of CWL_BACKEND_LSM and CWL_BACKEND_TP (prima.engine does)"
@@ -52,26 +53,33 @@ static __always_inline u32 cwl_live_gen(void)
 	return g ? (*g & 1) : 0;
 }
 
+/* Each generation's maps sit in a slot of an array of maps (prima_decide.h): an empty slot
+ * (before the first load) finds nothing. */
 static __always_inline const struct cwl_label_conf *cwl_label_conf_of(u32 gen, u32 label)
 {
-	if (!label)
+	void *m;
+	if (!label || !(m = cwl_labels.lookup(&gen)))
 		return 0;
-	return gen ? cwl_labels1.lookup(&label) : cwl_labels0.lookup(&label);
+	return bpf_map_lookup_elem(m, &label);
 }
 
 static __always_inline const struct cwl_trust *cwl_trust_of(u32 gen, const struct cwl_inode_key *key)
 {
-	return gen ? cwl_trust1.lookup((void *)key) : cwl_trust0.lookup((void *)key);
+	void *m = cwl_trust.lookup(&gen);
+	return m ? bpf_map_lookup_elem(m, key) : 0;
 }
 
 static __always_inline const struct cwl_entry *cwl_entry_of(u32 gen, const struct cwl_inode_key *key)
 {
-	return gen ? cwl_entry1.lookup((void *)key) : cwl_entry0.lookup((void *)key);
+	void *m = cwl_entry.lookup(&gen);
+	return m ? bpf_map_lookup_elem(m, key) : 0;
 }
 
 static __always_inline u32 cwl_enforcing(u32 gen)
 {
-	struct cwl_conf *c = cwl_conf.lookup(&gen);
+	u32 zero = 0;
+	void *m = cwl_conf.lookup(&gen);
+	struct cwl_conf *c = m ? bpf_map_lookup_elem(m, &zero) : 0;
 	return c ? c->enforce : 1; /* fail closed */
 }
 
@@ -108,7 +116,8 @@ BPF_TASK_STORAGE(cwl_task_label_ls, struct cwl_task_label);
 
 static __always_inline const struct cwl_cdi *cwl_cdi_at(u32 gen, const struct cwl_inode_key *key)
 {
-	return gen ? cwl_cdi1.lookup((void *)key) : cwl_cdi0.lookup((void *)key);
+	void *m = cwl_cdi.lookup(&gen);
+	return m ? bpf_map_lookup_elem(m, key) : 0;
 }
 
 static __always_inline struct cwl_task_label *cwl_label_slot(struct task_struct *task, u64 flags)
@@ -116,7 +125,8 @@ static __always_inline struct cwl_task_label *cwl_label_slot(struct task_struct 
 	return cwl_task_label_ls.task_storage_get(task, 0, flags);
 }
 
-static __always_inline u32 cwl_current_label(void)
+/* The label the current task holds, CWL_LABEL_DAEMON included. */
+static __always_inline u32 cwl_task_label(void)
 {
 	struct cwl_task_label *tl = cwl_label_slot(bpf_get_current_task_btf(), 0);
 	return tl ? tl->label : 0;
@@ -175,7 +185,8 @@ static __always_inline u32 cwl_label_of_pid(u32 pid)
 	return tgid ? cwl_label_of_tgid(*tgid) : 0;
 }
 
-static __always_inline u32 cwl_current_label(void)
+/* The label the current process holds, CWL_LABEL_DAEMON included. */
+static __always_inline u32 cwl_task_label(void)
 {
 	return cwl_label_of_tgid(bpf_get_current_pid_tgid() >> 32);
 }
@@ -212,6 +223,14 @@ static __always_inline void cwl_event_name(struct cwl_event *e, const void *file
 	}
 }
 #endif
+
+/* The label PRIMA judges the current task under: the daemon's reserved label is no TP label
+ * (the daemon must run python, bcc and clang), so PRIMA sees the daemon as unlabelled. */
+static __always_inline u32 cwl_current_label(void)
+{
+	u32 label = cwl_task_label();
+	return label == CWL_LABEL_DAEMON ? 0 : label;
+}
 
 /* ---- events and verdicts, shared ----------------------------------------------------- */
 
@@ -617,9 +636,9 @@ LSM_PROBE(task_alloc, struct task_struct *task, unsigned long clone_flags, int r
 
 	if (ret)
 		return ret;
-	label = cwl_current_label();
-	if (!label)
-		return 0;
+	label = cwl_task_label();
+	if (!label || (label == CWL_LABEL_DAEMON && !(clone_flags & CWL_CLONE_THREAD)))
+		return 0; /* the daemon's threads are the daemon; its child processes are not */
 	slot = cwl_label_slot(task, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (slot) {
 		slot->label = label;
@@ -790,7 +809,8 @@ LSM_PROBE(d_instantiate, struct dentry *dentry, struct inode *inode)
 	rec = *dir;
 	CWL_READ(mode, inode, CWL_OFF_INODE_I_MODE);
 	rec.is_dir = (mode & CWL_S_IFMT) == CWL_S_IFDIR;
-	if (gen ? cwl_cdi1.update(&key, &rec) : cwl_cdi0.update(&key, &rec))
+	void *m = cwl_cdi.lookup(&gen);
+	if (!m || bpf_map_update_elem(m, &key, &rec, BPF_ANY))
 		cwl_drop(CWL_DROP_CDI);
 	return 0;
 }
@@ -896,8 +916,8 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	u32 tgid = bpf_get_current_pid_tgid() >> 32, child_tgid = 0;
 	struct cwl_task_label *tl = cwl_task_labels.lookup(&tgid);
 
-	if (!tl)
-		return 0;
+	if (!tl || tl->label == CWL_LABEL_DAEMON)
+		return 0; /* the daemon's children are not the daemon */
 	CWL_READ(child_tgid, child, CWL_OFF_TASK_STRUCT_TGID);
 	if (!child_tgid)
 		return 0;
@@ -1181,4 +1201,167 @@ TRACEPOINT_PROBE(syscalls, sys_exit_openat2)
 		cwl_check_mem_open(cwl_fd_file(args->ret));
 	return 0;
 }
+#endif
+
+/* ---- self-protection (selfprotect.h): cwlite's maps, links and daemon, both backends -------
+ * Kept apart from PRIMA's hooks: the daemon and cwlite's objects are what the engine recorded in
+ * cwl_daemon / cwl_daemon_threads / cwl_objs. Always enforced, audit mode or not: these guard the
+ * enforcement itself, not the policy. */
+
+static __always_inline const struct cwl_daemon *cwl_the_daemon(void)
+{
+	u32 zero = 0;
+	const struct cwl_daemon *d = cwl_daemon.lookup(&zero);
+	return d && d->tgid ? d : 0;
+}
+
+/* 1 when the current task is the daemon, or no daemon is recorded yet (the engine is starting). */
+static __always_inline int cwl_is_daemon(void)
+{
+	const struct cwl_daemon *d = cwl_the_daemon();
+	return !d || d->tgid == (u32)(bpf_get_current_pid_tgid() >> 32);
+}
+
+/* 1 when a signal aimed at `pid` (a kill(2) target: a pid, 0 = the caller's group, -1 = every
+ * process, -pgid = a group) reaches the daemon. */
+static __always_inline int cwl_hits_daemon(const struct cwl_daemon *d, s64 pid)
+{
+	u32 tid;
+
+	if (pid == -1)
+		return 1;
+	if (pid == 0)
+		return cwl_current_pgid() == d->pgid;
+	if (pid < 0)
+		return (u32)(-pid) == d->pgid;
+	tid = (u32)pid;
+	return tid == d->tgid || cwl_daemon_threads.lookup(&tid) != 0;
+}
+
+/* A violation against cwlite itself: logged (dev/ino carry what and whom, see selfprotect.h);
+ * the tracepoint backend kills the caller, the lsm backend's hook returns -EPERM. */
+static __always_inline int cwl_self_violation(u32 op, u32 why, u32 what, u64 whom)
+{
+	struct cwl_file_id fid;
+	u32 label = cwl_task_label();
+
+	__builtin_memset(&fid, 0, sizeof(fid));
+	fid.dev = what;
+	fid.ino = whom;
+#ifdef CWL_BACKEND_TP
+	bpf_send_signal(CWL_SIGKILL);
+#endif
+	cwl_emit(CWL_EV_VIOLATION, op, label, label, CWL_ACT_ENFORCED, why, &fid, 0, 0, 0);
+	return -CWL_EPERM;
+}
+
+/* bpf(2) command `cmd` with its attr at `attr` (user memory under tracepoints, the kernel's copy
+ * under lsm): 0 when it may go on, else the violation's verdict. */
+static __always_inline int cwl_guard_bpf(u32 cmd, const void *attr, int user_attr)
+{
+	u64 kind = 0, key;
+	u32 fd = 0;
+	int off = cwl_bpf_cmd_fd_offset(cmd, &kind);
+
+	if (off < 0 || cwl_is_daemon())
+		return 0;
+	if (user_attr ? bpf_probe_read_user(&fd, sizeof(fd), (const char *)attr + off)
+		      : bpf_probe_read_kernel(&fd, sizeof(fd), (const char *)attr + off))
+		return 0;
+	key = cwl_bpf_fd_key(fd, kind);
+	if (!key || !cwl_objs.lookup(&key))
+		return 0;
+	return cwl_self_violation(CWL_OP_BPF, CWL_WHY_NOT_DAEMON, cmd, key);
+}
+
+/* A signal `sig` aimed at `pid` (kill(2) semantics): 0 when allowed, else the violation's verdict.
+ * Only TPs are refused: root's SIGTERM is how the daemon is stopped (and logs daemon-stop). */
+static __always_inline int cwl_guard_signal(s64 pid, int sig)
+{
+	u32 label;
+	const struct cwl_daemon *d;
+
+	if (!sig)
+		return 0; /* an existence probe */
+	label = cwl_task_label();
+	if (!label || label == CWL_LABEL_DAEMON || !(d = cwl_the_daemon()) || !cwl_hits_daemon(d, pid))
+		return 0;
+	return cwl_self_violation(CWL_OP_SIGNAL, CWL_WHY_TP_SIGNAL, sig, (u64)pid);
+}
+
+#ifdef CWL_BACKEND_LSM
+/* Every bpf(2) command, after the kernel copied its attr. The daemon's threads get its reserved
+ * label here (those made later inherit it at task_alloc). 6.16+ pass `kernel` as a 4th argument. */
+#ifdef CWL_LSM_BPF_KERNEL_ARG
+LSM_PROBE(bpf, int cmd, void *attr, unsigned int size, bool kernel, int ret)
+#else
+LSM_PROBE(bpf, int cmd, void *attr, unsigned int size, int ret)
+#endif
+{
+	if (ret)
+		return ret;
+	if (cwl_the_daemon() && cwl_is_daemon() && cwl_task_label() != CWL_LABEL_DAEMON)
+		cwl_set_label(CWL_LABEL_DAEMON);
+	return cwl_guard_bpf((u32)cmd, attr, 0);
+}
+
+/* Every signal sent by kill/tkill/tgkill/rt_(tg)sigqueueinfo/pidfd_send_signal, to a task `p`. */
+LSM_PROBE(task_kill, struct task_struct *p, void *info, int sig, const void *cred, int ret)
+{
+	u32 tgid = 0;
+
+	if (ret)
+		return ret;
+	CWL_READ(tgid, p, CWL_OFF_TASK_STRUCT_TGID);
+	return cwl_guard_signal(tgid, sig);
+}
+#else /* CWL_BACKEND_TP */
+TRACEPOINT_PROBE(syscalls, sys_enter_bpf)
+{
+	cwl_guard_bpf((u32)args->cmd, (const void *)args->uattr, 1);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_kill)
+{
+	cwl_guard_signal(args->pid, args->sig);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_tkill)
+{
+	cwl_guard_signal(args->pid, args->sig);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_tgkill)
+{
+	cwl_guard_signal(args->tgid, args->sig);
+	return 0;
+}
+
+/* bcc declares these tracepoints' arguments from their format, where `siginfo_t *` names a type
+ * the headers bcc sees do not define: only the pointer is there, never read. */
+#define siginfo_t void
+TRACEPOINT_PROBE(syscalls, sys_enter_rt_sigqueueinfo)
+{
+	cwl_guard_signal(args->pid, args->sig);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_rt_tgsigqueueinfo)
+{
+	cwl_guard_signal(args->tgid, args->sig);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_pidfd_send_signal)
+{
+	u32 nr;
+
+	if (args->sig && cwl_current_label() && (nr = cwl_pidfd_nr(args->pidfd)))
+		cwl_guard_signal(nr, args->sig);
+	return 0;
+}
+#undef siginfo_t
 #endif

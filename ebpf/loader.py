@@ -89,6 +89,14 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "VM_AREA_STRUCT_VM_FLAGS": ("vm_area_struct.vm_flags",),
     "PT_REGS_BX": ("pt_regs.bx",),
     "PT_REGS_CX": ("pt_regs.cx",),
+    # Self-protection (selfprotect.h): fd -> BPF map/link/program ids, a task's process group, pidfd -> pid.
+    "FILE_PRIVATE_DATA": ("file.private_data",),
+    "BPF_MAP_ID": ("bpf_map.id",),
+    "BPF_PROG_AUX": ("bpf_prog.aux",),
+    "BPF_PROG_AUX_ID": ("bpf_prog_aux.id",),
+    "BPF_LINK_PROG": ("bpf_link.prog",),
+    "SIGNAL_STRUCT_PIDS": ("signal_struct.pids",),
+    "PID_NUMBERS_NR": ("pid.numbers.nr",),  # numbers[0].nr: the pid in the initial namespace
 }
 
 # Kernel functions whose addresses the programs compare pointers with (-D<macro>=<address>,

@@ -16,9 +16,10 @@
  * `map.lookup()` only in the main source file (and refuses them in macros),
  * so each backend's .bpf.c does its few lookups and passes the results in.
  *
- * Generations: every policy/DB-derived map exists twice (..0/..1); cwl_gen[0]
- * names the live one. The engine fills the idle copy, then flips cwl_gen, so
- * a reload never leaves a window where nothing (or half a DB) is enforced.
+ * Generations: every policy/DB-derived map has two slots (an array of maps
+ * indexed by generation); cwl_gen[0] names the live one. The engine installs
+ * fresh, filled, frozen maps in the idle slots, then flips cwl_gen, so a reload
+ * never leaves a window where nothing (or half a DB) is enforced.
  * Label state (cwl_task_labels) and the dedupe set survive reloads.
  *
  * Sizes come from prima.engine as -D flags (Python -> C only).
@@ -37,14 +38,18 @@
 #define CWL_MAP_ANONYMOUS 0x20
 #define CWL_SIGKILL 9
 
-/* Policy + measurement DB, two generations. */
-BPF_HASH(cwl_trust0, struct cwl_inode_key, struct cwl_trust, CWL_TRUST_MAX);
-BPF_HASH(cwl_trust1, struct cwl_inode_key, struct cwl_trust, CWL_TRUST_MAX);
-BPF_HASH(cwl_entry0, struct cwl_inode_key, struct cwl_entry, CWL_ENTRY_MAX);
-BPF_HASH(cwl_entry1, struct cwl_inode_key, struct cwl_entry, CWL_ENTRY_MAX);
-BPF_ARRAY(cwl_labels0, struct cwl_label_conf, CWL_LABEL_MAX);
-BPF_ARRAY(cwl_labels1, struct cwl_label_conf, CWL_LABEL_MAX);
-BPF_ARRAY(cwl_conf, struct cwl_conf, 2); /* index = generation */
+/* Policy + measurement DB, per generation. The engine makes each generation's maps itself
+ * (cext.bpfmap), fills them, freezes them (BPF_MAP_FREEZE: bpf(2) can no longer write them,
+ * whoever asks; programs still can) and installs them at index `generation` of these arrays of
+ * maps. The *_t maps only give bcc the slots' type: no program reads them. */
+BPF_HASH(cwl_trust_t, struct cwl_inode_key, struct cwl_trust, CWL_TRUST_MAX);
+BPF_ARRAY_OF_MAPS(cwl_trust, "cwl_trust_t", 2);
+BPF_HASH(cwl_entry_t, struct cwl_inode_key, struct cwl_entry, CWL_ENTRY_MAX);
+BPF_ARRAY_OF_MAPS(cwl_entry, "cwl_entry_t", 2);
+BPF_ARRAY(cwl_labels_t, struct cwl_label_conf, CWL_LABEL_MAX);
+BPF_ARRAY_OF_MAPS(cwl_labels, "cwl_labels_t", 2);
+BPF_ARRAY(cwl_conf_t, struct cwl_conf, 1);
+BPF_ARRAY_OF_MAPS(cwl_conf, "cwl_conf_t", 2);
 BPF_ARRAY(cwl_gen, u32, 1);              /* [0] = the live generation (0 or 1) */
 
 /* Process state and bookkeeping (not generational). */

@@ -1,9 +1,9 @@
 """CDI protection for the lsm backend: which inodes are CDIs, and which TP labels may write each.
 
 BPF: ebpf/exec.bpf.c -DCWL_BACKEND_LSM (file_open, inode_create/link/unlink/rename/setattr, ...)
-reads the maps cwl_cdi0/cwl_cdi1 of ebpf/cdi.h (its CWL_OP_CDI_*/CWL_WHY_CDI_* numbers
-are decoded by prima.engine through ebpf.abi). The engine calls
-`fill_generation()` for the generation it is about to make live, so CDIs
+reads the generation slots of cwl_cdi (ebpf/cdi.h; its CWL_OP_CDI_*/CWL_WHY_CDI_* numbers
+are decoded by prima.engine through ebpf.abi). The engine asks
+`generation_items()` for the generation it is about to make live, so CDIs
 change with the policy in the same flip as PRIMA's maps.
 
 A CDI is its path's inode and, for a directory, every inode beneath it when
@@ -87,14 +87,12 @@ def _walk_error(policy: Policy, index: int):
     return fail
 
 
-def fill_generation(bpf: "bcc.BPF", generation: int, policy: Policy, label_ids: Mapping[str, int]) -> list[CdiInode]:
-    """Write the CDI map of `generation` (the idle one: the caller flips cwl_gen after). BPF: cdi.h cwl_cdi0/1."""
-    inodes = cdi_inodes(policy, label_ids)
-    table = bpf[f"cwl_cdi{generation}".encode()]
-    table.clear()
-    for c in inodes:
-        table[table.Key(dev=c.dev, ino=c.ino)] = table.Leaf(writers=c.writers, index=c.index, is_dir=int(c.is_dir))
-    return inodes
+def generation_items(bpf: "bcc.BPF", policy: Policy, label_ids: Mapping[str, int]) -> list[tuple[object, object]]:
+    """The (key, value) records of a generation's CDI map, typed as cdi.h's cwl_cdi_t
+    (the engine makes, fills and freezes the map, then installs it in the idle cwl_cdi slot)."""
+    table = bpf[b"cwl_cdi_t"]
+    return [(table.Key(dev=c.dev, ino=c.ino), table.Leaf(writers=c.writers, index=c.index, is_dir=int(c.is_dir)))
+            for c in cdi_inodes(policy, label_ids)]
 
 
 def cflags(btf_path: str = VMLINUX) -> list[str]:

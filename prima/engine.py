@@ -5,8 +5,11 @@ One engine, one BPF source, two backends selected by a -D flag (`backend`):
 (-DCWL_BACKEND_LSM: a violation is denied). Both share the maps and the event
 layout of cwlite.h / prima_decide.h, so everything here is backend-independent.
 
-Reloads never open an unenforced window: the policy/DB maps exist twice; a
-reload fills the idle generation, then flips `cwl_gen` in one map write.
+Reloads never open an unenforced window: the policy/DB maps have two slots
+(arrays of maps); a reload makes fresh maps, fills and freezes them
+(BPF_MAP_FREEZE: nobody can write them through bpf(2) any more), installs
+them in the idle slots, then flips `cwl_gen` in one map write. The engine
+also records itself for the self-protection guards (prima.selfprotect).
 Label ids are stable for the engine's lifetime (a label dropped from the policy
 keeps its id with an empty trust set: its processes can load nothing more).
 
@@ -19,15 +22,17 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-from controlplane.core.errors import EnforcementError
-from controlplane.core.events import ZERO_DIGEST, Event, EventKind, transition_op
+from cext import bpfmap
+from controlplane.core.errors import CwliteError, EnforcementError
+from controlplane.core.events import ZERO_DIGEST, Event, EventKind, alive_digest, transition_op
 from controlplane.core.policy import Policy
 from ebpf import abi, loader
-from prima import cdi
+from prima import cdi, selfprotect
 from prima.kernelview import KernelEntry, Watch, kernel_dev
 
 if TYPE_CHECKING:  # bcc itself is imported by ebpf.loader when a program is compiled
@@ -74,6 +79,8 @@ OP_EXEC = abi.value("CWL_OP_EXEC")
 OP_TRACEME = abi.value("CWL_OP_TRACEME")  # a subject event where the current process is the subject
 # events about two processes, the current one and `peer` (cwlite.h: a TP as a subject)
 SUBJECT_OPS = frozenset(abi.value(f"CWL_OP_{n}") for n in ("PTRACE", "PROC_MEM", "VM_WRITE", "TRACEME"))
+# Self-protection events (selfprotect.h) name what they concern by numbers, not by a file.
+SELF_OPS = frozenset({abi.value("CWL_OP_BPF"), abi.value("CWL_OP_SIGNAL")})
 
 
 class CwlEvent(ctypes.Structure):
@@ -121,6 +128,9 @@ class Engine:
         self._decode_errors = 0
         self._bpf: "bcc.BPF | None" = None
         self._generation = -1
+        self._slots: dict[int, dict[str, tuple[int, int]]] = {0: {}, 1: {}}  # gen -> name -> (fd, map id)
+        self._threads: set[int] = set()
+        self.records = 0  # ring-buffer records read so far (the liveness entry's "events up to")
         self.loaded: Loaded | None = None
         self._start(policy, entries, db_digest)
 
@@ -131,11 +141,13 @@ class Engine:
                  f"-DCWL_TAINT_MAX={2 * self.trust_max}"]
         if self.backend == "lsm":  # the lsm backend also guards CDIs (prima.cdi, ebpf/cdi.h)
             flags += cdi.cflags()
+            flags += selfprotect.lsm_cflags()
         # bcc attaches at load, before the first generation is written: until
         # then the maps are empty, so no process can enter a label and nothing
         # is labelled yet (labels are only entered through cwl_entry*).
         self._bpf = loader.load(SOURCE, [BACKENDS[self.backend], *flags])
         try:
+            self._protect()
             self._bpf[b"cwl_events"].open_ring_buffer(self._on_record)
             self._queue.append(Event(EventKind.DAEMON_START, subject=f"prima/{self.backend}",
                                      detail={"backend": self.backend, "pid": os.getpid()}))
@@ -143,6 +155,50 @@ class Engine:
         except BaseException:
             self.close(record_stop=False)
             raise
+
+    def _protect(self) -> None:
+        """Record this engine for the self-protection guards (selfprotect.h): its programs and maps,
+        the daemon's reserved label and threads, then the daemon itself (frozen: the guards go live)."""
+        bpf = self._require()
+        try:
+            selfprotect.register(bpf)
+            selfprotect.label_daemon(bpf, self.backend)
+            self._threads = selfprotect.track_threads(bpf, set())
+            selfprotect.record_daemon(bpf)
+        except CwliteError as exc:
+            raise EnforcementError(f"prima/{self.backend}: cannot set up self-protection: {exc}") from exc
+
+    def _fresh_map(self, name: str, items: Iterable[tuple[object, object]]) -> tuple[int, int]:
+        """A new map typed as `<name>_t`, filled with `items` and frozen: (fd, map id)."""
+        bpf = self._require()
+        fd = bpfmap.create_like(bpf[f"{name}_t".encode()].map_fd, name)
+        try:
+            for key, value in items:
+                bpfmap.update(fd, bytes(key), bytes(value))
+            bpfmap.freeze(fd)
+            return fd, bpfmap.map_info(fd).id
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _install(self, gen: int, maps: dict[str, tuple[int, int]]) -> None:
+        """Put a generation's fresh maps in their slots (guarded first); the maps they replace are closed."""
+        bpf = self._require()
+        selfprotect.add_maps(bpf, [mid for _, mid in maps.values()])
+        for name, (fd, _) in maps.items():
+            bpfmap.update(bpf[name.encode()].map_fd, struct.pack("=I", gen), struct.pack("=I", fd))
+        old, self._slots[gen] = self._slots[gen], maps
+        self._close_maps(old)
+
+    def _close_maps(self, maps: dict[str, tuple[int, int]]) -> None:
+        for fd, _ in maps.values():
+            os.close(fd)
+        if maps and self._bpf is not None:
+            selfprotect.remove_maps(self._bpf, [mid for _, mid in maps.values()])
+
+    def generation_maps(self) -> dict[str, int]:
+        """Map ids of the live generation, by name (cwl_trust, cwl_entry, ...): for `bpftool map` and tests."""
+        return {name: mid for name, (_, mid) in self._slots.get(self._generation, {}).items()}
 
     def watch(self, keys: Iterable[tuple[int, int]]) -> None:
         """Start recording write-enabling events (cwl_taint) on these kernel (dev, ino) keys.
@@ -180,7 +236,6 @@ class Engine:
                                    f"{self.trust_max}: restart `cwlite enforce` to resize")
         self.watch((e.dev, e.ino) for e in entries)
         gen = 0 if self._generation != 0 else 1
-        sfx = str(gen)
         for name in sorted(policy.labels):
             if name not in self._label_ids:
                 if len(self._label_ids) + 1 >= LABEL_MAX:
@@ -188,17 +243,18 @@ class Engine:
                 self._label_ids[name] = len(self._label_ids) + 1
         sets = policy.trust_sets()
 
-        trust = bpf[f"cwl_trust{sfx}".encode()]
-        trust.clear()
+        trust = bpf[b"cwl_trust_t"]
+        trust_items = []
         paths: dict[tuple[int, int], str] = {}
         for e in entries:
             k = trust.Key(dev=e.dev, ino=e.ino)
             v = trust.Leaf(ctime_ns=e.ctime_ns, sets_mask=e.sets_mask, measured_ns=e.measured_ns)
             ctypes.memmove(v.digest, e.digest, 32)
-            trust[k] = v
+            trust_items.append((k, v))
             paths[(e.dev, e.ino)] = e.path
 
-        labels = bpf[f"cwl_labels{sfx}".encode()]
+        labels = bpf[b"cwl_labels_t"]
+        label_items = []
         for name, lid in self._label_ids.items():
             lb = policy.labels.get(name)
             leaf = labels.Leaf()
@@ -209,10 +265,10 @@ class Engine:
                 leaf.enter_mask = sum(1 << self._label_ids[t] for t in lb.transitions)
                 leaf.compat_allow = 1 if lb.compat_syscalls == "allow" else 0
                 leaf.io_uring_allow = 1 if lb.io_uring == "allow" else 0
-            labels[labels.Key(lid)] = leaf
+            label_items.append((labels.Key(lid), leaf))
 
-        entry = bpf[f"cwl_entry{sfx}".encode()]
-        entry.clear()
+        entry = bpf[b"cwl_entry_t"]
+        entry_items = []
         found: dict[str, str] = {}
         missing: list[str] = []
         for name, lb in sorted(policy.labels.items()):
@@ -222,14 +278,24 @@ class Engine:
                 except OSError:
                     missing.append(ep)
                     continue
-                entry[entry.Key(dev=kernel_dev(st.st_dev), ino=st.st_ino)] = entry.Leaf(label=self._label_ids[name])
+                entry_items.append((entry.Key(dev=kernel_dev(st.st_dev), ino=st.st_ino),
+                                    entry.Leaf(label=self._label_ids[name])))
                 found[ep] = name
 
+        conf = bpf[b"cwl_conf_t"]
+        items = {"cwl_trust": trust_items, "cwl_entry": entry_items, "cwl_labels": label_items,
+                 "cwl_conf": [(conf.Key(0), conf.Leaf(enforce=1 if policy.mode == "enforce" else 0))]}
         if self.backend == "lsm":
-            cdi.fill_generation(bpf, gen, policy, self._label_ids)
-
-        conf = bpf[b"cwl_conf"]
-        conf[conf.Key(gen)] = conf.Leaf(enforce=1 if policy.mode == "enforce" else 0)
+            items["cwl_cdi"] = cdi.generation_items(bpf, policy, self._label_ids)
+        fresh: dict[str, tuple[int, int]] = {}
+        try:
+            for name, recs in items.items():
+                fresh[name] = self._fresh_map(name, recs)
+        except BaseException:
+            for fd, _ in fresh.values():
+                os.close(fd)
+            raise
+        self._install(gen, fresh)
         # The flip: one array write; every hook reads cwl_gen first.
         bpf[b"cwl_gen"][bpf[b"cwl_gen"].Key(0)] = ctypes.c_uint32(gen)
         self._generation = gen
@@ -257,6 +323,10 @@ class Engine:
         try:
             self._collect(None)
         finally:
+            for gen in (0, 1):
+                maps, self._slots[gen] = self._slots[gen], {}
+                for fd, _ in maps.values():
+                    os.close(fd)
             self._bpf.cleanup()
             self._bpf = None
         if record_stop:
@@ -282,6 +352,7 @@ class Engine:
     # ---- events -----------------------------------------------------------------------
     def _on_record(self, ctx: object, data: int, size: int) -> None:
         """Ring-buffer callback: decode and queue only."""
+        self.records += 1
         try:
             rec = ctypes.cast(data, ctypes.POINTER(CwlEvent)).contents
             self._queue.append(self._event(rec))
@@ -292,12 +363,17 @@ class Engine:
         for name, i in self._label_ids.items():
             if i == lid:
                 return name
+        if lid == selfprotect.daemon_label():
+            return selfprotect.DAEMON_LABEL_NAME
         return "" if lid == 0 else f"#{lid}"
 
     def _event(self, r: CwlEvent) -> Event:
         kind = KINDS[r.kind]
         name = bytes(r.name).split(b"\0", 1)[0].decode(errors="replace")
+        op = OPS.get(r.op, str(r.op))
         subject = self._paths.get((r.dev, r.ino)) if kind is EventKind.TRUSTED_LOAD else None
+        if r.op in SELF_OPS:
+            subject = selfprotect.describe(op, r.dev, r.ino)
         detail = {
             "pid": r.pid, "tgid": r.tgid, "comm": bytes(r.comm).split(b"\0", 1)[0].decode(errors="replace"),
             "action": ACTIONS.get(r.action, str(r.action)), "dev": r.dev, "ino": r.ino, "ctime_ns": r.ctime_ns,
@@ -305,7 +381,6 @@ class Engine:
         }
         if r.why:
             detail["why"] = WHYS.get(r.why, str(r.why))
-        op = OPS.get(r.op, str(r.op))
         if kind is EventKind.LABEL_TRANSITION:
             detail["from"] = self._label_name(r.prev_label)
             if r.op == OP_EXEC and r.prev_label:  # a hop between labels: the verifier checks it was declared
@@ -330,6 +405,15 @@ class Engine:
         table = self._require()[b"cwl_drops"]
         return {DROPS.get(i, str(i)): sum(table[table.Key(i)]) for i in range(DROP_MAX) if i in DROPS}
 
+    def alive(self, nonce: bytes) -> list[Event]:
+        """Read the ring buffer, then add the liveness entry for a verifier's `nonce` ("alive, nonce N,
+        events up to K"): every queued event, that entry last, for the caller to record in this order."""
+        self._collect(None)
+        self._queue.append(Event(EventKind.ENGINE_ALIVE, alive_digest(nonce), op="alive",
+                                 subject=f"prima/{self.backend} events={self.records}",
+                                 detail={"nonce": nonce.hex(), "events": self.records, "backend": self.backend}))
+        return self.drain()
+
     def drain(self) -> list[Event]:
         """Events already queued (after close(): the last records and daemon-stop)."""
         out = list(self._queue)
@@ -349,6 +433,7 @@ class Engine:
             bpf.ring_buffer_consume()
         else:
             bpf.ring_buffer_poll(timeout_ms)
+        self._threads = selfprotect.track_threads(bpf, self._threads)
         counts = self.drops()
         lost = {}
         for i, name in DROPS.items():

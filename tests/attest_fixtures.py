@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from controlplane.core.events import Event, EventKind
+from controlplane.core.events import Event, EventKind, alive_digest
 from controlplane.core.policy import load_policy
 from controlplane.host import mlog as mlog_mod
 from controlplane.host.service import Server, ServiceState, TlsIdentity
@@ -89,12 +89,15 @@ class TestHost:
 
 
 def enforcement_started(host: TestHost, ref: Reference) -> None:
-    """What the enforcement engine writes when it starts: daemon-start, the policy and DB it loaded."""
+    """What the enforcement engine writes when it starts: daemon-start, the policy and DB it loaded;
+    and from then on, as a live engine does, its liveness entry for each quote's nonce."""
     with MeasureDB.open(ref.db_path) as db:
         db_digest = db.digest()
     host.record(EventKind.DAEMON_START, subject="cwlite enforce")
     host.record(EventKind.POLICY_LOAD, load_policy(ref.policy_path).digest(), subject=str(ref.policy_path))
     host.record(EventKind.DB_LOAD, db_digest, subject=str(ref.db_path))
+    host.state.on_quote = lambda nonce: host.record(EventKind.ENGINE_ALIVE, alive_digest(nonce), op="alive",
+                                                    subject="test engine events=0")
 
 
 @contextlib.contextmanager

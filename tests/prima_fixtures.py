@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from prima import measure
+from prima import measure, selfprotect
 from prima.engine import Engine
 from prima.kernelview import KernelEntry, Watch, kernel_dev
 
@@ -35,11 +35,27 @@ def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int, watch
 
 
 def labelled_processes(engine: Engine) -> dict[int, str]:
-    """tgid -> label name of every process the kernel holds a label for (BPF: cwl_task_labels)."""
+    """tgid -> label name of every process the kernel holds a TP label for (BPF: cwl_task_labels;
+    the daemon's own reserved label is left out)."""
     assert engine.loaded is not None
     names = {lid: name for name, lid in engine.loaded.labels.items()}
     table = engine.bpf[b"cwl_task_labels"]
-    return {k.value: names.get(v.label, f"#{v.label}") for k, v in table.items()}
+    daemon = selfprotect.daemon_label()
+    return {k.value: names.get(v.label, f"#{v.label}") for k, v in table.items() if v.label != daemon}
+
+
+def table_fd(engine: Engine, name: str) -> int:
+    """The fd of one of the engine's maps, any type bcc made (task storage included), owned by the engine."""
+    from bcc import libbcc  # after the engine loaded: bcc decides at import where tracefs is (ebpf.loader)
+
+    fd = libbcc.lib.bpf_table_fd(engine.bpf.module, name.encode())
+    assert fd >= 0, f"no map {name!r} in the engine's BPF object"
+    return fd
+
+
+def program_ids(engine: Engine) -> set[int]:
+    """Kernel ids of the engine's programs (what `bpftool prog/link show` lists)."""
+    return selfprotect.program_objects(engine.bpf)[0]
 
 
 def program_stats(engine: Engine) -> dict[str, tuple[int, int]]:

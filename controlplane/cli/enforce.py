@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Sequence
@@ -25,6 +27,7 @@ from prima.engine import MIN_TRUST_MAX, Engine, Measure
 from prima.kernelview import kernel_view, kernel_view_bound
 from prima.measuredb import MeasureDB
 
+ALIVE_TIMEOUT_S = 5.0  # how long a quote waits for the engine's liveness entry
 
 
 def event_json(event: Event) -> dict:
@@ -117,6 +120,15 @@ class Daemon:
         self.backend, self.controller_key, self.log = backend, controller_key, log
         self.reload_requested = False
         self.stop_requested = False
+        self._alive: queue.SimpleQueue[tuple[bytes, threading.Event]] = queue.SimpleQueue()
+
+    def request_alive(self, nonce: bytes, timeout: float = ALIVE_TIMEOUT_S) -> bool:
+        """Ask the enforce loop to log its liveness entry for a verifier's `nonce` (after every event it
+        has read); True once recorded, False when the engine did not answer within `timeout` (the
+        attestation service quotes anyway: the verifier then finds no liveness entry)."""
+        done = threading.Event()
+        self._alive.put((nonce, done))
+        return done.wait(timeout)
 
     def run(self) -> None:
         policy, view, db_digest, size_hint = load_inputs(self.policy_path, self.db_path, self.controller_key, self.policy)
@@ -128,6 +140,7 @@ class Daemon:
             while not self.stop_requested:
                 for ev in engine.poll(200):
                     self.sink.record(ev)
+                self._answer_alive(engine)
                 if self.reload_requested:
                     self.reload_requested = False
                     self._reload(engine)
@@ -136,6 +149,16 @@ class Daemon:
             for ev in engine.drain():
                 self.sink.record(ev)
             self._say("detached")
+
+    def _answer_alive(self, engine: Engine) -> None:
+        while True:
+            try:
+                nonce, done = self._alive.get_nowait()
+            except queue.Empty:
+                return
+            for ev in engine.alive(nonce):
+                self.sink.record(ev)
+            done.set()
 
     def _reload(self, engine: Engine) -> None:
         try:

@@ -86,6 +86,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
                 thread = threading.Thread(target=run, name="cwlite-enforce", daemon=True)
                 thread.start()
                 state.on_policy = lambda _policy: setattr(daemon, "reload_requested", True)
+                state.on_quote = daemon.request_alive
             try:
                 with server:
                     yield Running(state, server, daemon, log, failure)

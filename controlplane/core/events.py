@@ -13,6 +13,7 @@ Parse names only with `parse_ima_name` (one parser for one format).
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol
 
@@ -30,6 +31,13 @@ class EventKind(str, enum.Enum):
     LABEL_TRANSITION = "label-transition"  # a process entered a TP label through its entrypoint
     VIOLATION = "violation"              # untrusted code under a label (killed/denied in enforce, allowed in audit)
     LOST_EVENTS = "lost-events"          # ring buffer overflow or map failures: always a violation
+    ENGINE_ALIVE = "engine-alive"        # the engine answered a verifier's nonce: digest = alive_digest(nonce)
+
+
+def alive_digest(nonce: bytes) -> bytes:
+    """The digest of the liveness entry the enforcement engine logs for a verifier's `nonce`: written after
+    the nonce existed, by the engine itself, so a dead engine behind a live service cannot have it."""
+    return hashlib.sha256(b"cwlite-engine-alive:" + nonce).digest()
 
 
 @dataclass(frozen=True)

@@ -116,13 +116,14 @@ class Attestation:
     log_end: int
 
 
-def judge_round(host: Host, ref: Reference, evidence: CheckedQuote, replayed: Replayed
+def judge_round(host: Host, ref: Reference, evidence: CheckedQuote, replayed: Replayed, nonce: bytes
                 ) -> tuple[Verdict, list[str], list[EntryVerdict]]:
-    """Every covered entry judged, then the whole-log conditions: the round's verdict, reasons and entry verdicts."""
+    """Every covered entry judged, then the whole-log conditions: the round's verdict, reasons and entry
+    verdicts. `nonce` is the round's: a running engine must have logged its liveness entry for it."""
     facts, rebooted = replayed.facts, replayed.rebooted
     pcrs = evidence.quote.pcr_values
     boot = boot_aggregate(pcrs) if all(p in pcrs for p in BOOT_PCRS) else None
-    judge = Judge(ref, facts, pcr=host.pcr, boot_aggregate=boot)
+    judge = Judge(ref, facts, pcr=host.pcr, boot_aggregate=boot, nonce=nonce)
     verdicts = [judge.judge(e) for e in replayed.covered]
     reasons = judge.overall(evidence.peer_spki)
     old_boot = host.boot_aggregate.hex() if host.boot_aggregate else ""
@@ -157,7 +158,7 @@ def _round(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store |
     with Channel(host.url) as ch:
         evidence = fetch_quote(ch, host, nonce)
         replayed = replay(ch, host, evidence, full=full)
-    verdict, reasons, verdicts = judge_round(host, ref, evidence, replayed)
+    verdict, reasons, verdicts = judge_round(host, ref, evidence, replayed, nonce)
     facts = replayed.facts
     doc = proofs.document(host, ref, nonce, evidence, log_start=replayed.start, log_end=replayed.end,
                           pcr_start=replayed.start_value, verdicts=verdicts, verdict=verdict, reasons=reasons,

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from controlplane.core.events import Event, EventKind, parse_ima_name, transition_source
+from controlplane.core.events import Event, EventKind, alive_digest, parse_ima_name, transition_source
 
 
 class Verdict(StrEnum):
@@ -84,13 +84,16 @@ class Judge:
     """Judges entries one by one against a Reference, updating Facts. Collects, never stops at the first."""
 
     def __init__(self, ref: Reference, facts: Facts, *, pcr: int | None = None,
-                 boot_aggregate: bytes | None = None) -> None:
+                 boot_aggregate: bytes | None = None, nonce: bytes | None = None) -> None:
         """`pcr`: the log's PCR (an entry for another PCR was not replayed: untrusted);
-        `boot_aggregate`: SHA-256 over the quoted PCRs 0-9, which the log's first entry must carry."""
+        `boot_aggregate`: SHA-256 over the quoted PCRs 0-9, which the log's first entry must carry;
+        `nonce`: this round's nonce: a running engine must have logged its liveness entry for it."""
         self.ref = ref
         self.facts = facts
         self.pcr = pcr
         self.boot_aggregate = boot_aggregate
+        self.nonce = nonce
+        self.alive = False      # the engine-alive entry for `nonce` was seen
         self._trusted_sets: dict[str, frozenset[bytes]] = {}
         self._labels = ref.policy.labels
 
@@ -144,6 +147,10 @@ class Judge:
             verdict, reason = Verdict.UNTRUSTED, "violation"
         elif kind is EventKind.LOST_EVENTS:
             verdict, reason = Verdict.UNTRUSTED, "lost-events"
+        elif kind is EventKind.ENGINE_ALIVE:
+            verdict = Verdict.INFO
+            if self.nonce is not None and ev.digest == alive_digest(self.nonce):
+                self.alive = True
         if self.pcr is not None and entry.pcr != self.pcr:
             verdict, reason = Verdict.UNTRUSTED, "wrong-pcr"
         if verdict is Verdict.UNTRUSTED:
@@ -180,6 +187,9 @@ class Judge:
             reasons.append("no boot_aggregate entry")
         if not f.daemon_running:
             reasons.append("enforcement not running (no daemon-start, or stopped)")
+        elif self.nonce is not None and not self.alive:
+            reasons.append("enforcement engine silent: no engine-alive entry for this round's nonce "
+                           "(the engine is dead or stalled behind a live attestation service)")
         if f.policy != self.ref.policy_digest.hex():
             reasons.append(f"active policy {f.policy[:16] or 'none'} is not the verifier's {self.ref.policy_digest.hex()[:16]}")
         if f.db and f.db != self.ref.db_digest.hex():

@@ -253,9 +253,11 @@ class BypassScenarios(ContentScenarios):
         assert tp.violations("exec")[0].subject == str(tool)
 
     def test_no_unenforced_window_across_reloads(self, lab: Lab) -> None:
-        """A labelled loop execs an untrusted binary while the engine reloads 20 times: every exec is stopped."""
+        """A labelled loop execs an untrusted binary while the engine reloads 20 times: every exec is stopped.
+        (A reload waits one RCU grace period per generation slot it replaces, tens of ms: the loop is
+        long enough for several.)"""
         tp = lab.label()
-        loop = subprocess.Popen([tp.entrypoint, "-c", f"i=0; while [ $i -lt 300 ]; do {lab.untrusted}; echo rc=$?; i=$((i+1)); done"],
+        loop = subprocess.Popen([tp.entrypoint, "-c", f"i=0; while [ $i -lt 1000 ]; do {lab.untrusted}; echo rc=$?; i=$((i+1)); done"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         policy, entries = lab.policy_for(tp)
         reloads = 0
@@ -263,7 +265,7 @@ class BypassScenarios(ContentScenarios):
             lab.engine.reload(policy, entries)
             reloads += 1
         out = loop.communicate(timeout=300)[0].split()
-        assert reloads >= 5 and out == [self.backend.expect.rc(if_denied=126)] * 300
+        assert reloads >= 5 and out == [self.backend.expect.rc(if_denied=126)] * 1000
 
     def test_modified_entrypoint_gives_no_label(self, lab: Lab) -> None:
         tp = lab.label()

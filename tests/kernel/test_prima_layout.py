@@ -38,7 +38,8 @@ def test_every_abi_constant_is_what_clang_sees(tmp_path, monkeypatch) -> None:
         shutil.copy2(src / header, tmp_path / header)
     checks = "".join(f'_Static_assert({name} == {value}ULL, "ebpf.abi: {name} is not {value}");\n'
                      for name, value in sorted(abi.constants().items()))
-    (tmp_path / "abi.bpf.c").write_text('#include "cwlite.h"\n#include "cdi.h"\n' + checks +
+    includes = "".join(f'#include "{header}"\n' for header in abi.HEADERS)
+    (tmp_path / "abi.bpf.c").write_text(includes + checks +
                                         'int cwl_abi(void *ctx) { return 0; }\n')
     monkeypatch.setattr(loader, "source_dir", lambda: tmp_path)
     bpf = loader.load("abi.bpf.c", ["-DCWL_CDI_MAX=1"])

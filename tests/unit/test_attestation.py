@@ -154,9 +154,9 @@ def test_trusted_proof_then_a_violation_is_named(host, key, reference, tmp_path,
     assert second.log_start == first.log_end                    # incremental: only the new entries
     named = [(e["index"], e["reason"], e["subject"]) for e in second.document["entries"]]
     assert named == [(first.log_end, "violation", "/tmp/evil_x"), (first.log_end + 1, "not-in-db", "/tmp/libevil.so")]
-    # the host stays untrusted in later rounds, though nothing new happened
+    # the host stays untrusted in later rounds, though nothing new happened but the engine's liveness entry
     third = _attest(store, reference, key)
-    assert third.verdict == "untrusted" and third.log_start == third.log_end == second.log_end
+    assert third.verdict == "untrusted" and third.log_start == second.log_end and third.log_end == second.log_end + 1
     verdicts = store.verdicts("build1")
     assert [v.verdict for v in verdicts] == ["untrusted", "untrusted", "trusted"]
     assert store.proof(verdicts[1].proof_id).encode() == second.proof

@@ -29,8 +29,8 @@ def _bpftool_offset(path: str) -> int:
 
     def resolve(type_id: int) -> dict:
         t = types[type_id]
-        while t["kind"] in ("TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG"):
-            t = types[t["type_id"]]
+        while t["kind"] in ("TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG", "ARRAY"):
+            t = types[t["type_id"]]  # an array: its first element
         return t
 
     def find(t: dict, name: str) -> tuple[int, int] | None:

@@ -5,7 +5,7 @@ import pytest
 
 from controlplane.core import imalog
 from controlplane.core.imalog import replay_to
-from controlplane.core.events import Event, EventKind
+from controlplane.core.events import Event, EventKind, alive_digest
 from controlplane.core.policy import parse_policy
 from controlplane.verifier.judge import Facts, Judge, Reference
 from prima.measuredb import MeasureDB
@@ -99,3 +99,23 @@ def test_label_transitions_are_checked_against_the_declared_ones(reference):
         ]
         got = [(v.verdict, v.reason) for v in (j.judge(_entry(i, e)) for i, (e, _, _) in enumerate(rows))]
     assert got == [(v, r) for _, v, r in rows]
+
+
+@pytest.mark.parametrize("logged, silent", [("this", False), ("other", True), ("none", True)])
+def test_a_running_engine_must_answer_this_rounds_nonce(reference, logged, silent):
+    """A live service in front of a dead engine: no engine-alive entry for the nonce -> a reason."""
+    ref = reference.open()
+    try:
+        nonce = b"\x42" * 32
+        j = Judge(ref, Facts(), pcr=10, boot_aggregate=BOOT, nonce=nonce)
+        events = [Event(EventKind.BOOT_AGGREGATE, BOOT), Event(EventKind.DAEMON_START, subject="prima/tracepoint"),
+                  Event(EventKind.POLICY_LOAD, ref.policy_digest), Event(EventKind.DB_LOAD, ref.db_digest)]
+        if logged != "none":
+            other = nonce if logged == "this" else b"\x43" * 32
+            events.append(Event(EventKind.ENGINE_ALIVE, alive_digest(other), op="alive", subject="prima/tp events=3"))
+        verdicts = [j.judge(_entry(i, e)) for i, e in enumerate(events)]
+        assert all(v.verdict != "untrusted" for v in verdicts)
+        reasons = j.overall(None)
+        assert any("no engine-alive entry" in r for r in reasons) == silent, reasons
+    finally:
+        ref.db.close()

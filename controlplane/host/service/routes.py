@@ -96,7 +96,12 @@ def create_app(state: ServiceState) -> FastAPI:
         """A TPM quote over `pcrs` with qualifying data SHA-256(nonce || SHA-256(this TLS key's SPKI))."""
         if state.pcr not in req.pcrs:
             raise Reject(422, f"pcrs: must include the measurement-log PCR {state.pcr}")
-        qd = quote_qualifying_data(bytes.fromhex(req.nonce), state.tls.spki_sha256)
+        nonce = bytes.fromhex(req.nonce)
+        if state.on_quote is not None:
+            # the engine logs "alive, nonce N, events up to K" itself; if it is dead nothing is logged,
+            # and the verifier's proof says so
+            state.on_quote(nonce)
+        qd = quote_qualifying_data(nonce, state.tls.spki_sha256)
         q, covered = state.mlog.quote(qd, req.pcrs)   # the quote and exactly the entries its PCR holds
         return QuoteResponse(quote=q.to_dict(), tls_spki_sha256=state.tls.spki_sha256.hex(),
                              log_length=len(covered), pcr=state.pcr)

@@ -34,7 +34,8 @@ class ServiceState:
 
     `policy_path` is the active policy file (replaced atomically by POST /v1/policy); `policy` is
     that file parsed (read at construction when not given, replaced on every push);
-    `on_policy(policy)` lets a co-located enforcement engine load a pushed policy.
+    `on_policy(policy)` lets a co-located enforcement engine load a pushed policy;
+    `on_quote(nonce)` asks it to log its liveness entry for the nonce before the quote is taken.
     """
 
     tpm: Any
@@ -46,6 +47,7 @@ class ServiceState:
     db_digest: bytes | None = None
     controller_key: Any = None          # Ed25519PublicKey or path: who may push policies
     on_policy: Callable[[Policy], None] | None = None
+    on_quote: Callable[[bytes], object] | None = None
     rate_per_s: float = 50.0
     burst: int = 200
     lock: threading.Lock = field(default_factory=threading.Lock)

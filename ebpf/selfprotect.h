@@ -51,7 +51,7 @@ struct cwl_daemon {
 #define CWL_OBJ_PROG 2ULL
 
 /* Event ops and reasons (struct cwl_event.op/why; PRIMA's are below 16, CDI's 16..23). */
-#define CWL_OP_BPF 24    /* a bpf(2) write on cwlite's object: dev = command, ino = (kind << 32) | id */
+#define CWL_OP_BPF 26    /* a bpf(2) write on cwlite's object: dev = command, ino = (kind << 32) | id */
 #define CWL_OP_SIGNAL 25 /* a signal to the daemon: dev = signal, ino = the pid/tid/group aimed at */
 #define CWL_WHY_NOT_DAEMON 24 /* only the daemon may change cwlite's maps and links */
 #define CWL_WHY_TP_SIGNAL 25  /* a TP may not signal the daemon */

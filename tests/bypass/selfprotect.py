@@ -154,8 +154,9 @@ def scenario_forge_trust_entry(lab, exp: Expect) -> None:
     tp = lab.label()
     trust_id = lab.engine.generation_maps()["cwl_trust"]
     st = os.stat(lab.untrusted)
-    key = struct.pack("=IIQ", kernel_dev(st.st_dev), 0, st.st_ino)
-    value = struct.pack("=QQ", st.st_ctime_ns, (1 << 64) - 1) + bytes(32)
+    trust_t = lab.engine.bpf[b"cwl_trust_t"]          # the layouts bcc read from cwlite.h
+    key = bytes(trust_t.Key(dev=kernel_dev(st.st_dev), ino=st.st_ino))
+    value = bytes(trust_t.Leaf(ctime_ns=st.st_ctime_ns, sets_mask=(1 << 64) - 1))  # a forged digest: zeros
     r = bpftool("map", "update", "id", str(trust_id), "key", "hex", *hex_bytes(key), "value", "hex", *hex_bytes(value))
     exp.stopped(r, "forged trust entry")
     [v] = self_violations(lab, "bpf", since)

@@ -25,6 +25,7 @@ import pytest
 
 from controlplane.core.events import Event, EventKind
 from controlplane.core.policy import parse_policy
+from prima.selfprotect import DAEMON_LABEL_NAME
 from tests.bypass.backend import Backend
 from tests.bypass.lab import Lab, Label, shared_libs
 from tests.prima_fixtures import measure_files
@@ -339,8 +340,10 @@ def attack_traceme_inside_a_tp(lab: Lab, kit: Kit, outcome: Outcome) -> None:
     else:
         assert "refused ptrace errno=1" in r.stdout, r
     v = one_violation(tp, "traceme", outcome, why="outside-label")
-    # the current process is the subject here: its parent (the test, unlabelled) would be the tracer
-    assert v.subject == f"tgid={os.getpid()}(-)->tgid={v.detail['tgid']}({v.detail['comm']},{tp.name})", v.subject
+    # the current process is the subject here: its parent, the test, would be the tracer; the lab's
+    # engine runs in the test's process, which so holds the daemon's reserved label (issue 22)
+    assert v.subject == (f"tgid={os.getpid()}({DAEMON_LABEL_NAME})->"
+                         f"tgid={v.detail['tgid']}({v.detail['comm']},{tp.name})"), v.subject
 
 
 def attack_proc_pid_mem_write(lab: Lab, kit: Kit, outcome: Outcome) -> None:

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from controlplane.core.events import Event, EventKind
 from controlplane.core.policy import Policy, parse_policy
-from prima.engine import Engine
+from prima.engine import LABEL_MAX, Engine
 from prima.kernelview import KernelEntry
 from tests.prima_fixtures import labelled_processes, measure_files
 
@@ -115,9 +115,18 @@ class Lab:
                             *shared_libs("/bin/sh"), *shared_libs(self.helper), *shared_libs(self.true)})
         self.events: list[Event] = []
         self._n = 0
-        kwargs = {} if ringbuf_pages is None else {"ringbuf_pages": ringbuf_pages}
-        first = Label(self, "tp_lab0", self._new_entrypoint("tp_lab0"))
-        self.engine = Engine(*self.policy_for(first), backend=backend, **kwargs)
+        self._engine_args = {"backend": backend} if ringbuf_pages is None else {"backend": backend,
+                                                                                "ringbuf_pages": ringbuf_pages}
+        self.engine = self._fresh_engine()
+
+    def _fresh_engine(self) -> Engine:
+        """An engine whose policy holds one new label: label ids are never reused within an engine run
+        (a process still holding an old id must never get a new label's rights), so a lab that has used
+        up LABEL_MAX - 1 of them starts another engine."""
+        self._n += 1
+        first = Label(self, f"tp_lab{self._n}", self._new_entrypoint(f"tp_lab{self._n}"))
+        self._engine_labels = 1
+        return Engine(*self.policy_for(first), **self._engine_args)
 
     def _new_entrypoint(self, label: str) -> str:
         ep = str(self.root / f"ep-{label}")
@@ -145,6 +154,11 @@ class Lab:
     def labels(self, *specs: dict, mode: str = "enforce", trusted: Iterable[str] = ()) -> list["Label"]:
         """Reload the engine with one new label per spec (its policy keys; "transitions" names
         other specs by index), each entered through its own fresh copy of /bin/sh."""
+        if self._engine_labels + len(specs) > LABEL_MAX - 1:
+            self.collect(0)
+            self.engine.close()
+            self.engine = self._fresh_engine()
+        self._engine_labels += len(specs)
         names = []
         for _ in specs:
             self._n += 1

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+import pytest
+
 from controlplane.core.events import Event, EventKind
 from controlplane.core.policy import Policy, parse_policy
 from prima.engine import LABEL_MAX, Engine
@@ -255,3 +257,19 @@ def c_project(root: Path, units: int = 48, *, extra_recipe: str = "") -> Path:
     extra = f"\t{extra_recipe}\n" if extra_recipe else ""
     (src / "Makefile").write_text(f"app: main.o {objs}\n\tgcc -o app main.o {objs}\n{extra}%.o: %.c\n\tgcc -O2 -c -o $@ $<\n")
     return src
+
+
+class OnLab:
+    """A scenario class run on one backend (its `backend`, a tests.bypass.backend.Backend), with one
+    lab (one engine, so one bcc compile) shared by all its scenarios; `lab_dir` names its directory."""
+
+    lab_dir = "prima"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def lab(cls, tmp_path_factory: pytest.TempPathFactory):
+        """One engine on the class's backend for all its scenarios."""
+        lab = Lab(tmp_path_factory.mktemp(f"{cls.lab_dir}-{cls.backend.name}"), backend=cls.backend.name)
+        assert lab.engine.backend == cls.backend.name
+        yield lab
+        lab.close()

@@ -24,22 +24,13 @@ import pytest
 from controlplane.core.events import EventKind
 from tests.bypass.backend import Backend
 from tests.bypass.content import ContentScenarios
-from tests.bypass.lab import LDSO, Lab
+from tests.bypass.lab import LDSO, Lab, OnLab
 
 
-class BypassScenarios(ContentScenarios):
+class BypassScenarios(ContentScenarios, OnLab):
     """Every bypass attempt, against the class's `backend`."""
 
     backend: Backend
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def lab(cls, tmp_path_factory: pytest.TempPathFactory):
-        """One engine on the class's backend for all its scenarios (a bcc compile each)."""
-        lab = Lab(tmp_path_factory.mktemp(f"prima-{cls.backend.name}"), backend=cls.backend.name)
-        assert lab.engine.backend == cls.backend.name
-        yield lab
-        lab.close()
 
     @pytest.fixture
     def tmpfs(self, tmp_path: Path):

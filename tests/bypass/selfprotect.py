@@ -32,7 +32,7 @@ from controlplane.core.errors import KernelError
 from controlplane.core.events import Event, EventKind
 from prima import selfprotect
 from tests.bypass.backend import Backend
-from tests.bypass.lab import Lab
+from tests.bypass.lab import Lab, OnLab
 from prima.kernelview import kernel_dev
 from tests.prima_fixtures import program_ids, table_fd
 
@@ -275,19 +275,12 @@ def scenario_reload_makes_fresh_frozen_maps(lab, exp: Expect) -> None:
     assert v.detail["action"] == exp.action
 
 
-class SelfProtectScenarios:
+class SelfProtectScenarios(OnLab):
     """Every attack on cwlite itself, against the class's `backend`."""
 
     backend: Backend
+    lab_dir = "selfprotect"
 
-    @pytest.fixture(scope="class")
-    @classmethod
-    def lab(cls, tmp_path_factory: pytest.TempPathFactory):
-        """One engine on the class's backend for all its scenarios (a bcc compile each)."""
-        lab = Lab(tmp_path_factory.mktemp(f"selfprotect-{cls.backend.name}"), backend=cls.backend.name)
-        assert lab.engine.backend == cls.backend.name
-        yield lab
-        lab.close()
 
     @property
     def expect(self) -> Expect:

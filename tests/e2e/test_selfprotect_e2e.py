@@ -9,6 +9,7 @@ UNTRUSTED because no engine answered the verifier's nonce.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -77,9 +78,10 @@ def _attest(layout: Layout, store: Store, key):
 def layout(tmp_path):
     layout = prepare(tmp_path, mode="enforce")
     yield layout
-    orphan = Swtpm.attach(layout.host_dir)  # the killed service's swtpm outlives it (its own session)
+    # the killed service's swtpm outlives it (its own session, so PCRs survive a daemon crash): stop it
+    orphan = Swtpm.attach(layout.host_dir / "swtpm")
     if orphan is not None:
-        subprocess.run(["kill", str(orphan.pid)], check=False)
+        os.kill(orphan.pid, signal.SIGTERM)
 
 
 def test_a_tp_kills_the_daemon_and_the_next_proof_says_the_engine_is_dead(layout) -> None:

@@ -149,22 +149,27 @@ class Relay:
         return f"https://127.0.0.1:{self.port}"
 
     def _serve(self) -> None:
-        client_ctx = ssl.create_default_context()
-        client_ctx.check_hostname = False
-        client_ctx.verify_mode = ssl.CERT_NONE
+        """Accept connections; each is relayed by its own thread, so a slow or stalled handshake
+        never holds up the next connection."""
         while not self._stop:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            try:
-                down = self.ctx.wrap_socket(conn, server_side=True)
-                up = client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", self.upstream)))
-            except (OSError, ssl.SSLError):
-                conn.close()
-                continue
-            for a, b in ((down, up), (up, down)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        client_ctx = ssl.create_default_context()
+        client_ctx.check_hostname = False
+        client_ctx.verify_mode = ssl.CERT_NONE
+        try:
+            down = self.ctx.wrap_socket(conn, server_side=True)
+            up = client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", self.upstream)))
+        except (OSError, ssl.SSLError):
+            conn.close()
+            return
+        for a, b in ((down, up), (up, down)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pipe(src, dst) -> None:

@@ -19,6 +19,7 @@ from controlplane.cli.selinux import selinux
 from controlplane.cli.serve import serve
 from controlplane.cli.status import debug, status
 from controlplane.cli.verify import enrol, verify
+from controlplane.cli.vm import vm
 from controlplane.core.errors import CwliteError
 
 
@@ -49,7 +50,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, log, tpm, selinux):
+for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, log, tpm, selinux, vm):
     cli.add_command(_command)
 
 

@@ -21,6 +21,7 @@ from controlplane.core.errors import EnforcementError
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import read_policy
 from controlplane.host import mlog as mlog_mod
+from controlplane.host.control import ControlServer, socket_path
 from prima.measuredb import MeasureDB
 
 
@@ -69,7 +70,8 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
         state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=pcr, policy_path=policy_path,
                              policy=active, db_digest=db_digest, controller_key=controller_key, rate_per_s=rate)
         server = Server(state, host=host, port=port)     # bind first: a service that cannot listen records nothing
-        with contextlib.closing(server.sock):   # closed on every path, the served one included
+        with contextlib.closing(server.sock), \
+                contextlib.closing(ControlServer(socket_path(data_dir), log)):   # `cwlite vm up` records through it
             state.record_tls_key()
             daemon = thread = None
             failure: list[BaseException] = []

@@ -100,10 +100,22 @@ def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ..
 @click.option("--proof-out", type=click.Path(dir_okay=False, path_type=Path), help="Write the signed proof here (one HOST).")
 @click.option("--push-policy", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="First push this controller-signed policy (FILE + FILE.sig) to the host, then attest against it.")
+@click.option("--via", "via", metavar="HOST", help="Attest the VM NAME through the enrolled HOST that booted it "
+              "(`cwlite vm up`): host quote -> host log's record of the VM -> VM quote by that vTPM's AK -> VM log.")
+@click.option("--host-policy", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="With --via: the verifier's copy of the HOST's policy (--policy/--db are the VM's).")
+@click.option("--host-db", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="With --via: the verifier's copy of the HOST's measurement DB.")
+@click.option("--vm-kernel", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="With --via: the kernel image the VM must have booted.")
+@click.option("--vm-initrd", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="With --via: the initrd the VM must have booted (default: none).")
+@click.option("--vm-cmdline", help="With --via: the boot command line the VM must have had (`cwlite vm list --json`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the proof(s) as JSON.")
 def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy_path: Path, db_path: Path,
            watch: bool, rounds: int | None, full: bool, proof_out: Path | None, push_policy: Path | None,
-           as_json: bool) -> None:
+           via: str | None, host_policy: Path | None, host_db: Path | None, vm_kernel: Path | None,
+           vm_initrd: Path | None, vm_cmdline: str | None, as_json: bool) -> None:
     """Attest enrolled HOSTS: fresh quote over TLS, key binding, log replay, every entry judged, signed proof.
 
     Exit status 0 when every host is trusted, 2 when one is untrusted, 1 when an
@@ -120,6 +132,9 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
       cwlite verify --watch --policy policy.toml --db trusted.db
       # replace the host's policy (signed by the controller), then attest against it
       cwlite verify build1 --push-policy new.toml --policy policy.toml --db trusted.db
+      # a VM through the host that booted it (transitive trust; the VM is never enrolled)
+      cwlite verify vm1 --via host1 --policy vm.toml --db vm.db --host-policy host.toml --host-db host.db \\
+          --vm-kernel vmlinuz --vm-cmdline "$(cwlite vm list --json | jq -r '.vms[0].cmdline')"
     """
     from controlplane.verifier import attest as v   # lazy: see the note at the top
 
@@ -128,6 +143,10 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
     if proof_out is not None and not proof_out.parent.is_dir():   # before the attestation, not after it
         raise FileError(f"{proof_out}: --proof-out directory {proof_out.parent} does not exist", path=str(proof_out))
     key = load_signing_key(data_dir / "verifier.key", create=True)
+    if via is not None:
+        _verify_via(hosts, via, data_dir, store_url, key, policy_path, db_path, host_policy, host_db, vm_kernel,
+                    vm_initrd, vm_cmdline, proof_out, as_json)
+        return
     with _open_store(data_dir, store_url) as store:
         policy_file, extra = policy_path, ()
         if push_policy is not None:
@@ -158,6 +177,38 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
                     worst = 2
             if worst:
                 sys.exit(worst)      # SystemExit: click's Exit would be swallowed in non-standalone mode
+
+
+def _verify_via(hosts, via, data_dir, store_url, key, policy_path, db_path, host_policy, host_db, vm_kernel,
+                vm_initrd, vm_cmdline, proof_out, as_json) -> None:
+    """`verify NAME --via HOST`: the chain of controlplane.verifier.chain; exit 0 trusted, 2 untrusted, 1 refused."""
+    from controlplane.core.vmrecord import NO_PART, cmdline_digest
+    from controlplane.verifier import chain   # lazy: see the note at the top
+
+    if len(hosts) != 1:
+        raise click.UsageError("--via needs exactly one NAME (the VM)")
+    missing = [o for o, v in (("--host-policy", host_policy), ("--host-db", host_db), ("--vm-kernel", vm_kernel),
+                              ("--vm-cmdline", vm_cmdline)) if v is None]
+    if missing:
+        raise click.UsageError(f"--via needs {', '.join(missing)}")
+    boot = {"kernel": hashlib.sha256(vm_kernel.read_bytes()).digest(),
+            "initrd": hashlib.sha256(vm_initrd.read_bytes()).digest() if vm_initrd else NO_PART,
+            "cmdline": cmdline_digest(vm_cmdline)}
+    name = hosts[0]
+    with _open_store(data_dir, store_url) as store, _reference(host_policy, host_db) as host_ref, \
+            _reference(policy_path, db_path) as vm_ref:
+        try:
+            att = chain.attest_via(name, store.host(via), host_ref, vm_ref, boot, key, store=store)
+        except VerifyError as exc:
+            click.echo(f"cwlite: {name} via {via}: REFUSED ({exc.reason}): {exc}", err=True)
+            if as_json:
+                click.echo(json.dumps({"host": name, "via": via, "refused": exc.reason, "message": str(exc)}))
+            sys.exit(1)
+    if proof_out is not None:
+        write_atomic(proof_out, att.proof, mode=0o644)
+    emit(att.document, as_json, print_proof)
+    if att.verdict != Verdict.TRUSTED:
+        sys.exit(2)
 
 
 def _watch(store, ref, key, hosts, rounds, as_json) -> None:

@@ -122,3 +122,12 @@ class SelinuxError(CwliteError):
         super().__init__(message)
         self.source = source
         self.field = field
+
+
+class VmError(CwliteError):
+    """A Build VM cannot be created, booted, stopped or vouched for; `.reason` is a stable word, `.vm` its name."""
+
+    def __init__(self, message: str, *, reason: str, vm: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.vm = vm

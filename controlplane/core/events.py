@@ -32,6 +32,8 @@ class EventKind(str, enum.Enum):
     VIOLATION = "violation"              # untrusted code under a label (killed/denied in enforce, allowed in audit)
     LOST_EVENTS = "lost-events"          # ring buffer overflow or map failures: always a violation
     ENGINE_ALIVE = "engine-alive"        # the engine answered a verifier's nonce: digest = alive_digest(nonce)
+    VM_PART = "vm-part"                  # the host measured a Build VM's boot part: op = kernel|initrd|cmdline|policy
+    VM_VTPM = "vm-vtpm"                  # the host vouches for a VM's vTPM: digest = core.vmrecord.VmRecord.digest()
 
 
 def alive_digest(nonce: bytes) -> bytes:

@@ -147,6 +147,8 @@ class Judge:
             verdict, reason = Verdict.UNTRUSTED, "violation"
         elif kind is EventKind.LOST_EVENTS:
             verdict, reason = Verdict.UNTRUSTED, "lost-events"
+        elif kind in (EventKind.VM_PART, EventKind.VM_VTPM):
+            verdict = Verdict.INFO      # the host vouching for a VM: judged by verifier.chain for that VM
         elif kind is EventKind.ENGINE_ALIVE:
             verdict = Verdict.INFO
             if self.nonce is not None and ev.digest == alive_digest(self.nonce):

@@ -1,0 +1,430 @@
+"""The VM Verifier (VMV) on the host: boot a Build VM from measured parts with its own vTPM, and vouch for it.
+
+`up` copies the boot parts (kernel, initrd, policy, measurement DB) into the
+VM's directory `<data>/vms/NAME/` (what is measured is what boots: qemu reads
+these copies, never the caller's files), makes or reuses the VM's swtpm vTPM
+there, and records in the HOST's measurement log (through `cwlite serve`'s
+control socket) the parts' digests and a vm-vtpm entry binding the vTPM's EK
+and AK (controlplane.core.vmrecord). Only then does it start the supervisor:
+a background process (own session, pidfile `supervisor.pid`) that runs the
+vTPM's swtpm and virtme-ng/qemu (software emulation; KVM when /dev/kvm works)
+with the VM's attestation and distccd ports forwarded to loopback, and
+writes the console to `console.log`.
+
+A vTPM state is reused only when this host's own record (`<data>/vm-records/
+NAME.json`, outside the VM's directory) names the same EK and AK: a state
+copied from another host has no record here and is refused ("unknown-vtpm").
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from controlplane.core.atomic import write_atomic
+from controlplane.core.errors import VmError
+from controlplane.core.policy import load_policy
+from controlplane.core.vmrecord import NO_PART, VmRecord, check_vm_name, cmdline_digest
+from controlplane.host import control
+from controlplane.host.swtpm import STATE_FILE, Swtpm
+from controlplane.host.tpm import Tpm
+
+# `integrity` must stay: without it `ima_policy=...` panics Debian's 6.1 kernel (VM-TIER.md gotcha 6).
+APPEND = "lsm=lockdown,capability,landlock,yama,integrity,bpf"
+GUEST_PORT = 8443                 # the VM's attestation service
+DISTCC_PORT = 3632                # distccd
+VM_PCR = 11                       # the guest kernel's IMA measures into 10
+GUEST_DATA = "/run/cwlite"        # the guest's data dir (tmpfs: the guest sees the host's root read-only)
+BOOTED_MARK = "[cwlite-vm] guest init started"
+ENFORCING_MARK = "[cwlite-vm] enforcing"
+READY_MARK = "[cwlite-vm] ready"
+FAILED_MARK = "[cwlite-vm] failed"
+DEFAULT_WORKLOAD = f"/usr/bin/distccd --no-detach --daemon --allow 10.0.2.0/24 --listen 0.0.0.0 --port {DISTCC_PORT} --log-stderr"
+# virtme-ng mounts fresh tmpfs over these in the guest: a VM directory there is invisible to the guest
+GUEST_HIDDEN = ("/run", "/var/tmp", "/var/log", "/var/cache", "/var/lib/apt", "/var/lib/sudo", "/var/lib/private",
+                "/dev")
+_SWTPM_WAIT = 10.0
+_GRACE = 10.0
+
+
+def _sha256_file(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class VmDir:
+    """The files of VM `name` under the host's data dir."""
+
+    data_dir: Path
+    name: str
+
+    @property
+    def root(self) -> Path:
+        return self.data_dir / "vms" / self.name
+
+    kernel = property(lambda self: self.root / "kernel")
+    initrd = property(lambda self: self.root / "initrd")
+    policy = property(lambda self: self.root / "policy.toml")
+    db = property(lambda self: self.root / "measure.db")
+    vtpm = property(lambda self: self.root / "vtpm")
+    config = property(lambda self: self.root / "vm.json")
+    console = property(lambda self: self.root / "console.log")
+    pidfile = property(lambda self: self.root / "supervisor.pid")
+    exit_file = property(lambda self: self.root / "exit.json")
+
+    @property
+    def record_file(self) -> Path:
+        """This host's record of the vTPM it made for the VM: kept OUTSIDE the VM's directory."""
+        return self.data_dir / "vm-records" / f"{self.name}.json"
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """How the VM boots (written once at the first `up`, reused by every restart)."""
+
+    name: str
+    root: str                     # the VM's directory (the guest sees it read-only at the same path)
+    attest_port: int
+    distcc_port: int
+    workload: str
+    python: str
+    has_initrd: bool
+    memory: str = "1G"
+
+    def guest_command(self) -> str:
+        """The guest's first command: cwlite's early start (enforcement + service), then the workload."""
+        return shlex.join([self.python, "-m", "controlplane.cli", "vm", "guest-init", "--policy", f"{self.root}/policy.toml",
+                           "--db", f"{self.root}/measure.db", "--pcr", str(VM_PCR), "--port", str(GUEST_PORT),
+                           "--workload", self.workload])
+
+    def cmdline(self) -> str:
+        """The measured boot command line: the kernel's options and the guest's first command."""
+        return f"{APPEND} -- {self.guest_command()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_pid(vm: VmDir) -> int | None:
+    """The supervisor's pid when it still runs (a stale pidfile says nothing)."""
+    try:
+        pid = int(vm.pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if _pid_alive(pid) and str(vm.root).encode() in argv else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# the vTPM --------------------------------------------------------------------------------------------
+def vtpm_identity(vtpm_dir: Path) -> tuple[bytes, bytes]:
+    """(EK public, AK public) of the vTPM whose state is in `vtpm_dir`, manufactured (EK certificate by a local
+    CA) and its AK made persistent on first use. TPM commands: ReadPublic, CreatePrimary + EvictControl once."""
+    sw = Swtpm.start(vtpm_dir)
+    with Tpm(sw.tcti, swtpm=sw) as tpm:       # closing it stops swtpm, which saves the state
+        return tpm.ek_public(), tpm.ak_public()
+
+
+def _check_record(vm: VmDir, ek: bytes, ak: bytes) -> None:
+    try:
+        rec = json.loads(vm.record_file.read_text())
+    except FileNotFoundError:
+        raise VmError(f"{vm.vtpm}: a vTPM state this host has no record of ({vm.record_file} missing): a state "
+                      "copied from another host is refused; migrate it (README: VM migration) or remove it",
+                      reason="unknown-vtpm", vm=vm.name) from None
+    except ValueError as exc:
+        raise VmError(f"{vm.record_file}: not JSON ({exc})", reason="unknown-vtpm", vm=vm.name) from exc
+    got = {"ek_sha256": hashlib.sha256(ek).hexdigest(), "ak_sha256": hashlib.sha256(ak).hexdigest()}
+    for key, value in got.items():
+        if rec.get(key) != value:
+            raise VmError(f"{vm.vtpm}: the vTPM's {key[:2].upper()} ({value[:16]}) is not the one this host "
+                          f"recorded ({str(rec.get(key))[:16]}) in {vm.record_file}: the state was replaced",
+                          reason="unknown-vtpm", vm=vm.name)
+
+
+def prepare_vtpm(vm: VmDir, say: Callable[[str], None]) -> tuple[bytes, bytes, str]:
+    """The vTPM's EK and AK publics and the op to log: `create` for a new vTPM, `restart` for this host's own."""
+    if (vm.vtpm / "state" / STATE_FILE).exists():
+        ek, ak = vtpm_identity(vm.vtpm)
+        _check_record(vm, ek, ak)
+        say(f"vTPM {vm.vtpm}: this host's own state (EK {hashlib.sha256(ek).hexdigest()[:16]}), reused")
+        return ek, ak, "restart"
+    if vm.record_file.exists():
+        raise VmError(f"{vm.record_file}: this host made a vTPM for {vm.name} but its state {vm.vtpm} is gone: "
+                      "remove the record to make a new vTPM", reason="vtpm-lost", vm=vm.name)
+    say(f"vTPM {vm.vtpm}: manufacturing (swtpm_setup, EK certificate) and creating the AK")
+    ek, ak = vtpm_identity(vm.vtpm)
+    vm.record_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(vm.record_file, json.dumps({"name": vm.name, "ek_sha256": hashlib.sha256(ek).hexdigest(),
+                                             "ak_sha256": hashlib.sha256(ak).hexdigest(),
+                                             "created": time.time()}, sort_keys=True).encode())
+    return ek, ak, "create"
+
+
+# up ----------------------------------------------------------------------------------------------------
+def _install(src: Path | None, dst: Path, what: str) -> None:
+    """Copy a boot part into the VM's directory (qemu boots the copy: what was measured is what boots)."""
+    if src is None:
+        if not dst.exists():
+            raise VmError(f"{dst}: no {what} yet: give --{what} on the first `vm up`", reason="usage")
+        return
+    try:
+        shutil.copyfile(src, dst.with_name(dst.name + ".new"))
+        os.replace(dst.with_name(dst.name + ".new"), dst)
+    except OSError as exc:
+        raise VmError(f"{src}: cannot copy the {what} into {dst.parent}: {exc.strerror or exc}", reason="usage") from exc
+
+
+def measure(vm: VmDir, cfg: VmConfig, ek: bytes, ak: bytes) -> VmRecord:
+    """The record the host logs for this boot: the installed parts' digests and the vTPM's key digests."""
+    parts = {
+        "kernel": _sha256_file(vm.kernel),
+        "initrd": _sha256_file(vm.initrd) if cfg.has_initrd else NO_PART,
+        "cmdline": cmdline_digest(cfg.cmdline()),
+        "policy": load_policy(vm.policy).digest(),
+    }
+    return VmRecord(vm.name, parts, hashlib.sha256(ek).digest(), hashlib.sha256(ak).digest(), VM_PCR,
+                    cfg.attest_port)
+
+
+def up(data_dir: Path, name: str, *, kernel: Path | None, policy: Path | None,
+       db: Path | None, workload: str | None = None, timeout: float = 600.0,
+       say: Callable[[str], None] = print) -> dict:
+    """Measure, vouch, boot and wait until the VM's enforcement and attestation service run; its facts."""
+    vm = VmDir(Path(data_dir).resolve(), check_vm_name(name))
+    hidden = [h for h in GUEST_HIDDEN if vm.root.is_relative_to(h)]
+    if hidden:
+        raise VmError(f"{vm.root}: under {hidden[0]}, which the guest sees as an empty tmpfs (virtme-ng): "
+                      "use another --data-dir", reason="usage", vm=name)
+    if running_pid(vm) is not None:
+        raise VmError(f"VM {name}: already running (pid {running_pid(vm)}); `cwlite vm down {name}` first",
+                      reason="running", vm=name)
+    fresh = not vm.config.exists()
+    if fresh and (kernel is None or policy is None or db is None):
+        raise VmError(f"VM {name}: a new VM needs --kernel, --policy and --db", reason="usage", vm=name)
+    vm.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    old = VmConfig(**json.loads(vm.config.read_text())) if not fresh else None
+    cfg = VmConfig(name=name, root=str(vm.root),
+                   attest_port=old.attest_port if old else _free_port(),
+                   distcc_port=old.distcc_port if old else _free_port(),
+                   workload=workload or (old.workload if old else DEFAULT_WORKLOAD),
+                   python=sys.executable,
+                   has_initrd=False)   # virtme-ng makes its own initramfs per boot: see README, VM gaps
+    ek, ak, op = prepare_vtpm(vm, say)
+    for src, dst, what in ((kernel, vm.kernel, "kernel"), (policy, vm.policy, "policy"), (db, vm.db, "db")):
+        _install(src, dst, what)
+    load_policy(vm.policy)                   # a policy the guest would refuse is refused before anything is logged
+    write_atomic(vm.config, json.dumps(asdict(cfg), sort_keys=True, indent=1).encode(), mode=0o644)
+    record = measure(vm, cfg, ek, ak)
+    with control.client(vm.data_dir) as host_log:
+        entries = host_log.record_all(record.events(op))
+    for e in entries:
+        say(f"host log entry {e['index']} (PCR {e['pcr']}): {e['name'][:100]}")
+    for f in (vm.console, vm.exit_file):
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+    subprocess.Popen([sys.executable, "-m", "controlplane.host.vmv", "supervise", str(vm.root)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, cwd="/")
+    say(f"booting {name} (qemu, {'KVM' if kvm_usable() else 'software emulation'}); console {vm.console}")
+    _wait_ready(vm, timeout, say)
+    return status(vm)
+
+
+def _wait_ready(vm: VmDir, timeout: float, say: Callable[[str], None]) -> None:
+    deadline, seen, start = time.monotonic() + timeout, set(), time.monotonic()
+    marks = ((BOOTED_MARK, "kernel booted, cwlite early start running"),
+             (ENFORCING_MARK, "cwlite enforcing and attestation service up (before any workload)"),
+             (READY_MARK, "workload started: ready"))
+    while True:
+        text = vm.console.read_text(errors="replace") if vm.console.exists() else ""
+        for mark, what in marks:
+            if mark in text and mark not in seen:
+                seen.add(mark)
+                say(f"[{time.monotonic() - start:5.1f}s] {what}")
+        if READY_MARK in seen:
+            return
+        dead = FAILED_MARK in text or (vm.exit_file.exists() and running_pid(vm) is None)
+        if dead or time.monotonic() > deadline:
+            tail = " | ".join(text.strip().splitlines()[-6:])
+            if not dead:
+                down(vm.data_dir, vm.name)
+            raise VmError(f"VM {vm.name}: {'stopped' if dead else f'not ready within {timeout:.0f} s'} before its "
+                          f"workload started; console {vm.console}: {tail}", reason="boot", vm=vm.name)
+        time.sleep(0.5)
+
+
+def kvm_usable() -> bool:
+    """KVM only when asked (CWLITE_VM_KVM=1) and /dev/kvm opens: on machines like these /dev/kvm opens but
+    qemu aborts on it (`failed to set MSR 0x10a`, VM-TIER.md gotcha 8), so software emulation is the default."""
+    if os.environ.get("CWLITE_VM_KVM") != "1":
+        return False
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR))
+    except OSError:
+        return False
+    return True
+
+
+# the supervisor (a background process per VM) ----------------------------------------------------------
+def vng_argv(vm: VmDir, cfg: VmConfig, tpm_socket: Path) -> list[str]:
+    """virtme-ng over the host's root (read-only 9p), the vTPM on tpm-tis, user-net with the two ports forwarded."""
+    vng = Path(sys.executable).parent / "vng"
+    if not vng.exists():
+        vng = Path(shutil.which("vng") or "vng")
+    qemu = (f"-chardev socket,id=chrtpm,path={tpm_socket} -tpmdev emulator,id=tpm0,chardev=chrtpm "
+            f"-device tpm-tis,tpmdev=tpm0 "
+            f"-netdev user,id=cwnet,hostfwd=tcp:127.0.0.1:{cfg.attest_port}-:{GUEST_PORT},"
+            f"hostfwd=tcp:127.0.0.1:{cfg.distcc_port}-:{DISTCC_PORT} -device virtio-net-pci,netdev=cwnet")
+    argv = [str(vng), "--run", str(vm.kernel), "--disable-microvm", "--force-9p", "--user", "root",
+            "--cwd", str(vm.root), "--memory", cfg.memory, f"--qemu-opts={qemu}", f"--append={APPEND}",
+            "--exec", cfg.guest_command()]
+    if not kvm_usable():
+        argv.insert(3, "--disable-kvm")
+    return argv
+
+
+def _start_vtpm(vm: VmDir) -> tuple[subprocess.Popen, Path]:
+    sock = vm.vtpm / "qemu.sock"
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={vm.vtpm / 'state'}",
+                             "--ctrl", f"type=unixio,path={sock}", "--log", f"file={vm.vtpm / 'swtpm.log'},level=1"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + _SWTPM_WAIT
+    while not sock.is_socket():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise VmError(f"{vm.vtpm}: swtpm did not create {sock} (log {vm.vtpm / 'swtpm.log'})", reason="boot",
+                          vm=vm.name)
+        time.sleep(0.05)
+    return proc, sock
+
+
+def _terminate(proc: subprocess.Popen, *, group: bool) -> None:
+    """SIGTERM (swtpm saves its state on it), then SIGKILL after a grace period; `group`: its whole group."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        try:
+            proc.wait(_GRACE)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def supervise(root: Path) -> int:
+    """Run one VM to its end: swtpm, then vng/qemu; console to console.log; SIGTERM stops both (swtpm saves)."""
+    vm = VmDir(root.parent.parent, root.name)
+    cfg = VmConfig(**json.loads(vm.config.read_text()))
+    write_atomic(vm.pidfile, f"{os.getpid()}\n".encode(), mode=0o644)
+    children: list[subprocess.Popen] = []
+
+    def stop(*_: object) -> None:
+        raise SystemExit(143)               # the finally below stops qemu, then the vTPM
+
+    signal.signal(signal.SIGTERM, stop)
+    rc: int | None = None
+    with open(vm.console, "ab", buffering=0) as console:
+        try:
+            swtpm, sock = _start_vtpm(vm)
+            children.append(swtpm)
+            env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+            # a pipe, never the file itself: qemu re-opens its stdout (VM-TIER.md gotcha 9)
+            qemu = subprocess.Popen(vng_argv(vm, cfg, sock), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            children.append(qemu)
+            for line in iter(qemu.stdout.readline, b""):
+                console.write(line)
+            rc = qemu.wait()
+        except VmError as exc:
+            console.write(f"{FAILED_MARK}: {exc}\n".encode())
+        finally:
+            for p in reversed(children):    # qemu (vng leads its own group) first, then swtpm
+                _terminate(p, group=p is not children[0])
+            write_atomic(vm.exit_file, json.dumps({"rc": rc, "at": time.time()}).encode(), mode=0o644)
+            with contextlib.suppress(FileNotFoundError):
+                vm.pidfile.unlink()
+    return 0 if rc == 0 else 1
+
+
+# down / list / logs ----------------------------------------------------------------------------------
+def down(data_dir: Path, name: str, *, timeout: float = 30.0) -> bool:
+    """Stop VM `name` (its supervisor's whole session: qemu, then swtpm, which saves the vTPM state).
+    False when it was not running."""
+    vm = VmDir(Path(data_dir).resolve(), check_vm_name(name))
+    pid = running_pid(vm)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def status(vm: VmDir) -> dict:
+    """One VM's facts for `vm list`."""
+    try:
+        cfg = json.loads(vm.config.read_text())
+    except (FileNotFoundError, ValueError):
+        cfg = {}
+    pid = running_pid(vm)
+    return {"name": vm.name, "state": "running" if pid else "stopped", "pid": pid,
+            "attest_url": f"https://127.0.0.1:{cfg['attest_port']}" if cfg else None,
+            "distcc_port": cfg.get("distcc_port"), "dir": str(vm.root), "console": str(vm.console),
+            "pcr": VM_PCR, "cmdline": VmConfig(**cfg).cmdline() if cfg else None}
+
+
+def list_vms(data_dir: Path) -> list[dict]:
+    root = Path(data_dir).resolve() / "vms"
+    names = sorted(p.name for p in root.iterdir() if (p / "vm.json").exists()) if root.is_dir() else []
+    return [status(VmDir(Path(data_dir).resolve(), n)) for n in names]
+
+
+def console_path(data_dir: Path, name: str) -> Path:
+    vm = VmDir(Path(data_dir).resolve(), check_vm_name(name))
+    if not vm.console.exists():
+        raise VmError(f"{vm.console}: no console log (was VM {name} ever started here?)", reason="usage", vm=name)
+    return vm.console
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["supervise"] and len(sys.argv) == 3:
+        sys.exit(supervise(Path(sys.argv[2])))
+    sys.exit("usage: python -m controlplane.host.vmv supervise VM_DIR")

@@ -71,7 +71,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
                              policy=active, db_digest=db_digest, controller_key=controller_key, rate_per_s=rate)
         server = Server(state, host=host, port=port)     # bind first: a service that cannot listen records nothing
         with contextlib.closing(server.sock), \
-                contextlib.closing(ControlServer(socket_path(data_dir), log)):   # `cwlite vm up` records through it
+                ControlServer(socket_path(data_dir), log):   # `cwlite vm up` records through it
             state.record_tls_key()
             daemon = thread = None
             failure: list[BaseException] = []

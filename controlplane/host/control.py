@@ -86,6 +86,12 @@ class ControlServer:
             self.path.unlink()
         self._thread.join(timeout=5)
 
+    def __enter__(self) -> "ControlServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _read_line(conn: socket.socket) -> bytes:
     data = b""

@@ -28,7 +28,7 @@ from controlplane.host.mlog import read_log
 _DATA = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR,
                      show_default=True, help="The host's data dir (the one `cwlite serve` uses).")
 _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
-_START_TIMEOUT = 300.0
+_START_TIMEOUT = 1500.0     # a bcc compile under software emulation: 10 s idle, minutes on a loaded host
 
 
 @click.group("vm")
@@ -55,7 +55,7 @@ def vm() -> None:
 @click.option("--host-root", is_flag=True, default=True, show_default=True,
               help="The guest's root is the host's / read-only over 9p (the only root supported yet).")
 @click.option("--workload", help=f"The guest command started after enforcement (default: distccd on {vmv.DISTCC_PORT}).")
-@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for the VM to be ready.")
+@click.option("--timeout", type=float, default=1800.0, show_default=True, help="Seconds to wait for the VM to be ready.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's facts as JSON when ready.")
 def up(name: str, data_dir: Path, kernel: Path | None, policy: Path | None, db: Path | None, host_root: bool,
        workload: str | None, timeout: float, as_json: bool) -> None:

@@ -218,7 +218,7 @@ def measure(vm: VmDir, cfg: VmConfig, ek: bytes, ak: bytes) -> VmRecord:
 
 
 def up(data_dir: Path, name: str, *, kernel: Path | None, policy: Path | None,
-       db: Path | None, workload: str | None = None, timeout: float = 600.0,
+       db: Path | None, workload: str | None = None, timeout: float = 1800.0,
        say: Callable[[str], None] = print) -> dict:
     """Measure, vouch, boot and wait until the VM's enforcement and attestation service run; its facts."""
     vm = VmDir(Path(data_dir).resolve(), check_vm_name(name))

@@ -1,0 +1,219 @@
+"""The VMV end to end on this host: `cwlite vm up` boots a Build VM, the verifier judges it through the host.
+
+The host is the demo slice (tracepoint enforcement + swtpm + HTTPS service, the
+control socket `vm up` records through); the VM is Debian's kernel under qemu
+(software emulation) over the host's root, with its own swtpm vTPM, running
+`cwlite serve --enforce --backend lsm` before its distccd workload. Every boot
+costs one to several minutes here, so the module boots ONCE for the
+chain, the early-start and the two swapped-reference cases, and once more for
+the restart; the copied-vTPM refusal needs no boot.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from controlplane.cli.demo import Demo, Layout, prepare
+from controlplane.core import proof as proof_mod
+from controlplane.core.errors import VerifyError
+from controlplane.core.events import EventKind
+from controlplane.core.keys import load_signing_key
+from controlplane.core.policy import load_policy
+from controlplane.core.vmrecord import NO_PART, cmdline_digest
+from controlplane.host import vmv
+from controlplane.verifier import chain
+from controlplane.verifier.judge import Reference
+from prima.measuredb import MeasureDB
+from prima.sources import build
+from tests.conftest import requires
+from tests.vm.harness import find_kernel
+
+pytestmark = [requires(root=True, tool="qemu-system-x86_64"), requires(tool="swtpm"), requires(tool="distccd"),
+              pytest.mark.timeout(3000)]
+
+VM = "vmv1"
+HOST = "build-vm-1"          # the demo host's enrolled name
+VM_POLICY = """\
+mode = "audit"
+backend = "lsm"
+pcr = 11
+trust_sets = ["build"]
+
+[labels.tp_distcc]
+entrypoints = ["/usr/bin/distccd"]
+trust_set = "build"
+"""
+
+
+def cwlite(*args: str, timeout: float = 2500) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "controlplane.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@dataclass
+class Site:
+    """The host (demo slice), the VM's files and the verifier's copies."""
+
+    layout: Layout
+    demo: Demo
+    kernel: Path
+    vm_policy: Path
+    vm_db: Path
+    up: subprocess.CompletedProcess
+
+    @property
+    def data(self) -> Path:
+        return self.layout.host_dir
+
+    def facts(self) -> dict:
+        out = cwlite("vm", "list", "--json", "--data-dir", str(self.data))
+        assert out.returncode == 0, out.stderr
+        return {v["name"]: v for v in json.loads(out.stdout)["vms"]}[VM]
+
+    def boot_reference(self, kernel: Path | None = None) -> dict[str, bytes]:
+        return {"kernel": hashlib.sha256((kernel or self.kernel).read_bytes()).digest(), "initrd": NO_PART,
+                "cmdline": cmdline_digest(self.facts()["cmdline"])}
+
+    def attest(self, *, kernel: Path | None = None, vm_policy: Path | None = None) -> chain.ChainAttestation:
+        host_ref = Reference(load_policy(self.layout.verifier_policy), MeasureDB.open(self.layout.verifier_db))
+        vm_ref = Reference(load_policy(vm_policy or self.vm_policy), MeasureDB.open(self.vm_db))
+        try:
+            return chain.attest_via(VM, self.demo.store.host(HOST), host_ref, vm_ref, self.boot_reference(kernel),
+                                    self.demo.key, store=self.demo.store)
+        finally:
+            host_ref.db.close()
+            vm_ref.db.close()
+
+
+def vm_up(site_data: Path, *extra: str) -> subprocess.CompletedProcess:
+    return cwlite("vm", "up", VM, "--data-dir", str(site_data), "--timeout", "2400", *extra)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    work = tmp_path_factory.mktemp("vmv")
+    layout = prepare(work)
+    vm_dir = work / "vm-files"
+    vm_dir.mkdir()
+    policy, db = vm_dir / "vm.toml", vm_dir / "vm.db"
+    policy.write_text(VM_POLICY)
+    build(db, from_dpkg=["distcc"], trust_set="build", note="the Build VM's distccd and its libraries")
+    kernel = find_kernel()
+    with Demo.start(layout) as demo:
+        demo.enrol(HOST)
+        up = vm_up(layout.host_dir, "--kernel", str(kernel), "--policy", str(policy), "--db", str(db))
+        try:
+            assert up.returncode == 0, f"vm up failed: {up.stderr[-3000:]}"
+            yield Site(layout, demo, kernel, policy, db, up)
+        finally:
+            cwlite("vm", "down", VM, "--data-dir", str(layout.host_dir), timeout=120)
+
+
+def test_vm_up_measures_then_boots_and_reports_progress(site: Site) -> None:
+    lines = site.up.stderr.splitlines()
+    logged = [line for line in lines if line.startswith("host log entry")]
+    assert [line.split(": ", 1)[1].split(":")[1:4] for line in logged] == [
+        ["vm-part", "-", "kernel"], ["vm-part", "-", "initrd"], ["vm-part", "-", "cmdline"], ["vm-part", "-", "policy"],
+        ["vm-vtpm", "-", "create"]]
+    progress = [line for line in lines if line.startswith("[")]
+    assert any("enforcing" in p for p in progress) and progress[-1].endswith("ready")
+    assert lines.index(logged[-1]) < lines.index(progress[0])         # vouched for before it booted
+    facts = site.facts()
+    assert facts["state"] == "running" and facts["pid"] and facts["pcr"] == vmv.VM_PCR
+    # the host's committed log holds exactly those entries, in its PCR
+    names = [e.name for e in site.demo.running.log.entries(0)]
+    assert f"cwlite:vm-part:-:kernel:{VM}" in names and any(n.startswith(f"cwlite:vm-vtpm:-:create:{VM},") for n in names)
+    console = cwlite("vm", "logs", VM, "--data-dir", str(site.data))
+    text = console.stdout
+    assert text.index(vmv.BOOTED_MARK) < text.index(vmv.ENFORCING_MARK) < text.index(vmv.READY_MARK)
+
+
+def test_trusted_through_the_host_chain_and_enforcing_before_the_workload(site: Site) -> None:
+    att = site.attest()
+    assert att.verdict == "trusted", att.reasons
+    assert att.host.verdict == "trusted"
+    kinds = [v.kind for v in att.entries]
+    # the VM's own log: its boot aggregate, then cwlite (service key, engine start, policy, DB) before anything else
+    assert kinds[0] == EventKind.BOOT_AGGREGATE.value
+    start = kinds.index(EventKind.DAEMON_START.value)
+    assert kinds[start + 1: start + 3] == [EventKind.POLICY_LOAD.value, EventKind.DB_LOAD.value]
+    assert not set(kinds[:start]) & chain.WORKLOAD_KINDS
+    # both links are in the signed proof: the host's own signed proof, and the host-log entries naming the VM
+    pub = load_signing_key(site.layout.verifier_dir / "verifier.key").public_key()
+    doc = proof_mod.check(att.proof, pub)
+    via = doc["via"]
+    host_doc = proof_mod.check(via["host_proof"].encode(), pub)
+    assert host_doc["verdict"] == "trusted" and host_doc["host"]["name"] == HOST
+    assert via["vm_ak_sha256"] == doc["host"]["ak_sha256"]            # the VM's quotes verified with the vouched AK
+    assert via["vtpm_entry"]["op"] == "create" and via["vtpm_entry"]["index"] < host_doc["log"]["end"]
+    assert via["parts"]["kernel"]["digest"] == hashlib.sha256(site.kernel.read_bytes()).hexdigest()
+    proof_mod.check_quote(doc)
+    proof_mod.check_quote(host_doc)
+
+
+def test_a_swapped_kernel_fails_the_chain_naming_the_kernel_entry(site: Site, tmp_path: Path) -> None:
+    """The host booted a kernel file other than the one the verifier expects (here: the verifier's copy is the
+    other file; the host log's kernel entry disagrees with it either way)."""
+    other = tmp_path / "vmlinuz-other"
+    other.write_bytes(site.kernel.read_bytes() + b"\0")
+    att = site.attest(kernel=other)
+    assert att.verdict == "untrusted"
+    kernel_entry = json.loads(att.proof)["via"]["parts"]["kernel"]["index"]
+    assert att.reasons == (f"host log entry {kernel_entry} (kernel of VM {VM}): "
+                           f"{hashlib.sha256(site.kernel.read_bytes()).hexdigest()[:16]} is not the verifier's kernel "
+                           f"{hashlib.sha256(other.read_bytes()).hexdigest()[:16]}",)
+
+
+def test_a_changed_policy_fails_naming_the_policy(site: Site, tmp_path: Path) -> None:
+    changed = tmp_path / "vm.toml"
+    changed.write_text(VM_POLICY.replace('mode = "audit"', 'mode = "enforce"'))
+    att = site.attest(vm_policy=changed)
+    assert att.verdict == "untrusted"
+    policy_entry = json.loads(att.proof)["via"]["parts"]["policy"]["index"]
+    assert att.reasons[0].startswith(f"host log entry {policy_entry} (policy of VM {VM}):")
+    # the VM's own policy-load entry is named too
+    assert [e["reason"] for e in json.loads(att.proof)["entries"]] == ["policy"]
+
+
+def test_a_vtpm_state_copied_to_another_host_is_refused(site: Site, tmp_path: Path) -> None:
+    """No boot: the destination host has no record of the vTPM, so `vm up` refuses before logging or booting;
+    and a VM the enrolled host never vouched for is refused by the verifier."""
+    other = tmp_path / "host2"
+    shutil.copytree(site.data / "vms" / VM, other / "vms" / VM, ignore=shutil.ignore_patterns("*.sock", "*.pid"))
+    r = vm_up(other)
+    assert r.returncode == 1
+    assert "no record of" in r.stderr and str(other / "vm-records" / f"{VM}.json") in r.stderr
+    assert not (other / "vms" / VM / "console.log").exists() or "guest init" not in (other / "vms" / VM / "console.log").read_text()
+    with pytest.raises(VerifyError) as err:
+        chain.host_link("never-booted", site.attest().host.entries, HOST)
+    assert err.value.reason == "no-host-record"
+
+
+def test_restart_keeps_the_vtpm_and_passes_without_re_enrolment(site: Site) -> None:
+    """Last: it reboots the module's VM. A new boot of the same vTPM (EK/AK), a `restart` record in the
+    host's log, and the chain verifies with nothing enrolled for the VM."""
+    first = site.attest()
+    assert first.verdict == "trusted", first.reasons
+    down = cwlite("vm", "down", VM, "--data-dir", str(site.data), timeout=120)
+    assert down.returncode == 0 and site.facts()["state"] == "stopped"
+    again = vm_up(site.data)                      # no --kernel/--policy/--db: the VM's own copies
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reused" in again.stderr
+    second = site.attest()
+    assert second.verdict == "trusted", second.reasons
+    d1, d2 = json.loads(first.proof), json.loads(second.proof)
+    assert d2["via"]["vtpm_entry"]["op"] == "restart"
+    assert d2["via"]["vtpm_entry"]["index"] > d1["via"]["vtpm_entry"]["index"]
+    assert d2["host"]["ak_sha256"] == d1["host"]["ak_sha256"] and d2["host"]["ek_sha256"] == d1["host"]["ek_sha256"]
+    # a new boot of the same vTPM: its reset count moved on and the VM's log started over at its boot aggregate
+    assert d2["quote_info"]["reset_count"] > d1["quote_info"]["reset_count"]
+    assert d2["log"]["start"] == 0 and second.entries[0].kind == EventKind.BOOT_AGGREGATE.value
+    assert [h.name for h in site.demo.store.hosts()] == [HOST]           # the VM was never enrolled

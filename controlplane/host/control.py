@@ -9,6 +9,7 @@ not a way to write enforcement events. One JSON line per request and answer.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -20,13 +21,21 @@ from controlplane.core.errors import CwliteError, LogError
 from controlplane.core.events import Event, EventKind
 
 SOCKET_NAME = "control.sock"
+SHORT_DIR = Path("/run/cwlite")           # where the socket goes when the data dir's path is too long for AF_UNIX
+_SUN_PATH_MAX = 107                       # sockaddr_un.sun_path: 108 bytes with the NUL
 ACCEPTED = frozenset({EventKind.VM_PART, EventKind.VM_VTPM})
 _MAX_REQUEST = 1 << 16
 _TIMEOUT = 60.0
 
 
 def socket_path(data_dir: Path) -> Path:
-    return Path(data_dir) / SOCKET_NAME
+    """DATA/control.sock, or (a data dir path too long for a Unix socket) /run/cwlite/control-HASH.sock."""
+    data_dir = Path(data_dir).resolve()
+    path = data_dir / SOCKET_NAME
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        return path
+    SHORT_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return SHORT_DIR / f"control-{hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:24]}.sock"
 
 
 def _event_of(item: dict) -> Event:

@@ -47,3 +47,14 @@ def test_without_a_serving_process_vm_up_is_told_to_start_one(tmp_path: Path) ->
     with pytest.raises(LogError, match="no `cwlite serve` holds this host's measurement log"):
         with control.client(tmp_path):
             pass
+
+
+def test_a_data_dir_too_long_for_a_unix_socket_still_gets_one(tpm, tmp_path: Path) -> None:
+    data = tmp_path / ("d" * 120)
+    data.mkdir()
+    path = control.socket_path(data)
+    assert not path.is_relative_to(data) and len(str(path)) < 108
+    with MeasurementLog.open(data / "m.log", tpm, pcr=PCR) as log, control.ControlServer(path, log):
+        with control.client(data) as client:
+            assert [a["index"] for a in client.record_all(RECORD.events("restart"))] == [1, 2, 3, 4, 5]
+    assert not path.exists()

@@ -78,13 +78,13 @@ class VmDir:
         return self.data_dir / "vms" / self.name
 
     kernel = property(lambda self: self.root / "kernel")
-    initrd = property(lambda self: self.root / "initrd")
     policy = property(lambda self: self.root / "policy.toml")
     db = property(lambda self: self.root / "measure.db")
     vtpm = property(lambda self: self.root / "vtpm")
     config = property(lambda self: self.root / "vm.json")
     console = property(lambda self: self.root / "console.log")
     pidfile = property(lambda self: self.root / "supervisor.pid")
+    qemu_pidfile = property(lambda self: self.root / "qemu.pgid")      # vng/qemu lead their own process group
     exit_file = property(lambda self: self.root / "exit.json")
 
     @property
@@ -103,8 +103,16 @@ class VmConfig:
     distcc_port: int
     workload: str
     python: str
-    has_initrd: bool
     memory: str = "1G"
+
+    @classmethod
+    def read(cls, path: Path) -> "VmConfig":
+        """vm.json (keys a newer or older cwlite wrote and this one does not know are ignored)."""
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        except (ValueError, TypeError) as exc:
+            raise VmError(f"{path}: not a VM config ({exc})", reason="usage") from exc
 
     def guest_command(self) -> str:
         """The guest's first command: cwlite's early start (enforcement + service), then the workload."""
@@ -209,7 +217,7 @@ def measure(vm: VmDir, cfg: VmConfig, ek: bytes, ak: bytes) -> VmRecord:
     """The record the host logs for this boot: the installed parts' digests and the vTPM's key digests."""
     parts = {
         "kernel": _sha256_file(vm.kernel),
-        "initrd": _sha256_file(vm.initrd) if cfg.has_initrd else NO_PART,
+        "initrd": NO_PART,        # virtme-ng builds its own initramfs at every boot: README, Build VMs (VMV)
         "cmdline": cmdline_digest(cfg.cmdline()),
         "policy": load_policy(vm.policy).digest(),
     }
@@ -233,13 +241,12 @@ def up(data_dir: Path, name: str, *, kernel: Path | None, policy: Path | None,
     if fresh and (kernel is None or policy is None or db is None):
         raise VmError(f"VM {name}: a new VM needs --kernel, --policy and --db", reason="usage", vm=name)
     vm.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    old = VmConfig(**json.loads(vm.config.read_text())) if not fresh else None
+    old = VmConfig.read(vm.config) if not fresh else None
     cfg = VmConfig(name=name, root=str(vm.root),
                    attest_port=old.attest_port if old else _free_port(),
                    distcc_port=old.distcc_port if old else _free_port(),
                    workload=workload or (old.workload if old else DEFAULT_WORKLOAD),
-                   python=sys.executable,
-                   has_initrd=False)   # virtme-ng makes its own initramfs per boot: see README, VM gaps
+                   python=sys.executable)
     ek, ak, op = prepare_vtpm(vm, say)
     for src, dst, what in ((kernel, vm.kernel, "kernel"), (policy, vm.policy, "policy"), (db, vm.db, "db")):
         _install(src, dst, what)
@@ -348,7 +355,7 @@ def _terminate(proc: subprocess.Popen, *, group: bool) -> None:
 def supervise(root: Path) -> int:
     """Run one VM to its end: swtpm, then vng/qemu; console to console.log; SIGTERM stops both (swtpm saves)."""
     vm = VmDir(root.parent.parent, root.name)
-    cfg = VmConfig(**json.loads(vm.config.read_text()))
+    cfg = VmConfig.read(vm.config)
     write_atomic(vm.pidfile, f"{os.getpid()}\n".encode(), mode=0o644)
     children: list[subprocess.Popen] = []
 
@@ -366,6 +373,7 @@ def supervise(root: Path) -> int:
             qemu = subprocess.Popen(vng_argv(vm, cfg, sock), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
             children.append(qemu)
+            write_atomic(vm.qemu_pidfile, f"{qemu.pid}\n".encode(), mode=0o644)
             for line in iter(qemu.stdout.readline, b""):
                 console.write(line)
             rc = qemu.wait()
@@ -375,8 +383,9 @@ def supervise(root: Path) -> int:
             for p in reversed(children):    # qemu (vng leads its own group) first, then swtpm
                 _terminate(p, group=p is not children[0])
             write_atomic(vm.exit_file, json.dumps({"rc": rc, "at": time.time()}).encode(), mode=0o644)
-            with contextlib.suppress(FileNotFoundError):
-                vm.pidfile.unlink()
+            for f in (vm.pidfile, vm.qemu_pidfile):
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
     return 0 if rc == 0 else 1
 
 
@@ -392,23 +401,23 @@ def down(data_dir: Path, name: str, *, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while _pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _pid_alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+    if _pid_alive(pid):         # the supervisor did not finish: kill its group (swtpm) and qemu's
+        groups = [pid]
+        with contextlib.suppress(ValueError, FileNotFoundError):
+            groups.append(int(vm.qemu_pidfile.read_text()))
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
     return True
 
 
 def status(vm: VmDir) -> dict:
     """One VM's facts for `vm list`."""
-    try:
-        cfg = json.loads(vm.config.read_text())
-    except (FileNotFoundError, ValueError):
-        cfg = {}
+    cfg = VmConfig.read(vm.config)
     pid = running_pid(vm)
     return {"name": vm.name, "state": "running" if pid else "stopped", "pid": pid,
-            "attest_url": f"https://127.0.0.1:{cfg['attest_port']}" if cfg else None,
-            "distcc_port": cfg.get("distcc_port"), "dir": str(vm.root), "console": str(vm.console),
-            "pcr": VM_PCR, "cmdline": VmConfig(**cfg).cmdline() if cfg else None}
+            "attest_url": f"https://127.0.0.1:{cfg.attest_port}", "distcc_port": cfg.distcc_port,
+            "dir": str(vm.root), "console": str(vm.console), "pcr": VM_PCR, "cmdline": cfg.cmdline()}
 
 
 def list_vms(data_dir: Path) -> list[dict]:

@@ -260,15 +260,15 @@ def up(data_dir: Path, name: str, *, kernel: Path | None, policy: Path | None,
     for f in (vm.console, vm.exit_file):
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
-    subprocess.Popen([sys.executable, "-m", "controlplane.host.vmv", "supervise", str(vm.root)],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True, cwd="/")
+    supervisor = subprocess.Popen([sys.executable, "-m", "controlplane.host.vmv", "supervise", str(vm.root)],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True, cwd="/")
     say(f"booting {name} (qemu, {'KVM' if kvm_usable() else 'software emulation'}); console {vm.console}")
-    _wait_ready(vm, timeout, say)
+    _wait_ready(vm, supervisor, timeout, say)
     return status(vm)
 
 
-def _wait_ready(vm: VmDir, timeout: float, say: Callable[[str], None]) -> None:
+def _wait_ready(vm: VmDir, supervisor: subprocess.Popen, timeout: float, say: Callable[[str], None]) -> None:
     deadline, seen, start = time.monotonic() + timeout, set(), time.monotonic()
     marks = ((BOOTED_MARK, "kernel booted, cwlite early start running"),
              (ENFORCING_MARK, "cwlite enforcing and attestation service up (before any workload)"),
@@ -281,7 +281,7 @@ def _wait_ready(vm: VmDir, timeout: float, say: Callable[[str], None]) -> None:
                 say(f"[{time.monotonic() - start:5.1f}s] {what}")
         if READY_MARK in seen:
             return
-        dead = FAILED_MARK in text or (vm.exit_file.exists() and running_pid(vm) is None)
+        dead = FAILED_MARK in text or supervisor.poll() is not None
         if dead or time.monotonic() > deadline:
             tail = " | ".join(text.strip().splitlines()[-6:])
             if not dead:

@@ -98,6 +98,12 @@ def print_proof(doc: dict, *, header: str = "") -> None:
                           e.get("label", ""), e.get("op", ""), e.get("subject") or e.get("name", ""),
                           str(e.get("digest", ""))[:16])
         con.print(table)
+        for e in entries:    # what ran, in full: an operator can look it up or add it to the DB
+            if e.get("reason") == "violation" and e.get("kind") == "violation":
+                sha = str(e.get("digest", ""))
+                con.print(f"entry {e.get('index')}: {e.get('subject')}: sha256 "
+                          + ("unknown (the file was gone or changed before the daemon measured it)"
+                             if sha.strip("0") == "" else sha))
     verdict = doc.get("verdict")
     colour = "green" if verdict == proof_mod.TRUSTED else "red"
     con.print(f"verdict: [bold {colour}]{str(verdict).upper()}[/]"

@@ -21,6 +21,7 @@ from controlplane.core.errors import EnforcementError
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import read_policy
 from controlplane.host import mlog as mlog_mod
+from controlplane.host.policy_floor import admit
 from prima.measuredb import MeasureDB
 
 
@@ -58,6 +59,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
         checked = enforce and controller_key is not None
         active = ActivePolicy.of(*read_policy(policy_path, controller_key=controller_key if checked else None,
                                               require_signature=checked))
+        admit(active.policy, data_dir)     # never start from a policy older than one this host ran
     pcr = mlog_mod.choose_pcr(active.policy.pcr if active else mlog_mod.DEFAULT_PCR) if pcr is None else pcr
     db_digest = None
     if db_path is not None:
@@ -67,7 +69,8 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
     with tpm_mod.open_tpm(data_dir, device=device) as tpm, \
             mlog_mod.MeasurementLog.open(Path(data_dir) / "measurements.log", tpm, pcr=pcr) as log:
         state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=pcr, policy_path=policy_path,
-                             policy=active, db_digest=db_digest, controller_key=controller_key, rate_per_s=rate)
+                             policy=active, db_digest=db_digest, controller_key=controller_key, rate_per_s=rate,
+                             data_dir=Path(data_dir))
         server = Server(state, host=host, port=port)     # bind first: a service that cannot listen records nothing
         with contextlib.closing(server.sock):   # closed on every path, the served one included
             state.record_tls_key()
@@ -75,7 +78,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
             failure: list[BaseException] = []
             if enforce:
                 daemon = Daemon(policy_path, db_path, log, backend=backend, controller_key=controller_key, log=say,
-                                policy=active.policy)
+                                policy=active.policy, data_dir=Path(data_dir))
 
                 def run() -> None:
                     try:

@@ -1,6 +1,7 @@
 """`cwlite enrol` and `cwlite verify`: the verifier's side, as the build controller runs it."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -72,8 +73,19 @@ def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tu
     cas = registrar.load_cas(ek_cas) if ek_cas else None
     with _open_store(data_dir, store_url) as store:
         host = registrar.enrol(url, name, store, cas=cas, pcr=pcr, interval_s=interval)
+        same_ek = sorted(h.name for h in store.hosts() if h.ek_public == host.ek_public and h.name != name)
+    warnings = []
+    if not cas:
+        warnings.append(f"{name}: EK trusted on first use: no --ek-ca, so no manufacturer CA vouched for this TPM "
+                        f"(EK certificate {'present, not checked' if host.ek_cert else 'absent'})")
+    if same_ek:
+        warnings.append(f"{name}: this EK is already enrolled as {', '.join(same_ek)}: one TPM under two names "
+                        f"(remove the old name: cwlite hosts remove {same_ek[0]})")
+    for w in warnings:
+        click.echo(f"cwlite: warning: {w}", err=True)
     emit({"name": host.name, "url": host.url, "pcr": host.pcr, "interval_s": host.interval_s,
           "ek_sha256": hashlib.sha256(host.ek_public).hexdigest(), "ek_certificate": host.ek_cert is not None,
+          "ek_ca_checked": bool(cas), "also_enrolled_as": same_ek, "warnings": warnings,
           "ak_sha256": hashlib.sha256(host.ak_public).hexdigest()}, as_json,
          lambda d: click.echo(f"enrolled {d['name']} at {d['url']}: EK {d['ek_sha256'][:16]} "
                               f"(certificate {'checked' if cas else ('present' if d['ek_certificate'] else 'none')}), "
@@ -108,7 +120,9 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
 
     Exit status 0 when every host is trusted, 2 when one is untrusted, 1 when an
     attestation could not be completed (the reason is printed: signature, nonce,
-    tls-key, pcr-mismatch, ...). Proofs are kept in the store and checkable
+    tls-key, pcr-mismatch, policy-rollback, ...). With --watch every host is
+    attested concurrently (one connection pool), each at its own interval, and
+    the exit status (after --rounds, or on Ctrl-C) is that of each host's last round. Proofs are kept in the store and checkable
     offline with `cwlite proof check` and the verifier key's .pub file
     (DATA_DIR/verifier.pub).
 
@@ -161,10 +175,24 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
 
 
 def _watch(store, ref, key, hosts, rounds, as_json) -> None:
+    """Print each round as it ends; exit 2 if a host's last round was untrusted, 1 if one was refused."""
+    last: dict[str, str] = {}
+    try:
+        asyncio.run(_watch_rounds(store, ref, key, hosts, rounds, as_json, last))
+    except KeyboardInterrupt:
+        click.echo("cwlite: watch interrupted", err=True)
+    states = set(last.values())
+    worst = 2 if Verdict.UNTRUSTED in states else (1 if any(s.startswith("refused") for s in states) else 0)
+    if worst:
+        bad = sorted(n for n, s in last.items() if s != Verdict.TRUSTED)
+        click.echo(f"cwlite: not trusted at the last round: {', '.join(bad)}", err=True)
+        sys.exit(worst)      # SystemExit: click's Exit would be swallowed in non-standalone mode
+
+
+async def _watch_rounds(store, ref, key, hosts, rounds, as_json, last: dict[str, str]) -> None:
     from controlplane.verifier import attest as v   # lazy: see the note at the top
 
-    last: dict[str, str] = {}
-    for name, result in v.watch(store, ref, key, hosts=hosts or None, rounds=rounds):
+    async for name, result in v.watch(store, ref, key, hosts=hosts or None, rounds=rounds):
         stamp = time.strftime("%H:%M:%S")
         if isinstance(result, VerifyError):
             state, line = f"refused:{result.reason}", f"REFUSED ({result.reason}): {result}"

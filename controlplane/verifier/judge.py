@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from controlplane.core.events import Event, EventKind, alive_digest, parse_ima_name, transition_source
+from controlplane.core.policy import expires_text
 
 
 class Verdict(StrEnum):
@@ -190,6 +191,8 @@ class Judge:
         elif self.nonce is not None and not self.alive:
             reasons.append("enforcement engine silent: no engine-alive entry for this round's nonce "
                            "(the engine is dead or stalled behind a live attestation service)")
+        if self.ref.policy.expired():
+            reasons.append(f"the verifier's policy expired at {expires_text(self.ref.policy.expires)}")
         if f.policy != self.ref.policy_digest.hex():
             reasons.append(f"active policy {f.policy[:16] or 'none'} is not the verifier's {self.ref.policy_digest.hex()[:16]}")
         if f.db and f.db != self.ref.db_digest.hex():

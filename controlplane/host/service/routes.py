@@ -27,10 +27,12 @@ from controlplane.host.service.models import (
     QuoteRequest,
     QuoteResponse,
 )
+from controlplane.host.policy_floor import admit
 from controlplane.host.service.state import ActivePolicy, ServiceState
 
 PUSHED = "pushed policy"     # how a pushed policy is named in messages (it has no file yet)
-FORBIDDEN = frozenset({PolicyReason.UNSIGNED, PolicyReason.SIGNATURE})   # 403; any other refusal is 422
+FORBIDDEN = frozenset({PolicyReason.UNSIGNED, PolicyReason.SIGNATURE})   # 403
+STALE = frozenset({PolicyReason.ROLLBACK, PolicyReason.EXPIRED})          # 409; any other refusal is 422
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -130,6 +132,11 @@ def create_app(state: ServiceState) -> FastAPI:
             raise Reject(409, "policy push disabled: the service was started without --controller-key/--policy")
         active, signature = checked_policy(req, state.controller_key)
         with state.lock:
+            if state.data_dir is not None:
+                try:
+                    admit(active.policy, state.data_dir)     # serial floor: no rollback to an older signed policy
+                except PolicyError as exc:
+                    raise Reject(409 if exc.reason in STALE else 422, str(exc)) from exc
             path = Path(state.policy_path)
             write_atomic(signature_path(path), signature, mode=0o644)
             write_atomic(path, req.policy.encode(), mode=0o644)

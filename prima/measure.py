@@ -354,6 +354,16 @@ def _evidence_candidates(pid: int, name: str) -> Iterator[str]:
         yield f"{proc}/cwd/{name}"
 
 
+def _unchanged_since(st: os.stat_result, ctime_ns: int) -> bool:
+    """The content is the one the kernel judged at change cookie `ctime_ns`: the same ctime, or a file since
+    unlinked (which moves its ctime; "run it, then delete it" must not hide what ran) not written after it.
+    (A root attacker holding the deleted file open can still write it and reset its mtime: the digest is
+    evidence for the operator; the entry is untrusted whatever it says.)"""
+    if not ctime_ns or st.st_ctime_ns == ctime_ns:
+        return True
+    return st.st_nlink == 0 and st.st_mtime_ns <= ctime_ns
+
+
 def measure_evidence(pid: int, dev: int, ino: int, ctime_ns: int, name: str, *, kernel_dev: Callable[[int], int],
                      max_bytes: int = EVIDENCE_MAX_BYTES, timeout_s: float = EVIDENCE_TIMEOUT_S) -> bytes | None:
     """SHA-256 of the very file (kernel `dev`, `ino`, unchanged since `ctime_ns`) a violation by `pid` named,
@@ -374,7 +384,7 @@ def measure_evidence(pid: int, dev: int, ino: int, ctime_ns: int, name: str, *, 
         try:
             st = os.fstat(fd)
             if (not stat.S_ISREG(st.st_mode) or st.st_ino != ino or kernel_dev(st.st_dev) != dev
-                    or (ctime_ns and st.st_ctime_ns != ctime_ns) or st.st_size > max_bytes):
+                    or not _unchanged_since(st, ctime_ns) or st.st_size > max_bytes):
                 continue
             sha = hashlib.sha256()
             buf = _buffer()

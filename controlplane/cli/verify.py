@@ -7,6 +7,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -48,11 +49,12 @@ def _open_store(data_dir: Path, url: str | None):
 @_common
 @click.option("--ek-ca", "ek_cas", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="CA certificate(s) the EK certificate must chain to (repeatable; requires an EK certificate).")
-@click.option("--pcr", type=click.IntRange(0, 23), default=10, show_default=True)
+@click.option("--pcr", type=click.IntRange(0, 23),
+              help="cwlite's log PCR on the host (default: the one it serves: 10, or 11 where the kernel's IMA owns 10).")
 @click.option("--interval", type=click.FloatRange(0.1), default=30.0, show_default=True,
               help="Seconds between re-attestations in `cwlite verify --watch`.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tuple[Path, ...], pcr: int,
+def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tuple[Path, ...], pcr: int | None,
           interval: float, as_json: bool) -> None:
     """Enrol the host serving at URL as NAME: EK check, credential activation, EK and AK pinned.
 
@@ -92,11 +94,27 @@ def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tu
                               f"AK {d['ak_sha256'][:16]} activated"))
 
 
+@dataclass(frozen=True)
+class KernelImaOptions:
+    """--kernel-ima, --ima-policy, --ima-exclude: whether and how to judge the kernel's own IMA log."""
+
+    enabled: bool = False
+    keylime_policy: Path | None = None
+    excludes: tuple[str, ...] = ()
+
+
 @contextlib.contextmanager
-def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ...] = ()) -> Iterator:
+def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ...] = (),
+               kernel: KernelImaOptions = KernelImaOptions()) -> Iterator:
     policy = load_policy(policy_path)
     with MeasureDB.open(db_path) as db:
-        yield Reference(policy, db, frozenset(extra_policies))
+        kref = None
+        if kernel.enabled or kernel.keylime_policy is not None or kernel.excludes:
+            from controlplane.verifier.kernel_ima import KernelImaReference, load_keylime_policy   # lazy: top note
+
+            runtime = load_keylime_policy(kernel.keylime_policy) if kernel.keylime_policy is not None else None
+            kref = KernelImaReference.of(db, runtime, kernel.excludes)
+        yield Reference(policy, db, frozenset(extra_policies), kernel_ima=kref)
 
 
 @click.command("verify")
@@ -112,10 +130,17 @@ def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ..
 @click.option("--proof-out", type=click.Path(dir_okay=False, path_type=Path), help="Write the signed proof here (one HOST).")
 @click.option("--push-policy", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="First push this controller-signed policy (FILE + FILE.sig) to the host, then attest against it.")
+@click.option("--kernel-ima", is_flag=True,
+              help="Also attest the kernel's own IMA log (GET /v1/ima-log, PCR 10): every file it measured is "
+                   "judged against --db and --ima-policy (trusted / unknown / violation).")
+@click.option("--ima-policy", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="A Keylime runtime policy (JSON, Keylime 7.x) as a further trust source; implies --kernel-ima.")
+@click.option("--ima-exclude", "ima_excludes", multiple=True, metavar="REGEX",
+              help="Kernel IMA paths not judged (matched at the start, as Keylime's excludes; repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the proof(s) as JSON.")
 def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy_path: Path, db_path: Path,
            watch: bool, rounds: int | None, full: bool, proof_out: Path | None, push_policy: Path | None,
-           as_json: bool) -> None:
+           kernel_ima: bool, ima_policy: Path | None, ima_excludes: tuple[str, ...], as_json: bool) -> None:
     """Attest enrolled HOSTS: fresh quote over TLS, key binding, log replay, every entry judged, signed proof.
 
     Exit status 0 when every host is trusted, 2 when one is untrusted, 1 when an
@@ -134,6 +159,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
       cwlite verify --watch --policy policy.toml --db trusted.db
       # replace the host's policy (signed by the controller), then attest against it
       cwlite verify build1 --push-policy new.toml --policy policy.toml --db trusted.db
+      # Keylime's job too: the kernel's IMA log against the DB and a Keylime runtime policy
+      cwlite verify build1 --policy policy.toml --db trusted.db --ima-policy runtime.json --ima-exclude '/var/log/'
     """
     from controlplane.verifier import attest as v   # lazy: see the note at the top
 
@@ -151,7 +178,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
                                    read_signature(signature_path(push_policy)))
             click.echo(f"{hosts[0]}: loaded pushed policy {answer['policy_digest'][:16]}", err=True)
             policy_file, extra = push_policy, (load_policy(policy_path).digest(),)
-        with _reference(policy_file, db_path, extra) as ref:
+        kernel = KernelImaOptions(kernel_ima, ima_policy, ima_excludes)
+        with _reference(policy_file, db_path, extra, kernel) as ref:
             if watch:
                 _watch(store, ref, key, hosts, rounds, as_json)
                 return
@@ -203,6 +231,8 @@ async def _watch_rounds(store, ref, key, hosts, rounds, as_json, last: dict[str,
                     + (f" ({'; '.join(result.reasons)})" if result.reasons else ""))
             for e in new:
                 line += f"\n    entry {e['index']}: {e['reason']} {e['label']} {e['op']} {e['subject']}"
+            for e in result.document.get("kernel_ima", {}).get("entries", []):
+                line += f"\n    kernel IMA entry {e['index']}: {e['reason']} {e['subject']} sha256:{e['digest']}"
         if as_json:
             click.echo(json.dumps({"host": name, "state": state, "at": stamp,
                                    "proof": None if isinstance(result, VerifyError) else result.document}))

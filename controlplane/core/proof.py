@@ -160,3 +160,12 @@ def check_quote(doc: Mapping[str, Any], *, source: str = "proof") -> None:
         raise VerifyError(f"{source}: {exc}", reason="proof-quote") from exc
     if quote.pcr_values.get(pcr) != value:
         raise VerifyError(f"{source}: log.pcr_value is not the quoted PCR {pcr} value", reason="proof-quote")
+    kernel = doc.get("kernel_ima")
+    if kernel is not None:
+        try:
+            kpcr, kvalue = int(kernel["pcr"]), bytes.fromhex(kernel["pcr_value"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VerifyError(f"{source}: kernel_ima: fields missing or malformed ({exc})", reason="proof-quote") from exc
+        if quote.pcr_values.get(kpcr) != kvalue:
+            raise VerifyError(f"{source}: kernel_ima.pcr_value is not the quoted PCR {kpcr} value",
+                              reason="proof-quote")

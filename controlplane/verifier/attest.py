@@ -32,6 +32,7 @@ from controlplane.core.errors import StoreError, VerifyError
 from controlplane.core.proof import digest as proof_digest
 from controlplane.core.imalog import ZERO_PCR, boot_aggregate, replay_to
 from controlplane.core.wire import API_VERSION
+from controlplane.verifier.kernel_ima import KernelImaReference
 from controlplane.verifier import proofs
 from controlplane.verifier.client import AsyncChannel, Channel, Steps, drive, drive_async
 from controlplane.verifier.client import pool as client_pool
@@ -107,6 +108,54 @@ def replay_steps(host: Host, evidence: CheckedQuote, *, full: bool = False) -> S
     if facts.reset_count is None:
         facts.reset_count = reset
     return Replayed(start, start_value, entries[:n], facts, incremental, rebooted)
+
+
+@dataclass
+class KernelReplay:
+    """The kernel IMA entries the quote covers, from where this round started."""
+
+    start: int
+    start_value: bytes
+    covered: list
+    pcr_value: bytes
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.covered)
+
+
+def kernel_ima_steps(host: Host, kref: KernelImaReference, evidence: CheckedQuote,
+                     replayed: Replayed) -> Steps[KernelReplay]:
+    """Fetch the kernel's own IMA log (GET /v1/ima-log) from the last verified entry and replay it to the
+    quoted value of its PCR. The log is read after the quote, so it may hold more: only the prefix the
+    TPM extended can reach the quoted value. VerifyError "pcr-mismatch" when none does."""
+    facts = replayed.facts           # fresh after a reboot: the kernel's log restarted too
+    target = evidence.quote.pcr_values.get(kref.pcr)
+    if target is None:
+        raise VerifyError(f"{host.name}: quote: PCR {kref.pcr} (the kernel's IMA) not quoted", reason="malformed")
+    incremental = replayed.incremental and bool(facts.ima_pcr_value)
+    start = facts.ima_offset if incremental else 0
+    start_value = bytes.fromhex(facts.ima_pcr_value) if incremental else ZERO_PCR
+    entries = yield from log_steps(start, f"/{API_VERSION}/ima-log")
+    n = replay_to(entries, start_value, target, kref.pcr)
+    if n is None:
+        raise VerifyError(f"{host.name}: the kernel's IMA log entries {start}.. do not replay to the quoted PCR "
+                          f"{kref.pcr} value {target.hex()[:16]} (an entry removed, reordered or altered)",
+                          reason="pcr-mismatch")
+    return KernelReplay(start, start_value, entries[:n], target)
+
+
+def judge_kernel(kref: KernelImaReference, evidence: CheckedQuote, replayed: Replayed,
+                 kernel: KernelReplay) -> tuple[list[EntryVerdict], list[str]]:
+    """Every covered kernel IMA entry judged (verifier.kernel_ima); the facts advanced; the reasons it adds."""
+    pcrs, facts = evidence.quote.pcr_values, replayed.facts
+    boot = boot_aggregate(pcrs) if all(p in pcrs for p in BOOT_PCRS) else None
+    verdicts = [kref.judge(e, boot) for e in kernel.covered]
+    facts.ima_untrusted += sum(1 for v in verdicts if v.verdict is Verdict.UNTRUSTED)
+    facts.ima_offset, facts.ima_pcr_value = kernel.end, kernel.pcr_value.hex()
+    reasons = [f"{facts.ima_untrusted} kernel IMA entries not trusted (unknown file or violation)"] \
+        if facts.ima_untrusted else []
+    return verdicts, reasons
 
 
 # one round ----------------------------------------------------------------------------
@@ -191,14 +240,26 @@ def _round(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store |
            full: bool) -> Steps[Attestation]:
     """Evidence (quote, log) -> replay -> judgement -> signed proof -> store, each step in its own module."""
     check_policy_serial(host, ref, store)
+    kref: KernelImaReference | None = ref.kernel_ima
+    if kref is not None and kref.pcr == host.pcr:
+        raise VerifyError(f"{host.name}: cwlite's log and the kernel's IMA both on PCR {host.pcr}: neither replays "
+                          "(enrol the host with its cwlite PCR: see GET /v1/health)", reason="malformed")
     nonce = os.urandom(32)
-    evidence = yield from quote_steps(host, nonce)
+    evidence = yield from quote_steps(host, nonce, (kref.pcr,) if kref is not None else ())
     replayed = yield from replay_steps(host, evidence, full=full)
+    kernel = (yield from kernel_ima_steps(host, kref, evidence, replayed)) if kref is not None else None
     verdict, reasons, verdicts = judge_round(host, ref, evidence, replayed, nonce)
+    kernel_verdicts: list[EntryVerdict] = []
+    if kref is not None and kernel is not None:
+        kernel_verdicts, more = judge_kernel(kref, evidence, replayed, kernel)
+        reasons.extend(more)
+        verdict = Verdict.UNTRUSTED if reasons else verdict
     facts = replayed.facts
     doc = proofs.document(host, ref, nonce, evidence, log_start=replayed.start, log_end=replayed.end,
                           pcr_start=replayed.start_value, verdicts=verdicts, verdict=verdict, reasons=reasons,
-                          previously_untrusted=host.facts.get("untrusted", 0) if replayed.incremental else 0)
+                          previously_untrusted=host.facts.get("untrusted", 0) if replayed.incremental else 0,
+                          kernel=None if kernel is None else proofs.kernel_section(
+                              kref.pcr, kernel.start, kernel.end, kernel.start_value, kernel.pcr_value, kernel_verdicts))
     data, checked = proofs.sign(doc, key)
     if store is not None:
         store.record(host.name, verdict=verdict.value, reason=reasons[0] if reasons else "",

@@ -36,6 +36,7 @@ class Reference:
     policy: Any
     db: Any
     accepted_policies: frozenset[bytes] = frozenset()
+    kernel_ima: Any = None      # verifier.kernel_ima.KernelImaReference: also attest the kernel's own IMA log
 
     @functools.cached_property
     def policy_digest(self) -> bytes:
@@ -79,6 +80,9 @@ class Facts:
     tls_keys: list[str] = field(default_factory=list)
     reset_count: int | None = None
     untrusted: int = 0          # untrusted entries seen so far: a host stays untrusted until it reboots
+    ima_offset: int = 0         # the kernel's IMA log: entries verified so far,
+    ima_pcr_value: str = ""     # its PCR's value after them (hex),
+    ima_untrusted: int = 0      # and its unknown or violation entries (sticky until a reboot, as `untrusted`)
 
 
 class Judge:

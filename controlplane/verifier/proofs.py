@@ -44,7 +44,7 @@ def quote_info(info: Any) -> dict:
 
 def document(host: Host, ref: Reference, nonce: bytes, evidence: CheckedQuote, *, log_start: int, log_end: int,
              pcr_start: bytes, verdicts: Sequence[EntryVerdict], verdict: Verdict, reasons: Sequence[str],
-             previously_untrusted: int) -> dict:
+             previously_untrusted: int, kernel: dict | None = None) -> dict:
     """The proof document (unsigned): who, the quote, the log range replayed, the references, the verdicts."""
     return {
         "host": {"name": host.name, "url": host.url,
@@ -63,7 +63,17 @@ def document(host: Host, ref: Reference, nonce: bytes, evidence: CheckedQuote, *
         "trusted_entries": sum(1 for v in verdicts if v.verdict is not Verdict.UNTRUSTED),
         "previously_untrusted": previously_untrusted,
         "verdict": verdict.value, "reasons": list(reasons),
+        **({"kernel_ima": kernel} if kernel is not None else {}),
     }
+
+
+def kernel_section(pcr: int, start: int, end: int, pcr_start: bytes, pcr_value: bytes,
+                   verdicts: Sequence[EntryVerdict]) -> dict:
+    """The proof's account of the kernel's own IMA log: the range replayed and every entry not trusted."""
+    return {"pcr": pcr, "start": start, "end": end, "pcr_start": pcr_start.hex(), "pcr_value": pcr_value.hex(),
+            "entries": listed(verdicts),
+            "trusted_entries": sum(1 for v in verdicts if v.verdict is Verdict.TRUSTED),
+            "excluded_entries": sum(1 for v in verdicts if v.reason == "excluded")}
 
 
 def sign(doc: dict, key: Ed25519PrivateKey) -> tuple[bytes, dict]:

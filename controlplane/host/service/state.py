@@ -49,6 +49,7 @@ class ServiceState:
     db_digest: bytes | None = None
     controller_key: Any = None          # Ed25519PublicKey or path: who may push policies
     data_dir: Path | None = None        # where the policy serial floor lives (None: no rollback check)
+    kernel_ima: Any = None              # controlplane.host.kernel_ima.KernelImaLog when the kernel runs IMA
     on_policy: Callable[[Policy], None] | None = None
     on_quote: Callable[[bytes], object] | None = None
     rate_per_s: float = 50.0

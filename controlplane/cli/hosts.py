@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from controlplane.cli.output import console, emit
-from controlplane.cli.verify import _common, _open_store
+from controlplane.cli.verify import store_options, open_store
 
 
 @click.group("hosts")
@@ -27,11 +27,18 @@ def hosts() -> None:
 
 
 @hosts.command("list")
-@_common
+@store_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(data_dir: Path, store_url: str | None, as_json: bool) -> None:
-    """Every enrolled host: where, its EK, PCR, interval, and its last verdict."""
-    with _open_store(data_dir, store_url) as store:
+    """Every enrolled host: where, its EK, PCR, interval, and its last verdict.
+
+    \b
+    Examples:
+      cwlite hosts list
+      cwlite hosts list --store postgresql+psycopg://verifier@db/cwlite
+      cwlite hosts list --json | jq -r '.hosts[] | select(.last_verdict != "trusted") | .name'
+    """
+    with open_store(data_dir, store_url) as store:
         rows = []
         for h in store.hosts():
             last = store.verdicts(h.name, limit=1)
@@ -57,23 +64,38 @@ def list_cmd(data_dir: Path, store_url: str | None, as_json: bool) -> None:
 
 @hosts.command("remove")
 @click.argument("name")
-@_common
+@store_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def remove_cmd(name: str, data_dir: Path, store_url: str | None, as_json: bool) -> None:
-    """Forget host NAME: its pinned EK and AK, verified state, verdicts and proofs."""
-    with _open_store(data_dir, store_url) as store:
+    """Forget host NAME: its pinned EK and AK, verified state, verdicts and proofs.
+
+    \b
+    Examples:
+      cwlite hosts remove build1
+      # the machine got a new TPM: forget it, enrol it again
+      cwlite hosts remove build1 && cwlite enrol https://10.0.0.5:8443 build1
+      cwlite hosts remove build1 --json
+    """
+    with open_store(data_dir, store_url) as store:
         store.remove(name)
     emit({"removed": name}, as_json, lambda d: click.echo(f"removed {d['removed']} (EK, AK, state, verdicts, proofs)"))
 
 
 @hosts.command("proofs")
 @click.argument("name")
-@_common
+@store_options
 @click.option("--limit", type=click.IntRange(1), default=10, show_default=True, help="How many, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Each verdict with its signed proof document.")
 def proofs_cmd(name: str, data_dir: Path, store_url: str | None, limit: int, as_json: bool) -> None:
-    """Host NAME's last verdicts, newest first, each with the signed proof it produced (when it got that far)."""
-    with _open_store(data_dir, store_url) as store:
+    """Host NAME's last verdicts, newest first, each with the signed proof it produced (when it got that far).
+
+    \b
+    Examples:
+      cwlite hosts proofs build1
+      cwlite hosts proofs build1 --limit 1 --json | jq '.[0].proof.entries'
+      cwlite hosts proofs build1 --limit 5 --json | jq -r '.[] | .at + " " + .verdict'
+    """
+    with open_store(data_dir, store_url) as store:
         store.host(name)                         # "not enrolled" names the command that fixes it
         out = []
         for v in store.verdicts(name, limit=limit):

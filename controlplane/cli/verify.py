@@ -29,14 +29,16 @@ from prima.measuredb import MeasureDB
 DEFAULT_DATA = DEFAULT_DATA_DIR / "verifier"
 
 
-def _common(f):
+def store_options(f):
+    """--data-dir and --store, for every command that reads the verifier's store."""
     f = click.option("--store", "store_url", help="SQLAlchemy URL of the attestation store "
                      "(default: SQLite in --data-dir; postgresql+psycopg://... for a fleet).")(f)
     return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA,
                         show_default=True, help="The verifier's key and default store.")(f)
 
 
-def _open_store(data_dir: Path, url: str | None):
+def open_store(data_dir: Path, url: str | None):
+    """The attestation store at `url`, or SQLite in `data_dir` (created)."""
     from controlplane.verifier.store import Store, default_url   # lazy: see the note at the top
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,7 @@ def _open_store(data_dir: Path, url: str | None):
 @click.command("enrol")
 @click.argument("url")
 @click.argument("name")
-@_common
+@store_options
 @click.option("--ek-ca", "ek_cas", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="CA certificate(s) the EK certificate must chain to (repeatable; requires an EK certificate).")
 @click.option("--pcr", type=click.IntRange(0, 23),
@@ -73,7 +75,7 @@ def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tu
     from controlplane.verifier import registrar   # lazy: see the note at the top
 
     cas = registrar.load_cas(ek_cas) if ek_cas else None
-    with _open_store(data_dir, store_url) as store:
+    with open_store(data_dir, store_url) as store:
         host = registrar.enrol(url, name, store, cas=cas, pcr=pcr, interval_s=interval)
         same_ek = sorted(h.name for h in store.hosts() if h.ek_public == host.ek_public and h.name != name)
     warnings = []
@@ -119,7 +121,7 @@ def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ..
 
 @click.command("verify")
 @click.argument("hosts", nargs=-1)
-@_common
+@store_options
 @click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="The verifier's own copy of the policy the hosts must run.")
 @click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -169,7 +171,7 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
     if proof_out is not None and not proof_out.parent.is_dir():   # before the attestation, not after it
         raise FileError(f"{proof_out}: --proof-out directory {proof_out.parent} does not exist", path=str(proof_out))
     key = load_signing_key(data_dir / "verifier.key", create=True)
-    with _open_store(data_dir, store_url) as store:
+    with open_store(data_dir, store_url) as store:
         policy_file, extra = policy_path, ()
         if push_policy is not None:
             if len(hosts) != 1:

@@ -242,8 +242,9 @@ def _round(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store |
     check_policy_serial(host, ref, store)
     kref: KernelImaReference | None = ref.kernel_ima
     if kref is not None and kref.pcr == host.pcr:
-        raise VerifyError(f"{host.name}: cwlite's log and the kernel's IMA both on PCR {host.pcr}: neither replays "
-                          "(enrol the host with its cwlite PCR: see GET /v1/health)", reason="malformed")
+        raise VerifyError(f"{host.name}: enrolled with cwlite's log on PCR {host.pcr}, the kernel IMA's PCR: a host "
+                          "whose kernel runs IMA keeps cwlite's log elsewhere (GET /v1/health says where; enrol again)",
+                          reason="malformed")
     nonce = os.urandom(32)
     evidence = yield from quote_steps(host, nonce, (kref.pcr,) if kref is not None else ())
     replayed = yield from replay_steps(host, evidence, full=full)

@@ -152,3 +152,42 @@ def test_a_keylime_runtime_policy_is_read_and_a_malformed_one_named(tmp_path):
         with pytest.raises(VerifyError) as err:
             load_keylime_policy(bad)
         assert err.value.reason == "runtime-policy" and str(err.value).startswith(f"{bad}: {field}")
+
+
+def test_verify_cli_kernel_ima_options(tmp_path, reference):
+    """`cwlite verify --ima-policy/--kernel-ima`: a malformed policy is one line naming it; a host serving no
+    kernel log is refused (the verifier asked for it), not passed."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    cwlite = [sys.executable, "-m", "controlplane.cli"]
+    proc = subprocess.Popen([*cwlite, "serve", "--data-dir", str(tmp_path / "host"), "--port", "0",
+                             "--kernel-ima-log", "none"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"(https://127\.0\.0\.1:\d+)", proc.stderr.readline()).group(1)
+        vdir = ["--data-dir", str(tmp_path / "verifier")]
+        assert subprocess.run([*cwlite, "enrol", url, "b1", *vdir], capture_output=True).returncode == 0
+        common = [*vdir, "--policy", str(reference.policy_path), "--db", str(reference.db_path)]
+        bad = tmp_path / "runtime.json"
+        bad.write_text('{"meta": {"version": 1}, "digests": []}')
+        r = subprocess.run([*cwlite, "verify", "b1", *common, "--ima-policy", str(bad)], capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.strip() == f"cwlite: error: {bad}: digests: expected an object {{path: [hex digest, ...]}}"
+        r = subprocess.run([*cwlite, "verify", "b1", *common, "--kernel-ima"], capture_output=True, text=True)
+        assert r.returncode == 1 and "REFUSED (malformed)" in r.stderr and "the kernel IMA's PCR" in r.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    # a host that keeps cwlite's log on 11 but serves no kernel log: refused, never passed without it
+    proc = subprocess.Popen([*cwlite, "serve", "--data-dir", str(tmp_path / "host2"), "--port", "0", "--pcr", "11",
+                             "--kernel-ima-log", "none"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"(https://127\.0\.0\.1:\d+)", proc.stderr.readline()).group(1)
+        assert subprocess.run([*cwlite, "enrol", url, "b2", *vdir], capture_output=True).returncode == 0
+        r = subprocess.run([*cwlite, "verify", "b2", *common, "--kernel-ima", "--ima-exclude", "/var/log/"],
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and "REFUSED (protocol)" in r.stderr and "/v1/ima-log: HTTP 404" in r.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -306,3 +306,17 @@ def test_evidence_is_read_through_the_process_and_only_for_the_kernels_file(tmp_
         holder.kill()
         holder.wait()
     assert measure_evidence(holder.pid, *args, str(f), kernel_dev=kernel_dev) is None      # gone: unknown
+
+
+def test_proof_views_print_each_violations_full_digest_or_unknown(tmp_path):
+    key = Ed25519PrivateKey.generate()
+    sha = hashlib.sha256(b"what ran").hexdigest()
+    entries = [{"index": 7, "verdict": "untrusted", "reason": "violation", "kind": "violation", "label": "tp",
+                "op": "exec", "subject": "/tmp/evil", "digest": sha},
+               {"index": 9, "verdict": "untrusted", "reason": "violation", "kind": "violation", "label": "tp",
+                "op": "exec", "subject": "/tmp/gone", "digest": "0" * 64}]
+    p = tmp_path / "p.json"
+    p.write_bytes(proof_mod.sign({"host": {"name": "h"}, "log": {}, "entries": entries, "verdict": "untrusted"}, key))
+    out = _run("proof", "show", str(p)).stdout
+    assert f"entry 7: /tmp/evil: sha256 {sha}" in out
+    assert "entry 9: /tmp/gone: sha256 unknown (the file was gone or changed" in out

@@ -12,6 +12,7 @@ import click
 
 from controlplane.cli.db import db
 from controlplane.cli.enforce import enforce
+from controlplane.cli.hosts import hosts
 from controlplane.cli.log import log, tpm
 from controlplane.cli.policy import policy
 from controlplane.cli.proof import proof
@@ -50,7 +51,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, log, tpm, selinux, vm):
+for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, hosts, log, tpm, selinux, vm):
     cli.add_command(_command)
 
 

@@ -47,9 +47,12 @@ def create_like(template_fd: int, name: str) -> int:
     return _check(lib.cwl_map_create_like(template_fd, name.encode()), f"create map {name} like fd {template_fd}")
 
 
-def update(fd: int, key: bytes, value: bytes) -> None:
-    """BPF: BPF_MAP_UPDATE_ELEM (BPF_ANY). KernelError names the errno (EPERM on a frozen map)."""
-    _check(lib.bpf_map_update_elem(fd, key, value, 0), f"map fd {fd}: update")
+BPF_EXIST = 2  # include/uapi/linux/bpf.h: update only a key that is there
+
+
+def update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    """BPF: BPF_MAP_UPDATE_ELEM (flags: BPF_ANY, or BPF_EXIST). KernelError names the errno (EPERM on a frozen map)."""
+    _check(lib.bpf_map_update_elem(fd, key, value, flags), f"map fd {fd}: update")
 
 
 def delete(fd: int, key: bytes) -> None:

@@ -401,10 +401,16 @@ struct cwl_conf {
 
 /* Label of a process (tracepoint backend: keyed by tgid). */
 #define CWL_TL_STACK_PENDING 1 /* lsm: the new image's stack is judged at its first mapping */
+#define CWL_TL_HELD 2     /* tracepoint: entered a label while the engine was not armed: stopped until it is */
+#define CWL_TL_RELEASED 4 /* tracepoint: a held process was continued by someone else than the engine */
 struct cwl_task_label {
 	u32 label;
 	u32 flags; /* CWL_TL_* */
 };
+
+/* Tracepoint backend: cwl_arm's indexes (exec.bpf.c, prima.arming). */
+#define CWL_ARM_ARMED 0 /* 1: the per-syscall programs are attached (written by the engine only) */
+#define CWL_ARM_LIVE 1  /* 1: a label was entered since the engine last found no labelled process */
 
 /* "First trusted load of this measurement under this label" dedupe key. */
 struct cwl_seen_key {
@@ -445,6 +451,7 @@ struct cwl_seen_key {
 #define CWL_OP_TRANSITION 15
 /* 16..23: cdi.h's CWL_OP_CDI_* */
 #define CWL_OP_TRACEME 24 /* PTRACE_TRACEME: the current process is the subject, its parent the tracer */
+#define CWL_OP_RELEASE 27 /* tracepoint: SIGCONT to a process held until the engine armed (the sender is the actor) */
 
 /* What happened to the process. */
 #define CWL_ACT_ALLOWED 0 /* trusted, a transition, or audit mode */
@@ -466,6 +473,7 @@ struct cwl_seen_key {
 #define CWL_WHY_OUTSIDER 11 /* modified by a process outside its label (ptrace, memory writes) */
 #define CWL_WHY_COMPAT 12   /* a 32-bit syscall, which the tracepoint backend cannot mediate */
 #define CWL_WHY_IO_URING 13 /* io_uring, whose operations the tracepoint backend cannot mediate */
+#define CWL_WHY_UNARMED 14  /* tracepoint: continued before the engine had attached its syscall programs */
 
 /* One ring-buffer record. Fixed layout: 240 bytes. */
 #define CWL_NAME_LEN 128

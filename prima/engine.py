@@ -33,6 +33,7 @@ from controlplane.core.events import ZERO_DIGEST, Event, EventKind, alive_digest
 from controlplane.core.policy import Policy
 from ebpf import abi, loader
 from prima import cdi, selfprotect
+from prima.arming import Arming
 from prima.kernelview import KernelEntry, Watch, kernel_dev
 
 if TYPE_CHECKING:  # bcc itself is imported by ebpf.loader when a program is compiled
@@ -58,7 +59,7 @@ WORDS = {
     "CWL_WHY_WRITERS": "open-for-write", "CWL_WHY_TAINTED": "write-enabled-since-measurement",
     "CWL_WHY_LAYER": "overlay-layer-untrusted",
     "CWL_WHY_UNDECLARED": "undeclared-transition", "CWL_WHY_OUTSIDER": "outside-label",
-    "CWL_WHY_COMPAT": "compat-syscall",
+    "CWL_WHY_COMPAT": "compat-syscall", "CWL_WHY_UNARMED": "continued-before-armed",
     "CWL_DROP_LABEL": "label-map", "CWL_DROP_SEEN": "seen-map", "CWL_DROP_CDI": "cdi-map",
 }
 
@@ -78,7 +79,7 @@ DROP_MAX = abi.value("CWL_DROP_MAX")
 OP_EXEC = abi.value("CWL_OP_EXEC")
 OP_TRACEME = abi.value("CWL_OP_TRACEME")  # a subject event where the current process is the subject
 # events about two processes, the current one and `peer` (cwlite.h: a TP as a subject)
-SUBJECT_OPS = frozenset(abi.value(f"CWL_OP_{n}") for n in ("PTRACE", "PROC_MEM", "VM_WRITE", "TRACEME"))
+SUBJECT_OPS = frozenset(abi.value(f"CWL_OP_{n}") for n in ("PTRACE", "PROC_MEM", "VM_WRITE", "TRACEME", "RELEASE"))
 # Self-protection events (selfprotect.h) name what they concern by numbers, not by a file.
 SELF_OPS = frozenset({abi.value("CWL_OP_BPF"), abi.value("CWL_OP_SIGNAL")})
 
@@ -130,6 +131,7 @@ class Engine:
         self._generation = -1
         self._slots: dict[int, dict[str, tuple[int, int]]] = {0: {}, 1: {}}  # gen -> name -> (fd, map id)
         self._threads: set[int] = set()
+        self.arming: Arming | None = None  # tracepoint backend: attaches the per-syscall programs on demand
         self.records = 0  # ring-buffer records read so far (the liveness entry's "events up to")
         self.loaded: Loaded | None = None
         self._start(policy, entries, db_digest)
@@ -149,6 +151,8 @@ class Engine:
         try:
             self._protect()
             self._bpf[b"cwl_events"].open_ring_buffer(self._on_record)
+            if self.backend == "tracepoint":
+                self.arming = Arming(self._bpf)
             self._queue.append(Event(EventKind.DAEMON_START, subject=f"prima/{self.backend}",
                                      detail={"backend": self.backend, "pid": os.getpid()}))
             self.reload(policy, entries, db_digest)
@@ -321,6 +325,9 @@ class Engine:
         if self._bpf is None:
             return
         try:
+            if self.arming is not None:
+                self.arming.close()
+                self.arming = None
             self._collect(None)
         finally:
             for gen in (0, 1):

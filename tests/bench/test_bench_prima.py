@@ -12,7 +12,9 @@ import os
 import shutil
 import statistics
 import subprocess
+import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -23,12 +25,13 @@ from prima.measuredb import MeasureDB
 from prima.sources import build
 from tests.conftest import requires
 from tests.bypass.lab import c_project, shared_libs
-from tests.prima_fixtures import labelled_processes, measure_files, program_stats
+from tests.prima_fixtures import detached, labelled_processes, measure_files, program_stats, wait_disarmed
 
 pytestmark = [pytest.mark.bench, requires(root=True), requires(tool="gcc")]
 
 EXECS = 20_000
 ROUNDS = 40
+SYSCALL_ROUNDS = 20
 LEAK_PROCESSES = 100_000
 
 DRIVER_C = r"""
@@ -135,13 +138,16 @@ def bench_dir(tmp_path_factory) -> Path:
     shutil.copy2(d / "driver", d / "driver-ep")  # the label's entrypoint: same code, its own inode
     (d / "mmaps.c").write_text(MMAPS_C)
     subprocess.run(["gcc", "-O2", "-o", str(d / "mmaps"), str(d / "mmaps.c")], check=True)
+    (d / "sleeper.c").write_text("#include <unistd.h>\nint main(void) { char c; return read(0, &c, 1) < 0; }\n")
+    subprocess.run(["gcc", "-O2", "-o", str(d / "sleeper"), str(d / "sleeper.c")], check=True)
     return d
 
 
 def _engine(d: Path, extra: list[str] | None = None) -> Engine:
     policy = parse_policy(f'mode = "enforce"\ntrust_sets = ["bench"]\n[labels.tp_bench]\nentrypoints = ["{d / "driver-ep"}"]\n'
                           f'trust_set = "bench"\n', source="bench.toml")
-    files = {str(d / "driver"), str(d / "driver-ep"), str(d / "tiny"), *shared_libs(str(d / "tiny")), *shared_libs(str(d / "driver")),
+    files = {str(d / "driver"), str(d / "driver-ep"), str(d / "tiny"), str(d / "sleeper"), *shared_libs(str(d / "tiny")),
+             *shared_libs(str(d / "driver")),
              *(extra or [])}
     return Engine(policy, measure_files(sorted(files), 1))
 
@@ -156,53 +162,56 @@ RAW_SYSCALL_PROGRAMS = ("sys_enter",)  # exec.bpf.c's raw syscall tracepoint (is
 
 
 @contextlib.contextmanager
-def _detached(engine: Engine, only: tuple[str, ...] = ()):
-    """Detach the engine's programs (or only the raw tracepoints named in `only`) for a baseline
-    round, keeping them loaded (no recompile between rounds).
-
-    Benchmark only: this is an unenforced window, which the engine itself never opens.
-    """
-    bpf = engine.bpf
-    names = [n.decode() if isinstance(n, bytes) else n for n in bpf.funcs]
-    raw = [n[len("raw_tracepoint__"):] for n in names if n.startswith("raw_tracepoint__")]
-    tps = [n[len("tracepoint__"):].replace("__", ":", 1) for n in names if n.startswith("tracepoint__")]
-    if only:
-        raw, tps = [tp for tp in raw if tp in only], []
-    for tp in raw:
-        bpf.detach_raw_tracepoint(tp=tp.encode())
-    for tp in tps:
-        bpf.detach_tracepoint(tp=tp.encode())
+def tp_alive(d: Path) -> Iterator[int]:
+    """A labelled process that waits (the entrypoint runs `sleeper`, which reads its stdin): while it
+    lives the engine is armed (prima.arming), as with a TP daemon such as distccd running. Its tgid."""
+    p = subprocess.Popen([str(d / "driver-ep"), "1", str(d / "sleeper")], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL)
     try:
-        yield
+        yield p.pid
     finally:
-        for tp in raw:
-            bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=f"raw_tracepoint__{tp}".encode())
-        for tp in tps:
-            bpf.attach_tracepoint(tp=tp.encode(), fn_name=f"tracepoint__{tp.replace(':', '__')}".encode())
+        assert p.stdin is not None
+        p.stdin.close()
+        assert p.wait(timeout=60) == 0
+
+
+def wait_armed(engine: Engine, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.arming is not None and not engine.arming.armed:
+        assert time.monotonic() < deadline, "not armed"
+        time.sleep(0.01)
 
 
 def test_fork_exec_cost(bench_dir: Path) -> None:
+    """Rounds: programs detached; loaded with no labelled process (disarmed: prima.arming); loaded while a
+    TP waits (armed: what every process pays while e.g. distccd runs); a labelled driver (armed)."""
     d = bench_dir
     per = EXECS // ROUNDS
-    runs: dict[str, list[tuple[float, float]]] = {"not loaded": [], "loaded, unlabelled": [], "loaded, labelled": []}
+    runs: dict[str, list[tuple[float, float]]] = {"not loaded": [], "loaded, unlabelled": [],
+                                                   "unlabelled, a TP alive": [], "loaded, labelled": []}
     with _engine(d) as engine:
         for _ in range(ROUNDS):
-            with _detached(engine):
+            with detached(engine):
                 runs["not loaded"].append(_per_exec_ns(d / "driver", d / "tiny", per))
+            wait_disarmed(engine)
             runs["loaded, unlabelled"].append(_per_exec_ns(d / "driver", d / "tiny", per))
+            with tp_alive(d):
+                wait_armed(engine)
+                runs["unlabelled, a TP alive"].append(_per_exec_ns(d / "driver", d / "tiny", per))
             runs["loaded, labelled"].append(_per_exec_ns(d / "driver-ep", d / "tiny", per))
         events = engine.poll(0)
+        arms = engine.arming.arms if engine.arming else 0
     assert not [e for e in events if e.kind.value == "violation"]  # every labelled exec was trusted
     assert any(e.kind.value == "label-transition" for e in events)  # and the labelled runs were labelled
     print(f"\nPRIMA fork+exec+wait of a trusted dynamic binary, {EXECS} per configuration in {ROUNDS} interleaved rounds "
-          f"(not loaded = programs detached; median over rounds; ratio = median of per-round ratios):")
+          f"(not loaded = programs detached; median over rounds; ratio = median of per-round ratios; armed {arms} times):")
     for which, i in (("CPU (driver+children, user+sys)", 1), ("wall", 0)):
         base = statistics.median(v[i] for v in runs["not loaded"])
         print(f"  {which}:")
         for name, vals in runs.items():
             med = statistics.median(v[i] for v in vals)
             ratio = statistics.median(v[i] / b[i] for v, b in zip(vals, runs["not loaded"]))
-            print(f"    {name:20s} {med / 1000:8.1f} us/exec  added {(med - base) / 1000:+7.2f} us  ratio {ratio:.4f}"
+            print(f"    {name:24s} {med / 1000:8.1f} us/exec  added {(med - base) / 1000:+7.2f} us  ratio {ratio:.4f}"
                   f"  (rounds {', '.join(f'{v[i] / 1000:.0f}' for v in vals)})")
 
 
@@ -256,27 +265,33 @@ def test_time_inside_sys_enter_mmap_per_mapping(bench_dir: Path) -> None:
 
 
 def test_syscall_tax_on_every_process(bench_dir: Path) -> None:
-    """Attached syscall tracepoints send every syscall of every process through the traced path;
-    the raw sys_enter program (32-bit syscalls, which per-syscall tracepoints never see) adds one
-    program run on top: measured apart."""
+    """An attached syscall tracepoint sends every syscall of every process through the traced path. With no
+    labelled process the engine keeps only the programs that guard against any process (prima.arming:
+    disarmed); while a TP lives it attaches the rest, among them the raw sys_enter program (32-bit
+    syscalls), which runs on every syscall. getppid by an unlabelled process in each state."""
     d = bench_dir
-    n = 500_000
+    n = 300_000
     run = lambda: float(subprocess.run([str(d / "syscalls"), str(n)], capture_output=True, text=True, check=True).stdout)
-    base, per_syscall, loaded = [], [], []
+    rows: dict[str, list[float]] = {"detached": [], "disarmed (no TP)": [], "armed, no raw sys_enter": [],
+                                    "armed (a TP alive)": []}
     with _engine(d) as engine:
-        for _ in range(30):
-            with _detached(engine):
-                base.append(run())
-            with _detached(engine, only=RAW_SYSCALL_PROGRAMS):
-                per_syscall.append(run())
-            loaded.append(run())
-    b, p, l = statistics.median(base), statistics.median(per_syscall), statistics.median(loaded)
-    ratio = statistics.median(x / y for x, y in zip(loaded, base))
-    raw_ratio = statistics.median(x / y for x, y in zip(loaded, per_syscall))
-    print(f"\nPRIMA syscall tax (getppid, unlabelled, 30 interleaved rounds): {b:.1f} ns detached, "
-          f"{p:.1f} ns with the per-syscall tracepoints only, {l:.1f} ns with all attached: added {l - b:+.1f} ns per "
-          f"syscall (median per-round ratio {ratio:.3f}), of which the raw sys_enter program "
-          f"{l - p:+.1f} ns (ratio {raw_ratio:.3f})")
+        for _ in range(SYSCALL_ROUNDS):
+            with detached(engine):
+                rows["detached"].append(run())
+            wait_disarmed(engine)
+            rows["disarmed (no TP)"].append(run())
+            with tp_alive(d):
+                wait_armed(engine)
+                with detached(engine, only=RAW_SYSCALL_PROGRAMS):
+                    rows["armed, no raw sys_enter"].append(run())
+                rows["armed (a TP alive)"].append(run())
+    base = rows["detached"]
+    print(f"\nPRIMA syscall tax (getppid by an unlabelled process, {SYSCALL_ROUNDS} interleaved rounds of {n}; "
+          f"ratio = median of per-round ratios to the detached round):")
+    for name, vals in rows.items():
+        med = statistics.median(vals)
+        ratio = statistics.median(x / y for x, y in zip(vals, base))
+        print(f"    {name:26s} {med:8.1f} ns  added {med - statistics.median(base):+7.1f} ns  ratio {ratio:.3f}")
 
 
 def _make_cpu_s(make: Path, src: Path) -> float:

@@ -4,13 +4,14 @@
 apt's sources (idempotently: a deb822 stanza whose Types lack deb-src gets it,
 a one-line `deb URI ...` gets its `deb-src` twin), runs `apt-get source
 openssh` into /var/cache/cwlite-bench/openssh (once), and `./configure
---without-pam` there (once). Each benchmark round then runs `make clean`
+--without-pam` there (once; see below for configure.ac). Each benchmark round then runs `make clean`
 and its own `make`.
 """
 from __future__ import annotations
 
 import fcntl
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -74,5 +75,12 @@ def openssh_tree() -> Path:
                 raise RuntimeError(f"{CACHE}: apt-get source openssh made no openssh-9.2p1 tree")
         tree = trees[0]
         if not (tree / "Makefile").exists():
+            # Debian's patches touch configure.ac, so configure refuses to run until it is regenerated:
+            # autoreconf when autoconf is installed (as Debian's build does), else upstream's configure
+            # as shipped (marked newer; the patches' own C changes build either way).
+            if shutil.which("autoreconf"):
+                subprocess.run(["autoreconf", "-fi"], cwd=tree, check=True, capture_output=True, timeout=1800)
+            else:
+                (tree / "configure").touch()
             subprocess.run(["./configure", "--without-pam"], cwd=tree, check=True, capture_output=True, timeout=1800)
         return tree

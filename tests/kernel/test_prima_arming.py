@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from prima.arming import ARMED_RAW, ARMED_TRACEPOINTS, DISARM_AFTER_S
+from prima.arming import ARMED_RAW, ARMED_TRACEPOINTS
+from tests import prima_fixtures as fixtures
 from tests.bypass.backend import TRACEPOINT
 from tests.bypass.lab import Lab
 from tests.bypass.subject import Kit, build_kit, run_outside
@@ -41,12 +42,8 @@ def attached(lab: Lab) -> set[str]:
 
 def wait_disarmed(lab: Lab) -> None:
     """Until the engine detached its armed programs (no labelled process for DISARM_AFTER_S)."""
-    arming = lab.engine.arming
-    assert arming is not None
-    deadline = time.monotonic() + DISARM_AFTER_S + 10
-    while arming.armed and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not arming.armed and attached(lab) == set(), lab.labelled_processes()
+    fixtures.wait_disarmed(lab.engine)
+    assert attached(lab) == set()
 
 
 def state(pid: int) -> str:

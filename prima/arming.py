@@ -47,7 +47,7 @@ ARMED_RAW = ("sys_enter",)
 ARMED_TRACEPOINTS = tuple(f"syscalls:sys_enter_{n}" for n in (
     "mprotect", "pkey_mprotect", "shmat", "io_uring_setup",
     "kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_send_signal"))
-DISARM_AFTER_S = 1.0     # no labelled process for this long: detach
+DISARM_AFTER_S = 2.0     # no labelled process for this long: detach
 ARM_POLL_MS = 200        # the arming thread also looks this often (a lost arm request is found)
 MEMBARRIER_CMD_GLOBAL = 1
 SYS_MEMBARRIER = 324     # x86_64
@@ -77,6 +77,8 @@ class Arming:
         self._stop = threading.Event()
         self.armed = True  # bcc attached every program at load
         self.arms = 0      # times armed since start (tests and benchmarks read it)
+        self.errors = 0    # failed steps (the engine reports each as lost events: enforcement was impaired)
+        self.last_error: Exception | None = None
         self._idle_since: float | None = None
         self._cb = libbcc._RINGBUF_CB_TYPE(lambda ctx, data, size: 0)  # records only wake the thread
         self._rb = self._lib.bpf_new_ringbuf(bpf[b"cwl_arm_req"].map_fd, self._cb, None)
@@ -93,7 +95,11 @@ class Arming:
             if self._stop.is_set():
                 break
             with self._lock:
-                self.step()
+                try:
+                    self.step()
+                except Exception as exc:  # noqa: BLE001 - kept for the engine to log; held processes stay held
+                    self.errors += 1
+                    self.last_error = exc
 
     def step(self) -> None:
         """Arm when a labelled process exists (and release held ones); disarm after DISARM_AFTER_S without one."""

@@ -132,6 +132,7 @@ class Engine:
         self._slots: dict[int, dict[str, tuple[int, int]]] = {0: {}, 1: {}}  # gen -> name -> (fd, map id)
         self._threads: set[int] = set()
         self.arming: Arming | None = None  # tracepoint backend: attaches the per-syscall programs on demand
+        self._arming_errors = 0
         self.records = 0  # ring-buffer records read so far (the liveness entry's "events up to")
         self.loaded: Loaded | None = None
         self._start(policy, entries, db_digest)
@@ -327,9 +328,9 @@ class Engine:
         try:
             if self.arming is not None:
                 self.arming.close()
-                self.arming = None
             self._collect(None)
         finally:
+            self.arming = None
             for gen in (0, 1):
                 maps, self._slots[gen] = self._slots[gen], {}
                 for fd, _ in maps.values():
@@ -451,6 +452,11 @@ class Engine:
         if self._decode_errors:
             lost["undecodable"] = self._decode_errors
             self._decode_errors = 0
+        if self.arming is not None and self.arming.errors > self._arming_errors:
+            # the per-syscall programs could not be attached or detached as needed (fail closed: a
+            # process held for arming stays stopped); the proof must say enforcement was impaired
+            lost["arming"] = self.arming.errors - self._arming_errors
+            self._arming_errors = self.arming.errors
         if lost:
             self._queue.append(Event(EventKind.LOST_EVENTS, subject=", ".join(f"{k}={v}" for k, v in sorted(lost.items())),
                                      detail=lost))

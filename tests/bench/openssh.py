@@ -3,8 +3,8 @@
 `openssh_tree()` enables deb-src for the Debian mirror already configured in
 apt's sources (idempotently: a deb822 stanza whose Types lack deb-src gets it,
 a one-line `deb URI ...` gets its `deb-src` twin), runs `apt-get source
-openssh` into /var/cache/cwlite-bench/openssh (once), and `./configure
---without-pam` there (once; see below for configure.ac). Each benchmark round then runs `make clean`
+openssh` into /var/cache/cwlite-bench/openssh (once), and `autoreconf -fi`
+(installing autoconf if needed) and `./configure --without-pam` there (once). Each benchmark round then runs `make clean`
 and its own `make`.
 """
 from __future__ import annotations
@@ -74,13 +74,13 @@ def openssh_tree() -> Path:
             if not trees:
                 raise RuntimeError(f"{CACHE}: apt-get source openssh made no openssh-9.2p1 tree")
         tree = trees[0]
-        if not (tree / "Makefile").exists():
-            # Debian's patches touch configure.ac, so configure refuses to run until it is regenerated:
-            # autoreconf when autoconf is installed (as Debian's build does), else upstream's configure
-            # as shipped (marked newer; the patches' own C changes build either way).
-            if shutil.which("autoreconf"):
-                subprocess.run(["autoreconf", "-fi"], cwd=tree, check=True, capture_output=True, timeout=1800)
-            else:
-                (tree / "configure").touch()
+        stamp = tree / ".cwlite-configured"
+        if not stamp.exists():
+            # Debian's patches touch configure.ac, and upstream's configure then refuses to run (and,
+            # forced, misdetects the compiler): regenerate it as Debian's build does (dh_autoreconf).
+            if not shutil.which("autoreconf"):
+                _apt("install", "-y", "autoconf")
+            subprocess.run(["autoreconf", "-fi"], cwd=tree, check=True, capture_output=True, timeout=1800)
             subprocess.run(["./configure", "--without-pam"], cwd=tree, check=True, capture_output=True, timeout=1800)
+            stamp.touch()
         return tree

@@ -47,6 +47,7 @@ def _make(make: Path, tree: Path) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+@pytest.mark.timeout(7200)  # six builds of several minutes each on a loaded 2-core machine
 def test_openssh_make_j2_under_a_tp_label(tmp_path: Path) -> None:
     tree = tmp_path / "openssh"
     shutil.copytree(openssh_tree(), tree, symlinks=True)  # the cache is shared: build a private copy

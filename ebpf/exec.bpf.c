@@ -1120,7 +1120,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_pkey_mprotect)
  * and one raw tracepoint, sys_enter, whose program runs for every syscall of every process:
  * 32-bit (int 0x80) and x32 syscalls, which per-syscall tracepoints never see (x86's
  * trace_syscalls.c ignores compat syscalls): a TP's are a violation unless allowed; an
- * outsider's 32-bit ptrace attach or process_vm_writev into a TP is one too. */
+ * outsider's 32-bit ptrace attach or process_vm_writev into a TP is one too.
+ * Raw sys_enter, io_uring_setup (and mprotect, pkey_mprotect, shmat and the signal syscalls)
+ * are attached only while a labelled process exists (cwl_arm above, prima.arming); ptrace,
+ * process_vm_writev and the open exits guard TPs against any process and stay attached. */
 #define CWL_TS_COMPAT 0x0002          /* arch/x86/include/asm/thread_info.h: a 32-bit syscall is running */
 #define CWL_X32_SYSCALL_BIT 0x40000000 /* arch/x86/include/uapi/asm/unistd.h */
 #define CWL_NR32_PTRACE 26            /* arch/x86/entry/syscalls/syscall_32.tbl */

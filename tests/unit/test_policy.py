@@ -156,7 +156,7 @@ def test_digest_changes_with_meaning() -> None:
          "'10.0.0.300' does not appear to be an IPv4 or IPv6 address"),
         ('port = 3632', 'port = 3632\nop = "connect"\naddress = "10.0.0.1"', 22, "port_authority.rules[0].address",
          'a local address applies to op = "listen" only'),
-        ('[[port_authority.rules]]', '[port_authority]\nunlabelled = "deny"\n[[port_authority.rules]]', 19,
+        ('[[port_authority.rules]]', '[port_authority]\nunlabelled = "deny"\n[[port_authority.rules]]', 20,
          "port_authority.unlabelled", "'deny' is not one of unaffected"),
     ],
 )

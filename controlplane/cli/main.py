@@ -13,6 +13,7 @@ import click
 from controlplane.cli.db import db
 from controlplane.cli.enforce import enforce
 from controlplane.cli.log import log, tpm
+from controlplane.cli.pa import pa
 from controlplane.cli.policy import policy
 from controlplane.cli.proof import proof
 from controlplane.cli.selinux import selinux
@@ -31,8 +32,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     PRIMA (only trusted code under a TP label), CDI protection, an ima-ng
     measurement log extended into a TPM PCR, and quotes a remote verifier
-    checks. Port Authority rules (untrusted network input only to trusted
-    filters) are parsed and checked but NOT enforced yet.
+    checks. Port Authority (untrusted network input only to the TP labels its
+    rules name) is enforced on the tracepoint backend (`cwlite pa`).
 
     \b
     Examples:
@@ -49,7 +50,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, log, tpm, selinux):
+for _command in (status, debug, policy, enforce, pa, db, proof, serve, enrol, verify, log, tpm, selinux):
     cli.add_command(_command)
 
 

@@ -16,7 +16,9 @@ turns each interval's new counts into one `pa-refused` entry per key, so a flood
 100,000 packets is a handful of entries whose counts add up. A listener a rule
 allowed becomes one `pa-listener` entry per (label, protocol, port), with the
 SHA-256 of the program that took the port. Failed counts or events are themselves
-counted (cwl_pa_drops) and reported as lost-events.
+counted (cwl_pa_drops) and reported as lost-events. The engine logs no daemon-start of its
+own: it runs inside the PRIMA daemon, whose start and stop entries cover it (a second
+daemon-start would read as an enforcement gap).
 """
 from __future__ import annotations
 
@@ -128,10 +130,8 @@ class Engine:
                 self._attach_tc(name)
             self._bpf[b"cwl_pa_events"].open_ring_buffer(self._on_record)
             self._ring = True
-            self._queue.append(Event(EventKind.DAEMON_START, subject=f"portauthority/{self.backend}",
-                                     detail={"backend": self.backend, "interfaces": list(interfaces)}))
         except BaseException:
-            self.close(record_stop=False)
+            self.close()
             raise
 
     # ---- attach ------------------------------------------------------------------------
@@ -302,7 +302,7 @@ class Engine:
         return out
 
     # ---- lifecycle ----------------------------------------------------------------------
-    def close(self, *, record_stop: bool = True) -> None:
+    def close(self) -> None:
         """Detach everything (links closed, tc filters removed); the last counts stay queued for drain()."""
         if self._bpf is None:
             return
@@ -317,8 +317,6 @@ class Engine:
             self._detach_tc()
             self._bpf.cleanup()
             self._bpf = None
-        if record_stop:
-            self._queue.append(Event(EventKind.DAEMON_STOP, subject=f"portauthority/{self.backend}"))
 
     def __enter__(self) -> "Engine":
         return self

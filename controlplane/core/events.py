@@ -92,8 +92,9 @@ def parse_ima_name(digest: bytes, name: str) -> Event | None:
 
 @dataclass(frozen=True)
 class PaSubject:
-    """What a Port Authority entry's subject says: `tcp/3632 rule=1 why=peer action=denied count=17`
-    (rule 1-based, 0 none; a listener's: `tcp/3632 rule=1 exe=/usr/bin/distccd`, exe last: a path)."""
+    """What a Port Authority entry's subject says: `tcp/3632,rule=1,why=peer,action=denied,count=17`
+    (rule 1-based, 0 none; a listener's: `tcp/3632,rule=1,exe=/usr/bin/distccd`, exe last: a path).
+    No spaces: the log keeps a name's spaces as `_`."""
 
     protocol: str
     port: int
@@ -104,15 +105,15 @@ class PaSubject:
     exe: str = ""
 
     def text(self) -> str:
-        head = f"{self.protocol}/{self.port} rule={self.rule}"
+        head = f"{self.protocol}/{self.port},rule={self.rule}"
         if self.exe:
-            return f"{head} exe={self.exe}"
-        return f"{head} why={self.why} action={self.action} count={self.count}"
+            return f"{head},exe={self.exe}"
+        return f"{head},why={self.why},action={self.action},count={self.count}"
 
 
 def parse_pa_subject(subject: str) -> PaSubject | None:
     """The PaSubject a pa-listener / pa-refused entry's subject encodes, or None if malformed."""
-    head, _, rest = subject.partition(" ")
+    head, _, rest = subject.partition(",")
     proto, _, port = head.partition("/")
     fields: dict[str, str] = {}
     while rest:
@@ -120,7 +121,7 @@ def parse_pa_subject(subject: str) -> PaSubject | None:
         if key == "exe":
             fields["exe"] = value
             break
-        value, _, rest = value.partition(" ")
+        value, _, rest = value.partition(",")
         fields[key] = value
     try:
         return PaSubject(proto, int(port), int(fields["rule"]), fields.get("why", ""), fields.get("action", ""),

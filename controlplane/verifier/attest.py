@@ -162,7 +162,8 @@ def _round(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store |
     facts = replayed.facts
     doc = proofs.document(host, ref, nonce, evidence, log_start=replayed.start, log_end=replayed.end,
                           pcr_start=replayed.start_value, verdicts=verdicts, verdict=verdict, reasons=reasons,
-                          previously_untrusted=host.facts.get("untrusted", 0) if replayed.incremental else 0)
+                          previously_untrusted=host.facts.get("untrusted", 0) if replayed.incremental else 0,
+                          listeners=facts.listeners)
     data, checked = proofs.sign(doc, key)
     if store is not None:
         store.record(host.name, verdict=verdict.value, reason=reasons[0] if reasons else "",

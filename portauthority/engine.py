@@ -110,6 +110,8 @@ class Engine:
         self._queue: deque[Event] = deque()
         self._links: list[int] = []
         self._tc: list[tuple[int, bool]] = []  # (ifindex, clsact made by us)
+        self._paused_tc: list[str] = []
+        self._cgroup_progs: list[tuple[str, int, int]] = []  # (name, prog fd, attach type)
         self._seen_listeners: set[tuple[str, str, int]] = set()
         self._counts_seen: dict[bytes, int] = {}
         self._drops_seen = [0] * DROP_MAX
@@ -125,7 +127,7 @@ class Engine:
         try:
             self.reload(policy, label_ids)
             self.cgroup = cgroup or cgroup2_root()
-            self._attach_cgroup(self.cgroup)
+            self._attach_cgroup()
             for name in interfaces:
                 self._attach_tc(name)
             self._bpf[b"cwl_pa_events"].open_ring_buffer(self._on_record)
@@ -135,7 +137,7 @@ class Engine:
             raise
 
     # ---- attach ------------------------------------------------------------------------
-    def _attach_cgroup(self, cgroup: str) -> None:
+    def _attach_cgroup(self) -> None:
         import bcc  # loaded by ebpf.loader already
 
         bpf = self._require()
@@ -150,22 +152,48 @@ class Engine:
             (b"pa_sendmsg6", bcc.BPF.CGROUP_SOCK_ADDR, at.CGROUP_UDP6_SENDMSG),
             (b"pa_ingress", bcc.BPF.CGROUP_SKB, at.CGROUP_INET_INGRESS),
         ]
+        for name, ptype, atype in programs:
+            try:
+                fn = bpf.load_func(name, ptype, None, atype)
+            except Exception as exc:  # bcc raises a bare Exception with the verifier's errno
+                raise EnforcementError(f"ebpf/{SOURCE}: {name.decode()}: load failed: {exc}") from exc
+            self._cgroup_progs.append((name.decode(), fn.fd, atype))
+        self._link_cgroup()
+
+    def _link_cgroup(self) -> None:
         try:
-            cg = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            cg = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
-            raise EnforcementError(f"{cgroup}: cannot open the cgroup v2 root: {exc.strerror}") from exc
+            raise EnforcementError(f"{self.cgroup}: cannot open the cgroup v2 root: {exc.strerror}") from exc
         try:
-            for name, ptype, atype in programs:
+            for name, fd, atype in self._cgroup_progs:
                 try:
-                    fn = bpf.load_func(name, ptype, None, atype)
-                except Exception as exc:  # bcc raises a bare Exception with the verifier's errno
-                    raise EnforcementError(f"ebpf/{SOURCE}: {name.decode()}: load failed: {exc}") from exc
-                try:
-                    self._links.append(bpfmap.link_create(fn.fd, cg, atype))
+                    self._links.append(bpfmap.link_create(fd, cg, atype))
                 except CwliteError as exc:
-                    raise EnforcementError(f"{cgroup}: {name.decode()}: cannot attach: {exc}") from exc
+                    raise EnforcementError(f"{self.cgroup}: {name}: cannot attach: {exc}") from exc
         finally:
             os.close(cg)
+
+    def attached(self, on: bool) -> None:
+        """Detach (False) or re-attach (True) every program, keeping maps and counts: for benchmarks
+        that compare the same traffic with and without Port Authority in interleaved rounds."""
+        if not on:
+            for fd in self._links:
+                os.close(fd)
+            self._links = []
+            names = [self._ifname(idx) for idx, _ in self._tc]
+            self._detach_tc()
+            self._paused_tc = names
+        elif not self._links:
+            self._link_cgroup()
+            for name in self._paused_tc:
+                self._attach_tc(name)
+            self._paused_tc = []
+
+    @staticmethod
+    def _ifname(idx: int) -> str:
+        with IPRoute() as ipr:
+            return ipr.get_links(idx)[0].get_attr("IFLA_IFNAME")
 
     def _attach_tc(self, ifname: str) -> None:
         import bcc  # loaded by ebpf.loader already

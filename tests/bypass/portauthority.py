@@ -121,7 +121,7 @@ class PaLab:
     """One PRIMA engine and one Port Authority engine on `backend`, a namespace joined by a veth pair,
     and three labels: tp_srv (rules below), tp_out (a connect rule), tp_none (no rule)."""
 
-    def __init__(self, root: Path, *, backend: str) -> None:
+    def __init__(self, root: Path, *, backend: str, extra_trusted: tuple[str, ...] | list[str] = ()) -> None:
         self.root = root
         self.port = 36000 + os.getpid() % 1000       # tcp and udp: tp_srv's
         self.other = self.port + 1                    # no rule names it
@@ -137,7 +137,7 @@ class PaLab:
             self.entry[label] = str(root / f"ep-{label}")
             shutil.copy2("/bin/sh", self.entry[label])
         self.policy = self._policy()
-        base = sorted({os.path.realpath("/bin/sh"), os.path.realpath(LDSO), self.nethelper,
+        base = sorted({os.path.realpath("/bin/sh"), os.path.realpath(LDSO), self.nethelper, *extra_trusted,
                        *shared_libs("/bin/sh"), *shared_libs(self.nethelper)})
         self._netns_up()
         self.events: list[Event] = []

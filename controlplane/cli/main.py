@@ -33,7 +33,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     PRIMA (only trusted code under a TP label), CDI protection, an ima-ng
     measurement log extended into a TPM PCR, and quotes a remote verifier
     checks. Port Authority (untrusted network input only to the TP labels its
-    rules name) is enforced on the tracepoint backend (`cwlite pa`).
+    rules name, `cwlite pa`) is enforced on the tracepoint backend, NOT yet on lsm.
 
     \b
     Examples:

@@ -14,6 +14,7 @@ from controlplane.cli.db import db
 from controlplane.cli.enforce import enforce
 from controlplane.cli.hosts import hosts
 from controlplane.cli.log import log, tpm
+from controlplane.cli.pa import pa
 from controlplane.cli.policy import policy
 from controlplane.cli.proof import proof
 from controlplane.cli.selinux import selinux
@@ -32,8 +33,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     PRIMA (only trusted code under a TP label), CDI protection, an ima-ng
     measurement log extended into a TPM PCR, and quotes a remote verifier
-    checks. Port Authority rules (untrusted network input only to trusted
-    filters) are parsed and checked but NOT enforced yet.
+    checks. Port Authority (untrusted network input only to the TP labels its
+    rules name, `cwlite pa`) is enforced on the tracepoint backend, NOT yet on lsm.
 
     \b
     Examples:
@@ -50,7 +51,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, hosts, log, tpm, selinux):
+for _command in (status, debug, policy, enforce, pa, db, proof, serve, enrol, verify, hosts, log, tpm, selinux):
     cli.add_command(_command)
 
 

@@ -259,6 +259,7 @@ def _round(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store |
     doc = proofs.document(host, ref, nonce, evidence, log_start=replayed.start, log_end=replayed.end,
                           pcr_start=replayed.start_value, verdicts=verdicts, verdict=verdict, reasons=reasons,
                           previously_untrusted=host.facts.get("untrusted", 0) if replayed.incremental else 0,
+                          listeners=facts.listeners,
                           kernel=None if kernel is None else proofs.kernel_section(
                               kref.pcr, kernel.start, kernel.end, kernel.start_value, kernel.pcr_value, kernel_verdicts))
     data, checked = proofs.sign(doc, key)

@@ -12,8 +12,12 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from controlplane.core.events import Event, EventKind, alive_digest, parse_ima_name, transition_source
+from controlplane.core.events import Event, EventKind, alive_digest, parse_ima_name, parse_pa_subject, transition_source
 from controlplane.core.policy import expires_text
+
+# Port Authority ops a TP makes itself (refused: the TP tried to step outside its rules) vs what
+# the network sends it (refused: the filter did its job; anyone outside can make these).
+PA_TP_OPS = frozenset({"bind", "listen", "accept", "connect", "send"})
 
 
 class Verdict(StrEnum):
@@ -83,6 +87,7 @@ class Facts:
     ima_offset: int = 0         # the kernel's IMA log: entries verified so far,
     ima_pcr_value: str = ""     # its PCR's value after them (hex),
     ima_untrusted: int = 0      # and its unknown or violation entries (sticky until a reboot, as `untrusted`)
+    listeners: list[str] = field(default_factory=list)  # Port Authority listeners: "label proto/port sha256"
 
 
 class Judge:
@@ -152,6 +157,10 @@ class Judge:
             verdict, reason = Verdict.UNTRUSTED, "violation"
         elif kind is EventKind.LOST_EVENTS:
             verdict, reason = Verdict.UNTRUSTED, "lost-events"
+        elif kind is EventKind.PA_LISTENER:
+            verdict, reason = self._listener(ev)
+        elif kind is EventKind.PA_REFUSED:
+            verdict, reason = self._refused(ev)
         elif kind is EventKind.ENGINE_ALIVE:
             verdict = Verdict.INFO
             if self.nonce is not None and ev.digest == alive_digest(self.nonce):
@@ -178,6 +187,40 @@ class Judge:
         if label.entrypoints and ev.subject not in label.entrypoints:
             return Verdict.UNTRUSTED, "entrypoint"
         return Verdict.TRUSTED, ""
+
+    def _opens(self, label: str, protocol: str, port: int) -> bool:
+        """Does a listen rule of the verifier's policy let `label` take `protocol`/`port`?"""
+        return any(r.op == "listen" and r.protocol == protocol and r.port == port and label in r.labels
+                   for r in self.ref.policy.port_authority.rules)
+
+    def _listener(self, ev: Event) -> tuple[Verdict, str]:
+        """A TP took a port: a listen rule of the verifier's policy must allow it, and the program that
+        took it must be trusted for the label (its digest is that program's measurement)."""
+        s = parse_pa_subject(ev.subject)
+        label = self._labels.get(ev.label)
+        if s is None:
+            return Verdict.UNTRUSTED, "unknown-entry"
+        self.facts.listeners = (self.facts.listeners + [f"{ev.label} {s.protocol}/{s.port} {ev.digest.hex()}"])[-64:]
+        if label is None:
+            return Verdict.UNTRUSTED, "unknown-label"
+        if not self._opens(ev.label, s.protocol, s.port):
+            return Verdict.UNTRUSTED, "pa-listener-outside-rules"
+        if not self._trusted(ev.digest, label.trust_set):
+            return Verdict.UNTRUSTED, "not-in-db"
+        return Verdict.TRUSTED, ""
+
+    def _refused(self, ev: Event) -> tuple[Verdict, str]:
+        """Counts of what Port Authority refused (or, in audit mode, let through) in one interval.
+        Let through: a TP listened or received outside its rules. Refused: what a TP tried itself is a
+        violation, as PRIMA's denied execs are; what the network sent is what the filter is for (INFO)."""
+        s = parse_pa_subject(ev.subject)
+        if s is None:
+            return Verdict.UNTRUSTED, "unknown-entry"
+        if s.action != "denied":
+            return Verdict.UNTRUSTED, f"pa-{ev.op}-outside-rules"
+        if ev.label and ev.op in PA_TP_OPS:
+            return Verdict.UNTRUSTED, f"pa-{ev.op}-refused"
+        return Verdict.INFO, ""
 
     @staticmethod
     def _v(entry: Any, verdict: Verdict, reason: str, kind: str, label: str, op: str, subject: str) -> EntryVerdict:

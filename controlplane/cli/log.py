@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
 import click
@@ -12,6 +11,7 @@ from controlplane.core import imalog
 from controlplane.core.errors import LogError
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.quote import public_pem, verify_quote
+from controlplane.host.mlog import DEFAULT_PCR, log_pcr
 
 LOG_NAME = "measurements.log"
 
@@ -27,14 +27,9 @@ def _log_path(data_dir: Path, log: Path | None) -> Path:
 
 def _log_pcr(path: Path, pcr: int | None) -> int:
     """The PCR the log was created for (its .state file), unless given."""
-    if pcr is not None:
-        return pcr
-    try:
-        return int(json.loads(path.with_name(path.name + ".state").read_text())["pcr"])
-    except FileNotFoundError:
-        return 10
-    except (ValueError, KeyError, TypeError) as exc:
-        raise LogError(f"{path}.state: no PCR recorded ({exc})") from exc
+    if pcr is None:
+        pcr = log_pcr(path)
+    return DEFAULT_PCR if pcr is None else pcr
 
 
 @click.group("log")

@@ -32,6 +32,8 @@ class EventKind(str, enum.Enum):
     VIOLATION = "violation"              # untrusted code under a label (killed/denied in enforce, allowed in audit)
     LOST_EVENTS = "lost-events"          # ring buffer overflow or map failures: always a violation
     ENGINE_ALIVE = "engine-alive"        # the engine answered a verifier's nonce: digest = alive_digest(nonce)
+    SELINUX_LOAD = "selinux-load"        # the cwlite SELinux module was installed: digest = its module digest,
+                                         # op = module name, subject = the policy store it went into
 
 
 def alive_digest(nonce: bytes) -> bytes:

@@ -62,6 +62,17 @@ def choose_pcr(preferred: int = DEFAULT_PCR, fallback: int = FALLBACK_PCR, *, im
     raise LogError(f"{ima_log}: the kernel's IMA measures into PCR {preferred} and {fallback}; configure a free PCR")
 
 
+def log_pcr(path: Path) -> int | None:
+    """The PCR the log at `path` was created for (its `.state` file), or None for a log not made yet."""
+    state = Path(path).with_name(Path(path).name + ".state")
+    try:
+        return int(json.loads(state.read_text())["pcr"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LogError(f"{state}: no PCR recorded ({exc})") from exc
+
+
 class MeasurementLog:
     """An open measurement log bound to one PCR of one TPM (context manager; one writer per file).
 

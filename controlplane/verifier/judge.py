@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from controlplane.core.errors import CwliteError
 from controlplane.core.events import Event, EventKind, alive_digest, parse_ima_name, transition_source
+from controlplane.core.selinux_render import render
 
 
 class Verdict(StrEnum):
@@ -46,6 +48,15 @@ class Reference:
     @functools.cached_property
     def db_digest(self) -> bytes:
         return self.db.digest()
+
+    @functools.cached_property
+    def selinux_module_digest(self) -> bytes | None:
+        """The SELinux module rendered from the verifier's policy (None when the policy renders none):
+        a loaded module must be byte for byte this one, so a hand-edited module is caught."""
+        try:
+            return bytes.fromhex(render(self.policy).digest())
+        except CwliteError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,9 @@ class Judge:
             verdict, reason = Verdict.UNTRUSTED, "violation"
         elif kind is EventKind.LOST_EVENTS:
             verdict, reason = Verdict.UNTRUSTED, "lost-events"
+        elif kind is EventKind.SELINUX_LOAD:
+            if ev.digest != self.ref.selinux_module_digest:
+                verdict, reason = Verdict.UNTRUSTED, "selinux-module"
         elif kind is EventKind.ENGINE_ALIVE:
             verdict = Verdict.INFO
             if self.nonce is not None and ev.digest == alive_digest(self.nonce):

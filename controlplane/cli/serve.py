@@ -16,7 +16,7 @@ from typing import IO, Iterator
 
 import click
 
-from controlplane.cli.enforce import Daemon
+from controlplane.cli.enforce import Daemon, Tee
 from controlplane.core.errors import EnforcementError
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import read_policy
@@ -48,6 +48,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
     # Loaded only when serving: FastAPI/uvicorn and tpm2-pytss take over 1 s to import, paid by every
     # `cwlite` start if at the top.
     from controlplane.host import tpm as tpm_mod
+    from controlplane.host.metrics import ServiceMetrics
     from controlplane.host.service import ActivePolicy, Server, ServiceState, TlsIdentity
 
     if enforce and (policy_path is None or db_path is None):
@@ -66,15 +67,17 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     with tpm_mod.open_tpm(data_dir, device=device) as tpm, \
             mlog_mod.MeasurementLog.open(Path(data_dir) / "measurements.log", tpm, pcr=pcr) as log:
+        metrics = ServiceMetrics(log)
         state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=pcr, policy_path=policy_path,
-                             policy=active, db_digest=db_digest, controller_key=controller_key, rate_per_s=rate)
+                             policy=active, db_digest=db_digest, controller_key=controller_key, rate_per_s=rate,
+                             metrics=metrics)
         server = Server(state, host=host, port=port)     # bind first: a service that cannot listen records nothing
         with contextlib.closing(server.sock):   # closed on every path, the served one included
             state.record_tls_key()
             daemon = thread = None
             failure: list[BaseException] = []
             if enforce:
-                daemon = Daemon(policy_path, db_path, log, backend=backend, controller_key=controller_key, log=say,
+                daemon = Daemon(policy_path, db_path, Tee([log, metrics]), backend=backend, controller_key=controller_key, log=say,
                                 policy=active.policy)
 
                 def run() -> None:

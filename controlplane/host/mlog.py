@@ -89,6 +89,7 @@ class MeasurementLog:
         self.recovered = recovered      # entries found logged-but-not-extended and extended at open
         self.archived = archived        # the previous boot's log, renamed aside at open
         self.torn_bytes = 0             # bytes of a torn, never-extended last append cut off at open
+        self.extends = 0                # PCR extends made by this process (recovery at open included)
         self._fd = fd
         self._size = size                    # bytes of whole entries in the file (one writer: flock)
         self._committed = entries
@@ -157,6 +158,7 @@ class MeasurementLog:
             recovered = cls._recover(path, tpm, pcr, entries, current)
             log = cls(path, tpm, pcr, fd, entries, recovered, None, size=good_end)
             log.torn_bytes = torn_bytes
+            log.extends = recovered
             return log
         except BaseException:
             if log is not None:
@@ -272,6 +274,7 @@ class MeasurementLog:
                     for e in batch:
                         self.tpm.extend(self.pcr, e.pcr_digest)
                         done += 1
+                        self.extends += 1
                 except BaseException as exc:   # noqa: BLE001 - handed to the producers, who raise it
                     with self._cv:
                         del self._pending[:done]
@@ -285,6 +288,11 @@ class MeasurementLog:
                     self._cv.notify_all()
 
     # -- reading -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """How many entries are committed (the PCR holds them)."""
+        with self._cv:
+            return len(self._committed)
+
     def entries(self, start: int = 0) -> list[LogEntry]:
         """The committed entries from `start` (the PCR holds exactly these)."""
         with self._cv:

@@ -48,6 +48,7 @@ class ServiceState:
     controller_key: Any = None          # Ed25519PublicKey or path: who may push policies
     on_policy: Callable[[Policy], None] | None = None
     on_quote: Callable[[bytes], object] | None = None
+    metrics: Any = None                 # controlplane.host.metrics.ServiceMetrics: GET /metrics when set
     rate_per_s: float = 50.0
     burst: int = 200
     lock: threading.Lock = field(default_factory=threading.Lock)

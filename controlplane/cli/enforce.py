@@ -113,8 +113,9 @@ class Daemon:
     """The enforce loop, usable from other commands (e.g. a service embedding enforcement)."""
 
     def __init__(self, policy_path: Path, db_path: Path, sink: EventSink, *, backend: str = "auto",
-                 controller_key: Path | None = None, log: IO[str] = sys.stderr, policy: Policy | None = None) -> None:
-        """`policy`: `policy_path` as the caller already loaded it (checked with `controller_key`), for the start."""
+                 controller_key: Path | None = None, log: IO[str] | None = None, policy: Policy | None = None) -> None:
+        """`policy`: `policy_path` as the caller already loaded it (checked with `controller_key`), for the start;
+        `log`: where status lines go (default: sys.stderr as it is when the daemon speaks, JSON lines included)."""
         self.policy_path, self.db_path, self.sink = policy_path, db_path, sink
         self.policy = policy
         self.backend, self.controller_key, self.log = backend, controller_key, log
@@ -173,7 +174,7 @@ class Daemon:
         self._say(f"reloaded: generation {loaded.generation}, {loaded.trusted_files} trusted files")
 
     def _say(self, text: str) -> None:
-        print(f"cwlite enforce: {text}", file=self.log, flush=True)
+        print(f"cwlite enforce: {text}", file=self.log or sys.stderr, flush=True)
 
 
 @click.command("enforce")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ class Running:
 def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, pcr: int | None = None,
                     policy_path: Path | None = None, db_path: Path | None = None, enforce: bool = False,
                     backend: str = "auto", controller_key: Path | None = None, device: str | None = None,
-                    rate: float = 50.0, say: IO[str] = sys.stderr) -> Iterator[Running]:
+                    rate: float = 50.0, say: IO[str] | None = None) -> Iterator[Running]:
     """TPM + measurement log (+ enforcement daemon thread) + HTTPS service; all stopped on exit."""
     # Loaded only when serving: FastAPI/uvicorn and tpm2-pytss take over 1 s to import, paid by every
     # `cwlite` start if at the top.

@@ -18,7 +18,13 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 libbpf-dev bpftool
 	selinux-policy-dev selinux-policy-default python3-setools python3-selinux \
 	semodule-utils checkpolicy policycoreutils graphviz
 
-.PHONY: setup apt headers venv demo test bench clean
+# Debian packages `make deb` needs beyond APT_PACKAGES (debian/control's Build-Depends). Kept apart:
+# Debian's python3-cffi installed system-wide would satisfy the .venv's `cffi` requirement with 1.15
+# (--system-site-packages), beside a cext built by a newer cffi in pip's isolated build.
+DEB_BUILD_PACKAGES := debhelper dh-python python3-cffi python3-pip python3-all-dev libbpf-dev libtss2-dev pkg-config
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+.PHONY: setup apt headers venv demo test bench clean deb
 
 setup: apt headers venv
 
@@ -63,6 +69,17 @@ test: setup
 
 bench: setup
 	$(PY) -m pytest -m bench -s tests/bench
+
+# The .deb (debhelper + pybuild, dpkg-buildpackage) from the files git tracks (and new ones it does not
+# ignore), as they are in the work tree; the result is build/deb/cwlite_$(VERSION)-1_amd64.deb.
+deb:
+	@missing=$$(for p in $(DEB_BUILD_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "deb: installing build dependencies:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
+	rm -rf build/deb && mkdir -p build/deb/cwlite-$(VERSION)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 tar -c --ignore-failed-read | tar -x -C build/deb/cwlite-$(VERSION)
+	cd build/deb/cwlite-$(VERSION) && dpkg-buildpackage -b -us -uc
+	@ls -l build/deb/*.deb
 
 clean:
 	rm -rf $(VENV) build *.egg-info cext/_btf*.so cext/_bpf*.so selinux-policy/tmp selinux-policy/*.pp

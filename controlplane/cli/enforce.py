@@ -136,6 +136,11 @@ class Daemon:
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
         engine = Engine(policy, view, backend=backend, db_digest=db_digest, trust_max=max(MIN_TRUST_MAX, 2 * size_hint))
         try:
+            # daemon-start, policy-load and db-load reach the log now, before the daemon says it enforces: a
+            # daemon killed before its first poll must still leave its start behind (the next start is then
+            # the enforcement gap the verifier flags; a restarted unit would otherwise look like the first)
+            for ev in engine.drain():
+                self.sink.record(ev)
             self._say(f"enforcing {self.policy_path} ({policy.mode}) with {engine.loaded.trusted_files} trusted files, "
                       f"backend {backend}")
             while not self.stop_requested:

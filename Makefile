@@ -2,6 +2,7 @@
 #   make demo   - set up, then run the main job (policy -> enforcement -> log/PCR -> quote -> verdict)
 #   make test   - set up, then run every test tier (unit, kernel, vm, e2e)
 #   make bench  - set up, then run the benchmarks (tests/bench)
+#   make deb    - the Debian package (dpkg-buildpackage: debhelper + pybuild) under build/deb/
 # `make setup` is idempotent: on a set-up machine it checks and returns in seconds.
 
 SHELL := /bin/bash
@@ -16,12 +17,9 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 libbpf-dev bpftool
 	python3-venv python3-dev build-essential pkg-config libffi-dev \
 	gpgv gpg debian-archive-keyring distcc iproute2 postgresql btrfs-progs \
 	selinux-policy-dev selinux-policy-default python3-setools python3-selinux \
-	semodule-utils checkpolicy policycoreutils graphviz
+	semodule-utils checkpolicy policycoreutils graphviz \
+	debhelper dh-python python3-cffi python3-pip python3-all-dev
 
-# Debian packages `make deb` needs beyond APT_PACKAGES (debian/control's Build-Depends). Kept apart:
-# Debian's python3-cffi installed system-wide would satisfy the .venv's `cffi` requirement with 1.15
-# (--system-site-packages), beside a cext built by a newer cffi in pip's isolated build.
-DEB_BUILD_PACKAGES := debhelper dh-python python3-cffi python3-pip python3-all-dev libbpf-dev libtss2-dev pkg-config
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 .PHONY: setup apt headers venv demo test bench clean deb
@@ -72,10 +70,7 @@ bench: setup
 
 # The .deb (debhelper + pybuild, dpkg-buildpackage) from the files git tracks (and new ones it does not
 # ignore), as they are in the work tree; the result is build/deb/cwlite_$(VERSION)-1_amd64.deb.
-deb:
-	@missing=$$(for p in $(DEB_BUILD_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then echo "deb: installing build dependencies:" $$missing; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
+deb: apt
 	rm -rf build/deb && mkdir -p build/deb/cwlite-$(VERSION)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 tar -c --ignore-failed-read | tar -x -C build/deb/cwlite-$(VERSION)
 	cd build/deb/cwlite-$(VERSION) && dpkg-buildpackage -b -us -uc

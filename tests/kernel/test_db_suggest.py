@@ -10,36 +10,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 from prima import debian
 from prima.sources import build
 from tests.conftest import requires
+from tests.prima_fixtures import CWLITE, enforce_daemon
 
 pytestmark = [requires(root=True), requires(tool="dpkg")]
 
-CWLITE = str(Path(sys.executable).with_name("cwlite"))
-
 
 def _run_labelled(policy: Path, db: Path, events: Path, script: str) -> subprocess.CompletedProcess:
-    """Start `cwlite enforce`, run `script` under the TP label (its entrypoint is the dash copy), stop the daemon."""
-    daemon = subprocess.Popen([CWLITE, "enforce", "--policy", str(policy), "--db", str(db), "--events", str(events),
-                               "--backend", "tracepoint"], stderr=subprocess.PIPE, text=True)
-    try:
-        assert "enforcing" in daemon.stderr.readline()
-        ran = subprocess.run([str(policy.parent / "bin" / "dash"), "-c", script], capture_output=True, text=True, timeout=120)
-        time.sleep(0.5)  # one poll period for the last records
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(60) == 0
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-    return ran
+    """`script` under the TP label (its entrypoint is the dash copy) while `cwlite enforce` runs."""
+    with enforce_daemon("--policy", str(policy), "--db", str(db), "--events", str(events), "--backend", "tracepoint"):
+        return subprocess.run([str(policy.parent / "bin" / "dash"), "-c", script], capture_output=True, text=True,
+                              timeout=120)
 
 
 def test_audit_suggest_enforce(tmp_path: Path) -> None:

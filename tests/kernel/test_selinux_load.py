@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from controlplane.core import imalog
 from controlplane.core.events import EventKind, parse_ima_name

@@ -14,7 +14,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from controlplane.core.events import EventKind, parse_ima_name
@@ -24,14 +23,13 @@ from controlplane.verifier.judge import Facts, Judge, Reference, Verdict
 from prima.measuredb import MeasureDB
 from prima.sources import build
 from tests.conftest import requires
+from tests.prima_fixtures import CWLITE
 from tests.tpm_fixtures import needs_swtpm, swtpm, swtpm_template  # noqa: F401
 
 pytestmark = [requires(root=True), needs_swtpm]
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "packaging/systemd/cwlite-enforce.service"
-CWLITE = str(Path(sys.executable).with_name("cwlite"))
-
 
 def _unit_command() -> list[str]:
     unit = configparser.ConfigParser(strict=False, interpolation=None)

@@ -120,9 +120,10 @@ class Daemon:
     """The enforce loop, usable from other commands (e.g. a service embedding enforcement)."""
 
     def __init__(self, policy_path: Path, db_path: Path, sink: EventSink, *, backend: str = "auto",
-                 controller_key: Path | None = None, log: IO[str] = sys.stderr, policy: Policy | None = None,
+                 controller_key: Path | None = None, log: IO[str] | None = None, policy: Policy | None = None,
                  data_dir: Path | None = None, pa_interfaces: Sequence[str] = ()) -> None:
         """`policy`: `policy_path` as the caller already loaded it (checked with `controller_key`), for the start;
+        `log`: where status lines go (default: sys.stderr as it is when the daemon speaks, JSON lines included);
         `data_dir`: where the policy serial floor lives (a reload to an older serial is refused);
         `pa_interfaces`: where Port Authority's tc classifier goes (none: only its cgroup programs)."""
         self.policy_path, self.db_path, self.sink = policy_path, db_path, sink
@@ -148,6 +149,11 @@ class Daemon:
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
         engine = Engine(policy, view, backend=backend, db_digest=db_digest, trust_max=max(MIN_TRUST_MAX, 2 * size_hint))
         try:
+            # daemon-start, policy-load and db-load reach the log now, before the daemon says it enforces: a
+            # daemon killed before its first poll must still leave its start behind (the next start is then
+            # the enforcement gap the verifier flags; a restarted unit would otherwise look like the first)
+            for ev in engine.drain():
+                self.sink.record(ev)
             self._say(f"enforcing {self.policy_path} ({policy.mode}) with {engine.loaded.trusted_files} trusted files, "
                       f"backend {backend}")
             self._start_pa(policy, engine)
@@ -212,7 +218,7 @@ class Daemon:
         self._say(f"reloaded: generation {loaded.generation}, {loaded.trusted_files} trusted files")
 
     def _say(self, text: str) -> None:
-        print(f"cwlite enforce: {text}", file=self.log, flush=True)
+        print(f"cwlite enforce: {text}", file=self.log or sys.stderr, flush=True)
 
 
 @click.command("enforce")

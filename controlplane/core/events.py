@@ -34,6 +34,8 @@ class EventKind(str, enum.Enum):
     ENGINE_ALIVE = "engine-alive"        # the engine answered a verifier's nonce: digest = alive_digest(nonce)
     PA_LISTENER = "pa-listener"          # Port Authority let a TP take a port: digest = its program's measurement
     PA_REFUSED = "pa-refused"            # Port Authority refusals of one kind in one interval, with their count
+    SELINUX_LOAD = "selinux-load"        # the cwlite SELinux module was installed: digest = its module digest,
+                                         # op = module name, subject = the policy store it went into
 
 
 def alive_digest(nonce: bytes) -> bytes:

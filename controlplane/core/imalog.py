@@ -266,6 +266,13 @@ def parse_ascii(text: str, *, source: str = "log") -> list[LogEntry]:
     return entries
 
 
+def parse_any(data: bytes, *, source: str = "log") -> list[LogEntry]:
+    """Entries of a log in either form: ASCII lines start with the PCR number ("%2d"), binary ones do not."""
+    if data[:1].isdigit() or data[:1] == b" ":
+        return parse_ascii(data.decode("utf-8", "surrogateescape"), source=source)
+    return parse_binary(data, source=source)
+
+
 def to_binary(entries: Iterable[LogEntry]) -> bytes:
     return b"".join(e.binary() for e in entries)
 

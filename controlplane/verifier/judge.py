@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from controlplane.core.errors import CwliteError
 from controlplane.core.events import Event, EventKind, alive_digest, parse_ima_name, parse_pa_subject, transition_source
 from controlplane.core.policy import expires_text
+from controlplane.core.selinux_render import render
 
 # Port Authority ops a TP makes itself (refused: the TP tried to step outside its rules) vs what
 # the network sends it (refused: the filter did its job; anyone outside can make these).
@@ -52,6 +54,15 @@ class Reference:
     @functools.cached_property
     def db_digest(self) -> bytes:
         return self.db.digest()
+
+    @functools.cached_property
+    def selinux_module_digest(self) -> bytes | None:
+        """The SELinux module rendered from the verifier's policy (None when the policy renders none):
+        a loaded module must be byte for byte this one, so a hand-edited module is caught."""
+        try:
+            return bytes.fromhex(render(self.policy).digest())
+        except CwliteError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -161,6 +172,9 @@ class Judge:
             verdict, reason = self._listener(ev)
         elif kind is EventKind.PA_REFUSED:
             verdict, reason = self._refused(ev)
+        elif kind is EventKind.SELINUX_LOAD:
+            if ev.digest != self.ref.selinux_module_digest:
+                verdict, reason = Verdict.UNTRUSTED, "selinux-module"
         elif kind is EventKind.ENGINE_ALIVE:
             verdict = Verdict.INFO
             if self.nonce is not None and ev.digest == alive_digest(self.nonce):

@@ -7,6 +7,7 @@ from controlplane.core import imalog
 from controlplane.core.imalog import replay_to
 from controlplane.core.events import Event, EventKind, alive_digest
 from controlplane.core.policy import parse_policy
+from controlplane.core.selinux_render import render
 from controlplane.verifier.judge import Facts, Judge, Reference
 from prima.measuredb import MeasureDB
 from tests.attest_fixtures import reference  # noqa: F401
@@ -46,6 +47,10 @@ def test_each_rule(judge):
         (Event(EventKind.DAEMON_START, subject="prima/tracepoint"), "untrusted", "enforcement-gap"),
         (Event(EventKind.DAEMON_STOP, subject="prima/tracepoint"), "untrusted", "enforcement-stopped"),
         (Event(EventKind.BOOT_AGGREGATE, BOOT), "untrusted", "boot-aggregate-position"),
+        (Event(EventKind.SELINUX_LOAD, bytes.fromhex(render(ref.policy).digest()), op="cwlite",
+               subject="/var/lib/selinux/default"), "trusted", ""),
+        (Event(EventKind.SELINUX_LOAD, b"\x06" * 32, op="cwlite", subject="/var/lib/selinux/default"),
+         "untrusted", "selinux-module"),
     ]
     got = [(v.verdict, v.reason) for v in (j.judge(_entry(i, e)) for i, (e, _, _) in enumerate(rows))]
     assert got == [(v, r) for _, v, r in rows]

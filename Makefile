@@ -16,7 +16,7 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 libbpf-dev bpftool
 	python3-venv python3-dev build-essential pkg-config libffi-dev \
 	gpgv gpg debian-archive-keyring distcc iproute2 postgresql btrfs-progs \
 	selinux-policy-dev selinux-policy-default python3-setools python3-selinux \
-	semodule-utils checkpolicy policycoreutils graphviz
+	semodule-utils checkpolicy policycoreutils graphviz python3-matplotlib
 
 .PHONY: setup apt headers venv demo test bench clean
 
@@ -61,8 +61,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests/unit tests/kernel tests/vm tests/e2e
 
+# Every benchmark appends its figures to bench-results/results.jsonl (tests/bench/record.py); the
+# report keeps the newest of each and writes bench-results/REPORT.md and PNG plots (committed).
 bench: setup
-	$(PY) -m pytest -m bench -s tests/bench
+	$(PY) -m pytest -m bench -s tests/bench; status=$$?; $(PY) -m tests.bench.report && exit $$status
 
 clean:
 	rm -rf $(VENV) build *.egg-info cext/_btf*.so cext/_bpf*.so selinux-policy/tmp selinux-policy/*.pp

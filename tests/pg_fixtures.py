@@ -22,29 +22,54 @@ def _as_pg(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
+class PgServer:
+    """A private PostgreSQL server: `url` (SQLAlchemy, psycopg 3) and stop/start/restart (a fault test's lever)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base, self.data, self.sock = base, base / "data", base / "sock"
+        self.url = f"postgresql+psycopg://cwlite@/postgres?host={self.sock}"
+
+    def ctl(self, *args: str, check: bool = True) -> None:
+        subprocess.run(_as_pg([str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args]), check=check, capture_output=True)
+
+    def start(self) -> None:
+        opts = f"-k {self.sock} -c listen_addresses='' -c fsync=off"
+        self.ctl("-o", opts, "-l", str(self.base / "log"), "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (`fast`: disconnect every client; `immediate`: as after a crash)."""
+        self.ctl("-m", mode, "-w", "stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
 @pytest.fixture(scope="session")
-def postgres_url():
-    """SQLAlchemy URL (psycopg 3) of a fresh PostgreSQL server on a private unix socket."""
+def postgres_server():
+    """A fresh PostgreSQL server on a private unix socket (initdb + pg_ctl), stopped at session end."""
     if not (PG_BIN / "initdb").exists():   # in the Makefile's APT_PACKAGES: a set-up machine has it
         pytest.fail(f"{PG_BIN}/initdb missing: run `make setup` (Debian package postgresql)")
-    base = Path(tempfile.mkdtemp(prefix="cwlite-pg-"))
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
+    server = PgServer(Path(tempfile.mkdtemp(prefix="cwlite-pg-")))
+    server.sock.mkdir()
     if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-        shutil.chown(sock, "postgres")
-        base.chmod(0o755)
-    subprocess.run(_as_pg([str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "cwlite",
+        shutil.chown(server.base, "postgres")
+        shutil.chown(server.sock, "postgres")
+        server.base.chmod(0o755)
+    subprocess.run(_as_pg([str(PG_BIN / "initdb"), "-D", str(server.data), "-A", "trust", "-U", "cwlite",
                            "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)
-    opts = f"-k {sock} -c listen_addresses='' -c fsync=off"
-    subprocess.run(_as_pg([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(base / "log"),
-                           "-w", "-t", "60", "start"]), check=True, capture_output=True)
+    server.start()
     try:
-        yield f"postgresql+psycopg://cwlite@/postgres?host={sock}"
+        yield server
     finally:
-        subprocess.run(_as_pg([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-                       capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        server.ctl("-m", "immediate", "-w", "stop", check=False)
+        shutil.rmtree(server.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PgServer) -> str:
+    """SQLAlchemy URL (psycopg 3) of the session's PostgreSQL server."""
+    return postgres_server.url
 
 
 def new_database(server_url: str, name: str) -> str:

@@ -14,7 +14,7 @@ import click
 from controlplane.cli.output import emit
 from controlplane.cli.proof import print_proof
 from controlplane.core.atomic import write_atomic
-from controlplane.core.errors import FileError, VerifyError
+from controlplane.core.errors import CwliteError, FileError, VerifyError
 from controlplane.core.keys import load_signing_key
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import load_policy, read_signature, signature_path
@@ -166,8 +166,9 @@ def _watch(store, ref, key, hosts, rounds, as_json) -> None:
     last: dict[str, str] = {}
     for name, result in v.watch(store, ref, key, hosts=hosts or None, rounds=rounds):
         stamp = time.strftime("%H:%M:%S")
-        if isinstance(result, VerifyError):
-            state, line = f"refused:{result.reason}", f"REFUSED ({result.reason}): {result}"
+        if isinstance(result, CwliteError):      # VerifyError, or StoreError (reason "store")
+            reason = getattr(result, "reason", "store")
+            state, line = f"refused:{reason}", f"REFUSED ({reason}): {result}"
         else:
             state = result.verdict
             new = [e for e in result.document["entries"]]
@@ -177,7 +178,7 @@ def _watch(store, ref, key, hosts, rounds, as_json) -> None:
                 line += f"\n    entry {e['index']}: {e['reason']} {e['label']} {e['op']} {e['subject']}"
         if as_json:
             click.echo(json.dumps({"host": name, "state": state, "at": stamp,
-                                   "proof": None if isinstance(result, VerifyError) else result.document}))
+                                   "proof": None if isinstance(result, CwliteError) else result.document}))
         elif state != last.get(name) or state != Verdict.TRUSTED:
             flag = "" if state == Verdict.TRUSTED else "  <-- FLAGGED"
             click.echo(f"{stamp} {name}: {line}{flag}")

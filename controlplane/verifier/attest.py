@@ -176,28 +176,34 @@ def _round(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store |
 
 
 def watch(store: Store, ref: Reference, key, *, hosts: Iterable[str] | None = None,
-          rounds: int | None = None, sleep=time.sleep, now=time.monotonic) -> Iterator[tuple[str, Attestation | VerifyError]]:
-    """Re-attest each host at its own interval; yield (host, Attestation or VerifyError) as each round ends.
+          rounds: int | None = None, sleep=time.sleep, now=time.monotonic
+          ) -> Iterator[tuple[str, Attestation | VerifyError | StoreError]]:
+    """Re-attest each host at its own interval; yield (host, Attestation, VerifyError or StoreError) as each
+    round ends.
 
     Runs forever unless `rounds` (total rounds over all hosts) is given. The caller decides what to
-    do with an untrusted host (the CLI flags it on the spot).
+    do with an untrusted host (the CLI flags it on the spot). A store that fails (its database
+    restarting) fails that round only: nothing of it was stored, so the next round replays from the
+    last verified state and judges the same entries again.
     """
     names = list(hosts) if hosts else [h.name for h in store.hosts()]
     if not names:
         raise VerifyError(f"{store.where()}: no hosts enrolled", reason="no-hosts")
     due = {name: now() for name in names}
+    intervals = {name: 30.0 for name in names}
     done = 0
     while rounds is None or done < rounds:
         name = min(due, key=due.get)
         wait = due[name] - now()
         if wait > 0:
             sleep(wait)
-        host = store.host(name)
         try:
-            result: Attestation | VerifyError = attest(host, ref, key, store=store)
-        except VerifyError as exc:
+            host = store.host(name)
+            intervals[name] = host.interval_s
+            result: Attestation | VerifyError | StoreError = attest(host, ref, key, store=store)
+        except (VerifyError, StoreError) as exc:
             result = exc
-        due[name] = now() + host.interval_s
+        due[name] = now() + intervals[name]
         done += 1
         yield name, result
 

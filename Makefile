@@ -1,7 +1,8 @@
 # cwlite: one-command setup, demo, tests, benchmarks. Run as root on Debian 12.
 #   make demo   - set up, then run the main job (policy -> enforcement -> log/PCR -> quote -> verdict)
 #   make test   - set up, then run every test tier (unit, kernel, vm, e2e)
-#   make bench  - set up, then run the benchmarks (tests/bench)
+#   make bench  - set up, then run the benchmarks (tests/bench) and write bench-results/REPORT.md
+#   make soak   - set up, then a 30-minute labelled build loop (SOAK_S=seconds to change it); not in `make test`
 # `make setup` is idempotent: on a set-up machine it checks and returns in seconds.
 
 SHELL := /bin/bash
@@ -18,7 +19,7 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 libbpf-dev bpftool
 	selinux-policy-dev selinux-policy-default python3-setools python3-selinux \
 	semodule-utils checkpolicy policycoreutils graphviz python3-matplotlib
 
-.PHONY: setup apt headers venv demo test bench clean
+.PHONY: setup apt headers venv demo test bench soak clean
 
 setup: apt headers venv
 
@@ -65,6 +66,10 @@ test: setup
 # report keeps the newest of each and writes bench-results/REPORT.md and PNG plots (committed).
 bench: setup
 	$(PY) -m pytest -m bench -s tests/bench; status=$$?; $(PY) -m tests.bench.report && exit $$status
+
+SOAK_S ?= 1800
+soak: setup
+	CWLITE_SOAK_S=$(SOAK_S) $(PY) -m pytest -s tests/soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info cext/_btf*.so cext/_bpf*.so selinux-policy/tmp selinux-policy/*.pp

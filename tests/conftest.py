@@ -13,7 +13,7 @@ import pytest
 
 from ebpf.probe import probe_lsm
 
-TIERS = ("unit", "kernel", "vm", "e2e", "bench")
+TIERS = ("unit", "kernel", "vm", "e2e", "bench", "soak")
 # A capability too costly to learn at import (it loads a program): checked when a test marked with it runs.
 BPF_LSM_MARK = "cwlite_bpf_lsm"
 

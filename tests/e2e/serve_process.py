@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,15 +19,19 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from controlplane.cli.demo import Layout
+from controlplane.cli.demo import POLICY, Layout
 from controlplane.core.policy import load_policy
 from controlplane.host.swtpm import Swtpm
 from controlplane.verifier import attest as verifier
+from controlplane.verifier import registrar
 from controlplane.verifier.store import Store
 from prima.measuredb import MeasureDB
+from prima.sources import build
 
 CWLITE = str(Path(sys.executable).with_name("cwlite"))
 HOST = "build-vm-1"
+TOOLCHAIN = ["gcc-12", "make", "binutils", "dash", "coreutils"]
+LABEL = "tp_build"
 
 
 def free_port() -> int:
@@ -60,6 +65,12 @@ def serve(layout: Layout, port: int, *extra: str, wait_for: str, timeout: float 
                 proc.wait()
 
 
+def enrol(layout: Layout, port: int, store: Store, *, name: str = HOST):
+    """Enrol the service on `port` as the verifier does: EK certificate checked against the swtpm's CA."""
+    cas = registrar.load_cas(sorted((layout.host_dir / "swtpm" / "ca").glob("*cert*.pem")))
+    return registrar.enrol(f"https://127.0.0.1:{port}", name, store, cas=cas, require_ek_cert=True)
+
+
 def attest(layout: Layout, store: Store, key, *, name: str = HOST) -> verifier.Attestation:
     """One round against the enrolled host, judged with the verifier's own copies of policy and DB."""
     ref = verifier.Reference(load_policy(layout.verifier_policy), MeasureDB.open(layout.verifier_db))
@@ -74,3 +85,20 @@ def stop_orphan_swtpm(layout: Layout) -> None:
     orphan = Swtpm.attach(layout.host_dir / "swtpm")
     if orphan is not None:
         os.kill(orphan.pid, signal.SIGTERM)
+
+
+def toolchain_layout(work: Path) -> Layout:
+    """A layout like the demo's, but the trust set is the Debian toolchain and the entrypoint is make."""
+    tp_bin, verifier, host = work / "tp-bin", work / "verifier", work / "host"
+    for d in (tp_bin, verifier, host):
+        d.mkdir(parents=True)
+    entry = tp_bin / "make"
+    shutil.copy2("/usr/bin/make", entry)
+    untrusted = work / "true"
+    shutil.copy2("/usr/bin/true", untrusted)
+    db, policy = host / "measure.db", host / "policy.toml"
+    build(db, from_dpkg=TOOLCHAIN, deps=True, from_dir=[tp_bin], trust_set="toolchain", note="fault test toolchain")
+    policy.write_text(POLICY.format(mode="enforce", trust_set="toolchain", label=LABEL, entry=entry))
+    shutil.copy2(db, verifier / "measure.db")
+    shutil.copy2(policy, verifier / "policy.toml")
+    return Layout(work, entry, untrusted, db, policy, verifier / "measure.db", verifier / "policy.toml")

@@ -15,10 +15,9 @@ import pytest
 from controlplane.cli.demo import prepare
 from controlplane.core import proof as proof_mod
 from controlplane.core.keys import load_signing_key
-from controlplane.verifier import registrar
 from controlplane.verifier.store import Store, default_url
 from tests.conftest import requires
-from tests.e2e.serve_process import attest, free_port, serve, stop_orphan_swtpm
+from tests.e2e.serve_process import attest, enrol, free_port, serve, stop_orphan_swtpm
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), pytest.mark.timeout(600)]
 
@@ -36,8 +35,7 @@ def test_a_tp_kills_the_daemon_and_the_next_proof_says_the_engine_is_dead(layout
     with Store.open(default_url(layout.verifier_dir)) as store:
         key = load_signing_key(layout.verifier_dir / "verifier.key", create=True)
         with serve(layout, port, "--enforce", "--backend", "tracepoint", wait_for="cwlite enforce: enforcing") as daemon:
-            cas = registrar.load_cas(sorted((layout.host_dir / "swtpm" / "ca").glob("*cert*.pem")))
-            registrar.enrol(f"https://127.0.0.1:{port}", "build-vm-1", store, cas=cas, require_ek_cert=True)
+            enrol(layout, port, store)
             first = attest(layout, store, key)
             assert first.verdict == "trusted", first.reasons
             assert any(v.kind == "engine-alive" and v.verdict == "info" for v in first.entries)

@@ -11,7 +11,6 @@ systemd's Restart= does). Then:
 """
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import time
@@ -19,37 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.cli.demo import POLICY, Layout
 from controlplane.core import imalog
 from controlplane.core.keys import load_signing_key
 from controlplane.host.mlog import read_log
-from controlplane.verifier import registrar
 from controlplane.verifier.store import Store, default_url
-from prima.sources import build
 from tests.bypass.lab import c_project
 from tests.conftest import requires
-from tests.e2e.serve_process import HOST, attest, free_port, serve, stop_orphan_swtpm
+from tests.e2e.serve_process import attest, enrol, free_port, serve, stop_orphan_swtpm, toolchain_layout
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), requires(tool="gcc"), pytest.mark.timeout(1200)]
-TOOLCHAIN = ["gcc-12", "make", "binutils", "dash", "coreutils"]
-LABEL = "tp_build"
-
-
-def toolchain_layout(work: Path) -> Layout:
-    """A layout like the demo's, but the trust set is the Debian toolchain and the entrypoint is make."""
-    tp_bin, verifier, host = work / "tp-bin", work / "verifier", work / "host"
-    for d in (tp_bin, verifier, host):
-        d.mkdir(parents=True)
-    entry = tp_bin / "make"
-    shutil.copy2("/usr/bin/make", entry)
-    untrusted = work / "true"
-    shutil.copy2("/usr/bin/true", untrusted)
-    db, policy = host / "measure.db", host / "policy.toml"
-    build(db, from_dpkg=TOOLCHAIN, deps=True, from_dir=[tp_bin], trust_set="toolchain", note="fault test toolchain")
-    policy.write_text(POLICY.format(mode="enforce", trust_set="toolchain", label=LABEL, entry=entry))
-    shutil.copy2(db, verifier / "measure.db")
-    shutil.copy2(policy, verifier / "policy.toml")
-    return Layout(work, entry, untrusted, db, policy, verifier / "measure.db", verifier / "policy.toml")
 
 
 def _logged(path: Path) -> list[imalog.LogEntry]:
@@ -75,8 +52,7 @@ def test_a_daemon_killed_mid_compile_restarts_with_a_gap_entry_and_loses_nothing
             key = load_signing_key(layout.verifier_dir / "verifier.key", create=True)
             with serve(layout, port, "--enforce", "--backend", "tracepoint",
                        wait_for="cwlite enforce: enforcing") as daemon:
-                cas = registrar.load_cas(sorted((layout.host_dir / "swtpm" / "ca").glob("*cert*.pem")))
-                registrar.enrol(f"https://127.0.0.1:{port}", HOST, store, cas=cas, require_ek_cert=True)
+                enrol(layout, port, store)
                 first = attest(layout, store, key)
                 assert first.verdict == "trusted", first.reasons
 

@@ -23,10 +23,9 @@ from controlplane.cli.demo import prepare
 from controlplane.core import imalog
 from controlplane.core.errors import VerifyError
 from controlplane.core.keys import load_signing_key
-from controlplane.verifier import registrar
 from controlplane.verifier.store import Store, default_url
 from tests.conftest import requires
-from tests.e2e.serve_process import HOST, attest, free_port, serve, stop_orphan_swtpm
+from tests.e2e.serve_process import HOST, attest, enrol, free_port, serve, stop_orphan_swtpm
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), pytest.mark.timeout(900)]
 
@@ -50,8 +49,7 @@ def test_a_service_killed_mid_quote_fails_that_round_only_and_loses_nothing(tmp_
             key = load_signing_key(layout.verifier_dir / "verifier.key", create=True)
             with serve(layout, port, "--enforce", "--backend", "tracepoint",
                        wait_for="cwlite enforce: enforcing") as proc:
-                cas = registrar.load_cas(sorted((layout.host_dir / "swtpm" / "ca").glob("*cert*.pem")))
-                registrar.enrol(f"https://127.0.0.1:{port}", HOST, store, cas=cas, require_ek_cert=True)
+                enrol(layout, port, store)
                 first = attest(layout, store, key)
                 assert first.verdict == "trusted", first.reasons
 

@@ -69,6 +69,7 @@ def plot(samples: list[dict], path: Path) -> None:
     fig, (a, b) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     a.plot(t, [s["rss_kib"] / 1024 for s in samples])
     a.set_ylabel("daemon RSS (MiB)")
+    a.set_ylim(bottom=0)
     for name in samples[-1]["maps"]:
         b.plot(t, [s["maps"].get(name, 0) for s in samples], label=name.split("#")[0])
     b.set_ylabel("hash map entries")

@@ -2,10 +2,11 @@
 
 initdb + pg_ctl in a temporary directory, listening only on a unix socket
 there (no TCP port to collide with anyone), as the `postgres` user when we
-are root (PostgreSQL refuses to run as root). Stopped at session end.
+are root (PostgreSQL refuses to run as root). Stopped when the test process exits.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -45,9 +46,14 @@ class PgServer:
         self.start()
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A fresh PostgreSQL server on a private unix socket (initdb + pg_ctl), stopped at session end."""
+_SERVER: list[PgServer] = []
+
+
+def session_server() -> PgServer:
+    """The test session's PostgreSQL server (initdb + pg_ctl on first use; stopped when the session's
+    process exits), shared by both fixtures so a test module may import either alone."""
+    if _SERVER:
+        return _SERVER[0]
     if not (PG_BIN / "initdb").exists():   # in the Makefile's APT_PACKAGES: a set-up machine has it
         pytest.fail(f"{PG_BIN}/initdb missing: run `make setup` (Debian package postgresql)")
     server = PgServer(Path(tempfile.mkdtemp(prefix="cwlite-pg-")))
@@ -59,17 +65,26 @@ def postgres_server():
     subprocess.run(_as_pg([str(PG_BIN / "initdb"), "-D", str(server.data), "-A", "trust", "-U", "cwlite",
                            "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)
     server.start()
-    try:
-        yield server
-    finally:
+
+    def stop() -> None:
         server.ctl("-m", "immediate", "-w", "stop", check=False)
         shutil.rmtree(server.base, ignore_errors=True)
 
+    atexit.register(stop)
+    _SERVER.append(server)
+    return server
+
 
 @pytest.fixture(scope="session")
-def postgres_url(postgres_server: PgServer) -> str:
+def postgres_server() -> PgServer:
+    """A fresh PostgreSQL server on a private unix socket, with stop/start/restart (fault tests)."""
+    return session_server()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
     """SQLAlchemy URL (psycopg 3) of the session's PostgreSQL server."""
-    return postgres_server.url
+    return session_server().url
 
 
 def new_database(server_url: str, name: str) -> str:

@@ -26,7 +26,7 @@ from controlplane.verifier import registrar
 from controlplane.verifier.store import Store
 from tests.attest_fixtures import Relay, enforcement_started, reference, running_host  # noqa: F401
 from tests.conftest import requires
-from tests.pg_fixtures import new_database, postgres_server, postgres_url  # noqa: F401 - fixtures
+from tests.pg_fixtures import new_database, postgres_url  # noqa: F401
 
 _DBS = itertools.count()
 

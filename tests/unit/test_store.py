@@ -5,7 +5,7 @@ import pytest
 
 from controlplane.core.errors import StoreError
 from controlplane.verifier.store import Host, Store
-from tests.pg_fixtures import new_database, postgres_server, postgres_url  # noqa: F401 - fixtures
+from tests.pg_fixtures import new_database, postgres_url  # noqa: F401 - fixture
 
 _N = 0
 

@@ -47,9 +47,12 @@ class JsonLinesSink:
             raise FileError.from_os(path, exc, "open the events file") from exc
 
     def record(self, event: Event) -> None:
-        self._f.write(json.dumps(event_json(event), sort_keys=True) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(event_json(event), sort_keys=True) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as exc:          # a full disk: the daemon goes on enforcing, unrecorded (Daemon._record)
+            raise FileError.from_os(self.path, exc, "append an event") from exc
 
     def close(self) -> None:
         self._f.close()

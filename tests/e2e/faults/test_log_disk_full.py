@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from controlplane.cli.demo import prepare
-from controlplane.cli.enforce import Daemon
+from controlplane.cli.enforce import Daemon, JsonLinesSink
 from controlplane.core import imalog
-from controlplane.core.errors import LogError, VerifyError
+from controlplane.core.errors import FileError, LogError, VerifyError
 from controlplane.core.events import Event, EventKind
 from controlplane.core.keys import load_signing_key
 from controlplane.host.mlog import MeasurementLog, read_log
@@ -144,3 +144,15 @@ def test_the_daemon_keeps_enforcing_when_its_log_fills(tmp_path, tpm) -> None:
             log.close()
     assert not failure, failure
     assert daemon.unrecorded >= 1
+
+
+def test_a_full_disk_under_the_events_file_is_one_file_error() -> None:
+    """The JSON-lines sink on a full device (/dev/full: every write ENOSPC) raises the project's FileError,
+    which the daemon turns into "enforcing, unrecorded" (an OSError would have stopped it)."""
+    sink = JsonLinesSink(Path("/dev/full"))
+    try:
+        with pytest.raises(FileError, match="/dev/full: cannot append an event: No space left on device"):
+            sink.record(_event(0))
+    finally:
+        with contextlib.suppress(OSError):
+            sink.close()

@@ -19,12 +19,15 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from controlplane.cli.demo import POLICY, Layout
+from controlplane.core.keys import load_signing_key
 from controlplane.core.policy import load_policy
 from controlplane.host.swtpm import Swtpm
 from controlplane.verifier import attest as verifier
 from controlplane.verifier import registrar
-from controlplane.verifier.store import Store
+from controlplane.verifier.store import Store, default_url
 from prima.measuredb import MeasureDB
 from prima.sources import build
 
@@ -32,6 +35,9 @@ CWLITE = str(Path(sys.executable).with_name("cwlite"))
 HOST = "build-vm-1"
 TOOLCHAIN = ["gcc-12", "make", "binutils", "dash", "coreutils"]
 LABEL = "tp_build"
+
+
+ENFORCING = "cwlite enforce: enforcing"
 
 
 def free_port() -> int:
@@ -63,6 +69,18 @@ def serve(layout: Layout, port: int, *extra: str, wait_for: str, timeout: float 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def serve_enforcing(layout: Layout, port: int):
+    """`cwlite serve --enforce` on the tracepoint backend, once its engine enforces."""
+    return serve(layout, port, "--enforce", "--backend", "tracepoint", wait_for=ENFORCING)
+
+
+@contextlib.contextmanager
+def verifier_of(layout: Layout) -> Iterator[tuple[Store, Ed25519PrivateKey]]:
+    """The verifier's store (SQLite in its dir) and signing key (made on first use)."""
+    with Store.open(default_url(layout.verifier_dir)) as store:
+        yield store, load_signing_key(layout.verifier_dir / "verifier.key", create=True)
 
 
 def enrol(layout: Layout, port: int, store: Store, *, name: str = HOST):

@@ -15,9 +15,8 @@ import pytest
 from controlplane.cli.demo import prepare
 from controlplane.core import proof as proof_mod
 from controlplane.core.keys import load_signing_key
-from controlplane.verifier.store import Store, default_url
 from tests.conftest import requires
-from tests.e2e.serve_process import attest, enrol, free_port, serve, stop_orphan_swtpm
+from tests.e2e.serve_process import attest, enrol, free_port, serve, serve_enforcing, stop_orphan_swtpm, verifier_of
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), pytest.mark.timeout(600)]
 
@@ -32,9 +31,8 @@ def layout(tmp_path):
 def test_a_tp_kills_the_daemon_and_the_next_proof_says_the_engine_is_dead(layout) -> None:
     port = free_port()
     run_tp = lambda cmd: subprocess.run([str(layout.entry), "-c", cmd], capture_output=True, text=True, timeout=60)
-    with Store.open(default_url(layout.verifier_dir)) as store:
-        key = load_signing_key(layout.verifier_dir / "verifier.key", create=True)
-        with serve(layout, port, "--enforce", "--backend", "tracepoint", wait_for="cwlite enforce: enforcing") as daemon:
+    with verifier_of(layout) as (store, key):
+        with serve_enforcing(layout, port) as daemon:
             enrol(layout, port, store)
             first = attest(layout, store, key)
             assert first.verdict == "trusted", first.reasons

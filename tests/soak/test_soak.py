@@ -18,13 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.core.keys import load_signing_key
-from controlplane.verifier import registrar
-from controlplane.verifier.store import Store, default_url
 from tests.bench.record import RESULTS_DIR, record
 from tests.bypass.lab import c_project
 from tests.conftest import requires
-from tests.e2e.serve_process import HOST, attest, free_port, serve, stop_orphan_swtpm, toolchain_layout
+from tests.e2e.serve_process import (attest, enrol, free_port, serve_enforcing, stop_orphan_swtpm, toolchain_layout,
+                                     verifier_of)
 
 SOAK_S = float(os.environ.get("CWLITE_SOAK_S", "1800"))
 WARMUP_S = min(60.0, SOAK_S / 4)
@@ -90,11 +88,9 @@ def test_soak_a_labelled_build_loop(tmp_path: Path) -> None:
     rounds = []
     builds = 0
     try:
-        with Store.open(default_url(layout.verifier_dir)) as store:
-            key = load_signing_key(layout.verifier_dir / "verifier.key", create=True)
-            with serve(layout, port, "--enforce", "--backend", "tracepoint",
-                       wait_for="cwlite enforce: enforcing") as daemon:
-                registrar.enrol(f"https://127.0.0.1:{port}", HOST, store)
+        with verifier_of(layout) as (store, key):
+            with serve_enforcing(layout, port) as daemon:
+                enrol(layout, port, store)
                 t0 = last_attest = time.monotonic()
                 rounds.append(attest(layout, store, key))
                 while time.monotonic() - t0 < SOAK_S:

@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 
 from controlplane.core import imalog
-from controlplane.core.keys import load_signing_key
 from controlplane.host.mlog import read_log
-from controlplane.verifier.store import Store, default_url
 from tests.bypass.lab import c_project
 from tests.conftest import requires
-from tests.e2e.serve_process import attest, enrol, free_port, serve, stop_orphan_swtpm, toolchain_layout
+from tests.e2e.serve_process import (attest, enrol, free_port, serve_enforcing, stop_orphan_swtpm, toolchain_layout,
+                                     verifier_of)
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), requires(tool="gcc"), pytest.mark.timeout(1200)]
 
@@ -48,10 +47,8 @@ def test_a_daemon_killed_mid_compile_restarts_with_a_gap_entry_and_loses_nothing
     log_path = layout.host_dir / "measurements.log"
     port = free_port()
     try:
-        with Store.open(default_url(layout.verifier_dir)) as store:
-            key = load_signing_key(layout.verifier_dir / "verifier.key", create=True)
-            with serve(layout, port, "--enforce", "--backend", "tracepoint",
-                       wait_for="cwlite enforce: enforcing") as daemon:
+        with verifier_of(layout) as (store, key):
+            with serve_enforcing(layout, port) as daemon:
                 enrol(layout, port, store)
                 first = attest(layout, store, key)
                 assert first.verdict == "trusted", first.reasons
@@ -65,7 +62,7 @@ def test_a_daemon_killed_mid_compile_restarts_with_a_gap_entry_and_loses_nothing
             _out, err = compile_.communicate(timeout=600)
             assert compile_.returncode == 0, err          # unenforced during the gap, but it ran on
 
-            with serve(layout, port, "--enforce", "--backend", "tracepoint", wait_for="cwlite enforce: enforcing"):
+            with serve_enforcing(layout, port):
                 second = attest(layout, store, key)
                 r = subprocess.run(make, capture_output=True, text=True, timeout=600)
                 assert r.returncode == 0, r.stderr

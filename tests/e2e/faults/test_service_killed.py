@@ -22,10 +22,8 @@ import pytest
 from controlplane.cli.demo import prepare
 from controlplane.core import imalog
 from controlplane.core.errors import VerifyError
-from controlplane.core.keys import load_signing_key
-from controlplane.verifier.store import Store, default_url
 from tests.conftest import requires
-from tests.e2e.serve_process import HOST, attest, enrol, free_port, serve, stop_orphan_swtpm
+from tests.e2e.serve_process import HOST, attest, enrol, free_port, serve_enforcing, stop_orphan_swtpm, verifier_of
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), pytest.mark.timeout(900)]
 
@@ -45,10 +43,8 @@ def test_a_service_killed_mid_quote_fails_that_round_only_and_loses_nothing(tmp_
     log_path = layout.host_dir / "measurements.log"
     port = free_port()
     try:
-        with Store.open(default_url(layout.verifier_dir)) as store:
-            key = load_signing_key(layout.verifier_dir / "verifier.key", create=True)
-            with serve(layout, port, "--enforce", "--backend", "tracepoint",
-                       wait_for="cwlite enforce: enforcing") as proc:
+        with verifier_of(layout) as (store, key):
+            with serve_enforcing(layout, port) as proc:
                 enrol(layout, port, store)
                 first = attest(layout, store, key)
                 assert first.verdict == "trusted", first.reasons
@@ -65,7 +61,7 @@ def test_a_service_killed_mid_quote_fails_that_round_only_and_loses_nothing(tmp_
                 assert proc.wait(30) == -signal.SIGKILL
             at_kill = imalog.scan_binary(log_path.read_bytes()).entries
 
-            with serve(layout, port, "--enforce", "--backend", "tracepoint", wait_for="cwlite enforce: enforcing"):
+            with serve_enforcing(layout, port):
                 second = attest(layout, store, key)
             verdicts = store.verdicts(HOST)
             after = imalog.parse_binary(log_path.read_bytes())

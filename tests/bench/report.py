@@ -92,8 +92,6 @@ def main(results: Path = RESULTS, out_dir: Path = RESULTS_DIR) -> int:
     if not rows:
         print(f"bench report: no figures in {results} (run `make bench`)", file=sys.stderr)
         return 1
-    for old in out_dir.glob("*.png"):
-        old.unlink()
     plots = []
     if plot_ratios(rows, out_dir / "ratios.png"):
         plots.append("ratios.png")

@@ -11,6 +11,7 @@ Then:
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import pytest
@@ -38,12 +39,14 @@ def test_a_restarted_postgres_fails_one_round_and_loses_nothing(tmp_path, tpm, r
     (tmp_path / "host").mkdir()
     with running_host(tmp_path / "host", tpm=tpm) as host, Store(url) as store, contextlib.closing(ref.db):
         enforcement_started(host, reference)
-        registrar.enrol(host.url, HOST, store, interval_s=0.0)
-        rounds = verifier.watch(store, ref, key, hosts=[HOST], sleep=lambda _s: None)
+        registrar.enrol(host.url, HOST, store, interval_s=0.5)
+        loop = asyncio.new_event_loop()
+        rounds = verifier.watch(store, ref, key, hosts=[HOST])
+        next_round = lambda: loop.run_until_complete(rounds.__anext__())[1]   # between rounds the watch waits
 
-        outcomes.append(next(rounds)[1])                          # 1: trusted
+        outcomes.append(next_round())                             # 1: trusted
         postgres_server.restart()                                 # every pooled connection is now dead
-        outcomes.append(next(rounds)[1])                          # 2: trusted again (pre-ping reconnects)
+        outcomes.append(next_round())                             # 2: trusted again (pre-ping reconnects)
         before = store.host(HOST)
 
         host.record(EventKind.VIOLATION, label="tp_build", op="exec", subject="/tmp/evil")
@@ -56,10 +59,12 @@ def test_a_restarted_postgres_fails_one_round_and_loses_nothing(tmp_path, tpm, r
 
         host.state.on_quote = quote_then_database_down
         try:
-            outcomes.append(next(rounds)[1])                      # 3: judged, but cannot be stored
+            outcomes.append(next_round())                         # 3: judged, but cannot be stored
         finally:
             postgres_server.start()
-        outcomes.append(next(rounds)[1])                          # 4: the same entries judged again
+        outcomes.append(next_round())                             # 4: the same entries judged again
+        loop.run_until_complete(rounds.aclose())
+        loop.close()
         after = store.host(HOST)
         verdicts = [v.verdict for v in store.verdicts(HOST)]
 

@@ -297,7 +297,7 @@ async def watch(store: Store, ref: Reference, key, *, hosts: Iterable[str] | Non
             started = asyncio.get_running_loop().time()
             try:
                 host = store.host(name)
-                interval = host.interval_s
+                interval, started = host.interval_s, asyncio.get_running_loop().time()   # the round starts here
                 result: Attestation | VerifyError | StoreError = await attest_async(client, host, ref, key,
                                                                                    store=store)
             except (VerifyError, StoreError) as exc:

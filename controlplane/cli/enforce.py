@@ -54,9 +54,12 @@ class JsonLinesSink:
             raise FileError.from_os(path, exc, "open the events file") from exc
 
     def record(self, event: Event) -> None:
-        self._f.write(json.dumps(event_json(event), sort_keys=True) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(event_json(event), sort_keys=True) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as exc:          # a full disk: the daemon goes on enforcing, unrecorded (Daemon._record)
+            raise FileError.from_os(self.path, exc, "append an event") from exc
 
     def close(self) -> None:
         self._f.close()
@@ -134,6 +137,8 @@ class Daemon:
         self.backend, self.controller_key, self.log = backend, controller_key, log
         self.reload_requested = False
         self.stop_requested = False
+        self.sink_error: CwliteError | None = None   # the sink (measurement log) failed: see `_record`
+        self.unrecorded = 0                           # events read after that, not recorded
         self._alive: queue.SimpleQueue[tuple[bytes, threading.Event]] = queue.SimpleQueue()
 
     def request_alive(self, nonce: bytes, timeout: float = ALIVE_TIMEOUT_S) -> bool:
@@ -159,10 +164,10 @@ class Daemon:
             self._start_pa(policy, engine)
             while not self.stop_requested:
                 for ev in engine.poll(200 if self.pa is None else 100):
-                    self.sink.record(engine.evidence(ev))
+                    self._record(engine.evidence(ev))
                 if self.pa is not None:
                     for ev in self.pa.poll(100):
-                        self.sink.record(ev)
+                        self._record(ev)
                 self._answer_alive(engine)
                 if self.reload_requested:
                     self.reload_requested = False
@@ -171,11 +176,26 @@ class Daemon:
             if self.pa is not None:
                 self.pa.close()
                 for ev in self.pa.drain():
-                    self.sink.record(ev)
+                    self._record(ev)
             engine.close()
             for ev in engine.drain():
-                self.sink.record(engine.evidence(ev))
-            self._say("detached")
+                self._record(engine.evidence(ev))
+            self._say("detached" if self.sink_error is None else
+                      f"detached; {self.unrecorded} events were not recorded after the log failed")
+
+    def _record(self, ev: Event) -> None:
+        """Record one event; if the sink fails (a full disk, a dead TPM), enforcement goes on (fail
+        closed: untrusted code stays denied) but nothing more is recorded and no liveness is answered,
+        so the service's quotes fail (the log refuses them) and the next daemon start is a gap entry."""
+        if self.sink_error is not None:
+            self.unrecorded += 1
+            return
+        try:
+            self.sink.record(ev)
+        except CwliteError as exc:
+            self.sink_error = exc
+            self.unrecorded += 1
+            self._say(f"cannot record events, enforcement continues unrecorded until a restart: {exc}")
 
     def _start_pa(self, policy: Policy, engine: Engine) -> None:
         """Port Authority beside PRIMA when the policy has rules and the backend has its programs."""
@@ -197,9 +217,12 @@ class Daemon:
                 nonce, done = self._alive.get_nowait()
             except queue.Empty:
                 return
+            if self.sink_error is not None:
+                continue        # nothing can be recorded: the liveness entry is not there to claim
             for ev in engine.alive(nonce):
-                self.sink.record(engine.evidence(ev))
-            done.set()
+                self._record(engine.evidence(ev))
+            if self.sink_error is None:
+                done.set()
 
     def _reload(self, engine: Engine) -> None:
         try:
@@ -212,8 +235,8 @@ class Daemon:
         except CwliteError as exc:
             # The previous generation is still live: enforcement never stopped.
             self._say(f"reload refused, previous policy still enforced: {exc}")
-            self.sink.record(Event(EventKind.VIOLATION, op="reload", subject=str(self.policy_path),
-                                   detail={"error": str(exc)}))
+            self._record(Event(EventKind.VIOLATION, op="reload", subject=str(self.policy_path),
+                               detail={"error": str(exc)}))
             return
         self._say(f"reloaded: generation {loaded.generation}, {loaded.trusted_files} trusted files")
 

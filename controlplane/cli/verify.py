@@ -16,7 +16,7 @@ import click
 from controlplane.cli.output import emit
 from controlplane.cli.proof import print_proof
 from controlplane.core.atomic import write_atomic
-from controlplane.core.errors import FileError, VerifyError
+from controlplane.core.errors import CwliteError, FileError, VerifyError
 from controlplane.core.keys import load_signing_key
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import load_policy, read_signature, signature_path
@@ -260,11 +260,14 @@ async def _watch_rounds(store, ref, key, hosts, rounds, as_json, last: dict[str,
 
     async for name, result in v.watch(store, ref, key, hosts=hosts or None, rounds=rounds):
         stamp = time.strftime("%H:%M:%S")
-        if metrics is not None:
-            metrics.count(name, "refused" if isinstance(result, VerifyError) else str(result.verdict))
-        if isinstance(result, VerifyError):
-            state, line = f"refused:{result.reason}", f"REFUSED ({result.reason}): {result}"
+        if isinstance(result, CwliteError):      # VerifyError, or StoreError (reason "store")
+            reason = getattr(result, "reason", "store")
+            if metrics is not None:
+                metrics.count(name, "refused")
+            state, line = f"refused:{reason}", f"REFUSED ({reason}): {result}"
         else:
+            if metrics is not None:
+                metrics.count(name, str(result.verdict))
             state = result.verdict
             new = [e for e in result.document["entries"]]
             line = (f"{result.verdict.upper()} entries {result.log_start}..{result.log_end}"
@@ -275,7 +278,7 @@ async def _watch_rounds(store, ref, key, hosts, rounds, as_json, last: dict[str,
                 line += f"\n    kernel IMA entry {e['index']}: {e['reason']} {e['subject']} sha256:{e['digest']}"
         if as_json:
             click.echo(json.dumps({"host": name, "state": state, "at": stamp,
-                                   "proof": None if isinstance(result, VerifyError) else result.document}))
+                                   "proof": None if isinstance(result, CwliteError) else result.document}))
         elif state != last.get(name) or state != Verdict.TRUSTED:
             flag = "" if state == Verdict.TRUSTED else "  <-- FLAGGED"
             click.echo(f"{stamp} {name}: {line}{flag}")

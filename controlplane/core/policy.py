@@ -229,6 +229,7 @@ def expires_text(when: dt.datetime) -> str:
 _HEADER = re.compile(r"^\s*(\[\[?)\s*(?P<key>[^\]]+?)\s*\]\]?\s*(#.*)?$")
 _KEYLINE = re.compile(r"^\s*(?P<key>(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
 _STRINGS = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'[^']*'")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _split_key(key: str) -> tuple[str, ...]:
@@ -278,6 +279,11 @@ def key_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
+def _key_part(part: str) -> str:
+    """A key as TOML writes it: bare when it can be, else quoted (a key holding a newline stays one line)."""
+    return part if _BARE_KEY.fullmatch(part) else json.dumps(part)
+
+
 class _Ctx:
     """Error construction: every message is `source:line: key: what`."""
 
@@ -293,7 +299,7 @@ class _Ctx:
         return None
 
     def fail(self, path: tuple, what: str) -> PolicyError:
-        key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
+        key = ".".join(_key_part(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
         line = self.line_of(path)
         where = f"{self.source}:{line}" if line else self.source
         return PolicyError(f"{where}: {key}: {what}", source=self.source, line=line, key=key)

@@ -40,6 +40,8 @@ from controlplane.verifier.evidence import BOOT_PCRS, CheckedQuote, log_steps, q
 from controlplane.verifier.judge import EntryVerdict, Facts, Judge, Reference, Verdict
 from controlplane.verifier.store import Host, Store
 
+DEFAULT_INTERVAL_S = 30.0      # a host's interval until its row could be read (Host.interval_s's default)
+
 
 # replay ----------------------------------------------------------------------------
 @dataclass
@@ -275,29 +277,34 @@ def _round(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store |
 
 
 async def watch(store: Store, ref: Reference, key, *, hosts: Iterable[str] | None = None,
-                rounds: int | None = None) -> AsyncIterator[tuple[str, Attestation | VerifyError]]:
+                rounds: int | None = None) -> AsyncIterator[tuple[str, Attestation | VerifyError | StoreError]]:
     """Re-attest every host at its own interval, all at once over one connection pool; yield
-    (host, Attestation or VerifyError) as each round ends.
+    (host, Attestation, VerifyError or StoreError) as each round ends.
 
     Each host has its own task (a slow or unreachable host delays nobody else). Runs forever unless
     `rounds` (total rounds over all hosts) is given. The caller decides what to do with an untrusted
-    host (the CLI flags it on the spot and exits non-zero).
+    host (the CLI flags it on the spot and exits non-zero). A store that fails (its database
+    restarting) fails that round only: nothing of it was stored, so the next round replays from the
+    last verified state and judges the same entries again.
     """
     names = list(hosts) if hosts else [h.name for h in store.hosts()]
     if not names:
         raise VerifyError(f"{store.where()}: no hosts enrolled", reason="no-hosts")
-    results: asyncio.Queue[tuple[str, Attestation | VerifyError]] = asyncio.Queue()
+    results: asyncio.Queue[tuple[str, Attestation | VerifyError | StoreError]] = asyncio.Queue()
 
     async def one_host(client: httpx.AsyncClient, name: str) -> None:
+        interval = DEFAULT_INTERVAL_S
         while True:
-            host = store.host(name)
             started = asyncio.get_running_loop().time()
             try:
-                result: Attestation | VerifyError = await attest_async(client, host, ref, key, store=store)
-            except VerifyError as exc:
+                host = store.host(name)
+                interval, started = host.interval_s, asyncio.get_running_loop().time()   # the round starts here
+                result: Attestation | VerifyError | StoreError = await attest_async(client, host, ref, key,
+                                                                                   store=store)
+            except (VerifyError, StoreError) as exc:
                 result = exc
             await results.put((name, result))
-            await asyncio.sleep(max(0.0, started + host.interval_s - asyncio.get_running_loop().time()))
+            await asyncio.sleep(max(0.0, started + interval - asyncio.get_running_loop().time()))
 
     async with client_pool() as client:
         tasks = [asyncio.create_task(one_host(client, name), name=f"watch-{name}") for name in names]

@@ -81,7 +81,7 @@ def _check(ref_open, text: str, start: int, start_value: bytes, target: bytes, f
     return n
 
 
-def test_replay_and_check_100k(tmp_path: Path) -> None:
+def test_replay_and_check_100k(tmp_path: Path, bench_record) -> None:
     ref = make_reference(tmp_path)
     with MeasureDB.open(ref.db_path) as db:
         db_digest = db.digest()
@@ -121,9 +121,12 @@ def test_replay_and_check_100k(tmp_path: Path) -> None:
           f"of which imalog.parse_ascii alone {p * 1000:.0f} ms (ratio bare/parse {b / p:.2f})")
     print(f"verifier: incremental {NEW} new entries {i * 1000:.2f} ms = {100 * i / c:.2f}% of a full check "
           f"(target < 5%)")
+    bench_record("verifier: parse+replay+check of 100k entries vs bare hashlib replay", N / c, N / b, "entries/s",
+                 target=0.5, higher_is_better=True, samples=[N / x for x in checked])
+    bench_record("verifier: incremental 100 entries vs full 100k check", i, c, "s", target=0.05)
 
 
-def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
+def test_quote_round_trip_over_loopback_tls(tmp_path: Path, bench_record) -> None:
 
     with running_host(tmp_path / "host") as h, Store(f"sqlite:///{tmp_path}/a.db") as store:
         host = registrar.enrol(h.url, "bench", store)
@@ -156,3 +159,7 @@ def test_quote_round_trip_over_loopback_tls(tmp_path: Path) -> None:
     print(f"quote round trip over loopback HTTPS (keep-alive): p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms "
           f"(p50 ratio to in-process {q[49] / qd_[49]:.2f}); with a new TLS connection per round: "
           f"p50 {qf[49] * 1000:.1f} ms, p99 {qf[98] * 1000:.1f} ms")
+    bench_record("quote round trip over HTTPS (keep-alive), p50", q[49] * 1000, qd_[49] * 1000, "ms",
+                 samples=[t * 1000 for t in times])
+    bench_record("quote round trip over HTTPS (keep-alive), p99", q[98] * 1000, qd_[98] * 1000, "ms")
+    bench_record("quote round trip, new TLS connection per round, p50", qf[49] * 1000, qd_[49] * 1000, "ms")

@@ -7,7 +7,7 @@ from an offset, page by page, parsed by the one ima-ng parser.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from controlplane.core.errors import CwliteError, LogError, VerifyError
@@ -63,12 +63,9 @@ def fetch_quote(ch: Channel, host: Host, nonce: bytes) -> CheckedQuote:
 def parse_page(text: str, start: int, source: str = "log") -> list:
     """Entries of one /v1/log page, with their absolute indices (one format, one parser)."""
     try:
-        entries = parse_ascii(text, source=source)
+        return parse_ascii(text, source=source, start_index=start)
     except LogError as exc:
-        raise VerifyError(f"{exc} (entry {start + (exc.entry or 0)} of the host's log)", reason="log") from exc
-    if start and entries and entries[0].index != start:
-        entries = [replace(e, index=start + i) for i, e in enumerate(entries)]
-    return entries
+        raise VerifyError(str(exc), reason="log") from exc   # names the entry by its index in the host's log
 
 
 def fetch_log(ch: Channel, start: int) -> list:

@@ -8,11 +8,17 @@ whole-log reasons. Pure: no transport, no TPM, no storage.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from controlplane.core.events import Event, EventKind, alive_digest, parse_ima_name, transition_source
+
+# Kinds whose verdict depends only on the entry's (name, digest) and the Reference: judged once per
+# distinct pair (a log repeats them), the rest (facts, order, nonce) entry by entry.
+_STATELESS = frozenset({EventKind.TRUSTED_LOAD, EventKind.LABEL_TRANSITION, EventKind.VIOLATION,
+                        EventKind.LOST_EVENTS})
+_new = tuple.__new__
 
 
 class Verdict(StrEnum):
@@ -48,9 +54,9 @@ class Reference:
         return self.db.digest()
 
 
-@dataclass(frozen=True)
-class EntryVerdict:
-    """The verdict on one log entry. `reason` is a stable word; entries judged TRUSTED are not listed in proofs."""
+class EntryVerdict(NamedTuple):
+    """The verdict on one log entry. `reason` is a stable word; entries judged TRUSTED are not listed in proofs.
+    A tuple: a 100,000-entry round makes 100,000 of them."""
 
     index: int
     verdict: Verdict
@@ -63,7 +69,7 @@ class EntryVerdict:
 
     def as_dict(self) -> dict[str, Any]:
         """The entry as a proof lists it (plain JSON values)."""
-        return {**asdict(self), "verdict": self.verdict.value}
+        return {**self._asdict(), "verdict": self.verdict.value}
 
 
 @dataclass
@@ -95,6 +101,7 @@ class Judge:
         self.nonce = nonce
         self.alive = False      # the engine-alive entry for `nonce` was seen
         self._trusted_sets: dict[str, frozenset[bytes]] = {}
+        self._rows: dict[tuple[str, bytes], tuple] = {}    # (name, digest) -> verdict row, stateless kinds
         self._labels = ref.policy.labels
 
     def _trusted(self, digest: bytes, trust_set: str) -> bool:
@@ -105,9 +112,23 @@ class Judge:
         return digest in trusted
 
     def judge(self, entry: Any) -> EntryVerdict:
+        row = self._rows.get((entry.name, entry.digest))
+        if row is None:
+            row = self._judge(entry)
+        if self.pcr is not None and entry.pcr != self.pcr:
+            row = (Verdict.UNTRUSTED, "wrong-pcr", *row[2:])
+        if row[0] is Verdict.UNTRUSTED:
+            self.facts.untrusted += 1
+        return _new(EntryVerdict, (entry.index, *row))
+
+    def _judge(self, entry: Any) -> tuple:
+        """(verdict, reason, kind, label, op, subject, digest) of an entry, the PCR aside; kept for reuse
+        when its kind is stateless."""
         ev = parse_ima_name(entry.digest, entry.name)
         if ev is None:
-            return self._v(entry, Verdict.UNTRUSTED, "unknown-entry", "", "", "", entry.name)
+            row = self._rows[entry.name, entry.digest] = (Verdict.UNTRUSTED, "unknown-entry", "", "", "", entry.name,
+                                                         entry.digest.hex())
+            return row
         kind, f = ev.kind, self.facts
         verdict, reason = Verdict.TRUSTED, ""
         if kind is EventKind.TRUSTED_LOAD:         # most entries: first, and without detours
@@ -151,11 +172,10 @@ class Judge:
             verdict = Verdict.INFO
             if self.nonce is not None and ev.digest == alive_digest(self.nonce):
                 self.alive = True
-        if self.pcr is not None and entry.pcr != self.pcr:
-            verdict, reason = Verdict.UNTRUSTED, "wrong-pcr"
-        if verdict is Verdict.UNTRUSTED:
-            f.untrusted += 1
-        return self._v(entry, verdict, reason, kind.value, ev.label, ev.op, ev.subject)
+        row = (verdict, reason, kind.value, ev.label, ev.op, ev.subject, entry.digest.hex())
+        if kind in _STATELESS:
+            self._rows[entry.name, entry.digest] = row
+        return row
 
     def _transition(self, ev: Event) -> tuple[Verdict, str]:
         """A label-transition entry: into a known label through its entrypoint, from no label or
@@ -173,10 +193,6 @@ class Judge:
         if label.entrypoints and ev.subject not in label.entrypoints:
             return Verdict.UNTRUSTED, "entrypoint"
         return Verdict.TRUSTED, ""
-
-    @staticmethod
-    def _v(entry: Any, verdict: Verdict, reason: str, kind: str, label: str, op: str, subject: str) -> EntryVerdict:
-        return EntryVerdict(entry.index, verdict, reason, kind, label, op, subject, entry.digest.hex())
 
     def overall(self, peer_spki: bytes | None) -> list[str]:
         """Whole-log conditions, as reasons (empty = none failed)."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, NamedTuple
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from controlplane.core.errors import LogError
 from controlplane.core.events import Event, parse_ima_name
@@ -357,6 +357,22 @@ def parse_binary(data: bytes, *, source: str = "log", start_index: int = 0) -> l
 
 def _ascii_entry(line: str, n: int, source: str) -> LogEntry:
     parts = line.lstrip(" ").split(" ")
+    if len(parts) == 5 and parts[2] == TEMPLATE:   # ima-ng, most lines: the general path below, unrolled
+        alg, colon, dhex = parts[3].partition(":")
+        name = parts[4]
+        try:
+            pcr, thash, digest = int(parts[0]), bytes.fromhex(parts[1]), bytes.fromhex(dhex)
+        except ValueError as exc:
+            raise _fail(source, n, f"not a number/hex field ({exc})") from exc
+        n_ng = name.encode("utf-8", "surrogateescape") + b"\0"
+        if (colon and _DIGEST_ALGS.get(alg) == len(digest) and 0 <= pcr < PCR_COUNT and len(thash) == SHA1_SIZE
+                and thash != _ZERO_SHA1 and "\0" not in name):
+            d_ng = alg.encode() + b":\0" + digest
+            data = _U32.pack(len(d_ng)) + d_ng + _U32.pack(len(n_ng)) + n_ng
+            if hashlib.sha1(data).digest() != thash:
+                raise _fail(source, n, "template hash does not match the template data (entry corrupted)")
+            return _new(LogEntry, (n, pcr, thash, TEMPLATE, digest, name, alg, (d_ng, n_ng),
+                                   hashlib.sha256(data).digest()))
     if len(parts) < 5:
         raise _fail(source, n, f"{len(parts)} fields, a line has at least 5")
     pcr_s, thash_s, tname = parts[0], parts[1], parts[2]
@@ -376,23 +392,71 @@ def _ascii_entry(line: str, n: int, source: str) -> LogEntry:
     return _entry(source, n, pcr, thash, tname, fids, fields)
 
 
-def parse_ascii(text: str, *, source: str = "log", start_index: int = 0) -> list[LogEntry]:
+class LogEntries(Sequence[LogEntry]):
+    """Entries parsed from ASCII, held as rows and made into LogEntry tuples on access.
+
+    Why: a row is a plain tuple of bytes, str and int, which CPython's collector stops tracking,
+    and a repeated line is one shared row; a list of 100,000 LogEntry (a tuple subclass, always
+    tracked) kept alive through a verifier round made every collection in it rescan them, which
+    cost as much as the parse. Indexing, slicing (step 1: absolute indices kept), iteration, len
+    and == (with any sequence of entries) behave as for a list.
+    """
+
+    __slots__ = ("start", "_rows")
+
+    def __init__(self, rows: list[tuple], start: int = 0) -> None:
+        self._rows = rows            # (pcr, template_hash, template_name, digest, name, digest_alg, fields, pcr_digest)
+        self.start = start
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            first, _, step = i.indices(len(self._rows))
+            if step != 1:
+                return list(self)[i]
+            return LogEntries(self._rows[i], self.start + first)
+        row = self._rows[i]
+        return _new(LogEntry, (self.start + (i if i >= 0 else len(self._rows) + i), *row))
+
+    def __iter__(self) -> Iterator[LogEntry]:
+        new, cls = _new, LogEntry
+        for n, row in enumerate(self._rows, self.start):
+            yield new(cls, (n, *row))
+
+    def __add__(self, other: Sequence[LogEntry]) -> "LogEntries | list[LogEntry]":
+        """Pages of one log, in order, stay rows; anything else becomes a list."""
+        if isinstance(other, LogEntries) and other.start == self.start + len(self):
+            return LogEntries(self._rows + other._rows, self.start)
+        return [*self, *other]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (LogEntries, list, tuple)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"LogEntries({len(self)} entries from {self.start})"
+
+
+def parse_ascii(text: str, *, source: str = "log", start_index: int = 0) -> LogEntries:
     """Entries of ascii_runtime_measurements text, indexed from `start_index`; a malformed line raises
     LogError(entry=its index). A line seen before is parsed and hash-checked once (same bytes, same
     entry): a log repeats the same (digest, name) lines often."""
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    entries: list[LogEntry] = []
-    append, seen = entries.append, {}
+    rows: list[tuple] = []
+    append, seen = rows.append, {}
     for n, line in enumerate(lines, start_index):
-        proto = seen.get(line)
-        if proto is None:
-            proto = seen[line] = _ascii_entry(line, n, source)
-            append(proto)
-        else:
-            append(_new(LogEntry, (n,) + proto[1:]))
-    return entries
+        row = seen.get(line)
+        if row is None:
+            row = seen[line] = tuple(_ascii_entry(line, n, source)[1:])
+        append(row)
+    return LogEntries(rows, start_index)
 
 
 def to_binary(entries: Iterable[LogEntry]) -> bytes:
@@ -412,7 +476,12 @@ def extends(entries: Iterable[LogEntry], pcr: int, start: bytes | None = None, *
     """The value of `pcr` in PCR bank `bank` after each entry, extending from `start` (reset: zero;
     entries for other PCRs leave it unchanged). The one PCR replay: every form below is built on it."""
     value, h = (start if start is not None else _zero(bank)), BANKS[bank]
-    if bank == "sha256":
+    if bank == "sha256" and isinstance(entries, LogEntries):      # the rows: no LogEntry made per entry
+        for row in entries._rows:
+            if row[0] == pcr:
+                value = h(value + row[7]).digest()
+            yield value
+    elif bank == "sha256":
         for e in entries:
             if e.pcr == pcr:
                 value = h(value + e.pcr_digest).digest()

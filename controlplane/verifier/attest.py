@@ -22,13 +22,13 @@ import base64
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controlplane.core.errors import StoreError, VerifyError
 from controlplane.core.proof import digest as proof_digest
-from controlplane.core.imalog import ZERO_PCR, boot_aggregate, replay_to
+from controlplane.core.imalog import ZERO_PCR, LogEntry, boot_aggregate, replay_to
 from controlplane.core.wire import API_VERSION
 from controlplane.verifier import proofs
 from controlplane.verifier.client import Channel
@@ -48,7 +48,7 @@ class Replayed:
 
     start: int
     start_value: bytes
-    covered: list
+    covered: Sequence[LogEntry]
     facts: Facts
     incremental: bool
     rebooted: bool = False

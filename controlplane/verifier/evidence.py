@@ -8,10 +8,10 @@ from an offset, page by page, parsed by the one ima-ng parser.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from controlplane.core.errors import CwliteError, LogError, VerifyError
-from controlplane.core.imalog import BOOT_AGGREGATE_PCRS, parse_ascii
+from controlplane.core.imalog import BOOT_AGGREGATE_PCRS, LogEntries, LogEntry, parse_ascii
 from controlplane.core.quote import Quote, verify_quote
 from controlplane.core.wire import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
 from controlplane.verifier.client import Channel
@@ -60,7 +60,7 @@ def fetch_quote(ch: Channel, host: Host, nonce: bytes) -> CheckedQuote:
     return CheckedQuote(quote, info, peer, value)
 
 
-def parse_page(text: str, start: int, source: str = "log") -> list:
+def parse_page(text: str, start: int, source: str = "log") -> Sequence[LogEntry]:
     """Entries of one /v1/log page, with their absolute indices (one format, one parser)."""
     try:
         return parse_ascii(text, source=source, start_index=start)
@@ -68,11 +68,12 @@ def parse_page(text: str, start: int, source: str = "log") -> list:
         raise VerifyError(str(exc), reason="log") from exc   # names the entry by its index in the host's log
 
 
-def fetch_log(ch: Channel, start: int) -> list:
-    """All entries from `start`, page by page."""
-    out: list = []
+def fetch_log(ch: Channel, start: int) -> Sequence[LogEntry]:
+    """All entries from `start`, page by page (consecutive pages stay one imalog.LogEntries)."""
+    out: Sequence[LogEntry] = LogEntries([], start)
     while True:
         page = ch.get(f"/{API_VERSION}/log", **{"from": start + len(out), "limit": MAX_LOG_PAGE})
-        out.extend(parse_page(page["ascii"], page["start"], f"{ch.url}/{API_VERSION}/log"))
+        entries = parse_page(page["ascii"], page["start"], f"{ch.url}/{API_VERSION}/log")
+        out = out + entries if isinstance(out, LogEntries) else [*out, *entries]
         if page["count"] == 0 or page["start"] + page["count"] >= page["total"]:
             return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from controlplane.core.events import Event, EventKind, alive_digest, parse_ima_name, transition_source
+from controlplane.core.events import EventKind, alive_digest, ima_name_fields, transition_source
 
 # Kinds whose verdict depends only on the entry's (name, digest) and the Reference: judged once per
 # distinct pair (a log repeats them), the rest (facts, order, nonce) entry by entry.
@@ -27,6 +27,9 @@ class Verdict(StrEnum):
     TRUSTED = "trusted"
     UNTRUSTED = "untrusted"
     INFO = "info"
+
+
+_VERDICTS = {v.value: v for v in Verdict}
 
 
 @dataclass(frozen=True)
@@ -115,34 +118,36 @@ class Judge:
         row = self._rows.get((entry.name, entry.digest))
         if row is None:
             row = self._judge(entry)
+        verdict, reason = _VERDICTS[row[0]], row[1]
         if self.pcr is not None and entry.pcr != self.pcr:
-            row = (Verdict.UNTRUSTED, "wrong-pcr", *row[2:])
-        if row[0] is Verdict.UNTRUSTED:
+            verdict, reason = Verdict.UNTRUSTED, "wrong-pcr"
+        if verdict is Verdict.UNTRUSTED:
             self.facts.untrusted += 1
-        return _new(EntryVerdict, (entry.index, *row))
+        return _new(EntryVerdict, (entry.index, verdict, reason, row[2], row[3], row[4], row[5], row[6]))
 
     def _judge(self, entry: Any) -> tuple:
-        """(verdict, reason, kind, label, op, subject, digest) of an entry, the PCR aside; kept for reuse
-        when its kind is stateless."""
-        ev = parse_ima_name(entry.digest, entry.name)
-        if ev is None:
-            row = self._rows[entry.name, entry.digest] = (Verdict.UNTRUSTED, "unknown-entry", "", "", "", entry.name,
+        """(verdict, reason, kind, label, op, subject, digest) of an entry, the PCR aside, all str (a tuple of
+        str is one the garbage collector stops tracking); kept for reuse when its kind is stateless."""
+        parsed = ima_name_fields(entry.name)
+        if parsed is None:
+            row = self._rows[entry.name, entry.digest] = ("untrusted", "unknown-entry", "", "", "", entry.name,
                                                          entry.digest.hex())
             return row
-        kind, f = ev.kind, self.facts
+        kind, label_name, op, subject = parsed
+        digest, f = entry.digest, self.facts
         verdict, reason = Verdict.TRUSTED, ""
         if kind is EventKind.TRUSTED_LOAD:         # most entries: first, and without detours
-            label = self._labels.get(ev.label)
+            label = self._labels.get(label_name)
             if label is None:
                 verdict, reason = Verdict.UNTRUSTED, "unknown-label"
-            elif not self._trusted(ev.digest, label.trust_set):
+            elif not self._trusted(digest, label.trust_set):
                 verdict, reason = Verdict.UNTRUSTED, "not-in-db"
         elif kind is EventKind.BOOT_AGGREGATE:
             if entry.index != 0:
                 verdict, reason = Verdict.UNTRUSTED, "boot-aggregate-position"
-            elif self.boot_aggregate is not None and ev.digest != self.boot_aggregate:
+            elif self.boot_aggregate is not None and digest != self.boot_aggregate:
                 verdict, reason = Verdict.UNTRUSTED, "boot-aggregate"     # the log was not started on this boot's PCRs
-            f.boot_aggregate = ev.digest.hex()
+            f.boot_aggregate = digest.hex()
         elif kind is EventKind.DAEMON_START:
             f.daemon_starts += 1
             f.daemon_running = True
@@ -152,45 +157,45 @@ class Judge:
             f.daemon_running = False
             verdict, reason = Verdict.UNTRUSTED, "enforcement-stopped"
         elif kind is EventKind.POLICY_LOAD:
-            f.policy = ev.digest.hex()
-            if not self.ref.accepts(ev.digest):
+            f.policy = digest.hex()
+            if not self.ref.accepts(digest):
                 verdict, reason = Verdict.UNTRUSTED, "policy"
         elif kind is EventKind.DB_LOAD:
-            f.db = ev.digest.hex()
-            if ev.digest != self.ref.db_digest:
+            f.db = digest.hex()
+            if digest != self.ref.db_digest:
                 verdict, reason = Verdict.UNTRUSTED, "db"
         elif kind is EventKind.TLS_KEY:
-            f.tls_keys = (f.tls_keys + [ev.digest.hex()])[-8:]
+            f.tls_keys = (f.tls_keys + [digest.hex()])[-8:]
             verdict = Verdict.INFO
         elif kind is EventKind.LABEL_TRANSITION:
-            verdict, reason = self._transition(ev)
+            verdict, reason = self._transition(label_name, op, subject)
         elif kind is EventKind.VIOLATION:
             verdict, reason = Verdict.UNTRUSTED, "violation"
         elif kind is EventKind.LOST_EVENTS:
             verdict, reason = Verdict.UNTRUSTED, "lost-events"
         elif kind is EventKind.ENGINE_ALIVE:
             verdict = Verdict.INFO
-            if self.nonce is not None and ev.digest == alive_digest(self.nonce):
+            if self.nonce is not None and digest == alive_digest(self.nonce):
                 self.alive = True
-        row = (verdict, reason, kind.value, ev.label, ev.op, ev.subject, entry.digest.hex())
+        row = (verdict.value, reason, kind.value, label_name, op, subject, digest.hex())
         if kind in _STATELESS:
             self._rows[entry.name, entry.digest] = row
         return row
 
-    def _transition(self, ev: Event) -> tuple[Verdict, str]:
+    def _transition(self, label_name: str, op: str, subject: str) -> tuple[Verdict, str]:
         """A label-transition entry: into a known label through its entrypoint, from no label or
         along a transition the label left declares; or a drop, which only an on_exec="drop" label makes."""
-        label = self._labels.get(ev.label)
+        label = self._labels.get(label_name)
         if label is None:
             return Verdict.UNTRUSTED, "unknown-label"
-        if ev.op == "drop":
+        if op == "drop":
             return (Verdict.TRUSTED, "") if label.on_exec == "drop" else (Verdict.UNTRUSTED, "drop")
-        source = transition_source(ev.op)
-        if source and ev.label not in getattr(self._labels.get(source), "transitions", ()):
+        source = transition_source(op)
+        if source and label_name not in getattr(self._labels.get(source), "transitions", ()):
             return Verdict.UNTRUSTED, "undeclared-transition"
-        if not source and ev.op != "exec":
+        if not source and op != "exec":
             return Verdict.UNTRUSTED, "unknown-entry"
-        if label.entrypoints and ev.subject not in label.entrypoints:
+        if label.entrypoints and subject not in label.entrypoints:
             return Verdict.UNTRUSTED, "entrypoint"
         return Verdict.TRUSTED, ""
 

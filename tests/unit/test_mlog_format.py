@@ -303,3 +303,19 @@ def test_one_replay_from_any_start_value() -> None:
     assert imalog.replay_to(entries[5:], values[5], values[8], 10) == 3
     assert imalog.replay_to(entries[5:], values[5], values[5], 10) == 0
     assert imalog.replay_to(entries[:4] + entries[5:], imalog.ZERO_PCR, values[9], 10) is None   # one removed
+
+
+def test_parsed_entries_behave_as_a_list_with_absolute_indices() -> None:
+    """parse_ascii's LogEntries: index, negative index, slices keep absolute indices, pages concatenate."""
+    entries = [imalog.LogEntry.new(i, 10, hashlib.sha256(b"%d" % (i % 3)).digest(), f"/bin/{i % 3}") for i in range(9)]
+    text = imalog.to_ascii(entries)
+    page = imalog.parse_ascii(text, start_index=100)
+    assert len(page) == 9 and [e.index for e in page] == list(range(100, 109))
+    assert page[0].index == 100 and page[-1].index == 108 and page[4:6][0].index == 104
+    assert list(page[::2]) == [e._replace(index=e.index + 100) for e in entries[::2]]
+    assert imalog.parse_ascii(text) == entries and page != entries
+    joined = imalog.parse_ascii(imalog.to_ascii(entries[:4])) + imalog.parse_ascii(imalog.to_ascii(entries[4:]),
+                                                                               start_index=4)
+    assert isinstance(joined, imalog.LogEntries) and joined == entries
+    assert imalog.replay_prefixes(page, 10) == imalog.replay_prefixes(entries, 10)      # the row replay
+    assert imalog.replay_to(page[3:], imalog.replay(entries[:3], 10), imalog.replay(entries, 10), 10) == 6

@@ -355,7 +355,8 @@ def parse_binary(data: bytes, *, source: str = "log", start_index: int = 0) -> l
     return scan.entries
 
 
-def _ascii_entry(line: str, n: int, source: str) -> LogEntry:
+def _ascii_row(line: str, n: int, source: str) -> tuple:
+    """One line as a LogEntries row: the entry without its index."""
     parts = line.lstrip(" ").split(" ")
     if len(parts) == 5 and parts[2] == TEMPLATE:   # ima-ng, most lines: the general path below, unrolled
         alg, colon, dhex = parts[3].partition(":")
@@ -371,8 +372,7 @@ def _ascii_entry(line: str, n: int, source: str) -> LogEntry:
             data = _U32.pack(len(d_ng)) + d_ng + _U32.pack(len(n_ng)) + n_ng
             if hashlib.sha1(data).digest() != thash:
                 raise _fail(source, n, "template hash does not match the template data (entry corrupted)")
-            return _new(LogEntry, (n, pcr, thash, TEMPLATE, digest, name, alg, (d_ng, n_ng),
-                                   hashlib.sha256(data).digest()))
+            return pcr, thash, TEMPLATE, digest, name, alg, (d_ng, n_ng), hashlib.sha256(data).digest()
     if len(parts) < 5:
         raise _fail(source, n, f"{len(parts)} fields, a line has at least 5")
     pcr_s, thash_s, tname = parts[0], parts[1], parts[2]
@@ -389,7 +389,7 @@ def _ascii_entry(line: str, n: int, source: str) -> LogEntry:
         raise _fail(source, n, f"not a number/hex field ({exc})") from exc
     if not 0 <= pcr < PCR_COUNT or len(thash) != SHA1_SIZE:
         raise _fail(source, n, f"PCR {pcr_s!r} or template hash {thash_s!r} malformed")
-    return _entry(source, n, pcr, thash, tname, fids, fields)
+    return tuple(_entry(source, n, pcr, thash, tname, fids, fields)[1:])
 
 
 class LogEntries(Sequence[LogEntry]):
@@ -454,7 +454,7 @@ def parse_ascii(text: str, *, source: str = "log", start_index: int = 0) -> LogE
     for n, line in enumerate(lines, start_index):
         row = seen.get(line)
         if row is None:
-            row = seen[line] = tuple(_ascii_entry(line, n, source)[1:])
+            row = seen[line] = _ascii_row(line, n, source)
         append(row)
     return LogEntries(rows, start_index)
 

@@ -135,6 +135,7 @@ class LogEntry(NamedTuple):
 
     @property
     def field_ids(self) -> tuple[str, ...]:
+        """The template's field ids, in the order of `fields`."""
         return template_fields(self.template_name) or ()
 
     def field(self, field_id: str) -> bytes | None:
@@ -159,7 +160,7 @@ class LogEntry(NamedTuple):
         bank's hash of the template data; a violation extends 0xff bytes in every bank)."""
         if bank == "sha256":
             return self.pcr_digest
-        h = BANKS[bank]
+        h = _bank(bank)
         if self.is_violation:
             return b"\xff" * h().digest_size
         return self.template_hash if bank == "sha1" else h(self.template_data).digest()
@@ -185,6 +186,7 @@ class LogEntry(NamedTuple):
         return parse_ima_name(self.digest, self.name)
 
     def to_dict(self) -> dict:
+        """The entry as JSON values; fields past digest and name as the ASCII form shows them."""
         out = {"index": self.index, "pcr": self.pcr, "template_hash": self.template_hash.hex(),
                "template_name": self.template_name, "digest": f"{self.digest_alg}:{self.digest.hex()}",
                "name": self.name}
@@ -467,15 +469,22 @@ def to_ascii(entries: Iterable[LogEntry]) -> str:
     return "".join(e.ascii() + "\n" for e in entries)
 
 
+def _bank(bank: str):
+    try:
+        return BANKS[bank]
+    except KeyError:
+        raise LogError(f"PCR bank {bank!r}: replays {', '.join(BANKS)}") from None
+
+
 def _zero(bank: str) -> bytes:
-    return bytes(BANKS[bank]().digest_size)
+    return bytes(_bank(bank)().digest_size)
 
 
 def extends(entries: Iterable[LogEntry], pcr: int, start: bytes | None = None, *,
             bank: str = "sha256") -> Iterator[bytes]:
     """The value of `pcr` in PCR bank `bank` after each entry, extending from `start` (reset: zero;
     entries for other PCRs leave it unchanged). The one PCR replay: every form below is built on it."""
-    value, h = (start if start is not None else _zero(bank)), BANKS[bank]
+    value, h = (start if start is not None else _zero(bank)), _bank(bank)
     if bank == "sha256" and isinstance(entries, LogEntries):      # the rows: no LogEntry made per entry
         for row in entries._rows:
             if row[0] == pcr:
@@ -534,4 +543,4 @@ def boot_aggregate(pcr_values: Mapping[int, bytes], bank: str = "sha256") -> byt
     """The kernel's boot_aggregate from one bank's PCRs (ima_calc_boot_aggregate_tfm): the bank's hash
     over PCRs 0-7, and 8-9 too in every bank but sha1 (the 'ima' template's is the sha1 one)."""
     pcrs = range(8) if bank == "sha1" else BOOT_AGGREGATE_PCRS
-    return BANKS[bank](b"".join(pcr_values[i] for i in pcrs)).digest()
+    return _bank(bank)(b"".join(pcr_values[i] for i in pcrs)).digest()

@@ -276,8 +276,9 @@ def test_every_template_round_trips_through_both_forms(data) -> None:
 @given(st.data())
 def test_damaged_input_raises_only_log_errors(data) -> None:
     """Whatever the damage (flips, cuts, junk), a parser answers with entries or a LogError naming one."""
-    binary = (VECTORS / "ima_ng_sample.bin").read_bytes()
-    text = (VECTORS / "ima_ng_sample.ascii").read_text()
+    stem = data.draw(st.sampled_from(["ima_ng_sample", "kernel_ima_v1", "kernel_ima_mixed"]))   # every template
+    binary = (VECTORS / f"{stem}.bin").read_bytes()
+    text = (VECTORS / f"{stem}.ascii").read_text()
     blob = bytearray(binary)
     for _ in range(data.draw(st.integers(0, 4))):
         blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))

@@ -12,6 +12,7 @@ import click
 
 from controlplane.cli.db import db
 from controlplane.cli.enforce import enforce
+from controlplane.cli.hosts import hosts
 from controlplane.cli.log import log, tpm
 from controlplane.cli.policy import policy
 from controlplane.cli.proof import proof
@@ -49,7 +50,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, log, tpm, selinux):
+for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, hosts, log, tpm, selinux):
     cli.add_command(_command)
 
 

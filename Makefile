@@ -19,7 +19,8 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 libbpf-dev bpftool
 	gpgv gpg debian-archive-keyring distcc iproute2 postgresql btrfs-progs \
 	selinux-policy-dev selinux-policy-default python3-setools python3-selinux \
 	semodule-utils checkpolicy policycoreutils graphviz python3-matplotlib \
-	debhelper dh-python python3-cffi python3-pip python3-all-dev
+	debhelper dh-python python3-cffi python3-pip python3-all-dev \
+	python3-gpg
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 

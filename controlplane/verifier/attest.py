@@ -22,7 +22,7 @@ import asyncio
 import base64
 import os
 from dataclasses import asdict, dataclass
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Iterable, Sequence
 
 import httpx
 
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controlplane.core.errors import StoreError, VerifyError
 from controlplane.core.proof import digest as proof_digest
-from controlplane.core.imalog import ZERO_PCR, boot_aggregate, replay_to
+from controlplane.core.imalog import ZERO_PCR, LogEntry, boot_aggregate, replay_to
 from controlplane.core.wire import API_VERSION
 from controlplane.verifier.kernel_ima import KernelImaReference
 from controlplane.verifier import proofs
@@ -54,7 +54,7 @@ class Replayed:
 
     start: int
     start_value: bytes
-    covered: list
+    covered: Sequence[LogEntry]
     facts: Facts
     incremental: bool
     rebooted: bool = False

@@ -48,7 +48,7 @@ def _make(make: Path, tree: Path) -> tuple[float, float]:
 
 
 @pytest.mark.timeout(7200)  # six builds of several minutes each on a loaded 2-core machine
-def test_openssh_make_j2_under_a_tp_label(tmp_path: Path) -> None:
+def test_openssh_make_j2_under_a_tp_label(tmp_path: Path, bench_record) -> None:
     tree = tmp_path / "openssh"
     shutil.copytree(openssh_tree(), tree, symlinks=True)  # the cache is shared: build a private copy
     bin_dir = tmp_path / "bin"
@@ -84,4 +84,6 @@ def test_openssh_make_j2_under_a_tp_label(tmp_path: Path) -> None:
         ratio = statistics.median(x[i] / y[i] for x, y in zip(enforced, plain))
         print(f"  {name:4s} {p:7.1f} s not loaded, {e:7.1f} s enforcing: {(e / p - 1) * 100:+.2f}% (per-round ratio "
               f"{ratio:.4f}; rounds {', '.join(f'{v[i]:.1f}' for v in plain)} / {', '.join(f'{v[i]:.1f}' for v in enforced)})")
+        bench_record(f"openssh: make -j2 under a TP label, PRIMA enforcing, {name}", e, p, "s",
+                     target=1.01 if i == 1 else None, ratio=ratio, samples=[v[i] for v in enforced])
     assert violations == [], [(v.op, v.subject, dict(v.detail)) for v in violations]

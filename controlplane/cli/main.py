@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from controlplane.cli.build import build, provenance_group
 from controlplane.cli.db import db
 from controlplane.cli.enforce import enforce
 from controlplane.cli.log import log, tpm
@@ -44,12 +45,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
       cwlite serve --enforce --policy policy.toml --db trusted.db
       # on the build controller: attest the host, keep a signed proof
       cwlite verify build1 --policy policy.toml --db trusted.db --proof-out build1.proof
+      # on the build controller: a distcc build on verified hosts only, with signed provenance
+      cwlite build --hosts hosts.toml --policy policy.toml --db trusted.db -- make -j8
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
 
-for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, log, tpm, selinux):
+for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, build, provenance_group, log, tpm,
+                 selinux):
     cli.add_command(_command)
 
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +24,25 @@ from typing import Iterator
 
 from pyroute2 import IPRoute, NetNS, netns
 
+from controlplane.build.hosts import BuildHost
+from controlplane.cli.enforce import Daemon
 from controlplane.core.events import Event
+from controlplane.core.policy import load_policy
+from controlplane.verifier import registrar
+from controlplane.verifier.judge import Reference
+from controlplane.verifier.store import Store, default_url
+from prima.measuredb import MeasureDB
+from tests.attest_fixtures import running_host
 
 DISTCC_PORT = 3632
 TOOLCHAIN = ("distcc", "gcc-12", "binutils", "dash")
-TROJAN = """#!/bin/sh
-# planted on a build host: runs instead of the compiler distccd asked for, then hands over to it
-exec /usr/bin/x86_64-linux-gnu-gcc "$@"
-"""
+COMPILER = "x86_64-linux-gnu-gcc"    # the name distcc's client asks distccd for (it rewrites gcc)
+TROJAN_C = """\
+#include <unistd.h>
+/* planted on a build host: runs in place of the compiler distccd asked for, then hands over to it */
+/* argv[0] as a full path: gcc finds cc1 relative to where argv[0] says it is */
+int main(int argc, char **argv) { (void)argc; argv[0] = "/usr/bin/%s"; execv(argv[0], argv); return 127; }
+""" % COMPILER
 
 
 class LabelRouter:
@@ -93,9 +105,14 @@ class Distccd:
     stderr: Path
 
     def plant(self) -> Path:
-        """Put an untrusted `x86_64-linux-gnu-gcc` first on distccd's PATH: every later job execs it."""
-        trojan = self.plant_dir / "x86_64-linux-gnu-gcc"
-        trojan.write_text(TROJAN)
+        """Put a compiler that no trusted source measured first on distccd's PATH: every later job execs it.
+
+        It is a small ELF that execs the real driver (so the build still succeeds), compiled here. Not a
+        `#!` script: the tracepoint backend judges a script's interpreter only (README, threat model)."""
+        trojan = self.plant_dir / COMPILER
+        src = self.plant_dir.parent / "trojan.c"
+        src.write_text(TROJAN_C)
+        subprocess.run(["/usr/bin/gcc", "-O2", "-o", str(trojan), str(src)], check=True, capture_output=True, timeout=120)
         trojan.chmod(0o755)
         return trojan
 
@@ -158,3 +175,103 @@ def c_project(root: Path, *, files: int = 12, slow_step_s: int = 0) -> Path:
         f"OBJS = {objs}\nCFLAGS = -O2\n\nprog: $(OBJS){deps}\n\tgcc -o prog $(OBJS)\n\n"
         f"%.o: %.c\n\tgcc $(CFLAGS) -c $< -o $@\n\n{slow}")
     return root
+
+
+class Cluster:
+    """Build hosts sharing one engine, and the verifier's files (its policy and DB copies are the hosts')."""
+
+    def __init__(self, work: Path, policy: Path, db: Path) -> None:
+        self.work, self.policy, self.db = work, policy, db
+        self.verifier_dir = work / "verifier"
+        self.verifier_dir.mkdir(parents=True, exist_ok=True)
+        self.hosts: dict[str, object] = {}          # label -> tests.attest_fixtures.TestHost
+        self.netns: dict[str, Netns] = {}
+        self.entries: dict[str, Path] = {}
+        self.distccd: dict[str, Distccd] = {}
+        self._distccd_stacks: dict[str, contextlib.ExitStack] = {}
+        self.build_hosts: list[BuildHost] = []
+        self.daemon: Daemon | None = None
+        self.failure: list[BaseException] = []
+
+    def hosts_file(self) -> Path:
+        path = self.work / "hosts.toml"
+        path.write_text("".join(f'[[hosts]]\nname = "{h.name}"\ndistcc = "{h.distcc}"\njobs = {h.jobs}\n'
+                                f'label = "{h.label}"\n\n' for h in self.build_hosts))
+        return path
+
+    @contextlib.contextmanager
+    def store(self) -> Iterator[Store]:
+        with Store.open(default_url(self.verifier_dir)) as store:
+            yield store
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[Reference]:
+        with MeasureDB.open(self.db) as db:
+            yield Reference(load_policy(self.policy), db)
+
+    def start_distccd(self, label: str) -> Distccd:
+        """(Re)start the distccd of `label`'s host: exec of its entrypoint, so it enters the label anew."""
+        self.stop_distccd(label)
+        stack = contextlib.ExitStack()
+        self.distccd[label] = stack.enter_context(running_distccd(self.netns[label], self.entries[label], self.work))
+        self._distccd_stacks[label] = stack
+        return self.distccd[label]
+
+    def stop_distccd(self, label: str) -> None:
+        if label in self._distccd_stacks:
+            self._distccd_stacks.pop(label).close()
+            del self.distccd[label]
+
+
+@contextlib.contextmanager
+def build_cluster(work: Path, policy: Path, db: Path, hosts: list[tuple[str, str, Path]], *,
+                  jobs: int = 2, interval_s: float = 1.0, engine_timeout: float = 300.0) -> Iterator[Cluster]:
+    """For each (name, label, entrypoint): swtpm + log + HTTPS service, a netns with its distccd, enrolled
+    in the verifier's store; one PRIMA engine (tracepoint) routing its events by label."""
+    c = Cluster(work, policy, db)
+    with MeasureDB.open(db) as mdb:
+        db_digest = mdb.digest()
+    with contextlib.ExitStack() as stack:
+        for name, label, entry in hosts:
+            c.hosts[label] = stack.enter_context(running_host(work / name, policy_path=policy, db_digest=db_digest))
+            c.entries[label] = entry
+        c.daemon = Daemon(policy, db, LabelRouter({label: h.log for label, h in c.hosts.items()}),
+                          backend="tracepoint", log=stack.enter_context(open(os.devnull, "w")))
+        thread = threading.Thread(target=_run_daemon, args=(c.daemon, c.failure), daemon=True)
+        thread.start()
+        stack.callback(thread.join, 30)
+        stack.callback(setattr, c.daemon, "stop_requested", True)
+        for h in c.hosts.values():
+            h.state.on_quote = c.daemon.request_alive
+        _wait_engine(c, engine_timeout)
+        with c.store() as store:
+            for i, (name, label, _entry) in enumerate(hosts, start=1):
+                c.netns[label] = stack.enter_context(veth_netns(f"cwlite-{name}", 100 + i))
+                stack.callback(c.stop_distccd, label)
+                c.start_distccd(label)
+                host = c.hosts[label]
+                ca = host.data_dir / "swtpm" / "ca"
+                registrar.enrol(host.url, name, store, cas=registrar.load_cas(sorted(ca.glob("*cert*.pem"))),
+                                require_ek_cert=True, interval_s=interval_s)
+                c.build_hosts.append(BuildHost(name, c.netns[label].ns_addr, DISTCC_PORT, jobs, label))
+        yield c
+        if c.failure:
+            raise RuntimeError(f"the engine stopped: {c.failure[0]}") from c.failure[0]
+
+
+def _run_daemon(daemon: Daemon, failure: list) -> None:
+    try:
+        daemon.run()
+    except BaseException as exc:  # noqa: BLE001 - build_cluster reports it
+        failure.append(exc)
+
+
+def _wait_engine(c: Cluster, timeout: float) -> None:
+    """Until the engine logged its DB load into every host's log (a bcc compile: a minute when loaded)."""
+    deadline = time.monotonic() + timeout
+    while not all(any(e.name.startswith("cwlite:db-load:") for e in h.log.entries(0)) for h in c.hosts.values()):
+        if c.failure:
+            raise RuntimeError(f"the engine stopped: {c.failure[0]}") from c.failure[0]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the engine did not start within {timeout:.0f} s")
+        time.sleep(0.2)

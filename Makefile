@@ -16,7 +16,7 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 libbpf-dev bpftool
 	python3-venv python3-dev build-essential pkg-config libffi-dev \
 	gpgv gpg debian-archive-keyring distcc iproute2 postgresql btrfs-progs \
 	selinux-policy-dev selinux-policy-default python3-setools python3-selinux \
-	semodule-utils checkpolicy policycoreutils graphviz
+	semodule-utils checkpolicy policycoreutils graphviz libssl-dev zlib1g-dev
 
 .PHONY: setup apt headers venv demo test bench clean
 

@@ -155,28 +155,6 @@ def wait_listening(addr: str, port: int, proc: subprocess.Popen, err: Path, time
         time.sleep(0.2)
 
 
-def c_project(root: Path, *, files: int = 12, slow_step_s: int = 0) -> Path:
-    """A small real C project (a Makefile, `files` modules and a main); `slow_step_s` adds a local step
-    that runs beside the compiles (so a build lasts long enough to be stopped midway)."""
-    root.mkdir(parents=True, exist_ok=True)
-    mods = [f"mod{i:02d}" for i in range(files)]
-    for i, m in enumerate(mods):
-        body = "\n".join(f"static unsigned f{j}(unsigned x) {{ for (int k = 0; k < {64 + j}; k++) x = x * {2 * j + 3}u + "
-                         f"(x >> {j % 7 + 1}); return x; }}" for j in range(40))
-        calls = " + ".join(f"f{j}(x)" for j in range(40))
-        (root / f"{m}.c").write_text(f"{body}\nunsigned {m}(unsigned x) {{ return {calls} + {i}u; }}\n")
-    decls = "\n".join(f"unsigned {m}(unsigned);" for m in mods)
-    total = " + ".join(f"{m}(1)" for m in mods)
-    (root / "main.c").write_text(f"#include <stdio.h>\n{decls}\nint main(void) {{ printf(\"%u\\n\", {total}); return 0; }}\n")
-    objs = " ".join(f"{m}.o" for m in [*mods, "main"])
-    slow = f"slow.stamp:\n\tsleep {slow_step_s} && touch slow.stamp\n" if slow_step_s else ""
-    deps = " slow.stamp" if slow_step_s else ""
-    (root / "Makefile").write_text(
-        f"OBJS = {objs}\nCFLAGS = -O2\n\nprog: $(OBJS){deps}\n\tgcc -o prog $(OBJS)\n\n"
-        f"%.o: %.c\n\tgcc $(CFLAGS) -c $< -o $@\n\n{slow}")
-    return root
-
-
 class Cluster:
     """Build hosts sharing one engine, and the verifier's files (its policy and DB copies are the hosts')."""
 

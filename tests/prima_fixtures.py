@@ -7,6 +7,7 @@ surface (`engine.bpf`, `engine.loaded`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -66,3 +67,32 @@ def program_stats(engine: Engine) -> dict[str, tuple[int, int]]:
                     if ":\t" in line)
         out[name.decode() if isinstance(name, bytes) else name] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
     return out
+
+
+RAW_SYSCALL_PROGRAMS = ("sys_enter",)  # exec.bpf.c's raw syscall tracepoint (issue 21: 32-bit syscalls)
+
+
+@contextlib.contextmanager
+def detached(engine: Engine, only: tuple[str, ...] = ()):
+    """Detach the engine's programs (or only the raw tracepoints named in `only`) for a baseline
+    round, keeping them loaded (no recompile between rounds).
+
+    Benchmark only: this is an unenforced window, which the engine itself never opens.
+    """
+    bpf = engine.bpf
+    names = [n.decode() if isinstance(n, bytes) else n for n in bpf.funcs]
+    raw = [n[len("raw_tracepoint__"):] for n in names if n.startswith("raw_tracepoint__")]
+    tps = [n[len("tracepoint__"):].replace("__", ":", 1) for n in names if n.startswith("tracepoint__")]
+    if only:
+        raw, tps = [tp for tp in raw if tp in only], []
+    for tp in raw:
+        bpf.detach_raw_tracepoint(tp=tp.encode())
+    for tp in tps:
+        bpf.detach_tracepoint(tp=tp.encode())
+    try:
+        yield
+    finally:
+        for tp in raw:
+            bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=f"raw_tracepoint__{tp}".encode())
+        for tp in tps:
+            bpf.attach_tracepoint(tp=tp.encode(), fn_name=f"tracepoint__{tp.replace(':', '__')}".encode())

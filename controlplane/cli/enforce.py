@@ -120,6 +120,7 @@ class Daemon:
         self.backend, self.controller_key, self.log = backend, controller_key, log
         self.reload_requested = False
         self.stop_requested = False
+        self.engine: Engine | None = None     # while run() runs: the engine (benchmarks detach its programs)
         self._alive: queue.SimpleQueue[tuple[bytes, threading.Event]] = queue.SimpleQueue()
 
     def request_alive(self, nonce: bytes, timeout: float = ALIVE_TIMEOUT_S) -> bool:
@@ -134,6 +135,7 @@ class Daemon:
         policy, view, db_digest, size_hint = load_inputs(self.policy_path, self.db_path, self.controller_key, self.policy)
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
         engine = Engine(policy, view, backend=backend, db_digest=db_digest, trust_max=max(MIN_TRUST_MAX, 2 * size_hint))
+        self.engine = engine
         try:
             self._say(f"enforcing {self.policy_path} ({policy.mode}) with {engine.loaded.trusted_files} trusted files, "
                       f"backend {backend}")

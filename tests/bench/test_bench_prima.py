@@ -23,7 +23,7 @@ from prima.measuredb import MeasureDB
 from prima.sources import build
 from tests.conftest import requires
 from tests.bypass.lab import c_project, shared_libs
-from tests.prima_fixtures import labelled_processes, measure_files, program_stats
+from tests.prima_fixtures import RAW_SYSCALL_PROGRAMS, detached, labelled_processes, measure_files, program_stats
 
 pytestmark = [pytest.mark.bench, requires(root=True), requires(tool="gcc")]
 
@@ -152,33 +152,6 @@ def _per_exec_ns(driver: Path, tiny: Path, n: int) -> tuple[float, float]:
     return float(wall), float(cpu)
 
 
-RAW_SYSCALL_PROGRAMS = ("sys_enter",)  # exec.bpf.c's raw syscall tracepoint (issue 21: 32-bit syscalls)
-
-
-@contextlib.contextmanager
-def _detached(engine: Engine, only: tuple[str, ...] = ()):
-    """Detach the engine's programs (or only the raw tracepoints named in `only`) for a baseline
-    round, keeping them loaded (no recompile between rounds).
-
-    Benchmark only: this is an unenforced window, which the engine itself never opens.
-    """
-    bpf = engine.bpf
-    names = [n.decode() if isinstance(n, bytes) else n for n in bpf.funcs]
-    raw = [n[len("raw_tracepoint__"):] for n in names if n.startswith("raw_tracepoint__")]
-    tps = [n[len("tracepoint__"):].replace("__", ":", 1) for n in names if n.startswith("tracepoint__")]
-    if only:
-        raw, tps = [tp for tp in raw if tp in only], []
-    for tp in raw:
-        bpf.detach_raw_tracepoint(tp=tp.encode())
-    for tp in tps:
-        bpf.detach_tracepoint(tp=tp.encode())
-    try:
-        yield
-    finally:
-        for tp in raw:
-            bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=f"raw_tracepoint__{tp}".encode())
-        for tp in tps:
-            bpf.attach_tracepoint(tp=tp.encode(), fn_name=f"tracepoint__{tp.replace(':', '__')}".encode())
 
 
 def test_fork_exec_cost(bench_dir: Path) -> None:
@@ -187,7 +160,7 @@ def test_fork_exec_cost(bench_dir: Path) -> None:
     runs: dict[str, list[tuple[float, float]]] = {"not loaded": [], "loaded, unlabelled": [], "loaded, labelled": []}
     with _engine(d) as engine:
         for _ in range(ROUNDS):
-            with _detached(engine):
+            with detached(engine):
                 runs["not loaded"].append(_per_exec_ns(d / "driver", d / "tiny", per))
             runs["loaded, unlabelled"].append(_per_exec_ns(d / "driver", d / "tiny", per))
             runs["loaded, labelled"].append(_per_exec_ns(d / "driver-ep", d / "tiny", per))
@@ -265,9 +238,9 @@ def test_syscall_tax_on_every_process(bench_dir: Path) -> None:
     base, per_syscall, loaded = [], [], []
     with _engine(d) as engine:
         for _ in range(30):
-            with _detached(engine):
+            with detached(engine):
                 base.append(run())
-            with _detached(engine, only=RAW_SYSCALL_PROGRAMS):
+            with detached(engine, only=RAW_SYSCALL_PROGRAMS):
                 per_syscall.append(run())
             loaded.append(run())
     b, p, l = statistics.median(base), statistics.median(per_syscall), statistics.median(loaded)

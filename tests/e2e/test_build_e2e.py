@@ -32,7 +32,8 @@ from controlplane.build.controller import Controller
 from controlplane.core.errors import VerifyError
 from controlplane.core.keys import load_signing_key
 from prima.sources import build
-from tests.build_fixtures import DISTCC_PORT, TOOLCHAIN, build_cluster, c_project
+from tests.build_fixtures import DISTCC_PORT, TOOLCHAIN, build_cluster
+from tests.bypass.lab import c_project
 from tests.conftest import requires
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), requires(tool="distccd"), pytest.mark.timeout(900)]
@@ -77,13 +78,19 @@ def cluster():
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _project(cluster, name: str, **kw) -> Path:
+    """A real C project of 12 units and a main (13 objects, one link), in its own directory."""
+    (cluster.work / name).mkdir()
+    return c_project(cluster.work / name, 12, **kw)
+
+
 def _cwlite(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "controlplane.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600)
 
 
 def test_a_clean_build_through_two_verified_hosts_has_checkable_provenance(cluster):
-    project = c_project(cluster.work / "clean")
+    project = _project(cluster, "clean")
     out = cluster.work / "prov-clean"
     r = _cwlite("build", "--hosts", str(cluster.hosts_file()), "--data-dir", str(cluster.verifier_dir),
                 "--policy", str(cluster.policy), "--db", str(cluster.db), "--out", str(out), "--interval", "1",
@@ -94,14 +101,14 @@ def test_a_clean_build_through_two_verified_hosts_has_checkable_provenance(clust
     jobs = {h["name"]: h["jobs"] for h in summary["hosts"]}
     assert sum(jobs.values()) == summary["jobs"]["total"] - summary["jobs"]["local"] == 13, summary
     assert all(n >= 1 for n in jobs.values()), jobs       # both hosts compiled
-    assert subprocess.run([str(project / "prog")], capture_output=True).returncode == 0
+    assert subprocess.run([str(project / "app")], capture_output=True).returncode == 0
 
     # cwlite's own offline check, with the keys pinned
     r = _cwlite("provenance", "check", str(out), "--controller-key", str(cluster.verifier_dir / "controller.pub"),
                 "--verifier-key", str(cluster.verifier_dir / "verifier.pub"), "--json", cwd=cluster.work)
     assert r.returncode == 0, r.stdout + r.stderr
     checked = json.loads(r.stdout)
-    assert checked["subjects"] == 14 and checked["proofs"] >= 4      # 13 objects and prog; proofs: >= 2 rounds x 2 hosts
+    assert checked["subjects"] == 14 and checked["proofs"] >= 4      # 13 objects and app; proofs: >= 2 rounds x 2 hosts
 
     # in-toto's own tooling verifies the DSSE envelope with the controller's key
     env = Envelope.from_dict(json.loads((out / provenance.ENVELOPE).read_text()))
@@ -113,12 +120,12 @@ def test_a_clean_build_through_two_verified_hosts_has_checkable_provenance(clust
     for job in record["jobs"]:
         rel = str(Path(job["object"]).relative_to(project))
         assert by_name[rel]["annotations"]["compiledBy"] == job["host"] in jobs
-    assert by_name["prog"]["annotations"]["compiledBy"] == "controller"
+    assert by_name["app"]["annotations"]["compiledBy"] == "controller"
     assert {d["name"] for d in stmt["predicate"]["buildDefinition"]["resolvedDependencies"]} == \
         {"cwlite-host:build-a", "cwlite-host:build-b"}
 
     # a changed output no longer matches its subject
-    (project / "mod00.o").write_bytes(b"not what was built")
+    (project / "u0.o").write_bytes(b"not what was built")
     with pytest.raises(VerifyError) as err:
         provenance.check_dir(out)
     assert err.value.reason == "provenance-subject"
@@ -138,7 +145,7 @@ def _controller(cluster, store, ref, project, out, *, strict: bool, plant_on: st
 
 
 def test_an_untrusted_exec_on_one_host_taints_the_build_naming_host_entry_and_objects(cluster):
-    project = c_project(cluster.work / "taint")
+    project = _project(cluster, "taint")
     out = cluster.work / "prov-taint"
     with cluster.store() as store, cluster.reference() as ref:
         ctl, planted = _controller(cluster, store, ref, project, out, strict=False, plant_on="tp_a")
@@ -158,7 +165,7 @@ def test_an_untrusted_exec_on_one_host_taints_the_build_naming_host_entry_and_ob
 
 
 def test_with_strict_an_untrusted_exec_stops_the_build(cluster):
-    project = c_project(cluster.work / "strict", slow_step_s=60)
+    project = _project(cluster, "strict", extra_recipe="sleep 60 && touch done.stamp")
     out = cluster.work / "prov-strict"
     with cluster.store() as store, cluster.reference() as ref:
         ctl, planted = _controller(cluster, store, ref, project, out, strict=True, plant_on="tp_b")
@@ -166,6 +173,6 @@ def test_with_strict_an_untrusted_exec_stops_the_build(cluster):
     assert result.stopped and result.returncode != 0
     assert [t["host"] for t in result.taints] == ["build-b"]
     assert any(e["reason"] == "violation" and e["subject"] == str(planted["path"]) for e in result.taints[0]["entries"])
-    assert not (project / "prog").exists() and not (project / "slow.stamp").exists()
+    assert not (project / "done.stamp").exists()          # make was killed during its last step
     assert result.envelope is None and not (out / provenance.ENVELOPE).exists()
     assert json.loads((out / provenance.BUILD_RECORD).read_text())["stopped"] is True

@@ -21,6 +21,7 @@ from securesystemslib.signer import SSlibKey
 from controlplane.build import provenance
 from controlplane.build.distcc import LOCAL, DistccRun, parse_log
 from controlplane.build.hosts import BuildHost, load_hosts, port_authority_refusal
+from controlplane.cli.main import main
 from controlplane.core.errors import FileError, VerifyError
 from controlplane.core.policy import parse_policy
 from tests.build_fixtures import wait_listening
@@ -176,3 +177,18 @@ def test_check_dir_refuses_a_proof_that_is_not_the_bound_one(tmp_path):
     with pytest.raises(VerifyError) as err:
         provenance.check_dir(tmp_path)
     assert err.value.reason == "provenance-proof"
+
+
+def test_cli_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    policy, db = tmp_path / "policy.toml", tmp_path / "m.db"
+    policy.write_text(POLICY)
+    db.write_bytes(b"")
+    missing = tmp_path / "nohosts.toml"
+    assert main(["build", "--hosts", str(missing), "--policy", str(policy), "--db", str(db),
+                 "--data-dir", str(tmp_path / "v"), "--", "make", "-j2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(missing) in err
+    (tmp_path / "prov").mkdir()
+    assert main(["provenance", "check", str(tmp_path / "prov"), "--controller-key", str(tmp_path / "none.pub")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "none.pub" in err

@@ -140,7 +140,21 @@ def running_distccd(ns: Netns, entry: Path, work: Path) -> Iterator[Distccd]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+        _wait_group_gone(proc.pid)
         shutil.rmtree(plant, ignore_errors=True)
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    """Until no process of the group is left (distccd's children exit after their parent)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def wait_listening(addr: str, port: int, proc: subprocess.Popen, err: Path, timeout: float = 30.0) -> None:

@@ -12,7 +12,8 @@ in interleaved rounds of one run (medians; ratios against baselines of the same 
 The paper measured 22.67 -> 23.74 s (+3.98%) for this build; the target here is (c)/(b) <= 1.01.
 Each round builds a private copy of the tree (another benchmark may build the shared one), after
 `make clean` (untimed). distccd is restarted before each (b) and (c) round, so in (c) it enters its
-label with the programs attached. Results also go to CWLITE_BENCH_OUT (JSON) when set.
+label with the programs attached (and it is stopped while they are attached, see plain()).
+Results also go to CWLITE_BENCH_OUT (JSON) when set.
 """
 from __future__ import annotations
 
@@ -83,14 +84,22 @@ def test_openssh_build_plain_distcc_and_cwlite(tmp_path_factory):
             distcc_env = dict(os.environ, PATH=f"/usr/lib/distcc:{os.environ['PATH']}", DISTCC_HOSTS=host.spec,
                               DISTCC_FALLBACK="0")
 
+            # The labelled distccd stops while the programs are attached, so its exits clear its label
+            # entries: an exit missed while detached would leave a tgid labelled, and pid_max is 32768
+            # here, so an unrelated process soon reuses it (it then runs "as" the TP: violations).
             def plain() -> float:
+                cluster.stop_distccd(LABEL)
                 with detached(engine):
                     return _make(tree)
 
             def distcc() -> float:
+                cluster.stop_distccd(LABEL)
                 with detached(engine):
-                    cluster.start_distccd(LABEL)
-                    return _make(tree, distcc_env)
+                    cluster.start_distccd(LABEL)          # not labelled: the programs are detached
+                    try:
+                        return _make(tree, distcc_env)
+                    finally:
+                        cluster.stop_distccd(LABEL)
 
             def cwlite() -> float:
                 cluster.start_distccd(LABEL)      # exec of the entrypoint with the programs attached: labelled
@@ -101,20 +110,22 @@ def test_openssh_build_plain_distcc_and_cwlite(tmp_path_factory):
                     result = Controller([host], store, ref, verifier_key, controller_key, workdir=tree, out=out,
                                         interval=INTERVAL_S).run(["make", "-j2"], stdout=subprocess.DEVNULL)
                     elapsed = time.perf_counter() - t0
-                assert result.returncode == 0 and not result.tainted, result.summary()
+                assert result.returncode == 0 and not result.tainted, json.dumps(result.taints)[:4000]
                 assert result.hosts[0].jobs > 100 and not any(j.host == "localhost" for j in result.jobs)
                 return elapsed
 
             runs = {"a": plain, "b": distcc, "c": cwlite}
-            order = ["a", "b", "c"]
+            order = list(os.environ.get("CWLITE_BENCH_CONFIGS", "abc"))   # e.g. "c": only cwlite rounds
             for r in range(ROUNDS):
-                for name in order[r % 3:] + order[:r % 3]:
+                for name in order[r % len(order):] + order[:r % len(order)]:
                     times[name].append(runs[name]())
-                print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+                print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items() if v), flush=True)
             mlog_entries = len(list(cluster.hosts[LABEL].log.entries(0)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    if not all(times.values()):
+        return
     med = {k: statistics.median(v) for k, v in times.items()}
     cb = statistics.median(c / b for c, b in zip(times["c"], times["b"]))
     ca = statistics.median(c / a for c, a in zip(times["c"], times["a"]))

@@ -67,18 +67,23 @@ class Netns:
     ns_addr: str
 
 
+def _free_index(ip: IPRoute) -> int:
+    """The lowest 10.77.<index> whose veth name no other run (another test or benchmark) holds."""
+    used = {link.get_attr("IFLA_IFNAME") for link in ip.get_links()}
+    return next(i for i in range(100, 250) if f"cwb{i}h" not in used)
+
+
 @contextlib.contextmanager
-def veth_netns(name: str, index: int) -> Iterator[Netns]:
-    """A fresh namespace `name` with one veth pair 10.77.<index>.1/30 (here) <-> .2/30 (inside), both up."""
-    host_if, ns_if = f"cwb{index}h", f"cwb{index}n"
-    host_addr, ns_addr = f"10.77.{index}.1", f"10.77.{index}.2"
-    with contextlib.suppress(OSError, FileNotFoundError):
-        netns.remove(name)
+def veth_netns(name: str) -> Iterator[Netns]:
+    """A fresh namespace `name` (with a unique suffix) and one veth pair 10.77.<i>.1/30 (here) <-> .2/30
+    (inside), both up; <i> is one no concurrent run uses."""
+    name = f"{name}-{os.getpid()}"
     netns.create(name)
     try:
         with IPRoute() as ip:
-            for old in ip.link_lookup(ifname=host_if):
-                ip.link("del", index=old)
+            index = _free_index(ip)
+            host_if, ns_if = f"cwb{index}h", f"cwb{index}n"
+            host_addr, ns_addr = f"10.77.{index}.1", f"10.77.{index}.2"
             ip.link("add", ifname=host_if, kind="veth", peer=ns_if)
             ip.link("set", index=ip.link_lookup(ifname=ns_if)[0], net_ns_fd=name)
             hidx = ip.link_lookup(ifname=host_if)[0]
@@ -237,8 +242,8 @@ def build_cluster(work: Path, policy: Path, db: Path, hosts: list[tuple[str, str
             h.state.on_quote = c.daemon.request_alive
         _wait_engine(c, engine_timeout)
         with c.store() as store:
-            for i, (name, label, _entry) in enumerate(hosts, start=1):
-                c.netns[label] = stack.enter_context(veth_netns(f"cwlite-{name}", 100 + i))
+            for name, label, _entry in hosts:
+                c.netns[label] = stack.enter_context(veth_netns(f"cwlite-{name}"))
                 stack.callback(c.stop_distccd, label)
                 c.start_distccd(label)
                 host = c.hosts[label]

@@ -24,7 +24,7 @@ import ctypes
 import os
 import struct
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from cext import bpfmap
@@ -34,6 +34,7 @@ from controlplane.core.policy import Policy
 from ebpf import abi, loader
 from prima import cdi, selfprotect
 from prima.kernelview import KernelEntry, Watch, kernel_dev
+from prima.measure import measure_evidence
 
 if TYPE_CHECKING:  # bcc itself is imported by ebpf.loader when a program is compiled
     import bcc
@@ -81,6 +82,8 @@ OP_TRACEME = abi.value("CWL_OP_TRACEME")  # a subject event where the current pr
 SUBJECT_OPS = frozenset(abi.value(f"CWL_OP_{n}") for n in ("PTRACE", "PROC_MEM", "VM_WRITE", "TRACEME"))
 # Self-protection events (selfprotect.h) name what they concern by numbers, not by a file.
 SELF_OPS = frozenset({abi.value("CWL_OP_BPF"), abi.value("CWL_OP_SIGNAL")})
+# violations whose (dev, ino) is not a file that was run or mapped: nothing to measure
+NO_FILE_OPS = frozenset(OPS[v] for v in (*SUBJECT_OPS, *SELF_OPS))
 
 
 class CwlEvent(ctypes.Structure):
@@ -399,6 +402,25 @@ class Engine:
         actor, subject = (peer, me) if r.op == OP_TRACEME else (me, peer)
         detail.update(peer=r.peer, actor=actor, subject=subject)
         return f"{actor}->{subject}"
+
+    @staticmethod
+    def evidence(event: Event) -> Event:
+        """A violation naming a file, with that file's SHA-256 measured now (prima.measure.measure_evidence),
+        so an operator sees what ran and can add it to the DB; the kernel records no content hash.
+
+        Called by the enforce loop (never the ring-buffer callback: reading a file is slow). When the file
+        cannot be measured (gone, changed, too big) the digest stays zero and detail["sha256"] says "unknown".
+        """
+        d = event.detail
+        if (event.kind is not EventKind.VIOLATION or event.digest != ZERO_DIGEST or not d.get("ino")
+                or event.op in NO_FILE_OPS):
+            return event
+        digest = measure_evidence(int(d.get("tgid") or d.get("pid") or 0), int(d["dev"]), int(d["ino"]),
+                                  int(d.get("ctime_ns") or 0), str(d.get("name") or event.subject),
+                                  kernel_dev=kernel_dev)
+        if digest is None:
+            return replace(event, detail={**d, "sha256": "unknown"})
+        return replace(event, digest=digest, detail={**d, "sha256": digest.hex()})
 
     def drops(self) -> dict[str, int]:
         """Kernel-side failure counts since load (summed over CPUs)."""

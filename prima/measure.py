@@ -326,3 +326,77 @@ def check_dirs(dirs: Sequence[str | os.PathLike[str]], what: str) -> list[Path]:
             raise MeasureDBError(f"{p}: {what}: no such directory")
         out.append(p.resolve())
     return out
+
+
+# ---- the file a violation named ------------------------------------------------------------
+EVIDENCE_MAX_BYTES = 256 << 20     # a violation's file is hashed only up to this size...
+EVIDENCE_TIMEOUT_S = 2.0           # ...and for this long: the enforce loop must keep reading the ring buffer
+EVIDENCE_MAX_FDS = 4096            # descriptors of the process looked at for the file
+
+
+def _evidence_candidates(pid: int, name: str) -> Iterator[str]:
+    """Where the file a process exec'd or mapped can still be opened, most direct first: its executable,
+    its open descriptors (a mapping's fd), then the path it named (relative to its cwd)."""
+    proc = f"/proc/{pid}" if pid > 0 else ""
+    if proc:
+        yield f"{proc}/exe"
+        try:
+            with os.scandir(f"{proc}/fd") as it:
+                for i, fd in enumerate(it):
+                    if i >= EVIDENCE_MAX_FDS:
+                        break
+                    yield fd.path
+        except OSError:
+            pass
+    if name.startswith("/"):
+        yield name
+    elif name and proc:
+        yield f"{proc}/cwd/{name}"
+
+
+def _unchanged_since(st: os.stat_result, ctime_ns: int) -> bool:
+    """The content is the one the kernel judged at change cookie `ctime_ns`: the same ctime, or a file since
+    unlinked (which moves its ctime; "run it, then delete it" must not hide what ran) not written after it.
+    (A root attacker holding the deleted file open can still write it and reset its mtime: the digest is
+    evidence for the operator; the entry is untrusted whatever it says.)"""
+    if not ctime_ns or st.st_ctime_ns == ctime_ns:
+        return True
+    return st.st_nlink == 0 and st.st_mtime_ns <= ctime_ns
+
+
+def measure_evidence(pid: int, dev: int, ino: int, ctime_ns: int, name: str, *, kernel_dev: Callable[[int], int],
+                     max_bytes: int = EVIDENCE_MAX_BYTES, timeout_s: float = EVIDENCE_TIMEOUT_S) -> bytes | None:
+    """SHA-256 of the very file (kernel `dev`, `ino`, unchanged since `ctime_ns`) a violation by `pid` named,
+    or None when no such file can be opened any more (gone, replaced, changed, too large, too slow).
+
+    Opened through the process (/proc/PID/exe, /proc/PID/fd/N) before the path it named, and taken only
+    when the opened file's identity is the kernel's: a path re-pointed after the event is not measured
+    in its place. `kernel_dev` maps stat()'s st_dev to the kernel's dev_t encoding.
+    """
+    deadline = time.monotonic() + timeout_s
+    for candidate in _evidence_candidates(pid, name):
+        if time.monotonic() > deadline:
+            return None
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if (not stat.S_ISREG(st.st_mode) or st.st_ino != ino or kernel_dev(st.st_dev) != dev
+                    or not _unchanged_since(st, ctime_ns) or st.st_size > max_bytes):
+                continue
+            sha = hashlib.sha256()
+            buf = _buffer()
+            while n := os.readv(fd, [buf]):
+                sha.update(buf[:n])
+                if time.monotonic() > deadline:
+                    return None
+            if os.fstat(fd).st_ctime_ns != st.st_ctime_ns:
+                return None          # written while being read: not the bytes the kernel judged
+            return sha.digest()
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return None

@@ -22,6 +22,7 @@ from controlplane.core.errors import CwliteError, EnforcementError, FileError
 from controlplane.core.events import Event, EventKind, EventSink
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import Policy, load_policy
+from controlplane.host.policy_floor import admit
 from ebpf.probe import probe_lsm
 from prima.engine import MIN_TRUST_MAX, Engine, Measure
 from prima.kernelview import kernel_view, kernel_view_bound
@@ -113,10 +114,13 @@ class Daemon:
     """The enforce loop, usable from other commands (e.g. a service embedding enforcement)."""
 
     def __init__(self, policy_path: Path, db_path: Path, sink: EventSink, *, backend: str = "auto",
-                 controller_key: Path | None = None, log: IO[str] = sys.stderr, policy: Policy | None = None) -> None:
-        """`policy`: `policy_path` as the caller already loaded it (checked with `controller_key`), for the start."""
+                 controller_key: Path | None = None, log: IO[str] = sys.stderr, policy: Policy | None = None,
+                 data_dir: Path | None = None) -> None:
+        """`policy`: `policy_path` as the caller already loaded it (checked with `controller_key`), for the start;
+        `data_dir`: where the policy serial floor lives (a reload to an older serial is refused)."""
         self.policy_path, self.db_path, self.sink = policy_path, db_path, sink
         self.policy = policy
+        self.data_dir = data_dir
         self.backend, self.controller_key, self.log = backend, controller_key, log
         self.reload_requested = False
         self.stop_requested = False
@@ -141,7 +145,7 @@ class Daemon:
                       f"backend {backend}")
             while not self.stop_requested:
                 for ev in engine.poll(200):
-                    self.sink.record(ev)
+                    self.sink.record(engine.evidence(ev))
                 self._answer_alive(engine)
                 if self.reload_requested:
                     self.reload_requested = False
@@ -149,7 +153,7 @@ class Daemon:
         finally:
             engine.close()
             for ev in engine.drain():
-                self.sink.record(ev)
+                self.sink.record(engine.evidence(ev))
             self._say("detached")
 
     def _answer_alive(self, engine: Engine) -> None:
@@ -159,12 +163,14 @@ class Daemon:
             except queue.Empty:
                 return
             for ev in engine.alive(nonce):
-                self.sink.record(ev)
+                self.sink.record(engine.evidence(ev))
             done.set()
 
     def _reload(self, engine: Engine) -> None:
         try:
             policy, view, db_digest, _size = load_inputs(self.policy_path, self.db_path, self.controller_key)
+            if self.data_dir is not None:
+                admit(policy, self.data_dir)
             loaded = engine.reload(policy, view, db_digest)
         except CwliteError as exc:
             # The previous generation is still live: enforcement never stopped.
@@ -188,7 +194,8 @@ class Daemon:
 @click.option("--mlog", is_flag=True, help="Record every event in the measurement log (DATA_DIR/measurements.log, "
               "extended into the policy's PCR).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR, show_default=True,
-              help="With --mlog: where the log and the embedded swtpm live.")
+              help="The highest policy serial run here (policy.serial: an older policy is refused); "
+              "with --mlog also the log and the embedded swtpm.")
 @click.option("--device", help="With --mlog: TPM device or TCTI (default: /dev/tpmrm0, else the embedded swtpm).")
 @click.option("--backend", type=click.Choice(["auto", "tracepoint", "lsm"]), default="auto", show_default=True,
               help="Kernel backend; auto = the policy's choice, else the strongest this kernel allows.")
@@ -229,6 +236,7 @@ def enforce(policy_path: Path, db_path: Path, events_path: Path | None, mlog: bo
     tpm_ctx = None
     # parsed once, signature checked once: the daemon starts from this policy (SIGHUP re-reads the file)
     policy = load_policy(policy_path, controller_key=controller_key, require_signature=controller_key is not None)
+    admit(policy, data_dir)     # never start from a policy older than one this host ran (serial floor)
     if mlog:
         # Only --mlog needs the TPM: tpm2-pytss costs ~0.15 s at import, paid by every `cwlite` start if at the top.
         from controlplane.host import mlog as mlog_mod
@@ -240,7 +248,8 @@ def enforce(policy_path: Path, db_path: Path, events_path: Path | None, mlog: bo
         log = mlog_mod.MeasurementLog.open(data_dir / "measurements.log", tpm, pcr=pcr)
         sinks.append(log)
         closers.append(log.close)
-    daemon = Daemon(policy_path, db_path, Tee(sinks), backend=backend, controller_key=controller_key, policy=policy)
+    daemon = Daemon(policy_path, db_path, Tee(sinks), backend=backend, controller_key=controller_key, policy=policy,
+                    data_dir=data_dir)
 
     def on_hup(signum, frame) -> None:
         daemon.reload_requested = True

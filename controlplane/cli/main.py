@@ -13,6 +13,7 @@ import click
 from controlplane.cli.build import build, provenance_group
 from controlplane.cli.db import db
 from controlplane.cli.enforce import enforce
+from controlplane.cli.hosts import hosts
 from controlplane.cli.log import log, tpm
 from controlplane.cli.policy import policy
 from controlplane.cli.proof import proof
@@ -52,8 +53,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, build, provenance_group, log, tpm,
-                 selinux):
+for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, hosts, build, provenance_group, log,
+                 tpm, selinux):
     cli.add_command(_command)
 
 

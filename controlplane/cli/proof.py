@@ -74,6 +74,23 @@ def _read(file: Path) -> bytes:
         raise click.ClickException(f"{file}: {exc.strerror}") from exc
 
 
+def _print_kernel_ima(con, kernel: dict) -> None:
+    """The kernel's own IMA log in a proof: the range replayed, then each entry not trusted."""
+    start, end = kernel.get("start", 0), kernel.get("end", 0)
+    span = f"entries {start}..{end - 1}" if isinstance(end, int) and end > start else "no new entries"
+    con.print(f"kernel IMA log {span} replayed to PCR {kernel.get('pcr')} = {str(kernel.get('pcr_value', ''))[:16]}…  "
+              f"{kernel.get('trusted_entries', '?')} trusted, {kernel.get('excluded_entries', '?')} excluded")
+    entries = kernel.get("entries", [])
+    if entries:
+        table = Table(title="kernel IMA entries not trusted")
+        for col in ("#", "verdict", "path", "template", "digest"):
+            table.add_column(col)
+        for e in entries:
+            table.add_row(str(e.get("index")), f"[red]{e.get('reason')}[/]", e.get("subject", ""), e.get("op", ""),
+                          str(e.get("digest", "")))
+        con.print(table)
+
+
 def print_proof(doc: dict, *, header: str = "") -> None:
     """The proof for a person: who, what was checked, each entry that was not simply trusted, the verdict."""
     con = console()
@@ -98,6 +115,15 @@ def print_proof(doc: dict, *, header: str = "") -> None:
                           e.get("label", ""), e.get("op", ""), e.get("subject") or e.get("name", ""),
                           str(e.get("digest", ""))[:16])
         con.print(table)
+        for e in entries:    # what ran, in full: an operator can look it up or add it to the DB
+            if e.get("reason") == "violation" and e.get("kind") == "violation":
+                sha = str(e.get("digest", ""))
+                con.print(f"entry {e.get('index')}: {e.get('subject')}: sha256 "
+                          + ("unknown (the file was gone or changed before the daemon measured it)"
+                             if sha.strip("0") == "" else sha))
+    kernel = doc.get("kernel_ima")
+    if kernel:
+        _print_kernel_ima(con, kernel)
     verdict = doc.get("verdict")
     colour = "green" if verdict == proof_mod.TRUSTED else "red"
     con.print(f"verdict: [bold {colour}]{str(verdict).upper()}[/]"

@@ -21,6 +21,8 @@ from controlplane.core.errors import EnforcementError
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import read_policy
 from controlplane.host import mlog as mlog_mod
+from controlplane.host.kernel_ima import IMA_BINARY_LOG, KernelImaLog
+from controlplane.host.policy_floor import admit
 from prima.measuredb import MeasureDB
 
 
@@ -43,8 +45,11 @@ class Running:
 def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, pcr: int | None = None,
                     policy_path: Path | None = None, db_path: Path | None = None, enforce: bool = False,
                     backend: str = "auto", controller_key: Path | None = None, device: str | None = None,
-                    rate: float = 50.0, say: IO[str] = sys.stderr) -> Iterator[Running]:
-    """TPM + measurement log (+ enforcement daemon thread) + HTTPS service; all stopped on exit."""
+                    rate: float = 50.0, say: IO[str] = sys.stderr,
+                    kernel_ima_log: Path | None = IMA_BINARY_LOG) -> Iterator[Running]:
+    """TPM + measurement log (+ enforcement daemon thread) + HTTPS service; all stopped on exit.
+
+    `kernel_ima_log`: the kernel's own IMA log, served at /v1/ima-log when it can be read (None: not served)."""
     # Loaded only when serving: FastAPI/uvicorn and tpm2-pytss take over 1 s to import, paid by every
     # `cwlite` start if at the top.
     from controlplane.host import tpm as tpm_mod
@@ -58,6 +63,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
         checked = enforce and controller_key is not None
         active = ActivePolicy.of(*read_policy(policy_path, controller_key=controller_key if checked else None,
                                               require_signature=checked))
+        admit(active.policy, data_dir)     # never start from a policy older than one this host ran
     pcr = mlog_mod.choose_pcr(active.policy.pcr if active else mlog_mod.DEFAULT_PCR) if pcr is None else pcr
     db_digest = None
     if db_path is not None:
@@ -67,7 +73,9 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
     with tpm_mod.open_tpm(data_dir, device=device) as tpm, \
             mlog_mod.MeasurementLog.open(Path(data_dir) / "measurements.log", tpm, pcr=pcr) as log:
         state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=pcr, policy_path=policy_path,
-                             policy=active, db_digest=db_digest, controller_key=controller_key, rate_per_s=rate)
+                             policy=active, db_digest=db_digest, controller_key=controller_key, rate_per_s=rate,
+                             data_dir=Path(data_dir),
+                             kernel_ima=KernelImaLog.if_present(kernel_ima_log) if kernel_ima_log else None)
         server = Server(state, host=host, port=port)     # bind first: a service that cannot listen records nothing
         with contextlib.closing(server.sock):   # closed on every path, the served one included
             state.record_tls_key()
@@ -75,7 +83,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
             failure: list[BaseException] = []
             if enforce:
                 daemon = Daemon(policy_path, db_path, log, backend=backend, controller_key=controller_key, log=say,
-                                policy=active.policy)
+                                policy=active.policy, data_dir=Path(data_dir))
 
                 def run() -> None:
                     try:
@@ -115,8 +123,11 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
               help="Ed25519 public key whose signed policies may be pushed (POST /v1/policy).")
 @click.option("--device", help="TPM device or TCTI (default: /dev/tpmrm0, else the embedded swtpm).")
 @click.option("--rate", type=float, default=50.0, show_default=True, help="Requests per second per client.")
+@click.option("--kernel-ima-log", default=str(IMA_BINARY_LOG), show_default=True,
+              help="The kernel's own IMA log (binary form), served at /v1/ima-log when readable; 'none': not served.")
 def serve(data_dir: Path, host: str, port: int, pcr: int | None, policy_path: Path | None, db_path: Path | None,
-          enforce: bool, backend: str, controller_key: Path | None, device: str | None, rate: float) -> None:
+          enforce: bool, backend: str, controller_key: Path | None, device: str | None, rate: float,
+          kernel_ima_log: str) -> None:
     """Serve fresh TPM quotes bound to a fresh TLS key, the measurement log and the policy.
 
     At start a new TLS key pair and self-signed certificate are made and the
@@ -141,9 +152,11 @@ def serve(data_dir: Path, host: str, port: int, pcr: int | None, policy_path: Pa
         signal.signal(sig, lambda *_: stop.set())
     with running_service(data_dir, host=host, port=port, pcr=pcr, policy_path=policy_path, db_path=db_path,
                          enforce=enforce, backend=backend, controller_key=controller_key, device=device,
-                         rate=rate) as running:
+                         rate=rate, kernel_ima_log=None if kernel_ima_log == "none" else Path(kernel_ima_log)) as running:
+        kima = running.state.kernel_ima
         click.echo(f"cwlite serve: {running.url} (TLS key {running.state.tls.spki_sha256.hex()[:16]}, "
-                   f"PCR {running.state.pcr}, log {data_dir / 'measurements.log'})", err=True)
+                   f"PCR {running.state.pcr}, log {data_dir / 'measurements.log'}"
+                   + (f"; kernel IMA log on PCR {kima.pcr}" if kima is not None else "") + ")", err=True)
         while not stop.wait(0.5):
             if running.failure:
                 break

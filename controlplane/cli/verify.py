@@ -1,11 +1,13 @@
 """`cwlite enrol` and `cwlite verify`: the verifier's side, as the build controller runs it."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -27,14 +29,16 @@ from prima.measuredb import MeasureDB
 DEFAULT_DATA = DEFAULT_DATA_DIR / "verifier"
 
 
-def _common(f):
+def store_options(f):
+    """--data-dir and --store, for every command that reads the verifier's store."""
     f = click.option("--store", "store_url", help="SQLAlchemy URL of the attestation store "
                      "(default: SQLite in --data-dir; postgresql+psycopg://... for a fleet).")(f)
     return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA,
                         show_default=True, help="The verifier's key and default store.")(f)
 
 
-def _open_store(data_dir: Path, url: str | None):
+def open_store(data_dir: Path, url: str | None):
+    """The attestation store at `url`, or SQLite in `data_dir` (created)."""
     from controlplane.verifier.store import Store, default_url   # lazy: see the note at the top
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -44,14 +48,15 @@ def _open_store(data_dir: Path, url: str | None):
 @click.command("enrol")
 @click.argument("url")
 @click.argument("name")
-@_common
+@store_options
 @click.option("--ek-ca", "ek_cas", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="CA certificate(s) the EK certificate must chain to (repeatable; requires an EK certificate).")
-@click.option("--pcr", type=click.IntRange(0, 23), default=10, show_default=True)
+@click.option("--pcr", type=click.IntRange(0, 23),
+              help="cwlite's log PCR on the host (default: the one it serves: 10, or 11 where the kernel's IMA owns 10).")
 @click.option("--interval", type=click.FloatRange(0.1), default=30.0, show_default=True,
               help="Seconds between re-attestations in `cwlite verify --watch`.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tuple[Path, ...], pcr: int,
+def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tuple[Path, ...], pcr: int | None,
           interval: float, as_json: bool) -> None:
     """Enrol the host serving at URL as NAME: EK check, credential activation, EK and AK pinned.
 
@@ -70,26 +75,53 @@ def enrol(url: str, name: str, data_dir: Path, store_url: str | None, ek_cas: tu
     from controlplane.verifier import registrar   # lazy: see the note at the top
 
     cas = registrar.load_cas(ek_cas) if ek_cas else None
-    with _open_store(data_dir, store_url) as store:
+    with open_store(data_dir, store_url) as store:
         host = registrar.enrol(url, name, store, cas=cas, pcr=pcr, interval_s=interval)
+        same_ek = sorted(h.name for h in store.hosts() if h.ek_public == host.ek_public and h.name != name)
+    warnings = []
+    if not cas:
+        warnings.append(f"{name}: EK trusted on first use: no --ek-ca, so no manufacturer CA vouched for this TPM "
+                        f"(EK certificate {'present, not checked' if host.ek_cert else 'absent'})")
+    if same_ek:
+        warnings.append(f"{name}: this EK is already enrolled as {', '.join(same_ek)}: one TPM under two names "
+                        f"(remove the old name: cwlite hosts remove {same_ek[0]})")
+    for w in warnings:
+        click.echo(f"cwlite: warning: {w}", err=True)
     emit({"name": host.name, "url": host.url, "pcr": host.pcr, "interval_s": host.interval_s,
           "ek_sha256": hashlib.sha256(host.ek_public).hexdigest(), "ek_certificate": host.ek_cert is not None,
+          "ek_ca_checked": bool(cas), "also_enrolled_as": same_ek, "warnings": warnings,
           "ak_sha256": hashlib.sha256(host.ak_public).hexdigest()}, as_json,
          lambda d: click.echo(f"enrolled {d['name']} at {d['url']}: EK {d['ek_sha256'][:16]} "
                               f"(certificate {'checked' if cas else ('present' if d['ek_certificate'] else 'none')}), "
                               f"AK {d['ak_sha256'][:16]} activated"))
 
 
+@dataclass(frozen=True)
+class KernelImaOptions:
+    """--kernel-ima, --ima-policy, --ima-exclude: whether and how to judge the kernel's own IMA log."""
+
+    enabled: bool = False
+    keylime_policy: Path | None = None
+    excludes: tuple[str, ...] = ()
+
+
 @contextlib.contextmanager
-def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ...] = ()) -> Iterator:
+def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ...] = (),
+               kernel: KernelImaOptions = KernelImaOptions()) -> Iterator:
     policy = load_policy(policy_path)
     with MeasureDB.open(db_path) as db:
-        yield Reference(policy, db, frozenset(extra_policies))
+        kref = None
+        if kernel.enabled or kernel.keylime_policy is not None or kernel.excludes:
+            from controlplane.verifier.kernel_ima import KernelImaReference, load_keylime_policy   # lazy: top note
+
+            runtime = load_keylime_policy(kernel.keylime_policy) if kernel.keylime_policy is not None else None
+            kref = KernelImaReference.of(db, runtime, kernel.excludes)
+        yield Reference(policy, db, frozenset(extra_policies), kernel_ima=kref)
 
 
 @click.command("verify")
 @click.argument("hosts", nargs=-1)
-@_common
+@store_options
 @click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="The verifier's own copy of the policy the hosts must run.")
 @click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -100,15 +132,24 @@ def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ..
 @click.option("--proof-out", type=click.Path(dir_okay=False, path_type=Path), help="Write the signed proof here (one HOST).")
 @click.option("--push-policy", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="First push this controller-signed policy (FILE + FILE.sig) to the host, then attest against it.")
+@click.option("--kernel-ima", is_flag=True,
+              help="Also attest the kernel's own IMA log (GET /v1/ima-log, PCR 10): every file it measured is "
+                   "judged against --db and --ima-policy (trusted / unknown / violation).")
+@click.option("--ima-policy", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="A Keylime runtime policy (JSON, Keylime 7.x) as a further trust source; implies --kernel-ima.")
+@click.option("--ima-exclude", "ima_excludes", multiple=True, metavar="REGEX",
+              help="Kernel IMA paths not judged (matched at the start, as Keylime's excludes; repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the proof(s) as JSON.")
 def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy_path: Path, db_path: Path,
            watch: bool, rounds: int | None, full: bool, proof_out: Path | None, push_policy: Path | None,
-           as_json: bool) -> None:
+           kernel_ima: bool, ima_policy: Path | None, ima_excludes: tuple[str, ...], as_json: bool) -> None:
     """Attest enrolled HOSTS: fresh quote over TLS, key binding, log replay, every entry judged, signed proof.
 
     Exit status 0 when every host is trusted, 2 when one is untrusted, 1 when an
     attestation could not be completed (the reason is printed: signature, nonce,
-    tls-key, pcr-mismatch, ...). Proofs are kept in the store and checkable
+    tls-key, pcr-mismatch, policy-rollback, ...). With --watch every host is
+    attested concurrently (one connection pool), each at its own interval, and
+    the exit status (after --rounds, or on Ctrl-C) is that of each host's last round. Proofs are kept in the store and checkable
     offline with `cwlite proof check` and the verifier key's .pub file
     (DATA_DIR/verifier.pub).
 
@@ -120,6 +161,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
       cwlite verify --watch --policy policy.toml --db trusted.db
       # replace the host's policy (signed by the controller), then attest against it
       cwlite verify build1 --push-policy new.toml --policy policy.toml --db trusted.db
+      # Keylime's job too: the kernel's IMA log against the DB and a Keylime runtime policy
+      cwlite verify build1 --policy policy.toml --db trusted.db --ima-policy runtime.json --ima-exclude '/var/log/'
     """
     from controlplane.verifier import attest as v   # lazy: see the note at the top
 
@@ -128,7 +171,7 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
     if proof_out is not None and not proof_out.parent.is_dir():   # before the attestation, not after it
         raise FileError(f"{proof_out}: --proof-out directory {proof_out.parent} does not exist", path=str(proof_out))
     key = load_signing_key(data_dir / "verifier.key", create=True)
-    with _open_store(data_dir, store_url) as store:
+    with open_store(data_dir, store_url) as store:
         policy_file, extra = policy_path, ()
         if push_policy is not None:
             if len(hosts) != 1:
@@ -137,7 +180,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
                                    read_signature(signature_path(push_policy)))
             click.echo(f"{hosts[0]}: loaded pushed policy {answer['policy_digest'][:16]}", err=True)
             policy_file, extra = push_policy, (load_policy(policy_path).digest(),)
-        with _reference(policy_file, db_path, extra) as ref:
+        kernel = KernelImaOptions(kernel_ima, ima_policy, ima_excludes)
+        with _reference(policy_file, db_path, extra, kernel) as ref:
             if watch:
                 _watch(store, ref, key, hosts, rounds, as_json)
                 return
@@ -161,10 +205,24 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
 
 
 def _watch(store, ref, key, hosts, rounds, as_json) -> None:
+    """Print each round as it ends; exit 2 if a host's last round was untrusted, 1 if one was refused."""
+    last: dict[str, str] = {}
+    try:
+        asyncio.run(_watch_rounds(store, ref, key, hosts, rounds, as_json, last))
+    except KeyboardInterrupt:
+        click.echo("cwlite: watch interrupted", err=True)
+    states = set(last.values())
+    worst = 2 if Verdict.UNTRUSTED in states else (1 if any(s.startswith("refused") for s in states) else 0)
+    if worst:
+        bad = sorted(n for n, s in last.items() if s != Verdict.TRUSTED)
+        click.echo(f"cwlite: not trusted at the last round: {', '.join(bad)}", err=True)
+        sys.exit(worst)      # SystemExit: click's Exit would be swallowed in non-standalone mode
+
+
+async def _watch_rounds(store, ref, key, hosts, rounds, as_json, last: dict[str, str]) -> None:
     from controlplane.verifier import attest as v   # lazy: see the note at the top
 
-    last: dict[str, str] = {}
-    for name, result in v.watch(store, ref, key, hosts=hosts or None, rounds=rounds):
+    async for name, result in v.watch(store, ref, key, hosts=hosts or None, rounds=rounds):
         stamp = time.strftime("%H:%M:%S")
         if isinstance(result, VerifyError):
             state, line = f"refused:{result.reason}", f"REFUSED ({result.reason}): {result}"
@@ -175,6 +233,8 @@ def _watch(store, ref, key, hosts, rounds, as_json) -> None:
                     + (f" ({'; '.join(result.reasons)})" if result.reasons else ""))
             for e in new:
                 line += f"\n    entry {e['index']}: {e['reason']} {e['label']} {e['op']} {e['subject']}"
+            for e in result.document.get("kernel_ima", {}).get("entries", []):
+                line += f"\n    kernel IMA entry {e['index']}: {e['reason']} {e['subject']} sha256:{e['digest']}"
         if as_json:
             click.echo(json.dumps({"host": name, "state": state, "at": stamp,
                                    "proof": None if isinstance(result, VerifyError) else result.document}))

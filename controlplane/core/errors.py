@@ -41,6 +41,8 @@ class PolicyReason(StrEnum):
     SCHEMA = "schema"          # TOML, but a key is unknown, missing, mistyped or inconsistent
     UNSIGNED = "unsigned"      # a signature is required and there is none (or no key to check it)
     SIGNATURE = "signature"    # the signature is malformed or does not verify
+    ROLLBACK = "rollback"      # its serial is lower than the one the host already ran
+    EXPIRED = "expired"        # its `expires` is past
 
 
 class PolicyError(CwliteError):

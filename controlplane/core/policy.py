@@ -7,6 +7,8 @@ Schema (every key is checked; unknown keys and wrong types are errors naming
     scope = "labelled"          # PRIMA mediates processes under a TP label (the only scope)
     backend = "auto"            # "auto" | "lsm" | "tracepoint"
     pcr = 10                    # measurement-log PCR, 0..23
+    serial = 7                  # optional, >= 0 (absent: 0): a host refuses a policy older than the one it runs
+    expires = 2027-01-01T00:00:00Z      # optional TOML offset date-time: refused (host) and untrusted (verifier) after it
     trust_sets = ["core", "toolchain"]   # order fixes the kernel bitmask (bit i = trust_sets[i])
 
     [labels.tp_build]
@@ -29,6 +31,8 @@ Schema (every key is checked; unknown keys and wrong types are errors naming
 
 The canonical digest is SHA-256 over the policy's normalised form (defaults
 filled, canonical JSON): stable over key order, whitespace and comments.
+`serial` and `expires` are in it (so they are signed) only when set: a policy
+without them keeps the digest it had before they existed.
 A signature is Ed25519 by the controller over that digest, stored beside the
 policy as `<policy>.sig`: base64 text (what `cwlite policy sign` writes) or the
 raw 64 bytes (both are read).
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import hashlib
 import json
 import re
@@ -145,6 +150,12 @@ class Policy:
     cdis: tuple[Cdi, ...]
     port_authority: PortAuthority
     source: str = field(default="", compare=False)
+    serial: int = 0                        # rollback protection: hosts and verifiers never go back to a lower one
+    expires: dt.datetime | None = None     # aware (UTC offset given); None: never
+
+    def expired(self, now: dt.datetime | None = None) -> bool:
+        """True once `expires` is past (`now`: the caller's clock, default the system's UTC time)."""
+        return self.expires is not None and (now or dt.datetime.now(dt.timezone.utc)) >= self.expires
 
     def trust_sets(self) -> list[str]:
         """Trust sets in the order that fixes the kernel bitmask (bit i = trust_sets()[i])."""
@@ -165,12 +176,19 @@ class Policy:
             },
             "cdis": [{"path": c.path, "writers": list(c.writers)} for c in self.cdis],
             "port_authority": {"rules": [{"port": r.port, "protocol": r.protocol, "labels": list(r.labels)} for r in self.port_authority.rules]},
+            **({"serial": self.serial} if self.serial else {}),
+            **({"expires": expires_text(self.expires)} if self.expires is not None else {}),
         }
 
     def digest(self) -> bytes:
         """SHA-256 of the canonical JSON of `canonical()`: stable over key order and whitespace."""
         text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(text.encode()).digest()
+
+
+def expires_text(when: dt.datetime) -> str:
+    """`expires` as the digest covers it and messages show it: UTC, RFC 3339, seconds."""
+    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---- where keys are: tomllib gives no positions, so the text is scanned once ----------
@@ -306,13 +324,21 @@ def parse_policy(text: str, *, source: str) -> Policy:
                           reason=PolicyReason.SYNTAX, source=source, line=line, key="") from None
     ctx = _Ctx(text, source)
     top = _table(ctx, data, (), {"mode": True, "scope": False, "backend": False, "pcr": False, "trust_sets": True,
-                                 "labels": True, "cdis": False, "port_authority": False})
+                                 "labels": True, "cdis": False, "port_authority": False, "serial": False,
+                                 "expires": False})
     mode = Mode(_get(ctx, top, (), "mode", str, choices=MODES))
     scope = _get(ctx, top, (), "scope", str, "labelled", SCOPES)
     backend = _get(ctx, top, (), "backend", str, "auto", BACKENDS)
     pcr = _get(ctx, top, (), "pcr", int, 10)
     if not 0 <= pcr <= 23:
         raise ctx.fail(("pcr",), f"{pcr} is not a PCR index (0..23)")
+    serial = _get(ctx, top, (), "serial", int, 0)
+    if not 0 <= serial < 2**53:      # a JSON number any tool reads exactly
+        raise ctx.fail(("serial",), f"{serial} is not a serial (0..2^53-1)")
+    expires = top.get("expires")
+    if expires is not None and not (isinstance(expires, dt.datetime) and expires.tzinfo is not None):
+        raise ctx.fail(("expires",), f"expected an offset date-time (e.g. 2027-01-01T00:00:00Z), got {_type_name(expires)}"
+                       + ("" if not isinstance(expires, dt.datetime) else " without a UTC offset"))
     sets = _strings(ctx, top, (), "trust_sets")
     if len(sets) > MAX_TRUST_SETS:
         raise ctx.fail(("trust_sets",), f"{len(sets)} trust sets; at most {MAX_TRUST_SETS} (one bit each)")
@@ -378,7 +404,8 @@ def parse_policy(text: str, *, source: str) -> Policy:
         rules.append(PortRule(port, _get(ctx, body, path, "protocol", str, "tcp", PROTOCOLS), rule_labels))
 
     return Policy(mode=mode, scope=scope, backend=backend, pcr=pcr, trust_set_names=sets, labels=labels,
-                  cdis=tuple(cdis), port_authority=PortAuthority(tuple(rules)), source=source)
+                  cdis=tuple(cdis), port_authority=PortAuthority(tuple(rules)), source=source, serial=serial,
+                  expires=expires)
 
 
 # ---- signatures -----------------------------------------------------------------------

@@ -3,9 +3,11 @@
 A proof names the host (EK/AK/TLS key digests), holds the quote it checked,
 the measurement-log range it replayed, the policy and measurement-DB digests
 it judged against, the verdict of every entry that was not simply trusted, and
-the overall verdict. It is canonical JSON (sorted keys, no spaces, UTF-8)
-with an Ed25519 signature by the verifier's key over that canonical form minus
-the `signature` field. A proof file must BE its canonical form: any changed
+the overall verdict. It is canonical JSON as RFC 8785 (JCS) defines it, so any
+JCS library re-derives the signed bytes, with an Ed25519 signature by the
+verifier's key over that canonical form minus the `signature` field. Every
+number in a proof is an integer a JSON tool reads exactly (|n| < 2^53); wider
+values (the TPM's 64-bit firmware_version) are decimal strings. A proof file must BE its canonical form: any changed
 byte either breaks the JSON, changes a signed value, or makes the text
 non-canonical, and each of those is refused.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -24,13 +26,57 @@ from controlplane.core.errors import VerifyError
 from controlplane.core.quote import Quote, verify_quote
 from controlplane.core.wire import quote_qualifying_data
 
-FORMAT = "cwlite-proof/1"
+FORMAT = "cwlite-proof/2"
+LEGACY_FORMAT = "cwlite-proof/1"     # before JCS: Python's sorted compact JSON; big integers as numbers
 TRUSTED, UNTRUSTED = "trusted", "untrusted"
+MAX_SAFE_INT = 2**53 - 1             # I-JSON (RFC 7493): beyond it a JSON number loses digits in most tools
 
 
 def canonical(obj: Any) -> bytes:
-    """The one byte form of a JSON value that is signed and digested."""
+    """The one byte form of a JSON value that is signed and digested: RFC 8785 (JCS), UTF-8.
+
+    Object keys sorted by their UTF-16 code units, no whitespace, strings escaped as ECMAScript's
+    JSON.stringify does. Only integers within +-(2^53 - 1) are numbers here (a float or a wider
+    integer raises ValueError: the proof writer turns those into strings first).
+    """
+    return "".join(_jcs(obj)).encode()
+
+
+def _jcs(v: Any) -> Iterator[str]:
+    if isinstance(v, str):
+        yield json.dumps(v, ensure_ascii=False)       # escapes exactly what JCS escapes, the same way
+    elif v is None or isinstance(v, bool):
+        yield "null" if v is None else ("true" if v else "false")
+    elif isinstance(v, int):
+        if abs(v) > MAX_SAFE_INT:
+            raise ValueError(f"integer {v} is wider than 2^53: write it as a string")
+        yield str(v)
+    elif isinstance(v, dict):
+        yield "{"
+        for i, k in enumerate(sorted(v, key=lambda k: k.encode("utf-16-be"))):
+            if not isinstance(k, str):
+                raise ValueError(f"object key {k!r} is not a string")
+            yield from ("," if i else "", json.dumps(k, ensure_ascii=False), ":")
+            yield from _jcs(v[k])
+        yield "}"
+    elif isinstance(v, (list, tuple)):
+        yield "["
+        for i, item in enumerate(v):
+            if i:
+                yield ","
+            yield from _jcs(item)
+        yield "]"
+    else:
+        raise ValueError(f"{type(v).__name__} is not a proof value (strings, integers, booleans, null, arrays, objects)")
+
+
+def _legacy_canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def json_safe(v: Any) -> Any:
+    """An integer wider than 2^53 as its decimal string; anything else unchanged."""
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_SAFE_INT else v
 
 
 # the verifier's name in a proof (keys are loaded by controlplane.core.keys) ------------
@@ -67,18 +113,23 @@ def check(data: bytes, key: Ed25519PublicKey, *, source: str = "proof") -> dict:
         raise VerifyError(f"{source}: not JSON: {exc}", reason="proof-format") from exc
     if not isinstance(doc, dict):
         raise VerifyError(f"{source}: not a JSON object", reason="proof-format")
-    if canonical(doc) + b"\n" != data:
+    canon = _legacy_canonical if doc.get("format") == LEGACY_FORMAT else canonical
+    try:
+        canonical_data = canon(doc) + b"\n"
+    except ValueError as exc:
+        raise VerifyError(f"{source}: not canonical JSON: {exc}", reason="proof-format") from exc
+    if canonical_data != data:
         raise VerifyError(f"{source}: not in canonical form (was the file edited or re-formatted?)",
                           reason="proof-format")
     for field in ("format", "signature", "verdict", "host", "verifier_key"):
         if field not in doc:
             raise VerifyError(f"{source}: field {field!r} missing", reason="proof-format")
-    if doc["format"] != FORMAT:
+    if doc["format"] not in (FORMAT, LEGACY_FORMAT):
         raise VerifyError(f"{source}: format: {doc['format']!r} (expected {FORMAT!r})", reason="proof-format")
     body = {k: v for k, v in doc.items() if k != "signature"}
     try:
         signature = base64.b64decode(doc["signature"], validate=True)
-        key.verify(signature, canonical(body))
+        key.verify(signature, canon(body))
     except (InvalidSignature, ValueError, TypeError) as exc:
         raise VerifyError(f"{source}: signature: does not verify with verifier key {key_id(key)[:16]}",
                           reason="proof-signature") from exc
@@ -109,3 +160,12 @@ def check_quote(doc: Mapping[str, Any], *, source: str = "proof") -> None:
         raise VerifyError(f"{source}: {exc}", reason="proof-quote") from exc
     if quote.pcr_values.get(pcr) != value:
         raise VerifyError(f"{source}: log.pcr_value is not the quoted PCR {pcr} value", reason="proof-quote")
+    kernel = doc.get("kernel_ima")
+    if kernel is not None:
+        try:
+            kpcr, kvalue = int(kernel["pcr"]), bytes.fromhex(kernel["pcr_value"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VerifyError(f"{source}: kernel_ima: fields missing or malformed ({exc})", reason="proof-quote") from exc
+        if quote.pcr_values.get(kpcr) != kvalue:
+            raise VerifyError(f"{source}: kernel_ima.pcr_value is not the quoted PCR {kpcr} value",
+                              reason="proof-quote")

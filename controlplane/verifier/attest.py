@@ -18,11 +18,13 @@ host untrusted from that round on.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
-import time
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator
+from typing import AsyncIterator, Iterable
+
+import httpx
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -30,9 +32,11 @@ from controlplane.core.errors import StoreError, VerifyError
 from controlplane.core.proof import digest as proof_digest
 from controlplane.core.imalog import ZERO_PCR, boot_aggregate, replay_to
 from controlplane.core.wire import API_VERSION
+from controlplane.verifier.kernel_ima import KernelImaReference
 from controlplane.verifier import proofs
-from controlplane.verifier.client import Channel
-from controlplane.verifier.evidence import BOOT_PCRS, CheckedQuote, fetch_log, fetch_quote
+from controlplane.verifier.client import AsyncChannel, Channel, Steps, drive, drive_async
+from controlplane.verifier.client import pool as client_pool
+from controlplane.verifier.evidence import BOOT_PCRS, CheckedQuote, log_steps, quote_steps
 from controlplane.verifier.judge import EntryVerdict, Facts, Judge, Reference, Verdict
 from controlplane.verifier.store import Host, Store
 
@@ -65,7 +69,12 @@ def facts_of(host: Host) -> Facts:
 
 
 def replay(ch: Channel, host: Host, evidence: CheckedQuote, *, full: bool = False) -> Replayed:
-    """Fetch the log from the last verified offset and replay it to the quoted PCR value, detecting a reboot.
+    """Fetch the log from the last verified offset and replay it to the quoted PCR value, detecting a reboot."""
+    return drive(ch, replay_steps(host, evidence, full=full))
+
+
+def replay_steps(host: Host, evidence: CheckedQuote, *, full: bool = False) -> Steps[Replayed]:
+    """`replay` as steps (client.drive / drive_async).
 
     VerifyError "pcr-mismatch" when no prefix reaches the quoted value (an entry removed, reordered or altered).
     """
@@ -78,17 +87,17 @@ def replay(ch: Channel, host: Host, evidence: CheckedQuote, *, full: bool = Fals
     start = host.log_offset if incremental else 0
     start_value = host.pcr_value if incremental else ZERO_PCR
     try:
-        entries = fetch_log(ch, start)
+        entries = yield from log_steps(start)
     except VerifyError as exc:
         if incremental and exc.reason == "protocol":   # the log is shorter than our offset: a new boot
             rebooted, start, start_value, facts = True, 0, ZERO_PCR, Facts()
-            entries = fetch_log(ch, 0)
+            entries = yield from log_steps(0)
         else:
             raise
     n = replay_to(entries, start_value, target, host.pcr)
     if n is None and incremental:
         # the verified prefix is gone: the host rebooted (or the log was rewritten): judge the new boot whole
-        full_entries = fetch_log(ch, 0)
+        full_entries = yield from log_steps(0)
         n = replay_to(full_entries, ZERO_PCR, target, host.pcr)
         if n is not None:
             rebooted, start, start_value, facts, entries = True, 0, ZERO_PCR, Facts(), full_entries
@@ -101,7 +110,69 @@ def replay(ch: Channel, host: Host, evidence: CheckedQuote, *, full: bool = Fals
     return Replayed(start, start_value, entries[:n], facts, incremental, rebooted)
 
 
+@dataclass
+class KernelReplay:
+    """The kernel IMA entries the quote covers, from where this round started."""
+
+    start: int
+    start_value: bytes
+    covered: list
+    pcr_value: bytes
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.covered)
+
+
+def kernel_ima_steps(host: Host, kref: KernelImaReference, evidence: CheckedQuote,
+                     replayed: Replayed) -> Steps[KernelReplay]:
+    """Fetch the kernel's own IMA log (GET /v1/ima-log) from the last verified entry and replay it to the
+    quoted value of its PCR. The log is read after the quote, so it may hold more: only the prefix the
+    TPM extended can reach the quoted value. VerifyError "pcr-mismatch" when none does."""
+    facts = replayed.facts           # fresh after a reboot: the kernel's log restarted too
+    target = evidence.quote.pcr_values.get(kref.pcr)
+    if target is None:
+        raise VerifyError(f"{host.name}: quote: PCR {kref.pcr} (the kernel's IMA) not quoted", reason="malformed")
+    incremental = replayed.incremental and bool(facts.ima_pcr_value)
+    start = facts.ima_offset if incremental else 0
+    start_value = bytes.fromhex(facts.ima_pcr_value) if incremental else ZERO_PCR
+    entries = yield from log_steps(start, f"/{API_VERSION}/ima-log")
+    n = replay_to(entries, start_value, target, kref.pcr)
+    if n is None:
+        raise VerifyError(f"{host.name}: the kernel's IMA log entries {start}.. do not replay to the quoted PCR "
+                          f"{kref.pcr} value {target.hex()[:16]} (an entry removed, reordered or altered)",
+                          reason="pcr-mismatch")
+    return KernelReplay(start, start_value, entries[:n], target)
+
+
+def judge_kernel(kref: KernelImaReference, evidence: CheckedQuote, replayed: Replayed,
+                 kernel: KernelReplay) -> tuple[list[EntryVerdict], list[str]]:
+    """Every covered kernel IMA entry judged (verifier.kernel_ima); the facts advanced; the reasons it adds."""
+    pcrs, facts = evidence.quote.pcr_values, replayed.facts
+    boot = boot_aggregate(pcrs) if all(p in pcrs for p in BOOT_PCRS) else None
+    verdicts = [kref.judge(e, boot) for e in kernel.covered]
+    facts.ima_untrusted += sum(1 for v in verdicts if v.verdict is Verdict.UNTRUSTED)
+    facts.ima_offset, facts.ima_pcr_value = kernel.end, kernel.pcr_value.hex()
+    reasons = [f"{facts.ima_untrusted} kernel IMA entries not trusted (unknown file or violation)"] \
+        if facts.ima_untrusted else []
+    return verdicts, reasons
+
+
 # one round ----------------------------------------------------------------------------
+def check_policy_serial(host: Host, ref: Reference, store: Store | None) -> None:
+    """Refuse to judge against a policy older than one a stored proof for this host already used.
+
+    Whoever feeds this verifier an older (genuinely signed) policy file cannot make it vouch for a host
+    running that older policy once a newer one was proven: VerifyError "policy-rollback".
+    """
+    seen = store.policy_serial(host.name) if store is not None else 0
+    if ref.policy.serial < seen:
+        src = f" {ref.policy.source}" if ref.policy.source else ""
+        raise VerifyError(f"{host.name}: the verifier's policy{src} has serial {ref.policy.serial}, older than "
+                          f"serial {seen} a proof for this host already used: refusing a policy rollback",
+                          reason="policy-rollback")
+
+
 @dataclass(frozen=True)
 class Attestation:
     """The outcome of one round: the proof's bytes and document, and the per-entry verdicts."""
@@ -141,8 +212,21 @@ def attest(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store |
     A VerifyError (bad signature, replayed nonce, relay, PCR mismatch) is recorded in `store` as
     verdict "error" with its reason before it propagates.
     """
+    with Channel(host.url) as ch:
+        return drive(ch, round_steps(host, ref, key, store=store, full=full))
+
+
+async def attest_async(client: httpx.AsyncClient, host: Host, ref: Reference, key: Ed25519PrivateKey, *,
+                       store: Store | None = None, full: bool = False) -> Attestation:
+    """`attest`, over `client` (client.pool(): one connection pool for every host a watch attests)."""
+    return await drive_async(AsyncChannel(client, host.url), round_steps(host, ref, key, store=store, full=full))
+
+
+def round_steps(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store | None,
+                full: bool) -> Steps[Attestation]:
+    """One round as steps; a VerifyError is recorded in `store` as verdict "error" before it propagates."""
     try:
-        return _round(host, ref, key, store=store, full=full)
+        return (yield from _round(host, ref, key, store=store, full=full))
     except VerifyError as exc:
         if store is not None:
             try:
@@ -152,54 +236,86 @@ def attest(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store |
         raise
 
 
-def _round(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store | None, full: bool) -> Attestation:
+def _round(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store | None,
+           full: bool) -> Steps[Attestation]:
     """Evidence (quote, log) -> replay -> judgement -> signed proof -> store, each step in its own module."""
+    check_policy_serial(host, ref, store)
+    kref: KernelImaReference | None = ref.kernel_ima
+    if kref is not None and kref.pcr == host.pcr:
+        raise VerifyError(f"{host.name}: enrolled with cwlite's log on PCR {host.pcr}, the kernel IMA's PCR: a host "
+                          "whose kernel runs IMA keeps cwlite's log elsewhere (GET /v1/health says where; enrol again)",
+                          reason="malformed")
     nonce = os.urandom(32)
-    with Channel(host.url) as ch:
-        evidence = fetch_quote(ch, host, nonce)
-        replayed = replay(ch, host, evidence, full=full)
+    evidence = yield from quote_steps(host, nonce, (kref.pcr,) if kref is not None else ())
+    replayed = yield from replay_steps(host, evidence, full=full)
+    kernel = (yield from kernel_ima_steps(host, kref, evidence, replayed)) if kref is not None else None
     verdict, reasons, verdicts = judge_round(host, ref, evidence, replayed, nonce)
+    kernel_verdicts: list[EntryVerdict] = []
+    if kref is not None and kernel is not None:
+        kernel_verdicts, more = judge_kernel(kref, evidence, replayed, kernel)
+        reasons.extend(more)
+        verdict = Verdict.UNTRUSTED if reasons else verdict
     facts = replayed.facts
     doc = proofs.document(host, ref, nonce, evidence, log_start=replayed.start, log_end=replayed.end,
                           pcr_start=replayed.start_value, verdicts=verdicts, verdict=verdict, reasons=reasons,
-                          previously_untrusted=host.facts.get("untrusted", 0) if replayed.incremental else 0)
+                          previously_untrusted=host.facts.get("untrusted", 0) if replayed.incremental else 0,
+                          kernel=None if kernel is None else proofs.kernel_section(
+                              kref.pcr, kernel.start, kernel.end, kernel.start_value, kernel.pcr_value, kernel_verdicts))
     data, checked = proofs.sign(doc, key)
     if store is not None:
         store.record(host.name, verdict=verdict.value, reason=reasons[0] if reasons else "",
                      message="; ".join(reasons), log_start=replayed.start, log_end=replayed.end,
                      findings=doc["entries"], proof_document=data.decode(), proof_digest=proof_digest(data),
-                     state={"pcr_value": evidence.pcr_value, "log_offset": replayed.end,
+                     state={"policy_serial": ref.policy.serial, "pcr_value": evidence.pcr_value, "log_offset": replayed.end,
                             "boot_aggregate": bytes.fromhex(facts.boot_aggregate) if facts.boot_aggregate else None,
                             "daemon_starts": facts.daemon_starts, "facts": asdict(facts)})
     return Attestation(host.name, verdict, tuple(reasons), data, checked, tuple(verdicts), replayed.start,
                        replayed.end)
 
 
-def watch(store: Store, ref: Reference, key, *, hosts: Iterable[str] | None = None,
-          rounds: int | None = None, sleep=time.sleep, now=time.monotonic) -> Iterator[tuple[str, Attestation | VerifyError]]:
-    """Re-attest each host at its own interval; yield (host, Attestation or VerifyError) as each round ends.
+async def watch(store: Store, ref: Reference, key, *, hosts: Iterable[str] | None = None,
+                rounds: int | None = None) -> AsyncIterator[tuple[str, Attestation | VerifyError]]:
+    """Re-attest every host at its own interval, all at once over one connection pool; yield
+    (host, Attestation or VerifyError) as each round ends.
 
-    Runs forever unless `rounds` (total rounds over all hosts) is given. The caller decides what to
-    do with an untrusted host (the CLI flags it on the spot).
+    Each host has its own task (a slow or unreachable host delays nobody else). Runs forever unless
+    `rounds` (total rounds over all hosts) is given. The caller decides what to do with an untrusted
+    host (the CLI flags it on the spot and exits non-zero).
     """
     names = list(hosts) if hosts else [h.name for h in store.hosts()]
     if not names:
         raise VerifyError(f"{store.where()}: no hosts enrolled", reason="no-hosts")
-    due = {name: now() for name in names}
-    done = 0
-    while rounds is None or done < rounds:
-        name = min(due, key=due.get)
-        wait = due[name] - now()
-        if wait > 0:
-            sleep(wait)
-        host = store.host(name)
+    results: asyncio.Queue[tuple[str, Attestation | VerifyError]] = asyncio.Queue()
+
+    async def one_host(client: httpx.AsyncClient, name: str) -> None:
+        while True:
+            host = store.host(name)
+            started = asyncio.get_running_loop().time()
+            try:
+                result: Attestation | VerifyError = await attest_async(client, host, ref, key, store=store)
+            except VerifyError as exc:
+                result = exc
+            await results.put((name, result))
+            await asyncio.sleep(max(0.0, started + host.interval_s - asyncio.get_running_loop().time()))
+
+    async with client_pool() as client:
+        tasks = [asyncio.create_task(one_host(client, name), name=f"watch-{name}") for name in names]
         try:
-            result: Attestation | VerifyError = attest(host, ref, key, store=store)
-        except VerifyError as exc:
-            result = exc
-        due[name] = now() + host.interval_s
-        done += 1
-        yield name, result
+            done = 0
+            while rounds is None or done < rounds:
+                getter = asyncio.ensure_future(results.get())
+                finished, _ = await asyncio.wait([getter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                if getter not in finished:       # a host task died of a non-VerifyError (store, bug): surface it
+                    getter.cancel()
+                    for t in finished:
+                        t.result()
+                    continue
+                done += 1
+                yield getter.result()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def push_policy(host: Host, policy_text: str, signature: bytes) -> dict:

@@ -1,6 +1,7 @@
 """The evidence of one round, fetched over the attestation channel: a checked quote and log pages.
 
-`fetch_quote` asks for a quote over the log PCR and PCRs 0-9 and checks it
+Each is written once as steps (controlplane.verifier.client) and run over a
+blocking or an asynchronous channel. `fetch_quote` asks for a quote over the log PCR and PCRs 0-9 and checks it
 (AK signature, nonce bound with the channel's TLS key); a quote valid for
 another TLS key is a relay (reason "tls-key"). `fetch_log` reads log entries
 from an offset, page by page, parsed by the one ima-ng parser.
@@ -14,7 +15,7 @@ from controlplane.core.errors import CwliteError, LogError, VerifyError
 from controlplane.core.imalog import BOOT_AGGREGATE_PCRS, parse_ascii
 from controlplane.core.quote import Quote, verify_quote
 from controlplane.core.wire import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
-from controlplane.verifier.client import Channel
+from controlplane.verifier.client import Channel, Request, Steps, drive
 from controlplane.verifier.store import Host
 
 BOOT_PCRS = BOOT_AGGREGATE_PCRS      # what the sha256 boot_aggregate covers
@@ -32,10 +33,14 @@ class CheckedQuote:
 
 def fetch_quote(ch: Channel, host: Host, nonce: bytes) -> CheckedQuote:
     """POST /v1/quote with `nonce` and check the answer against `host`'s pinned AK and this channel's TLS key."""
+    return drive(ch, quote_steps(host, nonce))
+
+
+def quote_steps(host: Host, nonce: bytes, extra_pcrs: tuple[int, ...] = ()) -> Steps[CheckedQuote]:
+    """`fetch_quote` as steps (client.drive / drive_async run them); `extra_pcrs` are quoted too."""
     # PCRs 0-9 too: the log's boot_aggregate entry must match them (the log belongs to this boot)
-    pcrs = sorted({*BOOT_PCRS, host.pcr})
-    resp = ch.post(f"/{API_VERSION}/quote", {"nonce": nonce.hex(), "pcrs": pcrs})
-    peer = ch.peer_spki_sha256
+    pcrs = sorted({*BOOT_PCRS, host.pcr, *extra_pcrs})
+    resp, peer = yield Request("POST", f"/{API_VERSION}/quote", body={"nonce": nonce.hex(), "pcrs": pcrs})
     try:
         quote = Quote.from_dict(resp["quote"])
     except (KeyError, TypeError, ValueError, CwliteError) as exc:
@@ -73,9 +78,18 @@ def parse_page(text: str, start: int, source: str = "log") -> list:
 
 def fetch_log(ch: Channel, start: int) -> list:
     """All entries from `start`, page by page."""
+    return drive(ch, log_steps(start))
+
+
+def log_steps(start: int, path: str = f"/{API_VERSION}/log") -> Steps[list]:
+    """`fetch_log` as steps: every entry of the log served at `path` from `start`, page by page."""
     out: list = []
     while True:
-        page = ch.get(f"/{API_VERSION}/log", **{"from": start + len(out), "limit": MAX_LOG_PAGE})
-        out.extend(parse_page(page["ascii"], page["start"], f"{ch.url}/{API_VERSION}/log"))
-        if page["count"] == 0 or page["start"] + page["count"] >= page["total"]:
+        page, _peer = yield Request("GET", path, params={"from": start + len(out), "limit": MAX_LOG_PAGE})
+        try:
+            text, first, count, total = str(page["ascii"]), int(page["start"]), int(page["count"]), int(page["total"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VerifyError(f"{path}: page malformed ({exc})", reason="protocol") from exc
+        out.extend(parse_page(text, first, path))
+        if count == 0 or first + count >= total:
             return out

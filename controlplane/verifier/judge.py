@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from controlplane.core.events import Event, EventKind, alive_digest, parse_ima_name, transition_source
+from controlplane.core.policy import expires_text
 
 
 class Verdict(StrEnum):
@@ -35,6 +36,7 @@ class Reference:
     policy: Any
     db: Any
     accepted_policies: frozenset[bytes] = frozenset()
+    kernel_ima: Any = None      # verifier.kernel_ima.KernelImaReference: also attest the kernel's own IMA log
 
     @functools.cached_property
     def policy_digest(self) -> bytes:
@@ -78,6 +80,9 @@ class Facts:
     tls_keys: list[str] = field(default_factory=list)
     reset_count: int | None = None
     untrusted: int = 0          # untrusted entries seen so far: a host stays untrusted until it reboots
+    ima_offset: int = 0         # the kernel's IMA log: entries verified so far,
+    ima_pcr_value: str = ""     # its PCR's value after them (hex),
+    ima_untrusted: int = 0      # and its unknown or violation entries (sticky until a reboot, as `untrusted`)
 
 
 class Judge:
@@ -190,6 +195,8 @@ class Judge:
         elif self.nonce is not None and not self.alive:
             reasons.append("enforcement engine silent: no engine-alive entry for this round's nonce "
                            "(the engine is dead or stalled behind a live attestation service)")
+        if self.ref.policy.expired():
+            reasons.append(f"the verifier's policy expired at {expires_text(self.ref.policy.expires)}")
         if f.policy != self.ref.policy_digest.hex():
             reasons.append(f"active policy {f.policy[:16] or 'none'} is not the verifier's {self.ref.policy_digest.hex()[:16]}")
         if f.db and f.db != self.ref.db_digest.hex():

@@ -15,6 +15,7 @@ from controlplane.verifier.store import Host
 
 QUOTE_INFO_FIELDS = ("pcr_select", "pcrs", "pcr_digest", "clock", "reset_count", "restart_count", "safe",
                      "firmware_version")
+U64_AS_STRING = frozenset({"firmware_version"})   # vendor-defined 64 bits, usually above 2^53: always a string
 
 
 def listed(verdicts: Sequence[EntryVerdict]) -> list[dict]:
@@ -33,7 +34,9 @@ def quote_info(info: Any) -> dict:
             v = v.hex()
         elif isinstance(v, (tuple, list)):
             v = list(v)
-        elif not isinstance(v, (int, str, bool, float)):
+        elif isinstance(v, int) and not isinstance(v, bool):
+            v = str(v) if name in U64_AS_STRING else proof_mod.json_safe(v)
+        elif not isinstance(v, (str, bool)):
             v = str(v)
         out[name] = v
     return out
@@ -41,7 +44,7 @@ def quote_info(info: Any) -> dict:
 
 def document(host: Host, ref: Reference, nonce: bytes, evidence: CheckedQuote, *, log_start: int, log_end: int,
              pcr_start: bytes, verdicts: Sequence[EntryVerdict], verdict: Verdict, reasons: Sequence[str],
-             previously_untrusted: int) -> dict:
+             previously_untrusted: int, kernel: dict | None = None) -> dict:
     """The proof document (unsigned): who, the quote, the log range replayed, the references, the verdicts."""
     return {
         "host": {"name": host.name, "url": host.url,
@@ -55,12 +58,22 @@ def document(host: Host, ref: Reference, nonce: bytes, evidence: CheckedQuote, *
         "quote_info": quote_info(evidence.info),
         "log": {"pcr": host.pcr, "start": log_start, "end": log_end, "pcr_start": pcr_start.hex(),
                 "pcr_value": evidence.pcr_value.hex()},
-        "policy_digest": ref.policy_digest.hex(), "db_digest": ref.db_digest.hex(),
+        "policy_digest": ref.policy_digest.hex(), "policy_serial": ref.policy.serial, "db_digest": ref.db_digest.hex(),
         "entries": listed(verdicts),
         "trusted_entries": sum(1 for v in verdicts if v.verdict is not Verdict.UNTRUSTED),
         "previously_untrusted": previously_untrusted,
         "verdict": verdict.value, "reasons": list(reasons),
+        **({"kernel_ima": kernel} if kernel is not None else {}),
     }
+
+
+def kernel_section(pcr: int, start: int, end: int, pcr_start: bytes, pcr_value: bytes,
+                   verdicts: Sequence[EntryVerdict]) -> dict:
+    """The proof's account of the kernel's own IMA log: the range replayed and every entry not trusted."""
+    return {"pcr": pcr, "start": start, "end": end, "pcr_start": pcr_start.hex(), "pcr_value": pcr_value.hex(),
+            "entries": listed(verdicts),
+            "trusted_entries": sum(1 for v in verdicts if v.verdict is Verdict.TRUSTED),
+            "excluded_entries": sum(1 for v in verdicts if v.reason == "excluded")}
 
 
 def sign(doc: dict, key: Ed25519PrivateKey) -> tuple[bytes, dict]:

@@ -90,9 +90,17 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def enrol(url: str, name: str, store: Store, *, cas: list[x509.Certificate] | None = None,
-          require_ek_cert: bool = False, pcr: int = 10, interval_s: float = 30.0) -> Host:
-    """Enrol the host serving at `url` under `name`: check its EK, activate a credential, pin EK and AK."""
+          require_ek_cert: bool = False, pcr: int | None = None, interval_s: float = 30.0) -> Host:
+    """Enrol the host serving at `url` under `name`: check its EK, activate a credential, pin EK and AK.
+
+    `pcr`: cwlite's log PCR; None takes the one the host serves (10, or 11 where the kernel's IMA owns 10):
+    the quote proves its values, the index only says where to look."""
     with Channel(url) as ch:
+        if pcr is None:
+            try:
+                pcr = int(ch.get(f"/{API_VERSION}/health")["pcr"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise VerifyError(f"{url}: enrol: health: no log PCR ({exc})", reason="malformed") from exc
         claim = ch.get(f"/{API_VERSION}/enrol")
         try:
             ek_public = base64.b64decode(claim["ek_public"], validate=True)

@@ -59,6 +59,16 @@ class HostRow(_Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+class PolicySerialRow(_Base):
+    """The highest policy serial a proof for this host was made against: a verifier never goes back below it.
+
+    A table of its own (not a hosts column) so stores made before it gain it by create_all."""
+
+    __tablename__ = "policy_serials"
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), primary_key=True)
+    serial: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class ProofRow(_Base):
     __tablename__ = "proofs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -219,13 +229,28 @@ class Store:
                            log_start=log_start, log_end=log_end, findings=list(findings or []),
                            proof_id=proof_id)
             s.add(v)
-            for key, value in (state or {}).items():
+            state = dict(state or {})
+            serial = state.pop("policy_serial", None)
+            if serial is not None:
+                seen = s.get(PolicySerialRow, row.id)
+                if seen is None:
+                    s.add(PolicySerialRow(host_id=row.id, serial=serial))
+                elif serial > seen.serial:
+                    seen.serial = serial
+            for key, value in state.items():
                 if key not in ("pcr_value", "log_offset", "boot_aggregate", "daemon_starts", "ak_public", "facts"):
                     raise StoreError(f"{self.where()}: host state field {key!r} cannot be recorded")
                 setattr(row, key, value)
             row.updated_at = _now()
             s.flush()
             return _verdict(name, v)
+
+    def policy_serial(self, name: str) -> int:
+        """The highest policy serial a stored proof for host `name` was made against (0: none)."""
+        with self._session() as s:
+            serial = s.execute(select(PolicySerialRow.serial).join(HostRow, HostRow.id == PolicySerialRow.host_id)
+                               .where(HostRow.name == name)).scalar_one_or_none()
+            return serial or 0
 
     def verdicts(self, name: str, *, limit: int = 20) -> list[Verdict]:
         """The host's latest verdicts, newest first."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -100,6 +101,10 @@ def test_enforce_daemon_kills_reloads_and_detaches(site) -> None:
     assert [v["op"] for v in violations] == ["exec", "reload", "exec"]
     assert violations[0]["subject"] == str(other / "false") and violations[0]["detail"]["action"] == "killed"
     assert violations[0]["ima_name"] == f"cwlite:violation:tp_cli:exec:{other / 'false'}"
+    # the daemon measured the very file that ran (the kernel records no content hash): an operator can add it
+    false_sha = hashlib.sha256((other / "false").read_bytes()).hexdigest()
+    assert violations[0]["digest"] == violations[0]["detail"]["sha256"] == false_sha
+    assert violations[2]["digest"] == hashlib.sha256((tmp / "x").read_bytes()).hexdigest()
     assert any(e["kind"] == "label-transition" and e["subject"] == str(bin_dir / "ep") for e in got)
     assert len({e["digest"] for e in got if e["kind"] == "db-load"}) == 2  # the DB digest changed
 
@@ -131,5 +136,7 @@ def test_enforce_records_into_the_measurement_log(site, swtpm) -> None:
     names = [e.name for e in entries]
     assert names[0] == "boot_aggregate" and names[1] == "cwlite:daemon-start:-:-:prima/tracepoint"
     assert f"cwlite:violation:tp_cli:exec:{other / 'false'}" in names and names[-1] == "cwlite:daemon-stop:-:-:prima/tracepoint"
+    violation = entries[names.index(f"cwlite:violation:tp_cli:exec:{other / 'false'}")]
+    assert violation.digest == hashlib.sha256((other / "false").read_bytes()).digest()   # in the PCR, not zeros
     with Tpm(swtpm.tcti) as tpm:
         assert imalog.replay(entries, 11) == tpm.read_pcr(11)

@@ -89,7 +89,9 @@ def test_verify_push_policy(tmp_path, reference):
         vdir = str(tmp_path / "verifier")
         _enrol_cli(url, tmp_path / "host", vdir)
         common = ["--data-dir", vdir, "--db", str(reference.db_path), "--json"]
-        before = json.loads(_run("verify", "build1", "--policy", str(reference.policy_path), *common).stdout)
+        r = _run("verify", "build1", "--policy", str(reference.policy_path), *common)
+        before = json.loads(r.stdout)
+        assert "reasons" in before, r.stderr
         assert any(r.startswith("active policy none") for r in before["reasons"])
 
         new = tmp_path / "new.toml"

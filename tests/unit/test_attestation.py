@@ -5,6 +5,7 @@ attacker could present, and asserts the verifier's refusal reason.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -414,22 +415,28 @@ def test_log_offsets_bodies_and_rates_are_bounded(host):
 
 
 def test_watch_flags_a_violation_in_the_next_round(host, store, key, reference):
-    _enrol(host, store)
+    registrar.enrol(host.url, "build1", store, cas=_cas(host), interval_s=0.3)
     ref = reference.open()
-    clock = [0.0]
-    rounds = verifier.watch(store, ref, key, rounds=3, sleep=lambda s: clock.__setitem__(0, clock[0] + s),
-                            now=lambda: clock[0])
-    try:
-        name, first = next(rounds)
+
+    async def rounds():
+        loop = asyncio.get_running_loop()
+        watch = verifier.watch(store, ref, key, rounds=3)
+        name, first = await anext(watch)
         assert (name, first.verdict) == ("build1", "trusted")
+        started = loop.time()
         host.record(EventKind.VIOLATION, b"\x66" * 32, label="tp_build", op="exec", subject="/tmp/evil")
-        _, second = next(rounds)
+        _, second = await anext(watch)
         assert second.verdict == "untrusted" and second.log_start == first.log_end
         assert [e["reason"] for e in second.document["entries"]] == ["violation"]
-        assert clock[0] == pytest.approx(store.host("build1").interval_s)     # waited one interval
+        assert loop.time() - started >= 0.2                                  # waited (most of) one interval
         host.state.mlog = _ReplayingLog(host.log)
         host.state.mlog.first = host.log.quote(b"\0" * 32, [10])[0]          # now a replaying host
-        _, third = next(rounds)
+        _, third = await anext(watch)
         assert isinstance(third, VerifyError) and third.reason == "nonce"
+        with pytest.raises(StopAsyncIteration):
+            await anext(watch)                                              # rounds=3: done
+
+    try:
+        asyncio.run(rounds())
     finally:
         ref.db.close()

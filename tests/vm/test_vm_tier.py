@@ -1,6 +1,9 @@
-"""The vm tier on the host: boot once, run every guest test inside, report each one here.
+"""The vm tier on the host: boot once per guest suite, run its tests inside, report each one here.
 
-One boot runs `pytest tests/vm/guest` in the VM (a boot is ~12 s, each bcc
+Two suites, each one boot: `tests/vm/guest` (the lsm backend, the vTPM) and
+`tests/vm/guest_ima` (the kernel's own IMA measuring with `ima_policy=tcb`,
+which makes every file root reads slower: only the tests that need it pay).
+One boot runs a suite's folder in the VM (a boot is ~12 s, each bcc
 compile ~8 s under software emulation: per-test boots would cost minutes). The
 guest writes a junit file to the VM's --rwdir; each guest test case becomes a
 host test case below with the guest's own failure text, so the tier's output
@@ -20,37 +23,49 @@ import pytest
 
 from tests.conftest import requires
 from tests.vm.conftest import GUEST_ENV, VM_FACTS
-from tests.vm.harness import REPO_ROOT, VmError, find_kernel, run_in_vm
+from tests.vm.harness import DEFAULT_APPEND, REPO_ROOT, VmError, find_kernel, run_in_vm
 
 pytestmark = [requires(root=True, tool="qemu-system-x86_64"), requires(tool="swtpm")]
 
 GUEST_DIR = "tests/vm/guest"
+IMA_GUEST_DIR = "tests/vm/guest_ima"
+# guest folder -> kernel command line of its boot
+SUITES = {GUEST_DIR: DEFAULT_APPEND, IMA_GUEST_DIR: f"{DEFAULT_APPEND} ima_policy=tcb"}
 VM_TIMEOUT = 840.0  # the whole tier must stay under 15 minutes, even on a loaded machine
+IMA_VM_TIMEOUT = 900.0  # the kernel-IMA suite's own boot: ima_policy=tcb hashes every file root reads (one
+                        # guest test: 14 min 20 s under load average 15, boot 250 s of it; ~65 s boots idle)
 # The guest's /tmp is an overlay of 9p and tmpfs, where stat() and the kernel
 # disagree about a file's device: guest tests keep their files on /run (tmpfs).
 GUEST_BASETEMP = "/run/cwlite-guest-tmp"
 
 
-def _guest_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", GUEST_DIR, *args]
+def _guest_command(suite: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", suite, *args]
 
 
-@functools.lru_cache(maxsize=1)
-def _guest_nodeids() -> tuple[str, ...]:
+@functools.lru_cache(maxsize=None)
+def _guest_nodeids(suite: str = GUEST_DIR) -> tuple[str, ...]:
     """The guest tests, collected on the host (collection only imports them), so each gets a host id."""
     env = dict(os.environ, **{GUEST_ENV: "1"})
-    proc = subprocess.run(_guest_command("--collect-only", "-q"), cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(_guest_command(suite, "--collect-only", "-q"), cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True)
     ids = [line.strip() for line in proc.stdout.splitlines() if "::" in line]
     if proc.returncode != 0 or not ids:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
-        pytest.fail(f"{GUEST_DIR}: guest tests do not collect (rc {proc.returncode}): {' | '.join(tail)}", pytrace=False)
+        pytest.fail(f"{suite}: guest tests do not collect (rc {proc.returncode}): {' | '.join(tail)}", pytrace=False)
     return tuple(ids)
+
+
+def _suite_of(nodeid: str) -> str:
+    return next(s for s in SUITES if nodeid.startswith(s + "/"))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "guest_test" in metafunc.fixturenames:
-        ids = _guest_nodeids()
-        metafunc.parametrize("guest_test", ids, ids=[i.removeprefix(GUEST_DIR + "/") for i in ids])
+        ids = [i for suite in SUITES for i in _guest_nodeids(suite)]
+        metafunc.parametrize("guest_test", ids, ids=[i.removeprefix("tests/vm/") for i in ids])
+    if "suite" in metafunc.fixturenames:
+        metafunc.parametrize("suite", list(SUITES), ids=[s.removeprefix("tests/vm/") for s in SUITES])
 
 
 @dataclass
@@ -90,23 +105,38 @@ def _parse_junit(path: Path) -> dict[tuple[str, str], GuestOutcome]:
 
 
 @pytest.fixture(scope="module")
-def guest_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> GuestSession:
+def guest_sessions(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Each suite's session, booted when its first test asks (one boot per suite)."""
+    sessions: dict[str, GuestSession] = {}
+    facts = {"kernel image": str(find_kernel())}
+    request.config.stash[VM_FACTS] = facts
+
+    def get(suite: str) -> GuestSession:
+        if suite not in sessions:
+            sessions[suite] = _boot_suite(suite, tmp_path_factory, facts)
+        return sessions[suite]
+
+    return {"get": get}
+
+
+def _boot_suite(suite: str, tmp_path_factory: pytest.TempPathFactory, facts: dict) -> GuestSession:
     """Boot once and run the whole guest folder; the junit file comes back through the rwdir."""
     rwdir = tmp_path_factory.mktemp("vm")
     junit = rwdir / "guest.xml"
     env = f"{GUEST_ENV}=1 CWLITE_VM_RESULTS={rwdir}"
-    command = f"env {env} " + " ".join(_guest_command(f"--junitxml={junit}", f"--basetemp={GUEST_BASETEMP}", "-q", "-ra", "--durations=8"))
+    command = f"env {env} " + " ".join(_guest_command(suite, f"--junitxml={junit}", f"--basetemp={GUEST_BASETEMP}",
+                                                      "-q", "-ra", "--durations=8"))
     console = rwdir / "console.log"
-    facts = {"kernel image": str(find_kernel())}
-    request.config.stash[VM_FACTS] = facts
+    name = suite.removeprefix("tests/vm/")
     with console.open("w") as log:
         try:
-            run = run_in_vm(command, results_dir=rwdir, timeout=VM_TIMEOUT, echo=log.write)
+            run = run_in_vm(command, results_dir=rwdir, timeout=VM_TIMEOUT if suite == GUEST_DIR else IMA_VM_TIMEOUT,
+                             echo=log.write, append=SUITES[suite])
         except VmError as exc:
             return GuestSession(rc=None, console=exc.output, outcomes={}, error=str(exc))
-    facts["boot seconds (to guest command)"] = f"{run.boot_seconds:.1f}" if run.boot_seconds else "never booted"
-    facts["vm seconds (boot + guest tests + power off)"] = f"{run.seconds:.1f}"
-    facts["console log"] = str(console)
+    facts[f"{name}: boot seconds (to guest command)"] = f"{run.boot_seconds:.1f}" if run.boot_seconds else "never booted"
+    facts[f"{name}: vm seconds (boot + guest tests + power off)"] = f"{run.seconds:.1f}"
+    facts[f"{name}: console log"] = str(console)
     if not junit.exists():
         return GuestSession(rc=run.rc, console=run.output, outcomes={}, error=f"{junit}: guest wrote no junit file (vng rc {run.rc})")
     parsed = _parse_junit(junit)
@@ -115,7 +145,8 @@ def guest_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
             if key in outcome.properties:
                 facts[f"guest {key}"] = outcome.properties[key]
     session = GuestSession(rc=run.rc, console=run.output, outcomes={})
-    session.outcomes = {nodeid: parsed.get(_junit_key(nodeid), GuestOutcome("missing")) for nodeid in _guest_nodeids()}
+    session.outcomes = {nodeid: parsed.get(_junit_key(nodeid), GuestOutcome("missing"))
+                        for nodeid in _guest_nodeids(suite)}
     return session
 
 
@@ -123,8 +154,9 @@ def _tail(text: str, n: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-n:])
 
 
-def test_in_vm(guest_session: GuestSession, guest_test: str) -> None:
+def test_in_vm(guest_sessions: dict, guest_test: str) -> None:
     """One guest test's verdict, as the VM gave it."""
+    guest_session = guest_sessions["get"](_suite_of(guest_test))
     if guest_session.error:
         pytest.fail(f"{guest_session.error}\n--- VM console (tail) ---\n{_tail(guest_session.console)}", pytrace=False)
     outcome = guest_session.outcomes[guest_test]
@@ -136,8 +168,9 @@ def test_in_vm(guest_session: GuestSession, guest_test: str) -> None:
         pytest.fail(f"{guest_test}: not in the guest's junit file\n--- VM console (tail) ---\n{_tail(guest_session.console)}", pytrace=False)
 
 
-def test_guest_run_exit_status_agrees(guest_session: GuestSession) -> None:
+def test_guest_run_exit_status_agrees(guest_sessions: dict, suite: str) -> None:
     """The guest pytest's exit status matches its verdicts (a crash after the tests would show here)."""
+    guest_session = guest_sessions["get"](suite)
     if guest_session.error:
         pytest.fail(guest_session.error, pytrace=False)
     failed = any(o.status in ("failed", "missing") for o in guest_session.outcomes.values())

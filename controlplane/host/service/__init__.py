@@ -9,6 +9,7 @@ host, not a relay. Endpoints (JSON, versioned under /v1):
 
     POST /v1/quote           {nonce, pcrs} -> quote + TLS key hash + log length
     GET  /v1/log?from=N      measurement-log entries from N (ima-ng ASCII), paged
+    GET  /v1/ima-log?from=N  the KERNEL's own IMA log from N (its ASCII form), paged; 404 without IMA
     GET  /v1/policy          active policy text and digest, measurement-DB digest
     POST /v1/policy          a controller-signed policy: loaded only if the signature checks, then logged
     GET  /v1/health          liveness, log length, TLS key hash

@@ -43,6 +43,10 @@ class LogResponse(BaseModel):
     ascii: str = Field(description="ima-ng ASCII lines, one entry per line, entries start..start+count-1")
 
 
+class ImaLogResponse(LogResponse):
+    """The kernel's own IMA log (its template: ima-ng or ima-sig), same paging as /v1/log."""
+
+
 class PolicyResponse(BaseModel):
     policy_digest: str | None
     db_digest: str | None
@@ -61,6 +65,7 @@ class HealthResponse(BaseModel):
     pcr: int
     log_length: int
     tls_spki_sha256: str
+    ima_pcr: int | None = Field(None, description="the kernel IMA log's PCR when /v1/ima-log serves it")
 
 
 class EnrolResponse(BaseModel):

@@ -21,16 +21,19 @@ from controlplane.host.service.models import (
     EnrolResponse,
     ErrorResponse,
     HealthResponse,
+    ImaLogResponse,
     LogResponse,
     PolicyPush,
     PolicyResponse,
     QuoteRequest,
     QuoteResponse,
 )
+from controlplane.host.policy_floor import admit
 from controlplane.host.service.state import ActivePolicy, ServiceState
 
 PUSHED = "pushed policy"     # how a pushed policy is named in messages (it has no file yet)
-FORBIDDEN = frozenset({PolicyReason.UNSIGNED, PolicyReason.SIGNATURE})   # 403; any other refusal is 422
+FORBIDDEN = frozenset({PolicyReason.UNSIGNED, PolicyReason.SIGNATURE})   # 403
+STALE = frozenset({PolicyReason.ROLLBACK, PolicyReason.EXPIRED})          # 409; any other refusal is 422
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -60,6 +63,19 @@ def _known_query_only(request: Request) -> None:
     if unknown:
         raise Reject(422, f"{unknown[0]}: unknown query parameter (this endpoint takes: "
                           f"{', '.join(sorted(known)) or 'none'})")
+
+
+FromQuery = Annotated[int, Query(alias="from", ge=0, le=2**31, description="first entry to return")]
+LimitQuery = Annotated[int, Query(ge=1, le=MAX_LOG_PAGE)]
+
+
+def page_of(entries: list, start: int, limit: int, pcr: int, what: str) -> dict:
+    """One page of a log, as /v1/log and /v1/ima-log answer it (416 past its end)."""
+    if start > len(entries):
+        raise Reject(416, f"from: {start} is past the end of {what} ({len(entries)} entries)")
+    page = entries[start:start + limit]
+    return {"start": start, "count": len(page), "total": len(entries), "pcr": pcr,
+            "ascii": "".join(e.ascii() + "\n" for e in page)}
 
 
 # the application ---------------------------------------------------------------------
@@ -107,15 +123,18 @@ def create_app(state: ServiceState) -> FastAPI:
                              log_length=len(covered), pcr=state.pcr)
 
     @app.get(f"/{API_VERSION}/log", response_model=LogResponse, responses={416: {"model": ErrorResponse}})
-    def log(start: Annotated[int, Query(alias="from", ge=0, le=2**31, description="first entry to return")] = 0,
-            limit: Annotated[int, Query(ge=1, le=MAX_LOG_PAGE)] = MAX_LOG_PAGE) -> LogResponse:
+    def log(start: FromQuery = 0, limit: LimitQuery = MAX_LOG_PAGE) -> LogResponse:
         """Measurement-log entries from `start` (incremental fetch), at most `limit` of them."""
-        entries = state.mlog.entries(0)
-        if start > len(entries):
-            raise Reject(416, f"from: {start} is past the end of the log ({len(entries)} entries)")
-        page = entries[start:start + limit]
-        text = "".join(e.ascii() + "\n" for e in page)
-        return LogResponse(start=start, count=len(page), total=len(entries), pcr=state.pcr, ascii=text)
+        return LogResponse(**page_of(state.mlog.entries(0), start, limit, state.pcr, "the log"))
+
+    @app.get(f"/{API_VERSION}/ima-log", response_model=ImaLogResponse,
+             responses={404: {"model": ErrorResponse}, 416: {"model": ErrorResponse}})
+    def ima_log(start: FromQuery = 0, limit: LimitQuery = MAX_LOG_PAGE) -> ImaLogResponse:
+        """The kernel's own IMA log from `start` (incremental fetch), at most `limit` entries; 404 without IMA."""
+        if state.kernel_ima is None:
+            raise Reject(404, "ima-log: this host's kernel keeps no IMA log cwlite can read")
+        return ImaLogResponse(**page_of(state.kernel_ima.entries(), start, limit, state.kernel_ima.pcr,
+                                        "the kernel's IMA log"))
 
     @app.get(f"/{API_VERSION}/policy", response_model=PolicyResponse)
     def policy() -> PolicyResponse:
@@ -130,6 +149,11 @@ def create_app(state: ServiceState) -> FastAPI:
             raise Reject(409, "policy push disabled: the service was started without --controller-key/--policy")
         active, signature = checked_policy(req, state.controller_key)
         with state.lock:
+            if state.data_dir is not None:
+                try:
+                    admit(active.policy, state.data_dir)     # serial floor: no rollback to an older signed policy
+                except PolicyError as exc:
+                    raise Reject(409 if exc.reason in STALE else 422, str(exc)) from exc
             path = Path(state.policy_path)
             write_atomic(signature_path(path), signature, mode=0o644)
             write_atomic(path, req.policy.encode(), mode=0o644)
@@ -149,7 +173,8 @@ def create_app(state: ServiceState) -> FastAPI:
     def health() -> HealthResponse:
         """Liveness, log length and the TLS key hash (no TPM command)."""
         return HealthResponse(status="ok", version=API_VERSION, pcr=state.pcr, log_length=log_length(),
-                              tls_spki_sha256=state.tls.spki_sha256.hex())
+                              tls_spki_sha256=state.tls.spki_sha256.hex(),
+                              ima_pcr=state.kernel_ima.pcr if state.kernel_ima is not None else None)
 
     @app.get(f"/{API_VERSION}/enrol", response_model=EnrolResponse)
     def enrol() -> EnrolResponse:

@@ -35,7 +35,9 @@ class ServiceState:
     `policy_path` is the active policy file (replaced atomically by POST /v1/policy); `policy` is
     that file parsed (read at construction when not given, replaced on every push);
     `on_policy(policy)` lets a co-located enforcement engine load a pushed policy;
-    `on_quote(nonce)` asks it to log its liveness entry for the nonce before the quote is taken.
+    `on_quote(nonce)` asks it to log its liveness entry for the nonce before the quote is taken;
+    `data_dir` keeps the highest policy serial loaded (controlplane.host.policy_floor): a push of an
+    older policy is refused.
     """
 
     tpm: Any
@@ -46,6 +48,8 @@ class ServiceState:
     policy: ActivePolicy | None = None
     db_digest: bytes | None = None
     controller_key: Any = None          # Ed25519PublicKey or path: who may push policies
+    data_dir: Path | None = None        # where the policy serial floor lives (None: no rollback check)
+    kernel_ima: Any = None              # controlplane.host.kernel_ima.KernelImaLog when the kernel runs IMA
     on_policy: Callable[[Policy], None] | None = None
     on_quote: Callable[[bytes], object] | None = None
     rate_per_s: float = 50.0

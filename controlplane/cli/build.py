@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from controlplane.cli.output import console, emit
-from controlplane.cli.verify import _common, _open_store, _reference
+from controlplane.cli.verify import _reference, open_store, store_options
 from controlplane.core.keys import load_signing_key
 from controlplane.build.hosts import DEFAULT_HOSTS, load_hosts
 
@@ -68,7 +68,7 @@ class Progress:
 
 @click.command("build", context_settings={"ignore_unknown_options": True})
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@_common
+@store_options
 @click.option("--hosts", "hosts_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_HOSTS,
               show_default=True, help="The build hosts (TOML: [[hosts]] name, distcc, jobs, label).")
 @click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -110,7 +110,7 @@ def build(command: tuple[str, ...], data_dir: Path, store_url: str | None, hosts
     hosts = load_hosts(hosts_path)
     key = load_signing_key(data_dir / "verifier.key", create=True)
     ctl = load_signing_key(controller_key or data_dir / "controller.key", create=controller_key is None)
-    with _open_store(data_dir, store_url) as store, _reference(policy_path, db_path) as ref, \
+    with open_store(data_dir, store_url) as store, _reference(policy_path, db_path) as ref, \
             Progress(Console(stderr=True)) as progress:
         result = Controller(hosts, store, ref, key, ctl, workdir=Path.cwd(), out=out, strict=strict,
                             interval=interval, report=progress).run(list(command), stdout=sys.stderr)

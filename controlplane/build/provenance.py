@@ -45,6 +45,12 @@ CONTROLLER_PUB = "controller.pub"
 VERIFIER_PUB = "verifier.pub"
 
 
+def json_bytes(obj: Any) -> bytes:
+    """Sorted, compact JSON: the payload, the build record and the key-id input. DSSE signs bytes, so any
+    stable form will do; for the key id's all-string object this is securesystemslib's canonical JSON."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
 # DSSE --------------------------------------------------------------------------------
 def pae(payload_type: str, payload: bytes) -> bytes:
     """DSSE v1 Pre-Authentication Encoding: what is signed (never the bare payload)."""
@@ -55,13 +61,13 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 def key_id(key: Ed25519PublicKey) -> str:
     """securesystemslib's default key id for an Ed25519 key (SSlibKey.from_crypto makes the same)."""
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
-    return hashlib.sha256(proof_mod.canonical({"keytype": "ed25519", "keyval": {"public": raw},
-                                               "scheme": "ed25519"})).hexdigest()
+    return hashlib.sha256(json_bytes({"keytype": "ed25519", "keyval": {"public": raw},
+                                      "scheme": "ed25519"})).hexdigest()
 
 
 def sign_envelope(statement: Mapping[str, Any], key: Ed25519PrivateKey) -> dict:
     """The DSSE envelope of `statement` (canonical JSON payload), signed by `key`."""
-    payload = proof_mod.canonical(statement)
+    payload = json_bytes(statement)
     sig = key.sign(pae(PAYLOAD_TYPE, payload))
     return {"payload": base64.b64encode(payload).decode(), "payloadType": PAYLOAD_TYPE,
             "signatures": [{"keyid": key_id(key.public_key()), "sig": base64.b64encode(sig).decode()}]}
@@ -178,7 +184,7 @@ def write_dir(out: Path, stmt: dict, record: dict, controller: Ed25519PrivateKey
 
 
 def record_bytes(record: Mapping[str, Any]) -> bytes:
-    return proof_mod.canonical(record) + b"\n"
+    return json_bytes(record) + b"\n"
 
 
 # offline check ------------------------------------------------------------------------------

@@ -84,3 +84,10 @@ def prog_ids(fd: int) -> tuple[int, tuple[int, ...]]:
     n = ffi.new("uint32_t *", MAX_PROG_MAPS)
     _check(lib.cwl_prog_ids(fd, prog_id, ids, n), f"prog fd {fd}: info")
     return prog_id[0], tuple(ids[i] for i in range(min(n[0], MAX_PROG_MAPS)))
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """Attach a program through a BPF link (its fd: closing it detaches, so does the process's death).
+    BPF: BPF_LINK_CREATE (cgroup programs: several may share a cgroup, like BPF_F_ALLOW_MULTI)."""
+    return _check(lib.cwl_link_create(prog_fd, target_fd, attach_type),
+                  f"prog fd {prog_fd}: link to fd {target_fd} (attach type {attach_type})")

@@ -1,4 +1,5 @@
-"""Test-side views of a running prima Engine, and kernel-view entries made without a measurement DB.
+"""Test-side views of a running prima Engine, kernel-view entries made without a measurement DB, and a
+`cwlite enforce` daemon run for the length of a block.
 
 The daemon gets its entries from prima.kernelview.kernel_view (a MeasureDB)
 and never asks which processes carry a label or how long its programs ran;
@@ -9,13 +10,35 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from prima import measure, selfprotect
 from prima.engine import Engine
 from prima.kernelview import KernelEntry, Watch, kernel_dev
+
+CWLITE = str(Path(sys.executable).with_name("cwlite"))
+
+
+@contextlib.contextmanager
+def enforce_daemon(*args: str) -> Iterator[subprocess.Popen]:
+    """`cwlite enforce ARGS`, enforcing when the block starts; stopped with SIGTERM (exit 0) when it ends,
+    one poll period after the block (for the last records); killed if the block raised."""
+    daemon = subprocess.Popen([CWLITE, "enforce", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "enforcing" in daemon.stderr.readline()
+        yield daemon
+        time.sleep(0.5)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
 
 
 def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int, watch: Watch | None = None) -> list[KernelEntry]:

@@ -104,14 +104,15 @@ def port_authority_refusal(policy: Any, host: BuildHost, label: str) -> str:
     """Why the policy does NOT let only distccd receive on `host`'s distcc port ("" when it does).
 
     The one place the build controller asks Port Authority's question. Today it reads the policy's
-    PortRules (controlplane.core.policy) as parsed: a tcp rule for the port must exist, name `label`,
-    and name only labels whose entrypoints are all distccd. The proof says the host runs this policy
+    PortRules (controlplane.core.policy) as parsed: a tcp listen rule for the port must exist, name
+    `label`, and name only labels whose entrypoints are all distccd. The proof says the host runs this policy
     (its policy-load digest is the verifier's); whether the kernel enforces the rule is Port Authority's
     part (issue 24), to be asked here once it decides.
     """
-    rules = [r for r in policy.port_authority.rules if r.port == host.port and r.protocol == "tcp"]
+    rules = [r for r in policy.port_authority.rules
+             if r.port == host.port and r.protocol == "tcp" and getattr(r, "op", "listen") == "listen"]
     if not rules:
-        return f"no Port Authority rule for {host.port}/tcp"
+        return f"no Port Authority listen rule for {host.port}/tcp"
     for rule in rules:
         if label not in rule.labels:
             return f"Port Authority rule {host.port}/tcp does not name {label}"

@@ -154,7 +154,7 @@ def _per_exec_ns(driver: Path, tiny: Path, n: int) -> tuple[float, float]:
 
 
 
-def test_fork_exec_cost(bench_dir: Path) -> None:
+def test_fork_exec_cost(bench_dir: Path, bench_record) -> None:
     d = bench_dir
     per = EXECS // ROUNDS
     runs: dict[str, list[tuple[float, float]]] = {"not loaded": [], "loaded, unlabelled": [], "loaded, labelled": []}
@@ -177,9 +177,13 @@ def test_fork_exec_cost(bench_dir: Path) -> None:
             ratio = statistics.median(v[i] / b[i] for v, b in zip(vals, runs["not loaded"]))
             print(f"    {name:20s} {med / 1000:8.1f} us/exec  added {(med - base) / 1000:+7.2f} us  ratio {ratio:.4f}"
                   f"  (rounds {', '.join(f'{v[i] / 1000:.0f}' for v in vals)})")
+            if name != "not loaded":
+                bench_record(f"prima: fork+exec {which.split()[0]}, {name}", med / 1000, base / 1000, "us/exec",
+                             target=(1.01 if name == "loaded, unlabelled" else 1.03) if i == 1 else None,  # on CPU
+                             ratio=ratio, samples=[v[i] / 1000 for v in vals])
 
 
-def test_no_label_leak_after_many_short_processes(bench_dir: Path) -> None:
+def test_no_label_leak_after_many_short_processes(bench_dir: Path, bench_record) -> None:
     d = bench_dir
     with _engine(d) as engine:
         before = len(labelled_processes(engine))
@@ -188,11 +192,13 @@ def test_no_label_leak_after_many_short_processes(bench_dir: Path) -> None:
         drops = engine.drops()
     print(f"\nPRIMA label state after {LEAK_PROCESSES} short labelled processes ({ns / 1000:.1f} us each): "
           f"{before} labelled before, {after} after (the driver itself: 0 once it exited); drops {drops}")
+    bench_record(f"prima: labelled processes left after {LEAK_PROCESSES} exited", after - before, unit="processes",
+                 target=0)
     assert after == before
     assert drops["label-map"] == 0
 
 
-def test_time_inside_the_bpf_programs(bench_dir: Path) -> None:
+def test_time_inside_the_bpf_programs(bench_dir: Path, bench_record) -> None:
     """The kernel's own count of what PRIMA's programs cost per fork+exec (stable under machine load)."""
     d = bench_dir
     n = 5000
@@ -204,6 +210,7 @@ def test_time_inside_the_bpf_programs(bench_dir: Path) -> None:
                 after = program_stats(engine)
             total = sum(after[k][1] - before[k][1] for k in after)
             print(f"\nPRIMA programs, {name} fork+exec ({n} execs): {total / n:.0f} ns per exec in BPF")
+            bench_record(f"prima: time inside the BPF programs per {name} fork+exec", total / n, unit="ns")
             for k in sorted(after):
                 runs, ns = after[k][0] - before[k][0], after[k][1] - before[k][1]
                 print(f"    {k:48s} {runs / n:5.1f} runs/exec  {ns / max(runs, 1):6.0f} ns/run")
@@ -228,7 +235,7 @@ def test_time_inside_sys_enter_mmap_per_mapping(bench_dir: Path) -> None:
                       f"({runs} runs)")
 
 
-def test_syscall_tax_on_every_process(bench_dir: Path) -> None:
+def test_syscall_tax_on_every_process(bench_dir: Path, bench_record) -> None:
     """Attached syscall tracepoints send every syscall of every process through the traced path;
     the raw sys_enter program (32-bit syscalls, which per-syscall tracepoints never see) adds one
     program run on top: measured apart."""
@@ -250,6 +257,8 @@ def test_syscall_tax_on_every_process(bench_dir: Path) -> None:
           f"{p:.1f} ns with the per-syscall tracepoints only, {l:.1f} ns with all attached: added {l - b:+.1f} ns per "
           f"syscall (median per-round ratio {ratio:.3f}), of which the raw sys_enter program "
           f"{l - p:+.1f} ns (ratio {raw_ratio:.3f})")
+    bench_record("prima: getppid with every program attached", l, b, "ns", ratio=ratio, samples=loaded)
+    bench_record("prima: getppid, raw sys_enter program's share", l, p, "ns", ratio=raw_ratio)
 
 
 def _make_cpu_s(make: Path, src: Path) -> float:
@@ -261,7 +270,7 @@ def _make_cpu_s(make: Path, src: Path) -> float:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def test_c_compile_under_a_tp_label(tmp_path: Path) -> None:
+def test_c_compile_under_a_tp_label(tmp_path: Path, bench_record) -> None:
     """make -j2 of a 49-file C project under a TP label whose trust set is the toolchain from dpkg."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -293,4 +302,7 @@ def test_c_compile_under_a_tp_label(tmp_path: Path) -> None:
           f"{', '.join(f'{x:.2f}' for x in enforced)})\n"
           f"  time inside PRIMA's programs (all processes, kernel count): {b * 1000:.1f} ms = {b / p * 100:.2f}% of the build; "
           f"violations {len(violations)}")
+    bench_record("prima: make -j2 of 49 C files under a TP label, CPU", e, p, "s", target=1.01,
+                 samples=enforced)
+    bench_record("prima: share of that build's CPU inside the BPF programs", b / p * 100, unit="%")
     assert violations == [], [(v.op, v.subject, dict(v.detail)) for v in violations]

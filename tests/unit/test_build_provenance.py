@@ -149,11 +149,12 @@ trust_set = "t"
 
 
 @pytest.mark.parametrize("rules,refusal", [
-    ("", "no Port Authority rule for 3632/tcp"),
+    ("", "no Port Authority listen rule for 3632/tcp"),
+    ('[[port_authority.rules]]\nport = 3632\nop = "connect"\nlabels = ["tp_build"]\n', "no Port Authority listen rule"),
     ('[[port_authority.rules]]\nport = 3632\nlabels = ["tp_build"]\n', ""),
     ('[[port_authority.rules]]\nport = 3632\nlabels = ["tp_shell"]\n', "does not name tp_build"),
     ('[[port_authority.rules]]\nport = 3632\nlabels = ["tp_build", "tp_shell"]\n', "lets label tp_shell receive"),
-    ('[[port_authority.rules]]\nport = 3632\nprotocol = "udp"\nlabels = ["tp_build"]\n', "no Port Authority rule"),
+    ('[[port_authority.rules]]\nport = 3632\nprotocol = "udp"\nlabels = ["tp_build"]\n', "no Port Authority listen rule"),
 ])
 def test_only_distccd_may_receive_on_the_distcc_port(rules, refusal):
     policy = parse_policy(POLICY + rules, source="p.toml")

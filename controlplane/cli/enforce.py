@@ -137,6 +137,7 @@ class Daemon:
         self.backend, self.controller_key, self.log = backend, controller_key, log
         self.reload_requested = False
         self.stop_requested = False
+        self.engine: Engine | None = None     # while run() runs: the engine (benchmarks detach its programs)
         self.sink_error: CwliteError | None = None   # the sink (measurement log) failed: see `_record`
         self.unrecorded = 0                           # events read after that, not recorded
         self._alive: queue.SimpleQueue[tuple[bytes, threading.Event]] = queue.SimpleQueue()
@@ -153,6 +154,7 @@ class Daemon:
         policy, view, db_digest, size_hint = load_inputs(self.policy_path, self.db_path, self.controller_key, self.policy)
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
         engine = Engine(policy, view, backend=backend, db_digest=db_digest, trust_max=max(MIN_TRUST_MAX, 2 * size_hint))
+        self.engine = engine
         try:
             # daemon-start, policy-load and db-load reach the log now, before the daemon says it enforces: a
             # daemon killed before its first poll must still leave its start behind (the next start is then

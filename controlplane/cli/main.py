@@ -11,6 +11,7 @@ import sys
 import click
 
 from controlplane.cli import config, logs
+from controlplane.cli.build import build, provenance_group
 from controlplane.cli.db import db
 from controlplane.cli.enforce import enforce
 from controlplane.cli.hosts import hosts
@@ -49,6 +50,8 @@ def cli(ctx: click.Context, debug: bool, log_format: str) -> None:
       cwlite serve --enforce --policy policy.toml --db trusted.db
       # on the build controller: attest the host, keep a signed proof
       cwlite verify build1 --policy policy.toml --db trusted.db --proof-out build1.proof
+      # on the build controller: a distcc build on verified hosts only, with signed provenance
+      cwlite build --hosts hosts.toml --policy policy.toml --db trusted.db -- make -j8
 
     Option defaults come from /etc/cwlite/cwlite.toml (or $CWLITE_CONFIG):
     `key = value` for every command with option --key, `[command]` tables
@@ -58,7 +61,8 @@ def cli(ctx: click.Context, debug: bool, log_format: str) -> None:
     ctx.obj["debug"] = debug
 
 
-for _command in (status, debug, policy, enforce, pa, db, proof, serve, enrol, verify, hosts, log, tpm, selinux):
+for _command in (status, debug, policy, enforce, pa, db, proof, serve, enrol, verify, hosts, build, provenance_group,
+                 log, tpm, selinux):
     cli.add_command(_command)
 
 

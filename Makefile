@@ -1,7 +1,9 @@
 # cwlite: one-command setup, demo, tests, benchmarks. Run as root on Debian 12.
 #   make demo   - set up, then run the main job (policy -> enforcement -> log/PCR -> quote -> verdict)
 #   make test   - set up, then run every test tier (unit, kernel, vm, e2e)
-#   make bench  - set up, then run the benchmarks (tests/bench)
+#   make bench  - set up, then run the benchmarks (tests/bench) and write bench-results/REPORT.md
+#   make deb    - the Debian package (dpkg-buildpackage: debhelper + pybuild) under build/deb/
+#   make soak   - set up, then a 30-minute labelled build loop (SOAK_S=seconds to change it); not in `make test`
 # `make setup` is idempotent: on a set-up machine it checks and returns in seconds.
 
 SHELL := /bin/bash
@@ -16,9 +18,13 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 libbpf-dev bpftool
 	python3-venv python3-dev build-essential pkg-config libffi-dev \
 	gpgv gpg debian-archive-keyring distcc iproute2 postgresql btrfs-progs \
 	selinux-policy-dev selinux-policy-default python3-setools python3-selinux \
-	semodule-utils checkpolicy policycoreutils graphviz
+	semodule-utils checkpolicy policycoreutils graphviz python3-matplotlib \
+	debhelper dh-python python3-cffi python3-pip python3-all-dev \
+	python3-gpg libssl-dev zlib1g-dev
 
-.PHONY: setup apt headers venv demo test bench clean
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+.PHONY: setup apt headers venv demo test bench soak clean deb
 
 setup: apt headers venv
 
@@ -61,8 +67,22 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests/unit tests/kernel tests/vm tests/e2e
 
+# Every benchmark appends its figures to bench-results/results.jsonl (tests/bench/record.py); the
+# report keeps the newest of each and writes bench-results/REPORT.md and PNG plots (committed).
 bench: setup
-	$(PY) -m pytest -m bench -s tests/bench
+	$(PY) -m pytest -m bench -s tests/bench; status=$$?; $(PY) -m tests.bench.report && exit $$status
+
+SOAK_S ?= 1800
+soak: setup
+	CWLITE_SOAK_S=$(SOAK_S) $(PY) -m pytest -s tests/soak
+
+# The .deb (debhelper + pybuild, dpkg-buildpackage) from the files git tracks (and new ones it does not
+# ignore), as they are in the work tree; the result is build/deb/cwlite_$(VERSION)-1_amd64.deb.
+deb: apt
+	rm -rf build/deb && mkdir -p build/deb/cwlite-$(VERSION)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 tar -c --ignore-failed-read | tar -x -C build/deb/cwlite-$(VERSION)
+	cd build/deb/cwlite-$(VERSION) && dpkg-buildpackage -b -us -uc
+	@ls -l build/deb/*.deb
 
 clean:
 	rm -rf $(VENV) build *.egg-info cext/_btf*.so cext/_bpf*.so selinux-policy/tmp selinux-policy/*.pp

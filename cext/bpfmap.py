@@ -47,9 +47,12 @@ def create_like(template_fd: int, name: str) -> int:
     return _check(lib.cwl_map_create_like(template_fd, name.encode()), f"create map {name} like fd {template_fd}")
 
 
-def update(fd: int, key: bytes, value: bytes) -> None:
-    """BPF: BPF_MAP_UPDATE_ELEM (BPF_ANY). KernelError names the errno (EPERM on a frozen map)."""
-    _check(lib.bpf_map_update_elem(fd, key, value, 0), f"map fd {fd}: update")
+BPF_EXIST = 2  # include/uapi/linux/bpf.h: update only a key that is there
+
+
+def update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    """BPF: BPF_MAP_UPDATE_ELEM (flags: BPF_ANY, or BPF_EXIST). KernelError names the errno (EPERM on a frozen map)."""
+    _check(lib.bpf_map_update_elem(fd, key, value, flags), f"map fd {fd}: update")
 
 
 def delete(fd: int, key: bytes) -> None:
@@ -84,3 +87,10 @@ def prog_ids(fd: int) -> tuple[int, tuple[int, ...]]:
     n = ffi.new("uint32_t *", MAX_PROG_MAPS)
     _check(lib.cwl_prog_ids(fd, prog_id, ids, n), f"prog fd {fd}: info")
     return prog_id[0], tuple(ids[i] for i in range(min(n[0], MAX_PROG_MAPS)))
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """Attach a program through a BPF link (its fd: closing it detaches, so does the process's death).
+    BPF: BPF_LINK_CREATE (cgroup programs: several may share a cgroup, like BPF_F_ALLOW_MULTI)."""
+    return _check(lib.cwl_link_create(prog_fd, target_fd, attach_type),
+                  f"prog fd {prog_fd}: link to fd {target_fd} (attach type {attach_type})")

@@ -1,4 +1,4 @@
-"""cffi build script for cext._bpf: the bpf(2) map commands cwlite needs beyond bcc, out-of-line API mode.
+"""cffi build script for cext._bpf: the bpf(2) map and link commands cwlite needs beyond bcc, out-of-line API mode.
 
 bcc's Python API cannot create a map outside a BPF object, freeze a map
 (BPF_MAP_FREEZE) or list the maps a program uses; libbpf's low-level API
@@ -27,6 +27,7 @@ ffibuilder.cdef(
     int cwl_map_info(int fd, uint32_t *type, uint32_t *id, uint32_t *key_size, uint32_t *value_size,
                      uint32_t *max_entries, uint32_t *map_flags);
     int cwl_prog_ids(int fd, uint32_t *prog_id, uint32_t *map_ids, uint32_t *nr_map_ids);
+    int cwl_link_create(int prog_fd, int target_fd, int attach_type);
     """
 )
 ffibuilder.set_source(
@@ -102,6 +103,14 @@ ffibuilder.set_source(
         *prog_id = info.id;
         *nr_map_ids = info.nr_map_ids;
         return 0;
+    }
+
+    /* Attach a program to a cgroup (or other target) through a BPF link: the attachment lives
+       exactly as long as the returned fd (a daemon that dies detaches), unlike BPF_PROG_ATTACH,
+       which outlives its process. The link fd, or -errno. */
+    static int cwl_link_create(int prog_fd, int target_fd, int attach_type)
+    {
+        return bpf_link_create(prog_fd, target_fd, (enum bpf_attach_type)attach_type, NULL);
     }
     """,
     libraries=["bpf"],

@@ -399,12 +399,22 @@ struct cwl_conf {
 	u32 _pad;
 };
 
+/* The daemon's reserved label: above every policy label id (prima.engine.LABEL_MAX);
+ * selfprotect.h guards it, and neither PRIMA nor Port Authority judges it as a TP. */
+#define CWL_LABEL_DAEMON 65535
+
 /* Label of a process (tracepoint backend: keyed by tgid). */
 #define CWL_TL_STACK_PENDING 1 /* lsm: the new image's stack is judged at its first mapping */
+#define CWL_TL_HELD 2     /* tracepoint: entered a label while the engine was not armed: stopped until it is */
+#define CWL_TL_RELEASED 4 /* tracepoint: a held process was continued by someone else than the engine */
 struct cwl_task_label {
 	u32 label;
 	u32 flags; /* CWL_TL_* */
 };
+
+/* Tracepoint backend: cwl_arm's indexes (exec.bpf.c, prima.arming). */
+#define CWL_ARM_ARMED 0 /* 1: the per-syscall programs are attached (written by the engine only) */
+#define CWL_ARM_LIVE 1  /* 1: a label was entered since the engine last found no labelled process */
 
 /* "First trusted load of this measurement under this label" dedupe key. */
 struct cwl_seen_key {
@@ -445,6 +455,7 @@ struct cwl_seen_key {
 #define CWL_OP_TRANSITION 15
 /* 16..23: cdi.h's CWL_OP_CDI_* */
 #define CWL_OP_TRACEME 24 /* PTRACE_TRACEME: the current process is the subject, its parent the tracer */
+#define CWL_OP_RELEASE 27 /* tracepoint: SIGCONT to a process held until the engine armed (the sender is the actor) */
 
 /* What happened to the process. */
 #define CWL_ACT_ALLOWED 0 /* trusted, a transition, or audit mode */
@@ -466,6 +477,7 @@ struct cwl_seen_key {
 #define CWL_WHY_OUTSIDER 11 /* modified by a process outside its label (ptrace, memory writes) */
 #define CWL_WHY_COMPAT 12   /* a 32-bit syscall, which the tracepoint backend cannot mediate */
 #define CWL_WHY_IO_URING 13 /* io_uring, whose operations the tracepoint backend cannot mediate */
+#define CWL_WHY_UNARMED 14  /* tracepoint: continued before the engine had attached its syscall programs */
 
 /* One ring-buffer record. Fixed layout: 240 bytes. */
 #define CWL_NAME_LEN 128
@@ -564,5 +576,114 @@ static __always_inline void cwl_file_path(const void *file, char *buf)
 	}
 	buf[CWL_NAME_LEN - 1] = 0;
 }
+
+/* ---- Port Authority: the rule set, sockets' labels, counts and events (pa_decide.h, net.bpf.c) ----
+ * Python views: portauthority/engine.py (checked against bcc's Key/Leaf by a layout test).
+ * Addresses are in network byte order (IPv4: the first 4 bytes), ports in host order. */
+#define CWL_PA_RULES 32 /* rules in one rule set */
+#define CWL_PA_NETS 8   /* peer networks in one rule */
+
+/* A rule's kind (the policy's `op`). */
+#define CWL_PA_RULE_LISTEN 1  /* bind/listen/accept/receive on local `port` */
+#define CWL_PA_RULE_CONNECT 2 /* connect/send to a peer's `port`, receive its replies */
+
+/* What was attempted (a count's and an event's op). */
+#define CWL_PA_OP_BIND 1
+#define CWL_PA_OP_LISTEN 2
+#define CWL_PA_OP_ACCEPT 3
+#define CWL_PA_OP_CONNECT 4
+#define CWL_PA_OP_SEND 5    /* UDP sendmsg to an address */
+#define CWL_PA_OP_RECEIVE 6 /* a packet reaching a labelled socket */
+#define CWL_PA_OP_PACKET 7  /* tc ingress: a packet to a Port Authority port */
+
+/* Why it was refused (0: allowed). */
+#define CWL_PA_WHY_NONE 0
+#define CWL_PA_WHY_NO_RULE 1 /* no rule of this label for this protocol and port */
+#define CWL_PA_WHY_PEER 2    /* rules for the port, none for this peer */
+#define CWL_PA_WHY_ADDRESS 3 /* a rule for the port, but another local address */
+#define CWL_PA_WHY_PROTO 4   /* neither TCP nor UDP (a labelled socket receives only what rules name) */
+
+/* IP protocol numbers (uapi linux/in.h) and address families as rules store them. */
+#define CWL_PA_TCP 6
+#define CWL_PA_UDP 17
+#define CWL_PA_INET 4
+#define CWL_PA_INET6 6
+
+/* A peer network: an address is inside when (address & mask) == addr, word by word
+ * (the engine writes the mask of the prefix length: the check stays branch-free). */
+struct cwl_pa_net {
+	u8 family; /* CWL_PA_INET / CWL_PA_INET6 */
+	u8 prefix; /* prefix length in bits (for people; the mask decides) */
+	u8 _pad[2];
+	u32 addr[4];
+	u32 mask[4];
+};
+
+struct cwl_pa_rule {
+	u64 labels;     /* bit i: label id i (prima.engine's ids) */
+	u16 port;
+	u8 proto;       /* CWL_PA_TCP / CWL_PA_UDP */
+	u8 kind;        /* CWL_PA_RULE_* */
+	u8 nnets;       /* peers used; 0 = any peer */
+	u8 local_family; /* 0: any local address */
+	u8 _pad[2];
+	u32 local_addr[4];
+	struct cwl_pa_net nets[CWL_PA_NETS];
+};
+
+/* One rule set (a map value of its own: the engine writes the idle slot, then flips cwl_pa_gen). */
+struct cwl_pa_set {
+	u32 nrules;
+	u32 enforce;    /* 1: deny/drop; 0: audit (count, allow) */
+	struct cwl_pa_rule rules[CWL_PA_RULES];
+};
+
+/* What a hook asks the decision. */
+struct cwl_pa_query {
+	u32 label;
+	u8 op;          /* CWL_PA_OP_* */
+	u8 proto;
+	u8 family;      /* CWL_PA_INET / CWL_PA_INET6 */
+	u8 _pad;
+	u16 lport;      /* local port */
+	u16 rport;      /* remote port */
+	u32 laddr[4];
+	u32 raddr[4];
+};
+
+/* A socket's label (sk storage, cloned to accepted sockets). */
+struct cwl_pa_sock {
+	u32 label;
+	u32 _pad;
+};
+
+/* Count key: refusals (and audit-mode allowances) per label, rule, op, port and reason. */
+struct cwl_pa_count_key {
+	u32 label;
+	u32 rule;       /* 1-based index of the rule that came closest (0: none) */
+	u16 port;       /* the port the rule is about: local for bind/listen/receive/packet, remote for connect/send */
+	u8 proto;
+	u8 op;
+	u8 why;
+	u8 action;      /* CWL_ACT_DENIED or CWL_ACT_ALLOWED (audit) */
+	u8 _pad[2];
+};
+
+/* A listener a rule allowed (ring buffer): logged once per (label, port) by the engine. */
+struct cwl_pa_event {
+	u32 tgid;
+	u32 label;
+	u32 rule;
+	u16 port;
+	u8 proto;
+	u8 op;
+	char comm[16];
+};
+
+/* cwl_pa_drops indexes: what could not be counted or sent is itself counted. */
+#define CWL_PA_DROP_COUNT 0   /* count map full: a refusal went uncounted by key */
+#define CWL_PA_DROP_RINGBUF 1 /* ring buffer full: a listener event was lost */
+#define CWL_PA_DROP_SOCK 2    /* sk storage could not hold a labelled socket's label */
+#define CWL_PA_DROP_MAX 4
 
 #endif /* CWLITE_H */

@@ -163,6 +163,22 @@ static __always_inline void cwl_event_name(struct cwl_event *e, const void *dent
 #else /* CWL_BACKEND_TP */
 #define CWL_ACT_ENFORCED CWL_ACT_KILLED
 
+/* Arming (issue 21, speed): the programs that judge only what a labelled process does itself
+ * (its mprotect, shmat, io_uring, signals, and every syscall through raw sys_enter, for 32-bit
+ * ones) are attached only while a labelled process exists (prima.arming). The engine attaches
+ * them, then sets cwl_arm[CWL_ARM_ARMED]; it clears it (and CWL_ARM_LIVE) before it detaches
+ * them again. A process that enters a label while the flag is clear is held (cwl_entered).
+ * cwl_arm[CWL_ARM_LIVE]: set at every label entry, cleared by the engine only when it found no
+ * labelled process: the always-attached open exits skip their file lookup while it is clear. */
+BPF_ARRAY(cwl_arm, u32, 2);
+BPF_RINGBUF_OUTPUT(cwl_arm_req, 1); /* tgids of held processes: wakes the engine's arming thread */
+
+static __always_inline u32 cwl_arm_flag(u32 which)
+{
+	u32 *v = cwl_arm.lookup(&which);
+	return v ? *v : 0;
+}
+
 /* Threads of labelled processes other than their leader (tid -> tgid), so that a syscall
  * naming a thread (ptrace, process_vm_writev take a tid) finds its process's label. Added at
  * sched_process_fork, removed at the thread's exit; after an exec a process has one thread. */
@@ -491,6 +507,11 @@ static __always_inline void cwl_check_image(u32 gen, u32 label)
 		tl->flags |= CWL_TL_STACK_PENDING;
 }
 
+/* Every lsm hook is attached for the engine's whole life: nothing to arm. */
+static __always_inline void cwl_entered(void)
+{
+}
+
 /* A violation once the exec can no longer fail: too late for -EPERM, so in enforce mode the
  * task is killed. `logged`: bprm_check_security already logged it (audit mode adds nothing). */
 static __always_inline void cwl_violation_committed(u32 gen, u32 op, u32 label, u32 why,
@@ -533,6 +554,35 @@ static __always_inline void cwl_check_image(u32 gen, u32 label)
 	cwl_judge_stack(gen, label);
 }
 
+/* The current process has just entered a label at sched_process_exec. When the engine is not
+ * armed, its per-syscall programs are not attached: the process is held before its first user
+ * instruction (SIGSTOP, taken on the way back to user space) and the engine is asked to arm; it
+ * attaches them, sets CWL_ARM_ARMED, then clears CWL_TL_HELD and continues the process. Anyone
+ * else continuing it first is a violation (signal_generate below). The engine clears
+ * CWL_ARM_ARMED before it detaches and waits an RCU grace period before it looks for labelled
+ * processes, so an exec that read the flag still set has inserted its label by then. */
+#define CWL_SIGSTOP 19
+static __always_inline void cwl_entered(void)
+{
+	u32 k = CWL_ARM_LIVE, one = 1, tgid = bpf_get_current_pid_tgid() >> 32, *req;
+	struct cwl_task_label *tl;
+
+	cwl_arm.update(&k, &one);
+	if (cwl_arm_flag(CWL_ARM_ARMED))
+		return;
+	tl = cwl_task_labels.lookup(&tgid);
+	if (tl)
+		tl->flags |= CWL_TL_HELD;
+	bpf_send_signal(CWL_SIGSTOP);
+	req = cwl_arm_req.ringbuf_reserve(sizeof(u32));
+	if (!req) {
+		cwl_drop(CWL_DROP_RINGBUF); /* the arming thread also looks every CWL_ARM_POLL_MS */
+		return;
+	}
+	*req = tgid;
+	cwl_arm_req.ringbuf_submit(req, 0);
+}
+
 /* The tracepoint backend only ever acts after the fact: its violation already kills. */
 #define cwl_violation_committed(gen, op, label, why, id, obj, path, logged) \
 	cwl_violation(gen, op, label, why, id, obj, path)
@@ -554,6 +604,7 @@ static __always_inline void cwl_commit_exec(const struct cwl_exec_ctx *x)
 						x->path, 0);
 			return;
 		}
+		cwl_entered();
 		if (x->cur != x->d.label)
 			cwl_emit(CWL_EV_LABEL_TRANSITION, CWL_OP_EXEC, x->d.label, x->cur, CWL_ACT_ALLOWED, CWL_WHY_NONE,
 				 &x->id, x->t, obj, x->path);
@@ -1069,7 +1120,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_pkey_mprotect)
  * and one raw tracepoint, sys_enter, whose program runs for every syscall of every process:
  * 32-bit (int 0x80) and x32 syscalls, which per-syscall tracepoints never see (x86's
  * trace_syscalls.c ignores compat syscalls): a TP's are a violation unless allowed; an
- * outsider's 32-bit ptrace attach or process_vm_writev into a TP is one too. */
+ * outsider's 32-bit ptrace attach or process_vm_writev into a TP is one too.
+ * Raw sys_enter, io_uring_setup (and mprotect, pkey_mprotect, shmat and the signal syscalls)
+ * are attached only while a labelled process exists (cwl_arm above, prima.arming); ptrace,
+ * process_vm_writev and the open exits guard TPs against any process and stay attached. */
 #define CWL_TS_COMPAT 0x0002          /* arch/x86/include/asm/thread_info.h: a 32-bit syscall is running */
 #define CWL_X32_SYSCALL_BIT 0x40000000 /* arch/x86/include/uapi/asm/unistd.h */
 #define CWL_NR32_PTRACE 26            /* arch/x86/entry/syscalls/syscall_32.tbl */
@@ -1183,21 +1237,21 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ptrace)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_open)
 {
-	if (args->ret >= 0)
+	if (args->ret >= 0 && cwl_arm_flag(CWL_ARM_LIVE))
 		cwl_check_mem_open(cwl_fd_file(args->ret));
 	return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_openat)
 {
-	if (args->ret >= 0)
+	if (args->ret >= 0 && cwl_arm_flag(CWL_ARM_LIVE))
 		cwl_check_mem_open(cwl_fd_file(args->ret));
 	return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_openat2)
 {
-	if (args->ret >= 0)
+	if (args->ret >= 0 && cwl_arm_flag(CWL_ARM_LIVE))
 		cwl_check_mem_open(cwl_fd_file(args->ret));
 	return 0;
 }
@@ -1364,4 +1418,23 @@ TRACEPOINT_PROBE(syscalls, sys_enter_pidfd_send_signal)
 	return 0;
 }
 #undef siginfo_t
+
+/* signal_generate(sig, info, task, group, result), in the sender's context: a SIGCONT (or the
+ * kernel's to an orphaned stopped group) has already woken its target when this runs. A process
+ * held for arming (cwl_entered) continued by anyone but the engine runs before the per-syscall
+ * programs are attached: a violation naming both (the sender is killed); the engine kills the
+ * released process when it arms. */
+#define CWL_SIGCONT 18
+TRACEPOINT_PROBE(signal, signal_generate)
+{
+	u32 tgid = (u32)args->pid; /* a held process has one thread: it exec'd and has not run since */
+	struct cwl_task_label *tl;
+
+	if (args->sig != CWL_SIGCONT || !(tl = cwl_task_labels.lookup(&tgid)) || !(tl->flags & CWL_TL_HELD) ||
+	    cwl_is_daemon())
+		return 0;
+	tl->flags |= CWL_TL_RELEASED;
+	cwl_subject_violation(cwl_live_gen(), CWL_OP_RELEASE, CWL_WHY_UNARMED, tl->label, cwl_current_label(), tgid);
+	return 0;
+}
 #endif

@@ -33,8 +33,7 @@
 #error "CWL_OFF_FILE_PRIVATE_DATA/BPF_MAP_ID/BPF_PROG_AUX/BPF_PROG_AUX_ID/BPF_LINK_PROG missing: offsets come from cext (BTF)"
 #endif
 
-/* The daemon's reserved label: above every policy label id (prima.engine.LABEL_MAX). */
-#define CWL_LABEL_DAEMON 65535
+/* The daemon's reserved label, CWL_LABEL_DAEMON, is cwlite.h's (Port Authority skips it too). */
 
 /* Threads of the daemon the engine tracks (signals aimed at a thread id). */
 #define CWL_DAEMON_THREADS_MAX 1024

@@ -33,6 +33,7 @@ from controlplane.core.events import ZERO_DIGEST, Event, EventKind, alive_digest
 from controlplane.core.policy import Policy
 from ebpf import abi, loader
 from prima import cdi, selfprotect
+from prima.arming import Arming
 from prima.kernelview import KernelEntry, Watch, kernel_dev
 from prima.measure import measure_evidence
 
@@ -59,7 +60,7 @@ WORDS = {
     "CWL_WHY_WRITERS": "open-for-write", "CWL_WHY_TAINTED": "write-enabled-since-measurement",
     "CWL_WHY_LAYER": "overlay-layer-untrusted",
     "CWL_WHY_UNDECLARED": "undeclared-transition", "CWL_WHY_OUTSIDER": "outside-label",
-    "CWL_WHY_COMPAT": "compat-syscall",
+    "CWL_WHY_COMPAT": "compat-syscall", "CWL_WHY_UNARMED": "continued-before-armed",
     "CWL_DROP_LABEL": "label-map", "CWL_DROP_SEEN": "seen-map", "CWL_DROP_CDI": "cdi-map",
 }
 
@@ -79,7 +80,7 @@ DROP_MAX = abi.value("CWL_DROP_MAX")
 OP_EXEC = abi.value("CWL_OP_EXEC")
 OP_TRACEME = abi.value("CWL_OP_TRACEME")  # a subject event where the current process is the subject
 # events about two processes, the current one and `peer` (cwlite.h: a TP as a subject)
-SUBJECT_OPS = frozenset(abi.value(f"CWL_OP_{n}") for n in ("PTRACE", "PROC_MEM", "VM_WRITE", "TRACEME"))
+SUBJECT_OPS = frozenset(abi.value(f"CWL_OP_{n}") for n in ("PTRACE", "PROC_MEM", "VM_WRITE", "TRACEME", "RELEASE"))
 # Self-protection events (selfprotect.h) name what they concern by numbers, not by a file.
 SELF_OPS = frozenset({abi.value("CWL_OP_BPF"), abi.value("CWL_OP_SIGNAL")})
 # violations whose (dev, ino) is not a file that was run or mapped: nothing to measure
@@ -133,6 +134,8 @@ class Engine:
         self._generation = -1
         self._slots: dict[int, dict[str, tuple[int, int]]] = {0: {}, 1: {}}  # gen -> name -> (fd, map id)
         self._threads: set[int] = set()
+        self.arming: Arming | None = None  # tracepoint backend: attaches the per-syscall programs on demand
+        self._arming_errors = 0
         self.records = 0  # ring-buffer records read so far (the liveness entry's "events up to")
         self.loaded: Loaded | None = None
         self._start(policy, entries, db_digest)
@@ -152,6 +155,8 @@ class Engine:
         try:
             self._protect()
             self._bpf[b"cwl_events"].open_ring_buffer(self._on_record)
+            if self.backend == "tracepoint":
+                self.arming = Arming(self._bpf)
             self._queue.append(Event(EventKind.DAEMON_START, subject=f"prima/{self.backend}",
                                      detail={"backend": self.backend, "pid": os.getpid()}))
             self.reload(policy, entries, db_digest)
@@ -324,8 +329,11 @@ class Engine:
         if self._bpf is None:
             return
         try:
+            if self.arming is not None:
+                self.arming.close()
             self._collect(None)
         finally:
+            self.arming = None
             for gen in (0, 1):
                 maps, self._slots[gen] = self._slots[gen], {}
                 for fd, _ in maps.values():
@@ -466,6 +474,11 @@ class Engine:
         if self._decode_errors:
             lost["undecodable"] = self._decode_errors
             self._decode_errors = 0
+        if self.arming is not None and self.arming.errors > self._arming_errors:
+            # the per-syscall programs could not be attached or detached as needed (fail closed: a
+            # process held for arming stays stopped); the proof must say enforcement was impaired
+            lost["arming"] = self.arming.errors - self._arming_errors
+            self._arming_errors = self.arming.errors
         if lost:
             self._queue.append(Event(EventKind.LOST_EVENTS, subject=", ".join(f"{k}={v}" for k, v in sorted(lost.items())),
                                      detail=lost))

@@ -64,13 +64,15 @@ def program_objects(bpf: "bcc.BPF") -> tuple[set[int], set[int]]:
     return progs, maps
 
 
-def register(bpf: "bcc.BPF") -> None:
-    """Record this engine's programs and the maps they use in cwl_objs (before the daemon is recorded)."""
+def register(bpf: "bcc.BPF", *, into: "bcc.BPF | None" = None) -> None:
+    """Record a bcc object's programs and the maps they use in cwl_objs: this engine's own (before the
+    daemon is recorded), or, with `into` (PRIMA's object), another engine's of the same daemon (Port Authority)."""
+    guard = into if into is not None else bpf
     progs, maps = program_objects(bpf)
-    fd = _fd(bpf, "cwl_objs")
+    fd = _fd(guard, "cwl_objs")
     for p in progs:
         bpfmap.update(fd, _obj_key("PROG", p), b"\1")
-    add_maps(bpf, maps)
+    add_maps(guard, maps)
 
 
 def add_maps(bpf: "bcc.BPF", map_ids: Iterable[int]) -> None:

@@ -102,8 +102,9 @@ def enforcement_started(host: TestHost, ref: Reference) -> None:
 
 @contextlib.contextmanager
 def running_host(data_dir: Path, *, tpm=None, log=None, policy_path: Path | None = None,
-                 controller_key=None, db_digest: bytes | None = None, rate: float = 1000.0) -> Iterator[TestHost]:
-    """swtpm (unless `tpm` is given) + measurement log + HTTPS service on 127.0.0.1:<free port>."""
+                 controller_key=None, db_digest: bytes | None = None, rate: float = 1000.0,
+                 port: int = 0) -> Iterator[TestHost]:
+    """swtpm (unless `tpm` is given) + measurement log + HTTPS service on 127.0.0.1:`port` (0: a free one)."""
     with contextlib.ExitStack() as stack:
         if tpm is None:
             tpm = stack.enter_context(open_tpm(data_dir))
@@ -112,7 +113,7 @@ def running_host(data_dir: Path, *, tpm=None, log=None, policy_path: Path | None
         state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=log.pcr, policy_path=policy_path,
                              controller_key=controller_key, db_digest=db_digest, rate_per_s=rate, burst=int(rate))
         state.record_tls_key()
-        server = stack.enter_context(Server(state))
+        server = stack.enter_context(Server(state, port=port))
         yield TestHost(tpm, log, state, server, data_dir)
 
 

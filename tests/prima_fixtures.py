@@ -1,4 +1,5 @@
-"""Test-side views of a running prima Engine, and kernel-view entries made without a measurement DB.
+"""Test-side views of a running prima Engine, kernel-view entries made without a measurement DB, and a
+`cwlite enforce` daemon run for the length of a block.
 
 The daemon gets its entries from prima.kernelview.kernel_view (a MeasureDB)
 and never asks which processes carry a label or how long its programs ran;
@@ -7,14 +8,37 @@ surface (`engine.bpf`, `engine.loaded`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from prima import measure, selfprotect
 from prima.engine import Engine
 from prima.kernelview import KernelEntry, Watch, kernel_dev
+
+CWLITE = str(Path(sys.executable).with_name("cwlite"))
+
+
+@contextlib.contextmanager
+def enforce_daemon(*args: str) -> Iterator[subprocess.Popen]:
+    """`cwlite enforce ARGS`, enforcing when the block starts; stopped with SIGTERM (exit 0) when it ends,
+    one poll period after the block (for the last records); killed if the block raised."""
+    daemon = subprocess.Popen([CWLITE, "enforce", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "enforcing" in daemon.stderr.readline()
+        yield daemon
+        time.sleep(0.5)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
 
 
 def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int, watch: Watch | None = None) -> list[KernelEntry]:
@@ -66,3 +90,38 @@ def program_stats(engine: Engine) -> dict[str, tuple[int, int]]:
                     if ":\t" in line)
         out[name.decode() if isinstance(name, bytes) else name] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
     return out
+
+
+@contextlib.contextmanager
+def detached(engine: Engine, only: tuple[str, ...] = ()) -> Iterator[None]:
+    """Detach every program the engine has attached (or only the raw tracepoints named in `only`)
+    for a baseline round, keeping them loaded (no recompile between rounds); the arming thread
+    (prima.arming) is held meanwhile, so it neither attaches nor detaches. The same set is attached
+    again after.
+
+    Benchmark only: this is an unenforced window, which the engine itself never opens.
+    """
+    bpf = engine.bpf
+    with engine.arming.hold() if engine.arming is not None else contextlib.nullcontext():
+        raw = [tp for tp in bpf.raw_tracepoint_fds if not only or tp.decode() in only]
+        tps = [] if only else list(bpf.tracepoint_fds)
+        for tp in raw:
+            bpf.detach_raw_tracepoint(tp=tp)
+        for tp in tps:
+            bpf.detach_tracepoint(tp=tp)
+        try:
+            yield
+        finally:
+            for tp in raw:
+                bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
+            for tp in tps:
+                bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + tp.replace(b":", b"__", 1))
+
+
+def wait_disarmed(engine: Engine, timeout: float = 15.0) -> None:
+    """Until the tracepoint backend's arming thread has detached the per-syscall programs it attaches
+    only while a labelled process exists (prima.arming: DISARM_AFTER_S after the last one left)."""
+    deadline = time.monotonic() + timeout
+    while engine.arming is not None and engine.arming.armed:
+        assert time.monotonic() < deadline, f"still armed: labelled {labelled_processes(engine)}"
+        time.sleep(0.05)

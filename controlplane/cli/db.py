@@ -5,15 +5,18 @@ import contextlib
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Callable, Iterator
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from controlplane.cli.log import read_any
 from controlplane.cli.output import emit
-from controlplane.core.errors import MeasureDBError
+from controlplane.core.errors import FileError, MeasureDBError
 from controlplane.core.paths import DEFAULT_DATA_DIR
+from controlplane.core.policy import load_policy
 from prima.measuredb import MeasureDB, Measurement, diff
 
 DEFAULT_DB = str(DEFAULT_DATA_DIR / "measure.db")
@@ -234,3 +237,82 @@ def verify(db_path: str, trust_sets: tuple[str, ...], as_json: bool) -> None:
     emit(data, as_json, human)
     if found:
         raise MeasureDBError(f"{db_path}: verify: {len(found)} file(s) no longer match their measurement (first: {found[0].path})")
+
+
+def _print_suggestion(d: dict) -> None:
+    for f in d["files"]:
+        owner = f"{f['package']} {f['version']}" if f["package"] else "NO PACKAGE"
+        click.echo(f"{f['label']} {f['op']} {f['path']}: {owner}{' (' + f['why'] + ')' if f['why'] else ''}")
+    for s in d["trust_sets"]:
+        click.echo(f"\ntrust set {s['trust_set']} (labels {', '.join(s['labels'])}): add {' '.join(s['add']) or 'nothing new'}")
+        if s["already"]:
+            click.echo(f"  {' '.join(s['already'])}: {s['why_already']}")
+        for line in s["command_lines"]:
+            click.echo(f"  {line}")
+    if d["unowned"]:
+        click.echo("\nowned by no installed package (not in any command; trust them only deliberately, e.g. --from-dir):")
+        for f in d["unowned"]:
+            click.echo(f"  {f['label']} {f['op']} {f['found'] or f['path'] + ' (not found here)'}")
+    if d["modified"]:
+        click.echo("\nowned, but not what dpkg installed (md5sums differ; a dpkg build stores them untrusted):")
+        for f in d["modified"]:
+            click.echo(f"  {f['path']} ({f['package']} {f['version']})")
+    if d["not_files"]:
+        click.echo(f"\n{len(d['not_files'])} violation(s) name no file to trust (e.g. {d['not_files'][0]['op']}): "
+                   "no package changes them")
+    if d["trust_sets"]:
+        click.echo("\nthen: SIGHUP the enforcement daemon, rebuild the verifier's DB the same way, and switch the policy "
+                   "to mode = \"enforce\"")
+
+
+@db.command("suggest")
+@db_option
+@click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The audit run's policy (which trust set each label uses).")
+@click.option("--events", "events_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="The audit run's `cwlite enforce --events` JSON lines.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="A measurement log (binary or ASCII) [default, without --events: DATA_DIR/measurements.log].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR, show_default=True,
+              help="Where the measurement log lives.")
+@click.option("--dpkg-root", default="/", show_default=True, metavar="DIR", help="Read dpkg's files under this root.")
+@json_option
+def suggest_cmd(db_path: str, policy_path: Path, events_path: Path | None, log_path: Path | None, data_dir: Path,
+                dpkg_root: str, as_json: bool) -> None:
+    """Propose the Debian packages that own the code an audit run's violations loaded, and the `db build` for them.
+
+    Reads the violations (events or measurement log), finds the installed
+    package owning each file in dpkg's database, and prints, per trust set,
+    the command that rebuilds it from the sources it was last built from plus
+    those packages (for a set built from .debs: `apt-get download` of the
+    installed versions, then the build through the signed archive chain).
+    Files no package owns, or that differ from what dpkg installed, are listed
+    and left out: nothing is trusted without saying so.
+
+    \b
+    Examples:
+      # audit: run the build under a mode = "audit" policy, events to a file
+      cwlite enforce --policy audit.toml --db measure.db --events audit.jsonl
+      # what to add
+      cwlite db suggest --db measure.db --policy audit.toml --events audit.jsonl
+      # from the measurement log instead, for scripts
+      cwlite db suggest --db measure.db --policy audit.toml --json
+    """
+    # Here, not at the top: prima.suggest brings python-debian (~30 ms), which only `db build`/`suggest` need.
+    from prima.suggest import DpkgOwners, suggest, violations_from_events, violations_from_log
+
+    if events_path is not None and log_path is not None:
+        raise click.UsageError("give --events or --log, not both")
+    policy = load_policy(policy_path)
+    if events_path is not None:
+        try:
+            text = events_path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise FileError.from_os(events_path, exc, "read the events file") from exc
+        violations = violations_from_events(text.splitlines(), str(events_path))
+    else:
+        violations = violations_from_log(read_any(log_path or data_dir / "measurements.log"))
+    owners = DpkgOwners(root=Path(dpkg_root))
+    result = suggest(violations, {name: label.trust_set for name, label in policy.labels.items()},
+                     db_path=Path(db_path), owners=owners)
+    emit({"violations": len(violations), **result.as_dict()}, as_json, _print_suggestion)

@@ -1,4 +1,8 @@
-"""`cwlite enforce`: the PRIMA daemon — engine + sinks + signals.
+"""`cwlite enforce`: the PRIMA daemon — engine + sinks + signals; Port Authority beside PRIMA.
+
+When the policy has Port Authority rules and the backend has its programs (tracepoint),
+the daemon runs portauthority.engine in the same process as prima.engine (it reads
+PRIMA's task labels), guarded by PRIMA's self-protection, and records its entries too.
 
 SIGHUP re-reads the policy and the measurement DB and swaps them in as one
 generation (the old one stays enforced until the flip, and stays if the new
@@ -24,7 +28,9 @@ from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import Policy, load_policy
 from controlplane.host.policy_floor import admit
 from ebpf.probe import probe_lsm
-from prima.engine import MIN_TRUST_MAX, Engine, Measure
+from portauthority import engine as pa_engine
+from prima import selfprotect
+from prima.engine import MIN_TRUST_MAX, TASK_MAX, Engine, Measure
 from prima.kernelview import kernel_view, kernel_view_bound
 from prima.measuredb import MeasureDB
 
@@ -48,9 +54,12 @@ class JsonLinesSink:
             raise FileError.from_os(path, exc, "open the events file") from exc
 
     def record(self, event: Event) -> None:
-        self._f.write(json.dumps(event_json(event), sort_keys=True) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(event_json(event), sort_keys=True) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as exc:          # a full disk: the daemon goes on enforcing, unrecorded (Daemon._record)
+            raise FileError.from_os(self.path, exc, "append an event") from exc
 
     def close(self) -> None:
         self._f.close()
@@ -114,16 +123,23 @@ class Daemon:
     """The enforce loop, usable from other commands (e.g. a service embedding enforcement)."""
 
     def __init__(self, policy_path: Path, db_path: Path, sink: EventSink, *, backend: str = "auto",
-                 controller_key: Path | None = None, log: IO[str] = sys.stderr, policy: Policy | None = None,
-                 data_dir: Path | None = None) -> None:
+                 controller_key: Path | None = None, log: IO[str] | None = None, policy: Policy | None = None,
+                 data_dir: Path | None = None, pa_interfaces: Sequence[str] = ()) -> None:
         """`policy`: `policy_path` as the caller already loaded it (checked with `controller_key`), for the start;
-        `data_dir`: where the policy serial floor lives (a reload to an older serial is refused)."""
+        `log`: where status lines go (default: sys.stderr as it is when the daemon speaks, JSON lines included);
+        `data_dir`: where the policy serial floor lives (a reload to an older serial is refused);
+        `pa_interfaces`: where Port Authority's tc classifier goes (none: only its cgroup programs)."""
         self.policy_path, self.db_path, self.sink = policy_path, db_path, sink
+        self.pa_interfaces = tuple(pa_interfaces)
+        self.pa: pa_engine.Engine | None = None
         self.policy = policy
         self.data_dir = data_dir
         self.backend, self.controller_key, self.log = backend, controller_key, log
         self.reload_requested = False
         self.stop_requested = False
+        self.engine: Engine | None = None     # while run() runs: the engine (benchmarks detach its programs)
+        self.sink_error: CwliteError | None = None   # the sink (measurement log) failed: see `_record`
+        self.unrecorded = 0                           # events read after that, not recorded
         self._alive: queue.SimpleQueue[tuple[bytes, threading.Event]] = queue.SimpleQueue()
 
     def request_alive(self, nonce: bytes, timeout: float = ALIVE_TIMEOUT_S) -> bool:
@@ -138,21 +154,64 @@ class Daemon:
         policy, view, db_digest, size_hint = load_inputs(self.policy_path, self.db_path, self.controller_key, self.policy)
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
         engine = Engine(policy, view, backend=backend, db_digest=db_digest, trust_max=max(MIN_TRUST_MAX, 2 * size_hint))
+        self.engine = engine
         try:
+            # daemon-start, policy-load and db-load reach the log now, before the daemon says it enforces: a
+            # daemon killed before its first poll must still leave its start behind (the next start is then
+            # the enforcement gap the verifier flags; a restarted unit would otherwise look like the first)
+            for ev in engine.drain():
+                self.sink.record(ev)
             self._say(f"enforcing {self.policy_path} ({policy.mode}) with {engine.loaded.trusted_files} trusted files, "
                       f"backend {backend}")
+            self._start_pa(policy, engine)
             while not self.stop_requested:
-                for ev in engine.poll(200):
-                    self.sink.record(engine.evidence(ev))
+                for ev in engine.poll(200 if self.pa is None else 100):
+                    self._record(engine.evidence(ev))
+                if self.pa is not None:
+                    for ev in self.pa.poll(100):
+                        self._record(ev)
                 self._answer_alive(engine)
                 if self.reload_requested:
                     self.reload_requested = False
                     self._reload(engine)
         finally:
+            if self.pa is not None:
+                self.pa.close()
+                for ev in self.pa.drain():
+                    self._record(ev)
             engine.close()
             for ev in engine.drain():
-                self.sink.record(engine.evidence(ev))
-            self._say("detached")
+                self._record(engine.evidence(ev))
+            self._say("detached" if self.sink_error is None else
+                      f"detached; {self.unrecorded} events were not recorded after the log failed")
+
+    def _record(self, ev: Event) -> None:
+        """Record one event; if the sink fails (a full disk, a dead TPM), enforcement goes on (fail
+        closed: untrusted code stays denied) but nothing more is recorded and no liveness is answered,
+        so the service's quotes fail (the log refuses them) and the next daemon start is a gap entry."""
+        if self.sink_error is not None:
+            self.unrecorded += 1
+            return
+        try:
+            self.sink.record(ev)
+        except CwliteError as exc:
+            self.sink_error = exc
+            self.unrecorded += 1
+            self._say(f"cannot record events, enforcement continues unrecorded until a restart: {exc}")
+
+    def _start_pa(self, policy: Policy, engine: Engine) -> None:
+        """Port Authority beside PRIMA when the policy has rules and the backend has its programs."""
+        if not policy.port_authority.rules:
+            return
+        if engine.backend not in pa_engine.BACKENDS:
+            self._say(f"Port Authority rules NOT enforced: no {engine.backend} programs for them yet")
+            return
+        assert engine.loaded is not None
+        self.pa = pa_engine.Engine(policy, engine.loaded.labels, backend=engine.backend, task_max=TASK_MAX,
+                                   interfaces=self.pa_interfaces)
+        selfprotect.register(self.pa.bpf, into=engine.bpf)
+        self._say(f"Port Authority: {len(policy.port_authority.rules)} rule(s), cgroup {self.pa.cgroup}, "
+                  f"tc on {', '.join(self.pa_interfaces) or 'no interface'}")
 
     def _answer_alive(self, engine: Engine) -> None:
         while True:
@@ -160,9 +219,12 @@ class Daemon:
                 nonce, done = self._alive.get_nowait()
             except queue.Empty:
                 return
+            if self.sink_error is not None:
+                continue        # nothing can be recorded: the liveness entry is not there to claim
             for ev in engine.alive(nonce):
-                self.sink.record(engine.evidence(ev))
-            done.set()
+                self._record(engine.evidence(ev))
+            if self.sink_error is None:
+                done.set()
 
     def _reload(self, engine: Engine) -> None:
         try:
@@ -170,16 +232,18 @@ class Daemon:
             if self.data_dir is not None:
                 admit(policy, self.data_dir)
             loaded = engine.reload(policy, view, db_digest)
+            if self.pa is not None:
+                self.pa.reload(policy, loaded.labels)
         except CwliteError as exc:
             # The previous generation is still live: enforcement never stopped.
             self._say(f"reload refused, previous policy still enforced: {exc}")
-            self.sink.record(Event(EventKind.VIOLATION, op="reload", subject=str(self.policy_path),
-                                   detail={"error": str(exc)}))
+            self._record(Event(EventKind.VIOLATION, op="reload", subject=str(self.policy_path),
+                               detail={"error": str(exc)}))
             return
         self._say(f"reloaded: generation {loaded.generation}, {loaded.trusted_files} trusted files")
 
     def _say(self, text: str) -> None:
-        print(f"cwlite enforce: {text}", file=self.log, flush=True)
+        print(f"cwlite enforce: {text}", file=self.log or sys.stderr, flush=True)
 
 
 @click.command("enforce")
@@ -199,9 +263,12 @@ class Daemon:
               help="Kernel backend; auto = the policy's choice, else the strongest this kernel allows.")
 @click.option("--controller-key", type=click.Path(dir_okay=False, path_type=Path),
               help="Ed25519 public key (PEM): the policy's .sig must verify with it, at start and on every reload.")
+@click.option("--pa-interface", "pa_interfaces", multiple=True,
+              help="Attach Port Authority's tc ingress classifier to this interface (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print every event as a JSON line on stdout.")
 def enforce(policy_path: Path, db_path: Path, events_path: Path | None, mlog: bool, data_dir: Path,
-            device: str | None, backend: str, controller_key: Path | None, as_json: bool) -> None:
+            device: str | None, backend: str, controller_key: Path | None, pa_interfaces: tuple[str, ...],
+            as_json: bool) -> None:
     """Enforce PRIMA: processes under a TP label run only code the measurement DB trusts for the label.
 
     Loads the exec/mmap programs of the chosen backend (tracepoint: a
@@ -218,8 +285,8 @@ def enforce(policy_path: Path, db_path: Path, events_path: Path | None, mlog: bo
       cwlite enforce --policy audit.toml --db /var/lib/cwlite/measure.db --json
       # enforce, events to a JSON-lines file
       cwlite enforce --policy policy.toml --db measure.db --events /var/log/cwlite-events.jsonl
-      # enforce and record into the TPM-backed measurement log
-      cwlite enforce --policy policy.toml --db measure.db --mlog
+      # enforce and record into the TPM-backed measurement log; Port Authority's tc on eth0
+      cwlite enforce --policy policy.toml --db measure.db --mlog --pa-interface eth0
       # after `cwlite db build` re-measured changed files: pick them up
       kill -HUP $(pidof -s cwlite)
     """
@@ -247,7 +314,7 @@ def enforce(policy_path: Path, db_path: Path, events_path: Path | None, mlog: bo
         sinks.append(log)
         closers.append(log.close)
     daemon = Daemon(policy_path, db_path, Tee(sinks), backend=backend, controller_key=controller_key, policy=policy,
-                    data_dir=data_dir)
+                    data_dir=data_dir, pa_interfaces=pa_interfaces)
 
     def on_hup(signum, frame) -> None:
         daemon.reload_requested = True

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
 import click
@@ -12,6 +11,7 @@ from controlplane.core import imalog
 from controlplane.core.errors import LogError
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.quote import public_pem, verify_quote
+from controlplane.host.mlog import DEFAULT_PCR, log_pcr
 
 LOG_NAME = "measurements.log"
 
@@ -27,14 +27,9 @@ def _log_path(data_dir: Path, log: Path | None) -> Path:
 
 def _log_pcr(path: Path, pcr: int | None) -> int:
     """The PCR the log was created for (its .state file), unless given."""
-    if pcr is not None:
-        return pcr
-    try:
-        return int(json.loads(path.with_name(path.name + ".state").read_text())["pcr"])
-    except FileNotFoundError:
-        return 10
-    except (ValueError, KeyError, TypeError) as exc:
-        raise LogError(f"{path}.state: no PCR recorded ({exc})") from exc
+    if pcr is None:
+        pcr = log_pcr(path)
+    return DEFAULT_PCR if pcr is None else pcr
 
 
 @click.group("log")
@@ -71,21 +66,20 @@ def show(data_dir: Path, log_file: Path | None, start: int, as_json: bool) -> No
       # the kernel's own IMA log
       cwlite log show --log /sys/kernel/security/ima/binary_runtime_measurements
     """
-    entries = _read_any(_log_path(data_dir, log_file))[start:]
+    entries = read_any(_log_path(data_dir, log_file))[start:]
     emit({"entries": [e.to_dict() for e in entries]}, as_json,
          lambda _d: click.echo(imalog.to_ascii(entries), nl=False))
 
 
-def _read_any(path: Path):
+def read_any(path: Path) -> list[imalog.LogEntry]:
+    """A log file in either form (binary or ASCII), each entry's template hash checked."""
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
         raise LogError(f"{path}: no such measurement log") from exc
     except IsADirectoryError as exc:
         raise LogError(f"{path}: is a directory") from exc
-    if data[:1].isdigit() or data[:1] == b" ":   # ASCII lines start with the PCR number ("%2d")
-        return imalog.parse_ascii(data.decode("utf-8", "surrogateescape"), source=str(path))
-    return imalog.parse_binary(data, source=str(path))
+    return imalog.parse_any(data, source=str(path))
 
 
 @log.command("verify")
@@ -115,7 +109,7 @@ def verify(data_dir: Path, log_file: Path | None, pcr: int | None, device: str |
     from controlplane.host.tpm import open_tpm  # here: tpm2-pytss costs ~0.15 s on every `cwlite` start
 
     path = _log_path(data_dir, log_file)
-    entries = _read_any(path)
+    entries = read_any(path)
     pcr = _log_pcr(path, pcr)
     foreign = [e for e in entries if e.pcr != pcr]
     if entries and len(foreign) == len(entries):   # every prefix would "match" an untouched (zero) PCR

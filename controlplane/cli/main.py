@@ -10,10 +10,13 @@ import sys
 
 import click
 
+from controlplane.cli import config, logs
+from controlplane.cli.build import build, provenance_group
 from controlplane.cli.db import db
 from controlplane.cli.enforce import enforce
 from controlplane.cli.hosts import hosts
 from controlplane.cli.log import log, tpm
+from controlplane.cli.pa import pa
 from controlplane.cli.policy import policy
 from controlplane.cli.proof import proof
 from controlplane.cli.selinux import selinux
@@ -26,15 +29,17 @@ from controlplane.core.errors import CwliteError
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show a traceback on errors (also accepted after the subcommand).")
+@click.option("--log-format", type=click.Choice(logs.FORMATS), default="text", show_default=True,
+              help="stderr as plain lines, or one JSON object per line (for journald and log shippers).")
 @click.version_option(package_name="cwlite", prog_name="cwlite", message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, log_format: str) -> None:
     """cwlite: enforce and prove CW-Lite integrity on a build machine.
 
     PRIMA (only trusted code under a TP label), CDI protection, an ima-ng
     measurement log extended into a TPM PCR, and quotes a remote verifier
-    checks. Port Authority rules (untrusted network input only to trusted
-    filters) are parsed and checked but NOT enforced yet.
+    checks. Port Authority (untrusted network input only to the TP labels its
+    rules name, `cwlite pa`) is enforced on the tracepoint backend, NOT yet on lsm.
 
     \b
     Examples:
@@ -46,12 +51,19 @@ def cli(ctx: click.Context, debug: bool) -> None:
       cwlite serve --enforce --policy policy.toml --db trusted.db
       # on the build controller: attest the host, keep a signed proof
       cwlite verify build1 --policy policy.toml --db trusted.db --proof-out build1.proof
+      # on the build controller: a distcc build on verified hosts only, with signed provenance
+      cwlite build --hosts hosts.toml --policy policy.toml --db trusted.db -- make -j8
+
+    Option defaults come from /etc/cwlite/cwlite.toml (or $CWLITE_CONFIG):
+    `key = value` for every command with option --key, `[command]` tables
+    for one command; the command line wins.
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
 
-for _command in (status, debug, policy, enforce, db, proof, serve, enrol, verify, hosts, log, tpm, selinux, vm):
+for _command in (status, debug, policy, enforce, pa, db, proof, serve, enrol, verify, hosts, build, provenance_group,
+                 log, tpm, selinux, vm):
     cli.add_command(_command)
 
 
@@ -74,10 +86,23 @@ def _usage_line(exc: click.ClickException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI; a CwliteError is one line on stderr and exit 1."""
-    args = _debug_first(list(argv if argv is not None else sys.argv[1:]))
-    debug_flag = args[:1] == ["--debug"]
+    args = _debug_first(logs.hoist(list(argv if argv is not None else sys.argv[1:])))
+    if logs.requested_format(args) != "json":
+        return _main(args)
+    stderr, sys.stderr = sys.stderr, logs.JsonLines(sys.stderr)
     try:
-        cli.main(args=args, prog_name="cwlite", standalone_mode=False)
+        return _main(args)
+    finally:
+        sys.stderr.flush()
+        sys.stderr = stderr
+
+
+def _main(args: list[str]) -> int:
+    debug_flag = args[:1] == ["--debug"]   # _debug_first hoisted it before --log-format
+    try:
+        path, required = config.config_path()
+        defaults = config.default_map(cli, path, required=required)
+        cli.main(args=args, prog_name="cwlite", standalone_mode=False, default_map=defaults)
     except click.exceptions.Abort:
         click.echo("cwlite: aborted", err=True)
         return 130

@@ -1,4 +1,5 @@
-"""`cwlite selinux render|link|check`: the SELinux module from the cwlite policy, and CW-Lite checks of SELinux policies."""
+"""`cwlite selinux render|link|load|check`: the SELinux module from the cwlite policy, its measured load, and CW-Lite
+checks of SELinux policies."""
 from __future__ import annotations
 
 import sys
@@ -8,8 +9,11 @@ from pathlib import Path
 import click
 
 from controlplane.cli.output import emit
+from controlplane.core.events import Event, EventKind
+from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import load_policy
-from controlplane.core.selinux_render import render
+from controlplane.core.selinux_render import MODULE, render
+from controlplane.host import mlog as mlog_mod
 from controlplane.host import selinux_module
 
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -26,6 +30,8 @@ def selinux() -> None:
       cwlite selinux render /etc/cwlite/policy.toml --out /tmp/cwlite-selinux
       # build it and link it into a scratch copy of selinux-policy-default
       cwlite selinux link /etc/cwlite/policy.toml --root /tmp/store
+      # install it into the running store, its digest first in the measurement log
+      cwlite selinux load /etc/cwlite/policy.toml
       # CW-Lite: flows from low-integrity types into the TCB, with the rules per step
       cwlite selinux check /tmp/store/etc/selinux/default/policy/policy.33 --graph flows.png
     """
@@ -86,6 +92,69 @@ def link_cmd(policy: Path, root: Path, store: str, extra: tuple[Path, ...], as_j
     binary = selinux_module.link(root, pp, rendered, extra=list(extra), store=store)
     emit({"policy": str(policy), "module": str(pp), "binary_policy": str(binary), "module_digest": rendered.digest()},
          as_json, lambda d: click.echo(f"{d['binary_policy']} (module {d['module']}, digest {d['module_digest']})"))
+
+
+def _record_load(event: Event, data_dir: Path, device: str | None, pcr: int | None, policy_pcr: int | None) -> int:
+    """Append `event` to DATA_DIR's measurement log and wait until the PCR holds it; the entry's index."""
+    # tpm2-pytss costs ~0.15 s at import: only the commands that extend pay it
+    from controlplane.host import tpm as tpm_mod
+
+    path = data_dir / "measurements.log"
+    if pcr is None:
+        pcr = mlog_mod.log_pcr(path)
+    if pcr is None:
+        pcr = mlog_mod.choose_pcr(mlog_mod.DEFAULT_PCR if policy_pcr is None else policy_pcr)
+    with tpm_mod.open_tpm(data_dir, device=device) as tpm, mlog_mod.MeasurementLog.open(path, tpm, pcr=pcr) as log:
+        return log.record(event, wait=True).index
+
+
+@selinux.command("load")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+              help="Install into a scratch store under this directory (made from the installed one if absent) "
+                   "instead of the running store.")
+@click.option("--store", default="default", show_default=True, help="The policy store.")
+@click.option("-N", "--no-reload", is_flag=True, help="Running store: do not reload the kernel's policy (semodule -N).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR, show_default=True,
+              help="Where the measurement log and the embedded swtpm live.")
+@click.option("--device", help="TPM device or TCTI (default: /dev/tpmrm0, else the embedded swtpm).")
+@click.option("--pcr", type=click.IntRange(0, 23), help="The log's PCR (default: the log's own, else the policy's).")
+@_json
+def load_cmd(source: Path, root: Path | None, store: str, no_reload: bool, data_dir: Path, device: str | None,
+             pcr: int | None, as_json: bool) -> None:
+    """Build and install the module, logging its digest in the measurement log first.
+
+    SOURCE is a cwlite policy (the module is rendered from it) or a directory
+    of module sources (`render --out`, as they are now). The digest goes into
+    the log before the module can take effect (as IMA measures before use); the
+    verifier trusts the entry only when it is the module its own policy renders,
+    so an edited module makes the next proof UNTRUSTED. The log has one writer:
+    load before `cwlite enforce`/`serve` starts (the systemd units do).
+
+    \b
+    Examples:
+      cwlite selinux load /etc/cwlite/policy.toml
+      cwlite selinux load /etc/cwlite/policy.toml -N          # the kernel loads it at the next policy load
+      cwlite selinux load ./reviewed-module --root /tmp/store --data-dir /tmp/cw --json
+    """
+    policy_pcr = None
+    if source.is_dir():
+        rendered = selinux_module.read_sources(source)
+    else:
+        policy = load_policy(source)
+        rendered, policy_pcr = render(policy), policy.pcr
+    target = selinux_module.store_dir(root, store)
+    digest = rendered.digest()
+    with tempfile.TemporaryDirectory(prefix="cwlite-selinux-") as build_dir:
+        selinux_module.write_sources(rendered, build_dir)
+        pp = selinux_module.build(build_dir)
+        index = _record_load(Event(EventKind.SELINUX_LOAD, bytes.fromhex(digest), op=MODULE, subject=str(target)),
+                             data_dir, device, pcr, policy_pcr)
+        selinux_module.install(pp, rendered, root=root, store=store, reload=not no_reload)
+    emit({"source": str(source), "store": str(target), "module_digest": digest, "log_entry": index,
+          "reloaded": root is None and not no_reload}, as_json,
+         lambda d: click.echo(f"loaded {MODULE} into {d['store']} (digest {d['module_digest']}, "
+                              f"measurement log entry {d['log_entry']})"))
 
 
 def _check_human(d: dict) -> None:

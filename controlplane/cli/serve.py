@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import IO, Iterator
 
 import click
 
-from controlplane.cli.enforce import Daemon
+from controlplane.cli.enforce import Daemon, Tee
 from controlplane.core.errors import EnforcementError
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import read_policy
@@ -46,7 +45,7 @@ class Running:
 def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, pcr: int | None = None,
                     policy_path: Path | None = None, db_path: Path | None = None, enforce: bool = False,
                     backend: str = "auto", controller_key: Path | None = None, device: str | None = None,
-                    rate: float = 50.0, say: IO[str] = sys.stderr,
+                    rate: float = 50.0, say: IO[str] | None = None,
                     kernel_ima_log: Path | None = IMA_BINARY_LOG) -> Iterator[Running]:
     """TPM + measurement log (+ enforcement daemon thread) + HTTPS service; all stopped on exit.
 
@@ -54,6 +53,7 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
     # Loaded only when serving: FastAPI/uvicorn and tpm2-pytss take over 1 s to import, paid by every
     # `cwlite` start if at the top.
     from controlplane.host import tpm as tpm_mod
+    from controlplane.host.metrics import ServiceMetrics
     from controlplane.host.service import ActivePolicy, Server, ServiceState, TlsIdentity
 
     if enforce and (policy_path is None or db_path is None):
@@ -73,9 +73,10 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     with tpm_mod.open_tpm(data_dir, device=device) as tpm, \
             mlog_mod.MeasurementLog.open(Path(data_dir) / "measurements.log", tpm, pcr=pcr) as log:
+        metrics = ServiceMetrics(log)
         state = ServiceState(tpm=tpm, mlog=log, tls=TlsIdentity.fresh(), pcr=pcr, policy_path=policy_path,
                              policy=active, db_digest=db_digest, controller_key=controller_key, rate_per_s=rate,
-                             data_dir=Path(data_dir),
+                             metrics=metrics, data_dir=Path(data_dir),
                              kernel_ima=KernelImaLog.if_present(kernel_ima_log) if kernel_ima_log else None)
         server = Server(state, host=host, port=port)     # bind first: a service that cannot listen records nothing
         with contextlib.closing(server.sock), \
@@ -84,8 +85,8 @@ def running_service(data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, p
             daemon = thread = None
             failure: list[BaseException] = []
             if enforce:
-                daemon = Daemon(policy_path, db_path, log, backend=backend, controller_key=controller_key, log=say,
-                                policy=active.policy, data_dir=Path(data_dir))
+                daemon = Daemon(policy_path, db_path, Tee([log, metrics]), backend=backend, controller_key=controller_key,
+                                log=say, policy=active.policy, data_dir=Path(data_dir))
 
                 def run() -> None:
                     try:

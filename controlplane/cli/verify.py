@@ -16,7 +16,7 @@ import click
 from controlplane.cli.output import emit
 from controlplane.cli.proof import print_proof
 from controlplane.core.atomic import write_atomic
-from controlplane.core.errors import FileError, VerifyError
+from controlplane.core.errors import CwliteError, FileError, VerifyError
 from controlplane.core.keys import load_signing_key
 from controlplane.core.paths import DEFAULT_DATA_DIR
 from controlplane.core.policy import load_policy, read_signature, signature_path
@@ -139,6 +139,9 @@ def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ..
               help="A Keylime runtime policy (JSON, Keylime 7.x) as a further trust source; implies --kernel-ima.")
 @click.option("--ima-exclude", "ima_excludes", multiple=True, metavar="REGEX",
               help="Kernel IMA paths not judged (matched at the start, as Keylime's excludes; repeatable).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535),
+              help="With --watch: serve Prometheus metrics (rounds by host and outcome) on this port (plain HTTP).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="With --metrics-port: the address.")
 @click.option("--via", "via", metavar="HOST", help="Attest the VM NAME through the enrolled HOST that booted it "
               "(`cwlite vm up`): host quote -> host log's record of the VM -> VM quote by that vTPM's AK -> VM log.")
 @click.option("--host-policy", type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -153,9 +156,9 @@ def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ..
 @click.option("--json", "as_json", is_flag=True, help="Print the proof(s) as JSON.")
 def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy_path: Path, db_path: Path,
            watch: bool, rounds: int | None, full: bool, proof_out: Path | None, push_policy: Path | None,
-           kernel_ima: bool, ima_policy: Path | None, ima_excludes: tuple[str, ...],
-           via: str | None, host_policy: Path | None, host_db: Path | None, vm_kernel: Path | None,
-           vm_initrd: Path | None, vm_cmdline: str | None, as_json: bool) -> None:
+           kernel_ima: bool, ima_policy: Path | None, ima_excludes: tuple[str, ...], metrics_port: int | None,
+           metrics_host: str, via: str | None, host_policy: Path | None, host_db: Path | None,
+           vm_kernel: Path | None, vm_initrd: Path | None, vm_cmdline: str | None, as_json: bool) -> None:
     """Attest enrolled HOSTS: fresh quote over TLS, key binding, log replay, every entry judged, signed proof.
 
     Exit status 0 when every host is trusted, 2 when one is untrusted, 1 when an
@@ -172,6 +175,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
       cwlite verify build1 --policy policy.toml --db trusted.db --json --proof-out build1.proof
       # continuous: each host at its enrolled interval, forever
       cwlite verify --watch --policy policy.toml --db trusted.db
+      # the same, with Prometheus metrics of the rounds on http://127.0.0.1:9464/metrics
+      cwlite verify --watch --metrics-port 9464 --policy policy.toml --db trusted.db
       # replace the host's policy (signed by the controller), then attest against it
       cwlite verify build1 --push-policy new.toml --policy policy.toml --db trusted.db
       # Keylime's job too: the kernel's IMA log against the DB and a Keylime runtime policy
@@ -182,6 +187,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
     """
     from controlplane.verifier import attest as v   # lazy: see the note at the top
 
+    if metrics_port is not None and not watch:
+        raise click.UsageError("--metrics-port goes with --watch")
     if proof_out is not None and len(hosts) != 1:
         raise click.UsageError("--proof-out needs exactly one HOST")
     if proof_out is not None and not proof_out.parent.is_dir():   # before the attestation, not after it
@@ -203,7 +210,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
         kernel = KernelImaOptions(kernel_ima, ima_policy, ima_excludes)
         with _reference(policy_file, db_path, extra, kernel) as ref:
             if watch:
-                _watch(store, ref, key, hosts, rounds, as_json)
+                _watch(store, ref, key, hosts, rounds, as_json,
+                       RoundMetrics.serve(metrics_host, metrics_port) if metrics_port else None)
                 return
             worst = 0
             for name in hosts or [h.name for h in store.hosts()]:
@@ -256,11 +264,37 @@ def _verify_via(hosts, via, data_dir, store_url, key, policy_path, db_path, host
         sys.exit(2)
 
 
-def _watch(store, ref, key, hosts, rounds, as_json) -> None:
+class RoundMetrics:
+    """Prometheus counters of `verify --watch`: rounds by host and outcome."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter   # only a watch with metrics pays
+
+        self.registry = CollectorRegistry()
+        self.rounds = Counter("cwlite_verifier_rounds", "Verification rounds by host and outcome (trusted, "
+                              "untrusted, refused)", ["host", "outcome"], registry=self.registry)
+
+    @classmethod
+    def serve(cls, host: str, port: int) -> "RoundMetrics":
+        """The metrics, served over HTTP at host:port/metrics from a daemon thread."""
+        from prometheus_client import start_http_server
+
+        m = cls()
+        try:
+            start_http_server(port, addr=host, registry=m.registry)
+        except OSError as exc:
+            raise FileError(f"{host}:{port}: --metrics-port: cannot listen: {exc.strerror}") from exc
+        return m
+
+    def count(self, host: str, outcome: str) -> None:
+        self.rounds.labels(host, outcome).inc()
+
+
+def _watch(store, ref, key, hosts, rounds, as_json, metrics: RoundMetrics | None = None) -> None:
     """Print each round as it ends; exit 2 if a host's last round was untrusted, 1 if one was refused."""
     last: dict[str, str] = {}
     try:
-        asyncio.run(_watch_rounds(store, ref, key, hosts, rounds, as_json, last))
+        asyncio.run(_watch_rounds(store, ref, key, hosts, rounds, as_json, last, metrics))
     except KeyboardInterrupt:
         click.echo("cwlite: watch interrupted", err=True)
     states = set(last.values())
@@ -271,14 +305,20 @@ def _watch(store, ref, key, hosts, rounds, as_json) -> None:
         sys.exit(worst)      # SystemExit: click's Exit would be swallowed in non-standalone mode
 
 
-async def _watch_rounds(store, ref, key, hosts, rounds, as_json, last: dict[str, str]) -> None:
+async def _watch_rounds(store, ref, key, hosts, rounds, as_json, last: dict[str, str],
+                        metrics: RoundMetrics | None = None) -> None:
     from controlplane.verifier import attest as v   # lazy: see the note at the top
 
     async for name, result in v.watch(store, ref, key, hosts=hosts or None, rounds=rounds):
         stamp = time.strftime("%H:%M:%S")
-        if isinstance(result, VerifyError):
-            state, line = f"refused:{result.reason}", f"REFUSED ({result.reason}): {result}"
+        if isinstance(result, CwliteError):      # VerifyError, or StoreError (reason "store")
+            reason = getattr(result, "reason", "store")
+            if metrics is not None:
+                metrics.count(name, "refused")
+            state, line = f"refused:{reason}", f"REFUSED ({reason}): {result}"
         else:
+            if metrics is not None:
+                metrics.count(name, str(result.verdict))
             state = result.verdict
             new = [e for e in result.document["entries"]]
             line = (f"{result.verdict.upper()} entries {result.log_start}..{result.log_end}"
@@ -289,7 +329,7 @@ async def _watch_rounds(store, ref, key, hosts, rounds, as_json, last: dict[str,
                 line += f"\n    kernel IMA entry {e['index']}: {e['reason']} {e['subject']} sha256:{e['digest']}"
         if as_json:
             click.echo(json.dumps({"host": name, "state": state, "at": stamp,
-                                   "proof": None if isinstance(result, VerifyError) else result.document}))
+                                   "proof": None if isinstance(result, CwliteError) else result.document}))
         elif state != last.get(name) or state != Verdict.TRUSTED:
             flag = "" if state == Verdict.TRUSTED else "  <-- FLAGGED"
             click.echo(f"{stamp} {name}: {line}{flag}")

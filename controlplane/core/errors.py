@@ -133,3 +133,11 @@ class VmError(CwliteError):
         super().__init__(message)
         self.reason = reason
         self.vm = vm
+class ConfigError(CwliteError):
+    """The CLI's configuration file (/etc/cwlite/cwlite.toml) is unreadable or names an unknown command or option;
+    `.source` and `.key` say where."""
+
+    def __init__(self, message: str, *, source: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.source = source
+        self.key = key

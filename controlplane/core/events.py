@@ -34,6 +34,10 @@ class EventKind(str, enum.Enum):
     ENGINE_ALIVE = "engine-alive"        # the engine answered a verifier's nonce: digest = alive_digest(nonce)
     VM_PART = "vm-part"                  # the host measured a Build VM's boot part: op = kernel|initrd|cmdline|policy
     VM_VTPM = "vm-vtpm"                  # the host vouches for a VM's vTPM: digest = core.vmrecord.VmRecord.digest()
+    PA_LISTENER = "pa-listener"          # Port Authority let a TP take a port: digest = its program's measurement
+    PA_REFUSED = "pa-refused"            # Port Authority refusals of one kind in one interval, with their count
+    SELINUX_LOAD = "selinux-load"        # the cwlite SELinux module was installed: digest = its module digest,
+                                         # op = module name, subject = the policy store it went into
 
 
 def alive_digest(nonce: bytes) -> bytes:
@@ -74,20 +78,67 @@ def transition_source(op: str) -> str:
     return op[len(TRANSITION_FROM):] if op.startswith(TRANSITION_FROM) else ""
 
 
-def parse_ima_name(digest: bytes, name: str) -> Event | None:
-    """The Event an ima-ng name encodes, or None for a name cwlite did not write (e.g. a kernel IMA file entry)."""
+_KINDS = {k.value: k for k in EventKind}     # EventKind(value) costs a microsecond: a verifier calls this per entry
+
+
+def ima_name_fields(name: str) -> tuple[EventKind, str, str, str] | None:
+    """(kind, label, op, subject) of an ima-ng name cwlite wrote, or None (e.g. a kernel IMA file entry).
+    The one parser of names; parse_ima_name wraps it in an Event."""
     if name == "boot_aggregate":
-        return Event(EventKind.BOOT_AGGREGATE, digest)
+        return EventKind.BOOT_AGGREGATE, "", "", ""
     parts = name.split(":", 4)
     if len(parts) != 5 or parts[0] != "cwlite":
         return None
-    try:
-        kind = EventKind(parts[1])
-    except ValueError:
+    kind = _KINDS.get(parts[1])
+    if kind is None:
         return None
-    label = "" if parts[2] == "-" else parts[2]
-    op = "" if parts[3] == "-" else parts[3]
-    return Event(kind, digest, label, op, parts[4])
+    return kind, ("" if parts[2] == "-" else parts[2]), ("" if parts[3] == "-" else parts[3]), parts[4]
+
+
+def parse_ima_name(digest: bytes, name: str) -> Event | None:
+    """The Event an ima-ng name encodes, or None for a name cwlite did not write (e.g. a kernel IMA file entry)."""
+    fields = ima_name_fields(name)
+    return None if fields is None else Event(fields[0], digest, *fields[1:])
+
+
+@dataclass(frozen=True)
+class PaSubject:
+    """What a Port Authority entry's subject says: `tcp/3632,rule=1,why=peer,action=denied,count=17`
+    (rule 1-based, 0 none; a listener's: `tcp/3632,rule=1,exe=/usr/bin/distccd`, exe last: a path).
+    No spaces: the log keeps a name's spaces as `_`."""
+
+    protocol: str
+    port: int
+    rule: int
+    why: str = ""
+    action: str = ""
+    count: int = 0
+    exe: str = ""
+
+    def text(self) -> str:
+        head = f"{self.protocol}/{self.port},rule={self.rule}"
+        if self.exe:
+            return f"{head},exe={self.exe}"
+        return f"{head},why={self.why},action={self.action},count={self.count}"
+
+
+def parse_pa_subject(subject: str) -> PaSubject | None:
+    """The PaSubject a pa-listener / pa-refused entry's subject encodes, or None if malformed."""
+    head, _, rest = subject.partition(",")
+    proto, _, port = head.partition("/")
+    fields: dict[str, str] = {}
+    while rest:
+        key, _, value = rest.partition("=")
+        if key == "exe":
+            fields["exe"] = value
+            break
+        value, _, rest = value.partition(",")
+        fields[key] = value
+    try:
+        return PaSubject(proto, int(port), int(fields["rule"]), fields.get("why", ""), fields.get("action", ""),
+                         int(fields.get("count", 0)), fields.get("exe", ""))
+    except (KeyError, ValueError):
+        return None
 
 
 class EventSink(Protocol):

@@ -64,8 +64,9 @@ def load_public_key(key: Ed25519PublicKey | str | Path) -> Ed25519PublicKey:
         if data.lstrip().startswith(b"-----BEGIN"):
             pub = serialization.load_pem_public_key(data)
         else:
-            raw = data.strip()
-            pub = Ed25519PublicKey.from_public_bytes(bytes.fromhex(raw.decode()) if len(raw) == 64 else raw)
+            # 32 raw bytes are taken as they are: a raw key may begin or end with a byte that looks like
+            # whitespace (1 key in ~20), so only the hex form is stripped.
+            pub = Ed25519PublicKey.from_public_bytes(data if len(data) == 32 else bytes.fromhex(data.strip().decode()))
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"{path}: not an Ed25519 public key ({exc})", path=str(path)) from exc
     if not isinstance(pub, Ed25519PublicKey):

@@ -24,10 +24,19 @@ Schema (every key is checked; unknown keys and wrong types are errors naming
     path = "/srv/build/out"
     writers = ["tp_build"]
 
+    [port_authority]
+    unlabelled = "unaffected"   # processes under no label: not mediated (the only choice today)
+
     [[port_authority.rules]]
     port = 3632
     protocol = "tcp"            # "tcp" | "udp"
     labels = ["tp_build"]       # TP labels trusted to receive untrusted input on this port
+    op = "listen"               # "listen" (default: bind, listen, accept and receive on local `port`)
+                                # | "connect" (connect or send to `port` of a peer, receive its replies)
+    peers = ["10.0.0.0/8"]      # remote networks that may reach it (default: any, IPv4 and IPv6)
+    address = "0.0.0.0"         # listen: the one local address it may bind (default: any)
+
+A TP label no rule names receives nothing from the network, not even replies.
 
 The canonical digest is SHA-256 over the policy's normalised form (defaults
 filled, canonical JSON): stable over key order, whitespace and comments.
@@ -43,6 +52,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import re
 import tomllib
@@ -86,6 +96,9 @@ ON_EXEC = tuple(m.value for m in OnExec)
 ANON_EXEC = tuple(m.value for m in AnonExec)
 DENY_ALLOW = ("deny", "allow")
 PROTOCOLS = ("tcp", "udp")
+PA_OPS = ("listen", "connect")
+UNLABELLED = ("unaffected",)
+ANY_PEERS = ("0.0.0.0/0", "::/0")
 MAX_TRUST_SETS = 64  # one bit each in the kernel's 64-bit mask
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")  # labels: they become SELinux types (cwlite_L_t)
 # Trust sets are only names in the policy and the DB (never an SELinux or ima-ng identifier), so `-` is allowed
@@ -125,16 +138,36 @@ class Cdi:
 
 @dataclass(frozen=True)
 class PortRule:
-    """Port Authority: untrusted input on this port may reach only these labels (enforced by portauthority)."""
+    """Port Authority: untrusted input on this port may reach only these labels (enforced by portauthority).
+
+    `op` "listen": the labels may bind `address` (empty: any) port `port`, listen, accept and receive
+    there from `peers`; "connect": they may connect/send to `port` of `peers` and receive the replies.
+    """
 
     port: int
     protocol: str
     labels: tuple[str, ...]
+    op: str = "listen"
+    peers: tuple[str, ...] = ANY_PEERS   # normalised CIDRs
+    address: str = ""                    # local address (listen), "" = any
+
+    def canonical(self) -> dict[str, Any]:
+        """The digested form: op, peers and address only when not at their defaults, so policies
+        written before they existed keep their digests (and signatures)."""
+        out: dict[str, Any] = {"port": self.port, "protocol": self.protocol, "labels": list(self.labels)}
+        if self.op != "listen":
+            out["op"] = self.op
+        if self.peers != ANY_PEERS:
+            out["peers"] = list(self.peers)
+        if self.address:
+            out["address"] = self.address
+        return out
 
 
 @dataclass(frozen=True)
 class PortAuthority:
     rules: tuple[PortRule, ...] = ()
+    unlabelled: str = "unaffected"
 
 
 @dataclass(frozen=True)
@@ -175,7 +208,7 @@ class Policy:
                 for n, lb in sorted(self.labels.items())
             },
             "cdis": [{"path": c.path, "writers": list(c.writers)} for c in self.cdis],
-            "port_authority": {"rules": [{"port": r.port, "protocol": r.protocol, "labels": list(r.labels)} for r in self.port_authority.rules]},
+            "port_authority": {"rules": [r.canonical() for r in self.port_authority.rules]},
             **({"serial": self.serial} if self.serial else {}),
             **({"expires": expires_text(self.expires)} if self.expires is not None else {}),
         }
@@ -196,6 +229,7 @@ def expires_text(when: dt.datetime) -> str:
 _HEADER = re.compile(r"^\s*(\[\[?)\s*(?P<key>[^\]]+?)\s*\]\]?\s*(#.*)?$")
 _KEYLINE = re.compile(r"^\s*(?P<key>(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
 _STRINGS = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'[^']*'")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _split_key(key: str) -> tuple[str, ...]:
@@ -245,6 +279,11 @@ def key_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
+def _key_part(part: str) -> str:
+    """A key as TOML writes it: bare when it can be, else quoted (a key holding a newline stays one line)."""
+    return part if _BARE_KEY.fullmatch(part) else json.dumps(part)
+
+
 class _Ctx:
     """Error construction: every message is `source:line: key: what`."""
 
@@ -260,7 +299,7 @@ class _Ctx:
         return None
 
     def fail(self, path: tuple, what: str) -> PolicyError:
-        key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
+        key = ".".join(_key_part(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
         line = self.line_of(path)
         where = f"{self.source}:{line}" if line else self.source
         return PolicyError(f"{where}: {key}: {what}", source=self.source, line=line, key=key)
@@ -392,20 +431,41 @@ def parse_policy(text: str, *, source: str) -> Policy:
         cdis.append(Cdi(p, writers))
 
     rules: list[PortRule] = []
-    pa = _table(ctx, top.get("port_authority", {}), ("port_authority",), {"rules": False})
+    pa = _table(ctx, top.get("port_authority", {}), ("port_authority",), {"rules": False, "unlabelled": False})
+    unlabelled = _get(ctx, pa, ("port_authority",), "unlabelled", str, "unaffected", UNLABELLED)
     for i, body in enumerate(_get(ctx, pa, ("port_authority",), "rules", list, [])):
         path = ("port_authority", "rules", i)
-        _table(ctx, body, path, {"port": True, "protocol": False, "labels": True})
+        _table(ctx, body, path, {"port": True, "protocol": False, "labels": True, "op": False, "peers": False,
+                                 "address": False})
         port = _get(ctx, body, path, "port", int)
         if not 1 <= port <= 65535:
             raise ctx.fail((*path, "port"), f"{port} is not a port (1..65535)")
         rule_labels = _strings(ctx, body, path, "labels")
         _known(ctx, (*path, "labels"), rule_labels, labels, "label")
-        rules.append(PortRule(port, _get(ctx, body, path, "protocol", str, "tcp", PROTOCOLS), rule_labels))
+        op = _get(ctx, body, path, "op", str, "listen", PA_OPS)
+        peers = ANY_PEERS
+        if "peers" in body:
+            nets = []
+            for text in _strings(ctx, body, path, "peers"):
+                try:
+                    nets.append(str(ipaddress.ip_network(text, strict=True)))
+                except ValueError as exc:
+                    raise ctx.fail((*path, "peers"), f"{text!r}: {exc}") from None
+            peers = tuple(nets)
+        address = _get(ctx, body, path, "address", str, "")
+        if address:
+            if op != "listen":
+                raise ctx.fail((*path, "address"), "a local address applies to op = \"listen\" only")
+            try:
+                address = str(ipaddress.ip_address(address))
+            except ValueError as exc:
+                raise ctx.fail((*path, "address"), str(exc)) from None
+        rules.append(PortRule(port, _get(ctx, body, path, "protocol", str, "tcp", PROTOCOLS), rule_labels,
+                              op, peers, address))
 
     return Policy(mode=mode, scope=scope, backend=backend, pcr=pcr, trust_set_names=sets, labels=labels,
-                  cdis=tuple(cdis), port_authority=PortAuthority(tuple(rules)), source=source, serial=serial,
-                  expires=expires)
+                  cdis=tuple(cdis), port_authority=PortAuthority(tuple(rules), unlabelled), source=source,
+                  serial=serial, expires=expires)
 
 
 # ---- signatures -----------------------------------------------------------------------

@@ -62,6 +62,20 @@ class Rendered:
         return h.hexdigest()
 
 
+def parse_ports(text: str, source: str = "cwlite.ports") -> tuple[tuple[str, int, str], ...]:
+    """The `protocol port type` lines of a `cwlite.ports` file (comments and blank lines skipped)."""
+    ports = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 3 or parts[0] not in ("tcp", "udp") or not parts[1].isdigit() or not re.fullmatch(r"\w+", parts[2]):
+            raise SelinuxError(f"{source}:{n}: expected `tcp|udp PORT TYPE`, got {line!r}", source=source, field=str(n))
+        ports.append((parts[0], int(parts[1]), parts[2]))
+    return tuple(ports)
+
+
 def domain_of(label: str) -> str:
     """The TP domain of a cwlite label."""
     return f"cwlite_{label}_t"

@@ -62,6 +62,17 @@ def choose_pcr(preferred: int = DEFAULT_PCR, fallback: int = FALLBACK_PCR, *, im
     raise LogError(f"{ima_log}: the kernel's IMA measures into PCR {preferred} and {fallback}; configure a free PCR")
 
 
+def log_pcr(path: Path) -> int | None:
+    """The PCR the log at `path` was created for (its `.state` file), or None for a log not made yet."""
+    state = Path(path).with_name(Path(path).name + ".state")
+    try:
+        return int(json.loads(state.read_text())["pcr"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LogError(f"{state}: no PCR recorded ({exc})") from exc
+
+
 class MeasurementLog:
     """An open measurement log bound to one PCR of one TPM (context manager; one writer per file).
 
@@ -78,6 +89,7 @@ class MeasurementLog:
         self.recovered = recovered      # entries found logged-but-not-extended and extended at open
         self.archived = archived        # the previous boot's log, renamed aside at open
         self.torn_bytes = 0             # bytes of a torn, never-extended last append cut off at open
+        self.extends = 0                # PCR extends made by this process (recovery at open included)
         self._fd = fd
         self._size = size                    # bytes of whole entries in the file (one writer: flock)
         self._committed = entries
@@ -146,6 +158,7 @@ class MeasurementLog:
             recovered = cls._recover(path, tpm, pcr, entries, current)
             log = cls(path, tpm, pcr, fd, entries, recovered, None, size=good_end)
             log.torn_bytes = torn_bytes
+            log.extends = recovered
             return log
         except BaseException:
             if log is not None:
@@ -261,6 +274,7 @@ class MeasurementLog:
                     for e in batch:
                         self.tpm.extend(self.pcr, e.pcr_digest)
                         done += 1
+                        self.extends += 1
                 except BaseException as exc:   # noqa: BLE001 - handed to the producers, who raise it
                     with self._cv:
                         del self._pending[:done]
@@ -274,6 +288,11 @@ class MeasurementLog:
                     self._cv.notify_all()
 
     # -- reading -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """How many entries are committed (the PCR holds them)."""
+        with self._cv:
+            return len(self._committed)
+
     def entries(self, start: int = 0) -> list[LogEntry]:
         """The committed entries from `start` (the PCR holds exactly these)."""
         with self._cv:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from controlplane.core.errors import SelinuxError
-from controlplane.core.selinux_render import FILES, MODULE, Rendered
+from controlplane.core.selinux_render import FILES, MODULE, Rendered, parse_ports
 
 DEVEL_MAKEFILE = Path("/usr/share/selinux/devel/Makefile")
 STORE_ROOT = Path("/var/lib/selinux")
@@ -34,6 +34,20 @@ def write_sources(rendered: Rendered, out: str | Path) -> list[Path]:
         p.write_text(rendered.files[name])
         paths.append(p)
     return paths
+
+
+def read_sources(src: str | Path) -> Rendered:
+    """The module sources as found in `src` (rendered earlier, or edited since: the digest says which)."""
+    src = Path(src)
+    files = {}
+    for name in FILES:
+        try:
+            files[name] = (src / name).read_text()
+        except FileNotFoundError:
+            raise SelinuxError(f"{src / name}: module source missing (run `cwlite selinux render`)", source=str(src / name)) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SelinuxError(f"{src / name}: unreadable module source ({exc})", source=str(src / name)) from exc
+    return Rendered(files=files, policy_digest="", ports=parse_ports(files["cwlite.ports"], str(src / "cwlite.ports")))
 
 
 def _run(argv: list[str], what: str, *, cwd: Path | None = None, tool: str = "") -> str:
@@ -92,16 +106,51 @@ def _in_store(root: Path, commands: list[list[str]], what: str) -> None:
     _run(["unshare", "-m", "sh", "-c", script], what, tool=" && ".join(c[0] if c[0] != "sh" else "semanage" for c in commands))
 
 
-def link(root: str | Path, pp: str | Path, rendered: Rendered, *, extra: Sequence[str | Path] = (), store: str = "default") -> Path:
-    """Install `pp` (and `extra` modules) into the scratch store at `root`, label its ports; the new binary policy."""
-    root = Path(root)
-    cmds = [["semodule", "-N", "-s", store, "-i", str(pp), *map(str, extra)]]
-    for proto, port, type_ in rendered.ports:
+def _install_commands(pp: Path, ports: Sequence[tuple[str, int, str]], *, store: str, extra: Sequence[str | Path] = (),
+                      reload: bool = False) -> list[list[str]]:
+    """`semodule -i` (`-N`: no policy reload) and one `semanage port` per port label of the module."""
+    no_reload = [] if reload else ["-N"]
+    cmds = [["semodule", *no_reload, "-s", store, "-i", str(pp), *map(str, extra)]]
+    for proto, port, type_ in ports:
         # -a when the base policy does not label the port yet, else -m (a local label takes precedence)
-        cmds.append(["sh", "-c", f"semanage port -N -S {store} -a -t {type_} -p {proto} {port} 2>/dev/null || "
-                                 f"semanage port -N -S {store} -m -t {type_} -p {proto} {port}"])
-    _in_store(root, cmds, str(pp))
+        n = " ".join(no_reload)
+        cmds.append(["sh", "-c", f"semanage port {n} -S {store} -a -t {type_} -p {proto} {port} 2>/dev/null || "
+                                 f"semanage port {n} -S {store} -m -t {type_} -p {proto} {port}"])
+    return cmds
+
+
+def _binary_policy(root: Path, store: str) -> Path:
     policies = sorted((root / "etc/selinux" / store / "policy").glob("policy.*"))
     if not policies:
         raise SelinuxError(f"{root}: semodule wrote no binary policy", source=str(root))
     return policies[-1]
+
+
+def link(root: str | Path, pp: str | Path, rendered: Rendered, *, extra: Sequence[str | Path] = (), store: str = "default") -> Path:
+    """Install `pp` (and `extra` modules) into the scratch store at `root`, label its ports; the new binary policy."""
+    root = Path(root)
+    _in_store(root, _install_commands(Path(pp), rendered.ports, store=store, extra=extra), str(pp))
+    return _binary_policy(root, store)
+
+
+def store_dir(root: str | Path | None, store: str = "default") -> Path:
+    """The policy store directory `install` writes: the running one, or the scratch one under `root`."""
+    return STORE_ROOT / store if root is None else Path(root) / "var/lib/selinux" / store
+
+
+def install(pp: str | Path, rendered: Rendered, *, root: str | Path | None = None, store: str = "default",
+            reload: bool = True) -> Path:
+    """Install `pp` and its port labels into the running store (`root` None) or the scratch store at `root`
+    (never reloaded: it is not the kernel's); returns the store directory it went into.
+
+    `reload=False` is `semodule -N`: the running store changes, the kernel's policy at the next load."""
+    pp = Path(pp)
+    if root is None:
+        for c in _install_commands(pp, rendered.ports, store=store, reload=reload):
+            _run(c, str(pp), tool="semanage" if c[0] == "sh" else c[0])
+        return store_dir(None, store)
+    root = Path(root)
+    if not (store_dir(root, store) / "active").is_dir():
+        scratch_store(root, store=store)
+    _in_store(root, _install_commands(pp, rendered.ports, store=store), str(pp))
+    return store_dir(root, store)

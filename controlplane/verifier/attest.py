@@ -22,7 +22,7 @@ import asyncio
 import base64
 import os
 from dataclasses import asdict, dataclass
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Iterable, Sequence
 
 import httpx
 
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controlplane.core.errors import StoreError, VerifyError
 from controlplane.core.proof import digest as proof_digest
-from controlplane.core.imalog import ZERO_PCR, boot_aggregate, replay_to
+from controlplane.core.imalog import ZERO_PCR, LogEntry, boot_aggregate, replay_to
 from controlplane.core.wire import API_VERSION
 from controlplane.verifier.kernel_ima import KernelImaReference
 from controlplane.verifier import proofs
@@ -39,6 +39,8 @@ from controlplane.verifier.client import pool as client_pool
 from controlplane.verifier.evidence import BOOT_PCRS, CheckedQuote, log_steps, quote_steps
 from controlplane.verifier.judge import EntryVerdict, Facts, Judge, Reference, Verdict
 from controlplane.verifier.store import Host, Store
+
+DEFAULT_INTERVAL_S = 30.0      # a host's interval until its row could be read (Host.interval_s's default)
 
 
 # replay ----------------------------------------------------------------------------
@@ -52,7 +54,7 @@ class Replayed:
 
     start: int
     start_value: bytes
-    covered: list
+    covered: Sequence[LogEntry]
     facts: Facts
     incremental: bool
     rebooted: bool = False
@@ -259,6 +261,7 @@ def _round(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store |
     doc = proofs.document(host, ref, nonce, evidence, log_start=replayed.start, log_end=replayed.end,
                           pcr_start=replayed.start_value, verdicts=verdicts, verdict=verdict, reasons=reasons,
                           previously_untrusted=host.facts.get("untrusted", 0) if replayed.incremental else 0,
+                          listeners=facts.listeners,
                           kernel=None if kernel is None else proofs.kernel_section(
                               kref.pcr, kernel.start, kernel.end, kernel.start_value, kernel.pcr_value, kernel_verdicts))
     data, checked = proofs.sign(doc, key)
@@ -274,29 +277,34 @@ def _round(host: Host, ref: Reference, key: Ed25519PrivateKey, *, store: Store |
 
 
 async def watch(store: Store, ref: Reference, key, *, hosts: Iterable[str] | None = None,
-                rounds: int | None = None) -> AsyncIterator[tuple[str, Attestation | VerifyError]]:
+                rounds: int | None = None) -> AsyncIterator[tuple[str, Attestation | VerifyError | StoreError]]:
     """Re-attest every host at its own interval, all at once over one connection pool; yield
-    (host, Attestation or VerifyError) as each round ends.
+    (host, Attestation, VerifyError or StoreError) as each round ends.
 
     Each host has its own task (a slow or unreachable host delays nobody else). Runs forever unless
     `rounds` (total rounds over all hosts) is given. The caller decides what to do with an untrusted
-    host (the CLI flags it on the spot and exits non-zero).
+    host (the CLI flags it on the spot and exits non-zero). A store that fails (its database
+    restarting) fails that round only: nothing of it was stored, so the next round replays from the
+    last verified state and judges the same entries again.
     """
     names = list(hosts) if hosts else [h.name for h in store.hosts()]
     if not names:
         raise VerifyError(f"{store.where()}: no hosts enrolled", reason="no-hosts")
-    results: asyncio.Queue[tuple[str, Attestation | VerifyError]] = asyncio.Queue()
+    results: asyncio.Queue[tuple[str, Attestation | VerifyError | StoreError]] = asyncio.Queue()
 
     async def one_host(client: httpx.AsyncClient, name: str) -> None:
+        interval = DEFAULT_INTERVAL_S
         while True:
-            host = store.host(name)
             started = asyncio.get_running_loop().time()
             try:
-                result: Attestation | VerifyError = await attest_async(client, host, ref, key, store=store)
-            except VerifyError as exc:
+                host = store.host(name)
+                interval, started = host.interval_s, asyncio.get_running_loop().time()   # the round starts here
+                result: Attestation | VerifyError | StoreError = await attest_async(client, host, ref, key,
+                                                                                   store=store)
+            except (VerifyError, StoreError) as exc:
                 result = exc
             await results.put((name, result))
-            await asyncio.sleep(max(0.0, started + host.interval_s - asyncio.get_running_loop().time()))
+            await asyncio.sleep(max(0.0, started + interval - asyncio.get_running_loop().time()))
 
     async with client_pool() as client:
         tasks = [asyncio.create_task(one_host(client, name), name=f"watch-{name}") for name in names]

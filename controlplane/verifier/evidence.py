@@ -8,11 +8,11 @@ from an offset, page by page, parsed by the one ima-ng parser.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from controlplane.core.errors import CwliteError, LogError, VerifyError
-from controlplane.core.imalog import BOOT_AGGREGATE_PCRS, parse_ascii
+from controlplane.core.imalog import BOOT_AGGREGATE_PCRS, LogEntries, LogEntry, parse_ascii
 from controlplane.core.quote import Quote, verify_quote
 from controlplane.core.wire import API_VERSION, MAX_LOG_PAGE, quote_qualifying_data
 from controlplane.verifier.client import Channel, Request, Steps, drive
@@ -65,31 +65,29 @@ def quote_steps(host: Host, nonce: bytes, extra_pcrs: tuple[int, ...] = ()) -> S
     return CheckedQuote(quote, info, peer, value)
 
 
-def parse_page(text: str, start: int, source: str = "log") -> list:
+def parse_page(text: str, start: int, source: str = "log") -> Sequence[LogEntry]:
     """Entries of one /v1/log page, with their absolute indices (one format, one parser)."""
     try:
-        entries = parse_ascii(text, source=source)
+        return parse_ascii(text, source=source, start_index=start)
     except LogError as exc:
-        raise VerifyError(f"{exc} (entry {start + (exc.entry or 0)} of the host's log)", reason="log") from exc
-    if start and entries and entries[0].index != start:
-        entries = [replace(e, index=start + i) for i, e in enumerate(entries)]
-    return entries
+        raise VerifyError(str(exc), reason="log") from exc   # names the entry by its index in the host's log
 
 
-def fetch_log(ch: Channel, start: int) -> list:
-    """All entries from `start`, page by page."""
+def fetch_log(ch: Channel, start: int) -> Sequence[LogEntry]:
+    """All entries from `start`, page by page (consecutive pages stay one imalog.LogEntries)."""
     return drive(ch, log_steps(start))
 
 
-def log_steps(start: int, path: str = f"/{API_VERSION}/log") -> Steps[list]:
+def log_steps(start: int, path: str = f"/{API_VERSION}/log") -> Steps[Sequence[LogEntry]]:
     """`fetch_log` as steps: every entry of the log served at `path` from `start`, page by page."""
-    out: list = []
+    out: Sequence[LogEntry] = LogEntries([], start)
     while True:
         page, _peer = yield Request("GET", path, params={"from": start + len(out), "limit": MAX_LOG_PAGE})
         try:
             text, first, count, total = str(page["ascii"]), int(page["start"]), int(page["count"]), int(page["total"])
         except (KeyError, TypeError, ValueError) as exc:
             raise VerifyError(f"{path}: page malformed ({exc})", reason="protocol") from exc
-        out.extend(parse_page(text, first, path))
+        entries = parse_page(text, first, path)
+        out = out + entries if isinstance(out, LogEntries) else [*out, *entries]
         if count == 0 or first + count >= total:
             return out

@@ -8,12 +8,24 @@ whole-log reasons. Pure: no transport, no TPM, no storage.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
-from controlplane.core.events import Event, EventKind, alive_digest, parse_ima_name, transition_source
+from controlplane.core.errors import CwliteError
+from controlplane.core.events import Event, EventKind, alive_digest, ima_name_fields, parse_pa_subject, transition_source
 from controlplane.core.policy import expires_text
+from controlplane.core.selinux_render import render
+
+# Port Authority ops a TP makes itself (refused: the TP tried to step outside its rules) vs what
+# the network sends it (refused: the filter did its job; anyone outside can make these).
+PA_TP_OPS = frozenset({"bind", "listen", "accept", "connect", "send"})
+
+# Kinds whose verdict depends only on the entry's (name, digest) and the Reference: judged once per
+# distinct pair (a log repeats them), the rest (facts, order, nonce) entry by entry.
+_STATELESS = frozenset({EventKind.TRUSTED_LOAD, EventKind.LABEL_TRANSITION, EventKind.VIOLATION,
+                        EventKind.LOST_EVENTS})
+_new = tuple.__new__
 
 
 class Verdict(StrEnum):
@@ -22,6 +34,9 @@ class Verdict(StrEnum):
     TRUSTED = "trusted"
     UNTRUSTED = "untrusted"
     INFO = "info"
+
+
+_VERDICTS = {v.value: v for v in Verdict}
 
 
 @dataclass(frozen=True)
@@ -49,10 +64,19 @@ class Reference:
     def db_digest(self) -> bytes:
         return self.db.digest()
 
+    @functools.cached_property
+    def selinux_module_digest(self) -> bytes | None:
+        """The SELinux module rendered from the verifier's policy (None when the policy renders none):
+        a loaded module must be byte for byte this one, so a hand-edited module is caught."""
+        try:
+            return bytes.fromhex(render(self.policy).digest())
+        except CwliteError:
+            return None
 
-@dataclass(frozen=True)
-class EntryVerdict:
-    """The verdict on one log entry. `reason` is a stable word; entries judged TRUSTED are not listed in proofs."""
+
+class EntryVerdict(NamedTuple):
+    """The verdict on one log entry. `reason` is a stable word; entries judged TRUSTED are not listed in proofs.
+    A tuple: a 100,000-entry round makes 100,000 of them."""
 
     index: int
     verdict: Verdict
@@ -65,7 +89,7 @@ class EntryVerdict:
 
     def as_dict(self) -> dict[str, Any]:
         """The entry as a proof lists it (plain JSON values)."""
-        return {**asdict(self), "verdict": self.verdict.value}
+        return {**self._asdict(), "verdict": self.verdict.value}
 
 
 @dataclass
@@ -83,6 +107,7 @@ class Facts:
     ima_offset: int = 0         # the kernel's IMA log: entries verified so far,
     ima_pcr_value: str = ""     # its PCR's value after them (hex),
     ima_untrusted: int = 0      # and its unknown or violation entries (sticky until a reboot, as `untrusted`)
+    listeners: list[str] = field(default_factory=list)  # Port Authority listeners: "label proto/port sha256"
 
 
 class Judge:
@@ -100,6 +125,7 @@ class Judge:
         self.nonce = nonce
         self.alive = False      # the engine-alive entry for `nonce` was seen
         self._trusted_sets: dict[str, frozenset[bytes]] = {}
+        self._rows: dict[tuple[str, bytes], tuple] = {}    # (name, digest) -> verdict row, stateless kinds
         self._labels = ref.policy.labels
 
     def _trusted(self, digest: bytes, trust_set: str) -> bool:
@@ -110,23 +136,39 @@ class Judge:
         return digest in trusted
 
     def judge(self, entry: Any) -> EntryVerdict:
-        ev = parse_ima_name(entry.digest, entry.name)
-        if ev is None:
-            return self._v(entry, Verdict.UNTRUSTED, "unknown-entry", "", "", "", entry.name)
-        kind, f = ev.kind, self.facts
+        row = self._rows.get((entry.name, entry.digest))
+        if row is None:
+            row = self._judge(entry)
+        verdict, reason = _VERDICTS[row[0]], row[1]
+        if self.pcr is not None and entry.pcr != self.pcr:
+            verdict, reason = Verdict.UNTRUSTED, "wrong-pcr"
+        if verdict is Verdict.UNTRUSTED:
+            self.facts.untrusted += 1
+        return _new(EntryVerdict, (entry.index, verdict, reason, row[2], row[3], row[4], row[5], row[6]))
+
+    def _judge(self, entry: Any) -> tuple:
+        """(verdict, reason, kind, label, op, subject, digest) of an entry, the PCR aside, all str (a tuple of
+        str is one the garbage collector stops tracking); kept for reuse when its kind is stateless."""
+        parsed = ima_name_fields(entry.name)
+        if parsed is None:
+            row = self._rows[entry.name, entry.digest] = ("untrusted", "unknown-entry", "", "", "", entry.name,
+                                                         entry.digest.hex())
+            return row
+        kind, label_name, op, subject = parsed
+        digest, f = entry.digest, self.facts
         verdict, reason = Verdict.TRUSTED, ""
         if kind is EventKind.TRUSTED_LOAD:         # most entries: first, and without detours
-            label = self._labels.get(ev.label)
+            label = self._labels.get(label_name)
             if label is None:
                 verdict, reason = Verdict.UNTRUSTED, "unknown-label"
-            elif not self._trusted(ev.digest, label.trust_set):
+            elif not self._trusted(digest, label.trust_set):
                 verdict, reason = Verdict.UNTRUSTED, "not-in-db"
         elif kind is EventKind.BOOT_AGGREGATE:
             if entry.index != 0:
                 verdict, reason = Verdict.UNTRUSTED, "boot-aggregate-position"
-            elif self.boot_aggregate is not None and ev.digest != self.boot_aggregate:
+            elif self.boot_aggregate is not None and digest != self.boot_aggregate:
                 verdict, reason = Verdict.UNTRUSTED, "boot-aggregate"     # the log was not started on this boot's PCRs
-            f.boot_aggregate = ev.digest.hex()
+            f.boot_aggregate = digest.hex()
         elif kind is EventKind.DAEMON_START:
             f.daemon_starts += 1
             f.daemon_running = True
@@ -136,54 +178,90 @@ class Judge:
             f.daemon_running = False
             verdict, reason = Verdict.UNTRUSTED, "enforcement-stopped"
         elif kind is EventKind.POLICY_LOAD:
-            f.policy = ev.digest.hex()
-            if not self.ref.accepts(ev.digest):
+            f.policy = digest.hex()
+            if not self.ref.accepts(digest):
                 verdict, reason = Verdict.UNTRUSTED, "policy"
         elif kind is EventKind.DB_LOAD:
-            f.db = ev.digest.hex()
-            if ev.digest != self.ref.db_digest:
+            f.db = digest.hex()
+            if digest != self.ref.db_digest:
                 verdict, reason = Verdict.UNTRUSTED, "db"
         elif kind is EventKind.TLS_KEY:
-            f.tls_keys = (f.tls_keys + [ev.digest.hex()])[-8:]
+            f.tls_keys = (f.tls_keys + [digest.hex()])[-8:]
             verdict = Verdict.INFO
         elif kind is EventKind.LABEL_TRANSITION:
-            verdict, reason = self._transition(ev)
+            verdict, reason = self._transition(label_name, op, subject)
         elif kind is EventKind.VIOLATION:
             verdict, reason = Verdict.UNTRUSTED, "violation"
         elif kind is EventKind.LOST_EVENTS:
             verdict, reason = Verdict.UNTRUSTED, "lost-events"
         elif kind in (EventKind.VM_PART, EventKind.VM_VTPM):
             verdict = Verdict.INFO      # the host vouching for a VM: judged by verifier.chain for that VM
+        elif kind is EventKind.PA_LISTENER:
+            verdict, reason = self._listener(Event(kind, digest, label_name, op, subject))
+        elif kind is EventKind.PA_REFUSED:
+            verdict, reason = self._refused(Event(kind, digest, label_name, op, subject))
+        elif kind is EventKind.SELINUX_LOAD:
+            if digest != self.ref.selinux_module_digest:
+                verdict, reason = Verdict.UNTRUSTED, "selinux-module"
         elif kind is EventKind.ENGINE_ALIVE:
             verdict = Verdict.INFO
-            if self.nonce is not None and ev.digest == alive_digest(self.nonce):
+            if self.nonce is not None and digest == alive_digest(self.nonce):
                 self.alive = True
-        if self.pcr is not None and entry.pcr != self.pcr:
-            verdict, reason = Verdict.UNTRUSTED, "wrong-pcr"
-        if verdict is Verdict.UNTRUSTED:
-            f.untrusted += 1
-        return self._v(entry, verdict, reason, kind.value, ev.label, ev.op, ev.subject)
+        row = (verdict.value, reason, kind.value, label_name, op, subject, digest.hex())
+        if kind in _STATELESS:
+            self._rows[entry.name, entry.digest] = row
+        return row
 
-    def _transition(self, ev: Event) -> tuple[Verdict, str]:
+    def _transition(self, label_name: str, op: str, subject: str) -> tuple[Verdict, str]:
         """A label-transition entry: into a known label through its entrypoint, from no label or
         along a transition the label left declares; or a drop, which only an on_exec="drop" label makes."""
-        label = self._labels.get(ev.label)
+        label = self._labels.get(label_name)
         if label is None:
             return Verdict.UNTRUSTED, "unknown-label"
-        if ev.op == "drop":
+        if op == "drop":
             return (Verdict.TRUSTED, "") if label.on_exec == "drop" else (Verdict.UNTRUSTED, "drop")
-        source = transition_source(ev.op)
-        if source and ev.label not in getattr(self._labels.get(source), "transitions", ()):
+        source = transition_source(op)
+        if source and label_name not in getattr(self._labels.get(source), "transitions", ()):
             return Verdict.UNTRUSTED, "undeclared-transition"
-        if not source and ev.op != "exec":
+        if not source and op != "exec":
             return Verdict.UNTRUSTED, "unknown-entry"
-        if label.entrypoints and ev.subject not in label.entrypoints:
+        if label.entrypoints and subject not in label.entrypoints:
             return Verdict.UNTRUSTED, "entrypoint"
         return Verdict.TRUSTED, ""
 
-    @staticmethod
-    def _v(entry: Any, verdict: Verdict, reason: str, kind: str, label: str, op: str, subject: str) -> EntryVerdict:
-        return EntryVerdict(entry.index, verdict, reason, kind, label, op, subject, entry.digest.hex())
+    def _opens(self, label: str, protocol: str, port: int) -> bool:
+        """Does a listen rule of the verifier's policy let `label` take `protocol`/`port`?"""
+        return any(r.op == "listen" and r.protocol == protocol and r.port == port and label in r.labels
+                   for r in self.ref.policy.port_authority.rules)
+
+    def _listener(self, ev: Event) -> tuple[Verdict, str]:
+        """A TP took a port: a listen rule of the verifier's policy must allow it, and the program that
+        took it must be trusted for the label (its digest is that program's measurement)."""
+        s = parse_pa_subject(ev.subject)
+        label = self._labels.get(ev.label)
+        if s is None:
+            return Verdict.UNTRUSTED, "unknown-entry"
+        self.facts.listeners = (self.facts.listeners + [f"{ev.label} {s.protocol}/{s.port} {ev.digest.hex()}"])[-64:]
+        if label is None:
+            return Verdict.UNTRUSTED, "unknown-label"
+        if not self._opens(ev.label, s.protocol, s.port):
+            return Verdict.UNTRUSTED, "pa-listener-outside-rules"
+        if not self._trusted(ev.digest, label.trust_set):
+            return Verdict.UNTRUSTED, "not-in-db"
+        return Verdict.TRUSTED, ""
+
+    def _refused(self, ev: Event) -> tuple[Verdict, str]:
+        """Counts of what Port Authority refused (or, in audit mode, let through) in one interval.
+        Let through: a TP listened or received outside its rules. Refused: what a TP tried itself is a
+        violation, as PRIMA's denied execs are; what the network sent is what the filter is for (INFO)."""
+        s = parse_pa_subject(ev.subject)
+        if s is None:
+            return Verdict.UNTRUSTED, "unknown-entry"
+        if s.action != "denied":
+            return Verdict.UNTRUSTED, f"pa-{ev.op}-outside-rules"
+        if ev.label and ev.op in PA_TP_OPS:
+            return Verdict.UNTRUSTED, f"pa-{ev.op}-refused"
+        return Verdict.INFO, ""
 
     def overall(self, peer_spki: bytes | None) -> list[str]:
         """Whole-log conditions, as reasons (empty = none failed)."""

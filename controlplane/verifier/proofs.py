@@ -44,8 +44,9 @@ def quote_info(info: Any) -> dict:
 
 def document(host: Host, ref: Reference, nonce: bytes, evidence: CheckedQuote, *, log_start: int, log_end: int,
              pcr_start: bytes, verdicts: Sequence[EntryVerdict], verdict: Verdict, reasons: Sequence[str],
-             previously_untrusted: int, kernel: dict | None = None) -> dict:
-    """The proof document (unsigned): who, the quote, the log range replayed, the references, the verdicts."""
+             previously_untrusted: int, listeners: Sequence[str] = (), kernel: dict | None = None) -> dict:
+    """The proof document (unsigned): who, the quote, the log range replayed, the references, the verdicts,
+    and the Port Authority listeners the host's log holds ("label proto/port program-sha256", from boot)."""
     return {
         "host": {"name": host.name, "url": host.url,
                  "ek_sha256": hashlib.sha256(host.ek_public).hexdigest(),
@@ -62,6 +63,7 @@ def document(host: Host, ref: Reference, nonce: bytes, evidence: CheckedQuote, *
         "entries": listed(verdicts),
         "trusted_entries": sum(1 for v in verdicts if v.verdict is not Verdict.UNTRUSTED),
         "previously_untrusted": previously_untrusted,
+        "listeners": list(listeners),
         "verdict": verdict.value, "reasons": list(reasons),
         **({"kernel_ima": kernel} if kernel is not None else {}),
     }

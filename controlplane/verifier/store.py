@@ -7,9 +7,11 @@ state ahead of the proof that justified it.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from sqlalchemy import (
     JSON,
@@ -145,7 +147,8 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         try:
-            self._engine = create_engine(url, future=True)
+            # pre-ping: a pooled connection a restarted server dropped is replaced, not handed out dead
+            self._engine = create_engine(url, future=True, pool_pre_ping=True)
             if self._engine.dialect.name == "sqlite":
                 event.listen(self._engine, "connect", _sqlite_pragmas)
             _Base.metadata.create_all(self._engine)
@@ -168,10 +171,19 @@ class Store:
     def _session(self) -> Session:
         return Session(self._engine, expire_on_commit=False)
 
+    @contextlib.contextmanager
+    def _db(self, what: str) -> Iterator[None]:
+        """A database failure (server down or restarting, disk full) as one StoreError line: nothing of
+        the transaction was applied, and the caller may try again."""
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{self.where()}: {what}: {_one_line(exc)}") from exc
+
     # hosts ---------------------------------------------------------------
     def enrol(self, host: Host) -> Host:
         """Pin a host's EK and AK. Re-enrolling a name with a different EK is refused (a new machine)."""
-        with self._session() as s, s.begin():
+        with self._db(f"enrol {host.name!r}"), self._session() as s, s.begin():
             row = s.scalars(select(HostRow).where(HostRow.name == host.name)).one_or_none()
             if row is not None and row.ek_public != host.ek_public:
                 raise StoreError(f"{self.where()}: host {host.name!r}: already enrolled with a different EK "
@@ -189,18 +201,18 @@ class Store:
             return _host(row)
 
     def host(self, name: str) -> Host:
-        with self._session() as s:
+        with self._db(f"read host {name!r}"), self._session() as s:
             row = s.scalars(select(HostRow).where(HostRow.name == name)).one_or_none()
             if row is None:
                 raise StoreError(f"{self.where()}: host {name!r} is not enrolled (enrol it: cwlite enrol URL {name})")
             return _host(row)
 
     def hosts(self) -> list[Host]:
-        with self._session() as s:
+        with self._db("list hosts"), self._session() as s:
             return [_host(r) for r in s.scalars(select(HostRow).order_by(HostRow.name))]
 
     def remove(self, name: str) -> None:
-        with self._session() as s, s.begin():
+        with self._db(f"remove {name!r}"), self._session() as s, s.begin():
             row = s.scalars(select(HostRow).where(HostRow.name == name)).one_or_none()
             if row is None:
                 raise StoreError(f"{self.where()}: host {name!r} is not enrolled")
@@ -215,7 +227,7 @@ class Store:
         `state` holds the Host fields to update (pcr_value, log_offset, boot_aggregate, daemon_starts);
         it is applied only together with the verdict that justified it.
         """
-        with self._session() as s, s.begin():
+        with self._db(f"record a verdict for {name!r}"), self._session() as s, s.begin():
             row = s.scalars(select(HostRow).where(HostRow.name == name).with_for_update()).one_or_none()
             if row is None:
                 raise StoreError(f"{self.where()}: host {name!r} is not enrolled")
@@ -247,21 +259,21 @@ class Store:
 
     def policy_serial(self, name: str) -> int:
         """The highest policy serial a stored proof for host `name` was made against (0: none)."""
-        with self._session() as s:
+        with self._db(f"read the policy floor of {name!r}"), self._session() as s:
             serial = s.execute(select(PolicySerialRow.serial).join(HostRow, HostRow.id == PolicySerialRow.host_id)
                                .where(HostRow.name == name)).scalar_one_or_none()
             return serial or 0
 
     def verdicts(self, name: str, *, limit: int = 20) -> list[Verdict]:
         """The host's latest verdicts, newest first."""
-        with self._session() as s:
+        with self._db(f"read verdicts of {name!r}"), self._session() as s:
             rows = s.execute(select(VerdictRow).join(HostRow).where(HostRow.name == name)
                              .order_by(VerdictRow.id.desc()).limit(limit)).scalars()
             return [_verdict(name, r) for r in rows]
 
     def proof(self, proof_id: int) -> str:
         """The signed proof document (canonical JSON) stored under `proof_id`."""
-        with self._session() as s:
+        with self._db(f"read proof #{proof_id}"), self._session() as s:
             row = s.get(ProofRow, proof_id)
             if row is None:
                 raise StoreError(f"{self.where()}: no proof #{proof_id}")

@@ -12,7 +12,9 @@ import os
 import shutil
 import statistics
 import subprocess
+import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -23,12 +25,13 @@ from prima.measuredb import MeasureDB
 from prima.sources import build
 from tests.conftest import requires
 from tests.bypass.lab import c_project, shared_libs
-from tests.prima_fixtures import labelled_processes, measure_files, program_stats
+from tests.prima_fixtures import detached, labelled_processes, measure_files, program_stats, wait_disarmed
 
 pytestmark = [pytest.mark.bench, requires(root=True), requires(tool="gcc")]
 
 EXECS = 20_000
 ROUNDS = 40
+SYSCALL_ROUNDS = 20
 LEAK_PROCESSES = 100_000
 
 DRIVER_C = r"""
@@ -70,14 +73,15 @@ SYSCALLS_C = r"""
 #include <time.h>
 #include <unistd.h>
 #include <sys/syscall.h>
-/* syscalls N: N getppid() calls; print mean ns per call (the tax any attached syscall tracepoint puts on every syscall). */
+/* syscalls N: N getppid() calls; print mean CPU ns per call (this process's user + system time: the tax any
+ * attached syscall tracepoint puts on every syscall, without the time other processes hold the CPU). */
 int main(int argc, char **argv)
 {
 	long n = atol(argv[1]);
 	struct timespec a, b;
-	clock_gettime(CLOCK_MONOTONIC, &a);
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &a);
 	for (long i = 0; i < n; i++) syscall(SYS_getppid);
-	clock_gettime(CLOCK_MONOTONIC, &b);
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &b);
 	printf("%.2f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n);
 	return 0;
 }
@@ -135,13 +139,16 @@ def bench_dir(tmp_path_factory) -> Path:
     shutil.copy2(d / "driver", d / "driver-ep")  # the label's entrypoint: same code, its own inode
     (d / "mmaps.c").write_text(MMAPS_C)
     subprocess.run(["gcc", "-O2", "-o", str(d / "mmaps"), str(d / "mmaps.c")], check=True)
+    (d / "sleeper.c").write_text("#include <unistd.h>\nint main(void) { char c; return read(0, &c, 1) < 0; }\n")
+    subprocess.run(["gcc", "-O2", "-o", str(d / "sleeper"), str(d / "sleeper.c")], check=True)
     return d
 
 
 def _engine(d: Path, extra: list[str] | None = None) -> Engine:
     policy = parse_policy(f'mode = "enforce"\ntrust_sets = ["bench"]\n[labels.tp_bench]\nentrypoints = ["{d / "driver-ep"}"]\n'
                           f'trust_set = "bench"\n', source="bench.toml")
-    files = {str(d / "driver"), str(d / "driver-ep"), str(d / "tiny"), *shared_libs(str(d / "tiny")), *shared_libs(str(d / "driver")),
+    files = {str(d / "driver"), str(d / "driver-ep"), str(d / "tiny"), str(d / "sleeper"), *shared_libs(str(d / "tiny")),
+             *shared_libs(str(d / "driver")),
              *(extra or [])}
     return Engine(policy, measure_files(sorted(files), 1))
 
@@ -156,57 +163,65 @@ RAW_SYSCALL_PROGRAMS = ("sys_enter",)  # exec.bpf.c's raw syscall tracepoint (is
 
 
 @contextlib.contextmanager
-def _detached(engine: Engine, only: tuple[str, ...] = ()):
-    """Detach the engine's programs (or only the raw tracepoints named in `only`) for a baseline
-    round, keeping them loaded (no recompile between rounds).
-
-    Benchmark only: this is an unenforced window, which the engine itself never opens.
-    """
-    bpf = engine.bpf
-    names = [n.decode() if isinstance(n, bytes) else n for n in bpf.funcs]
-    raw = [n[len("raw_tracepoint__"):] for n in names if n.startswith("raw_tracepoint__")]
-    tps = [n[len("tracepoint__"):].replace("__", ":", 1) for n in names if n.startswith("tracepoint__")]
-    if only:
-        raw, tps = [tp for tp in raw if tp in only], []
-    for tp in raw:
-        bpf.detach_raw_tracepoint(tp=tp.encode())
-    for tp in tps:
-        bpf.detach_tracepoint(tp=tp.encode())
+def tp_alive(d: Path) -> Iterator[int]:
+    """A labelled process that waits (the entrypoint runs `sleeper`, which reads its stdin): while it
+    lives the engine is armed (prima.arming), as with a TP daemon such as distccd running. Its tgid."""
+    p = subprocess.Popen([str(d / "driver-ep"), "1", str(d / "sleeper")], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL)
     try:
-        yield
+        yield p.pid
     finally:
-        for tp in raw:
-            bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=f"raw_tracepoint__{tp}".encode())
-        for tp in tps:
-            bpf.attach_tracepoint(tp=tp.encode(), fn_name=f"tracepoint__{tp.replace(':', '__')}".encode())
+        assert p.stdin is not None
+        p.stdin.close()
+        assert p.wait(timeout=60) == 0
 
 
-def test_fork_exec_cost(bench_dir: Path) -> None:
+def wait_armed(engine: Engine, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.arming is not None and not engine.arming.armed:
+        assert time.monotonic() < deadline, "not armed"
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(3600)  # 160 rounds and the disarm waits: over the default 900 s under load
+def test_fork_exec_cost(bench_dir: Path, bench_record) -> None:
+    """Rounds: programs detached; loaded with no labelled process (disarmed: prima.arming); loaded while a
+    TP waits (armed: what every process pays while e.g. distccd runs); a labelled driver (armed)."""
     d = bench_dir
     per = EXECS // ROUNDS
-    runs: dict[str, list[tuple[float, float]]] = {"not loaded": [], "loaded, unlabelled": [], "loaded, labelled": []}
+    runs: dict[str, list[tuple[float, float]]] = {"not loaded": [], "loaded, unlabelled": [],
+                                                   "unlabelled, a TP alive": [], "loaded, labelled": []}
     with _engine(d) as engine:
         for _ in range(ROUNDS):
-            with _detached(engine):
+            with detached(engine):
                 runs["not loaded"].append(_per_exec_ns(d / "driver", d / "tiny", per))
+            wait_disarmed(engine)
             runs["loaded, unlabelled"].append(_per_exec_ns(d / "driver", d / "tiny", per))
+            with tp_alive(d):
+                wait_armed(engine)
+                runs["unlabelled, a TP alive"].append(_per_exec_ns(d / "driver", d / "tiny", per))
             runs["loaded, labelled"].append(_per_exec_ns(d / "driver-ep", d / "tiny", per))
         events = engine.poll(0)
+        arms = engine.arming.arms if engine.arming else 0
     assert not [e for e in events if e.kind.value == "violation"]  # every labelled exec was trusted
     assert any(e.kind.value == "label-transition" for e in events)  # and the labelled runs were labelled
     print(f"\nPRIMA fork+exec+wait of a trusted dynamic binary, {EXECS} per configuration in {ROUNDS} interleaved rounds "
-          f"(not loaded = programs detached; median over rounds; ratio = median of per-round ratios):")
+          f"(not loaded = programs detached; median over rounds; ratio = median of per-round ratios; armed {arms} times):")
     for which, i in (("CPU (driver+children, user+sys)", 1), ("wall", 0)):
         base = statistics.median(v[i] for v in runs["not loaded"])
         print(f"  {which}:")
         for name, vals in runs.items():
             med = statistics.median(v[i] for v in vals)
             ratio = statistics.median(v[i] / b[i] for v, b in zip(vals, runs["not loaded"]))
-            print(f"    {name:20s} {med / 1000:8.1f} us/exec  added {(med - base) / 1000:+7.2f} us  ratio {ratio:.4f}"
+            print(f"    {name:24s} {med / 1000:8.1f} us/exec  added {(med - base) / 1000:+7.2f} us  ratio {ratio:.4f}"
                   f"  (rounds {', '.join(f'{v[i] / 1000:.0f}' for v in vals)})")
+            if name != "not loaded":
+                bench_record(f"prima: fork+exec {which.split()[0]}, {name}", med / 1000, base / 1000, "us/exec",
+                             target=(1.03 if name == "loaded, labelled" else 1.01) if i == 1 else None,  # on CPU
+                             ratio=ratio, samples=[v[i] / 1000 for v in vals])
 
 
-def test_no_label_leak_after_many_short_processes(bench_dir: Path) -> None:
+def test_no_label_leak_after_many_short_processes(bench_dir: Path, bench_record) -> None:
     d = bench_dir
     with _engine(d) as engine:
         before = len(labelled_processes(engine))
@@ -215,11 +230,13 @@ def test_no_label_leak_after_many_short_processes(bench_dir: Path) -> None:
         drops = engine.drops()
     print(f"\nPRIMA label state after {LEAK_PROCESSES} short labelled processes ({ns / 1000:.1f} us each): "
           f"{before} labelled before, {after} after (the driver itself: 0 once it exited); drops {drops}")
+    bench_record(f"prima: labelled processes left after {LEAK_PROCESSES} exited", after - before, unit="processes",
+                 target=0)
     assert after == before
     assert drops["label-map"] == 0
 
 
-def test_time_inside_the_bpf_programs(bench_dir: Path) -> None:
+def test_time_inside_the_bpf_programs(bench_dir: Path, bench_record) -> None:
     """The kernel's own count of what PRIMA's programs cost per fork+exec (stable under machine load)."""
     d = bench_dir
     n = 5000
@@ -231,6 +248,7 @@ def test_time_inside_the_bpf_programs(bench_dir: Path) -> None:
                 after = program_stats(engine)
             total = sum(after[k][1] - before[k][1] for k in after)
             print(f"\nPRIMA programs, {name} fork+exec ({n} execs): {total / n:.0f} ns per exec in BPF")
+            bench_record(f"prima: time inside the BPF programs per {name} fork+exec", total / n, unit="ns")
             for k in sorted(after):
                 runs, ns = after[k][0] - before[k][0], after[k][1] - before[k][1]
                 print(f"    {k:48s} {runs / n:5.1f} runs/exec  {ns / max(runs, 1):6.0f} ns/run")
@@ -255,28 +273,36 @@ def test_time_inside_sys_enter_mmap_per_mapping(bench_dir: Path) -> None:
                       f"({runs} runs)")
 
 
-def test_syscall_tax_on_every_process(bench_dir: Path) -> None:
-    """Attached syscall tracepoints send every syscall of every process through the traced path;
-    the raw sys_enter program (32-bit syscalls, which per-syscall tracepoints never see) adds one
-    program run on top: measured apart."""
+def test_syscall_tax_on_every_process(bench_dir: Path, bench_record) -> None:
+    """An attached syscall tracepoint sends every syscall of every process through the traced path. With no
+    labelled process the engine keeps only the programs that guard against any process (prima.arming:
+    disarmed); while a TP lives it attaches the rest, among them the raw sys_enter program (32-bit
+    syscalls), which runs on every syscall. getppid by an unlabelled process in each state."""
     d = bench_dir
-    n = 500_000
+    n = 300_000
     run = lambda: float(subprocess.run([str(d / "syscalls"), str(n)], capture_output=True, text=True, check=True).stdout)
-    base, per_syscall, loaded = [], [], []
+    rows: dict[str, list[float]] = {"detached": [], "disarmed (no TP)": [], "armed, no raw sys_enter": [],
+                                    "armed (a TP alive)": []}
     with _engine(d) as engine:
-        for _ in range(30):
-            with _detached(engine):
-                base.append(run())
-            with _detached(engine, only=RAW_SYSCALL_PROGRAMS):
-                per_syscall.append(run())
-            loaded.append(run())
-    b, p, l = statistics.median(base), statistics.median(per_syscall), statistics.median(loaded)
-    ratio = statistics.median(x / y for x, y in zip(loaded, base))
-    raw_ratio = statistics.median(x / y for x, y in zip(loaded, per_syscall))
-    print(f"\nPRIMA syscall tax (getppid, unlabelled, 30 interleaved rounds): {b:.1f} ns detached, "
-          f"{p:.1f} ns with the per-syscall tracepoints only, {l:.1f} ns with all attached: added {l - b:+.1f} ns per "
-          f"syscall (median per-round ratio {ratio:.3f}), of which the raw sys_enter program "
-          f"{l - p:+.1f} ns (ratio {raw_ratio:.3f})")
+        for _ in range(SYSCALL_ROUNDS):
+            with detached(engine):
+                rows["detached"].append(run())
+            wait_disarmed(engine)
+            rows["disarmed (no TP)"].append(run())
+            with tp_alive(d):
+                wait_armed(engine)
+                with detached(engine, only=RAW_SYSCALL_PROGRAMS):
+                    rows["armed, no raw sys_enter"].append(run())
+                rows["armed (a TP alive)"].append(run())
+    base = rows["detached"]
+    print(f"\nPRIMA syscall tax (CPU ns per getppid by an unlabelled process, {SYSCALL_ROUNDS} interleaved rounds of {n}; "
+          f"ratio = median of per-round ratios to the detached round):")
+    for name, vals in rows.items():
+        med = statistics.median(vals)
+        ratio = statistics.median(x / y for x, y in zip(vals, base))
+        print(f"    {name:26s} {med:8.1f} ns  added {med - statistics.median(base):+7.1f} ns  ratio {ratio:.3f}")
+        if name != "detached":
+            bench_record(f"prima: getppid CPU, {name}", med, statistics.median(base), "ns", ratio=ratio, samples=vals)
 
 
 def _make_cpu_s(make: Path, src: Path) -> float:
@@ -288,7 +314,7 @@ def _make_cpu_s(make: Path, src: Path) -> float:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def test_c_compile_under_a_tp_label(tmp_path: Path) -> None:
+def test_c_compile_under_a_tp_label(tmp_path: Path, bench_record) -> None:
     """make -j2 of a 49-file C project under a TP label whose trust set is the toolchain from dpkg."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -320,4 +346,7 @@ def test_c_compile_under_a_tp_label(tmp_path: Path) -> None:
           f"{', '.join(f'{x:.2f}' for x in enforced)})\n"
           f"  time inside PRIMA's programs (all processes, kernel count): {b * 1000:.1f} ms = {b / p * 100:.2f}% of the build; "
           f"violations {len(violations)}")
+    bench_record("prima: make -j2 of 49 C files under a TP label, CPU", e, p, "s", target=1.01,
+                 samples=enforced)
+    bench_record("prima: share of that build's CPU inside the BPF programs", b / p * 100, unit="%")
     assert violations == [], [(v.op, v.subject, dict(v.detail)) for v in violations]

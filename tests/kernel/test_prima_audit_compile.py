@@ -3,19 +3,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 from prima.sources import build
 from tests.conftest import requires
+from tests.prima_fixtures import enforce_daemon
 from tests.bypass.lab import c_project
 
 pytestmark = [requires(root=True), requires(tool="gcc")]
-
-CWLITE = str(Path(sys.executable).with_name("cwlite"))
 
 
 def test_audit_mode_during_a_compile_logs_exactly_the_unmeasured_step(tmp_path) -> None:
@@ -32,20 +27,10 @@ def test_audit_mode_during_a_compile_logs_exactly_the_unmeasured_step(tmp_path) 
                       f'trust_set = "toolchain"\n')
     src = c_project(tmp_path, units=6, extra_recipe=str(tools / "stamp"))
     events = tmp_path / "events.jsonl"
-    daemon = subprocess.Popen([CWLITE, "enforce", "--policy", str(policy), "--db", str(db), "--events", str(events),
-                               "--backend", "tracepoint"], stderr=subprocess.PIPE, text=True)
-    try:
-        assert "enforcing" in daemon.stderr.readline()
+    with enforce_daemon("--policy", str(policy), "--db", str(db), "--events", str(events), "--backend", "tracepoint"):
         made = subprocess.run([str(bin_dir / "make"), "-s", "-j2", "-C", str(src)], capture_output=True, text=True, timeout=300)
         assert made.returncode == 0, made.stderr
         assert subprocess.run([str(src / "app")], capture_output=True).returncode == 0
-        time.sleep(0.5)  # one poll period for the last records
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(60) == 0
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
     got = [json.loads(line) for line in events.read_text().splitlines()]
     violations = [e for e in got if e["kind"] == "violation"]
     assert [(v["op"], v["subject"], v["detail"]["action"]) for v in violations] == [("exec", str(tools / "stamp"), "allowed")]

@@ -200,12 +200,11 @@ def test_piped_output_is_not_wrapped_at_80_columns(tmp_path: Path, capsys) -> No
     assert len(row) == 1 and subject in row[0] and "tp_build" in row[0]
 
 
-def test_top_level_help_does_not_claim_port_authority_works(capsys) -> None:
+def test_top_level_help_says_where_port_authority_works(capsys) -> None:
     rc, out, _ = run(capsys, "--help")
     assert rc == 0
     text = " ".join(out.split())
-    assert "Port Authority rules (untrusted network input only to trusted filters) are parsed and checked but NOT " \
-           "enforced yet" in text
+    assert "is enforced on the tracepoint backend, NOT yet on lsm" in text
 
 
 def test_readme_trust_set_names_are_ones_the_policy_and_the_db_accept(tmp_path: Path) -> None:

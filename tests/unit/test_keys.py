@@ -39,3 +39,10 @@ def test_write_key_pair_makes_a_matching_pair(tmp_path):
     key = write_key_pair(tmp_path / "c.key", tmp_path / "c.pub")
     assert load_public_key(tmp_path / "c.pub") == key.public_key()
     assert (tmp_path / "c.pub").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_raw_key_that_begins_and_ends_with_whitespace_bytes_loads(tmp_path):
+    """A raw 32-byte key is random: 1 in ~20 begins or ends with a byte such as 0x20 or 0x0a."""
+    raw = b"\n" + bytes(range(1, 31)) + b" "
+    (tmp_path / "ws.pub").write_bytes(raw)
+    assert load_public_key(tmp_path / "ws.pub").public_bytes_raw() == raw

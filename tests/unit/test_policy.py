@@ -77,6 +77,21 @@ def test_good_policy_parses_with_defaults() -> None:
     assert pol.cdis[0].path == "/srv/build/out" and pol.cdis[0].writers == ("tp_build",)
     rule = pol.port_authority.rules[0]
     assert (rule.port, rule.protocol, rule.labels) == (3632, "tcp", ("tp_build",))
+    # Port Authority defaults: listen, from any peer, on any local address; unlabelled processes unaffected
+    assert (rule.op, rule.peers, rule.address) == ("listen", ("0.0.0.0/0", "::/0"), "")
+    assert pol.port_authority.unlabelled == "unaffected"
+
+
+def test_port_authority_keys_enter_the_digest_only_when_set() -> None:
+    base = parse_policy(GOOD, source="p.toml")
+    assert base.canonical()["port_authority"] == {"rules": [{"port": 3632, "protocol": "tcp", "labels": ["tp_build"]}]}
+    narrowed = parse_policy(GOOD.replace("port = 3632", 'port = 3632\npeers = ["10.0.0.0/8", "fd00::/8"]\n'
+                                         'address = "127.0.0.1"'), source="p.toml")
+    rule = narrowed.port_authority.rules[0]
+    assert (rule.peers, rule.address) == (("10.0.0.0/8", "fd00::/8"), "127.0.0.1")
+    assert narrowed.digest() != base.digest()
+    connect = parse_policy(GOOD.replace("port = 3632", 'port = 3632\nop = "connect"'), source="p.toml")
+    assert connect.port_authority.rules[0].op == "connect" and connect.digest() not in (base.digest(), narrowed.digest())
 
 
 def test_digest_is_stable_over_key_order_whitespace_comments_and_explicit_defaults() -> None:
@@ -109,7 +124,7 @@ def test_digest_changes_with_meaning() -> None:
         ('mode = "enforce"', 'mode = "enforce"\npcr = "10"', 3, "pcr", "expected integer, got string"),
         ('mode = "enforce"', 'mode = "enforce"\npcr = 24', 3, "pcr", "24 is not a PCR index (0..23)"),
         ('port = 3632', 'port = 3632\nprot = "tcp"', 21, "port_authority.rules[0].prot",
-         "unknown key (allowed: labels, port, protocol)"),
+         "unknown key (allowed: address, labels, op, peers, port, protocol)"),
         ('writers = ["tp_build"]', 'writers = ["tp_nope"]', 17, "cdis[0].writers",
          "unknown label 'tp_nope' (defined: tp_build, tp_sign)"),
         ('entrypoints = ["/usr/bin/distccd"]', 'entrypoints = "/usr/bin/distccd"', 6, "labels.tp_build.entrypoints",
@@ -132,6 +147,17 @@ def test_digest_changes_with_meaning() -> None:
          "'permit' is not one of deny, allow"),
         ('anon_exec = "allow"', 'anon_exec = "allow"\nio_uring = false', 9, "labels.tp_build.io_uring",
          "expected string, got boolean"),
+        ('port = 3632', 'port = 3632\nop = "accept"', 21, "port_authority.rules[0].op",
+         "'accept' is not one of listen, connect"),
+        ('port = 3632', 'port = 3632\npeers = ["10.1.2.3/8"]', 21, "port_authority.rules[0].peers",
+         "'10.1.2.3/8': 10.1.2.3/8 has host bits set"),
+        ('port = 3632', 'port = 3632\npeers = []', 21, "port_authority.rules[0].peers", "must not be empty"),
+        ('port = 3632', 'port = 3632\naddress = "10.0.0.300"', 21, "port_authority.rules[0].address",
+         "'10.0.0.300' does not appear to be an IPv4 or IPv6 address"),
+        ('port = 3632', 'port = 3632\nop = "connect"\naddress = "10.0.0.1"', 22, "port_authority.rules[0].address",
+         'a local address applies to op = "listen" only'),
+        ('[[port_authority.rules]]', '[port_authority]\nunlabelled = "deny"\n[[port_authority.rules]]', 20,
+         "port_authority.unlabelled", "'deny' is not one of unaffected"),
     ],
 )
 def test_bad_policies_name_line_and_key(old, new, line, key, message) -> None:

@@ -7,6 +7,7 @@ from controlplane.core import imalog
 from controlplane.core.imalog import replay_to
 from controlplane.core.events import Event, EventKind, alive_digest
 from controlplane.core.policy import parse_policy
+from controlplane.core.selinux_render import render
 from controlplane.verifier.judge import Facts, Judge, Reference
 from prima.measuredb import MeasureDB
 from tests.attest_fixtures import reference  # noqa: F401
@@ -46,6 +47,10 @@ def test_each_rule(judge):
         (Event(EventKind.DAEMON_START, subject="prima/tracepoint"), "untrusted", "enforcement-gap"),
         (Event(EventKind.DAEMON_STOP, subject="prima/tracepoint"), "untrusted", "enforcement-stopped"),
         (Event(EventKind.BOOT_AGGREGATE, BOOT), "untrusted", "boot-aggregate-position"),
+        (Event(EventKind.SELINUX_LOAD, bytes.fromhex(render(ref.policy).digest()), op="cwlite",
+               subject="/var/lib/selinux/default"), "trusted", ""),
+        (Event(EventKind.SELINUX_LOAD, b"\x06" * 32, op="cwlite", subject="/var/lib/selinux/default"),
+         "untrusted", "selinux-module"),
     ]
     got = [(v.verdict, v.reason) for v in (j.judge(_entry(i, e)) for i, (e, _, _) in enumerate(rows))]
     assert got == [(v, r) for _, v, r in rows]
@@ -117,5 +122,40 @@ def test_a_running_engine_must_answer_this_rounds_nonce(reference, logged, silen
         assert all(v.verdict != "untrusted" for v in verdicts)
         reasons = j.overall(None)
         assert any("no engine-alive entry" in r for r in reasons) == silent, reasons
+    finally:
+        ref.db.close()
+
+
+def test_port_authority_entries(reference):
+    """A listener needs a listen rule of the verifier's policy and a trusted program; refusals a TP made
+    itself are violations, refusals of network input are information, anything let through is not."""
+    from controlplane.core.events import PaSubject
+
+    reference.policy_path.write_text(reference.policy_path.read_text() +
+                                     '[[port_authority.rules]]\nport = 3632\nlabels = ["tp_build"]\n')
+    ref = reference.open()
+    try:
+        j = Judge(ref, Facts(), pcr=10)
+        entry_digest = reference.trusted[reference.entry]
+        rows = [
+            (Event(EventKind.PA_LISTENER, entry_digest, "tp_build", "listen",
+                   PaSubject("tcp", 3632, 1, exe=reference.entry).text()), "trusted", ""),
+            (Event(EventKind.PA_LISTENER, entry_digest, "tp_build", "listen",
+                   PaSubject("tcp", 4000, 0, exe=reference.entry).text()), "untrusted", "pa-listener-outside-rules"),
+            (Event(EventKind.PA_LISTENER, b"\x09" * 32, "tp_build", "listen",
+                   PaSubject("tcp", 3632, 1, exe="/tmp/other").text()), "untrusted", "not-in-db"),
+            (Event(EventKind.PA_REFUSED, label="tp_build", op="bind",
+                   subject=PaSubject("tcp", 4000, 0, "no-rule", "denied", 1).text()), "untrusted", "pa-bind-refused"),
+            (Event(EventKind.PA_REFUSED, label="tp_build", op="receive",
+                   subject=PaSubject("tcp", 3632, 1, "peer", "denied", 7).text()), "info", ""),
+            (Event(EventKind.PA_REFUSED, op="packet",
+                   subject=PaSubject("udp", 3632, 2, "peer", "denied", 100000).text()), "info", ""),
+            (Event(EventKind.PA_REFUSED, label="tp_build", op="receive",
+                   subject=PaSubject("tcp", 3632, 1, "peer", "allowed", 3).text()), "untrusted", "pa-receive-outside-rules"),
+            (Event(EventKind.PA_REFUSED, label="tp_build", op="receive", subject="garbage"), "untrusted", "unknown-entry"),
+        ]
+        got = [(v.verdict, v.reason) for v in (j.judge(_entry(i, e)) for i, (e, _, _) in enumerate(rows))]
+        assert got == [(v, r) for _, v, r in rows]
+        assert j.facts.listeners[0] == f"tp_build tcp/3632 {entry_digest.hex()}" and len(j.facts.listeners) == 3
     finally:
         ref.db.close()

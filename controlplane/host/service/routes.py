@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from controlplane.core.atomic import write_atomic
 from controlplane.core.errors import CwliteError, PolicyError, PolicyReason
@@ -107,9 +107,21 @@ def create_app(state: ServiceState) -> FastAPI:
     def log_length() -> int:
         return len(state.mlog.entries(0))
 
+    if state.metrics is not None:
+        @app.get("/metrics", include_in_schema=False)
+        def metrics() -> Response:
+            """Prometheus metrics (text exposition format)."""
+            return Response(state.metrics.exposition(), media_type=state.metrics.content_type)
+
     @app.post(f"/{API_VERSION}/quote", response_model=QuoteResponse, responses={503: {"model": ErrorResponse}})
     def quote(req: QuoteRequest) -> QuoteResponse:
         """A TPM quote over `pcrs` with qualifying data SHA-256(nonce || SHA-256(this TLS key's SPKI))."""
+        if state.metrics is None:
+            return _quote(req)
+        with state.metrics.quote_latency.time():
+            return _quote(req)
+
+    def _quote(req: QuoteRequest) -> QuoteResponse:
         if state.pcr not in req.pcrs:
             raise Reject(422, f"pcrs: must include the measurement-log PCR {state.pcr}")
         nonce = bytes.fromhex(req.nonce)

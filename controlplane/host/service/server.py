@@ -1,6 +1,7 @@
 """Running the service: uvicorn over HTTPS with the fresh TLS identity, in a background thread."""
 from __future__ import annotations
 
+import asyncio
 import socket
 import tempfile
 import threading
@@ -8,10 +9,64 @@ import time
 from pathlib import Path
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from controlplane.core.errors import CwliteError
 from controlplane.host.service.routes import create_app
 from controlplane.host.service.state import ServiceState
+
+HEADER_TIMEOUT_S = 10.0          # a request's headers must arrive within this (slowloris)
+PER_CLIENT_CONNECTIONS = 32      # open connections one client address may hold
+MAX_CONNECTIONS = 1024           # all clients: beyond this uvicorn answers 503
+
+
+class GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with the two bounds it lacks, so one client cannot starve the verifier.
+
+    uvicorn times out idle keep-alive connections only after a first response, and counts every open
+    connection against its concurrency limit: 64 connections that trickle a header a byte at a time
+    (slowloris) made every other client, the verifier included, get 503 for as long as they stayed.
+    Here each request's headers must be complete within HEADER_TIMEOUT_S, and a client address holding
+    PER_CLIENT_CONNECTIONS connections has its next one closed at once.
+    """
+
+    header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        addr = self.client[0] if self.client else None
+        if addr is not None and sum(1 for c in self.connections if c.client and c.client[0] == addr) > PER_CLIENT_CONNECTIONS:
+            transport.close()
+            return
+        self._arm_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:        # a whole request (its headers) arrived
+            self._cancel_deadline()
+
+    def on_response_complete(self) -> None:
+        self._arm_deadline()               # the next request's headers are due in time too
+        super().on_response_complete()
+
+    def _arm_deadline(self) -> None:
+        self._cancel_deadline()
+        self.header_deadline = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_too_slow)
+
+    def _cancel_deadline(self) -> None:
+        if self.header_deadline is not None:
+            self.header_deadline.cancel()
+            self.header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self.header_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -50,7 +105,8 @@ class Server:
             certfile.write_bytes(state.tls.cert_pem)
             self.config = uvicorn.Config(create_app(state), host=host, port=port, ssl_keyfile=str(keyfile),
                                          ssl_certfile=str(certfile), log_level=log_level, access_log=False,
-                                         limit_concurrency=64, timeout_keep_alive=5, h11_max_incomplete_event_size=16384)
+                                         http=GuardedH11, limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5,
+                                         h11_max_incomplete_event_size=16384)
             try:
                 self.config.load()
             except BaseException:

@@ -52,6 +52,7 @@ class ServiceState:
     kernel_ima: Any = None              # controlplane.host.kernel_ima.KernelImaLog when the kernel runs IMA
     on_policy: Callable[[Policy], None] | None = None
     on_quote: Callable[[bytes], object] | None = None
+    metrics: Any = None                 # controlplane.host.metrics.ServiceMetrics: GET /metrics when set
     rate_per_s: float = 50.0
     burst: int = 200
     lock: threading.Lock = field(default_factory=threading.Lock)

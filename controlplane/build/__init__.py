@@ -1,0 +1,1 @@
+"""The build controller: distcc builds on verified hosts, and their signed provenance."""

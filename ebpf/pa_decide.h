@@ -1,0 +1,181 @@
+/* pa_decide.h: Port Authority's decision, written once for every hook of both backends.
+ *
+ * net.bpf.c includes it for the tracepoint backend's cgroup and tc programs
+ * (-DCWL_BACKEND_TP) and for the lsm backend's socket hooks (-DCWL_BACKEND_LSM);
+ * the -D changes only where a hook's facts come from and how a refusal is
+ * returned (0 from a cgroup program, TC_ACT_SHOT, -EPERM), never the decision.
+ * portauthority/rules.py answers the same question for `cwlite pa test` from the
+ * policy alone; tests/kernel/test_pa_kernel.py holds the two to the same answers.
+ *
+ * The rule set is one map value (struct cwl_pa_set, cwlite.h) that the hook
+ * looks up and passes in: bcc rewrites map operations only in the main source.
+ *
+ * A query (label, op, protocol, local and remote address and port) is allowed
+ * when some rule of the label (any label for tc's CWL_PA_OP_PACKET) says so:
+ *   bind       a listen rule for the port whose local address (if set) is the one
+ *              bound; port 0 (an ephemeral port) with any rule for the protocol
+ *   listen     a listen rule for the port
+ *   accept, receive on a listen rule's port, packet
+ *              a listen rule for the port, and the peer in its networks
+ *   connect, send   a connect rule for the remote port, the peer in its networks
+ *   receive    also: a connect rule for the remote port with the peer in its networks
+ *              (the replies to what the label may connect to)
+ * tc's packet query refuses only packets to a port some listen rule governs,
+ * from a peer no such rule admits: ports no rule names stay with unlabelled processes.
+ */
+#ifndef CWL_PA_DECIDE_H
+#define CWL_PA_DECIDE_H
+
+#include "cwlite.h"
+
+/* The bits by which `addr` (family `family`) falls outside network `n`: 0 = inside. */
+static __always_inline u32 cwl_pa_net_diff(const struct cwl_pa_net *n, u8 family, const u32 *addr)
+{
+	return ((addr[0] ^ n->addr[0]) & n->mask[0]) | ((addr[1] ^ n->addr[1]) & n->mask[1]) |
+	       ((addr[2] ^ n->addr[2]) & n->mask[2]) | ((addr[3] ^ n->addr[3]) & n->mask[3]) |
+	       (u32)(n->family ^ family);
+}
+
+/* Is the peer of `q` one of rule `r`'s networks (no networks: any peer)? Each network is one
+ * branch that returns at once: a flag carried across them would double the verifier's paths per
+ * network (LLVM turns selects back into branches). */
+static __always_inline int cwl_pa_peer_ok(const struct cwl_pa_rule *r, const struct cwl_pa_query *q)
+{
+	u32 nnets = r->nnets;
+
+	if (nnets == 0)
+		return 1;
+	for (u32 i = 0; i < CWL_PA_NETS; i++) {
+		if (i >= nnets)
+			return 0;
+		if (cwl_pa_net_diff(&r->nets[i], q->family, q->raddr) == 0)
+			return 1;
+	}
+	return 0;
+}
+
+/* Is the local address of `q` the rule's (no address in the rule: any)? A wildcard bind
+ * (0.0.0.0, ::) is not the rule's one address. */
+static __always_inline int cwl_pa_local_ok(const struct cwl_pa_rule *r, const struct cwl_pa_query *q)
+{
+	if (!r->local_family)
+		return 1;
+	return ((r->local_addr[0] ^ q->laddr[0]) | (r->local_addr[1] ^ q->laddr[1]) | (r->local_addr[2] ^ q->laddr[2]) |
+		(r->local_addr[3] ^ q->laddr[3]) | (u32)(r->local_family ^ q->family)) == 0;
+}
+
+/* `allowed` is the verdict; `rule` and `why` are data for the count, never branched on: the
+ * verifier then need not tell apart the loop states that differ only in them (a rule set of
+ * CWL_PA_RULES rules stays far below its complexity limit). */
+struct cwl_pa_verdict {
+	u32 allowed;
+	u32 rule; /* 1-based index of the deciding rule (allowed) or of the closest one (refused); 0: none */
+	u32 why;  /* CWL_PA_WHY_*: NONE when allowed */
+};
+
+/* The decision for query `q` under rule set `set` (NULL: no rule set loaded, refuse). */
+static __always_inline struct cwl_pa_verdict cwl_pa_decide(const struct cwl_pa_set *set, const struct cwl_pa_query *q)
+{
+	struct cwl_pa_verdict v = {.allowed = 0, .rule = 0, .why = CWL_PA_WHY_NO_RULE};
+	u64 bit = q->label < 64 ? (1ULL << q->label) : 0;
+	u32 n, packet = q->op == CWL_PA_OP_PACKET;
+
+	if (q->proto != CWL_PA_TCP && q->proto != CWL_PA_UDP) {
+		v.allowed = packet; /* tc guards TCP and UDP ports only */
+		v.why = packet ? CWL_PA_WHY_NONE : CWL_PA_WHY_PROTO;
+		return v;
+	}
+	if (!set)
+		return v;
+	n = set->nrules;
+	if (packet)
+		v.why = CWL_PA_WHY_NONE; /* not governed until a listen rule names the port */
+	for (int i = 0; i < CWL_PA_RULES; i++) {
+		const struct cwl_pa_rule *r = &set->rules[i];
+		if (i >= n)
+			break;
+		if (r->proto != q->proto || (!packet && !(r->labels & bit)))
+			continue;
+		if (r->kind == CWL_PA_RULE_LISTEN) {
+			if (q->op == CWL_PA_OP_BIND && q->lport == 0)
+				goto allow;
+			if (r->port != q->lport || q->op == CWL_PA_OP_CONNECT || q->op == CWL_PA_OP_SEND)
+				continue;
+			if (q->op == CWL_PA_OP_BIND) {
+				if (cwl_pa_local_ok(r, q))
+					goto allow;
+				v.rule = i + 1;
+				v.why = CWL_PA_WHY_ADDRESS;
+				continue;
+			}
+			if (q->op == CWL_PA_OP_LISTEN)
+				goto allow;
+		} else {
+			if (q->op == CWL_PA_OP_BIND && q->lport == 0)
+				goto allow;
+			if (r->port != q->rport || (q->op != CWL_PA_OP_CONNECT && q->op != CWL_PA_OP_SEND &&
+						    q->op != CWL_PA_OP_RECEIVE))
+				continue;
+		}
+		/* accept, receive, packet, connect, send: the peer decides */
+		if (cwl_pa_peer_ok(r, q)) {
+allow:
+			v.allowed = 1;
+			v.rule = i + 1;
+			v.why = CWL_PA_WHY_NONE;
+			return v;
+		}
+		v.rule = i + 1;
+		v.why = CWL_PA_WHY_PEER;
+	}
+	/* tc: a packet no listen rule governs passes (why still NONE); branch-free, see above */
+	v.allowed = packet & ((v.why - 1) >> 31);
+	return v;
+}
+
+/* ---- packets: what cgroup_skb (L3 at offset 0) and tc (L2 first) read, once ----------- */
+
+#define CWL_ETH_HLEN 14
+#define CWL_ETH_P_IP 0x0800
+#define CWL_ETH_P_IPV6 0x86DD
+
+/* Fill q's family, protocol, addresses and ports from the IP packet at `off` of `skb`.
+ * 0, or -1 when it is no IPv4/IPv6 packet cwlite can read (then the caller passes it). An
+ * IPv6 packet whose next header is not TCP or UDP (extension headers) keeps proto = that header. */
+static __always_inline int cwl_pa_parse(struct __sk_buff *skb, u32 off, u32 ethertype, struct cwl_pa_query *q)
+{
+	u8 vihl = 0;
+	u16 ports[2] = {0, 0};
+	u32 l4;
+
+	if (ethertype == CWL_ETH_P_IP) {
+		u8 proto = 0;
+		if (bpf_skb_load_bytes(skb, off, &vihl, 1) || (vihl >> 4) != 4)
+			return -1;
+		if (bpf_skb_load_bytes(skb, off + 9, &proto, 1) || bpf_skb_load_bytes(skb, off + 12, q->raddr, 4) ||
+		    bpf_skb_load_bytes(skb, off + 16, q->laddr, 4))
+			return -1;
+		q->family = CWL_PA_INET;
+		q->proto = proto;
+		l4 = off + (vihl & 0x0f) * 4;
+	} else if (ethertype == CWL_ETH_P_IPV6) {
+		u8 next = 0;
+		if (bpf_skb_load_bytes(skb, off + 6, &next, 1) || bpf_skb_load_bytes(skb, off + 8, q->raddr, 16) ||
+		    bpf_skb_load_bytes(skb, off + 24, q->laddr, 16))
+			return -1;
+		q->family = CWL_PA_INET6;
+		q->proto = next;
+		l4 = off + 40;
+	} else {
+		return -1;
+	}
+	if (q->proto == CWL_PA_TCP || q->proto == CWL_PA_UDP) {
+		if (bpf_skb_load_bytes(skb, l4, ports, 4))
+			return -1;
+		q->rport = bpf_ntohs(ports[0]);
+		q->lport = bpf_ntohs(ports[1]);
+	}
+	return 0;
+}
+
+#endif /* CWL_PA_DECIDE_H */

@@ -1,0 +1,363 @@
+"""Port Authority's engine: loads ebpf/net.bpf.c beside PRIMA, fills its rule set, logs what it refused.
+
+BPF: ebpf/net.bpf.c (-DCWL_BACKEND_TP) — cgroup sock_create, bind4/6, connect4/6,
+sendmsg4/6 and cgroup_skb ingress on the root cgroup (`cgroup`), each attached
+through a BPF link (the attachment dies with the daemon, as bcc's tracepoints do),
+and a tc clsact ingress classifier on each of `interfaces`, attached with pyroute2.
+
+Labels are PRIMA's: the engine is made after a running `prima.engine.Engine` in the
+same process, whose `cwl_task_labels` the programs read (bcc "extern" table: loading
+fails without it) and whose label ids (`label_ids`) the rule set's masks use. The caller,
+which holds both engines (portauthority and prima are sibling layers), adds this one's
+programs and maps to PRIMA's self-protection guard: `prima.selfprotect.register(pa.bpf, into=prima.bpf)`.
+
+Refusals are counted in the kernel per (label, rule, op, port, reason); `poll()`
+turns each interval's new counts into one `pa-refused` entry per key, so a flood of
+100,000 packets is a handful of entries whose counts add up. A listener a rule
+allowed becomes one `pa-listener` entry per (label, protocol, port), with the
+SHA-256 of the program that took the port. Failed counts or events are themselves
+counted (cwl_pa_drops) and reported as lost-events. The engine logs no daemon-start of its
+own: it runs inside the PRIMA daemon, whose start and stop entries cover it (a second
+daemon-start would read as an enforcement gap).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cext import bpfmap
+from controlplane.core.errors import CwliteError, EnforcementError
+from controlplane.core.events import Event, EventKind, PaSubject
+from controlplane.core.policy import Policy
+from ebpf import abi, loader
+from portauthority.rules import OP_WORDS, WHY_WORDS, kernel_rules
+
+if TYPE_CHECKING:
+    import bcc
+
+SOURCE = "net.bpf.c"
+BACKENDS = {"tracepoint": "-DCWL_BACKEND_TP"}
+COUNT_MAX = 4096         # distinct refusal keys per interval before they are counted as lost
+RINGBUF_PAGES = 16
+MOUNTS = "/proc/self/mounts"
+INTERVAL_S = 1.0         # counts become entries at most once per interval
+TC_HANDLE = 0x1c0c0001   # the filter's handle on clsact ingress ("cwl" + 1)
+TC_PRIO = 0xc0c0
+CLSACT_INGRESS = "ffff:fff2"
+PROTO_WORDS = {abi.value("CWL_PA_TCP"): "tcp", abi.value("CWL_PA_UDP"): "udp"}
+ACTIONS = {abi.value("CWL_ACT_DENIED"): "denied", abi.value("CWL_ACT_ALLOWED"): "allowed"}
+DROPS = {v: n.lower() for v, n in abi.names("CWL_PA_DROP_", exclude=("CWL_PA_DROP_MAX",)).items()}
+DROP_MAX = abi.value("CWL_PA_DROP_MAX")
+
+
+def cgroup2_root(mounts: str = MOUNTS) -> str:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
+    try:
+        with open(mounts) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and parts[2] == "cgroup2":
+                    return parts[1]
+    except OSError as exc:
+        raise EnforcementError(f"{mounts}: cannot read mounts: {exc.strerror}") from exc
+    raise EnforcementError(f"{mounts}: no cgroup2 mount: Port Authority's cgroup programs need cgroup v2 "
+                           "(mount -t cgroup2 none /sys/fs/cgroup/unified)")
+
+
+class PaEvent(ctypes.Structure):
+    """Python view of `struct cwl_pa_event` (cwlite.h); tests check its size against the header's."""
+
+    _fields_ = [("tgid", ctypes.c_uint32), ("label", ctypes.c_uint32), ("rule", ctypes.c_uint32),
+                ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("op", ctypes.c_uint8),
+                ("comm", ctypes.c_char * 16)]
+
+
+def _exe_measurement(tgid: int) -> tuple[bytes, str]:
+    """SHA-256 and path of the program a process runs (its image is write-denied while it runs)."""
+    path = f"/proc/{tgid}/exe"
+    try:
+        target = os.readlink(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.digest(), target
+    except OSError:
+        return bytes(32), "(exited)"
+
+
+class Engine:
+    """BPF: ebpf/net.bpf.c (-DCWL_BACKEND_TP) cgroup sock_addr/sock_create/skb programs and the tc classifier.
+
+    Use as a context manager beside a PRIMA engine: `with Engine(policy, prima.loaded.labels, backend=..., task_max=...) as pa: pa.poll()`.
+    """
+
+    def __init__(self, policy: Policy, label_ids: Mapping[str, int], *, backend: str, task_max: int,
+                 interfaces: Sequence[str] = (), cgroup: str | None = None, interval_s: float = INTERVAL_S) -> None:
+        if backend not in BACKENDS:
+            raise EnforcementError(f"portauthority/{backend}: not built for this backend yet "
+                                   f"(have: {', '.join(BACKENDS)})")
+        self.backend = backend
+        self.interval_s = interval_s
+        self._queue: deque[Event] = deque()
+        self._links: list[int] = []
+        self._tc: list[tuple[int, bool]] = []  # (ifindex, clsact made by us)
+        self._paused_tc: list[str] = []
+        self._cgroup_progs: list[tuple[str, int, int]] = []  # (name, prog fd, attach type)
+        self._seen_listeners: set[tuple[str, str, int]] = set()
+        self._counts_seen: dict[bytes, int] = {}
+        self._drops_seen = [0] * DROP_MAX
+        self._decode_errors = 0
+        self._ring = False
+        self._last_flush = time.monotonic()
+        self._labels: dict[int, str] = {}
+        self._gen = -1
+        self._policy = policy
+        self._bpf: "bcc.BPF | None" = loader.load(SOURCE, [BACKENDS[self.backend], f"-DCWL_TASK_MAX={task_max}",
+                                                          f"-DCWL_PA_COUNT_MAX={COUNT_MAX}",
+                                                          f"-DCWL_PA_RINGBUF_PAGES={RINGBUF_PAGES}"])
+        try:
+            self.reload(policy, label_ids)
+            self.cgroup = cgroup or cgroup2_root()
+            self._attach_cgroup()
+            for name in interfaces:
+                self._attach_tc(name)
+            self._bpf[b"cwl_pa_events"].open_ring_buffer(self._on_record)
+            self._ring = True
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- attach ------------------------------------------------------------------------
+    def _attach_cgroup(self) -> None:
+        import bcc  # loaded by ebpf.loader already
+
+        bpf = self._require()
+        at = bcc.BPFAttachType
+        programs = [
+            (b"pa_sock_create", bcc.BPF.CGROUP_SOCK, at.CGROUP_INET_SOCK_CREATE),
+            (b"pa_bind4", bcc.BPF.CGROUP_SOCK_ADDR, at.CGROUP_INET4_BIND),
+            (b"pa_bind6", bcc.BPF.CGROUP_SOCK_ADDR, at.CGROUP_INET6_BIND),
+            (b"pa_connect4", bcc.BPF.CGROUP_SOCK_ADDR, at.CGROUP_INET4_CONNECT),
+            (b"pa_connect6", bcc.BPF.CGROUP_SOCK_ADDR, at.CGROUP_INET6_CONNECT),
+            (b"pa_sendmsg4", bcc.BPF.CGROUP_SOCK_ADDR, at.CGROUP_UDP4_SENDMSG),
+            (b"pa_sendmsg6", bcc.BPF.CGROUP_SOCK_ADDR, at.CGROUP_UDP6_SENDMSG),
+            (b"pa_ingress", bcc.BPF.CGROUP_SKB, at.CGROUP_INET_INGRESS),
+        ]
+        for name, ptype, atype in programs:
+            try:
+                fn = bpf.load_func(name, ptype, None, atype)
+            except Exception as exc:  # bcc raises a bare Exception with the verifier's errno
+                raise EnforcementError(f"ebpf/{SOURCE}: {name.decode()}: load failed: {exc}") from exc
+            self._cgroup_progs.append((name.decode(), fn.fd, atype))
+        self._link_cgroup()
+
+    def _link_cgroup(self) -> None:
+        try:
+            cg = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise EnforcementError(f"{self.cgroup}: cannot open the cgroup v2 root: {exc.strerror}") from exc
+        try:
+            for name, fd, atype in self._cgroup_progs:
+                try:
+                    self._links.append(bpfmap.link_create(fd, cg, atype))
+                except CwliteError as exc:
+                    raise EnforcementError(f"{self.cgroup}: {name}: cannot attach: {exc}") from exc
+        finally:
+            os.close(cg)
+
+    def attached(self, on: bool) -> None:
+        """Detach (False) or re-attach (True) every program, keeping maps and counts: for benchmarks
+        that compare the same traffic with and without Port Authority in interleaved rounds."""
+        if not on:
+            for fd in self._links:
+                os.close(fd)
+            self._links = []
+            names = [self._ifname(idx) for idx, _ in self._tc]
+            self._detach_tc()
+            self._paused_tc = names
+        elif not self._links:
+            self._link_cgroup()
+            for name in self._paused_tc:
+                self._attach_tc(name)
+            self._paused_tc = []
+
+    @staticmethod
+    def _ifname(idx: int) -> str:
+        with IPRoute() as ipr:
+            return ipr.get_links(idx)[0].get_attr("IFLA_IFNAME")
+
+    def _attach_tc(self, ifname: str) -> None:
+        import bcc  # loaded by ebpf.loader already
+
+        fn = self._require().load_func(b"pa_tc_ingress", bcc.BPF.SCHED_CLS)
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                raise EnforcementError(f"interface {ifname!r}: no such interface")
+            idx = found[0]
+            made = True
+            try:
+                ipr.tc("add", "clsact", idx)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise EnforcementError(f"interface {ifname}: cannot add clsact: {exc}") from exc
+                made = False
+            try:
+                ipr.tc("add-filter", "bpf", idx, TC_HANDLE, fd=fn.fd, name="cwl_pa_tc", parent=CLSACT_INGRESS,
+                       prio=TC_PRIO, classid=1, direct_action=True)
+            except NetlinkError as exc:
+                if made:
+                    ipr.tc("del", "clsact", idx)
+                raise EnforcementError(f"interface {ifname}: cannot attach the tc classifier: {exc}") from exc
+            self._tc.append((idx, made))
+
+    def _detach_tc(self) -> None:
+        with IPRoute() as ipr:
+            for idx, made in self._tc:
+                try:
+                    if made:
+                        ipr.tc("del", "clsact", idx)
+                    else:
+                        ipr.tc("del-filter", "bpf", idx, TC_HANDLE, parent=CLSACT_INGRESS, prio=TC_PRIO)
+                except NetlinkError:
+                    pass  # the interface went away (a test's veth): its filters went with it
+        self._tc = []
+
+    # ---- rules ---------------------------------------------------------------------------
+    def reload(self, policy: Policy, label_ids: Mapping[str, int]) -> None:
+        """Write the rule set (label masks by PRIMA's `label_ids`) into the idle slot, then flip cwl_pa_gen."""
+        bpf = self._require()
+        ids = dict(label_ids)
+        rules = kernel_rules(policy, ids)
+        sets = bpf[b"cwl_pa_sets"]
+        leaf = sets.Leaf()
+        leaf.nrules = len(rules)
+        leaf.enforce = 1 if policy.mode == "enforce" else 0
+        for i, r in enumerate(rules):
+            kr = leaf.rules[i]
+            kr.labels, kr.port, kr.proto, kr.kind, kr.nnets = r.labels, r.port, r.proto, r.kind, len(r.nets)
+            if r.local:
+                kr.local_family = r.local[0]
+                ctypes.memmove(kr.local_addr, r.local[1], 16)
+            for j, (family, prefix, addr, mask) in enumerate(r.nets):
+                kr.nets[j].family, kr.nets[j].prefix = family, prefix
+                ctypes.memmove(kr.nets[j].addr, addr, 16)
+                ctypes.memmove(kr.nets[j].mask, mask, 16)
+        gen = 0 if self._gen != 0 else 1
+        sets[sets.Key(gen)] = leaf
+        bpf[b"cwl_pa_gen"][bpf[b"cwl_pa_gen"].Key(0)] = ctypes.c_uint32(gen)
+        self._gen = gen
+        self._policy = policy
+        self._labels = {lid: name for name, lid in ids.items()}
+
+    # ---- events --------------------------------------------------------------------------
+    def _label_name(self, lid: int) -> str:
+        return self._labels.get(lid, f"#{lid}" if lid else "")
+
+    def _on_record(self, ctx: object, data: int, size: int) -> None:
+        """Ring-buffer callback: decode and queue only (a listener once per label, protocol, port)."""
+        try:
+            rec = ctypes.cast(data, ctypes.POINTER(PaEvent)).contents
+            label, proto = self._label_name(rec.label), PROTO_WORDS.get(rec.proto, str(rec.proto))
+            key = (label, proto, rec.port)
+            if key in self._seen_listeners:
+                return
+            self._seen_listeners.add(key)
+            digest, exe = _exe_measurement(rec.tgid)
+            subject = PaSubject(proto, rec.port, rec.rule, exe=exe)
+            self._queue.append(Event(EventKind.PA_LISTENER, digest, label, "listen", subject.text(),
+                                     {"tgid": rec.tgid, "comm": bytes(rec.comm).split(b"\0", 1)[0].decode(errors="replace"),
+                                      "backend": self.backend}))
+        except Exception:  # never raise into ctypes: counted and reported as lost
+            self._decode_errors += 1
+
+    def _flush_counts(self) -> None:
+        """One pa-refused entry per count key that grew since the last flush."""
+        table = self._require()[b"cwl_pa_counts"]
+        for key, per_cpu in table.items():
+            total = sum(per_cpu)
+            raw = bytes(key)
+            new = total - self._counts_seen.get(raw, 0)
+            if new <= 0:
+                continue
+            self._counts_seen[raw] = total
+            subject = PaSubject(PROTO_WORDS.get(key.proto, str(key.proto)), key.port, key.rule,
+                                WHY_WORDS.get(key.why, str(key.why)), ACTIONS.get(key.action, str(key.action)), new)
+            self._queue.append(Event(EventKind.PA_REFUSED, label=self._label_name(key.label),
+                                     op=OP_WORDS.get(key.op, str(key.op)), subject=subject.text(),
+                                     detail={"count": new, "total": total, "backend": self.backend}))
+        drops = self._require()[b"cwl_pa_drops"]
+        lost = {}
+        for i, name in DROPS.items():
+            total = sum(drops[drops.Key(i)])
+            if total > self._drops_seen[i]:
+                lost[name] = total - self._drops_seen[i]
+                self._drops_seen[i] = total
+        if self._decode_errors:
+            lost["undecodable"], self._decode_errors = self._decode_errors, 0
+        if lost:
+            self._queue.append(Event(EventKind.LOST_EVENTS, subject="portauthority " + ", ".join(
+                f"{k}={v}" for k, v in sorted(lost.items())), detail=lost))
+        self._last_flush = time.monotonic()
+
+    def counts(self) -> dict[tuple[str, str, str, int, str, str], int]:
+        """Totals since load by (label, op, protocol, port, why, action): for tests and `cwlite pa show`."""
+        table = self._require()[b"cwl_pa_counts"]
+        return {(self._label_name(k.label), OP_WORDS.get(k.op, str(k.op)), PROTO_WORDS.get(k.proto, str(k.proto)),
+                 k.port, WHY_WORDS.get(k.why, str(k.why)), ACTIONS.get(k.action, str(k.action))): sum(v)
+                for k, v in table.items()}
+
+    def poll(self, timeout_ms: int = 100, *, flush: bool = False) -> list[Event]:
+        """Wait up to `timeout_ms` for listener events; add the counts' entries when an interval has
+        passed (or `flush`). Returns every queued Event."""
+        self._require().ring_buffer_poll(timeout_ms)
+        if flush or time.monotonic() - self._last_flush >= self.interval_s:
+            self._flush_counts()
+        return self.drain()
+
+    def drain(self) -> list[Event]:
+        out = list(self._queue)
+        self._queue.clear()
+        return out
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Detach everything (links closed, tc filters removed); the last counts stay queued for drain()."""
+        if self._bpf is None:
+            return
+        try:
+            if self._ring:
+                self._bpf.ring_buffer_consume()
+                self._flush_counts()
+        finally:
+            for fd in self._links:
+                os.close(fd)
+            self._links = []
+            self._detach_tc()
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def bpf(self) -> "bcc.BPF":
+        """The loaded programs and maps (bcc), by net.bpf.c's names. Raises when closed."""
+        return self._require()
+
+    def _require(self) -> "bcc.BPF":
+        if self._bpf is None:
+            raise EnforcementError(f"portauthority/{self.backend}: engine is closed")
+        return self._bpf

@@ -1,0 +1,185 @@
+"""Tracepoint backend: attach the per-syscall programs only while a labelled process exists.
+
+Any attached syscall tracepoint sends every syscall of every process through the kernel's traced
+entry path, and exec.bpf.c's raw `sys_enter` program (32-bit syscalls, which per-syscall
+tracepoints never see) runs on each of them. The programs that judge only what a labelled
+process does itself (ARMED_PROGRAMS) are therefore attached only while one exists ("armed"); the
+others stay attached for the engine's life (sched_process_exec/fork/exit, which grant and track
+labels; sys_enter_mmap, whose taint guards measured files against every process; sys_enter_bpf,
+the self-protection guard; ptrace/process_vm_writev/open exits, an outsider's attacks on a TP;
+signal_generate, below).
+
+The race, and why it closes (exec.bpf.c `cwl_entered`):
+- Arm: a process that enters a label from none while cwl_arm[ARMED] is clear is held: the exec
+  program sets CWL_TL_HELD, sends it SIGSTOP (taken before its first user instruction) and posts
+  its tgid on cwl_arm_req. This thread wakes, attaches the programs, sets ARMED, then clears
+  CWL_TL_HELD and continues the process: its first instruction runs with every program attached.
+  A SIGCONT from anyone else first is a logged violation (signal_generate: the sender is
+  killed); the released process is killed here. A 64-bit ptrace of the held process is judged by
+  the always-attached ptrace exit like any other.
+- Disarm (no labelled process for DISARM_AFTER_S): clear ARMED and LIVE, wait one RCU grace
+  period (membarrier(MEMBARRIER_CMD_GLOBAL) is synchronize_rcu(), and every BPF tracepoint program
+  runs inside rcu_read_lock), then look again: an exec that read ARMED still set has inserted its
+  label by then and is found (re-arm); one that reads it clear is held. Only when none is found are
+  the programs detached. If the grace period cannot be had, the engine stays armed (fail closed).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from cext import bpfmap
+from controlplane.core.errors import CwliteError
+from ebpf import abi
+from prima import selfprotect
+
+if TYPE_CHECKING:
+    import bcc
+
+# exec.bpf.c's programs attached only while armed (bcc names: raw tracepoint / category:event).
+ARMED_RAW = ("sys_enter",)
+ARMED_TRACEPOINTS = tuple(f"syscalls:sys_enter_{n}" for n in (
+    "mprotect", "pkey_mprotect", "shmat", "io_uring_setup",
+    "kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_send_signal"))
+DISARM_AFTER_S = 2.0     # no labelled process for this long: detach
+ARM_POLL_MS = 200        # the arming thread also looks this often (a lost arm request is found)
+MEMBARRIER_CMD_GLOBAL = 1
+SYS_MEMBARRIER = 324     # x86_64
+
+
+def _flag(bpf: "bcc.BPF", which: str, value: int) -> None:
+    table = bpf[b"cwl_arm"]
+    table[table.Key(abi.value(f"CWL_ARM_{which}"))] = ctypes.c_uint32(value)
+
+
+def _grace_period() -> bool:
+    """One RCU grace period (membarrier(MEMBARRIER_CMD_GLOBAL) calls synchronize_rcu()); False when refused."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(SYS_MEMBARRIER, MEMBARRIER_CMD_GLOBAL, 0, 0) == 0
+
+
+class Arming:
+    """BPF: exec.bpf.c (tracepoint) cwl_arm, cwl_arm_req, ARMED_RAW / ARMED_TRACEPOINTS: attaches
+    them while a labelled process exists; a thread of the daemon does it (see the module text)."""
+
+    def __init__(self, bpf: "bcc.BPF") -> None:
+        from bcc import libbcc  # loaded already (the engine compiled): bcc decides at import where tracefs is
+
+        self._bpf = bpf
+        self._lib = libbcc.lib
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.armed = True  # bcc attached every program at load
+        self.arms = 0      # times armed since start (tests and benchmarks read it)
+        self.errors = 0    # failed steps (the engine reports each as lost events: enforcement was impaired)
+        self.last_error: Exception | None = None
+        self._idle_since: float | None = None
+        self._cb = libbcc._RINGBUF_CB_TYPE(lambda ctx, data, size: 0)  # records only wake the thread
+        self._rb = self._lib.bpf_new_ringbuf(bpf[b"cwl_arm_req"].map_fd, self._cb, None)
+        if not self._rb:
+            raise OSError("cwl_arm_req: cannot open the ring buffer")
+        self._disarm_now()  # nothing is labelled before the first generation is written
+        self._thread = threading.Thread(target=self._run, name="cwlite-arming", daemon=True)
+        self._thread.start()
+
+    # ---- the thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._lib.bpf_poll_ringbuf(self._rb, ARM_POLL_MS)
+            if self._stop.is_set():
+                break
+            with self._lock:
+                try:
+                    self.step()
+                except Exception as exc:  # noqa: BLE001 - kept for the engine to log; held processes stay held
+                    self.errors += 1
+                    self.last_error = exc
+
+    def step(self) -> None:
+        """Arm when a labelled process exists (and release held ones); disarm after DISARM_AFTER_S without one."""
+        labelled = self._labelled()
+        if labelled:
+            self._idle_since = None
+            if not self.armed or any(flags & abi.value("CWL_TL_HELD") for _, flags in labelled.values()):
+                self._arm(labelled)
+            return
+        if not self.armed:
+            return
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since >= DISARM_AFTER_S:
+            self._disarm_now()
+
+    def _labelled(self) -> dict[int, tuple[int, int]]:
+        """tgid -> (label, flags) of every labelled process (the daemon's reserved label left out)."""
+        daemon = selfprotect.daemon_label()
+        return {k.value: (v.label, v.flags) for k, v in self._bpf[b"cwl_task_labels"].items() if v.label != daemon}
+
+    def _arm(self, labelled: dict[int, tuple[int, int]]) -> None:
+        bpf = self._bpf
+        if not self.armed:
+            for tp in ARMED_RAW:
+                if tp.encode() not in bpf.raw_tracepoint_fds:
+                    bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=f"raw_tracepoint__{tp}".encode())
+            for tp in ARMED_TRACEPOINTS:
+                if tp.encode() not in bpf.tracepoint_fds:
+                    bpf.attach_tracepoint(tp=tp.encode(), fn_name=f"tracepoint__{tp.replace(':', '__')}".encode())
+            self.armed = True
+            self.arms += 1
+        _flag(bpf, "LIVE", 1)
+        _flag(bpf, "ARMED", 1)
+        self._release(labelled)
+
+    def _release(self, labelled: dict[int, tuple[int, int]]) -> None:
+        """Continue the held processes (the programs are attached); kill those someone else continued."""
+        held, released = abi.value("CWL_TL_HELD"), abi.value("CWL_TL_RELEASED")
+        fd = self._bpf[b"cwl_task_labels"].map_fd
+        for tgid, (label, flags) in labelled.items():
+            if not flags & held:
+                continue
+            key = struct.pack("=I", tgid)
+            with contextlib.suppress(CwliteError):  # gone meanwhile: nothing to release (BPF_EXIST: never re-added)
+                bpfmap.update(fd, key, struct.pack("=II", label, flags & ~held), bpfmap.BPF_EXIST)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(tgid, signal.SIGKILL if flags & released else signal.SIGCONT)
+
+    def _disarm_now(self) -> None:
+        bpf = self._bpf
+        _flag(bpf, "ARMED", 0)
+        _flag(bpf, "LIVE", 0)
+        labelled = self._labelled() if _grace_period() else None
+        if labelled is None or labelled:
+            self._arm(labelled or {})  # a label entered meanwhile, or no grace period: stay armed
+            self._idle_since = None
+            return
+        for tp in ARMED_RAW:
+            if tp.encode() in bpf.raw_tracepoint_fds:
+                bpf.detach_raw_tracepoint(tp=tp.encode())
+        for tp in ARMED_TRACEPOINTS:
+            if tp.encode() in bpf.tracepoint_fds:
+                bpf.detach_tracepoint(tp=tp.encode())
+        self.armed = False
+        self._idle_since = None
+
+    # ---- control ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep the attachment as it is meanwhile (benchmarks detach programs for a baseline round)."""
+        with self._lock:
+            yield
+
+    def close(self) -> None:
+        """Stop the thread; continue any process still held (the engine is stopping: nothing is enforced after)."""
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            labelled = self._labelled()
+            self._release(labelled)
+        self._lib.bpf_free_ringbuf(self._rb)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -34,6 +35,7 @@ SUITES = {GUEST_DIR: DEFAULT_APPEND, IMA_GUEST_DIR: f"{DEFAULT_APPEND} ima_polic
 VM_TIMEOUT = 840.0  # the whole tier must stay under 15 minutes, even on a loaded machine
 IMA_VM_TIMEOUT = 900.0  # the kernel-IMA suite's own boot: ima_policy=tcb hashes every file root reads (one
                         # guest test: 14 min 20 s under load average 15, boot 250 s of it; ~65 s boots idle)
+DEB_TIMEOUT = 2400.0  # `make deb` when build/deb has none: ~1 min idle, ~7 min under load (pip, cffi, xz)
 # The guest's /tmp is an overlay of 9p and tmpfs, where stat() and the kernel
 # disagree about a file's device: guest tests keep their files on /run (tmpfs).
 GUEST_BASETEMP = "/run/cwlite-guest-tmp"
@@ -119,9 +121,23 @@ def guest_sessions(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     return {"get": get}
 
 
+def _ensure_deb(rwdir: Path, facts: dict) -> None:
+    """`make deb` on the host before the boot, when build/deb has no package: the guest installs it
+    (guest/test_deb_install.py), and the guest's root is read-only."""
+    if list((REPO_ROOT / "build/deb").glob("cwlite_*_amd64.deb")) or not shutil.which("dpkg-buildpackage"):
+        return
+    log = rwdir / "make-deb.log"
+    with log.open("w") as out:
+        rc = subprocess.run(["make", "deb"], cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            timeout=DEB_TIMEOUT).returncode
+    facts["make deb (for the guest's install test)"] = f"rc {rc}, log {log}"
+
+
 def _boot_suite(suite: str, tmp_path_factory: pytest.TempPathFactory, facts: dict) -> GuestSession:
     """Boot once and run the whole guest folder; the junit file comes back through the rwdir."""
     rwdir = tmp_path_factory.mktemp("vm")
+    if suite == GUEST_DIR:
+        _ensure_deb(rwdir, facts)
     junit = rwdir / "guest.xml"
     env = f"{GUEST_ENV}=1 CWLITE_VM_RESULTS={rwdir}"
     command = f"env {env} " + " ".join(_guest_command(suite, f"--junitxml={junit}", f"--basetemp={GUEST_BASETEMP}",

@@ -79,7 +79,7 @@ class _Peer:
         try:
             data = resp.json()
         except ValueError as exc:
-            raise VerifyError(f"{self.url}{path}: HTTP {resp.status_code}: not JSON", reason="protocol") from exc
+            raise VerifyError(f"{self.url}{path}: HTTP {resp.status_code}: not JSON: {resp.text[:120]!r}", reason="protocol") from exc
         if resp.status_code != 200:
             msg = data.get("error") if isinstance(data, dict) else data
             raise VerifyError(f"{self.url}{path}: HTTP {resp.status_code}: {msg}", reason="protocol")

@@ -51,8 +51,6 @@ def _verifier_quotes(url: str, host, n: int) -> list[float]:
     return times
 
 
-@pytest.mark.xfail(reason="known defect, issue 28 left open: after this wave's merges the verifier's quote in this "
-                          "test gets a non-JSON HTTP 503 (it passed on its branch); not yet understood", strict=False)
 def test_the_verifier_is_answered_through_slowloris_and_a_quote_flood(tmp_path, tpm, reference) -> None:
     with socket.socket() as s:                  # the attacker's address must be usable here
         s.bind((ATTACKER, 0))

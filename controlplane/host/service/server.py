@@ -36,7 +36,10 @@ class GuardedH11(H11Protocol):
         super().connection_made(transport)
         addr = self.client[0] if self.client else None
         if addr is not None and sum(1 for c in self.connections if c.client and c.client[0] == addr) > PER_CLIENT_CONNECTIONS:
-            transport.close()
+            # out of the concurrency count NOW: a burst of connects is accepted before any close completes,
+            # and uvicorn counts open connections against MAX_CONNECTIONS (503 to everyone, the verifier too)
+            self.connections.discard(self)
+            transport.abort()
             return
         self._arm_deadline()
 

@@ -59,11 +59,8 @@ _GRACE = 10.0
 
 
 def _sha256_file(path: Path) -> bytes:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
+        return hashlib.file_digest(f, "sha256").digest()
 
 
 @dataclass(frozen=True)

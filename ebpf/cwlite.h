@@ -595,6 +595,7 @@ static __always_inline void cwl_file_path(const void *file, char *buf)
 #define CWL_PA_OP_SEND 5    /* UDP sendmsg to an address */
 #define CWL_PA_OP_RECEIVE 6 /* a packet reaching a labelled socket */
 #define CWL_PA_OP_PACKET 7  /* tc ingress: a packet to a Port Authority port */
+#define CWL_PA_OP_SOCKET 8  /* a labelled process makes a socket no rule can judge (AF_PACKET) */
 
 /* Why it was refused (0: allowed). */
 #define CWL_PA_WHY_NONE 0
@@ -608,6 +609,9 @@ static __always_inline void cwl_file_path(const void *file, char *buf)
 #define CWL_PA_UDP 17
 #define CWL_PA_INET 4
 #define CWL_PA_INET6 6
+
+/* Socket address families (uapi linux/socket.h). */
+#define CWL_AF_PACKET 17
 
 /* A peer network: an address is inside when (address & mask) == addr, word by word
  * (the engine writes the mask of the prefix length: the check stays branch-free). */

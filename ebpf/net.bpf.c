@@ -14,6 +14,9 @@
  *   pa_tc_ingress   tc clsact ingress on the host's interfaces: a packet to a port a
  *                   listen rule governs, from a peer no such rule admits, is dropped
  *                   before any socket sees it
+ *   sys_enter_socket (syscall tracepoint, attached by bcc) a labelled process making a
+ *                   socket no program here can judge (AF_PACKET) is SIGKILLed before
+ *                   socket() returns to its code (cwl_pa_decide_socket)
  * Refusals are counted per (label, rule, op, port, reason) in cwl_pa_counts (per CPU):
  * the engine logs each interval's counts as one entry per key, so a flood makes
  * counts, not entries. A listener a rule allows is an event (cwl_pa_events).
@@ -197,6 +200,33 @@ int pa_connect4(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA
 int pa_connect6(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA_OP_CONNECT, 1); }
 int pa_sendmsg4(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA_OP_SEND, 0); }
 int pa_sendmsg6(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA_OP_SEND, 1); }
+
+/* socket(2) by a labelled process of a family Port Authority cannot judge (AF_PACKET): killed at
+ * sys_enter, so the call never returns to its code (the tracepoint backend's refusal, as PRIMA's). */
+TRACEPOINT_PROBE(syscalls, sys_enter_socket)
+{
+	u32 label = cwl_pa_task_label();
+	struct cwl_pa_query q;
+	struct cwl_pa_verdict v = {.allowed = 0, .rule = 0, .why = CWL_PA_WHY_NONE};
+	const struct cwl_pa_set *set;
+
+	if (!label)
+		return 0;
+	v.why = cwl_pa_decide_socket(label, (u32)args->family);
+	if (v.why == CWL_PA_WHY_NONE)
+		return 0;
+	__builtin_memset(&q, 0, sizeof(q));
+	q.label = label;
+	q.op = CWL_PA_OP_SOCKET;
+	set = cwl_pa_live();
+	if (set && !set->enforce) {
+		cwl_pa_count(&q, &v, CWL_ACT_ALLOWED);
+		return 0;
+	}
+	cwl_pa_count(&q, &v, CWL_ACT_KILLED);
+	bpf_send_signal(9 /* SIGKILL */);
+	return 0;
+}
 
 /* cgroup_skb ingress: the skb starts at its IP header. 1 pass, 0 drop. */
 int pa_ingress(struct __sk_buff *skb)

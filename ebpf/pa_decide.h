@@ -22,6 +22,9 @@
  *              (the replies to what the label may connect to)
  * tc's packet query refuses only packets to a port some listen rule governs,
  * from a peer no such rule admits: ports no rule names stay with unlabelled processes.
+ *
+ * Every judgement above is made on a socket of the label (sock_create stamps it); a socket
+ * Port Authority cannot judge is refused at socket() (cwl_pa_decide_socket).
  */
 #ifndef CWL_PA_DECIDE_H
 #define CWL_PA_DECIDE_H
@@ -131,6 +134,16 @@ allow:
 	/* tc: a packet no listen rule governs passes (why still NONE); branch-free, see above */
 	v.allowed = packet & ((v.why - 1) >> 31);
 	return v;
+}
+
+/* May a process of `label` make a socket of family `family`? An AF_PACKET socket sees every
+ * packet on the host and no program of Port Authority judges its input (cgroup sock_create,
+ * sock_addr and cgroup_skb run for inet sockets only): a labelled process may not have one.
+ * Inet sockets, raw ones included, are stamped and judged packet by packet; AF_UNIX and
+ * netlink carry no network input. CWL_PA_WHY_NONE: allowed. */
+static __always_inline u32 cwl_pa_decide_socket(u32 label, u32 family)
+{
+	return label && family == CWL_AF_PACKET ? CWL_PA_WHY_PROTO : CWL_PA_WHY_NONE;
 }
 
 /* ---- packets: what cgroup_skb (L3 at offset 0) and tc (L2 first) read, once ----------- */

@@ -53,7 +53,8 @@ TC_HANDLE = 0x1c0c0001   # the filter's handle on clsact ingress ("cwl" + 1)
 TC_PRIO = 0xc0c0
 CLSACT_INGRESS = "ffff:fff2"
 PROTO_WORDS = {abi.value("CWL_PA_TCP"): "tcp", abi.value("CWL_PA_UDP"): "udp"}
-ACTIONS = {abi.value("CWL_ACT_DENIED"): "denied", abi.value("CWL_ACT_ALLOWED"): "allowed"}
+ACTIONS = {abi.value("CWL_ACT_DENIED"): "denied", abi.value("CWL_ACT_KILLED"): "killed",
+           abi.value("CWL_ACT_ALLOWED"): "allowed"}
 DROPS = {v: n.lower() for v, n in abi.names("CWL_PA_DROP_", exclude=("CWL_PA_DROP_MAX",)).items()}
 DROP_MAX = abi.value("CWL_PA_DROP_MAX")
 

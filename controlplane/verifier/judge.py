@@ -19,7 +19,7 @@ from controlplane.core.selinux_render import render
 
 # Port Authority ops a TP makes itself (refused: the TP tried to step outside its rules) vs what
 # the network sends it (refused: the filter did its job; anyone outside can make these).
-PA_TP_OPS = frozenset({"bind", "listen", "accept", "connect", "send"})
+PA_TP_OPS = frozenset({"bind", "listen", "accept", "connect", "send", "socket"})
 
 # Kinds whose verdict depends only on the entry's (name, digest) and the Reference: judged once per
 # distinct pair (a log repeats them), the rest (facts, order, nonce) entry by entry.
@@ -257,7 +257,7 @@ class Judge:
         s = parse_pa_subject(ev.subject)
         if s is None:
             return Verdict.UNTRUSTED, "unknown-entry"
-        if s.action != "denied":
+        if s.action not in ("denied", "killed"):
             return Verdict.UNTRUSTED, f"pa-{ev.op}-outside-rules"
         if ev.label and ev.op in PA_TP_OPS:
             return Verdict.UNTRUSTED, f"pa-{ev.op}-refused"

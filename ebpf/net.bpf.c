@@ -139,6 +139,10 @@ static __always_inline void cwl_pa_addr_query(struct bpf_sock_addr *ctx, struct 
 	if (!v6) {
 		q->family = CWL_PA_INET;
 		addr[0] = ctx->user_ip4;
+	} else if (ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 && ctx->user_ip6[2] == bpf_htonl(0xffff)) {
+		/* ::ffff:a.b.c.d: IPv4 on the wire and in cgroup_skb's view of its packets, so judged as a.b.c.d */
+		q->family = CWL_PA_INET;
+		addr[0] = ctx->user_ip6[3];
 	} else {
 		q->family = CWL_PA_INET6;
 		addr[0] = ctx->user_ip6[0];

@@ -57,6 +57,11 @@ def describe_rule(rule: PortRule) -> str:
     return f"{rule.op} {rule.protocol}/{rule.port} for {', '.join(rule.labels)} from {peers}{where}"
 
 
+def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """::ffff:a.b.c.d is a.b.c.d, as net.bpf.c judges it (IPv4 on the wire)."""
+    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
+
+
 def _in_peers(rule: PortRule, peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
     if peer is None:
         return False
@@ -79,8 +84,8 @@ def decide(policy: Policy, label: str, op: str, protocol: str, port: int, *, pee
     if label and label not in policy.labels:
         raise PolicyError(f"{policy.source}: label {label!r} is not in the policy (labels: {', '.join(sorted(policy.labels))})")
     try:
-        peer_ip = ipaddress.ip_address(peer) if peer else None
-        local_ip = ipaddress.ip_address(local) if local else None
+        peer_ip = _unmapped(ipaddress.ip_address(peer)) if peer else None
+        local_ip = _unmapped(ipaddress.ip_address(local)) if local else None
     except ValueError as exc:
         raise PolicyError(f"address: {exc}") from None
     if not label and op != "packet":

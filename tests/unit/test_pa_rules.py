@@ -63,6 +63,9 @@ def pol():
     ("tp_fetch", "connect", "tcp", 443, "192.0.2.7", None, True, 2, ""),
     ("tp_fetch", "connect", "tcp", 443, "198.51.100.1", None, False, 2, "peer"),
     ("tp_fetch", "receive", "tcp", 443, "192.0.2.7", None, True, 2, ""),             # the replies
+    ("tp_fetch", "connect", "tcp", 443, "::ffff:192.0.2.7", None, True, 2, ""),      # IPv4-mapped: the IPv4 peer
+    ("tp_fetch", "connect", "tcp", 443, "::ffff:198.51.100.1", None, False, 2, "peer"),
+    ("tp_build", "bind", "tcp", 8443, None, "::ffff:127.0.0.1", True, 1, ""),
     ("tp_fetch", "listen", "tcp", 443, None, None, False, None, "no-rule"),
     ("", "accept", "tcp", 22, "198.51.100.1", None, True, None, "unlabelled"),
     ("", "packet", "tcp", 3632, "192.168.1.1", None, False, 0, "peer"),               # tc: a governed port

@@ -3,7 +3,9 @@
 BPF: ebpf/net.bpf.c (-DCWL_BACKEND_TP) — cgroup sock_create, bind4/6, connect4/6,
 sendmsg4/6 and cgroup_skb ingress on the root cgroup (`cgroup`), each attached
 through a BPF link (the attachment dies with the daemon, as bcc's tracepoints do),
-and a tc clsact ingress classifier on each of `interfaces`, attached with pyroute2.
+and a tc clsact ingress classifier on each of `interfaces`, attached with pyroute2 and
+checked every interval (a removed classifier or one that no longer runs first is a violation
+entry; a removed one is attached again). bcc attaches syscalls:sys_enter_socket itself.
 
 Labels are PRIMA's: the engine is made after a running `prima.engine.Engine` in the
 same process, whose `cwl_task_labels` the programs read (bcc "extern" table: loading
@@ -52,6 +54,7 @@ INTERVAL_S = 1.0         # counts become entries at most once per interval
 TC_HANDLE = 0x1c0c0001   # the filter's handle on clsact ingress ("cwl" + 1)
 TC_PRIO = 0xc0c0
 CLSACT_INGRESS = "ffff:fff2"
+TC_NAME = "cwl_pa_tc"
 PROTO_WORDS = {abi.value("CWL_PA_TCP"): "tcp", abi.value("CWL_PA_UDP"): "udp"}
 ACTIONS = {abi.value("CWL_ACT_DENIED"): "denied", abi.value("CWL_ACT_KILLED"): "killed",
            abi.value("CWL_ACT_ALLOWED"): "allowed"}
@@ -112,6 +115,8 @@ class Engine:
         self._links: list[int] = []
         self._tc: list[tuple[int, bool]] = []  # (ifindex, clsact made by us)
         self._paused_tc: list[str] = []
+        self._tc_names: dict[int, str] = {}  # ifindex -> name, for the watch (_check_tc)
+        self._tc_faults: dict[str, str] = {}  # name -> the fault last logged for it
         self._cgroup_progs: list[tuple[str, int, int]] = []  # (name, prog fd, attach type)
         self._seen_listeners: set[tuple[str, str, int]] = set()
         self._counts_seen: dict[bytes, int] = {}
@@ -213,13 +218,47 @@ class Engine:
                     raise EnforcementError(f"interface {ifname}: cannot add clsact: {exc}") from exc
                 made = False
             try:
-                ipr.tc("add-filter", "bpf", idx, TC_HANDLE, fd=fn.fd, name="cwl_pa_tc", parent=CLSACT_INGRESS,
+                ipr.tc("add-filter", "bpf", idx, TC_HANDLE, fd=fn.fd, name=TC_NAME, parent=CLSACT_INGRESS,
                        prio=TC_PRIO, classid=1, direct_action=True)
             except NetlinkError as exc:
                 if made:
                     ipr.tc("del", "clsact", idx)
                 raise EnforcementError(f"interface {ifname}: cannot attach the tc classifier: {exc}") from exc
             self._tc.append((idx, made))
+            self._tc_names[idx] = ifname
+
+    def _tc_fault(self, ipr: IPRoute, idx: int, name: str) -> str:
+        """What is wrong with the classifier on `name` ("" = it is the first ingress filter there)."""
+        if ipr.link_lookup(ifname=name) != [idx]:
+            return "interface gone or replaced"
+        found = [m for m in ipr.get_filters(index=idx, parent=CLSACT_INGRESS) if m["handle"]]  # none without clsact
+        ours = [m for m in found if m["handle"] == TC_HANDLE and m["info"] >> 16 == TC_PRIO
+                and m.get_attr("TCA_OPTIONS") is not None and m.get_attr("TCA_OPTIONS").get_attr("TCA_BPF_NAME") == TC_NAME]
+        if not ours:
+            return "classifier removed"
+        first = min(m["info"] >> 16 for m in found)
+        if first < TC_PRIO:
+            return f"a filter at prio {first} runs before it"
+        return ""
+
+    def _check_tc(self) -> None:
+        """tc filters are netlink objects, out of reach of PRIMA's bpf(2) self-protection: root can delete
+        cwlite's classifier or put a filter before it without a bpf call. Each interval every interface
+        must still run it first on clsact ingress; a change is logged once as a violation, and a removed
+        classifier is attached again."""
+        with IPRoute() as ipr:
+            for idx, made in list(self._tc):
+                name = self._tc_names.get(idx, str(idx))
+                fault = self._tc_fault(ipr, idx, name)
+                if fault and self._tc_faults.get(name) != fault:
+                    self._queue.append(Event(EventKind.VIOLATION, op="pa-tc", subject=f"{name}: {fault}",
+                                             detail={"interface": name, "backend": self.backend}))
+                self._tc_faults[name] = fault
+                if fault == "classifier removed":
+                    self._tc.remove((idx, made))
+                    self._attach_tc(name)
+                    new_idx, new_made = self._tc.pop()
+                    self._tc.append((new_idx, made or new_made))
 
     def _detach_tc(self) -> None:
         with IPRoute() as ipr:
@@ -282,7 +321,8 @@ class Engine:
             self._decode_errors += 1
 
     def _flush_counts(self) -> None:
-        """One pa-refused entry per count key that grew since the last flush."""
+        """One pa-refused entry per count key that grew since the last flush (and the tc watch)."""
+        self._check_tc()
         table = self._require()[b"cwl_pa_counts"]
         for key, per_cpu in table.items():
             total = sum(per_cpu)

@@ -20,41 +20,76 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, NetNS, netns
 
+from controlplane.core import imalog
 from controlplane.core.events import Event, EventKind, parse_pa_subject
 from controlplane.core.policy import Policy, parse_policy
 from portauthority import rules
-from portauthority.engine import Engine as PaEngine
+from controlplane.verifier.judge import Facts, Judge, Reference
+from portauthority.engine import CLSACT_INGRESS, COUNT_MAX, Engine as PaEngine
 from prima import selfprotect
 from prima.engine import TASK_MAX, Engine
+from tests.bypass.backend import Killed
 from tests.bypass.lab import LDSO, shared_libs
 from tests.prima_fixtures import measure_files
 
 NETHELPER_C = r"""
 #include <arpa/inet.h>
 #include <errno.h>
+#include <linux/if_ether.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
-/* listen ADDR PORT N: bind (tcp), listen, print the port, serve N connections ("ok\n" to each)
+/* listen ADDR PORT N: bind (tcp; ADDR v4 or v6), listen, print the port, serve N connections ("ok\n" to each)
    listen-any N: listen without bind (the kernel picks a port), print it, serve N
-   udp-recv PORT SECONDS: bind udp, print the number of datagrams received in SECONDS */
+   serve-fd FD N: serve N connections on listening socket FD (inherited, not its own)
+   recv-fd PATH: take a socket over SCM_RIGHTS from the unix socket PATH, print what it reads
+   connect ADDR PORT: tcp connect, send "hi\n", print the reply
+   udp-recv PORT SECONDS: bind udp, print the number of datagrams received in SECONDS
+   raw-udp SECONDS: an AF_INET raw socket for UDP: print the number of datagrams it saw
+   packet: an AF_PACKET socket
+   bind-many FIRST N: bind tcp to ports FIRST..FIRST+N-1, print how many were refused (EPERM) */
+static int addr_of(const char *text, int port, struct sockaddr_storage *a)
+{
+	memset(a, 0, sizeof *a);
+	if (strchr(text, ':')) {
+		struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)a;
+		a6->sin6_family = AF_INET6;
+		a6->sin6_port = htons(port);
+		inet_pton(AF_INET6, text, &a6->sin6_addr);
+		return sizeof *a6;
+	}
+	struct sockaddr_in *a4 = (struct sockaddr_in *)a;
+	a4->sin_family = AF_INET;
+	a4->sin_port = htons(port);
+	inet_pton(AF_INET, text, &a4->sin_addr);
+	return sizeof *a4;
+}
+static const char *text_of(struct sockaddr_storage *a, char *buf, size_t n)
+{
+	if (a->ss_family == AF_INET6)
+		return inet_ntop(AF_INET6, &((struct sockaddr_in6 *)a)->sin6_addr, buf, n);
+	return inet_ntop(AF_INET, &((struct sockaddr_in *)a)->sin_addr, buf, n);
+}
 static int serve(int s, int n)
 {
-	struct sockaddr_in a; socklen_t len = sizeof a;
+	struct sockaddr_storage a; socklen_t len = sizeof a;
+	char text[64];
 	if (getsockname(s, (struct sockaddr *)&a, &len)) { perror("getsockname"); return 3; }
-	printf("listening %d\n", ntohs(a.sin_port)); fflush(stdout);
+	printf("listening %d\n", ntohs(((struct sockaddr_in *)&a)->sin_port)); fflush(stdout);
 	for (int i = 0; i < n; i++) {
 		struct pollfd p = {.fd = s, .events = POLLIN};
 		if (poll(&p, 1, 8000) != 1) { printf("no connection\n"); return 4; }
+		len = sizeof a;
 		int c = accept(s, (struct sockaddr *)&a, &len);
 		if (c < 0) { perror("accept"); return 3; }
 		char buf[64]; ssize_t r = read(c, buf, sizeof buf);
 		if (r > 0 && write(c, "ok\n", 3) != 3) return 3;
-		printf("accepted %s\n", inet_ntoa(a.sin_addr)); fflush(stdout);
+		printf("accepted %s\n", text_of(&a, text, sizeof text)); fflush(stdout);
 		close(c);
 	}
 	return 0;
@@ -63,11 +98,11 @@ int main(int argc, char **argv)
 {
 	if (argc < 2) return 2;
 	if (!strcmp(argv[1], "listen") && argc == 5) {
-		int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
-		struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
-		inet_pton(AF_INET, argv[2], &a.sin_addr);
+		struct sockaddr_storage a;
+		socklen_t len = addr_of(argv[2], atoi(argv[3]), &a);
+		int s = socket(a.ss_family, SOCK_STREAM, 0), one = 1;
 		setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-		if (bind(s, (struct sockaddr *)&a, sizeof a)) { perror("bind"); return 3; }
+		if (bind(s, (struct sockaddr *)&a, len)) { perror("bind"); return 3; }
 		if (listen(s, 16)) { perror("listen"); return 3; }
 		return serve(s, atoi(argv[4]));
 	}
@@ -75,6 +110,36 @@ int main(int argc, char **argv)
 		int s = socket(AF_INET, SOCK_STREAM, 0);
 		if (listen(s, 16)) { perror("listen"); return 3; }
 		return serve(s, atoi(argv[2]));
+	}
+	if (!strcmp(argv[1], "serve-fd") && argc == 4)
+		return serve(atoi(argv[2]), atoi(argv[3]));
+	if (!strcmp(argv[1], "recv-fd") && argc == 3) {
+		struct sockaddr_un u = {.sun_family = AF_UNIX};
+		int s = socket(AF_UNIX, SOCK_STREAM, 0), fd;
+		strncpy(u.sun_path, argv[2], sizeof u.sun_path - 1);
+		if (connect(s, (struct sockaddr *)&u, sizeof u)) { perror("connect"); return 3; }
+		char byte, ctl[CMSG_SPACE(sizeof(int))];
+		struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+		struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl, .msg_controllen = sizeof ctl};
+		if (recvmsg(s, &m, 0) != 1 || !CMSG_FIRSTHDR(&m)) { perror("recvmsg"); return 3; }
+		memcpy(&fd, CMSG_DATA(CMSG_FIRSTHDR(&m)), sizeof fd);
+		printf("got fd\n"); fflush(stdout);
+		char buf[64]; ssize_t r = read(fd, buf, sizeof buf - 1);
+		if (r < 0) { perror("read"); return 3; }
+		buf[r] = 0;
+		printf("read %s", buf); fflush(stdout);
+		return 0;
+	}
+	if (!strcmp(argv[1], "connect") && argc == 4) {
+		struct sockaddr_storage a;
+		socklen_t len = addr_of(argv[2], atoi(argv[3]), &a);
+		int s = socket(a.ss_family, SOCK_STREAM, 0);
+		if (connect(s, (struct sockaddr *)&a, len)) { perror("connect"); return 3; }
+		char buf[64]; ssize_t r;
+		if (write(s, "hi\n", 3) != 3 || (r = read(s, buf, sizeof buf - 1)) < 0) { perror("read"); return 3; }
+		buf[r] = 0;
+		printf("reply %s", buf);
+		return 0;
 	}
 	if (!strcmp(argv[1], "udp-recv") && argc == 4) {
 		int s = socket(AF_INET, SOCK_DGRAM, 0), n = 0;
@@ -84,6 +149,33 @@ int main(int argc, char **argv)
 		struct pollfd p = {.fd = s, .events = POLLIN};
 		while (poll(&p, 1, atoi(argv[3]) * 1000) == 1) { char b[2048]; if (recv(s, b, sizeof b, 0) > 0) n++; }
 		printf("received %d\n", n);
+		return 0;
+	}
+	if (!strcmp(argv[1], "raw-udp") && argc == 3) {
+		int s = socket(AF_INET, SOCK_RAW, IPPROTO_UDP), n = 0;
+		if (s < 0) { perror("socket"); return 3; }
+		printf("listening raw\n"); fflush(stdout);
+		struct pollfd p = {.fd = s, .events = POLLIN};
+		while (poll(&p, 1, atoi(argv[2]) * 1000) == 1) { char b[2048]; if (recv(s, b, sizeof b, 0) > 0) n++; }
+		printf("received %d\n", n);
+		return 0;
+	}
+	if (!strcmp(argv[1], "bind-many") && argc == 4) {
+		int first = atoi(argv[2]), n = atoi(argv[3]), refused = 0;
+		for (int i = 0; i < n; i++) {
+			struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(first + i)};
+			int s = socket(AF_INET, SOCK_STREAM, 0);
+			if (bind(s, (struct sockaddr *)&a, sizeof a) && errno == EPERM)
+				refused++;
+			close(s);
+		}
+		printf("refused %d\n", refused);
+		return 0;
+	}
+	if (!strcmp(argv[1], "packet") && argc == 2) {
+		int s = socket(AF_PACKET, SOCK_RAW, htons(ETH_P_ALL));
+		if (s < 0) { perror("socket"); return 3; }
+		printf("packet socket\n");
 		return 0;
 	}
 	return 2;
@@ -114,6 +206,20 @@ elif job == "flood":
     for i in range(n):
         s.sendto(b"x" * 32, (dst, port))
     print("sent", n)
+"""
+
+# Another root process on the host changing the lab's tc setup with netlink (argv: what, interface).
+TC_ATTACK_PY = r"""
+import sys
+from pyroute2 import IPRoute
+from portauthority.engine import CLSACT_INGRESS, TC_HANDLE, TC_PRIO
+what, ifname = sys.argv[1], sys.argv[2]
+with IPRoute() as ipr:
+    idx = ipr.link_lookup(ifname=ifname)[0]
+    if what == "del-filter":
+        ipr.tc("del-filter", "bpf", idx, TC_HANDLE, parent=CLSACT_INGRESS, prio=TC_PRIO)
+    elif what == "del-clsact":
+        ipr.tc("del", "clsact", idx)
 """
 
 
@@ -198,11 +304,12 @@ peers = ["127.0.0.0/8"]
         netns.remove(self.ns)
 
     # ---- processes ---------------------------------------------------------------------
-    def tp(self, label: str, *args: str) -> subprocess.Popen:
-        """`nethelper ARGS` in a process that entered `label` (exec of its entrypoint, which execs the helper)."""
+    def tp(self, label: str, *args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+        """`nethelper ARGS` in a process that entered `label` (exec of its entrypoint, which execs the
+        helper; `pass_fds` stay open across both execs)."""
         cmd = " ".join([self.nethelper, *args])
         return subprocess.Popen([self.entry[label], "-c", f"exec {cmd}"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, pass_fds=pass_fds)
 
     def tp_run(self, label: str, *args: str, timeout: float = 20) -> subprocess.CompletedProcess:
         p = self.tp(label, *args)
@@ -329,6 +436,166 @@ class PaScenarios:
             assert peer.communicate(timeout=10)[0].strip() == "ok" and addr[0] == pa_lab.outside_ip
         assert rules.decide(pa_lab.policy, "", "accept", "tcp", pa_lab.other, peer=pa_lab.outside_ip).why == "unlabelled"
 
+    # ---- attacks (issue 24): each asserts the outcome, the entry, and what the verifier sees ----------
+
+    def test_an_ipv6_bind_to_another_port_is_refused(self, pa_lab: PaLab) -> None:
+        r = pa_lab.tp_run("tp_srv", "listen", "::", str(pa_lab.other), "0")
+        assert r.returncode == 3 and "bind: Operation not permitted" in r.stderr, r
+        entries = pa_lab.refused(label="tp_srv", op="bind", port=pa_lab.other, why="no-rule")
+        # the IPv4 attempt of an earlier test, then this one: the same key, one entry per interval
+        assert [parse_pa_subject(e.subject).count for e in entries] == [1, 1]
+        assert _verdict(pa_lab, entries[-1]) == ("untrusted", "pa-bind-refused")
+
+    def test_a_dual_stack_listener_judges_each_peer_in_its_own_family(self, pa_lab: PaLab) -> None:
+        """[::]:port takes IPv4 peers too: an IPv4 peer is judged as the IPv4 address it is (127.0.0.0/8
+        is in the rule), ::1 as an IPv6 one (no rule names it), whatever socket family took them."""
+        srv = pa_lab.tp("tp_srv", "listen", "::", str(pa_lab.port), "1")
+        assert pa_lab.first_line(srv) == f"listening {pa_lab.port}"
+        before = sum(parse_pa_subject(e.subject).count for e in pa_lab.refused(label="tp_srv", op="receive", port=pa_lab.port, why="peer"))
+        assert _local_connect("::1", pa_lab.port) == "failed"
+        assert _local_connect("127.0.0.1", pa_lab.port) == "ok"
+        out, _ = srv.communicate(timeout=15)
+        assert srv.returncode == 0 and "accepted ::ffff:127.0.0.1" in out, out
+        after = sum(parse_pa_subject(e.subject).count for e in pa_lab.refused(label="tp_srv", op="receive", port=pa_lab.port, why="peer"))
+        assert after > before  # ::1's SYNs, dropped at the listener
+        assert not rules.decide(pa_lab.policy, "tp_srv", "accept", "tcp", pa_lab.port, peer="::1").allowed
+        assert rules.decide(pa_lab.policy, "tp_srv", "accept", "tcp", pa_lab.port, peer="127.0.0.1").allowed
+
+    def test_an_ipv4_mapped_address_is_judged_as_the_ipv4_peer_it_is(self, pa_lab: PaLab) -> None:
+        """::ffff:a.b.c.d is IPv4 on the wire: connect6 must judge a.b.c.d, so a rule for 127.0.0.0/8
+        opens ::ffff:127.0.0.1 and nothing else, in the kernel and in `cwlite pa test` alike."""
+        import socket
+
+        with socket.socket() as ls:
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind(("127.0.0.1", pa_lab.port))
+            ls.listen(4)
+            r = pa_lab.tp_run("tp_out", "connect", f"::ffff:{pa_lab.host_ip}", str(pa_lab.port))
+            assert r.returncode == 3 and "connect: Operation not permitted" in r.stderr, r
+            assert pa_lab.refused(label="tp_out", op="connect", port=pa_lab.port, why="peer", action="denied")
+            client = pa_lab.tp("tp_out", "connect", "::ffff:127.0.0.1", str(pa_lab.port))
+            ls.settimeout(10)
+            conn, _ = ls.accept()
+            with conn:
+                conn.recv(16)
+                conn.sendall(b"ok\n")
+            out, err = client.communicate(timeout=10)
+        assert client.returncode == 0 and out == "reply ok\n", (out, err)
+        assert not rules.decide(pa_lab.policy, "tp_out", "connect", "tcp", pa_lab.port, peer=f"::ffff:{pa_lab.host_ip}").allowed
+        assert rules.decide(pa_lab.policy, "tp_out", "connect", "tcp", pa_lab.port, peer="::ffff:127.0.0.1").allowed
+
+    def test_a_raw_socket_in_a_tp_sees_only_what_its_rules_let_it_receive(self, pa_lab: PaLab) -> None:
+        """A raw IPPROTO_UDP socket gets a copy of every UDP datagram on the host: each copy is judged
+        against the TP's rules as if it came to the datagram's port (tp_srv has no rule for `other`)."""
+        import socket
+
+        srv = pa_lab.tp("tp_srv", "raw-udp", "2")
+        assert pa_lab.first_line(srv) == "listening raw"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            for _ in range(20):
+                u.sendto(b"untrusted", ("127.0.0.1", pa_lab.other))
+        out, _ = srv.communicate(timeout=15)
+        assert out.strip().endswith("received 0"), out
+        assert pa_lab.refused(label="tp_srv", op="receive", protocol="udp", port=pa_lab.other, why="no-rule")
+
+    def test_a_packet_socket_in_a_tp_is_refused(self, pa_lab: PaLab) -> None:
+        """AF_PACKET sees every frame and no cgroup program judges it: a TP may not make one."""
+        r = pa_lab.tp_run("tp_srv", "packet")
+        assert "packet socket" not in r.stdout
+        if isinstance(self.backend.expect, Killed):
+            assert r.returncode == -9, r
+        else:
+            assert r.returncode == 3 and "socket: Operation not permitted" in r.stderr, r
+        [entry] = pa_lab.refused(label="tp_srv", op="socket")
+        s = parse_pa_subject(entry.subject)
+        assert (s.why, s.action, s.count) == ("proto", self.backend.expect.action, 1)
+        assert _verdict(pa_lab, entry) == ("untrusted", "pa-socket-refused")
+
+    def test_a_socket_inherited_across_the_exec_into_a_label(self, pa_lab: PaLab) -> None:
+        """inetd/socket activation: an unlabelled parent listens on a port no rule opens and execs the
+        TP's entrypoint with the socket open; the TP accepts without a bind or listen of its own."""
+        import socket
+
+        with socket.socket() as ls:
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind((pa_lab.host_ip, pa_lab.other))
+            ls.listen(4)
+            srv = pa_lab.tp("tp_srv", "serve-fd", str(ls.fileno()), "1", pass_fds=(ls.fileno(),))
+        assert pa_lab.first_line(srv) == f"listening {pa_lab.other}"
+        pa_lab.peer(pa_lab.outside_ip, "connect", pa_lab.host_ip, str(pa_lab.other), "3")
+        out, _ = srv.communicate(timeout=15)
+        self._foreign_socket(pa_lab, reached=f"accepted {pa_lab.outside_ip}" in out)
+
+    def test_a_socket_passed_over_scm_rights(self, pa_lab: PaLab) -> None:
+        """An unlabelled process hands a TP a connected TCP socket whose peer no rule admits."""
+        import socket
+
+        path = str(pa_lab.root / "pass.sock")
+        with socket.socket(socket.AF_UNIX) as us, socket.socket() as ls:
+            us.bind(path)
+            us.listen(1)
+            ls.bind(("127.0.0.1", 0))
+            ls.listen(1)
+            srv = pa_lab.tp("tp_none", "recv-fd", path)
+            us.settimeout(10)
+            conn, _ = us.accept()
+            with conn, socket.create_connection(ls.getsockname()) as c:
+                mine, _ = ls.accept()
+                with mine:
+                    socket.send_fds(conn, [b"x"], [mine.fileno()])
+                    c.sendall(b"untrusted input\n")
+                    out, _ = srv.communicate(timeout=15)
+        self._foreign_socket(pa_lab, reached="read untrusted input" in out, label="tp_none")
+        os.unlink(path)
+
+    def _foreign_socket(self, pa_lab: PaLab, *, reached: bool, label: str = "tp_srv") -> None:
+        if not self.backend.pa_judges_foreign_sockets:
+            # README, Port Authority, "What it cannot give": on the tracepoint backend no program runs
+            # when a process reads a socket it did not make (the host kernel has no fentry/kprobes,
+            # and sk storage is readable only from socket programs). The limit is pinned: a fix
+            # makes this assertion fail and must update the README with it.
+            assert reached
+            pytest.xfail("tracepoint: a socket made outside the label carries input to a TP (README threat model)")
+        assert not reached
+        assert pa_lab.refused(label=label)
+
+    def test_removing_the_tc_classifier_is_logged_and_undone(self, pa_lab: PaLab) -> None:
+        """Root deletes the classifier, then the whole clsact qdisc, with netlink (no bpf(2) call for
+        PRIMA's self-protection to see): each is one violation within an interval, and the classifier
+        is attached again, so an outside peer is dropped at tc once more."""
+        key = ("", "packet", "tcp", pa_lab.port, "peer", "denied")
+        for what in ("del-filter", "del-clsact"):
+            pa_lab.collect()
+            before = len(pa_lab.events)
+            subprocess.run([sys.executable, "-c", TC_ATTACK_PY, what, pa_lab.host_if], check=True, timeout=60)
+            time.sleep(pa_lab.pa.interval_s * 2)
+            new = pa_lab.collect()[before:]
+            violations = [e for e in new if e.kind is EventKind.VIOLATION and e.op == "pa-tc"]
+            assert [e.subject for e in violations] == [f"{pa_lab.host_if}: classifier removed"], (what, new)
+            assert _verdict(pa_lab, violations[0]) == ("untrusted", "violation")
+            dropped = pa_lab.pa.counts().get(key, 0)
+            assert pa_lab.peer(pa_lab.outside_ip, "connect", pa_lab.host_ip, str(pa_lab.port), "2").startswith("failed")
+            assert pa_lab.pa.counts()[key] > dropped
+
+    def test_a_filter_put_before_the_classifier_is_logged(self, pa_lab: PaLab) -> None:
+        """A filter at a lower prio runs first and can pass packets before cwlite's classifier sees them
+        (any SCHED_CLS program does; the engine's own is used here)."""
+        import bcc  # loaded by the engine already (ebpf.loader)
+
+        fd = pa_lab.pa.bpf.load_func(b"pa_tc_ingress", bcc.BPF.SCHED_CLS).fd
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=pa_lab.host_if)[0]
+            pa_lab.collect()
+            before = len(pa_lab.events)
+            ipr.tc("add-filter", "bpf", idx, 0x77, fd=fd, name="early", parent=CLSACT_INGRESS, prio=1, classid=1,
+                   direct_action=True)
+            try:
+                time.sleep(pa_lab.pa.interval_s * 2)
+                new = pa_lab.collect()[before:]
+            finally:
+                ipr.tc("del-filter", "bpf", idx, 0x77, parent=CLSACT_INGRESS, prio=1)
+        assert [e.subject for e in new if e.kind is EventKind.VIOLATION] == [f"{pa_lab.host_if}: a filter at prio 1 runs before it"]
+
     def test_a_denied_flood_is_a_few_entries_whose_counts_add_up(self, pa_lab: PaLab) -> None:
         pa_lab.collect()
         before = len(pa_lab.events)
@@ -346,3 +613,41 @@ class PaScenarios:
         assert logged == total
         assert total >= n * 0.9, f"only {total} of {n} packets reached the classifier"
         assert 1 <= len(entries) <= 50, len(entries)
+
+    def test_more_refusal_kinds_than_the_count_map_holds_are_counted_as_lost(self, pa_lab: PaLab) -> None:
+        """A TP that binds thousands of distinct ports makes a refusal key per port: past the count map's
+        size each further refusal is still counted (lost-events), so every attempt is in the log."""
+        n = COUNT_MAX + 200
+        first = 40000
+        r = pa_lab.tp_run("tp_none", "bind-many", str(first), str(n), timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == f"refused {n}", r
+        time.sleep(pa_lab.pa.interval_s)
+        pa_lab.collect()
+        logged = sum(parse_pa_subject(e.subject).count for e in pa_lab.refused(label="tp_none", op="bind")
+                     if first <= parse_pa_subject(e.subject).port < first + n)
+        lost = sum(int(e.detail.get("count", 0)) for e in pa_lab.events if e.kind is EventKind.LOST_EVENTS)
+        assert 0 < lost and logged + lost == n, (logged, lost)
+        assert _verdict(pa_lab, next(e for e in pa_lab.events if e.kind is EventKind.LOST_EVENTS)) == ("untrusted", "lost-events")
+
+
+def _local_connect(addr: str, port: int) -> str:
+    """An unlabelled client on the host: "ok" when the server answered, "failed" otherwise."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family) as c:
+        c.settimeout(2)
+        try:
+            c.connect((addr, port))
+            c.sendall(b"hi\n")
+            return c.recv(16).decode().strip() or "closed"
+        except OSError:
+            return "failed"
+
+
+def _verdict(lab: PaLab, event: Event) -> tuple[str, str]:
+    """The verifier's verdict on `event` as a log entry, under the lab's policy (no DB is needed for
+    Port Authority's refusals and violations)."""
+    judge = Judge(Reference(lab.policy, db=None), Facts(), pcr=10)
+    v = judge.judge(imalog.LogEntry.new(0, 10, event.digest, event.ima_name()))
+    return v.verdict.value, v.reason

@@ -596,6 +596,7 @@ static __always_inline void cwl_file_path(const void *file, char *buf)
 #define CWL_PA_OP_RECEIVE 6 /* a packet reaching a labelled socket */
 #define CWL_PA_OP_PACKET 7  /* tc ingress: a packet to a Port Authority port */
 #define CWL_PA_OP_SOCKET 8  /* a labelled process makes a socket no rule can judge (AF_PACKET) */
+#define CWL_PA_OP_HOLD 9    /* a labelled process holds a network socket made outside its label */
 
 /* Why it was refused (0: allowed). */
 #define CWL_PA_WHY_NONE 0
@@ -603,6 +604,7 @@ static __always_inline void cwl_file_path(const void *file, char *buf)
 #define CWL_PA_WHY_PEER 2    /* rules for the port, none for this peer */
 #define CWL_PA_WHY_ADDRESS 3 /* a rule for the port, but another local address */
 #define CWL_PA_WHY_PROTO 4   /* neither TCP nor UDP (a labelled socket receives only what rules name) */
+#define CWL_PA_WHY_FOREIGN 5 /* made outside the label: kept across the exec into it, or taken (pidfd_getfd) */
 
 /* IP protocol numbers (uapi linux/in.h) and address families as rules store them. */
 #define CWL_PA_TCP 6
@@ -611,7 +613,10 @@ static __always_inline void cwl_file_path(const void *file, char *buf)
 #define CWL_PA_INET6 6
 
 /* Socket address families (uapi linux/socket.h). */
+#define CWL_AF_INET 2
+#define CWL_AF_INET6 10
 #define CWL_AF_PACKET 17
+#define CWL_AF_UNKNOWN 0xffff /* a descriptor Port Authority could not look at: judged as a network socket */
 
 /* A peer network: an address is inside when (address & mask) == addr, word by word
  * (the engine writes the mask of the prefix length: the check stays branch-free). */

@@ -49,6 +49,7 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "FILES_STRUCT_FDT": ("files_struct.fdt",),
     "FDTABLE_FD": ("fdtable.fd",),
     "FDTABLE_MAX_FDS": ("fdtable.max_fds",),
+    "FDTABLE_OPEN_FDS": ("fdtable.open_fds",),
     "VM_AREA_STRUCT_VM_FILE": ("vm_area_struct.vm_file",),
     "MM_STRUCT_SAVED_AUXV": ("mm_struct.saved_auxv",),
     "LINUX_BINPRM_EXECUTABLE": ("linux_binprm.executable",),
@@ -97,6 +98,9 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "BPF_LINK_PROG": ("bpf_link.prog",),
     "SIGNAL_STRUCT_PIDS": ("signal_struct.pids",),
     "PID_NUMBERS_NR": ("pid.numbers.nr",),  # numbers[0].nr: the pid in the initial namespace
+    # Port Authority (net.bpf.c): a socket file's sock and its family.
+    "SOCKET_SK": ("socket.sk",),
+    "SOCK_SKC_FAMILY": ("sock.__sk_common.skc_family",),
 }
 
 # Kernel functions whose addresses the programs compare pointers with (-D<macro>=<address>,

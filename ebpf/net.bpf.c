@@ -17,6 +17,11 @@
  *   sys_enter_socket (syscall tracepoint, attached by bcc) a labelled process making a
  *                   socket no program here can judge (AF_PACKET) is SIGKILLed before
  *                   socket() returns to its code (cwl_pa_decide_socket)
+ *   sys_enter/exit_execve(at), sys_exit_pidfd_getfd (syscall tracepoints)
+ *                   a process that enters a label holding an inet or packet socket (inetd,
+ *                   socket activation, a leaked fd), or that takes one with pidfd_getfd, is
+ *                   SIGKILLed before its code runs (cwl_pa_decide_hold): no rule judged
+ *                   that socket's input
  * Refusals are counted per (label, rule, op, port, reason) in cwl_pa_counts (per CPU):
  * the engine logs each interval's counts as one entry per key, so a flood makes
  * counts, not entries. A listener a rule allows is an event (cwl_pa_events).
@@ -229,6 +234,119 @@ TRACEPOINT_PROBE(syscalls, sys_enter_socket)
 	}
 	cwl_pa_count(&q, &v, CWL_ACT_KILLED);
 	bpf_send_signal(9 /* SIGKILL */);
+	return 0;
+}
+
+/* ---- sockets made outside the label: kept across the exec into it, or taken ------------------- */
+#define CWL_S_IFMT 0170000        /* inode.i_mode file type (uapi linux/stat.h) */
+#define CWL_S_IFSOCK 0140000
+
+BPF_HASH(cwl_pa_exec_from, u32, u32, CWL_TASK_MAX); /* tgid -> its label when it called execve */
+
+/* The address family of the socket open as `file` (0: not a socket). */
+static __always_inline u32 cwl_pa_file_family(const void *file)
+{
+	const void *inode = 0, *sock = 0, *sk = 0;
+	u16 mode = 0, family = 0;
+
+	if (!file || CWL_READ(inode, file, CWL_OFF_FILE_F_INODE) || !inode || CWL_READ(mode, inode, CWL_OFF_INODE_I_MODE))
+		return 0;
+	if ((mode & CWL_S_IFMT) != CWL_S_IFSOCK)
+		return 0;
+	if (CWL_READ(sock, file, CWL_OFF_FILE_PRIVATE_DATA) || !sock || CWL_READ(sk, sock, CWL_OFF_SOCKET_SK) || !sk)
+		return 0;
+	CWL_READ(family, sk, CWL_OFF_SOCK_SKC_FAMILY);
+	return family;
+}
+
+/* Refuse holding a socket of `family` under `label` (counted; killed unless audit). 1: refused. */
+static __always_inline int cwl_pa_check_hold(u32 label, u32 family)
+{
+	struct cwl_pa_query q;
+	struct cwl_pa_verdict v = {.allowed = 0, .rule = 0, .why = CWL_PA_WHY_NONE};
+	const struct cwl_pa_set *set;
+
+	v.why = cwl_pa_decide_hold(label, family);
+	if (v.why == CWL_PA_WHY_NONE)
+		return 0;
+	__builtin_memset(&q, 0, sizeof(q));
+	q.label = label;
+	q.op = CWL_PA_OP_HOLD;
+	set = cwl_pa_live();
+	if (set && !set->enforce) {
+		cwl_pa_count(&q, &v, CWL_ACT_ALLOWED);
+		return 1;
+	}
+	cwl_pa_count(&q, &v, CWL_ACT_KILLED);
+	bpf_send_signal(9 /* SIGKILL */);
+	return 1;
+}
+
+static __always_inline void cwl_pa_exec_enter(void)
+{
+	u32 tgid = bpf_get_current_pid_tgid() >> 32, label = cwl_pa_task_label();
+	if (label)
+		cwl_pa_exec_from.update(&tgid, &label);
+	else
+		cwl_pa_exec_from.delete(&tgid);
+}
+
+/* Descriptors looked at when a process enters a label: the first CWL_PA_FD_SCAN one by one; past
+ * them, the open_fds bitmap up to CWL_PA_FD_WORDS words (64 descriptors each), where any open one is
+ * judged as a network socket (CWL_AF_UNKNOWN), as is a table larger than that: a parent can give
+ * the socket any number up to RLIMIT_NOFILE, and the verifier bounds what one program may walk. */
+#define CWL_PA_FD_SCAN 256
+#define CWL_PA_FD_WORDS 64
+
+/* After a successful exec (the new image, before its first instruction): did it enter a label? */
+static __always_inline void cwl_pa_exec_exit(long ret)
+{
+	const void *task = (const void *)bpf_get_current_task(), *files = 0, *fdt = 0;
+	const char *fds = 0, *open = 0;
+	u32 tgid = bpf_get_current_pid_tgid() >> 32, label = cwl_pa_task_label(), before = 0, max = 0, *b;
+	u64 rest;
+
+	b = cwl_pa_exec_from.lookup(&tgid);
+	if (b) {
+		before = *b;
+		cwl_pa_exec_from.delete(&tgid);
+	}
+	if (ret != 0 || !label || label == before)
+		return;
+	if (CWL_READ(files, task, CWL_OFF_TASK_STRUCT_FILES) || !files || CWL_READ(fdt, files, CWL_OFF_FILES_STRUCT_FDT) ||
+	    !fdt || CWL_READ(max, fdt, CWL_OFF_FDTABLE_MAX_FDS) || CWL_READ(fds, fdt, CWL_OFF_FDTABLE_FD) ||
+	    CWL_READ(open, fdt, CWL_OFF_FDTABLE_OPEN_FDS))
+		return;
+	for (u32 fd = 0; fd < CWL_PA_FD_SCAN; fd++) {
+		const void *file = 0;
+		if (fd >= max)
+			return;
+		bpf_probe_read_kernel(&file, sizeof(file), fds + fd * sizeof(void *));
+		if (file && cwl_pa_check_hold(label, cwl_pa_file_family(file)))
+			return;
+	}
+	rest = max > CWL_PA_FD_WORDS * 64;
+	for (u32 w = CWL_PA_FD_SCAN / 64; w < CWL_PA_FD_WORDS; w++) {
+		u64 bits = 0;
+		if (w * 64 >= max)
+			break;
+		bpf_probe_read_kernel(&bits, sizeof(bits), open + w * 8);
+		rest |= bits;
+	}
+	if (rest)
+		cwl_pa_check_hold(label, CWL_AF_UNKNOWN);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve) { cwl_pa_exec_enter(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat) { cwl_pa_exec_enter(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_execve) { cwl_pa_exec_exit(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_execveat) { cwl_pa_exec_exit(args->ret); return 0; }
+
+TRACEPOINT_PROBE(syscalls, sys_exit_pidfd_getfd)
+{
+	u32 label = cwl_pa_task_label();
+	if (label && args->ret >= 0)
+		cwl_pa_check_hold(label, cwl_pa_file_family(cwl_fd_file(args->ret)));
 	return 0;
 }
 

@@ -146,6 +146,18 @@ static __always_inline u32 cwl_pa_decide_socket(u32 label, u32 family)
 	return label && family == CWL_AF_PACKET ? CWL_PA_WHY_PROTO : CWL_PA_WHY_NONE;
 }
 
+/* May a process of `label` hold a socket of family `family` that was made outside the label (one it
+ * kept across the exec into the label, or took with pidfd_getfd)? No program judged what such an
+ * inet or packet socket already holds or will carry (its sk storage has no label: input to it
+ * passes as an unlabelled process's). AF_UNIX and netlink carry no network input. */
+static __always_inline u32 cwl_pa_decide_hold(u32 label, u32 family)
+{
+	if (!label || (family != CWL_AF_INET && family != CWL_AF_INET6 && family != CWL_AF_PACKET &&
+		       family != CWL_AF_UNKNOWN))
+		return CWL_PA_WHY_NONE;
+	return CWL_PA_WHY_FOREIGN;
+}
+
 /* ---- packets: what cgroup_skb (L3 at offset 0) and tc (L2 first) read, once ----------- */
 
 #define CWL_ETH_HLEN 14

@@ -19,7 +19,7 @@ from controlplane.core.selinux_render import render
 
 # Port Authority ops a TP makes itself (refused: the TP tried to step outside its rules) vs what
 # the network sends it (refused: the filter did its job; anyone outside can make these).
-PA_TP_OPS = frozenset({"bind", "listen", "accept", "connect", "send", "socket"})
+PA_TP_OPS = frozenset({"bind", "listen", "accept", "connect", "send", "socket", "hold"})
 
 # Kinds whose verdict depends only on the entry's (name, digest) and the Reference: judged once per
 # distinct pair (a log repeats them), the rest (facts, order, nonce) entry by entry.

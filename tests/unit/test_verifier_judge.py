@@ -148,6 +148,8 @@ def test_port_authority_entries(reference):
                    subject=PaSubject("tcp", 4000, 0, "no-rule", "denied", 1).text()), "untrusted", "pa-bind-refused"),
             (Event(EventKind.PA_REFUSED, label="tp_build", op="socket",
                    subject=PaSubject("0", 0, 0, "proto", "killed", 1).text()), "untrusted", "pa-socket-refused"),
+            (Event(EventKind.PA_REFUSED, label="tp_build", op="hold",
+                   subject=PaSubject("0", 0, 0, "foreign", "killed", 1).text()), "untrusted", "pa-hold-refused"),
             (Event(EventKind.PA_REFUSED, label="tp_build", op="receive",
                    subject=PaSubject("tcp", 3632, 1, "peer", "denied", 7).text()), "info", ""),
             (Event(EventKind.PA_REFUSED, op="packet",

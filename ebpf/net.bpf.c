@@ -210,30 +210,37 @@ int pa_connect6(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA
 int pa_sendmsg4(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA_OP_SEND, 0); }
 int pa_sendmsg6(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA_OP_SEND, 1); }
 
-/* socket(2) by a labelled process of a family Port Authority cannot judge (AF_PACKET): killed at
- * sys_enter, so the call never returns to its code (the tracepoint backend's refusal, as PRIMA's). */
-TRACEPOINT_PROBE(syscalls, sys_enter_socket)
+/* The tracepoint backend's refusal of what a labelled process did itself (op, why: a decision
+ * other than NONE): counted, and SIGKILL before it returns to user code unless the rule set is
+ * in audit mode (as PRIMA's kills). */
+static __always_inline void cwl_pa_kill(u32 label, u8 op, u32 why)
 {
-	u32 label = cwl_pa_task_label();
 	struct cwl_pa_query q;
-	struct cwl_pa_verdict v = {.allowed = 0, .rule = 0, .why = CWL_PA_WHY_NONE};
-	const struct cwl_pa_set *set;
+	struct cwl_pa_verdict v = {.allowed = 0, .rule = 0, .why = why};
+	const struct cwl_pa_set *set = cwl_pa_live();
 
-	if (!label)
-		return 0;
-	v.why = cwl_pa_decide_socket(label, (u32)args->family);
-	if (v.why == CWL_PA_WHY_NONE)
-		return 0;
 	__builtin_memset(&q, 0, sizeof(q));
 	q.label = label;
-	q.op = CWL_PA_OP_SOCKET;
-	set = cwl_pa_live();
+	q.op = op;
 	if (set && !set->enforce) {
 		cwl_pa_count(&q, &v, CWL_ACT_ALLOWED);
-		return 0;
+		return;
 	}
 	cwl_pa_count(&q, &v, CWL_ACT_KILLED);
 	bpf_send_signal(9 /* SIGKILL */);
+}
+
+/* socket(2) by a labelled process of a family Port Authority cannot judge (AF_PACKET): killed at
+ * sys_enter, so the call never returns to its code. */
+TRACEPOINT_PROBE(syscalls, sys_enter_socket)
+{
+	u32 label = cwl_pa_task_label(), why;
+
+	if (!label)
+		return 0;
+	why = cwl_pa_decide_socket(label, (u32)args->family);
+	if (why != CWL_PA_WHY_NONE)
+		cwl_pa_kill(label, CWL_PA_OP_SOCKET, why);
 	return 0;
 }
 
@@ -259,26 +266,14 @@ static __always_inline u32 cwl_pa_file_family(const void *file)
 	return family;
 }
 
-/* Refuse holding a socket of `family` under `label` (counted; killed unless audit). 1: refused. */
+/* Refuse holding a socket of `family` under `label` (cwl_pa_kill). 1: refused. */
 static __always_inline int cwl_pa_check_hold(u32 label, u32 family)
 {
-	struct cwl_pa_query q;
-	struct cwl_pa_verdict v = {.allowed = 0, .rule = 0, .why = CWL_PA_WHY_NONE};
-	const struct cwl_pa_set *set;
+	u32 why = cwl_pa_decide_hold(label, family);
 
-	v.why = cwl_pa_decide_hold(label, family);
-	if (v.why == CWL_PA_WHY_NONE)
+	if (why == CWL_PA_WHY_NONE)
 		return 0;
-	__builtin_memset(&q, 0, sizeof(q));
-	q.label = label;
-	q.op = CWL_PA_OP_HOLD;
-	set = cwl_pa_live();
-	if (set && !set->enforce) {
-		cwl_pa_count(&q, &v, CWL_ACT_ALLOWED);
-		return 1;
-	}
-	cwl_pa_count(&q, &v, CWL_ACT_KILLED);
-	bpf_send_signal(9 /* SIGKILL */);
+	cwl_pa_kill(label, CWL_PA_OP_HOLD, why);
 	return 1;
 }
 

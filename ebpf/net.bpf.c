@@ -337,6 +337,79 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat) { cwl_pa_exec_enter(); return 0; 
 TRACEPOINT_PROBE(syscalls, sys_exit_execve) { cwl_pa_exec_exit(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_execveat) { cwl_pa_exec_exit(args->ret); return 0; }
 
+/* recvmsg(2): the descriptors an SCM_RIGHTS message gave a labelled process, read back from its own
+ * msghdr at the syscall's exit (the kernel wrote msg_controllen there). uapi layouts (64-bit):
+ * struct user_msghdr has msg_control at 32 and msg_controllen at 40; struct cmsghdr is cmsg_len
+ * (8 bytes), cmsg_level, cmsg_type (4 each), then the data, each message 8-byte aligned. */
+#define CWL_MSGHDR_CONTROL 32
+#define CWL_MSGHDR_CONTROLLEN 40
+#define CWL_CMSG_HDR 16
+#define CWL_SOL_SOCKET 1
+#define CWL_SCM_RIGHTS 1
+#define CWL_PA_CMSGS 4   /* control messages read; a further one is refused unread */
+#define CWL_PA_RIGHTS 8  /* descriptors read in one SCM_RIGHTS message; more are refused unread */
+
+BPF_HASH(cwl_pa_recvmsg, u32, u64, CWL_TASK_MAX); /* tid -> its msghdr, sys_enter to sys_exit */
+
+static __always_inline void cwl_pa_check_rights(u32 label, const char *msg)
+{
+	const char *ctl = 0;
+	u64 len = 0, off = 0;
+
+	if (bpf_probe_read_user(&ctl, sizeof(ctl), msg + CWL_MSGHDR_CONTROL) || !ctl ||
+	    bpf_probe_read_user(&len, sizeof(len), msg + CWL_MSGHDR_CONTROLLEN))
+		return;
+	for (int i = 0; i < CWL_PA_CMSGS; i++) {
+		u64 clen = 0, n;
+		s32 level = 0, type = 0;
+		if (off + CWL_CMSG_HDR > len || bpf_probe_read_user(&clen, sizeof(clen), ctl + off) || clen < CWL_CMSG_HDR)
+			return;
+		bpf_probe_read_user(&level, sizeof(level), ctl + off + 8);
+		bpf_probe_read_user(&type, sizeof(type), ctl + off + 12);
+		if (level == CWL_SOL_SOCKET && type == CWL_SCM_RIGHTS) {
+			n = (clen - CWL_CMSG_HDR) / sizeof(s32);
+			for (int j = 0; j < CWL_PA_RIGHTS; j++) {
+				s32 fd = -1;
+				if (j >= n)
+					break;
+				bpf_probe_read_user(&fd, sizeof(fd), ctl + off + CWL_CMSG_HDR + j * sizeof(s32));
+				if (cwl_pa_check_hold(label, cwl_pa_file_family(cwl_fd_file(fd))))
+					return;
+			}
+			if (n > CWL_PA_RIGHTS && cwl_pa_check_hold(label, CWL_AF_UNKNOWN))
+				return;
+		}
+		off += (clen + 7) & ~7ULL;
+	}
+	if (off + CWL_CMSG_HDR <= len)
+		cwl_pa_check_hold(label, CWL_AF_UNKNOWN);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u64 msg = (u64)args->msg;
+
+	if (cwl_pa_task_label())
+		cwl_pa_recvmsg.update(&tid, &msg);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid(), label;
+	u64 *m = cwl_pa_recvmsg.lookup(&tid), msg;
+
+	if (!m)
+		return 0;
+	msg = *m;
+	cwl_pa_recvmsg.delete(&tid);
+	label = cwl_pa_task_label();
+	if (label && args->ret >= 0)
+		cwl_pa_check_rights(label, (const char *)msg);
+	return 0;
+}
+
 TRACEPOINT_PROBE(syscalls, sys_exit_pidfd_getfd)
 {
 	u32 label = cwl_pa_task_label();

@@ -67,10 +67,6 @@ class Backend:
     # The tracepoint backend keeps labels in a tgid map user space can list (Lab.labelled_processes);
     # the lsm one in task storage, which it cannot.
     labels_listable: bool
-    # Port Authority refuses a socket passed to a TP over SCM_RIGHTS: the lsm backend's socket hooks
-    # see the TP's own calls; the tracepoint backend has no program that runs when a process reads
-    # or receives a socket (README, Port Authority).
-    pa_judges_passed_sockets: bool = True
 
     def mapped_name(self, path: str) -> str:
         """The name a violation on an executable mapping of `path` carries."""
@@ -78,6 +74,6 @@ class Backend:
 
 
 TRACEPOINT = Backend("tracepoint", Killed(), (requires(root=True), requires(tool="gcc")),
-                     maps_named_by_path=True, labels_listable=True, pa_judges_passed_sockets=False)
+                     maps_named_by_path=True, labels_listable=True)
 LSM = Backend("lsm", Denied(), (requires(root=True), requires(lsm="bpf"), requires(tool="gcc")),
               maps_named_by_path=False, labels_listable=False)

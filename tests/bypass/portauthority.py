@@ -602,16 +602,8 @@ class PaScenarios:
                     c.sendall(b"untrusted input\n")
                     out, _ = srv.communicate(timeout=15)
         os.unlink(path)
-        reached = "read untrusted input" in out
-        if not self.backend.pa_judges_passed_sockets:
-            # README, Port Authority, "What it cannot give": on the tracepoint backend no program runs
-            # when a process receives or reads a socket (the host kernel has no fentry/kprobes, and
-            # a socket's label is readable only from socket programs). The limit is pinned: a fix
-            # makes this assertion fail and must update the README with it.
-            assert reached
-            pytest.xfail("tracepoint: a socket passed over SCM_RIGHTS carries input to a TP (README threat model)")
-        assert not reached
-        assert pa_lab.refused(label="tp_none")
+        assert "read" not in out, out
+        self._held(pa_lab, srv.returncode, "tp_none")
 
     def test_removing_the_tc_classifier_is_logged_and_undone(self, pa_lab: PaLab) -> None:
         """Root deletes the classifier, then the whole clsact qdisc, with netlink (no bpf(2) call for

@@ -604,7 +604,7 @@ static __always_inline void cwl_file_path(const void *file, char *buf)
 #define CWL_PA_WHY_PEER 2    /* rules for the port, none for this peer */
 #define CWL_PA_WHY_ADDRESS 3 /* a rule for the port, but another local address */
 #define CWL_PA_WHY_PROTO 4   /* neither TCP nor UDP (a labelled socket receives only what rules name) */
-#define CWL_PA_WHY_FOREIGN 5 /* made outside the label: kept across the exec into it, or taken (pidfd_getfd) */
+#define CWL_PA_WHY_FOREIGN 5 /* made outside the label: kept across the exec into it, taken, or received */
 
 /* IP protocol numbers (uapi linux/in.h) and address families as rules store them. */
 #define CWL_PA_TCP 6

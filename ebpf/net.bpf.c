@@ -17,11 +17,11 @@
  *   sys_enter_socket (syscall tracepoint, attached by bcc) a labelled process making a
  *                   socket no program here can judge (AF_PACKET) is SIGKILLed before
  *                   socket() returns to its code (cwl_pa_decide_socket)
- *   sys_enter/exit_execve(at), sys_exit_pidfd_getfd (syscall tracepoints)
+ *   sys_enter/exit_execve(at), sys_enter/exit_recvmsg, sys_exit_pidfd_getfd (syscall tracepoints)
  *                   a process that enters a label holding an inet or packet socket (inetd,
- *                   socket activation, a leaked fd), or that takes one with pidfd_getfd, is
- *                   SIGKILLed before its code runs (cwl_pa_decide_hold): no rule judged
- *                   that socket's input
+ *                   socket activation, a leaked fd), or that takes one with pidfd_getfd or
+ *                   receives one over SCM_RIGHTS, is SIGKILLed before its code runs
+ *                   (cwl_pa_decide_hold): no rule judged that socket's input
  * Refusals are counted per (label, rule, op, port, reason) in cwl_pa_counts (per CPU):
  * the engine logs each interval's counts as one entry per key, so a flood makes
  * counts, not entries. A listener a rule allows is an event (cwl_pa_events).

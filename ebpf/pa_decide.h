@@ -147,7 +147,7 @@ static __always_inline u32 cwl_pa_decide_socket(u32 label, u32 family)
 }
 
 /* May a process of `label` hold a socket of family `family` that was made outside the label (one it
- * kept across the exec into the label, or took with pidfd_getfd)? No program judged what such an
+ * kept across the exec into the label, took with pidfd_getfd or received over SCM_RIGHTS)? No program judged what such an
  * inet or packet socket already holds or will carry (its sk storage has no label: input to it
  * passes as an unlabelled process's). AF_UNIX and netlink carry no network input. */
 static __always_inline u32 cwl_pa_decide_hold(u32 label, u32 family)

@@ -115,6 +115,7 @@ class Engine:
         self._links: list[int] = []
         self._tc: list[tuple[int, bool]] = []  # (ifindex, clsact made by us)
         self._paused_tc: list[str] = []
+        self._paused_tp: list[bytes] = []
         self._tc_names: dict[int, str] = {}  # ifindex -> name, for the watch (_check_tc)
         self._tc_faults: dict[str, str] = {}  # name -> the fault last logged for it
         self._cgroup_progs: list[tuple[str, int, int]] = []  # (name, prog fd, attach type)
@@ -183,6 +184,7 @@ class Engine:
     def attached(self, on: bool) -> None:
         """Detach (False) or re-attach (True) every program, keeping maps and counts: for benchmarks
         that compare the same traffic with and without Port Authority in interleaved rounds."""
+        bpf = self._require()
         if not on:
             for fd in self._links:
                 os.close(fd)
@@ -190,11 +192,18 @@ class Engine:
             names = [self._ifname(idx) for idx, _ in self._tc]
             self._detach_tc()
             self._paused_tc = names
+            self._paused_tp = list(bpf.tracepoint_fds)  # bcc attached net.bpf.c's syscall tracepoints
+            for tp in self._paused_tp:
+                bpf.detach_tracepoint(tp)
         elif not self._links:
             self._link_cgroup()
             for name in self._paused_tc:
                 self._attach_tc(name)
             self._paused_tc = []
+            for tp in self._paused_tp:
+                category, event = tp.split(b":")
+                bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + category + b"__" + event)
+            self._paused_tp = []
 
     @staticmethod
     def _ifname(idx: int) -> str:

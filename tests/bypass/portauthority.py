@@ -126,6 +126,9 @@ if job == "connect":
         print(s.recv(16).decode().strip() or "closed")
     except OSError as exc:
         print(f"failed {type(exc).__name__}")
+elif job == "exec":                  # a program of the test's, inside the namespace
+    import os
+    os.execv(sys.argv[4], sys.argv[4:])
 elif job == "flood":
     dst, port, n = sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -188,15 +188,16 @@ class Engine:
 
     def attached(self, on: bool) -> None:
         """Detach (False) or re-attach (True) every program, keeping maps and counts: for benchmarks
-        that compare the same traffic with and without Port Authority in interleaved rounds."""
-        if not on:
+        that compare the same traffic with and without Port Authority in interleaved rounds. Either
+        is a no-op when already so (a second detach must not forget where the classifier was)."""
+        if not on and self._links:
             for fd in self._links:
                 os.close(fd)
             self._links = []
             names = [self._ifname(idx) for idx, _ in self._tc]
             self._detach_tc()
             self._paused_tc = names
-        elif not self._links:
+        elif on and not self._links:
             self._link_cgroup()
             for name in self._paused_tc:
                 self._attach_tc(name)

@@ -99,7 +99,8 @@ def _exe_measurement(tgid: int) -> tuple[bytes, str]:
 class Engine:
     """BPF: ebpf/net.bpf.c (-DCWL_BACKEND_TP) cgroup sock_addr/sock_create/skb programs and the tc classifier.
 
-    Use as a context manager beside a PRIMA engine:
+    Use as a context manager beside a PRIMA engine, and close it first (its slot keeps PRIMA's
+    label map alive, labels and all):
     `with Engine(policy, prima.loaded.labels, labels_fd=prima.label_map_fd, backend=...) as pa: pa.poll()`.
     """
 

@@ -8,10 +8,13 @@ its label) to bind, listen, accept and receive; peers are unlabelled Python in t
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import select
+import socket
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -20,6 +23,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, NetNS, netns
 
+from cext import bpfmap
 from controlplane.core import imalog
 from controlplane.core.events import Event, EventKind, parse_pa_subject
 from controlplane.core.policy import Policy, parse_policy
@@ -27,7 +31,7 @@ from portauthority import rules
 from controlplane.verifier.judge import Facts, Judge, Reference
 from portauthority.engine import CLSACT_INGRESS, COUNT_MAX, Engine as PaEngine
 from prima import selfprotect
-from prima.engine import TASK_MAX, Engine
+from prima.engine import Engine
 from tests.bypass.backend import Killed
 from tests.bypass.lab import LDSO, shared_libs
 from tests.prima_fixtures import measure_files
@@ -47,6 +51,8 @@ NETHELPER_C = r"""
 #include <unistd.h>
 /* listen ADDR PORT N: bind (tcp; ADDR v4 or v6), listen, print the port, serve N connections ("ok\n" to each)
    listen-any N: listen without bind (the kernel picks a port), print it, serve N
+   echo ADDR PORT: bind (tcp), listen, print the port, accept one connection and answer each read
+   with "ok\n" until EOF, then print the number of reads
    serve-fd FD N: serve N connections on listening socket FD (inherited, not its own)
    recv-fd PATH: take a socket over SCM_RIGHTS from the unix socket PATH, print what it reads
    connect ADDR PORT: tcp connect, send "hi\n", print the reply
@@ -107,6 +113,19 @@ int main(int argc, char **argv)
 		if (bind(s, (struct sockaddr *)&a, len)) { perror("bind"); return 3; }
 		if (listen(s, 16)) { perror("listen"); return 3; }
 		return serve(s, atoi(argv[4]));
+	}
+	if (!strcmp(argv[1], "echo") && argc == 4) {
+		int s = socket(AF_INET, SOCK_STREAM, 0), one = 1, n = 0;
+		struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
+		inet_pton(AF_INET, argv[2], &a.sin_addr);
+		setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+		if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 1)) { perror("bind/listen"); return 3; }
+		printf("listening %s\n", argv[3]); fflush(stdout);
+		int c = accept(s, 0, 0);
+		char buf[64];
+		while (read(c, buf, sizeof buf) > 0 && write(c, "ok\n", 3) == 3) n++;
+		printf("reads %d\n", n);
+		return 0;
 	}
 	if (!strcmp(argv[1], "listen-any") && argc == 3) {
 		int s = socket(AF_INET, SOCK_STREAM, 0);
@@ -212,6 +231,9 @@ if job == "connect":
         print(s.recv(16).decode().strip() or "closed")
     except OSError as exc:
         print(f"failed {type(exc).__name__}")
+elif job == "exec":                  # a program of the test's, inside the namespace
+    import os
+    os.execv(sys.argv[4], sys.argv[4:])
 elif job == "flood":
     dst, port, n = sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -274,7 +296,7 @@ class PaLab:
         self.prima = Engine(self.policy, measure_files([*base, *self.entry.values()], 1), backend=backend)
         try:
             assert self.prima.loaded is not None
-            self.pa = PaEngine(self.policy, self.prima.loaded.labels, backend=backend, task_max=TASK_MAX,
+            self.pa = PaEngine(self.policy, self.prima.loaded.labels, labels_fd=self.prima.label_map_fd, backend=backend,
                                interfaces=[self.host_if], interval_s=0.2)
             selfprotect.register(self.pa.bpf, into=self.prima.bpf)
         except BaseException:
@@ -444,8 +466,6 @@ class PaScenarios:
         assert pa_lab.refused(label="tp_none", op="receive", port=port, why="no-rule", action="denied")
 
     def test_an_unlabelled_process_is_unaffected(self, pa_lab: PaLab) -> None:
-        import socket
-
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((pa_lab.host_ip, pa_lab.other))   # a port no rule opens: the TP may not, we may
@@ -459,6 +479,34 @@ class PaScenarios:
                 conn.sendall(b"ok\n")
             assert peer.communicate(timeout=10)[0].strip() == "ok" and addr[0] == pa_lab.outside_ip
         assert rules.decide(pa_lab.policy, "", "accept", "tcp", pa_lab.other, peer=pa_lab.outside_ip).why == "unlabelled"
+
+    def test_an_established_connection_loses_its_allowance_with_the_rule(self, pa_lab: PaLab) -> None:
+        """A connected socket's input is decided once per rule generation (cgroup_skb remembers it in
+        the socket's storage): a reload that drops the rule stops the next segment of an open connection."""
+        srv = pa_lab.tp("tp_srv", "echo", "127.0.0.1", str(pa_lab.port))
+        assert pa_lab.first_line(srv) == f"listening {pa_lab.port}"
+        labels = pa_lab.prima.label_ids(pa_lab.policy)
+        pa = pa_lab.policy.port_authority
+        without = dataclasses.replace(pa_lab.policy, port_authority=dataclasses.replace(
+            pa, rules=tuple(r for r in pa.rules if not (r.protocol == "tcp" and r.op == "listen"))))
+        try:
+            with socket.create_connection(("127.0.0.1", pa_lab.port), timeout=10) as c:
+                for _ in range(3):   # allowed: the first segments decide, the later ones are remembered
+                    c.sendall(b"a")
+                    assert c.recv(16) == b"ok\n"
+                pa_lab.pa.reload(without, labels)
+                c.sendall(b"b")
+                c.settimeout(2)
+                with pytest.raises(socket.timeout):
+                    c.recv(16)                       # the segment (and its retransmits) never reach the TP
+                assert pa_lab.refused(label="tp_srv", op="receive", port=pa_lab.port, why="no-rule", action="denied")
+                pa_lab.pa.reload(pa_lab.policy, labels)
+                c.settimeout(30)
+                assert c.recv(16) == b"ok\n"      # the rule back: the retransmitted segment is let in
+        finally:
+            pa_lab.pa.reload(pa_lab.policy, labels)
+            srv.kill()
+            srv.wait()
 
     # ---- attacks (issue 24): each asserts the outcome, the entry, and what the verifier sees ----------
 
@@ -488,7 +536,6 @@ class PaScenarios:
     def test_an_ipv4_mapped_address_is_judged_as_the_ipv4_peer_it_is(self, pa_lab: PaLab) -> None:
         """::ffff:a.b.c.d is IPv4 on the wire: connect6 must judge a.b.c.d, so a rule for 127.0.0.0/8
         opens ::ffff:127.0.0.1 and nothing else, in the kernel and in `cwlite pa test` alike."""
-        import socket
 
         with socket.socket() as ls:
             ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -511,7 +558,6 @@ class PaScenarios:
     def test_a_raw_socket_in_a_tp_sees_only_what_its_rules_let_it_receive(self, pa_lab: PaLab) -> None:
         """A raw IPPROTO_UDP socket gets a copy of every UDP datagram on the host: each copy is judged
         against the TP's rules as if it came to the datagram's port (tp_srv has no rule for `other`)."""
-        import socket
 
         srv = pa_lab.tp("tp_srv", "raw-udp", "2")
         assert pa_lab.first_line(srv) == "listening raw"
@@ -539,7 +585,6 @@ class PaScenarios:
         """inetd/socket activation: an unlabelled parent listens on a port no rule opens and execs the
         TP's entrypoint with the socket open (at a high number, past a small table's first words); the
         TP would accept without a bind or listen of its own."""
-        import socket
 
         for number in (200, 1000):  # one the exec check reads, one past it (any open descriptor there refuses)
             with socket.socket() as ls:
@@ -584,7 +629,6 @@ class PaScenarios:
 
     def test_a_socket_passed_over_scm_rights(self, pa_lab: PaLab) -> None:
         """An unlabelled process hands a TP a connected TCP socket whose peer no rule admits."""
-        import socket
 
         path = str(pa_lab.root / "pass.sock")
         with socket.socket(socket.AF_UNIX) as us, socket.socket() as ls:
@@ -678,7 +722,6 @@ class PaScenarios:
 
 def _local_connect(addr: str, port: int) -> str:
     """An unlabelled client on the host: "ok" when the server answered, "failed" otherwise."""
-    import socket
 
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     with socket.socket(family) as c:
@@ -697,3 +740,36 @@ def _verdict(lab: PaLab, event: Event) -> tuple[str, str]:
     judge = Judge(Reference(lab.policy, db=None), Facts(), pcr=10)
     v = judge.judge(imalog.LogEntry.new(0, 10, event.digest, event.ima_name()))
     return v.verdict.value, v.reason
+
+
+
+def scenario_engines_reopened_decide_on_live_labels(root: Path, backend: str, rounds: int = 3) -> None:
+    """Engines opened and closed one after another in ONE process (a daemon restarted in place, a
+    test session): each round's Port Authority reads that round's PRIMA label map (the kernel's map
+    ids agree) and decides on the labels it holds: a TP's bind to a port no rule opens is refused
+    under its label, its allowed listener is logged under its label. Each round starts with more
+    descriptors open, as in any long-lived process, so a map found by a remembered fd NUMBER (bcc's
+    "extern" table) would be another object: seen, the bind was allowed (judged unlabelled)."""
+    held: list[int] = []
+    try:
+        for i in range(rounds):
+            held += [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+            (root / f"round{i}").mkdir()
+            lab = PaLab(root / f"round{i}", backend=backend)
+            try:
+                src = lab.pa.bpf[b"cwl_pa_label_src"].map_fd
+                inner = int.from_bytes(bpfmap.lookup(src, struct.pack("=i", 0), 4) or b"", "little")
+                assert inner == bpfmap.map_info(lab.prima.label_map_fd).id, f"round {i}: not the live label map"
+                r = lab.tp_run("tp_srv", "listen", "127.0.0.1", str(lab.other), "0")
+                assert r.returncode == 3 and "bind: Operation not permitted" in r.stderr, (i, r)
+                assert lab.refused(label="tp_srv", op="bind", port=lab.other, why="no-rule"), f"round {i}"
+                r = lab.tp_run("tp_srv", "listen", "127.0.0.1", str(lab.port), "0")
+                assert r.returncode == 0 and r.stdout.strip() == f"listening {lab.port}", (i, r)
+                deadline = time.monotonic() + 10
+                while not [e for e in lab.collect() if e.kind is EventKind.PA_LISTENER and e.label == "tp_srv"]:
+                    assert time.monotonic() < deadline, f"round {i}: no listener entry"
+            finally:
+                lab.close()
+    finally:
+        for fd in held:
+            os.close(fd)

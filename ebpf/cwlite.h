@@ -60,6 +60,17 @@ struct cwl_file_id {
 
 #define CWL_OVERLAYFS_SUPER_MAGIC 0x794c7630 /* uapi linux/magic.h */
 
+/* An inode's device and number (what the maps are keyed by) and its super block: alone, what
+ * an exec needs to know it loads no entrypoint. Returns 0, or -1 when a pointer is NULL. */
+static __always_inline int cwl_inode_dev_ino(const void *inode, const void **sb, u32 *dev, u64 *ino)
+{
+	if (!inode || CWL_READ(*sb, inode, CWL_OFF_INODE_I_SB) || !*sb)
+		return -1;
+	CWL_READ(*dev, *sb, CWL_OFF_SUPER_BLOCK_S_DEV);
+	CWL_READ(*ino, inode, CWL_OFF_INODE_I_INO);
+	return 0;
+}
+
 /* Fill `id` from an inode. Returns 0, or -1 when a pointer is NULL. */
 static __always_inline int cwl_inode_identity(const void *inode, struct cwl_file_id *id)
 {
@@ -68,10 +79,8 @@ static __always_inline int cwl_inode_identity(const void *inode, struct cwl_file
 	int writecount = 0;
 
 	__builtin_memset(id, 0, sizeof(*id));
-	if (!inode || CWL_READ(sb, inode, CWL_OFF_INODE_I_SB) || !sb)
+	if (cwl_inode_dev_ino(inode, &sb, &id->dev, &id->ino))
 		return -1;
-	CWL_READ(id->dev, sb, CWL_OFF_SUPER_BLOCK_S_DEV);
-	CWL_READ(id->ino, inode, CWL_OFF_INODE_I_INO);
 	/* Kernels with multigrain timestamps (6.13+) keep I_CTIME_QUERIED in
 	 * bit 31 of i_ctime_nsec; a real nsec value is < 2^30 on every kernel. */
 	id->ctime_ns = cwl_read_uint(inode, CWL_OFF_INODE_I_CTIME_SEC, CWL_SZ_INODE_I_CTIME_SEC) * 1000000000ULL +
@@ -89,16 +98,20 @@ static __always_inline int cwl_inode_identity(const void *inode, struct cwl_file
 	return 0;
 }
 
-/* Fill `id` from a `struct file *`. Returns 0, or -1 when a pointer is NULL. */
-static __always_inline int cwl_file_identity(const void *file, struct cwl_file_id *id)
+/* A `struct file *`'s inode, or NULL. */
+static __always_inline const void *cwl_file_inode(const void *file)
 {
 	const void *inode = 0;
 
-	if (!file || CWL_READ(inode, file, CWL_OFF_FILE_F_INODE) || !inode) {
-		__builtin_memset(id, 0, sizeof(*id));
-		return -1;
-	}
-	return cwl_inode_identity(inode, id);
+	if (file)
+		CWL_READ(inode, file, CWL_OFF_FILE_F_INODE);
+	return inode;
+}
+
+/* Fill `id` from a `struct file *`. Returns 0, or -1 when a pointer is NULL. */
+static __always_inline int cwl_file_identity(const void *file, struct cwl_file_id *id)
+{
+	return cwl_inode_identity(cwl_file_inode(file), id);
 }
 
 /* Kernel-internal file mode bit (include/linux/fs.h: FMODE_WRITE), unchanged since 2.6. */

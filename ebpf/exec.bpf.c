@@ -454,24 +454,25 @@ struct cwl_exec_ctx {
 };
 
 /* Decide the exec of `file` (bprm's): 0 when it concerns PRIMA (a labelled task or an
- * entrypoint), else 1. The hot path (an unlabelled task, no entrypoint) reads no name. */
+ * entrypoint), else 1. The hot path (an unlabelled task, no entrypoint) reads only the file's
+ * map key: no identity, no name. */
 static __always_inline int cwl_exec_decide(const void *bprm, const void *file, struct cwl_exec_ctx *x)
 {
 	struct cwl_inode_key key;
+	const void *inode = cwl_file_inode(file), *sb = 0;
 
+	__builtin_memset(&key, 0, sizeof(key));
 	x->cur = cwl_current_label();
 	x->gen = cwl_live_gen();
 	x->t = 0;
 	x->entry = 0;
 	x->file = file;
 	x->path = 0;
-	x->have_id = cwl_file_identity(file, &x->id) == 0;
-	if (x->have_id) {
-		cwl_inode_key_of(&x->id, &key);
+	if (cwl_inode_dev_ino(inode, &sb, &key.dev, &key.ino) == 0)
 		x->entry = cwl_entry_of(x->gen, &key);
-	}
 	if (!x->entry && !x->cur)
 		return 1; /* the hot path: an unlabelled task exec'd a non-entrypoint */
+	x->have_id = cwl_inode_identity(inode, &x->id) == 0;
 	CWL_READ(x->path, bprm, CWL_OFF_LINUX_BINPRM_FILENAME);
 	if (!x->have_id)
 		return 0;
@@ -567,7 +568,8 @@ static __always_inline void cwl_entered(void)
 	u32 k = CWL_ARM_LIVE, one = 1, tgid = bpf_get_current_pid_tgid() >> 32, *req;
 	struct cwl_task_label *tl;
 
-	cwl_arm.update(&k, &one);
+	if (!cwl_arm_flag(CWL_ARM_LIVE))
+		cwl_arm.update(&k, &one); /* a read first: an array lookup is inlined, an update is a call */
 	if (cwl_arm_flag(CWL_ARM_ARMED))
 		return;
 	tl = cwl_task_labels.lookup(&tgid);
@@ -991,13 +993,16 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_process_exit)
+/* sched_process_exit(struct task_struct *p, ...), for every exiting thread: a raw tracepoint (no
+ * perf record is built). A lookup first: a delete takes the bucket lock even for an absent key,
+ * and almost every thread that exits is unlabelled. */
+RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
 	u64 pid_tgid = bpf_get_current_pid_tgid();
 	u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
-	if (tid != tgid)
+	if (tid != tgid && cwl_task_threads.lookup(&tid))
 		cwl_task_threads.delete(&tid);
-	if (cwl_group_dead())
+	if (cwl_task_labels.lookup(&tgid) && cwl_group_dead())
 		cwl_task_labels.delete(&tgid);
 	return 0;
 }
@@ -1131,11 +1136,15 @@ TRACEPOINT_PROBE(syscalls, sys_enter_pkey_mprotect)
 #define CWL_PTRACE_ATTACH 16          /* include/uapi/linux/ptrace.h */
 #define CWL_PTRACE_SEIZE 0x4206
 
+/* Runs on every syscall while armed: a plain load through the BTF task pointer (the verifier
+ * checks the offset against task_struct's BTF), about 30 ns cheaper here than a probe read. */
+#if CWL_SZ_TASK_STRUCT_THREAD_INFO_STATUS != 4
+#error "task_struct.thread_info.status is not 32-bit on this kernel"
+#endif
 static __always_inline int cwl_in_compat_syscall(void)
 {
-	u32 status = 0;
-	CWL_READ(status, (const void *)bpf_get_current_task(), CWL_OFF_TASK_STRUCT_THREAD_INFO_STATUS);
-	return (status & CWL_TS_COMPAT) != 0;
+	const char *task = (const char *)bpf_get_current_task_btf();
+	return (*(const volatile u32 *)(task + CWL_OFF_TASK_STRUCT_THREAD_INFO_STATUS) & CWL_TS_COMPAT) != 0;
 }
 
 /* The current process would modify process `pid` (a tid, as syscalls name it) by `op`. */
@@ -1425,13 +1434,15 @@ TRACEPOINT_PROBE(syscalls, sys_enter_pidfd_send_signal)
  * programs are attached: a violation naming both (the sender is killed); the engine kills the
  * released process when it arms. */
 #define CWL_SIGCONT 18
-TRACEPOINT_PROBE(signal, signal_generate)
+/* signal_generate(int sig, struct kernel_siginfo *info, struct task_struct *task, int group, int result):
+ * a raw tracepoint (every signal of the system passes here; no perf record is built). */
+RAW_TRACEPOINT_PROBE(signal_generate)
 {
-	u32 tgid = (u32)args->pid; /* a held process has one thread: it exec'd and has not run since */
+	u32 tgid = 0; /* a held process has one thread: it exec'd and has not run since */
 	struct cwl_task_label *tl;
 
-	if (args->sig != CWL_SIGCONT || !(tl = cwl_task_labels.lookup(&tgid)) || !(tl->flags & CWL_TL_HELD) ||
-	    cwl_is_daemon())
+	if ((int)ctx->args[0] != CWL_SIGCONT || CWL_READ(tgid, (const void *)ctx->args[2], CWL_OFF_TASK_STRUCT_PID) ||
+	    !(tl = cwl_task_labels.lookup(&tgid)) || !(tl->flags & CWL_TL_HELD) || cwl_is_daemon())
 		return 0;
 	tl->flags |= CWL_TL_RELEASED;
 	cwl_subject_violation(cwl_live_gen(), CWL_OP_RELEASE, CWL_WHY_UNARMED, tl->label, cwl_current_label(), tgid);

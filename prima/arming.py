@@ -22,6 +22,29 @@ The race, and why it closes (exec.bpf.c `cwl_entered`):
   runs inside rcu_read_lock), then look again: an exec that read ARMED still set has inserted its
   label by then and is found (re-arm); one that reads it clear is held. Only when none is found are
   the programs detached. If the grace period cannot be had, the engine stays armed (fail closed).
+
+What it costs, and why the rest stays attached (issue 21, speed; the kernel's own count,
+kernel.bpf_stats_enabled, per fork+exec of an unlabelled dynamic binary on the 6.18 host: a
+fork+exec+wait is ~33 syscalls, 8 of them mmap and 2-3 openat):
+- A BPF program costs mostly its dispatch here (retpolines, call-depth tracking): an EMPTY raw
+  sys_enter program adds ~95 ns to every getppid, so the raw sys_enter program is the armed tax
+  (it returns after one test for any 64-bit syscall; that test is a plain load through the BTF
+  task pointer, ~30 ns less than the probe read it was). Attaching per-syscall tracepoints
+  (sys_enter_mmap alone, or with the sys_exit ones) measured no getppid tax above this loaded
+  machine's noise (+/-3 ns in bcc-only interleaved runs): the traced entry path itself is cheap;
+  what each attached tracepoint costs is its program's runs.
+- So the disarmed set is judged by runs per exec: sys_enter_mmap 8, the open exits 2-3 (one array
+  lookup each while no label exists), sched_process_exec/fork/exit and signal_generate 1 each,
+  ptrace/process_vm_writev/bpf ~0. Moving the open and ptrace exits into the armed set would save
+  ~0.3 us per exec (<0.1%) and open the held window to a /proc/PID/mem write or a ptrace
+  attach-poke-detach that no later check can see; they stay. sys_enter_mmap (taint: a shared
+  writable mapping of a measured file) and sys_enter_bpf (self-protection) have no non-syscall
+  tracepoint that sees their event on 6.18 (mmap:vm_unmapped_area has no file; no kprobes, no
+  fentry on the host), so they stay too.
+- The per-exec programs return early for unlabelled processes: sched_process_exec reads only the
+  file's map key (dev, ino) to know it is no entrypoint; sched_process_exit and signal_generate
+  are raw tracepoints (no perf record built), and the exit looks a label up before it deletes (a
+  delete takes the bucket lock even for an absent key).
 """
 from __future__ import annotations
 

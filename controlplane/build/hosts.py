@@ -156,6 +156,10 @@ def load_hosts(path: Path) -> tuple[BuildHost, ...]:
     for i, host in enumerate(out):
         if any(h.name == host.name for h in out[:i]):
             raise where.fail(("hosts", i, "name"), f"host {host.name!r} listed twice")
+        other = next((h for h in out[:i] if host.vm and h.vm and h.vm.via == host.vm.via), None)
+        if other and (other.vm.host_policy, other.vm.host_db) != (host.vm.host_policy, host.vm.host_db):
+            raise where.fail(("hosts", i, "vm"), f"host {host.vm.via}'s host_policy/host_db differ from those "
+                             f"{other.name} gives for it")
     return out
 
 

@@ -117,8 +117,9 @@ def build(command: tuple[str, ...], data_dir: Path, store_url: str | None, hosts
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(open_store(data_dir, store_url))
         ref = stack.enter_context(_reference(policy_path, db_path))
-        via_refs = {h.vm.via: stack.enter_context(_reference(h.vm.host_policy, h.vm.host_db))
-                    for h in hosts if h.vm}     # the host a Build VM is verified through: its own reference
+        chains = {h.vm.via: (h.vm.host_policy, h.vm.host_db) for h in hosts if h.vm}
+        # the host a Build VM is verified through is judged against the verifier's own copies of its policy and DB
+        via_refs = {via: stack.enter_context(_reference(*files)) for via, files in chains.items()}
         progress = stack.enter_context(Progress(Console(stderr=True)))
         result = Controller(hosts, store, ref, key, ctl, workdir=Path.cwd(), out=out, strict=strict,
                             interval=interval, report=progress, via_refs=via_refs).run(list(command), stdout=sys.stderr)

@@ -187,6 +187,10 @@ def test_a_build_vm_is_verified_through_the_host_that_booted_it(tmp_path):
         assert where in str(err.value), (new, str(err.value))
     path.write_text(VM_HOST.replace("/abs/host.db", str(db)).replace("[hosts.vm]\n", "[hosts.vm]\ndistccd_port = 7\n"))
     assert load_hosts(path)[1].distccd_port == 7
+    second = VM_HOST.split("\n\n")[1].replace("vm1", "vm2").replace("40123", "40124")
+    path.write_text(VM_HOST.replace("/abs/host.db", str(db)) + "\n" + second.replace("/abs/host.db", "vmlinuz"))
+    with pytest.raises(FileError, match=r":18: hosts\[2\].vm: host host1's host_policy/host_db differ from those vm1"):
+        load_hosts(path)
 
 
 POLICY = """\

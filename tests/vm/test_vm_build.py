@@ -19,8 +19,10 @@ fact: the netns cluster of tests/e2e/test_build_e2e.py covers two hosts). In ord
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,28 +35,25 @@ from controlplane.build import provenance
 from controlplane.build.hosts import load_hosts
 from controlplane.cli.demo import Demo, Layout, prepare
 from controlplane.core import proof as proof_mod
+from controlplane.core.events import EventKind
 from controlplane.core.keys import load_signing_key
+from controlplane.core.policy import load_policy
+from controlplane.verifier import chain
+from controlplane.verifier.judge import Reference
+from prima.measuredb import MeasureDB
 from prima.sources import build
 from tests.build_fixtures import COMPILER, TOOLCHAIN, TROJAN_C
 from tests.bypass.lab import c_project
 from tests.conftest import requires
 from tests.vm.harness import find_kernel
+from tests.vm.test_vmv import HOST, VM_POLICY as CHAIN_POLICY, cwlite
 
 pytestmark = [requires(root=True, tool="qemu-system-x86_64"), requires(tool="swtpm"), requires(tool="distccd"),
               pytest.mark.timeout(3000)]
 
 VM = "vm-build"
-HOST = "build-vm-1"          # the demo host's enrolled name
-VM_POLICY = """\
-mode = "audit"
-backend = "lsm"
-pcr = 11
-trust_sets = ["build"]
-
-[labels.tp_distcc]
-entrypoints = ["/usr/bin/distccd"]
-trust_set = "build"
-
+PLANT_ROOT = Path("/mnt")
+VM_POLICY = CHAIN_POLICY + """
 [[port_authority.rules]]
 port = 3632
 protocol = "tcp"
@@ -76,11 +75,6 @@ host_db = "{host_db}"
 """
 
 
-def cwlite(*args: str, cwd: Path | None = None, timeout: float = 2500) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "controlplane.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
-
-
 @dataclass
 class Site:
     """The host (demo slice), the VM's policy and DB (the verifier's copies), the hosts file, the plant dir."""
@@ -98,9 +92,9 @@ class Site:
         (self.work / name).mkdir()
         project = c_project(self.work / name, 3)
         out = self.work / f"prov-{name}"
-        r = cwlite("build", "--hosts", str(self.hosts), "--data-dir", str(self.layout.verifier_dir),
+        r = subprocess.run([sys.executable, "-m", "controlplane.cli", "build", "--hosts", str(self.hosts), "--data-dir", str(self.layout.verifier_dir),
                    "--policy", str(self.vm_policy), "--db", str(self.vm_db), "--out", str(out), "--interval", "5",
-                   "--json", "--", "make", *make, cwd=project)
+                   "--json", "--", "make", *make], cwd=project, capture_output=True, text=True, timeout=2500)
         return project, out, r
 
 
@@ -111,30 +105,36 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     layout = prepare(work / "site")
     vm_dir = work / "vm-files"
     vm_dir.mkdir()
-    plant = work / "plant"                     # first on the VM's distccd PATH; empty until test 2
-    plant.mkdir(mode=0o755)
     policy, db = vm_dir / "vm.toml", vm_dir / "vm.db"
     policy.write_text(VM_POLICY)
     build(db, from_dpkg=list(TOOLCHAIN), deps=True, trust_set="build",
           note="the Build VM's distccd, gcc-12, binutils and their libraries")
     kernel = find_kernel()
+    # First on the VM's distccd PATH; empty until test 2. Not under /tmp: virtme-ng overlays /tmp, /usr, /var, ...
+    # in the guest, and a file added to an overlay's lower layer after the guest looked the name up may stay
+    # unseen (overlayfs: lower layers changed while mounted are undefined); /mnt is the host's root over 9p.
+    plant = Path(tempfile.mkdtemp(prefix="cwlite-vmbuild-plant-", dir=PLANT_ROOT))
+    plant.chmod(0o755)                         # distccd's jobs run as nobody
     workload = (f"/usr/bin/env PATH={plant}:/usr/bin:/bin TMPDIR=/var/tmp HOME=/var/tmp /usr/bin/distccd "
                 "--no-detach --daemon --allow 10.0.2.0/24 --listen 0.0.0.0 --port 3632 --jobs 2 --log-stderr "
                 "--log-level warning")
-    with Demo.start(layout) as demo:
-        demo.enrol(HOST)
-        up = cwlite("vm", "up", VM, "--data-dir", str(layout.host_dir), "--timeout", "2400", "--kernel", str(kernel),
-                    "--policy", str(policy), "--db", str(db), "--workload", workload, "--json")
-        try:
-            assert up.returncode == 0, f"vm up failed: {up.stderr[-3000:]}"
-            facts = json.loads(up.stdout)
-            hosts = work / "hosts.toml"
-            hosts.write_text(HOSTS.format(vm=VM, port=facts["distcc_port"], host=HOST, kernel=kernel,
-                                          cmdline=json.dumps(facts["cmdline"]), host_policy=layout.verifier_policy,
-                                          host_db=layout.verifier_db))
-            yield Site(layout, demo, work, policy, db, hosts, plant)
-        finally:
-            cwlite("vm", "down", VM, "--data-dir", str(layout.host_dir), timeout=120)
+    try:
+        with Demo.start(layout) as demo:
+            demo.enrol(HOST)
+            up = cwlite("vm", "up", VM, "--data-dir", str(layout.host_dir), "--timeout", "2400", "--kernel",
+                        str(kernel), "--policy", str(policy), "--db", str(db), "--workload", workload, "--json")
+            try:
+                assert up.returncode == 0, f"vm up failed: {up.stderr[-3000:]}"
+                facts = json.loads(up.stdout)
+                hosts = work / "hosts.toml"
+                hosts.write_text(HOSTS.format(vm=VM, port=facts["distcc_port"], host=HOST, kernel=kernel,
+                                              cmdline=json.dumps(facts["cmdline"]), host_policy=layout.verifier_policy,
+                                              host_db=layout.verifier_db))
+                yield Site(layout, demo, work, policy, db, hosts, plant)
+            finally:
+                cwlite("vm", "down", VM, "--data-dir", str(layout.host_dir), timeout=120)
+    finally:
+        shutil.rmtree(plant, ignore_errors=True)
 
 
 def test_a_clean_build_on_the_vm_verified_through_its_host_has_checkable_provenance(site: Site) -> None:
@@ -171,6 +171,36 @@ def test_a_clean_build_on_the_vm_verified_through_its_host_has_checkable_provena
     assert doc["via"]["vtpm_entry"]["op"] == "create"
 
 
+# The VM's PRIMA engine (lsm) does not yet label /usr/bin/distccd exec'd from virtme-ng's overlay over the
+# host's 9p root (the key stat() gives is not the one the exec sees), so the VM's jobs run unlabelled: its
+# proofs are TRUSTED with no TP entries, and a planted compiler is never judged. Being fixed on branch
+# i25-vmv2 (issue 25); strict, so these report XPASS-as-failure the day the fix lands and must be un-marked.
+BLOCKED_ON_I25 = pytest.mark.xfail(strict=True, reason="i25-vmv2: lsm engine does not label distccd exec'd from the "
+                                   "9p root's overlay in a host-root VM")
+
+
+@BLOCKED_ON_I25
+def test_the_vms_jobs_ran_under_distccds_tp_label(site: Site) -> None:
+    """After the clean build: the VM's log (judged through the chain) shows distccd entering tp_distcc and the
+    compiler's parts loaded trusted under it, so the clean proofs vouch for the jobs, not an idle VM."""
+    link = load_hosts(site.hosts)[0].vm
+    host_ref = Reference(load_policy(site.layout.verifier_policy), MeasureDB.open(site.layout.verifier_db))
+    vm_ref = Reference(load_policy(site.vm_policy), MeasureDB.open(site.vm_db))
+    try:
+        att = chain.attest_via(VM, site.demo.store.host(HOST), host_ref, vm_ref, link.boot(), site.demo.key,
+                               store=site.demo.store)
+    finally:
+        host_ref.db.close()
+        vm_ref.db.close()
+    assert att.verdict == "trusted", att.reasons
+    entered = [e.subject for e in att.entries if e.kind == EventKind.LABEL_TRANSITION.value and e.label == "tp_distcc"]
+    assert entered and entered[0] == "/usr/bin/distccd", entered
+    loaded = {Path(e.subject).name for e in att.entries
+              if e.kind == EventKind.TRUSTED_LOAD.value and e.label == "tp_distcc"}
+    assert {"cc1", "as"} <= loaded, sorted(loaded)
+
+
+@BLOCKED_ON_I25
 def test_an_untrusted_exec_on_the_vm_taints_the_build_naming_vm_entry_and_objects(site: Site) -> None:
     """Audit mode: the VM's distccd runs the planted compiler for its jobs; the round after them is UNTRUSTED,
     the VM is dropped (later jobs run locally), and the build is tainted with the VM's violation entry."""

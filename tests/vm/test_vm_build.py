@@ -171,15 +171,6 @@ def test_a_clean_build_on_the_vm_verified_through_its_host_has_checkable_provena
     assert doc["via"]["vtpm_entry"]["op"] == "create"
 
 
-# The VM's PRIMA engine (lsm) does not yet label /usr/bin/distccd exec'd from virtme-ng's overlay over the
-# host's 9p root (the key stat() gives is not the one the exec sees), so the VM's jobs run unlabelled: its
-# proofs are TRUSTED with no TP entries, and a planted compiler is never judged. Being fixed on branch
-# i25-vmv2 (issue 25); strict, so these report XPASS-as-failure the day the fix lands and must be un-marked.
-BLOCKED_ON_I25 = pytest.mark.xfail(strict=True, reason="i25-vmv2: lsm engine does not label distccd exec'd from the "
-                                   "9p root's overlay in a host-root VM")
-
-
-@BLOCKED_ON_I25
 def test_the_vms_jobs_ran_under_distccds_tp_label(site: Site) -> None:
     """After the clean build: the VM's log (judged through the chain) shows distccd entering tp_distcc and the
     compiler's parts loaded trusted under it, so the clean proofs vouch for the jobs, not an idle VM."""
@@ -197,10 +188,9 @@ def test_the_vms_jobs_ran_under_distccds_tp_label(site: Site) -> None:
     assert entered and entered[0] == "/usr/bin/distccd", entered
     loaded = {Path(e.subject).name for e in att.entries
               if e.kind == EventKind.TRUSTED_LOAD.value and e.label == "tp_distcc"}
-    assert {"cc1", "as"} <= loaded, sorted(loaded)
+    assert "cc1" in loaded and any(n == "as" or n.endswith("-linux-gnu-as") for n in loaded), sorted(loaded)
 
 
-@BLOCKED_ON_I25
 def test_an_untrusted_exec_on_the_vm_taints_the_build_naming_vm_entry_and_objects(site: Site) -> None:
     """Audit mode: the VM's distccd runs the planted compiler for its jobs; the round after them is UNTRUSTED,
     the VM is dropped (later jobs run locally), and the build is tainted with the VM's violation entry."""

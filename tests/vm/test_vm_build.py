@@ -2,17 +2,20 @@
 
 The host is the demo slice (tracepoint enforcement + swtpm + HTTPS service, enrolled as HOST); the
 Build VM is Debian's kernel under qemu with its own vTPM, running `cwlite serve --enforce --backend lsm`
-before its distccd (label tp_distcc, Port Authority: only tp_distcc receives on 3632). The host forwards
+before its distccd (label tp_distcc; the policy's Port Authority rule names only tp_distcc on 3632, which is
+what the controller checks: the guest's lsm engine does not enforce Port Authority rules yet). The host forwards
 the VM's attestation and distccd ports to loopback. The hosts file says "this host is VM vm-build,
 verify it via HOST" (`[hosts.vm]`), so every round is `verify vm-build --via HOST`: the host's quote and
 log, its record of the VM's boot parts and vTPM, then the VM's quote by that vTPM's AK and its log.
 
-One VM, booted once for the module (software emulation on 2 shared cores: a boot plus the guest's bcc
-compile takes minutes; a second concurrent VM would double that on the same two cores for no new
-fact: the netns cluster of tests/e2e/test_build_e2e.py covers two hosts). In order:
+One VM, booted once for the module (software emulation on 2 shared cores: the fixture took 722 s at a load
+of ~11, most of it the guest's bcc compile before `enforcing`; a second concurrent VM would need its own
+compile on the same two cores, for no new fact: the netns cluster of tests/e2e/test_build_e2e.py covers
+two hosts and --strict). In order:
 1. a clean build of a small C project (4 objects) entirely on the VM: provenance check and in-toto's
    own verifier pass, each object is attributed to the VM, and the proofs carry the host chain;
-2. a compiler no trusted source measured is planted on the VM's distccd PATH (a directory of the host
+2. the VM's log, judged through the chain, shows distccd entering tp_distcc and cc1/as loaded under it;
+3. a compiler no trusted source measured is planted on the VM's distccd PATH (a directory of the host
    the guest sees over 9p), and the next build (audit mode) is tainted naming the VM, the violation
    entry of its log, and exactly the objects the VM compiled.
 """

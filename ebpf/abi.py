@@ -15,7 +15,7 @@ import re
 from typing import Mapping
 
 from controlplane.core.errors import KernelError
-from ebpf import loader
+from ebpf import source_dir
 
 HEADERS = ("cwlite.h", "cdi.h", "selfprotect.h")
 
@@ -55,7 +55,7 @@ def constants() -> Mapping[str, int]:
     """Every CWL_* integer constant of HEADERS, by name (read once per process)."""
     out: dict[str, int] = {}
     for header in HEADERS:
-        path = loader.source_dir() / header
+        path = source_dir() / header
         try:
             text = path.read_text()
         except OSError as exc:

@@ -13,11 +13,11 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from cext import VMLINUX, Btf
+from ebpf import source_dir
 from controlplane.core.errors import BpfCompileError, KernelError
 
 if TYPE_CHECKING:  # bcc is imported lazily: tracefs must be mounted before `import bcc`
@@ -125,11 +125,6 @@ class Program:
         """The source and flags exactly as bcc receives them (`cwlite debug ebpf`)."""
         flags = " \\\n  ".join(self.cflags)
         return f"/* {self.name}, compiled with:\n  {flags}\n */\n{self.text}"
-
-
-def source_dir() -> Path:
-    """The folder holding the BPF sources (package data of `ebpf`)."""
-    return Path(str(resources.files("ebpf")))
 
 
 @functools.lru_cache(maxsize=4)

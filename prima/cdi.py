@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Mapping
 from controlplane.core.errors import EnforcementError, KernelError
 from cext import VMLINUX
 from controlplane.core.policy import Policy
-from prima.kernelview import kernel_dev
+from prima.kernelview import KernelIdentity
 
 if TYPE_CHECKING:
     import bcc
@@ -58,6 +58,7 @@ def _writers_mask(policy: Policy, index: int, label_ids: Mapping[str, int]) -> i
 def cdi_inodes(policy: Policy, label_ids: Mapping[str, int]) -> list[CdiInode]:
     """Every inode the policy's CDIs name now. An inode in two CDIs keeps only the writers both allow."""
     found: dict[tuple[int, int], CdiInode] = {}
+    ids = KernelIdentity()
     for index, cdi in enumerate(policy.cdis):
         writers = _writers_mask(policy, index, label_ids)
         try:
@@ -72,7 +73,7 @@ def cdi_inodes(policy: Policy, label_ids: Mapping[str, int]) -> list[CdiInode]:
                     p = os.path.join(root, name)
                     paths.append((p, os.lstat(p)))
         for p, st in paths:
-            key = (kernel_dev(st.st_dev), st.st_ino)
+            key = (ids.dev(p, st.st_dev), st.st_ino)      # as the kernel keys it (an overlay's own inode)
             prev = found.get(key)
             found[key] = CdiInode(key[0], key[1], writers & prev.writers if prev else writers,
                                   prev.index if prev else index, os.path.isdir(p) and not os.path.islink(p), p)

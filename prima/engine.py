@@ -34,7 +34,7 @@ from controlplane.core.policy import Policy
 from ebpf import abi, loader
 from prima import cdi, selfprotect
 from prima.arming import Arming
-from prima.kernelview import KernelEntry, Watch, kernel_dev
+from prima.kernelview import KernelEntry, KernelIdentity, Watch, kernel_dev
 from prima.measure import measure_evidence
 
 if TYPE_CHECKING:  # bcc itself is imported by ebpf.loader when a program is compiled
@@ -293,15 +293,15 @@ class Engine:
         entry_items = []
         found: dict[str, str] = {}
         missing: list[str] = []
+        ids = KernelIdentity()          # keyed as the kernel view keys the DB's files (an overlay's own inode)
         for name, lb in sorted(policy.labels.items()):
             for ep in lb.entrypoints:
                 try:
-                    st = os.stat(ep)
+                    dev, ino = ids.key(ep)
                 except OSError:
                     missing.append(ep)
                     continue
-                entry_items.append((entry.Key(dev=kernel_dev(st.st_dev), ino=st.st_ino),
-                                    entry.Leaf(label=self._label_ids[name])))
+                entry_items.append((entry.Key(dev=dev, ino=ino), entry.Leaf(label=self._label_ids[name])))
                 found[ep] = name
 
         conf = bpf[b"cwl_conf_t"]

@@ -10,7 +10,6 @@ entries prima.engine writes to `cwl_trust*`.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -18,7 +17,6 @@ from typing import Callable, Iterable, Sequence
 from controlplane.core.errors import MeasureDBError
 from prima import measure
 from prima.measure import Mount, mounts
-from prima.measure import unescape_mountinfo
 from prima.measuredb import MeasureDB
 
 SETS_MAX = 64  # trust sets in one kernel view: one bit each in a u64 sets_mask
@@ -52,26 +50,42 @@ class KernelIdentity:
     """Maps what stat() says to what the kernel keys on: super_block.s_dev (kernel encoding) per file.
 
     stat()'s st_dev is the superblock's device on most filesystems (ext4,
-    xfs, tmpfs, overlayfs), but btrfs reports a per-subvolume anonymous
-    device while its inodes carry the one superblock's s_dev (and inode
-    numbers repeat across subvolumes). A file whose st_dev is no mounted
+    xfs, tmpfs, 9p, a single-filesystem overlayfs), but not everywhere:
+    btrfs reports a per-subvolume anonymous device while its inodes carry
+    the one superblock's s_dev (and inode numbers repeat across
+    subvolumes); an overlayfs whose layers are on different filesystems
+    without xino (virtme-ng's tmpfs over the 9p root) reports a file's
+    st_dev as a pseudo device it allocated for the layer's filesystem
+    (fs/overlayfs/inode.c ovl_map_dev_ino: `fs[fsid].pseudo_dev`), while
+    exec and open see the overlay's own inode: the overlay's s_dev, and the
+    layer's inode number (ovl_map_ino). A file whose st_dev is no mounted
     superblock's is mapped through the mount that holds it.
     """
 
     def __init__(self, mount_list: Sequence[Mount] | None = None) -> None:
         self.mounts = list(mounts() if mount_list is None else mount_list)
         self._sb_devs = {m.dev for m in self.mounts}
-        self._by_depth = sorted(self.mounts, key=lambda m: len(m.point), reverse=True)
+        # deepest point first; on one point the mount made last (it covers the others)
+        self._by_depth = [m for _i, m in sorted(enumerate(self.mounts), key=lambda im: (len(im[1].point), im[0]),
+                                                reverse=True)]
 
     def dev(self, path: str, st_dev: int) -> int:
         """The kernel's dev_t for the file at `path` whose stat() gave `st_dev`."""
         if st_dev in self._sb_devs or not self.mounts:
             return kernel_dev(st_dev)
+        m = self._holding(path)
+        return kernel_dev(m.dev if m is not None else st_dev)
+
+    def _holding(self, path: str) -> Mount | None:
+        """The deepest mount whose point holds `path` (symlinks resolved)."""
         real = os.path.realpath(path)
-        for m in self._by_depth:
-            if real == m.point or real.startswith(m.point.rstrip("/") + "/"):
-                return kernel_dev(m.dev)
-        return kernel_dev(st_dev)
+        return next((m for m in self._by_depth if real == m.point or real.startswith(m.point.rstrip("/") + "/")), None)
+
+    def key(self, path: str) -> tuple[int, int]:
+        """The kernel's (dev, ino) for the file at `path` (symlinks followed): what an exec or open of it
+        reads, so what a BPF map keyed on it must hold. OSError when it cannot be stat()ed."""
+        st = os.stat(path)
+        return self.dev(path, st.st_dev), st.st_ino
 
     def overlay_layer_paths(self, paths: Iterable[str]) -> list[str]:
         """For files on an overlayfs, the layer file the overlay shows (the topmost layer holding it).
@@ -89,16 +103,18 @@ class KernelIdentity:
                 st = os.stat(p)
             except OSError:
                 continue
-            m = overlays.get(st.st_dev)
-            if m is None:
+            # a two-filesystem overlay's files stat() as the layer's pseudo device: found by their mount
+            m = overlays.get(st.st_dev) if st.st_dev in self._sb_devs else self._holding(p)
+            if m is None or m.fstype != "overlay":
                 continue
-            layers = [m.options["upperdir"]] if m.options.get("upperdir") else []
-            layers += [x for x in re.split(r"(?<!\\):", m.options.get("lowerdir", "")) if x]
             rel = os.path.relpath(os.path.realpath(p), m.point)
-            for layer in layers:
-                candidate = os.path.join(unescape_mountinfo(layer).replace("\\:", ":").replace("\\,", ","), rel)
+            for layer in m.layer_dirs():
+                candidate = os.path.join(layer, rel)
                 if os.path.lexists(candidate):
-                    out.append(candidate)
+                    # a hidden layer (mounted over by the overlay itself) has no path: its file is left out,
+                    # and the kernel finds the layer inode untrusted (overlay-layer-untrusted: fail closed)
+                    if not m.hides(layer):
+                        out.append(candidate)
                     break
         return out
 

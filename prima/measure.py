@@ -221,6 +221,21 @@ class Mount:
     fstype: str
     options: Mapping[str, str]
 
+    def layer_dirs(self) -> list[str]:
+        """An overlayfs mount's layer directories, topmost first (upperdir, then each lowerdir); else []."""
+        if self.fstype != "overlay":
+            return []
+        dirs = [self.options["upperdir"]] if self.options.get("upperdir") else []
+        dirs += [x for x in re.split(r"(?<!\\):", self.options.get("lowerdir", "")) if x]
+        return [unescape_mountinfo(d).replace("\\:", ":").replace("\\,", ",") for d in dirs]
+
+    def hides(self, layer: str) -> bool:
+        """True when overlay layer directory `layer` is at or under this mount's own point (virtme-ng mounts
+        `lowerdir=/usr` on /usr): its path now leads into the overlay, so the layer's own files cannot be
+        reached by any path, and nothing can measure them."""
+        real = os.path.realpath(layer)
+        return real == self.point or real.startswith(self.point.rstrip("/") + "/")
+
 
 def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
     out: list[Mount] = []

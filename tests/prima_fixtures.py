@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 from prima import measure, selfprotect
 from prima.engine import Engine
-from prima.kernelview import KernelEntry, Watch, kernel_dev
+from prima.kernelview import KernelEntry, KernelIdentity, Watch
 
 CWLITE = str(Path(sys.executable).with_name("cwlite"))
 
@@ -45,16 +45,17 @@ def measure_files(paths: Iterable[str | os.PathLike[str]], sets_mask: int, watch
     """Stat and hash files into kernel-view entries, each trusted for `sets_mask` (no DB, no cache).
     `watch` (Engine.watch) gets the keys before any is read; a file open for write while it is read
     is left out, as kernel_view leaves it out (its content may be changing)."""
+    ids = KernelIdentity()
     sts = [(os.fspath(p), os.stat(p)) for p in paths]
     if watch is not None:
-        watch([(kernel_dev(st.st_dev), st.st_ino) for _p, st in sts])
+        watch([(ids.dev(p, st.st_dev), st.st_ino) for p, st in sts])
     out = []
     for p, st in sts:
         measured_ns = time.monotonic_ns()
         m = measure.measure_file(os.path.realpath(p), only_code=False)
         if m is None or not m.stable or (m.ident.dev, m.ident.ino) != (st.st_dev, st.st_ino):
             continue
-        out.append(KernelEntry(kernel_dev(st.st_dev), st.st_ino, m.ident.ctime_ns, sets_mask, m.sha256, p, measured_ns))
+        out.append(KernelEntry(ids.dev(p, st.st_dev), st.st_ino, m.ident.ctime_ns, sets_mask, m.sha256, p, measured_ns))
     return out
 
 

@@ -1,7 +1,8 @@
 """The build controller: distcc jobs only to hosts that verify, re-verified while the build runs.
 
-    1. every build host is attested (enrolled AK, fresh quote, TRUSTED proof) and its
-       policy must let only distccd receive on its distcc port (hosts.port_authority_refusal);
+    1. every build host is attested (enrolled AK, fresh quote, TRUSTED proof; a Build VM through the
+       host that booted it, controlplane.verifier.chain) and its policy must let only distccd receive
+       on its distcc port (hosts.port_authority_refusal);
     2. the build command runs with distcc's host list = the verified hosts (distcc.DistccRun);
     3. while it runs, each host is attested again every `interval` seconds; a host whose
        round is not TRUSTED (or cannot complete) is dropped from the list at once, and the
@@ -23,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -34,6 +35,9 @@ from controlplane.core import proof as proof_mod
 from controlplane.core.atomic import write_atomic
 from controlplane.core.errors import CwliteError, VerifyError
 from controlplane.verifier import attest as verifier
+from controlplane.verifier import chain
+from controlplane.verifier.attest import Attestation
+from controlplane.verifier.chain import ChainAttestation
 from controlplane.verifier.judge import Reference, Verdict
 from controlplane.verifier.store import Store
 
@@ -85,8 +89,13 @@ class Controller:
 
     def __init__(self, hosts: Sequence[BuildHost], store: Store, ref: Reference, verifier_key: Ed25519PrivateKey,
                  controller_key: Ed25519PrivateKey, *, workdir: Path, out: Path, strict: bool = False,
-                 interval: float = 5.0, report: Report | None = None) -> None:
+                 interval: float = 5.0, report: Report | None = None,
+                 via_refs: Mapping[str, Reference] | None = None) -> None:
         self.runs = [HostRun(h) for h in hosts]
+        self.via_refs = dict(via_refs or {})     # a Build VM's host (its `via`) -> the verifier's reference for it
+        missing = sorted({h.vm.via for h in hosts if h.vm and h.vm.via not in self.via_refs})
+        if missing:
+            raise CwliteError(f"cwlite build: no reference (policy, DB) for the Build VMs' host(s) {', '.join(missing)}")
         self.store, self.ref, self.key, self.controller_key = store, ref, verifier_key, controller_key
         self.workdir, self.out = Path(workdir).resolve(), Path(out).resolve()
         self.strict, self.interval = strict, interval
@@ -101,8 +110,7 @@ class Controller:
         """One round for `run`'s host; its proof is kept; False (with run.dropped set) when not TRUSTED."""
         self.rounds += 1
         try:
-            host = self.store.host(run.host.name)
-            att = verifier.attest(host, self.ref, self.key, store=self.store)
+            att = self._round(run.host)
         except VerifyError as exc:
             run.dropped = run.dropped or f"attestation refused ({exc.reason}): {exc}"
             self.report("round", {"host": run.host.name, "verdict": f"refused:{exc.reason}", "message": str(exc)})
@@ -111,8 +119,10 @@ class Controller:
         name = f"{provenance.PROOFS}/{run.host.name}-{n}.json"
         write_atomic(self.out / name, att.proof, mode=0o644)
         run.ak_sha256 = att.document["host"]["ak_sha256"]
+        log = att.document["log"]
         run.proofs.append({"file": name, "sha256": proof_mod.digest(att.proof), "host": run.host.name, "round": n,
-                           "verdict": att.verdict.value, "log_start": att.log_start, "log_end": att.log_end})
+                           "verdict": att.verdict.value, "log_start": log["start"], "log_end": log["end"]}
+                          | ({"via": run.host.vm.via} if run.host.vm else {}))
         self.report("round", {"host": run.host.name, "verdict": att.verdict.value, "round": n,
                               "reasons": list(att.reasons)})
         if att.verdict is not Verdict.TRUSTED:
@@ -124,6 +134,13 @@ class Controller:
             run.dropped = run.dropped or refusal
             return False
         return True
+
+    def _round(self, host: BuildHost) -> Attestation | ChainAttestation:
+        """One attestation of `host`: an enrolled host directly; a Build VM through the host that booted it."""
+        if host.vm is None:
+            return verifier.attest(self.store.host(host.name), self.ref, self.key, store=self.store)
+        return chain.attest_via(host.name, self.store.host(host.vm.via), self.via_refs[host.vm.via], self.ref,
+                                host.vm.boot(), self.key, store=self.store)
 
     def verify_hosts(self) -> list[HostRun]:
         """The first round for every host; those that verify go into distcc's list."""
@@ -206,7 +223,8 @@ class Controller:
         hosts = [{"name": r.host.name, "distcc": r.host.distcc, "label": r.label, "ak_sha256": r.ak_sha256,
                   "first_proof": r.proofs[0]["file"], "first_proof_sha256": r.proofs[0]["sha256"],
                   "first_verdict": r.proofs[0]["verdict"], "jobs": r.jobs, "dropped": r.dropped,
-                  "tainted": any(t["host"] == r.host.name for t in self.taints)}
+                  "tainted": any(t["host"] == r.host.name for t in self.taints),
+                  "via": r.host.vm.via if r.host.vm else ""}
                  for r in self.runs if r.proofs]
         record = {"command": command, "returncode": returncode, "tainted": bool(self.taints), "stopped": self.stopped,
                   "taints": self.taints, "rounds": self.rounds, "interval_s": self.interval, "strict": self.strict,

@@ -149,11 +149,13 @@ def statement(*, subjects: Iterable[Subject], command: list[str], workdir: str, 
              "digest": {"sha256": h["ak_sha256"]},
              "annotations": {"proof": h["first_proof"], "proofSha256": h["first_proof_sha256"],
                              "verdict": h["first_verdict"], "label": h["label"], "jobs": h["jobs"],
-                             "tainted": h["name"] in tainted, "droppedBecause": h.get("dropped", "")}}
+                             "tainted": h["name"] in tainted, "droppedBecause": h.get("dropped", "")}
+             | ({"verifiedVia": h["via"]} if h.get("via") else {})}
             for h in hosts]
     byproducts = [{"name": p["file"], "digest": {"sha256": p["sha256"]}, "mediaType": "application/json",
                    "annotations": {"host": p["host"], "round": p["round"], "verdict": p["verdict"],
-                                   "logStart": p["log_start"], "logEnd": p["log_end"]}} for p in proofs]
+                                   "logStart": p["log_start"], "logEnd": p["log_end"]}
+                   | ({"via": p["via"]} if p.get("via") else {})} for p in proofs]
     byproducts.append({"name": BUILD_RECORD, "digest": {"sha256": record_sha256}, "mediaType": "application/json"})
     return {
         "_type": STATEMENT_TYPE,
@@ -232,6 +234,7 @@ def check_dir(out: Path, *, controller_key: Path | Ed25519PublicKey | None = Non
         ann = b.get("annotations", {})
         if doc["verdict"] != ann.get("verdict") or doc["host"]["name"] != ann.get("host"):
             raise VerifyError(f"{path}: verdict/host differ from the statement's annotation", reason="provenance-proof")
+        _check_via(doc, ann.get("via"), ver, str(path))
         proofs += 1
     for dep in pred["buildDefinition"]["resolvedDependencies"]:
         first = dep["annotations"]["proof"]
@@ -247,6 +250,25 @@ def check_dir(out: Path, *, controller_key: Path | Ed25519PublicKey | None = Non
                               reason="provenance-subject")
     return Checked(stmt, record, proofs, len(stmt["subject"]), bool(record.get("tainted")),
                    bool(record.get("stopped")))
+
+
+def _check_via(doc: Mapping[str, Any], via: str | None, ver: Ed25519PublicKey, source: str) -> None:
+    """A Build VM's proof (controlplane.verifier.chain) carries its host's signed proof: that one is checked
+    too (signature, quote, digest, the host the statement names), so the chain re-checks offline."""
+    link = doc.get("via")
+    if (link or {}).get("host") != via:
+        raise VerifyError(f"{source}: the proof's host chain ({(link or {}).get('host')}) is not the statement's "
+                          f"({via})", reason="provenance-proof")
+    if link is None:
+        return
+    host_proof = str(link.get("host_proof", "")).encode()
+    if proof_mod.digest(host_proof) != link.get("host_proof_sha256"):
+        raise VerifyError(f"{source}: via.host_proof: SHA-256 is not via.host_proof_sha256", reason="provenance-proof")
+    host_doc = proof_mod.check(host_proof, ver, source=f"{source}: via.host_proof")
+    proof_mod.check_quote(host_doc, source=f"{source}: via.host_proof")
+    if host_doc["host"]["name"] != via or host_doc["verdict"] != link.get("host_verdict"):
+        raise VerifyError(f"{source}: via.host_proof is not host {via}'s proof with verdict {link.get('host_verdict')}",
+                          reason="provenance-proof")
 
 
 def _read(path: Path) -> bytes:

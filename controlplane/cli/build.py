@@ -1,6 +1,7 @@
 """`cwlite build` and `cwlite provenance check`: distcc builds on verified hosts, and their provenance."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,8 @@ class Progress:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @store_options
 @click.option("--hosts", "hosts_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_HOSTS,
-              show_default=True, help="The build hosts (TOML: [[hosts]] name, distcc, jobs, label).")
+              show_default=True, help="The build hosts (TOML: [[hosts]] name, distcc, jobs, label; a Build VM's [hosts.vm] via, kernel, "
+                   "cmdline, host_policy, host_db).")
 @click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="The verifier's own copy of the policy the hosts must run.")
 @click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -87,7 +89,9 @@ def build(command: tuple[str, ...], data_dir: Path, store_url: str | None, hosts
           db_path: Path, out: Path, controller_key: Path | None, strict: bool, interval: float, as_json: bool) -> None:
     """Run COMMAND (after `--`) with distcc, handing jobs only to hosts that verify.
 
-    Each host in --hosts must be enrolled (`cwlite enrol`), give a fresh
+    Each host in --hosts must be enrolled (`cwlite enrol`), or be a Build VM
+    verified through the enrolled host that booted it (`vm.via` in the hosts
+    file: `cwlite verify NAME --via HOST`), give a fresh
     quote whose proof is TRUSTED, and run a policy whose Port Authority rule
     lets only distccd receive on its distcc port. distcc's host list is then
     those hosts; while COMMAND runs each host is attested again every
@@ -110,10 +114,15 @@ def build(command: tuple[str, ...], data_dir: Path, store_url: str | None, hosts
     hosts = load_hosts(hosts_path)
     key = load_signing_key(data_dir / "verifier.key", create=True)
     ctl = load_signing_key(controller_key or data_dir / "controller.key", create=controller_key is None)
-    with open_store(data_dir, store_url) as store, _reference(policy_path, db_path) as ref, \
-            Progress(Console(stderr=True)) as progress:
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(open_store(data_dir, store_url))
+        ref = stack.enter_context(_reference(policy_path, db_path))
+        chains = {h.vm.via: (h.vm.host_policy, h.vm.host_db) for h in hosts if h.vm}
+        # the host a Build VM is verified through is judged against the verifier's own copies of its policy and DB
+        via_refs = {via: stack.enter_context(_reference(*files)) for via, files in chains.items()}
+        progress = stack.enter_context(Progress(Console(stderr=True)))
         result = Controller(hosts, store, ref, key, ctl, workdir=Path.cwd(), out=out, strict=strict,
-                            interval=interval, report=progress).run(list(command), stdout=sys.stderr)
+                            interval=interval, report=progress, via_refs=via_refs).run(list(command), stdout=sys.stderr)
     emit(result.summary(), as_json, _print_summary)
     if result.stopped:
         sys.exit(EXIT_STOPPED)

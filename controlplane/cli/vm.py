@@ -145,6 +145,8 @@ def guest_init(policy: Path, db: Path, pcr: int, port: int, workload: str) -> No
     """In the VM, first: enforcement + attestation service, then (only then) the workload."""
     print(vmv.BOOTED_MARK, flush=True)
     _configure_network()
+    print(f"[cwlite-vm] the host root read-only, direct (overlays taken away: {' '.join(vmv.uncover_host_root()) or '-'})",
+          flush=True)
     data = Path(vmv.GUEST_DATA)
     data.mkdir(parents=True, exist_ok=True)
     serve = subprocess.Popen([sys.executable, "-m", "controlplane.cli", "serve", "--enforce", "--backend", "lsm",

@@ -238,7 +238,8 @@ def _split_key(key: str) -> tuple[str, ...]:
 
 
 def key_lines(text: str) -> dict[tuple, int]:
-    """Map each key path to its 1-based line. Array-of-table items are indexed: ("cdis", 0, "path")."""
+    """Map each key path to its 1-based line. Array-of-table items are indexed: ("cdis", 0, "path"), and so
+    are their sub-tables: `[hosts.vm]` after the second `[[hosts]]` is ("hosts", 1, "vm")."""
     lines: dict[tuple, int] = {}
     counters: dict[tuple, int] = {}
     table: tuple = ()
@@ -258,8 +259,9 @@ def key_lines(text: str) -> dict[tuple, int]:
                     idx = counters.get(path, -1) + 1
                     counters[path] = idx
                     table = (*path, idx)
-                else:
-                    table = path
+                else:   # [a.b] under an array of tables [[a]] is a table of a's latest item
+                    parent = next((path[:n] for n in range(len(path) - 1, 0, -1) if path[:n] in counters), None)
+                    table = path if parent is None else (*parent, counters[parent], *path[len(parent):])
                 lines.setdefault(table, no)
                 lines.setdefault(path, no)
                 continue

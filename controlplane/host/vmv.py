@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from controlplane.core.atomic import write_atomic
 from controlplane.core.errors import VmError
@@ -39,6 +39,7 @@ from controlplane.core.vmrecord import NO_PART, VmRecord, check_vm_name, cmdline
 from controlplane.host import control
 from controlplane.host.swtpm import STATE_FILE, Swtpm
 from controlplane.host.tpm import Tpm
+from prima.measure import mounts
 
 # `integrity` must stay: without it `ima_policy=...` panics Debian's 6.1 kernel (VM-TIER.md gotcha 6).
 APPEND = "lsm=lockdown,capability,landlock,yama,integrity,bpf"
@@ -51,6 +52,8 @@ ENFORCING_MARK = "[cwlite-vm] enforcing"
 READY_MARK = "[cwlite-vm] ready"
 FAILED_MARK = "[cwlite-vm] failed"
 DEFAULT_WORKLOAD = f"/usr/bin/distccd --no-detach --daemon --allow 10.0.2.0/24 --listen 0.0.0.0 --port {DISTCC_PORT} --log-stderr"
+# virtme-ng's writable overlays the guest keeps (the workload's scratch space); its others are taken away
+GUEST_SCRATCH = ("/tmp", "/var")
 # virtme-ng mounts fresh tmpfs over these in the guest: a VM directory there is invisible to the guest
 GUEST_HIDDEN = ("/run", "/var/tmp", "/var/log", "/var/cache", "/var/lib/apt", "/var/lib/sudo", "/var/lib/private",
                 "/dev")
@@ -298,6 +301,30 @@ def kvm_usable() -> bool:
     except OSError:
         return False
     return True
+
+
+# the guest's side: its root ----------------------------------------------------------------------------
+def uncover_host_root(keep: Sequence[str] = GUEST_SCRATCH, *, under: str = "/") -> list[str]:
+    """In the guest, before cwlite starts: lazily unmount virtme-ng's writable overlays over the host's root
+    (each mounted over its own lower directory, `lowerdir=/usr` on /usr) at or below `under`, but those in
+    `keep`; the points unmounted, in order. Why: under such an overlay a file's stat() gives the layer's pseudo device while an
+    exec sees the overlay's inode, and the layer inode the overlay shows (9p's) has no path left to measure
+    it by, so the workload could never be judged trusted there (prima.kernelview). Without them every new
+    lookup reaches the 9p root itself, read-only (qemu exports it `readonly=on`), keyed as stat() says.
+    Processes started before keep what they opened."""
+    done: list[str] = []
+    for _round in range(8):             # overlays stacked on one another (virtme-ng mounts them in parallel)
+        covering = [m for m in mounts() if m.fstype == "overlay" and m.point not in keep
+                    and os.path.commonpath([under, m.point]) == under and any(m.hides(d) for d in m.layer_dirs())]
+        if not covering:
+            return done
+        for m in reversed(covering):    # the newest first: it may sit on an older one
+            proc = subprocess.run(["umount", "-l", m.point], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise VmError(f"{m.point}: cannot unmount virtme-ng's overlay over the host root: "
+                              f"{proc.stderr.strip() or proc.returncode}", reason="boot")
+            done.append(m.point)
+    raise VmError(f"overlays over the host root still mounted after unmounting {done}", reason="boot")
 
 
 # the supervisor (a background process per VM) ----------------------------------------------------------

@@ -210,6 +210,31 @@ class ContentScenarios:
         assert again.sh(f"{tool}; echo rc=$?").stdout.strip() == "rc=0"
         assert not again.violations(timeout=0.3)
 
+    def test_overlay_over_two_file_systems_entrypoint(self, lab: Lab, tmp_path: Path) -> None:
+        """An entrypoint on an overlay whose layers are two file systems (virtme-ng's tmpfs over the VM's 9p
+        root, issue 25): stat() gives the layer's pseudo device, exec sees the overlay's inode; the label is
+        entered. Mounted over its own lower dir (virtme-ng's layout), the layer file has no path left to be
+        measured by: the entrypoint is a violation (overlay-layer-untrusted) and nothing enters the label."""
+        with tmpfs(tmp_path / "lo") as lower, tmpfs(tmp_path / "up") as up:
+            shutil.copy2("/bin/sh", lower / "ep")
+            for d in ("u", "w", "merged"):
+                (up / d).mkdir()
+            opts = f"xino=off,lowerdir={lower},upperdir={up / 'u'},workdir={up / 'w'}"
+            with mounted("-t", "overlay", "cwlite-content", "-o", opts, str(up / "merged")):
+                ep = up / "merged" / "ep"
+                assert os.stat(ep).st_dev != os.stat(up / "merged").st_dev       # the layer's pseudo device
+                tp = lab.label(entrypoint=str(ep), trusted=[str(lower / "ep")])  # the overlay file, the layer's
+                assert tp.sh("echo in; exit 0").stdout.strip() == "in"
+                [enter] = tp.events(EventKind.LABEL_TRANSITION)
+                assert enter.subject == str(ep) and enter.detail["ino"] == os.stat(ep).st_ino
+                assert not tp.violations(timeout=0.3)
+            with mounted("-t", "overlay", "cwlite-content", "-o", opts, str(lower)):
+                tp = lab.label(entrypoint=str(lower / "ep"))      # all a path can reach: the overlay's inode
+                assert tp.sh("echo ran; exit 0").stdout.strip() == "ran"     # unlabelled: nothing to stop
+                [v] = tp.violations("entrypoint")
+                assert v.detail["why"] == LAYER and v.detail["action"] == "allowed"
+                assert not tp.events(EventKind.LABEL_TRANSITION, timeout=0.2)
+
     def test_overlay_lower_layer_rewrite(self, lab: Lab, tmp_path: Path) -> None:
         """The lower layer's file is rewritten directly: exec through the overlay is keyed by the overlay
         inode, whose cached ctime is stale; the layer inode it shows is judged too."""

@@ -149,8 +149,8 @@ class Lab:
 
     def label(self, *, mode: str = "enforce", on_exec: str = "keep", anon_exec: str = "violation",
               trusted: Iterable[str] = (), **keys: str) -> "Label":
-        """Reload the engine with a new label whose entrypoint is a fresh copy of /bin/sh
-        (`keys`: more of the label's policy keys, e.g. compat_syscalls="allow")."""
+        """Reload the engine with a new label whose entrypoint is a fresh copy of /bin/sh, or the shell at
+        `entrypoint=PATH` (`keys`: more of the label's policy keys, e.g. compat_syscalls="allow")."""
         return self.labels(dict(on_exec=on_exec, anon_exec=anon_exec, **keys), mode=mode, trusted=trusted)[0]
 
     def labels(self, *specs: dict, mode: str = "enforce", trusted: Iterable[str] = ()) -> list["Label"]:
@@ -169,10 +169,10 @@ class Lab:
         for name, spec in zip(names, specs):
             keys = dict(spec)
             on_exec, anon_exec = keys.pop("on_exec", "keep"), keys.pop("anon_exec", "violation")
+            entrypoint = keys.pop("entrypoint", None) or self._new_entrypoint(name)
             if "transitions" in keys:
                 keys["transitions"] = [names[i] for i in keys["transitions"]]
-            labels.append(Label(self, name, self._new_entrypoint(name), mode=mode, on_exec=on_exec,
-                                anon_exec=anon_exec, keys=keys))
+            labels.append(Label(self, name, entrypoint, mode=mode, on_exec=on_exec, anon_exec=anon_exec, keys=keys))
         self.engine.reload(*self.policy_for(*labels, trusted=trusted))
         return labels
 

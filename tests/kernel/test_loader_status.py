@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from controlplane.core.errors import BpfCompileError
+import ebpf
 from ebpf import loader
 from tests.conftest import requires
 
@@ -35,7 +36,7 @@ def test_syntax_error_names_the_source_line(tmp_path, monkeypatch) -> None:
     src = tmp_path / "broken.bpf.c"
     src.write_text('#include "cwlite.h"\n\nint f(void *ctx)\n{\n\treturn undeclared_thing;\n}\n')
     monkeypatch.setattr(loader, "source_dir", lambda: tmp_path)
-    (tmp_path / "cwlite.h").write_text((loader.Path(str(loader.resources.files("ebpf"))) / "cwlite.h").read_text())
+    (tmp_path / "cwlite.h").write_text((ebpf.source_dir() / "cwlite.h").read_text())
     with pytest.raises(BpfCompileError) as info:
         loader.load("broken.bpf.c")
     assert info.value.line == 5

@@ -16,7 +16,8 @@ from typing import Iterator
 import pytest
 
 from ebpf import loader
-from prima.kernelview import kernel_dev, kernel_view
+from controlplane.host.vmv import uncover_host_root
+from prima.kernelview import KernelIdentity, kernel_dev, kernel_view
 from prima.measuredb import MeasureDB
 from prima.sources import build
 from tests.conftest import requires
@@ -139,3 +140,57 @@ def test_btrfs_identity_is_the_superblock_not_the_subvolume(probe, tmp_path: Pat
         assert kernel_dev(os.stat(other).st_dev) != seen["sub-true"][0]  # st_dev alone would have missed it
         assert seen["top-true"][:2] == seen["sub-false"][:2]  # one key, two files
         assert len({seen["top-true"], seen["sub-false"]} & view) == 1
+
+
+def test_overlay_over_two_file_systems_keys_the_overlay_inode(probe, tmp_path: Path) -> None:
+    """stat() through a two-filesystem overlay gives the layer's pseudo device: the kernel (and so the
+    entrypoint map) must key the overlay's s_dev with the layer's inode number (KernelIdentity.key)."""
+    lower, scratch, merged = tmp_path / "lower", tmp_path / "scratch", tmp_path / "merged"
+    for d in (lower, scratch, merged):
+        d.mkdir()
+    with _mount("-t", "tmpfs", "cwlite-lower", str(lower)), _mount("-t", "tmpfs", "cwlite-upper", str(scratch)):
+        shutil.copy2("/usr/bin/true", lower / "true-copy")
+        (scratch / "upper").mkdir()
+        (scratch / "work").mkdir()
+        opts = f"xino=off,lowerdir={lower},upperdir={scratch / 'upper'},workdir={scratch / 'work'}"
+        with _mount("-t", "overlay", "cwlite-test", "-o", opts, str(merged)):
+            exe = merged / "true-copy"
+            seen = _exec_identity(probe, exe)
+            st = os.stat(exe)
+            assert KernelIdentity().key(str(exe)) == seen[:2]
+            assert kernel_dev(st.st_dev) != seen[0]          # the pseudo device: an entrypoint keyed by it is missed
+            assert st.st_ino == seen[1]
+            build(tmp_path / "m.db", from_dir=[merged], trust_set="t")
+            with MeasureDB.open(tmp_path / "m.db") as db:
+                keys = {(e.dev, e.ino, e.ctime_ns) for e in kernel_view(db, ["t"])}
+            assert seen in keys                                  # the overlay inode, and the layer it shows:
+            assert _exec_identity(probe, lower / "true-copy") in keys
+
+
+def test_an_overlay_over_its_own_lower_dir_hides_the_layer(probe, tmp_path: Path) -> None:
+    """virtme-ng's `lowerdir=/usr` on /usr: the layer's files have no path left, so the view holds only the
+    overlay inode (the kernel then finds the layer untrusted: fail closed), and uncover_host_root takes the
+    overlay away so the lower files are reached directly, keyed as stat() says."""
+    lower, scratch = tmp_path / "lower", tmp_path / "scratch"
+    for d in (lower, scratch):
+        d.mkdir()
+    with _mount("-t", "tmpfs", "cwlite-lower", str(lower)), _mount("-t", "tmpfs", "cwlite-upper", str(scratch)):
+        shutil.copy2("/usr/bin/true", lower / "true-copy")
+        layer_key = _exec_identity(probe, lower / "true-copy")
+        (scratch / "upper").mkdir()
+        (scratch / "work").mkdir()
+        opts = f"xino=off,lowerdir={lower},upperdir={scratch / 'upper'},workdir={scratch / 'work'}"
+        subprocess.run(["mount", "-t", "overlay", "cwlite-test", "-o", opts, str(lower)], check=True)
+        try:
+            exe = lower / "true-copy"
+            seen = _exec_identity(probe, exe)
+            assert seen != layer_key and KernelIdentity().key(str(exe)) == seen[:2]
+            build(tmp_path / "m.db", from_dir=[lower], trust_set="t")
+            with MeasureDB.open(tmp_path / "m.db") as db:
+                keys = {(e.dev, e.ino, e.ctime_ns) for e in kernel_view(db, ["t"])}
+            assert keys == {seen}
+        finally:
+            assert uncover_host_root(keep=(), under=str(tmp_path)) == [str(lower)]
+        assert _exec_identity(probe, exe) == layer_key
+        assert KernelIdentity().key(str(exe)) == layer_key[:2]
+        assert uncover_host_root(keep=(), under=str(tmp_path)) == []

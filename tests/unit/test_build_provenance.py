@@ -7,10 +7,12 @@ file, and the client log it writes is what `parse_log` reads.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,11 @@ from securesystemslib.signer import SSlibKey
 
 from controlplane.build import provenance
 from controlplane.build.distcc import LOCAL, DistccRun, parse_log
-from controlplane.build.hosts import BuildHost, load_hosts, port_authority_refusal
+from controlplane.build.hosts import BuildHost, VmLink, load_hosts, port_authority_refusal
 from controlplane.cli.main import main
 from controlplane.core.errors import FileError, VerifyError
 from controlplane.core.policy import parse_policy
+from controlplane.core.vmrecord import NO_PART, cmdline_digest
 from tests.build_fixtures import wait_listening
 from tests.conftest import requires
 
@@ -120,20 +123,74 @@ def test_real_distcc_client_log_names_the_host(tmp_path):
     assert (src / "m.o").read_bytes()[:4] == b"\x7fELF"
 
 
-def test_hosts_file_errors_name_the_entry(tmp_path):
+def test_hosts_file_errors_name_the_file_line_and_key(tmp_path):
     good = tmp_path / "hosts.toml"
     good.write_text('[[hosts]]\nname = "b1"\ndistcc = "10.0.0.2:3632"\njobs = 4\n')
     assert load_hosts(good) == (BuildHost("b1", "10.0.0.2", 3632, 4, ""),)
-    for text, where in (('[[hosts]]\nname = "b1"\ndistcc = "host:x"\n', "hosts[0].distcc"),
-                        ('[[hosts]]\nname = "b1"\ndistcc = "10.0.0.2:3632"\njobs = 0\n', "hosts[0].jobs"),
-                        ('[[hosts]]\nname = "b1"\ndistcc = "10.0.0.2:3632"\ncolour = 1\n', "hosts[0]: keys"),
+    for text, where in (('[[hosts]]\nname = "b1"\ndistcc = "host:x"\n', ":3: hosts[0].distcc: "),
+                        ('[[hosts]]\nname = "b1"\ndistcc = "10.0.0.2:3632"\njobs = 0\n', ":4: hosts[0].jobs: "),
+                        ('[[hosts]]\nname = "b1"\ndistcc = "10.0.0.2:3632"\ncolour = 1\n', ":4: hosts[0].colour: unknown key"),
+                        ('[[hosts]]\nname = "b1"\n', ":1: hosts[0].distcc: required key missing"),
                         ('[[hosts]]\nname = "b1"\ndistcc = "10.0.0.2:1"\n[[hosts]]\nname = "b1"\ndistcc = "10.0.0.3:1"\n',
-                         "listed twice")):
+                         ":5: hosts[1].name: host 'b1' listed twice")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
         with pytest.raises(FileError) as err:
             load_hosts(bad)
-        assert where in str(err.value)
+        assert f"{bad}{where}" in str(err.value)
+
+
+VM_HOST = """\
+[[hosts]]
+name = "b1"
+distcc = "10.0.0.2:3632"
+
+[[hosts]]
+name = "vm1"
+distcc = "127.0.0.1:40123"
+[hosts.vm]
+via = "host1"
+kernel = "vmlinuz"
+cmdline = "lsm=bpf -- init"
+host_policy = "host.toml"
+host_db = "/abs/host.db"
+"""
+
+
+def test_a_build_vm_is_verified_through_the_host_that_booted_it(tmp_path):
+    """`[hosts.vm]`: the VM's chain (host, boot parts, the host's references); paths relative to the file."""
+    (tmp_path / "vmlinuz").write_bytes(b"kernel bytes")
+    (tmp_path / "host.toml").write_text("")
+    db = tmp_path / "abs-host.db"
+    db.write_bytes(b"")
+    path = tmp_path / "hosts.toml"
+    path.write_text(VM_HOST.replace("/abs/host.db", str(db)))
+    plain, vm = load_hosts(path)
+    assert plain.vm is None and plain.distccd_port == 3632
+    assert (vm.name, vm.distcc, vm.distccd_port) == ("vm1", "127.0.0.1:40123", 3632)
+    assert vm.vm.via == "host1" and vm.vm.kernel == tmp_path / "vmlinuz" and vm.vm.host_db == db
+    boot = vm.vm.boot()
+    assert boot["kernel"] == hashlib.sha256(b"kernel bytes").digest() and boot["initrd"] == NO_PART
+    assert boot["cmdline"] == cmdline_digest("lsm=bpf -- init")
+    for old, new, where in (
+            ('kernel = "vmlinuz"', 'kernel = "nokernel"', f":10: hosts[1].vm.kernel: {tmp_path / 'nokernel'}: no such file"),
+            ('via = "host1"', 'via = "vm1"', ":9: hosts[1].vm.via: a VM is verified through another host"),
+            ('via = "host1"', 'via = ""', ":9: hosts[1].vm.via: expected a non-empty string"),
+            ('cmdline = "lsm=bpf -- init"\n', "", ":8: hosts[1].vm.cmdline: required key missing"),
+            ('[hosts.vm]\n', '[hosts.vm]\nmemory = "1G"\n', ":9: hosts[1].vm.memory: unknown key"),
+            ('host_db', 'distccd_port = 0\nhost_db', ":13: hosts[1].vm.distccd_port: 0 is not a port"),
+            ('name = "vm1"', 'name = "VM_1"', ":6: hosts[1].name: not a VM name"),
+            ('[hosts.vm]\nvia', 'vm = 3\n[x]\nvia', "expected one or more [[hosts]]")):
+        path.write_text(VM_HOST.replace("/abs/host.db", str(db)).replace(old, new))
+        with pytest.raises(FileError) as err:
+            load_hosts(path)
+        assert where in str(err.value), (new, str(err.value))
+    path.write_text(VM_HOST.replace("/abs/host.db", str(db)).replace("[hosts.vm]\n", "[hosts.vm]\ndistccd_port = 7\n"))
+    assert load_hosts(path)[1].distccd_port == 7
+    second = VM_HOST.split("\n\n")[1].replace("vm1", "vm2").replace("40123", "40124")
+    path.write_text(VM_HOST.replace("/abs/host.db", str(db)) + "\n" + second.replace("/abs/host.db", "vmlinuz"))
+    with pytest.raises(FileError, match=r":18: hosts\[2\].vm: host host1's host_policy/host_db differ from those vm1"):
+        load_hosts(path)
 
 
 POLICY = """\
@@ -152,7 +209,8 @@ trust_set = "t"
     ("", "no Port Authority listen rule for 3632/tcp"),
     ('[[port_authority.rules]]\nport = 3632\nop = "connect"\nlabels = ["tp_build"]\n', "no Port Authority listen rule"),
     ('[[port_authority.rules]]\nport = 3632\nlabels = ["tp_build"]\n', ""),
-    ('[[port_authority.rules]]\nport = 3632\nlabels = ["tp_shell"]\n', "does not name tp_build"),
+    ('[[port_authority.rules]]\nport = 3632\nlabels = ["tp_shell"]\n', "no Port Authority listen rule for 3632/tcp lets tp_build"),
+    ('[[port_authority.rules]]\nport = 3632\nlabels = ["tp_build"]\naddress = "10.0.0.2"\n', ""),
     ('[[port_authority.rules]]\nport = 3632\nlabels = ["tp_build", "tp_shell"]\n', "lets label tp_shell receive"),
     ('[[port_authority.rules]]\nport = 3632\nprotocol = "udp"\nlabels = ["tp_build"]\n', "no Port Authority listen rule"),
 ])
@@ -160,6 +218,22 @@ def test_only_distccd_may_receive_on_the_distcc_port(rules, refusal):
     policy = parse_policy(POLICY + rules, source="p.toml")
     got = port_authority_refusal(policy, BuildHost("b1", "10.0.0.2", 3632), "tp_build")
     assert (refusal in got) if refusal else got == ""
+
+
+def test_a_build_vms_port_authority_rule_is_for_the_port_inside_the_vm():
+    """The hosts file names the host's forwarded port; the VM's policy governs distccd's own port."""
+    policy = parse_policy(POLICY + '[[port_authority.rules]]\nport = 3632\nlabels = ["tp_build"]\n', source="p.toml")
+    vm = VmLink(via="h", kernel=Path("k"), cmdline="c", host_policy=Path("p"), host_db=Path("d"))
+    assert port_authority_refusal(policy, BuildHost("vm1", "127.0.0.1", 40123, vm=vm), "tp_build") == ""
+    assert "40123/tcp" in port_authority_refusal(policy, BuildHost("h1", "127.0.0.1", 40123), "tp_build")
+
+
+def test_the_rules_and_decision_import_without_bcc_or_the_loader():
+    """build -> portauthority.rules -> ebpf.abi reads the headers' numbers with no cext, loader or bcc."""
+    code = ("import sys, controlplane.build.hosts, portauthority.rules; "
+            "print(sorted(m for m in ('bcc', 'cext', 'ebpf.loader', 'portauthority.engine') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_check_dir_refuses_a_proof_that_is_not_the_bound_one(tmp_path):

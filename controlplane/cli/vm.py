@@ -40,6 +40,8 @@ def vm() -> None:
       # boot build1 over the host's root fs; the host's log records kernel, cmdline, policy and the vTPM
       cwlite vm up build1 --kernel /boot/vmlinuz-6.1.0-57-amd64 --policy vm.toml --db vm.db --host-root
       cwlite vm list --json
+      # the verifier's reference initrd for that kernel (what `vm up` measured and booted)
+      cwlite vm initrd --kernel /boot/vmlinuz-6.1.0-57-amd64 vm-initrd.img
       cwlite vm logs build1
       # stop it; `vm up build1` again restarts it on the same vTPM
       cwlite vm down build1
@@ -50,6 +52,8 @@ def vm() -> None:
 @click.argument("name")
 @_DATA
 @click.option("--kernel", type=_FILE, help="Kernel image to boot (copied into the VM's dir; required the first time).")
+@click.option("--initrd", type=_FILE, help="Initrd to boot (copied into the VM's dir); default: virtme-ng's "
+              "initramfs for the kernel, built once (`cwlite vm initrd`).")
 @click.option("--policy", type=_FILE, help="The VM's cwlite policy (required the first time).")
 @click.option("--db", type=_FILE, help="The VM's measurement DB (required the first time).")
 @click.option("--host-root", is_flag=True, default=True, show_default=True,
@@ -57,17 +61,28 @@ def vm() -> None:
 @click.option("--workload", help=f"The guest command started after enforcement (default: distccd on {vmv.DISTCC_PORT}).")
 @click.option("--timeout", type=float, default=1800.0, show_default=True, help="Seconds to wait for the VM to be ready.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's facts as JSON when ready.")
-def up(name: str, data_dir: Path, kernel: Path | None, policy: Path | None, db: Path | None, host_root: bool,
-       workload: str | None, timeout: float, as_json: bool) -> None:
+def up(name: str, data_dir: Path, kernel: Path | None, initrd: Path | None, policy: Path | None, db: Path | None,
+       host_root: bool, workload: str | None, timeout: float, as_json: bool) -> None:
     """Measure the VM's boot parts and vTPM into this host's log, boot it, wait until cwlite enforces in it.
 
     Needs `cwlite serve` running on the same --data-dir (it holds the host's
     measurement log). Started again after `vm down`, the VM keeps its vTPM.
     """
     say = (lambda line: click.echo(line, err=True))
-    facts = vmv.up(data_dir, name, kernel=kernel, policy=policy, db=db, workload=workload, timeout=timeout, say=say)
+    facts = vmv.up(data_dir, name, kernel=kernel, initrd=initrd, policy=policy, db=db, workload=workload,
+                   timeout=timeout, say=say)
     emit(facts, as_json, lambda d: click.echo(f"{d['name']}: running (pid {d['pid']}), attestation {d['attest_url']}, "
                                               f"distccd 127.0.0.1:{d['distcc_port']}"))
+
+
+@vm.command("initrd")
+@click.option("--kernel", required=True, type=_FILE, help="The kernel image the VM boots.")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def initrd(kernel: Path, out: Path) -> None:
+    """Build the initrd `vm up` boots for KERNEL when given no --initrd (virtme-ng's initramfs; the same
+    inputs give the same bytes): a verifier's reference for `verify --via ... --vm-initrd OUT`."""
+    vmv.build_initrd(kernel, out)
+    click.echo(f"{out}: {vmv.sha256_file(out).hex()}", err=True)
 
 
 @vm.command("list")

@@ -2,7 +2,9 @@
 
 `up` copies the boot parts (kernel, initrd, policy, measurement DB) into the
 VM's directory `<data>/vms/NAME/` (what is measured is what boots: qemu reads
-these copies, never the caller's files), makes or reuses the VM's swtpm vTPM
+these copies, never the caller's files; without --initrd the initrd is
+virtme-ng's own initramfs, built once per kernel by `build_initrd` and booted
+in place of the one virtme-ng makes at every boot), makes or reuses the VM's swtpm vTPM
 there, and records in the HOST's measurement log (through `cwlite serve`'s
 control socket) the parts' digests and a vm-vtpm entry binding the vTPM's EK
 and AK (controlplane.core.vmrecord). Only then does it start the supervisor:
@@ -35,7 +37,7 @@ from typing import Callable, Sequence
 from controlplane.core.atomic import write_atomic
 from controlplane.core.errors import VmError
 from controlplane.core.policy import load_policy
-from controlplane.core.vmrecord import NO_PART, VmRecord, check_vm_name, cmdline_digest
+from controlplane.core.vmrecord import VmRecord, check_vm_name, cmdline_digest
 from controlplane.host import control
 from controlplane.host.swtpm import STATE_FILE, Swtpm
 from controlplane.host.tpm import Tpm
@@ -61,7 +63,8 @@ _SWTPM_WAIT = 10.0
 _GRACE = 10.0
 
 
-def _sha256_file(path: Path) -> bytes:
+def sha256_file(path: Path) -> bytes:
+    """SHA-256 of a boot part's bytes (what the host log records for it)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").digest()
 
@@ -78,6 +81,7 @@ class VmDir:
         return self.data_dir / "vms" / self.name
 
     kernel = property(lambda self: self.root / "kernel")
+    initrd = property(lambda self: self.root / "initrd")
     policy = property(lambda self: self.root / "policy.toml")
     db = property(lambda self: self.root / "measure.db")
     vtpm = property(lambda self: self.root / "vtpm")
@@ -216,8 +220,8 @@ def _install(src: Path | None, dst: Path, what: str) -> None:
 def measure(vm: VmDir, cfg: VmConfig, ek: bytes, ak: bytes) -> VmRecord:
     """The record the host logs for this boot: the installed parts' digests and the vTPM's key digests."""
     parts = {
-        "kernel": _sha256_file(vm.kernel),
-        "initrd": NO_PART,        # virtme-ng builds its own initramfs at every boot: README, Build VMs (VMV)
+        "kernel": sha256_file(vm.kernel),
+        "initrd": sha256_file(vm.initrd),
         "cmdline": cmdline_digest(cfg.cmdline()),
         "policy": load_policy(vm.policy).digest(),
     }
@@ -225,8 +229,32 @@ def measure(vm: VmDir, cfg: VmConfig, ek: bytes, ak: bytes) -> VmRecord:
                     cfg.attest_port)
 
 
+def build_initrd(kernel: Path, out: Path) -> None:
+    """virtme-ng's initramfs for `kernel` (its busybox init and the kernel's virtio, 9p and overlay modules)
+    written to `out`. virtme-ng makes the same one at every boot into a temporary file nobody measured; built
+    here once, it is measured and booted instead (qemu takes the last -initrd). Deterministic: the same
+    kernel, modules, busybox and virtme-ng give the same bytes, so a verifier can rebuild its reference."""
+    run = Path(sys.executable).parent / "virtme-run"
+    if not run.exists():
+        run = Path(shutil.which("virtme-run") or "virtme-run")
+    tmp = out.with_name(out.name + ".new")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()                            # virtme-run creates it exclusively
+    argv = [str(run), "--kimg", str(kernel), "--mods", "auto", "--force-9p", "--overlay-rwdir", "/tmp",
+            "--disable-microvm", "--dry-run", "--save-initramfs", str(tmp)]
+    env = dict(os.environ, PATH=f"{run.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VmError(f"{kernel}: cannot build the initrd with {run}: {exc}", reason="usage") from exc
+    if proc.returncode != 0 or not tmp.is_file():
+        raise VmError(f"{kernel}: virtme-run could not build the initrd (exit {proc.returncode}): "
+                      f"{(proc.stderr or proc.stdout).strip()[-300:]}", reason="usage")
+    os.replace(tmp, out)
+
+
 def up(data_dir: Path, name: str, *, kernel: Path | None, policy: Path | None,
-       db: Path | None, workload: str | None = None, timeout: float = 1800.0,
+       db: Path | None, initrd: Path | None = None, workload: str | None = None, timeout: float = 1800.0,
        say: Callable[[str], None] = print) -> dict:
     """Measure, vouch, boot and wait until the VM's enforcement and attestation service run; its facts."""
     vm = VmDir(Path(data_dir).resolve(), check_vm_name(name))
@@ -250,6 +278,11 @@ def up(data_dir: Path, name: str, *, kernel: Path | None, policy: Path | None,
     ek, ak, op = prepare_vtpm(vm, say)
     for src, dst, what in ((kernel, vm.kernel, "kernel"), (policy, vm.policy, "policy"), (db, vm.db, "db")):
         _install(src, dst, what)
+    if initrd is not None:
+        _install(initrd, vm.initrd, "initrd")
+    elif kernel is not None or not vm.initrd.exists():     # a new kernel needs its own modules
+        say(f"initrd {vm.initrd}: building virtme-ng's initramfs for the kernel")
+        build_initrd(vm.kernel, vm.initrd)
     load_policy(vm.policy)                   # a policy the guest would refuse is refused before anything is logged
     write_atomic(vm.config, json.dumps(asdict(cfg), sort_keys=True, indent=1).encode(), mode=0o644)
     record = measure(vm, cfg, ek, ak)
@@ -329,11 +362,13 @@ def uncover_host_root(keep: Sequence[str] = GUEST_SCRATCH, *, under: str = "/") 
 
 # the supervisor (a background process per VM) ----------------------------------------------------------
 def vng_argv(vm: VmDir, cfg: VmConfig, tpm_socket: Path) -> list[str]:
-    """virtme-ng over the host's root (read-only 9p), the vTPM on tpm-tis, user-net with the two ports forwarded."""
+    """virtme-ng over the host's root (read-only 9p), the measured initrd, the vTPM on tpm-tis, user-net with the
+    two ports forwarded."""
     vng = Path(sys.executable).parent / "vng"
     if not vng.exists():
         vng = Path(shutil.which("vng") or "vng")
-    qemu = (f"-chardev socket,id=chrtpm,path={tpm_socket} -tpmdev emulator,id=tpm0,chardev=chrtpm "
+    # -initrd last: qemu boots the measured initrd, not the one virtme-ng builds (unmeasured) at every boot
+    qemu = (f"-initrd {vm.initrd} -chardev socket,id=chrtpm,path={tpm_socket} -tpmdev emulator,id=tpm0,chardev=chrtpm "
             f"-device tpm-tis,tpmdev=tpm0 "
             f"-netdev user,id=cwnet,hostfwd=tcp:127.0.0.1:{cfg.attest_port}-:{GUEST_PORT},"
             f"hostfwd=tcp:127.0.0.1:{cfg.distcc_port}-:{DISTCC_PORT} -device virtio-net-pci,netdev=cwnet")

@@ -5,13 +5,15 @@ control socket `vm up` records through); the VM is Debian's kernel under qemu
 (software emulation) over the host's root, with its own swtpm vTPM, running
 `cwlite serve --enforce --backend lsm` before its distccd workload. Every boot
 costs one to several minutes here, so the module boots ONCE for the
-chain, the early-start and the two swapped-reference cases, and once more for
+chain, the early-start, the swapped-reference cases (kernel, initrd, policy)
+and the TP's untrusted exec (which leaves the VM untrusted), and once more for
 the restart; the copied-vTPM refusal needs no boot.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -65,6 +67,7 @@ class Site:
     layout: Layout
     demo: Demo
     kernel: Path
+    initrd: Path                  # the verifier's own rebuild of the initrd `vm up` builds for the kernel
     vm_policy: Path
     vm_db: Path
     up: subprocess.CompletedProcess
@@ -78,19 +81,29 @@ class Site:
         assert out.returncode == 0, out.stderr
         return {v["name"]: v for v in json.loads(out.stdout)["vms"]}[VM]
 
-    def boot_reference(self, kernel: Path | None = None) -> dict[str, bytes]:
-        return {"kernel": hashlib.sha256((kernel or self.kernel).read_bytes()).digest(), "initrd": NO_PART,
+    def boot_reference(self, kernel: Path | None = None, initrd: Path | None = None) -> dict[str, bytes]:
+        return {"kernel": vmv.sha256_file(kernel or self.kernel), "initrd": vmv.sha256_file(initrd or self.initrd),
                 "cmdline": cmdline_digest(self.facts()["cmdline"])}
 
-    def attest(self, *, kernel: Path | None = None, vm_policy: Path | None = None) -> chain.ChainAttestation:
+    def attest(self, *, kernel: Path | None = None, initrd: Path | None = None,
+               vm_policy: Path | None = None) -> chain.ChainAttestation:
         host_ref = Reference(load_policy(self.layout.verifier_policy), MeasureDB.open(self.layout.verifier_db))
         vm_ref = Reference(load_policy(vm_policy or self.vm_policy), MeasureDB.open(self.vm_db))
         try:
-            return chain.attest_via(VM, self.demo.store.host(HOST), host_ref, vm_ref, self.boot_reference(kernel),
+            return chain.attest_via(VM, self.demo.store.host(HOST), host_ref, vm_ref, self.boot_reference(kernel, initrd),
                                     self.demo.key, store=self.demo.store)
         finally:
             host_ref.db.close()
             vm_ref.db.close()
+
+
+def _cmdlines() -> Iterator[list[str]]:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                yield [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0")[:-1]]
+            except OSError:
+                continue
 
 
 def vm_up(site_data: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -107,12 +120,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     policy.write_text(VM_POLICY)
     build(db, from_dpkg=["distcc"], trust_set="build", note="the Build VM's distccd and its libraries")
     kernel = find_kernel()
+    initrd = vm_dir / "initrd.img"
+    vmv.build_initrd(kernel, initrd)          # the verifier's reference, built apart from the VM's copy
     with Demo.start(layout) as demo:
         demo.enrol(HOST)
         up = vm_up(layout.host_dir, "--kernel", str(kernel), "--policy", str(policy), "--db", str(db))
         try:
             assert up.returncode == 0, f"vm up failed: {up.stderr[-3000:]}"
-            yield Site(layout, demo, kernel, policy, db, up)
+            yield Site(layout, demo, kernel, initrd, policy, db, up)
         finally:
             cwlite("vm", "down", VM, "--data-dir", str(layout.host_dir), timeout=120)
 
@@ -146,6 +161,11 @@ def test_trusted_through_the_host_chain_and_enforcing_before_the_workload(site: 
     start = kinds.index(EventKind.DAEMON_START.value)
     assert kinds[start + 1: start + 3] == [EventKind.POLICY_LOAD.value, EventKind.DB_LOAD.value]
     assert not set(kinds[:start]) & chain.WORKLOAD_KINDS
+    # the workload, exec'd from the 9p root, entered its label and its code was judged (issue 25)
+    enter = [v for v in att.entries if v.kind == EventKind.LABEL_TRANSITION.value]
+    assert [(v.label, v.subject) for v in enter] == [("tp_distcc", "/usr/bin/distccd")], enter
+    loads = {v.subject for v in att.entries if v.kind == EventKind.TRUSTED_LOAD.value and v.label == "tp_distcc"}
+    assert "/usr/bin/distccd" in loads and any("libc.so" in s for s in loads), loads
     # both links are in the signed proof: the host's own signed proof, and the host-log entries naming the VM
     pub = load_signing_key(site.layout.verifier_dir / "verifier.key").public_key()
     doc = proof_mod.check(att.proof, pub)
@@ -155,21 +175,29 @@ def test_trusted_through_the_host_chain_and_enforcing_before_the_workload(site: 
     assert via["vm_ak_sha256"] == doc["host"]["ak_sha256"]            # the VM's quotes verified with the vouched AK
     assert via["vtpm_entry"]["op"] == "create" and via["vtpm_entry"]["index"] < host_doc["log"]["end"]
     assert via["parts"]["kernel"]["digest"] == hashlib.sha256(site.kernel.read_bytes()).hexdigest()
+    # the initrd the host logged is the one qemu booted (its last -initrd), and the verifier's own rebuild
+    vm = vmv.VmDir(site.data.resolve(), VM)
+    assert via["parts"]["initrd"]["digest"] == vmv.sha256_file(vm.initrd).hex() == vmv.sha256_file(site.initrd).hex()
+    assert via["parts"]["initrd"]["digest"] != NO_PART.hex()
+    qemu = [argv for argv in _cmdlines() if argv and "qemu-system" in argv[0] and str(vm.root) in " ".join(argv)]
+    assert len(qemu) == 1
+    assert [qemu[0][i + 1] for i, a in enumerate(qemu[0]) if a == "-initrd"][-1] == str(vm.initrd)
     proof_mod.check_quote(doc)
     proof_mod.check_quote(host_doc)
 
 
-def test_a_swapped_kernel_fails_the_chain_naming_the_kernel_entry(site: Site, tmp_path: Path) -> None:
-    """The host booted a kernel file other than the one the verifier expects (here: the verifier's copy is the
-    other file; the host log's kernel entry disagrees with it either way)."""
-    other = tmp_path / "vmlinuz-other"
-    other.write_bytes(site.kernel.read_bytes() + b"\0")
-    att = site.attest(kernel=other)
+@pytest.mark.parametrize("part", ["kernel", "initrd"])
+def test_a_swapped_boot_file_fails_the_chain_naming_its_entry(site: Site, tmp_path: Path, part: str) -> None:
+    """The host booted a kernel (initrd) file other than the one the verifier expects (here: the verifier's
+    copy is the other file; the host log's entry disagrees with it either way)."""
+    booted: Path = getattr(site, part)
+    other = tmp_path / f"{part}-other"
+    other.write_bytes(booted.read_bytes() + b"\0")
+    att = site.attest(**{part: other})
     assert att.verdict == "untrusted"
-    kernel_entry = json.loads(att.proof)["via"]["parts"]["kernel"]["index"]
-    assert att.reasons == (f"host log entry {kernel_entry} (kernel of VM {VM}): "
-                           f"{hashlib.sha256(site.kernel.read_bytes()).hexdigest()[:16]} is not the verifier's kernel "
-                           f"{hashlib.sha256(other.read_bytes()).hexdigest()[:16]}",)
+    entry = json.loads(att.proof)["via"]["parts"][part]["index"]
+    assert att.reasons == (f"host log entry {entry} ({part} of VM {VM}): {vmv.sha256_file(booted).hex()[:16]} "
+                           f"is not the verifier's {part} {vmv.sha256_file(other).hex()[:16]}",)
 
 
 def test_a_changed_policy_fails_naming_the_policy(site: Site, tmp_path: Path) -> None:
@@ -181,6 +209,28 @@ def test_a_changed_policy_fails_naming_the_policy(site: Site, tmp_path: Path) ->
     assert att.reasons[0].startswith(f"host log entry {policy_entry} (policy of VM {VM}):")
     # the VM's own policy-load entry is named too
     assert [e["reason"] for e in json.loads(att.proof)["entries"]] == ["policy"]
+
+
+def test_an_untrusted_exec_by_the_tp_is_a_violation_in_the_vms_proof(site: Site, tmp_path: Path) -> None:
+    """A compile job through the VM's forwarded distccd port: distccd (tp_distcc, entered from the 9p root)
+    runs gcc, which the VM's DB (distcc and its dependencies) does not trust. Audit mode lets it run; the
+    VM's proof through the host chain is untrusted, naming the exec. (After this the VM stays untrusted
+    until it reboots: the restart test, last, boots it again.)"""
+    (tmp_path / "distcc").mkdir()
+    src = tmp_path / "hello.c"
+    src.write_text("int main(void) { return 0; }\n")
+    env = dict(os.environ, DISTCC_HOSTS=f"127.0.0.1:{site.facts()['distcc_port']}/1", DISTCC_FALLBACK="0",
+               DISTCC_SKIP_LOCAL_RETRY="1", DISTCC_DIR=str(tmp_path / "distcc"))
+    job = subprocess.run(["distcc", "gcc", "-c", str(src), "-o", str(tmp_path / "hello.o")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0 and (tmp_path / "hello.o").exists(), job.stderr[-2000:]
+    att = site.attest()
+    assert att.verdict == "untrusted" and att.host.verdict == "trusted"
+    gcc = [v for v in att.entries if v.kind == EventKind.VIOLATION.value and v.label == "tp_distcc"
+           and v.op == "exec" and "gcc" in v.subject]
+    assert gcc, [v for v in att.entries if v.verdict != "trusted"]
+    listed = [e for e in json.loads(att.proof)["entries"] if e["kind"] == EventKind.VIOLATION.value]
+    assert gcc[0].index in {e["index"] for e in listed}
 
 
 def test_a_vtpm_state_copied_to_another_host_is_refused(tmp_path: Path) -> None:
@@ -206,8 +256,7 @@ def test_a_vtpm_state_copied_to_another_host_is_refused(tmp_path: Path) -> None:
 def test_restart_keeps_the_vtpm_and_passes_without_re_enrolment(site: Site) -> None:
     """Last: it reboots the module's VM. A new boot of the same vTPM (EK/AK), a `restart` record in the
     host's log, and the chain verifies with nothing enrolled for the VM."""
-    first = site.attest()
-    assert first.verdict == "trusted", first.reasons
+    first = site.attest()            # untrusted after the violation test: a restart starts a fresh log
     down = cwlite("vm", "down", VM, "--data-dir", str(site.data), timeout=120)
     assert down.returncode == 0 and site.facts()["state"] == "stopped"
     again = vm_up(site.data)                      # no --kernel/--policy/--db: the VM's own copies

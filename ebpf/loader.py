@@ -97,6 +97,19 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "BPF_LINK_PROG": ("bpf_link.prog",),
     "SIGNAL_STRUCT_PIDS": ("signal_struct.pids",),
     "PID_NUMBERS_NR": ("pid.numbers.nr",),  # numbers[0].nr: the pid in the initial namespace
+    # Port Authority (net.bpf.c lsm): a socket's sock, its protocol, family, local port and addresses;
+    # a sendmsg's address; a received packet's IP header.
+    "SOCKET_SK": ("socket.sk",),
+    "SOCK_SK_PROTOCOL": ("sock.sk_protocol",),
+    "SOCK_SKC_FAMILY": ("sock.__sk_common.skc_family",),
+    "SOCK_SKC_NUM": ("sock.__sk_common.skc_num",),
+    "SOCK_SKC_RCV_SADDR": ("sock.__sk_common.skc_rcv_saddr",),
+    "SOCK_SKC_V6_RCV_SADDR": ("sock.__sk_common.skc_v6_rcv_saddr",),
+    "MSGHDR_MSG_NAME": ("msghdr.msg_name",),
+    "MSGHDR_MSG_NAMELEN": ("msghdr.msg_namelen",),
+    "SK_BUFF_HEAD": ("sk_buff.head",),
+    "SK_BUFF_NETWORK_HEADER": ("sk_buff.network_header",),
+    "SK_BUFF_PROTOCOL": ("sk_buff.protocol",),
 }
 
 # Kernel functions whose addresses the programs compare pointers with (-D<macro>=<address>,

@@ -1,4 +1,5 @@
-"""Port Authority scenarios, written once for a backend (tests/kernel runs them on the tracepoint backend).
+"""Port Authority scenarios, written once for a backend (tests/kernel runs them on the tracepoint backend,
+tests/vm/guest/test_pa_lsm.py on the lsm one).
 
 Real traffic only: the loopback, and one network namespace joined to the host by a veth pair
 the lab makes with pyroute2 (10.213.N.0/29: host .1, the allowed peer .2, an outside peer .3).
@@ -299,8 +300,16 @@ class PaScenarios:
         # no bind, no connect: EPERM
         r = pa_lab.tp_run("tp_none", "udp-recv", str(pa_lab.other), "1")
         assert r.returncode == 3 and "bind: Operation not permitted" in r.stderr, r
-        # a listen without bind gets a port from the kernel (no bind hook runs): nothing reaches it
         srv = pa_lab.tp("tp_none", "listen-any", "1")
+        if self.backend.pa_judges_listen:
+            # lsm: the listen itself is refused (no rule names the port, which is 0 before the kernel picks one)
+            out, err = srv.communicate(timeout=15)
+            assert srv.returncode == 3 and "listen: Operation not permitted" in err, (out, err)
+            [entry] = pa_lab.refused(label="tp_none", op="listen", protocol="tcp", port=0)
+            s = parse_pa_subject(entry.subject)
+            assert s is not None and (s.why, s.action, s.count) == ("no-rule", "denied", 1)
+            return
+        # tracepoint: a listen without bind gets a port from the kernel (no bind hook runs): nothing reaches it
         line = pa_lab.first_line(srv)
         assert line.startswith("listening "), line
         port = int(line.split()[1])
@@ -346,3 +355,22 @@ class PaScenarios:
         assert logged == total
         assert total >= n * 0.9, f"only {total} of {n} packets reached the classifier"
         assert 1 <= len(entries) <= 50, len(entries)
+
+    def test_a_tps_socket_receives_only_from_its_rules_peers(self, pa_lab: PaLab) -> None:
+        """The per-packet check of a labelled socket (lsm socket_sock_rcv_skb, tracepoint cgroup_skb) on the
+        loopback, where no tc classifier runs: tp_srv's UDP rule admits only the namespace's peer."""
+        import socket
+
+        srv = pa_lab.tp("tp_srv", "udp-recv", str(pa_lab.port), "2")
+        assert pa_lab.first_line(srv) == f"listening {pa_lab.port}"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _ in range(5):
+                s.sendto(b"from-loopback", ("127.0.0.1", pa_lab.port))
+        assert pa_lab.peer(pa_lab.peer_ip, "flood", pa_lab.host_ip, str(pa_lab.port), "3") == "sent 3"
+        out, _ = srv.communicate(timeout=20)
+        assert srv.returncode == 0 and out.split()[-2:] == ["received", "3"], out
+        dropped = pa_lab.refused(label="tp_srv", op="receive", protocol="udp", port=pa_lab.port, why="peer",
+                                 action="denied")
+        assert sum(parse_pa_subject(e.subject).count for e in dropped) == 5
+        assert {parse_pa_subject(e.subject).rule for e in dropped} == {2}
+        assert not rules.decide(pa_lab.policy, "tp_srv", "receive", "udp", pa_lab.port, peer="127.0.0.1").allowed

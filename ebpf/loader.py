@@ -119,6 +119,7 @@ KERNEL_SYMBOLS: dict[str, str] = {"CWL_PROC_MEM_OPEN": "mem_open"}
 KALLSYMS = "/proc/kallsyms"
 
 _MAIN_C = "/virtual/main.c"
+_VERIFIER_STATS = re.compile(r"^(processed \d+ insns|verification time|stack depth)")
 _DIAG = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):(?:(?P<col>\d+):)?\s*(?P<kind>error|fatal error):\s*(?P<msg>.*)$")
 
 
@@ -239,7 +240,8 @@ def _compile_error(program: Program, output: str, exc: Exception) -> BpfCompileE
             line=int(m["line"]),
             compiler_output=output,
         )
-    # Not a clang diagnostic: a verifier or attach failure. Keep its last useful line.
-    lines = [ln for ln in output.splitlines() if ln.strip()]
+    # Not a clang diagnostic: a verifier or attach failure. Keep its last useful line (the
+    # verifier's complaint, not the statistics it prints after it).
+    lines = [ln for ln in output.splitlines() if ln.strip() and not _VERIFIER_STATS.match(ln)]
     tail = lines[-1] if lines else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return BpfCompileError(f"ebpf/{program.name}: load failed: {tail}", source=f"ebpf/{program.name}", compiler_output=output)

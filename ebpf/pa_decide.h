@@ -45,6 +45,9 @@ static __always_inline int cwl_pa_peer_ok(const struct cwl_pa_rule *r, const str
 
 	if (nnets == 0)
 		return 1;
+	/* Unrolled: as a loop, clang counts min(nnets, CWL_PA_NETS) down in a register that 6.1's
+	 * verifier tracks only as a range, and it then walks past the rule set (seen in the VM). */
+#pragma unroll
 	for (u32 i = 0; i < CWL_PA_NETS; i++) {
 		if (i >= nnets)
 			return 0;

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pyroute2 import IPRoute, NetNS, netns
+from pyroute2 import IPRoute, NetNS, config, netns
 
 from controlplane.core.events import Event, EventKind, parse_pa_subject
 from controlplane.core.policy import Policy, parse_policy
@@ -29,6 +29,12 @@ from prima import selfprotect
 from prima.engine import TASK_MAX, Engine
 from tests.bypass.lab import LDSO, shared_libs
 from tests.prima_fixtures import measure_files
+
+# pyroute2 makes namespaces and their sockets in a child process it gives 2 s to answer (10 s in all
+# for a socket): under the VM tier's software emulation that child takes longer (seen: netns.create
+# timed out in the guest).
+config.default_communicate_timeout = 60
+config.default_create_socket_timeout = 120
 
 NETHELPER_C = r"""
 #include <arpa/inet.h>

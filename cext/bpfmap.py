@@ -94,3 +94,9 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     BPF: BPF_LINK_CREATE (cgroup programs: several may share a cgroup, like BPF_F_ALLOW_MULTI)."""
     return _check(lib.cwl_link_create(prog_fd, target_fd, attach_type),
                   f"prog fd {prog_fd}: link to fd {target_fd} (attach type {attach_type})")
+
+
+def enable_run_time_stats() -> int:
+    """BPF: BPF_ENABLE_STATS (BPF_STATS_RUN_TIME). Programs' run counts and run time are kept while the
+    returned fd is open (benchmarks: unlike the kernel.bpf_stats_enabled sysctl, no one else turns it off)."""
+    return _check(lib.cwl_enable_run_time_stats(), "enable run-time stats")

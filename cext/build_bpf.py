@@ -1,8 +1,8 @@
 """cffi build script for cext._bpf: the bpf(2) map and link commands cwlite needs beyond bcc, out-of-line API mode.
 
 bcc's Python API cannot create a map outside a BPF object, freeze a map
-(BPF_MAP_FREEZE) or list the maps a program uses; libbpf's low-level API
-(bpf/bpf.h) does all three. Run by `pip install .` (setup.py names it in
+(BPF_MAP_FREEZE), list the maps a program uses or hold run-time statistics on
+(BPF_ENABLE_STATS); libbpf's low-level API (bpf/bpf.h) does all of them. Run by `pip install .` (setup.py names it in
 cffi_modules); libbpf is checked with pkg-config first, as for cext._btf.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ ffibuilder.cdef(
                      uint32_t *max_entries, uint32_t *map_flags);
     int cwl_prog_ids(int fd, uint32_t *prog_id, uint32_t *map_ids, uint32_t *nr_map_ids);
     int cwl_link_create(int prog_fd, int target_fd, int attach_type);
+    int cwl_enable_run_time_stats(void);
     """
 )
 ffibuilder.set_source(
@@ -111,6 +112,13 @@ ffibuilder.set_source(
     static int cwl_link_create(int prog_fd, int target_fd, int attach_type)
     {
         return bpf_link_create(prog_fd, target_fd, (enum bpf_attach_type)attach_type, NULL);
+    }
+
+    /* BPF_ENABLE_STATS: the kernel counts every program's runs and run time while the returned fd is
+       open, whoever else flips the kernel.bpf_stats_enabled sysctl meanwhile. The fd, or -errno. */
+    static int cwl_enable_run_time_stats(void)
+    {
+        return bpf_enable_stats(BPF_STATS_RUN_TIME);
     }
     """,
     libraries=["bpf"],

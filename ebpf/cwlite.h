@@ -654,7 +654,7 @@ struct cwl_pa_query {
 /* A socket's label (sk storage, cloned to accepted sockets). */
 struct cwl_pa_sock {
 	u32 label;
-	u32 _pad;
+	u32 allowed_gen; /* connected socket: rule generation + 1 under which its input was allowed; 0: never */
 };
 
 /* Count key: refusals (and audit-mode allowances) per label, rule, op, port and reason. */
@@ -684,6 +684,7 @@ struct cwl_pa_event {
 #define CWL_PA_DROP_COUNT 0   /* count map full: a refusal went uncounted by key */
 #define CWL_PA_DROP_RINGBUF 1 /* ring buffer full: a listener event was lost */
 #define CWL_PA_DROP_SOCK 2    /* sk storage could not hold a labelled socket's label */
+#define CWL_PA_DROP_LABELS 3  /* no label map in cwl_pa_label_src: a process judged unlabelled */
 #define CWL_PA_DROP_MAX 4
 
 #endif /* CWLITE_H */

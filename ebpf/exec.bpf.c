@@ -112,10 +112,7 @@ struct dentry;
 struct iattr;
 struct task_struct;
 
-/* task -> label. Shared (bcc: other BPF objects of this process may declare it "extern"): Port
- * Authority's net.bpf.c (lsm) judges sockets by the same labels. BPF_TASK_STORAGE has no shared form. */
-BPF_F_TABLE("task_storage", int, struct cwl_task_label, cwl_task_label_ls, 0, BPF_F_NO_PREALLOC);
-__attribute__((section("maps/shared"))) struct cwl_task_label_ls_table_t __cwl_task_label_ls;
+BPF_TASK_STORAGE(cwl_task_label_ls, struct cwl_task_label);
 
 static __always_inline const struct cwl_cdi *cwl_cdi_at(u32 gen, const struct cwl_inode_key *key)
 {

@@ -1,9 +1,9 @@
 /* net.bpf.c: Port Authority, one source for both backends; the decision is pa_decide.h's.
  *
- * portauthority.engine compiles it with exactly one of -DCWL_BACKEND_TP / -DCWL_BACKEND_LSM, in
- * the same process as prima.engine's exec.bpf.c (same backend), after it: a process's label is
- * the one PRIMA keeps, never a copy (tracepoint: cwl_task_labels, tgid -> label; lsm: the task
- * storage cwl_task_label_ls; each shared by bcc as an "extern" table).
+ * portauthority.engine compiles it with exactly one of -DCWL_BACKEND_TP / -DCWL_BACKEND_LSM
+ * beside prima.engine's exec.bpf.c (same backend): a process's label is the one PRIMA keeps,
+ * never a copy. PRIMA's label map (tracepoint: cwl_task_labels, tgid -> label; lsm: the task
+ * storage cwl_task_label_ls) is handed over by fd (cwl_pa_label_src below), not found by name.
  *
  * Programs of the tracepoint backend (kernels that refuse BPF LSM):
  *   pa_sock_create  cgroup/sock_create (root cgroup): a socket made by a labelled
@@ -43,16 +43,24 @@
 #if defined(CWL_BACKEND_LSM) == defined(CWL_BACKEND_TP)
 #error "net.bpf.c: define exactly one of CWL_BACKEND_LSM and CWL_BACKEND_TP (portauthority.engine does)"
 #endif
-#if !defined(CWL_TASK_MAX) || !defined(CWL_PA_COUNT_MAX) || !defined(CWL_PA_RINGBUF_PAGES)
-#error "CWL_TASK_MAX/PA_COUNT_MAX/PA_RINGBUF_PAGES missing: sizes come from portauthority.engine"
+#if !defined(CWL_PA_COUNT_MAX) || !defined(CWL_PA_RINGBUF_PAGES)
+#error "CWL_PA_COUNT_MAX/PA_RINGBUF_PAGES missing: sizes come from portauthority.engine"
 #endif
 
-/* PRIMA's label map (exec.bpf.c, prima_decide.h declare it shared): the one source of a process's label. */
+/* PRIMA's label map, the one source of a process's label, handed over by fd: the engine puts
+ * prima.engine.Engine.label_map_fd into slot 0 of cwl_pa_label_src (a map-in-map slot holds a
+ * reference to the map itself, so it is always the live engine's map). Not a bcc "extern"
+ * table: bcc resolves those by name in a process-wide store that keeps the FIRST declaring
+ * engine's fd, stale once that engine closed. cwl_pa_label_shape only gives the slot its shape,
+ * which the kernel holds PRIMA's map to (bpf_map_meta_equal: type, key and value size, flags;
+ * a hash's max_entries is not compared); nothing reads or writes it. Under lsm PRIMA keeps
+ * labels in task storage (exec.bpf.c BPF_TASK_STORAGE: int key, BPF_F_NO_PREALLOC). */
 #ifdef CWL_BACKEND_LSM
-BPF_TABLE("extern", int, struct cwl_task_label, cwl_task_label_ls, 0);
+BPF_F_TABLE("task_storage", int, struct cwl_task_label, cwl_pa_label_shape, 0, BPF_F_NO_PREALLOC);
 #else
-BPF_TABLE("extern", u32, struct cwl_task_label, cwl_task_labels, CWL_TASK_MAX);
+BPF_TABLE("hash", u32, struct cwl_task_label, cwl_pa_label_shape, 1);
 #endif
+BPF_ARRAY_OF_MAPS(cwl_pa_label_src, "cwl_pa_label_shape", 1);
 
 BPF_ARRAY(cwl_pa_sets, struct cwl_pa_set, 2); /* two slots: the engine fills the idle one, then flips */
 BPF_ARRAY(cwl_pa_gen, u32, 1);
@@ -68,21 +76,39 @@ static __always_inline void cwl_pa_drop(u32 reason)
 		*n += 1;
 }
 
+/* The live rule generation (the engine counts up; its low bit picks the cwl_pa_sets slot). */
+static __always_inline u32 cwl_pa_generation(void)
+{
+	u32 zero = 0, *g = cwl_pa_gen.lookup(&zero);
+	return g ? *g : 0;
+}
+
 static __always_inline const struct cwl_pa_set *cwl_pa_live(void)
 {
-	u32 zero = 0, *g = cwl_pa_gen.lookup(&zero), slot;
-	slot = g ? (*g & 1) : 0;
+	u32 slot = cwl_pa_generation() & 1;
 	return cwl_pa_sets.lookup(&slot);
 }
 
 /* The label Port Authority judges the current process under (the daemon's: none). */
 static __always_inline u32 cwl_pa_task_label(void)
 {
+	u32 zero = 0;
+	struct cwl_task_label *tl;
+	void *labels = cwl_pa_label_src.lookup(&zero);
+
+	if (!labels) {
+#ifndef CWL_BACKEND_LSM
+		cwl_pa_drop(CWL_PA_DROP_LABELS); /* no label map handed over: judged unlabelled, counted */
+#endif
+		/* lsm: bcc attaches the LSM programs at load, before the engine hands the map over;
+		 * that is before PRIMA's first generation (before_labels), when no process holds a label */
+		return 0;
+	}
 #ifdef CWL_BACKEND_LSM
-	struct cwl_task_label *tl = cwl_task_label_ls.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+	tl = bpf_task_storage_get(labels, bpf_get_current_task_btf(), 0, 0);
 #else
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	struct cwl_task_label *tl = cwl_task_labels.lookup(&tgid);
+	tl = bpf_map_lookup_elem(labels, &tgid);
 #endif
 	if (!tl || tl->label == CWL_LABEL_DAEMON)
 		return 0;
@@ -232,25 +258,39 @@ int pa_connect6(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA
 int pa_sendmsg4(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA_OP_SEND, 0); }
 int pa_sendmsg6(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA_OP_SEND, 1); }
 
-/* cgroup_skb ingress: the skb starts at its IP header. 1 pass, 0 drop. */
+#define CWL_TCP_ESTABLISHED 1 /* include/net/tcp_states.h; a connected UDP socket has it too */
+
+/* cgroup_skb ingress: the skb starts at its IP header. 1 pass, 0 drop.
+ * The per-packet path: an unlabelled process's socket passes after one sk-storage lookup; a
+ * connected socket (TCP established, connected UDP) whose input was allowed under the live rule
+ * generation passes without a parse (its peer and local address cannot change, so neither can the
+ * decision until the rules do). Listeners and unconnected UDP sockets are judged per packet. */
 int pa_ingress(struct __sk_buff *skb)
 {
 	struct bpf_sock *sk = skb->sk;
 	struct cwl_pa_sock *s;
 	struct cwl_pa_query q;
 	struct cwl_pa_verdict v;
+	u32 gen;
+	int ok;
 
 	if (!sk || !(sk = bpf_sk_fullsock(sk)))
 		return 1;
 	s = cwl_pa_socks.sk_storage_get(sk, 0, 0);
 	if (!s || !s->label)
 		return 1; /* an unlabelled process's socket */
+	gen = cwl_pa_generation() + 1;
+	if (gen && s->allowed_gen == gen)
+		return 1;
 	__builtin_memset(&q, 0, sizeof(q));
 	q.label = s->label;
 	q.op = CWL_PA_OP_RECEIVE;
 	if (cwl_pa_parse(skb, 0, bpf_ntohs(skb->protocol), &q))
 		q.proto = 0; /* unreadable: judged as a protocol no rule names */
-	return cwl_pa_judge(&q, &v);
+	ok = cwl_pa_judge(&q, &v);
+	if (v.allowed && sk->state == CWL_TCP_ESTABLISHED)
+		s->allowed_gen = gen; /* never on a listener: accepted sockets clone its storage */
+	return ok;
 }
 
 #else /* CWL_BACKEND_LSM */

@@ -53,9 +53,10 @@ BPF_ARRAY_OF_MAPS(cwl_conf, "cwl_conf_t", 2);
 BPF_ARRAY(cwl_gen, u32, 1);              /* [0] = the live generation (0 or 1) */
 
 /* Process state and bookkeeping (not generational). */
-/* tgid -> label. Shared (bcc: other BPF objects of this process may declare it "extern"):
- * Port Authority's net.bpf.c judges sockets by the same labels. */
-BPF_TABLE_SHARED("hash", u32, struct cwl_task_label, cwl_task_labels, CWL_TASK_MAX);
+/* tgid -> label. Port Authority's net.bpf.c judges sockets by the same labels: the engine hands
+ * this map to it by fd (prima.engine.Engine.label_map_fd), so its type, key, value and flags are
+ * net.bpf.c's cwl_pa_label_shape too. */
+BPF_HASH(cwl_task_labels, u32, struct cwl_task_label, CWL_TASK_MAX);
 BPF_HASH(cwl_seen, struct cwl_seen_key, u8, CWL_SEEN_MAX);
 /* Taint: (dev, ino) -> CLOCK_MONOTONIC ns of the last time a write was enabled on
  * the file (opened for write, mapped shared with a writable file), 0 = never

@@ -9,9 +9,10 @@ socket_connect, socket_sendmsg and socket_sock_rcv_skb, attached by bcc at load.
 tc clsact ingress classifier on each of `interfaces`, attached with pyroute2 (it reads no
 label, so it is the same program under both backends).
 
-Labels are PRIMA's: the engine is made after a running `prima.engine.Engine` of the same
-backend in the same process, whose label map the programs read (`cwl_task_labels` or, lsm,
-the task storage `cwl_task_label_ls`; bcc "extern" tables: loading fails without them) and
+Labels are PRIMA's: the engine is made beside a running `prima.engine.Engine` of the same
+backend, whose label map it is handed by fd (`labels_fd`: `prima.label_map_fd`, tracepoint
+`cwl_task_labels`, lsm the task storage `cwl_task_label_ls`; the programs read it through the
+map-in-map slot cwl_pa_label_src, so engines opened and closed in one process never mix) and
 whose label ids (`label_ids`) the rule set's masks use. The caller,
 which holds both engines (portauthority and prima are sibling layers), adds this one's
 programs and maps to PRIMA's self-protection guard: `prima.selfprotect.register(pa.bpf, into=prima.bpf)`.
@@ -31,6 +32,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -107,10 +109,12 @@ class Engine:
     """BPF: ebpf/net.bpf.c — tracepoint: cgroup sock_addr/sock_create/skb programs; lsm: socket_* LSM
     hooks; both: the tc classifier.
 
-    Use as a context manager beside a PRIMA engine: `with Engine(policy, prima.loaded.labels, backend=..., task_max=...) as pa: pa.poll()`.
+    Use as a context manager beside a PRIMA engine, and close it first (its slot keeps PRIMA's
+    label map alive, labels and all):
+    `with Engine(policy, prima.loaded.labels, labels_fd=prima.label_map_fd, backend=...) as pa: pa.poll()`.
     """
 
-    def __init__(self, policy: Policy, label_ids: Mapping[str, int], *, backend: str, task_max: int,
+    def __init__(self, policy: Policy, label_ids: Mapping[str, int], *, labels_fd: int, backend: str,
                  interfaces: Sequence[str] = (), cgroup: str | None = None, interval_s: float = INTERVAL_S) -> None:
         if backend not in BACKENDS:
             raise EnforcementError(f"portauthority/{backend}: no such backend (have: {', '.join(BACKENDS)})")
@@ -131,10 +135,10 @@ class Engine:
         self._labels: dict[int, str] = {}
         self._gen = -1
         self._policy = policy
-        self._bpf: "bcc.BPF | None" = loader.load(SOURCE, [BACKENDS[self.backend], f"-DCWL_TASK_MAX={task_max}",
-                                                          f"-DCWL_PA_COUNT_MAX={COUNT_MAX}",
+        self._bpf: "bcc.BPF | None" = loader.load(SOURCE, [BACKENDS[self.backend], f"-DCWL_PA_COUNT_MAX={COUNT_MAX}",
                                                           f"-DCWL_PA_RINGBUF_PAGES={RINGBUF_PAGES}"])
         try:
+            self._take_labels(labels_fd)
             self.reload(policy, label_ids)
             # lsm: bcc attached the LSM programs at load (no cgroup programs in that variant)
             if self.backend == "tracepoint":
@@ -149,6 +153,15 @@ class Engine:
             raise
 
     # ---- attach ------------------------------------------------------------------------
+    def _take_labels(self, labels_fd: int) -> None:
+        """Put PRIMA's label map in cwl_pa_label_src[0]; the kernel refuses a map of another shape."""
+        src = self._require()[b"cwl_pa_label_src"]
+        try:
+            bpfmap.update(src.map_fd, struct.pack("=i", 0), struct.pack("=i", labels_fd))
+        except CwliteError as exc:
+            raise EnforcementError(f"ebpf/{SOURCE}: cwl_pa_label_src: PRIMA's label map (fd {labels_fd}) "
+                                   f"refused: {exc}") from exc
+
     def _attach_cgroup(self) -> None:
         import bcc  # loaded by ebpf.loader already
 
@@ -189,18 +202,19 @@ class Engine:
 
     def attached(self, on: bool) -> None:
         """Detach (False) or re-attach (True) every program, keeping maps and counts: for benchmarks
-        that compare the same traffic with and without Port Authority in interleaved rounds.
+        that compare the same traffic with and without Port Authority in interleaved rounds. Either
+        is a no-op when already so (a second detach must not forget where the classifier was).
         Tracepoint backend only: bcc keeps the lsm programs attached until the engine closes."""
         if self.backend != "tracepoint":
             raise EnforcementError(f"portauthority/{self.backend}: programs stay attached until close()")
-        if not on:
+        if not on and self._links:
             for fd in self._links:
                 os.close(fd)
             self._links = []
             names = [self._ifname(idx) for idx, _ in self._tc]
             self._detach_tc()
             self._paused_tc = names
-        elif not self._links:
+        elif on and not self._links:
             self._link_cgroup()
             for name in self._paused_tc:
                 self._attach_tc(name)
@@ -250,7 +264,8 @@ class Engine:
 
     # ---- rules ---------------------------------------------------------------------------
     def reload(self, policy: Policy, label_ids: Mapping[str, int]) -> None:
-        """Write the rule set (label masks by PRIMA's `label_ids`) into the idle slot, then flip cwl_pa_gen."""
+        """Write the rule set (label masks by PRIMA's `label_ids`) into the idle slot, then count cwl_pa_gen
+        up (its low bit picks the slot): connected sockets' remembered allowances lapse with it."""
         bpf = self._require()
         ids = dict(label_ids)
         rules = kernel_rules(policy, ids)
@@ -268,8 +283,8 @@ class Engine:
                 kr.nets[j].family, kr.nets[j].prefix = family, prefix
                 ctypes.memmove(kr.nets[j].addr, addr, 16)
                 ctypes.memmove(kr.nets[j].mask, mask, 16)
-        gen = 0 if self._gen != 0 else 1
-        sets[sets.Key(gen)] = leaf
+        gen = self._gen + 1  # counts up: sockets remember the generation their input was allowed under
+        sets[sets.Key(gen & 1)] = leaf
         bpf[b"cwl_pa_gen"][bpf[b"cwl_pa_gen"].Key(0)] = ctypes.c_uint32(gen)
         self._gen = gen
         self._policy = policy

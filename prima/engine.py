@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # bcc itself is imported by ebpf.loader when a program is com
 # One source, two backends (ebpf/exec.bpf.c): the -D flag that selects each.
 SOURCE = "exec.bpf.c"
 BACKENDS = {"tracepoint": "-DCWL_BACKEND_TP", "lsm": "-DCWL_BACKEND_LSM"}
+LABEL_MAPS = {"tracepoint": "cwl_task_labels", "lsm": "cwl_task_label_ls"}  # where exec.bpf.c keeps labels, per backend
 LABEL_MAX = 64          # label ids 1..63 (0 = unlabelled)
 TASK_MAX = 65536        # labelled processes alive at once
 SEEN_MAX = 65536        # (label, measurement) pairs already logged
@@ -119,7 +120,11 @@ class Engine:
 
     def __init__(self, policy: Policy, entries: Sequence[KernelEntry] | Measure, *, backend: str = "tracepoint",
                  db_digest: bytes = ZERO_DIGEST, trust_max: int | None = None,
-                 ringbuf_pages: int = RINGBUF_PAGES) -> None:
+                 ringbuf_pages: int = RINGBUF_PAGES, before_labels: Callable[["Engine"], None] | None = None) -> None:
+        """`before_labels(engine)`: called once the programs are loaded and protected, before the first
+        generation lets any process enter a label. What must see every labelled process from its first
+        instruction attaches there (Port Authority: `label_map_fd`, `label_ids(policy)`); if it raises,
+        the engine closes and the error propagates."""
         if backend not in BACKENDS:
             raise EnforcementError(f"backend {backend!r}: not one of {', '.join(BACKENDS)}")
         self.backend = backend
@@ -138,10 +143,11 @@ class Engine:
         self._arming_errors = 0
         self.records = 0  # ring-buffer records read so far (the liveness entry's "events up to")
         self.loaded: Loaded | None = None
-        self._start(policy, entries, db_digest)
+        self._start(policy, entries, db_digest, before_labels)
 
     # ---- lifecycle --------------------------------------------------------------------
-    def _start(self, policy: Policy, entries: Sequence[KernelEntry] | Measure, db_digest: bytes) -> None:
+    def _start(self, policy: Policy, entries: Sequence[KernelEntry] | Measure, db_digest: bytes,
+               before_labels: Callable[["Engine"], None] | None) -> None:
         flags = [f"-DCWL_TRUST_MAX={self.trust_max}", f"-DCWL_ENTRY_MAX={ENTRY_MAX}", f"-DCWL_LABEL_MAX={LABEL_MAX}",
                  f"-DCWL_TASK_MAX={TASK_MAX}", f"-DCWL_SEEN_MAX={SEEN_MAX}", f"-DCWL_RINGBUF_PAGES={self.ringbuf_pages}",
                  f"-DCWL_TAINT_MAX={2 * self.trust_max}"]
@@ -159,6 +165,8 @@ class Engine:
                 self.arming = Arming(self._bpf)
             self._queue.append(Event(EventKind.DAEMON_START, subject=f"prima/{self.backend}",
                                      detail={"backend": self.backend, "pid": os.getpid()}))
+            if before_labels is not None:
+                before_labels(self)
             self.reload(policy, entries, db_digest)
         except BaseException:
             self.close(record_stop=False)
@@ -228,6 +236,16 @@ class Engine:
                     raise EnforcementError(f"prima/{self.backend}: taint map full ({2 * self.trust_max} files): "
                                            f"restart `cwlite enforce` to resize") from exc
 
+    def label_ids(self, policy: Policy) -> dict[str, int]:
+        """The kernel's id of each of `policy`'s labels, assigned on first sight and kept for the engine's
+        life (a label keeps its id across reloads; ids are never reused). reload() assigns them too."""
+        for name in sorted(policy.labels):
+            if name not in self._label_ids:
+                if len(self._label_ids) + 1 >= LABEL_MAX:
+                    raise EnforcementError(f"{policy.source}: labels: more than {LABEL_MAX - 1} labels in one engine run")
+                self._label_ids[name] = len(self._label_ids) + 1
+        return dict(self._label_ids)
+
     def reload(self, policy: Policy, entries: Sequence[KernelEntry] | Measure, db_digest: bytes = ZERO_DIGEST) -> Loaded:
         """Fill the idle generation from `policy` + `entries`, then flip to it (atomic for the kernel).
 
@@ -244,11 +262,7 @@ class Engine:
                                    f"{self.trust_max}: restart `cwlite enforce` to resize")
         self.watch((e.dev, e.ino) for e in entries)
         gen = 0 if self._generation != 0 else 1
-        for name in sorted(policy.labels):
-            if name not in self._label_ids:
-                if len(self._label_ids) + 1 >= LABEL_MAX:
-                    raise EnforcementError(f"{policy.source}: labels: more than {LABEL_MAX - 1} labels in one engine run")
-                self._label_ids[name] = len(self._label_ids) + 1
+        self.label_ids(policy)
         sets = policy.trust_sets()
 
         trust = bpf[b"cwl_trust_t"]
@@ -354,6 +368,18 @@ class Engine:
         """The loaded programs and maps (bcc), for inspection by name as exec.bpf.c declares them
         (tests read cwl_task_labels and the programs' run counts through it). Raises when closed."""
         return self._require()
+
+    @property
+    def label_map_fd(self) -> int:
+        """The fd of the map holding each process's label (tracepoint: cwl_task_labels, tgid -> label;
+        lsm: cwl_task_label_ls, task storage), valid while the engine is open: Port Authority's
+        programs read it through a map-in-map slot (portauthority.engine `labels_fd`)."""
+        from bcc import libbcc  # loaded already (the engine compiled): bcc decides at import where tracefs is
+
+        fd = libbcc.lib.bpf_table_fd(self._require().module, LABEL_MAPS[self.backend].encode())
+        if fd < 0:
+            raise EnforcementError(f"ebpf/{SOURCE}: {LABEL_MAPS[self.backend]}: no such map in the loaded programs")
+        return fd
 
     def _require(self) -> "bcc.BPF":
         if self._bpf is None:

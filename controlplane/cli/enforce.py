@@ -30,7 +30,7 @@ from controlplane.host.policy_floor import admit
 from ebpf.probe import probe_lsm
 from portauthority import engine as pa_engine
 from prima import selfprotect
-from prima.engine import MIN_TRUST_MAX, TASK_MAX, Engine, Measure
+from prima.engine import MIN_TRUST_MAX, Engine, Measure
 from prima.kernelview import kernel_view, kernel_view_bound
 from prima.measuredb import MeasureDB
 
@@ -153,7 +153,16 @@ class Daemon:
     def run(self) -> None:
         policy, view, db_digest, size_hint = load_inputs(self.policy_path, self.db_path, self.controller_key, self.policy)
         backend = resolve_backend(self.backend if self.backend != "auto" else policy.backend)
-        engine = Engine(policy, view, backend=backend, db_digest=db_digest, trust_max=max(MIN_TRUST_MAX, 2 * size_hint))
+        try:
+            # Port Authority attaches before PRIMA's first generation lets anyone enter a label: no TP
+            # ever binds or listens before its rules are in force (the log's db-load comes after it)
+            engine = Engine(policy, view, backend=backend, db_digest=db_digest, trust_max=max(MIN_TRUST_MAX, 2 * size_hint),
+                            before_labels=lambda e: self._start_pa(policy, e))
+        except BaseException:
+            if self.pa is not None:
+                self.pa.close()
+                self.pa = None
+            raise
         self.engine = engine
         try:
             # daemon-start, policy-load and db-load reach the log now, before the daemon says it enforces: a
@@ -163,7 +172,6 @@ class Daemon:
                 self.sink.record(ev)
             self._say(f"enforcing {self.policy_path} ({policy.mode}) with {engine.loaded.trusted_files} trusted files, "
                       f"backend {backend}")
-            self._start_pa(policy, engine)
             while not self.stop_requested:
                 for ev in engine.poll(200 if self.pa is None else 100):
                     self._record(engine.evidence(ev))
@@ -200,11 +208,11 @@ class Daemon:
             self._say(f"cannot record events, enforcement continues unrecorded until a restart: {exc}")
 
     def _start_pa(self, policy: Policy, engine: Engine) -> None:
-        """Port Authority beside PRIMA, on PRIMA's backend, when the policy has rules."""
+        """Port Authority beside PRIMA, on PRIMA's backend, when the policy has rules (PRIMA's
+        `before_labels`: its programs loaded, no label entered yet)."""
         if not policy.port_authority.rules:
             return
-        assert engine.loaded is not None
-        self.pa = pa_engine.Engine(policy, engine.loaded.labels, backend=engine.backend, task_max=TASK_MAX,
+        self.pa = pa_engine.Engine(policy, engine.label_ids(policy), labels_fd=engine.label_map_fd, backend=engine.backend,
                                    interfaces=self.pa_interfaces)
         selfprotect.register(self.pa.bpf, into=engine.bpf)
         where = f"cgroup {self.pa.cgroup}" if self.pa.cgroup else "LSM socket hooks"

@@ -9,10 +9,13 @@ its label) to bind, listen, accept and receive; peers are unlabelled Python in t
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import select
+import socket
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -21,12 +24,13 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, NetNS, config, netns
 
+from cext import bpfmap
 from controlplane.core.events import Event, EventKind, parse_pa_subject
 from controlplane.core.policy import Policy, parse_policy
 from portauthority import rules
 from portauthority.engine import Engine as PaEngine
 from prima import selfprotect
-from prima.engine import TASK_MAX, Engine
+from prima.engine import Engine
 from tests.bypass.lab import LDSO, shared_libs
 from tests.prima_fixtures import measure_files
 
@@ -48,6 +52,8 @@ NETHELPER_C = r"""
 #include <unistd.h>
 /* listen ADDR PORT N: bind (tcp), listen, print the port, serve N connections ("ok\n" to each)
    listen-any N: listen without bind (the kernel picks a port), print it, serve N
+   echo ADDR PORT: bind (tcp), listen, print the port, accept one connection and answer each read
+   with "ok\n" until EOF, then print the number of reads
    udp-recv PORT SECONDS: bind udp, print the number of datagrams received in SECONDS */
 static int serve(int s, int n)
 {
@@ -77,6 +83,19 @@ int main(int argc, char **argv)
 		if (bind(s, (struct sockaddr *)&a, sizeof a)) { perror("bind"); return 3; }
 		if (listen(s, 16)) { perror("listen"); return 3; }
 		return serve(s, atoi(argv[4]));
+	}
+	if (!strcmp(argv[1], "echo") && argc == 4) {
+		int s = socket(AF_INET, SOCK_STREAM, 0), one = 1, n = 0;
+		struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
+		inet_pton(AF_INET, argv[2], &a.sin_addr);
+		setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+		if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 1)) { perror("bind/listen"); return 3; }
+		printf("listening %s\n", argv[3]); fflush(stdout);
+		int c = accept(s, 0, 0);
+		char buf[64];
+		while (read(c, buf, sizeof buf) > 0 && write(c, "ok\n", 3) == 3) n++;
+		printf("reads %d\n", n);
+		return 0;
 	}
 	if (!strcmp(argv[1], "listen-any") && argc == 3) {
 		int s = socket(AF_INET, SOCK_STREAM, 0);
@@ -114,6 +133,9 @@ if job == "connect":
         print(s.recv(16).decode().strip() or "closed")
     except OSError as exc:
         print(f"failed {type(exc).__name__}")
+elif job == "exec":                  # a program of the test's, inside the namespace
+    import os
+    os.execv(sys.argv[4], sys.argv[4:])
 elif job == "flood":
     dst, port, n = sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -151,7 +173,7 @@ class PaLab:
         self.prima = Engine(self.policy, measure_files([*base, *self.entry.values()], 1), backend=backend)
         try:
             assert self.prima.loaded is not None
-            self.pa = PaEngine(self.policy, self.prima.loaded.labels, backend=backend, task_max=TASK_MAX,
+            self.pa = PaEngine(self.policy, self.prima.loaded.labels, labels_fd=self.prima.label_map_fd, backend=backend,
                                interfaces=[self.host_if], interval_s=0.2)
             selfprotect.register(self.pa.bpf, into=self.prima.bpf)
         except BaseException:
@@ -330,8 +352,6 @@ class PaScenarios:
         assert pa_lab.refused(label="tp_none", op="receive", port=port, why="no-rule", action="denied")
 
     def test_an_unlabelled_process_is_unaffected(self, pa_lab: PaLab) -> None:
-        import socket
-
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((pa_lab.host_ip, pa_lab.other))   # a port no rule opens: the TP may not, we may
@@ -345,6 +365,34 @@ class PaScenarios:
                 conn.sendall(b"ok\n")
             assert peer.communicate(timeout=10)[0].strip() == "ok" and addr[0] == pa_lab.outside_ip
         assert rules.decide(pa_lab.policy, "", "accept", "tcp", pa_lab.other, peer=pa_lab.outside_ip).why == "unlabelled"
+
+    def test_an_established_connection_loses_its_allowance_with_the_rule(self, pa_lab: PaLab) -> None:
+        """A connected socket's input is decided once per rule generation (cgroup_skb remembers it in
+        the socket's storage): a reload that drops the rule stops the next segment of an open connection."""
+        srv = pa_lab.tp("tp_srv", "echo", "127.0.0.1", str(pa_lab.port))
+        assert pa_lab.first_line(srv) == f"listening {pa_lab.port}"
+        labels = pa_lab.prima.label_ids(pa_lab.policy)
+        pa = pa_lab.policy.port_authority
+        without = dataclasses.replace(pa_lab.policy, port_authority=dataclasses.replace(
+            pa, rules=tuple(r for r in pa.rules if not (r.protocol == "tcp" and r.op == "listen"))))
+        try:
+            with socket.create_connection(("127.0.0.1", pa_lab.port), timeout=10) as c:
+                for _ in range(3):   # allowed: the first segments decide, the later ones are remembered
+                    c.sendall(b"a")
+                    assert c.recv(16) == b"ok\n"
+                pa_lab.pa.reload(without, labels)
+                c.sendall(b"b")
+                c.settimeout(2)
+                with pytest.raises(socket.timeout):
+                    c.recv(16)                       # the segment (and its retransmits) never reach the TP
+                assert pa_lab.refused(label="tp_srv", op="receive", port=pa_lab.port, why="no-rule", action="denied")
+                pa_lab.pa.reload(pa_lab.policy, labels)
+                c.settimeout(30)
+                assert c.recv(16) == b"ok\n"      # the rule back: the retransmitted segment is let in
+        finally:
+            pa_lab.pa.reload(pa_lab.policy, labels)
+            srv.kill()
+            srv.wait()
 
     def test_a_denied_flood_is_a_few_entries_whose_counts_add_up(self, pa_lab: PaLab) -> None:
         pa_lab.collect()
@@ -382,3 +430,35 @@ class PaScenarios:
         assert sum(parse_pa_subject(e.subject).count for e in dropped) == 5
         assert {parse_pa_subject(e.subject).rule for e in dropped} == {2}
         assert not rules.decide(pa_lab.policy, "tp_srv", "receive", "udp", pa_lab.port, peer="127.0.0.1").allowed
+
+
+def scenario_engines_reopened_decide_on_live_labels(root: Path, backend: str, rounds: int = 3) -> None:
+    """Engines opened and closed one after another in ONE process (a daemon restarted in place, a
+    test session): each round's Port Authority reads that round's PRIMA label map (the kernel's map
+    ids agree) and decides on the labels it holds: a TP's bind to a port no rule opens is refused
+    under its label, its allowed listener is logged under its label. Each round starts with more
+    descriptors open, as in any long-lived process, so a map found by a remembered fd NUMBER (bcc's
+    "extern" table) would be another object: seen, the bind was allowed (judged unlabelled)."""
+    held: list[int] = []
+    try:
+        for i in range(rounds):
+            held += [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+            (root / f"round{i}").mkdir()
+            lab = PaLab(root / f"round{i}", backend=backend)
+            try:
+                src = lab.pa.bpf[b"cwl_pa_label_src"].map_fd
+                inner = int.from_bytes(bpfmap.lookup(src, struct.pack("=i", 0), 4) or b"", "little")
+                assert inner == bpfmap.map_info(lab.prima.label_map_fd).id, f"round {i}: not the live label map"
+                r = lab.tp_run("tp_srv", "listen", "127.0.0.1", str(lab.other), "0")
+                assert r.returncode == 3 and "bind: Operation not permitted" in r.stderr, (i, r)
+                assert lab.refused(label="tp_srv", op="bind", port=lab.other, why="no-rule"), f"round {i}"
+                r = lab.tp_run("tp_srv", "listen", "127.0.0.1", str(lab.port), "0")
+                assert r.returncode == 0 and r.stdout.strip() == f"listening {lab.port}", (i, r)
+                deadline = time.monotonic() + 10
+                while not [e for e in lab.collect() if e.kind is EventKind.PA_LISTENER and e.label == "tp_srv"]:
+                    assert time.monotonic() < deadline, f"round {i}: no listener entry"
+            finally:
+                lab.close()
+    finally:
+        for fd in held:
+            os.close(fd)

@@ -35,7 +35,6 @@ from prima.sources import build
 from tests.build_fixtures import DISTCC_PORT, TOOLCHAIN, build_cluster
 from tests.bypass.lab import c_project
 from tests.conftest import requires
-from tests.fresh_process import fresh_only, outside_only, run_in_fresh_process
 
 pytestmark = [requires(root=True), requires(tool="swtpm"), requires(tool="distccd"), pytest.mark.timeout(900)]
 
@@ -58,12 +57,6 @@ port = {port}
 protocol = "tcp"
 labels = ["tp_a", "tp_b"]
 """
-
-
-@outside_only
-def test_in_a_fresh_process() -> None:
-    """The three tests below, with their one cluster, in a new interpreter (tests/fresh_process.py says why)."""
-    run_in_fresh_process(__file__, tests=3)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +89,6 @@ def _cwlite(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-@fresh_only
 def test_a_clean_build_through_two_verified_hosts_has_checkable_provenance(cluster):
     project = _project(cluster, "clean")
     out = cluster.work / "prov-clean"
@@ -152,7 +144,6 @@ def _controller(cluster, store, ref, project, out, *, strict: bool, plant_on: st
     return ctl, planted
 
 
-@fresh_only
 def test_an_untrusted_exec_on_one_host_taints_the_build_naming_host_entry_and_objects(cluster):
     project = _project(cluster, "taint")
     out = cluster.work / "prov-taint"
@@ -173,7 +164,6 @@ def test_an_untrusted_exec_on_one_host_taints_the_build_naming_host_entry_and_ob
     assert all(subjects[o]["annotations"]["tainted"] for o in compiled_by_a)
 
 
-@fresh_only
 def test_with_strict_an_untrusted_exec_stops_the_build(cluster):
     project = _project(cluster, "strict", extra_recipe="sleep 60 && touch done.stamp")
     out = cluster.work / "prov-strict"

@@ -62,7 +62,7 @@ static int serve(int s, int n)
 	printf("listening %d\n", ntohs(a.sin_port)); fflush(stdout);
 	for (int i = 0; i < n; i++) {
 		struct pollfd p = {.fd = s, .events = POLLIN};
-		if (poll(&p, 1, 8000) != 1) { printf("no connection\n"); return 4; }
+		if (poll(&p, 1, 60000) != 1) { printf("no connection\n"); return 4; }
 		int c = accept(s, (struct sockaddr *)&a, &len);
 		if (c < 0) { perror("accept"); return 3; }
 		char buf[64]; ssize_t r = read(c, buf, sizeof buf);
@@ -347,6 +347,7 @@ class PaScenarios:
                                  "try:\n s.connect(('127.0.0.1',int(sys.argv[1])));print('connected')\n"
                                  "except OSError as e: print('failed')", str(port)], capture_output=True, text=True)
         assert client.stdout.strip() == "failed"
+        srv.kill()
         out, _ = srv.communicate(timeout=15)
         assert "accepted" not in out
         assert pa_lab.refused(label="tp_none", op="receive", port=port, why="no-rule", action="denied")

@@ -418,13 +418,14 @@ class PaScenarios:
         loopback, where no tc classifier runs: tp_srv's UDP rule admits only the namespace's peer."""
         import socket
 
-        srv = pa_lab.tp("tp_srv", "udp-recv", str(pa_lab.port), "2")
+        # 20 s of quiet ends the count: the peer's Python takes seconds to start under the VM's emulation
+        srv = pa_lab.tp("tp_srv", "udp-recv", str(pa_lab.port), "20")
         assert pa_lab.first_line(srv) == f"listening {pa_lab.port}"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             for _ in range(5):
                 s.sendto(b"from-loopback", ("127.0.0.1", pa_lab.port))
         assert pa_lab.peer(pa_lab.peer_ip, "flood", pa_lab.host_ip, str(pa_lab.port), "3") == "sent 3"
-        out, _ = srv.communicate(timeout=20)
+        out, _ = srv.communicate(timeout=60)
         assert srv.returncode == 0 and out.split()[-2:] == ["received", "3"], out
         dropped = pa_lab.refused(label="tp_srv", op="receive", protocol="udp", port=pa_lab.port, why="peer",
                                  action="denied")

@@ -98,9 +98,19 @@ KERNEL_FIELDS: dict[str, tuple[str, ...]] = {
     "BPF_LINK_PROG": ("bpf_link.prog",),
     "SIGNAL_STRUCT_PIDS": ("signal_struct.pids",),
     "PID_NUMBERS_NR": ("pid.numbers.nr",),  # numbers[0].nr: the pid in the initial namespace
-    # Port Authority (net.bpf.c): a socket file's sock and its family.
+    # Port Authority (net.bpf.c lsm): a socket's sock, its protocol, family, local port and addresses;
+    # a sendmsg's address; a received packet's IP header.
     "SOCKET_SK": ("socket.sk",),
+    "SOCK_SK_PROTOCOL": ("sock.sk_protocol",),
     "SOCK_SKC_FAMILY": ("sock.__sk_common.skc_family",),
+    "SOCK_SKC_NUM": ("sock.__sk_common.skc_num",),
+    "SOCK_SKC_RCV_SADDR": ("sock.__sk_common.skc_rcv_saddr",),
+    "SOCK_SKC_V6_RCV_SADDR": ("sock.__sk_common.skc_v6_rcv_saddr",),
+    "MSGHDR_MSG_NAME": ("msghdr.msg_name",),
+    "MSGHDR_MSG_NAMELEN": ("msghdr.msg_namelen",),
+    "SK_BUFF_HEAD": ("sk_buff.head",),
+    "SK_BUFF_NETWORK_HEADER": ("sk_buff.network_header",),
+    "SK_BUFF_PROTOCOL": ("sk_buff.protocol",),
 }
 
 # Kernel functions whose addresses the programs compare pointers with (-D<macro>=<address>,
@@ -110,6 +120,7 @@ KERNEL_SYMBOLS: dict[str, str] = {"CWL_PROC_MEM_OPEN": "mem_open"}
 KALLSYMS = "/proc/kallsyms"
 
 _MAIN_C = "/virtual/main.c"
+_VERIFIER_STATS = re.compile(r"^(processed \d+ insns|verification time|stack depth)")
 _DIAG = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):(?:(?P<col>\d+):)?\s*(?P<kind>error|fatal error):\s*(?P<msg>.*)$")
 
 
@@ -225,7 +236,8 @@ def _compile_error(program: Program, output: str, exc: Exception) -> BpfCompileE
             line=int(m["line"]),
             compiler_output=output,
         )
-    # Not a clang diagnostic: a verifier or attach failure. Keep its last useful line.
-    lines = [ln for ln in output.splitlines() if ln.strip()]
+    # Not a clang diagnostic: a verifier or attach failure. Keep its last useful line (the
+    # verifier's complaint, not the statistics it prints after it).
+    lines = [ln for ln in output.splitlines() if ln.strip() and not _VERIFIER_STATS.match(ln)]
     tail = lines[-1] if lines else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return BpfCompileError(f"ebpf/{program.name}: load failed: {tail}", source=f"ebpf/{program.name}", compiler_output=output)

@@ -1,9 +1,11 @@
-/* net.bpf.c: Port Authority, one source; the decision is pa_decide.h's.
+/* net.bpf.c: Port Authority, one source for both backends; the decision is pa_decide.h's.
  *
- * portauthority.engine compiles it with -DCWL_BACKEND_TP beside prima.engine's
- * exec.bpf.c: a process's label is the one PRIMA keeps, never a copy. PRIMA's label
- * map is handed over by fd (cwl_pa_label_src below), not found by name. Programs
- * (tracepoint backend: kernels that refuse BPF LSM):
+ * portauthority.engine compiles it with exactly one of -DCWL_BACKEND_TP / -DCWL_BACKEND_LSM
+ * beside prima.engine's exec.bpf.c (same backend): a process's label is the one PRIMA keeps,
+ * never a copy. PRIMA's label map (tracepoint: cwl_task_labels, tgid -> label; lsm: the task
+ * storage cwl_task_label_ls) is handed over by fd (cwl_pa_label_src below), not found by name.
+ *
+ * Programs of the tracepoint backend (kernels that refuse BPF LSM):
  *   pa_sock_create  cgroup/sock_create (root cgroup): a socket made by a labelled
  *                   process carries its label (sk storage, cloned to accepted sockets)
  *   pa_bind4/6      cgroup/bind4, bind6: EPERM unless a rule opens the port
@@ -11,9 +13,26 @@
  *   pa_sendmsg4/6   cgroup/sendmsg4, sendmsg6 (UDP with an address): as connect
  *   pa_ingress      cgroup_skb ingress (root cgroup): a packet reaching a labelled
  *                   socket is dropped unless a rule lets the label receive it
+ * recvmsg4/6 cannot refuse (the kernel wants 1 from them): receiving is cgroup_skb's.
+ *
+ * Programs of the lsm backend (LSM_PROBE, attached by bcc at load; each keeps an earlier deny):
+ *   socket_post_create   a labelled process's new socket carries its label (sk storage, as above)
+ *   socket_bind          -EPERM unless a rule opens the port (the sockaddr the caller gave)
+ *   socket_listen        -EPERM unless a listen rule names the bound port (a listen without a
+ *                        bind, on a port the kernel would pick, is refused)
+ *   socket_accept        -EPERM unless the label may listen on the port: the peer is not known
+ *                        yet (the connection leaves the queue after the hook); every packet of
+ *                        it was judged on its way in by socket_sock_rcv_skb
+ *   socket_connect       -EPERM unless a connect rule names the peer
+ *   socket_sendmsg       a datagram (or TCP fast open) to an address: as connect
+ *   socket_sock_rcv_skb  a packet reaching a labelled socket (softirq: the label is the
+ *                        socket's, stamped by the hooks above) is dropped unless a rule lets it in
+ * Both backends:
  *   pa_tc_ingress   tc clsact ingress on the host's interfaces: a packet to a port a
  *                   listen rule governs, from a peer no such rule admits, is dropped
- *                   before any socket sees it
+ *                   before any socket sees it (it reads no label: backend-independent)
+ *
+ * Tracepoint backend only (the lsm variant has no counterpart yet, see README):
  *   sys_enter_socket (syscall tracepoint, attached by bcc) a labelled process making a
  *                   socket no program here can judge (AF_PACKET) is SIGKILLed before
  *                   socket() returns to its code (cwl_pa_decide_socket)
@@ -24,15 +43,14 @@
  *                   (cwl_pa_decide_hold): no rule judged that socket's input
  * Refusals are counted per (label, rule, op, port, reason) in cwl_pa_counts (per CPU):
  * the engine logs each interval's counts as one entry per key, so a flood makes
- * counts, not entries. A listener a rule allows is an event (cwl_pa_events).
- * recvmsg4/6 cannot refuse (the kernel wants 1 from them): receiving is cgroup_skb's.
+ * counts, not entries. A listener a rule allows (at its bind) is an event (cwl_pa_events).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include "pa_decide.h"
 
-#if !defined(CWL_BACKEND_TP)
-#error "net.bpf.c: -DCWL_BACKEND_TP (portauthority.engine) is the one backend built so far"
+#if defined(CWL_BACKEND_LSM) == defined(CWL_BACKEND_TP)
+#error "net.bpf.c: define exactly one of CWL_BACKEND_LSM and CWL_BACKEND_TP (portauthority.engine does)"
 #endif
 #if !defined(CWL_PA_COUNT_MAX) || !defined(CWL_PA_RINGBUF_PAGES) || !defined(CWL_PA_PENDING_MAX)
 #error "CWL_PA_COUNT_MAX/PA_RINGBUF_PAGES/PA_PENDING_MAX missing: sizes come from portauthority.engine"
@@ -44,8 +62,13 @@
  * table: bcc resolves those by name in a process-wide store that keeps the FIRST declaring
  * engine's fd, stale once that engine closed. cwl_pa_label_shape only gives the slot its shape,
  * which the kernel holds PRIMA's map to (bpf_map_meta_equal: type, key and value size, flags;
- * a hash's max_entries is not compared); nothing reads or writes it. */
+ * a hash's max_entries is not compared); nothing reads or writes it. Under lsm PRIMA keeps
+ * labels in task storage (exec.bpf.c BPF_TASK_STORAGE: int key, BPF_F_NO_PREALLOC). */
+#ifdef CWL_BACKEND_LSM
+BPF_F_TABLE("task_storage", int, struct cwl_task_label, cwl_pa_label_shape, 0, BPF_F_NO_PREALLOC);
+#else
 BPF_TABLE("hash", u32, struct cwl_task_label, cwl_pa_label_shape, 1);
+#endif
 BPF_ARRAY_OF_MAPS(cwl_pa_label_src, "cwl_pa_label_shape", 1);
 
 BPF_ARRAY(cwl_pa_sets, struct cwl_pa_set, 2); /* two slots: the engine fills the idle one, then flips */
@@ -78,22 +101,31 @@ static __always_inline const struct cwl_pa_set *cwl_pa_live(void)
 /* The label Port Authority judges the current process under (the daemon's: none). */
 static __always_inline u32 cwl_pa_task_label(void)
 {
-	u32 tgid = bpf_get_current_pid_tgid() >> 32, zero = 0;
+	u32 zero = 0;
 	struct cwl_task_label *tl;
 	void *labels = cwl_pa_label_src.lookup(&zero);
 
 	if (!labels) {
+#ifndef CWL_BACKEND_LSM
 		cwl_pa_drop(CWL_PA_DROP_LABELS); /* no label map handed over: judged unlabelled, counted */
+#endif
+		/* lsm: bcc attaches the LSM programs at load, before the engine hands the map over;
+		 * that is before PRIMA's first generation (before_labels), when no process holds a label */
 		return 0;
 	}
+#ifdef CWL_BACKEND_LSM
+	tl = bpf_task_storage_get(labels, bpf_get_current_task_btf(), 0, 0);
+#else
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	tl = bpf_map_lookup_elem(labels, &tgid);
+#endif
 	if (!tl || tl->label == CWL_LABEL_DAEMON)
 		return 0;
 	return tl->label;
 }
 
-/* Count one refusal (or audit-mode allowance) under its key; a full map is counted too. */
-static __always_inline void cwl_pa_count(const struct cwl_pa_query *q, const struct cwl_pa_verdict *v, u8 action)
+/* Count one refusal (or audit-mode allowance) of op `op` under its key; a full map is counted too. */
+static __always_inline void cwl_pa_count(const struct cwl_pa_query *q, const struct cwl_pa_verdict *v, u8 action, u8 op)
 {
 	struct cwl_pa_count_key key;
 	u64 zero = 0, *n;
@@ -103,7 +135,7 @@ static __always_inline void cwl_pa_count(const struct cwl_pa_query *q, const str
 	key.rule = v->rule;
 	key.port = (q->op == CWL_PA_OP_CONNECT || q->op == CWL_PA_OP_SEND) ? q->rport : q->lport;
 	key.proto = q->proto;
-	key.op = q->op;
+	key.op = op;
 	key.why = v->why;
 	key.action = action;
 	n = cwl_pa_counts.lookup_or_try_init(&key, &zero);
@@ -113,8 +145,9 @@ static __always_inline void cwl_pa_count(const struct cwl_pa_query *q, const str
 		cwl_pa_drop(CWL_PA_DROP_COUNT);
 }
 
-/* Decide `q` (the verdict into *v); count a refusal. 1: let it happen; 0: refuse (enforce mode). */
-static __always_inline int cwl_pa_judge(struct cwl_pa_query *q, struct cwl_pa_verdict *v)
+/* Decide `q` (the verdict into *v); count a refusal as op `count_as` (q->op, but for the lsm
+ * accept hook, which asks the listen question). 1: let it happen; 0: refuse (enforce mode). */
+static __always_inline int cwl_pa_judge_as(struct cwl_pa_query *q, struct cwl_pa_verdict *v, u8 count_as)
 {
 	const struct cwl_pa_set *set = cwl_pa_live();
 	u32 enforce = set ? set->enforce : 1;
@@ -122,12 +155,19 @@ static __always_inline int cwl_pa_judge(struct cwl_pa_query *q, struct cwl_pa_ve
 	*v = cwl_pa_decide(set, q);
 	if (v->allowed)
 		return 1;
-	cwl_pa_count(q, v, enforce ? CWL_ACT_DENIED : CWL_ACT_ALLOWED);
+	cwl_pa_count(q, v, enforce ? CWL_ACT_DENIED : CWL_ACT_ALLOWED, count_as);
 	return enforce ? 0 : 1;
 }
 
-/* Give a labelled process's socket its label (sk storage). */
-static __always_inline void cwl_pa_stamp(struct bpf_sock *sk, u32 label)
+/* Decide `q` (the verdict into *v); count a refusal. 1: let it happen; 0: refuse (enforce mode). */
+static __always_inline int cwl_pa_judge(struct cwl_pa_query *q, struct cwl_pa_verdict *v)
+{
+	return cwl_pa_judge_as(q, v, q->op);
+}
+
+/* Give a labelled process's socket its label (sk storage; `sk`: a cgroup program's bpf_sock, or an
+ * LSM hook's struct sock as the verifier types it from BTF). */
+static __always_inline void cwl_pa_stamp(void *sk, u32 label)
 {
 	struct cwl_pa_sock *s;
 
@@ -141,6 +181,26 @@ static __always_inline void cwl_pa_stamp(struct bpf_sock *sk, u32 label)
 	s->label = label;
 }
 
+/* A listener the rule set allowed: an event for the engine (logged once per label and port). */
+static __always_inline void cwl_pa_listener(const struct cwl_pa_query *q, u32 rule)
+{
+	struct cwl_pa_event *e = cwl_pa_events.ringbuf_reserve(sizeof(struct cwl_pa_event));
+	if (!e) {
+		cwl_pa_drop(CWL_PA_DROP_RINGBUF);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->tgid = bpf_get_current_pid_tgid() >> 32;
+	e->label = q->label;
+	e->rule = rule;
+	e->port = q->lport;
+	e->proto = q->proto;
+	e->op = q->op;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	cwl_pa_events.ringbuf_submit(e, 0);
+}
+
+#ifdef CWL_BACKEND_TP
 static __always_inline u8 cwl_pa_proto_of(u32 protocol, u32 type)
 {
 	if (protocol == CWL_PA_TCP || protocol == CWL_PA_UDP)
@@ -179,25 +239,6 @@ static __always_inline void cwl_pa_addr_query(struct bpf_sock_addr *ctx, struct 
 		q->lport = port;
 	else
 		q->rport = port;
-}
-
-/* A listener the rule set allowed: an event for the engine (logged once per label and port). */
-static __always_inline void cwl_pa_listener(const struct cwl_pa_query *q, u32 rule)
-{
-	struct cwl_pa_event *e = cwl_pa_events.ringbuf_reserve(sizeof(struct cwl_pa_event));
-	if (!e) {
-		cwl_pa_drop(CWL_PA_DROP_RINGBUF);
-		return;
-	}
-	__builtin_memset(e, 0, sizeof(*e));
-	e->tgid = bpf_get_current_pid_tgid() >> 32;
-	e->label = q->label;
-	e->rule = rule;
-	e->port = q->lport;
-	e->proto = q->proto;
-	e->op = q->op;
-	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	cwl_pa_events.ringbuf_submit(e, 0);
 }
 
 static __always_inline int cwl_pa_addr_hook(struct bpf_sock_addr *ctx, u8 op, int v6)
@@ -473,6 +514,184 @@ int pa_ingress(struct __sk_buff *skb)
 		s->allowed_gen = gen; /* never on a listener: accepted sockets clone its storage */
 	return ok;
 }
+
+#else /* CWL_BACKEND_LSM */
+struct socket;
+struct sock;
+struct sk_buff;
+struct msghdr;
+
+#define CWL_EPERM 1
+/* Socket address ABI (uapi linux/socket.h, linux/in.h, linux/in6.h): families; sockaddr_in has its
+ * port at 2 and address at 4 (16 bytes), sockaddr_in6 its port at 2 and address at 8 (24 bytes). */
+#define CWL_AF_UNSPEC 0
+#define CWL_AF_INET 2
+#define CWL_AF_INET6 10
+
+#if CWL_SZ_SOCK_SKC_FAMILY != 2 || CWL_SZ_SOCK_SKC_NUM != 2 || CWL_SZ_SOCK_SK_PROTOCOL != 2 || \
+	CWL_SZ_SK_BUFF_NETWORK_HEADER != 2 || CWL_SZ_SK_BUFF_PROTOCOL != 2
+#error "net.bpf.c (lsm): sock family/num/protocol or sk_buff network_header/protocol is not 16 bits in this kernel's BTF"
+#endif
+
+/* sock->sk, loaded directly at cext's BTF offset: the verifier types the result from BTF (struct
+ * sock), so bpf_sk_storage_get takes it (a probe read would give a number it refuses). */
+static __always_inline struct sock *cwl_pa_sock_of(struct socket *sock)
+{
+	return sock ? *(struct sock **)((const char *)sock + CWL_OFF_SOCKET_SK) : 0;
+}
+
+/* A socket's family, protocol and local end (port 0 before a bind) into q. 0, or -1 for a socket
+ * that is not IPv4/IPv6 (AF_UNIX, netlink, ...: not Port Authority's). */
+static __always_inline int cwl_pa_sock_query(struct sock *sk, struct cwl_pa_query *q)
+{
+	u16 family = 0, proto = 0, num = 0;
+
+	if (!sk || CWL_READ(family, sk, CWL_OFF_SOCK_SKC_FAMILY) || CWL_READ(proto, sk, CWL_OFF_SOCK_SK_PROTOCOL))
+		return -1;
+	if (family == CWL_AF_INET) {
+		q->family = CWL_PA_INET;
+		CWL_READ(q->laddr[0], sk, CWL_OFF_SOCK_SKC_RCV_SADDR);
+	} else if (family == CWL_AF_INET6) {
+		q->family = CWL_PA_INET6;
+		bpf_probe_read_kernel(q->laddr, 16, (const char *)sk + CWL_OFF_SOCK_SKC_V6_RCV_SADDR);
+	} else {
+		return -1;
+	}
+	CWL_READ(num, sk, CWL_OFF_SOCK_SKC_NUM);
+	q->proto = proto;
+	q->lport = num;
+	return 0;
+}
+
+/* The address a caller gave (the kernel's copy of its sockaddr) into q's local (bind) or remote end.
+ * 1: judge it; 0: nothing for Port Authority (AF_UNSPEC on connect is a disconnect; other families
+ * and short addresses the kernel refuses itself). */
+static __always_inline int cwl_pa_sockaddr(const void *sa, int len, struct cwl_pa_query *q, int local)
+{
+	u16 fam = 0, port = 0;
+	u32 *addr = local ? q->laddr : q->raddr;
+
+	if (!sa || len < 2 || bpf_probe_read_kernel(&fam, 2, sa))
+		return 0;
+	if (fam == CWL_AF_UNSPEC && local && q->family == CWL_PA_INET)
+		fam = CWL_AF_INET; /* inet_bind takes AF_UNSPEC (with INADDR_ANY) as AF_INET */
+	if (fam == CWL_AF_INET && len >= 16) {
+		q->family = CWL_PA_INET;
+		__builtin_memset(addr, 0, 16);
+		if (bpf_probe_read_kernel(&port, 2, (const char *)sa + 2) || bpf_probe_read_kernel(addr, 4, (const char *)sa + 4))
+			return 0;
+	} else if (fam == CWL_AF_INET6 && len >= 24) {
+		q->family = CWL_PA_INET6;
+		if (bpf_probe_read_kernel(&port, 2, (const char *)sa + 2) || bpf_probe_read_kernel(addr, 16, (const char *)sa + 8))
+			return 0;
+	} else {
+		return 0;
+	}
+	if (local)
+		q->lport = bpf_ntohs(port);
+	else
+		q->rport = bpf_ntohs(port);
+	return 1;
+}
+
+/* A socket call of a process under `label` (0: unlabelled, unaffected): stamp its socket with the
+ * label, then judge `op`. bind, connect and sendmsg are judged by the address the caller gave
+ * (`sa`); listen and accept by the socket's own bound port (accept asks the listen question and
+ * is counted as accept; stamping the listener gives the accepting label to the connections it
+ * makes later: sk storage is cloned). A listener allowed at its bind is an event, as on the
+ * tracepoint backend. 0 or -EPERM. */
+static __always_inline int cwl_pa_lsm(u32 label, struct socket *sock, const void *sa, int len, u8 op)
+{
+	struct sock *sk;
+	struct cwl_pa_query q;
+	struct cwl_pa_verdict v;
+	int ok;
+
+	if (!label)
+		return 0;
+	sk = cwl_pa_sock_of(sock);
+	__builtin_memset(&q, 0, sizeof(q));
+	if (cwl_pa_sock_query(sk, &q))
+		return 0;
+	cwl_pa_stamp(sk, label);
+	q.label = label;
+	q.op = op == CWL_PA_OP_ACCEPT ? CWL_PA_OP_LISTEN : op;
+	if (op != CWL_PA_OP_LISTEN && op != CWL_PA_OP_ACCEPT && !cwl_pa_sockaddr(sa, len, &q, op == CWL_PA_OP_BIND))
+		return 0;
+	ok = cwl_pa_judge_as(&q, &v, op);
+	if (ok && op == CWL_PA_OP_BIND && q.lport && v.allowed)
+		cwl_pa_listener(&q, v.rule);
+	return ok ? 0 : -CWL_EPERM;
+}
+
+LSM_PROBE(socket_post_create, struct socket *sock, int family, int type, int protocol, int kern, int ret)
+{
+	if (ret)
+		return ret;
+	if (!kern) /* a kernel socket made on the process's behalf is not its own */
+		cwl_pa_stamp(cwl_pa_sock_of(sock), cwl_pa_task_label());
+	return 0;
+}
+
+LSM_PROBE(socket_bind, struct socket *sock, void *address, int addrlen, int ret)
+{
+	return ret ? ret : cwl_pa_lsm(cwl_pa_task_label(), sock, address, addrlen, CWL_PA_OP_BIND);
+}
+
+LSM_PROBE(socket_connect, struct socket *sock, void *address, int addrlen, int ret)
+{
+	return ret ? ret : cwl_pa_lsm(cwl_pa_task_label(), sock, address, addrlen, CWL_PA_OP_CONNECT);
+}
+
+/* A datagram (or a TCP fast open, which skips socket_connect) to an address: as connect. */
+LSM_PROBE(socket_sendmsg, struct socket *sock, struct msghdr *msg, int size, int ret)
+{
+	const void *name = 0;
+	int namelen = 0;
+	u32 label;
+
+	if (ret)
+		return ret;
+	label = cwl_pa_task_label();
+	if (!label || !msg || CWL_READ(name, msg, CWL_OFF_MSGHDR_MSG_NAME) || !name ||
+	    CWL_READ(namelen, msg, CWL_OFF_MSGHDR_MSG_NAMELEN))
+		return 0; /* unlabelled, or a connected socket: judged at its connect */
+	return cwl_pa_lsm(label, sock, name, namelen, CWL_PA_OP_SEND);
+}
+
+LSM_PROBE(socket_listen, struct socket *sock, int backlog, int ret)
+{
+	return ret ? ret : cwl_pa_lsm(cwl_pa_task_label(), sock, 0, 0, CWL_PA_OP_LISTEN);
+}
+
+LSM_PROBE(socket_accept, struct socket *sock, struct socket *newsock, int ret)
+{
+	return ret ? ret : cwl_pa_lsm(cwl_pa_task_label(), sock, 0, 0, CWL_PA_OP_ACCEPT);
+}
+
+/* A packet about to be queued on `sk` (softirq, from sk_filter): the label is the socket's. */
+LSM_PROBE(socket_sock_rcv_skb, struct sock *sk, struct sk_buff *skb, int ret)
+{
+	struct cwl_pa_sock *s;
+	const char *head = 0;
+	u16 nh = 0, proto = 0;
+	struct cwl_pa_query q;
+	struct cwl_pa_verdict v;
+
+	if (ret)
+		return ret;
+	s = cwl_pa_socks.sk_storage_get(sk, 0, 0);
+	if (!s || !s->label)
+		return 0; /* an unlabelled process's socket */
+	__builtin_memset(&q, 0, sizeof(q));
+	q.label = s->label;
+	q.op = CWL_PA_OP_RECEIVE;
+	if (!skb || CWL_READ(head, skb, CWL_OFF_SK_BUFF_HEAD) || !head || CWL_READ(nh, skb, CWL_OFF_SK_BUFF_NETWORK_HEADER) ||
+	    CWL_READ(proto, skb, CWL_OFF_SK_BUFF_PROTOCOL) || cwl_pa_parse_kmem(head + nh, bpf_ntohs(proto), &q))
+		q.proto = 0; /* unreadable: judged as a protocol no rule names */
+	return cwl_pa_judge(&q, &v) ? 0 : -CWL_EPERM;
+}
+#endif
 
 /* tc clsact ingress: Ethernet first. TC_ACT_OK or TC_ACT_SHOT. */
 int pa_tc_ingress(struct __sk_buff *skb)

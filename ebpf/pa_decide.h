@@ -48,6 +48,9 @@ static __always_inline int cwl_pa_peer_ok(const struct cwl_pa_rule *r, const str
 
 	if (nnets == 0)
 		return 1;
+	/* Unrolled: as a loop, clang counts min(nnets, CWL_PA_NETS) down in a register that 6.1's
+	 * verifier tracks only as a range, and it then walks past the rule set (seen in the VM). */
+#pragma unroll
 	for (u32 i = 0; i < CWL_PA_NETS; i++) {
 		if (i >= nnets)
 			return 0;
@@ -164,10 +167,21 @@ static __always_inline u32 cwl_pa_decide_hold(u32 label, u32 family)
 #define CWL_ETH_P_IP 0x0800
 #define CWL_ETH_P_IPV6 0x86DD
 
-/* Fill q's family, protocol, addresses and ports from the IP packet at `off` of `skb`.
- * 0, or -1 when it is no IPv4/IPv6 packet cwlite can read (then the caller passes it). An
- * IPv6 packet whose next header is not TCP or UDP (extension headers) keeps proto = that header. */
-static __always_inline int cwl_pa_parse(struct __sk_buff *skb, u32 off, u32 ethertype, struct cwl_pa_query *q)
+/* `len` packet bytes at `off` of `pkt` into `to`: a program's __sk_buff through bpf_skb_load_bytes
+ * (tc, cgroup_skb), or, when `kmem` (a constant per caller: the other branch is compiled away),
+ * kernel memory from the IP header an LSM hook's struct sk_buff points to. */
+static __always_inline int cwl_pa_load(void *pkt, u32 off, void *to, u32 len, int kmem)
+{
+	if (kmem)
+		return bpf_probe_read_kernel(to, len, (const char *)pkt + off);
+	return bpf_skb_load_bytes(pkt, off, to, len);
+}
+
+/* Fill q's family, protocol, addresses and ports from the IP packet at `off` of `pkt` (see
+ * cwl_pa_load for `kmem`). 0, or -1 when it is no IPv4/IPv6 packet cwlite can read (then the
+ * caller passes it). An IPv6 packet whose next header is not TCP or UDP (extension headers)
+ * keeps proto = that header. */
+static __always_inline int cwl_pa_parse_from(void *pkt, u32 off, u32 ethertype, struct cwl_pa_query *q, int kmem)
 {
 	u8 vihl = 0;
 	u16 ports[2] = {0, 0};
@@ -175,18 +189,18 @@ static __always_inline int cwl_pa_parse(struct __sk_buff *skb, u32 off, u32 ethe
 
 	if (ethertype == CWL_ETH_P_IP) {
 		u8 proto = 0;
-		if (bpf_skb_load_bytes(skb, off, &vihl, 1) || (vihl >> 4) != 4)
+		if (cwl_pa_load(pkt, off, &vihl, 1, kmem) || (vihl >> 4) != 4)
 			return -1;
-		if (bpf_skb_load_bytes(skb, off + 9, &proto, 1) || bpf_skb_load_bytes(skb, off + 12, q->raddr, 4) ||
-		    bpf_skb_load_bytes(skb, off + 16, q->laddr, 4))
+		if (cwl_pa_load(pkt, off + 9, &proto, 1, kmem) || cwl_pa_load(pkt, off + 12, q->raddr, 4, kmem) ||
+		    cwl_pa_load(pkt, off + 16, q->laddr, 4, kmem))
 			return -1;
 		q->family = CWL_PA_INET;
 		q->proto = proto;
 		l4 = off + (vihl & 0x0f) * 4;
 	} else if (ethertype == CWL_ETH_P_IPV6) {
 		u8 next = 0;
-		if (bpf_skb_load_bytes(skb, off + 6, &next, 1) || bpf_skb_load_bytes(skb, off + 8, q->raddr, 16) ||
-		    bpf_skb_load_bytes(skb, off + 24, q->laddr, 16))
+		if (cwl_pa_load(pkt, off + 6, &next, 1, kmem) || cwl_pa_load(pkt, off + 8, q->raddr, 16, kmem) ||
+		    cwl_pa_load(pkt, off + 24, q->laddr, 16, kmem))
 			return -1;
 		q->family = CWL_PA_INET6;
 		q->proto = next;
@@ -195,12 +209,25 @@ static __always_inline int cwl_pa_parse(struct __sk_buff *skb, u32 off, u32 ethe
 		return -1;
 	}
 	if (q->proto == CWL_PA_TCP || q->proto == CWL_PA_UDP) {
-		if (bpf_skb_load_bytes(skb, l4, ports, 4))
+		if (cwl_pa_load(pkt, l4, ports, 4, kmem))
 			return -1;
 		q->rport = bpf_ntohs(ports[0]);
 		q->lport = bpf_ntohs(ports[1]);
 	}
 	return 0;
+}
+
+/* The IP packet at `off` of a tc or cgroup_skb program's `skb` (see cwl_pa_parse_from). */
+static __always_inline int cwl_pa_parse(struct __sk_buff *skb, u32 off, u32 ethertype, struct cwl_pa_query *q)
+{
+	return cwl_pa_parse_from(skb, off, ethertype, q, 0);
+}
+
+/* The IP packet whose header is at kernel address `l3` (an LSM hook's struct sk_buff: head +
+ * network_header; see cwl_pa_parse_from). */
+static __always_inline int cwl_pa_parse_kmem(const char *l3, u32 ethertype, struct cwl_pa_query *q)
+{
+	return cwl_pa_parse_from((void *)l3, 0, ethertype, q, 1);
 }
 
 #endif /* CWL_PA_DECIDE_H */

@@ -1,14 +1,20 @@
 """Port Authority's engine: loads ebpf/net.bpf.c beside PRIMA, fills its rule set, logs what it refused.
 
-BPF: ebpf/net.bpf.c (-DCWL_BACKEND_TP) — cgroup sock_create, bind4/6, connect4/6,
-sendmsg4/6 and cgroup_skb ingress on the root cgroup (`cgroup`), each attached
-through a BPF link (the attachment dies with the daemon, as bcc's tracepoints do),
-and a tc clsact ingress classifier on each of `interfaces`, attached with pyroute2 and
-checked every interval (a removed classifier or one that no longer runs first is a violation
-entry; a removed one is attached again). bcc attaches syscalls:sys_enter_socket itself.
+One source, the backend chosen by a -D flag as PRIMA's is (prima.engine), and PRIMA's backend:
+BPF: ebpf/net.bpf.c -DCWL_BACKEND_TP (tracepoint) — cgroup sock_create, bind4/6, connect4/6,
+sendmsg4/6 and cgroup_skb ingress on the root cgroup (`cgroup`), each attached through a
+BPF link (the attachment dies with the daemon, as bcc's tracepoints do), and the syscall
+tracepoints bcc attaches itself (socket, execve/execveat, recvmsg, pidfd_getfd: a packet socket
+or a socket made outside the label reaching a TP); -DCWL_BACKEND_LSM (lsm) — LSM
+socket_post_create, socket_bind, socket_listen, socket_accept, socket_connect, socket_sendmsg
+and socket_sock_rcv_skb, attached by bcc at load. On both, a tc clsact ingress classifier on
+each of `interfaces`, attached with pyroute2 (it reads no label, so it is the same program
+under both backends) and checked every interval (a removed classifier or one that no longer
+runs first is a violation entry; a removed one is attached again).
 
-Labels are PRIMA's: the engine is made beside a running `prima.engine.Engine`, whose label
-map it is handed by fd (`labels_fd`: `prima.label_map_fd`; the programs read it through the
+Labels are PRIMA's: the engine is made beside a running `prima.engine.Engine` of the same
+backend, whose label map it is handed by fd (`labels_fd`: `prima.label_map_fd`, tracepoint
+`cwl_task_labels`, lsm the task storage `cwl_task_label_ls`; the programs read it through the
 map-in-map slot cwl_pa_label_src, so engines opened and closed in one process never mix) and
 whose label ids (`label_ids`) the rule set's masks use. The caller,
 which holds both engines (portauthority and prima are sibling layers), adds this one's
@@ -48,7 +54,11 @@ if TYPE_CHECKING:
     import bcc
 
 SOURCE = "net.bpf.c"
-BACKENDS = {"tracepoint": "-DCWL_BACKEND_TP"}
+BACKENDS = {"tracepoint": "-DCWL_BACKEND_TP", "lsm": "-DCWL_BACKEND_LSM"}
+# What each variant's programs are (`cwlite pa show`); the tc classifier comes on top on both.
+HOOKS = {"tracepoint": "cgroup sock_create, bind4/6, connect4/6, sendmsg4/6 and cgroup_skb ingress (EPERM/drop)",
+         "lsm": "LSM socket_post_create, socket_bind, socket_listen, socket_accept, socket_connect, "
+                "socket_sendmsg and socket_sock_rcv_skb (EPERM/drop)"}
 COUNT_MAX = 4096         # distinct refusal keys per interval before they are counted as lost
 PENDING_MAX = 65536      # labelled threads inside execve or recvmsg at once (net.bpf.c's syscall state)
 RINGBUF_PAGES = 16
@@ -102,7 +112,8 @@ def _exe_measurement(tgid: int) -> tuple[bytes, str]:
 
 
 class Engine:
-    """BPF: ebpf/net.bpf.c (-DCWL_BACKEND_TP) cgroup sock_addr/sock_create/skb programs and the tc classifier.
+    """BPF: ebpf/net.bpf.c — tracepoint: cgroup sock_addr/sock_create/skb programs; lsm: socket_* LSM
+    hooks; both: the tc classifier.
 
     Use as a context manager beside a PRIMA engine, and close it first (its slot keeps PRIMA's
     label map alive, labels and all):
@@ -112,9 +123,9 @@ class Engine:
     def __init__(self, policy: Policy, label_ids: Mapping[str, int], *, labels_fd: int, backend: str,
                  interfaces: Sequence[str] = (), cgroup: str | None = None, interval_s: float = INTERVAL_S) -> None:
         if backend not in BACKENDS:
-            raise EnforcementError(f"portauthority/{backend}: not built for this backend yet "
-                                   f"(have: {', '.join(BACKENDS)})")
+            raise EnforcementError(f"portauthority/{backend}: no such backend (have: {', '.join(BACKENDS)})")
         self.backend = backend
+        self.cgroup: str | None = None   # tracepoint: where the cgroup programs are attached
         self.interval_s = interval_s
         self._queue: deque[Event] = deque()
         self._links: list[int] = []
@@ -139,8 +150,10 @@ class Engine:
         try:
             self._take_labels(labels_fd)
             self.reload(policy, label_ids)
-            self.cgroup = cgroup or cgroup2_root()
-            self._attach_cgroup()
+            # lsm: bcc attached the LSM programs at load (no cgroup programs in that variant)
+            if self.backend == "tracepoint":
+                self.cgroup = cgroup or cgroup2_root()
+                self._attach_cgroup()
             for name in interfaces:
                 self._attach_tc(name)
             self._bpf[b"cwl_pa_events"].open_ring_buffer(self._on_record)
@@ -183,6 +196,7 @@ class Engine:
         self._link_cgroup()
 
     def _link_cgroup(self) -> None:
+        assert self.cgroup is not None
         try:
             cg = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
@@ -199,7 +213,10 @@ class Engine:
     def attached(self, on: bool) -> None:
         """Detach (False) or re-attach (True) every program, keeping maps and counts: for benchmarks
         that compare the same traffic with and without Port Authority in interleaved rounds. Either
-        is a no-op when already so (a second detach must not forget where the classifier was)."""
+        is a no-op when already so (a second detach must not forget where the classifier was).
+        Tracepoint backend only: bcc keeps the lsm programs attached until the engine closes."""
+        if self.backend != "tracepoint":
+            raise EnforcementError(f"portauthority/{self.backend}: programs stay attached until close()")
         bpf = self._require()
         if not on and self._links:
             for fd in self._links:

@@ -128,7 +128,7 @@ class Daemon:
         """`policy`: `policy_path` as the caller already loaded it (checked with `controller_key`), for the start;
         `log`: where status lines go (default: sys.stderr as it is when the daemon speaks, JSON lines included);
         `data_dir`: where the policy serial floor lives (a reload to an older serial is refused);
-        `pa_interfaces`: where Port Authority's tc classifier goes (none: only its cgroup programs)."""
+        `pa_interfaces`: where Port Authority's tc classifier goes (none: only its cgroup or LSM programs)."""
         self.policy_path, self.db_path, self.sink = policy_path, db_path, sink
         self.pa_interfaces = tuple(pa_interfaces)
         self.pa: pa_engine.Engine | None = None
@@ -208,17 +208,15 @@ class Daemon:
             self._say(f"cannot record events, enforcement continues unrecorded until a restart: {exc}")
 
     def _start_pa(self, policy: Policy, engine: Engine) -> None:
-        """Port Authority beside PRIMA when the policy has rules and the backend has its programs
-        (PRIMA's `before_labels`: its programs loaded, no label entered yet)."""
+        """Port Authority beside PRIMA, on PRIMA's backend, when the policy has rules (PRIMA's
+        `before_labels`: its programs loaded, no label entered yet)."""
         if not policy.port_authority.rules:
-            return
-        if engine.backend not in pa_engine.BACKENDS:
-            self._say(f"Port Authority rules NOT enforced: no {engine.backend} programs for them yet")
             return
         self.pa = pa_engine.Engine(policy, engine.label_ids(policy), labels_fd=engine.label_map_fd, backend=engine.backend,
                                    interfaces=self.pa_interfaces)
         selfprotect.register(self.pa.bpf, into=engine.bpf)
-        self._say(f"Port Authority: {len(policy.port_authority.rules)} rule(s), cgroup {self.pa.cgroup}, "
+        where = f"cgroup {self.pa.cgroup}" if self.pa.cgroup else "LSM socket hooks"
+        self._say(f"Port Authority ({self.pa.backend}): {len(policy.port_authority.rules)} rule(s), {where}, "
                   f"tc on {', '.join(self.pa_interfaces) or 'no interface'}")
 
     def _answer_alive(self, engine: Engine) -> None:

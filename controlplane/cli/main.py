@@ -39,7 +39,8 @@ def cli(ctx: click.Context, debug: bool, log_format: str) -> None:
     PRIMA (only trusted code under a TP label), CDI protection, an ima-ng
     measurement log extended into a TPM PCR, and quotes a remote verifier
     checks. Port Authority (untrusted network input only to the TP labels its
-    rules name, `cwlite pa`) is enforced on the tracepoint backend, NOT yet on lsm.
+    rules name, `cwlite pa`) is enforced on both backends (lsm: socket hooks;
+    tracepoint: cgroup programs), with a tc classifier on the interfaces named.
 
     \b
     Examples:

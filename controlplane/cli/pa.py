@@ -1,6 +1,7 @@
 """`cwlite pa show|test`: Port Authority's rules in force, and a dry run of its decision."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,7 +9,9 @@ import click
 
 from controlplane.cli.output import emit
 from controlplane.core.policy import load_policy
+from ebpf.probe import probe_lsm
 from portauthority import rules
+from portauthority.engine import HOOKS
 
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 _policy = click.option("--policy", "policy_path", required=True, envvar="CWLITE_POLICY",
@@ -30,8 +33,23 @@ def pa() -> None:
     """
 
 
+def backend_of(requested: str) -> tuple[str, str]:
+    """The backend `cwlite enforce` would run Port Authority on (PRIMA's), and how that is known:
+    the policy's choice, or for "auto" a probe that loads a BPF LSM program (as `cwlite enforce` does)."""
+    if requested != "auto":
+        return requested, "the policy's backend"
+    if os.geteuid() != 0:
+        return "auto", "lsm where BPF LSM programs load, else tracepoint (run as root to probe this kernel)"
+    probe = probe_lsm()
+    if probe.ok:
+        return "lsm", f"auto: {probe.detail}"
+    return "tracepoint", f"auto: BPF LSM unavailable ({probe.detail})"
+
+
 def _show_human(d: dict) -> None:
     click.echo(f"{d['policy']}: {len(d['rules'])} Port Authority rule(s); unlabelled processes: {d['unlabelled']}")
+    hooks = HOOKS.get(d["backend"], "")
+    click.echo(f"  backend: {d['backend']} ({d['backend_why']})" + (f": {hooks}, and tc on --pa-interface" if hooks else ""))
     for r in d["rules"]:
         peers = ", ".join(r["peers"])
         where = f" on {r['address']}" if r["address"] else ""
@@ -45,7 +63,8 @@ def _show_human(d: dict) -> None:
 @_policy
 @_json
 def show(policy_path: Path, as_json: bool) -> None:
-    """The Port Authority rules in force under the policy, and the labels no rule lets receive.
+    """The Port Authority rules in force under the policy, the backend enforcing them, and the labels no
+    rule lets receive.
 
     \b
     Examples:
@@ -53,8 +72,9 @@ def show(policy_path: Path, as_json: bool) -> None:
       cwlite pa show --policy policy.toml --json | jq '.rules[] | select(.port == 3632)'
     """
     pol = load_policy(policy_path)
-    emit({"policy": str(policy_path), "unlabelled": pol.port_authority.unlabelled, "rules": rules.rules_in_force(pol),
-          "labels": sorted(pol.labels)}, as_json, _show_human)
+    backend, why = backend_of(pol.backend)
+    emit({"policy": str(policy_path), "unlabelled": pol.port_authority.unlabelled, "backend": backend,
+          "backend_why": why, "rules": rules.rules_in_force(pol), "labels": sorted(pol.labels)}, as_json, _show_human)
 
 
 def _endpoint(text: str) -> tuple[str, int]:

@@ -67,6 +67,11 @@ class Backend:
     # The tracepoint backend keeps labels in a tgid map user space can list (Lab.labelled_processes);
     # the lsm one in task storage, which it cannot.
     labels_listable: bool
+    # Port Authority: the lsm backend's socket_listen hook refuses a listen on a port no rule names
+    # (a listen without a bind, on a port the kernel picks, included); the tracepoint backend has no
+    # listen hook (cgroup programs see bind, not listen), so such a listener gets its port and
+    # only its input is dropped.
+    pa_judges_listen: bool = False
 
     def mapped_name(self, path: str) -> str:
         """The name a violation on an executable mapping of `path` carries."""
@@ -76,4 +81,4 @@ class Backend:
 TRACEPOINT = Backend("tracepoint", Killed(), (requires(root=True), requires(tool="gcc")),
                      maps_named_by_path=True, labels_listable=True)
 LSM = Backend("lsm", Denied(), (requires(root=True), requires(lsm="bpf"), requires(tool="gcc")),
-              maps_named_by_path=False, labels_listable=False)
+              maps_named_by_path=False, labels_listable=False, pa_judges_listen=True)

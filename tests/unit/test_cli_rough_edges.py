@@ -204,7 +204,7 @@ def test_top_level_help_says_where_port_authority_works(capsys) -> None:
     rc, out, _ = run(capsys, "--help")
     assert rc == 0
     text = " ".join(out.split())
-    assert "is enforced on the tracepoint backend, NOT yet on lsm" in text
+    assert "is enforced on both backends (lsm: socket hooks; tracepoint: cgroup programs)" in text
 
 
 def test_readme_trust_set_names_are_ones_the_policy_and_the_db_accept(tmp_path: Path) -> None:

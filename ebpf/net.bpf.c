@@ -16,6 +16,8 @@
  * recvmsg4/6 cannot refuse (the kernel wants 1 from them): receiving is cgroup_skb's.
  *
  * Programs of the lsm backend (LSM_PROBE, attached by bcc at load; each keeps an earlier deny):
+ *   socket_create        -EPERM for a socket no program here can judge (AF_PACKET) by a labelled
+ *                        process (cwl_pa_decide_socket)
  *   socket_post_create   a labelled process's new socket carries its label (sk storage, as above)
  *   socket_bind          -EPERM unless a rule opens the port (the sockaddr the caller gave)
  *   socket_listen        -EPERM unless a listen rule names the bound port (a listen without a
@@ -25,6 +27,8 @@
  *                        it was judged on its way in by socket_sock_rcv_skb
  *   socket_connect       -EPERM unless a connect rule names the peer
  *   socket_sendmsg       a datagram (or TCP fast open) to an address: as connect
+ *   file_receive         -EPERM for a network socket passed in (SCM_RIGHTS, pidfd_getfd) to a
+ *                        labelled process (cwl_pa_decide_hold)
  *   socket_sock_rcv_skb  a packet reaching a labelled socket (softirq: the label is the
  *                        socket's, stamped by the hooks above) is dropped unless a rule lets it in
  * Both backends:
@@ -200,6 +204,45 @@ static __always_inline void cwl_pa_listener(const struct cwl_pa_query *q, u32 ru
 	cwl_pa_events.ringbuf_submit(e, 0);
 }
 
+/* A refusal of what a labelled process did itself (op, why: a decision other than NONE), counted
+ * as `action` (the backend's: killed or denied). 1: enforce it; 0: the rule set is in audit mode
+ * (counted as allowed). */
+static __always_inline int cwl_pa_refuse(u32 label, u8 op, u32 why, u8 action)
+{
+	struct cwl_pa_query q;
+	struct cwl_pa_verdict v = {.allowed = 0, .rule = 0, .why = why};
+	const struct cwl_pa_set *set = cwl_pa_live();
+
+	__builtin_memset(&q, 0, sizeof(q));
+	q.label = label;
+	q.op = op;
+	if (set && !set->enforce) {
+		cwl_pa_count(&q, &v, CWL_ACT_ALLOWED, op);
+		return 0;
+	}
+	cwl_pa_count(&q, &v, action, op);
+	return 1;
+}
+
+#define CWL_S_IFMT 0170000        /* inode.i_mode file type (uapi linux/stat.h) */
+#define CWL_S_IFSOCK 0140000
+
+/* The address family of the socket open as `file` (0: not a socket). */
+static __always_inline u32 cwl_pa_file_family(const void *file)
+{
+	const void *inode = 0, *sock = 0, *sk = 0;
+	u16 mode = 0, family = 0;
+
+	if (!file || CWL_READ(inode, file, CWL_OFF_FILE_F_INODE) || !inode || CWL_READ(mode, inode, CWL_OFF_INODE_I_MODE))
+		return 0;
+	if ((mode & CWL_S_IFMT) != CWL_S_IFSOCK)
+		return 0;
+	if (CWL_READ(sock, file, CWL_OFF_FILE_PRIVATE_DATA) || !sock || CWL_READ(sk, sock, CWL_OFF_SOCKET_SK) || !sk)
+		return 0;
+	CWL_READ(family, sk, CWL_OFF_SOCK_SKC_FAMILY);
+	return family;
+}
+
 #ifdef CWL_BACKEND_TP
 static __always_inline u8 cwl_pa_proto_of(u32 protocol, u32 type)
 {
@@ -224,16 +267,13 @@ static __always_inline void cwl_pa_addr_query(struct bpf_sock_addr *ctx, struct 
 	if (!v6) {
 		q->family = CWL_PA_INET;
 		addr[0] = ctx->user_ip4;
-	} else if (ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 && ctx->user_ip6[2] == bpf_htonl(0xffff)) {
-		/* ::ffff:a.b.c.d: IPv4 on the wire and in cgroup_skb's view of its packets, so judged as a.b.c.d */
-		q->family = CWL_PA_INET;
-		addr[0] = ctx->user_ip6[3];
 	} else {
 		q->family = CWL_PA_INET6;
 		addr[0] = ctx->user_ip6[0];
 		addr[1] = ctx->user_ip6[1];
 		addr[2] = ctx->user_ip6[2];
 		addr[3] = ctx->user_ip6[3];
+		cwl_pa_unmap(&q->family, addr);
 	}
 	if (op == CWL_PA_OP_BIND)
 		q->lport = port;
@@ -271,24 +311,12 @@ int pa_connect6(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA
 int pa_sendmsg4(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA_OP_SEND, 0); }
 int pa_sendmsg6(struct bpf_sock_addr *ctx) { return cwl_pa_addr_hook(ctx, CWL_PA_OP_SEND, 1); }
 
-/* The tracepoint backend's refusal of what a labelled process did itself (op, why: a decision
- * other than NONE): counted, and SIGKILL before it returns to user code unless the rule set is
- * in audit mode (as PRIMA's kills). */
+/* Refuse what a labelled process did itself (op, why: a decision other than NONE) by SIGKILL before
+ * it returns to user code, unless the rule set is in audit mode (as PRIMA's kills). */
 static __always_inline void cwl_pa_kill(u32 label, u8 op, u32 why)
 {
-	struct cwl_pa_query q;
-	struct cwl_pa_verdict v = {.allowed = 0, .rule = 0, .why = why};
-	const struct cwl_pa_set *set = cwl_pa_live();
-
-	__builtin_memset(&q, 0, sizeof(q));
-	q.label = label;
-	q.op = op;
-	if (set && !set->enforce) {
-		cwl_pa_count(&q, &v, CWL_ACT_ALLOWED);
-		return;
-	}
-	cwl_pa_count(&q, &v, CWL_ACT_KILLED);
-	bpf_send_signal(9 /* SIGKILL */);
+	if (cwl_pa_refuse(label, op, why, CWL_ACT_KILLED))
+		bpf_send_signal(9 /* SIGKILL */);
 }
 
 /* socket(2) by a labelled process of a family Port Authority cannot judge (AF_PACKET): killed at
@@ -306,26 +334,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_socket)
 }
 
 /* ---- sockets made outside the label: kept across the exec into it, or taken ------------------- */
-#define CWL_S_IFMT 0170000        /* inode.i_mode file type (uapi linux/stat.h) */
-#define CWL_S_IFSOCK 0140000
-
 BPF_HASH(cwl_pa_exec_from, u32, u32, CWL_PA_PENDING_MAX); /* tgid -> its label when it called execve */
-
-/* The address family of the socket open as `file` (0: not a socket). */
-static __always_inline u32 cwl_pa_file_family(const void *file)
-{
-	const void *inode = 0, *sock = 0, *sk = 0;
-	u16 mode = 0, family = 0;
-
-	if (!file || CWL_READ(inode, file, CWL_OFF_FILE_F_INODE) || !inode || CWL_READ(mode, inode, CWL_OFF_INODE_I_MODE))
-		return 0;
-	if ((mode & CWL_S_IFMT) != CWL_S_IFSOCK)
-		return 0;
-	if (CWL_READ(sock, file, CWL_OFF_FILE_PRIVATE_DATA) || !sock || CWL_READ(sk, sock, CWL_OFF_SOCKET_SK) || !sk)
-		return 0;
-	CWL_READ(family, sk, CWL_OFF_SOCK_SKC_FAMILY);
-	return family;
-}
 
 /* Refuse holding a socket of `family` under `label` (cwl_pa_kill). 1: refused. */
 static __always_inline int cwl_pa_check_hold(u32 label, u32 family)
@@ -517,6 +526,7 @@ int pa_ingress(struct __sk_buff *skb)
 
 #else /* CWL_BACKEND_LSM */
 struct socket;
+struct file;
 struct sock;
 struct sk_buff;
 struct msghdr;
@@ -584,6 +594,7 @@ static __always_inline int cwl_pa_sockaddr(const void *sa, int len, struct cwl_p
 		q->family = CWL_PA_INET6;
 		if (bpf_probe_read_kernel(&port, 2, (const char *)sa + 2) || bpf_probe_read_kernel(addr, 16, (const char *)sa + 8))
 			return 0;
+		cwl_pa_unmap(&q->family, addr);
 	} else {
 		return 0;
 	}
@@ -630,6 +641,39 @@ LSM_PROBE(socket_post_create, struct socket *sock, int family, int type, int pro
 		return ret;
 	if (!kern) /* a kernel socket made on the process's behalf is not its own */
 		cwl_pa_stamp(cwl_pa_sock_of(sock), cwl_pa_task_label());
+	return 0;
+}
+
+/* socket(2) of a family Port Authority cannot judge (AF_PACKET) by a labelled process: -EPERM
+ * before the socket exists (cwl_pa_decide_socket, as sys_enter_socket on the tracepoint side). */
+LSM_PROBE(socket_create, int family, int type, int protocol, int kern, int ret)
+{
+	u32 label, why;
+
+	if (ret || kern)
+		return ret;
+	label = cwl_pa_task_label();
+	why = cwl_pa_decide_socket(label, (u32)family);
+	if (why != CWL_PA_WHY_NONE && cwl_pa_refuse(label, CWL_PA_OP_SOCKET, why, CWL_ACT_DENIED))
+		return -CWL_EPERM;
+	return 0;
+}
+
+/* A descriptor arriving from another process (SCM_RIGHTS, pidfd_getfd: security_file_receive): a
+ * network socket made outside the label is refused (cwl_pa_decide_hold), as the tracepoint side's
+ * recvmsg/pidfd_getfd exits do. */
+LSM_PROBE(file_receive, struct file *file, int ret)
+{
+	u32 label, why;
+
+	if (ret)
+		return ret;
+	label = cwl_pa_task_label();
+	if (!label)
+		return 0;
+	why = cwl_pa_decide_hold(label, cwl_pa_file_family(file));
+	if (why != CWL_PA_WHY_NONE && cwl_pa_refuse(label, CWL_PA_OP_HOLD, why, CWL_ACT_DENIED))
+		return -CWL_EPERM;
 	return 0;
 }
 

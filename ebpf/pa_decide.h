@@ -31,6 +31,25 @@
 
 #include "cwlite.h"
 
+/* An IPv6 address that is IPv4-mapped (::ffff:a.b.c.d) is IPv4 on the wire and in every per-packet
+ * view (cgroup_skb, tc, sock_rcv_skb): judge it as a.b.c.d. `*family` CWL_PA_INET6 on entry.
+ * Branch-free (masks, and an empty asm so LLVM cannot turn them back into a select): a branch
+ * here would double the paths the verifier walks through the rule loop after it, which 6.1's
+ * LSM socket_connect program cannot afford. */
+static __always_inline void cwl_pa_unmap(u8 *family, u32 *addr)
+{
+	u32 x = addr[0] | addr[1] | (addr[2] ^ bpf_htonl(0xffff));
+	u32 mapped = ((x | (0u - x)) >> 31) ^ 1; /* 1: x == 0 */
+	u32 all;
+
+	asm volatile("" : "+r"(mapped));
+	all = 0u - mapped;                       /* all ones when mapped */
+	*family = (u8)(CWL_PA_INET6 - (mapped * (CWL_PA_INET6 - CWL_PA_INET)));
+	addr[0] ^= (addr[0] ^ addr[3]) & all;
+	addr[2] &= ~all;
+	addr[3] &= ~all;
+}
+
 /* The bits by which `addr` (family `family`) falls outside network `n`: 0 = inside. */
 static __always_inline u32 cwl_pa_net_diff(const struct cwl_pa_net *n, u8 family, const u32 *addr)
 {

@@ -6,8 +6,8 @@ sendmsg4/6 and cgroup_skb ingress on the root cgroup (`cgroup`), each attached t
 BPF link (the attachment dies with the daemon, as bcc's tracepoints do), and the syscall
 tracepoints bcc attaches itself (socket, execve/execveat, recvmsg, pidfd_getfd: a packet socket
 or a socket made outside the label reaching a TP); -DCWL_BACKEND_LSM (lsm) — LSM
-socket_post_create, socket_bind, socket_listen, socket_accept, socket_connect, socket_sendmsg
-and socket_sock_rcv_skb, attached by bcc at load. On both, a tc clsact ingress classifier on
+socket_create, socket_post_create, socket_bind, socket_listen, socket_accept, socket_connect,
+socket_sendmsg, socket_sock_rcv_skb and file_receive, attached by bcc at load. On both, a tc clsact ingress classifier on
 each of `interfaces`, attached with pyroute2 (it reads no label, so it is the same program
 under both backends) and checked every interval (a removed classifier or one that no longer
 runs first is a violation entry; a removed one is attached again).
@@ -57,8 +57,8 @@ SOURCE = "net.bpf.c"
 BACKENDS = {"tracepoint": "-DCWL_BACKEND_TP", "lsm": "-DCWL_BACKEND_LSM"}
 # What each variant's programs are (`cwlite pa show`); the tc classifier comes on top on both.
 HOOKS = {"tracepoint": "cgroup sock_create, bind4/6, connect4/6, sendmsg4/6 and cgroup_skb ingress (EPERM/drop)",
-         "lsm": "LSM socket_post_create, socket_bind, socket_listen, socket_accept, socket_connect, "
-                "socket_sendmsg and socket_sock_rcv_skb (EPERM/drop)"}
+         "lsm": "LSM socket_create, socket_post_create, socket_bind, socket_listen, socket_accept, socket_connect, "
+                "socket_sendmsg, socket_sock_rcv_skb and file_receive (EPERM/drop)"}
 COUNT_MAX = 4096         # distinct refusal keys per interval before they are counted as lost
 PENDING_MAX = 65536      # labelled threads inside execve or recvmsg at once (net.bpf.c's syscall state)
 RINGBUF_PAGES = 16

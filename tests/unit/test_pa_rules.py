@@ -107,7 +107,7 @@ def test_cli_show_and_test(pol, tmp_path: Path, capsys) -> None:
     pinned = tmp_path / "pa-lsm.toml"
     pinned.write_text('backend = "lsm"\n' + POLICY)
     assert main(["pa", "show", "--policy", str(pinned)]) == 0
-    assert "backend: lsm (the policy's backend): LSM socket_post_create, socket_bind" in capsys.readouterr().out
+    assert "backend: lsm (the policy's backend): LSM socket_create, socket_post_create, socket_bind" in capsys.readouterr().out
     assert main(["pa", "test", "tp_build", "tcp/3632", "--from", "10.1.2.3", "--policy", str(path)]) == 0
     assert capsys.readouterr().out.startswith("allowed by port_authority.rules[0]")
     with pytest.raises(SystemExit) as info:

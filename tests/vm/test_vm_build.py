@@ -3,7 +3,7 @@
 The host is the demo slice (tracepoint enforcement + swtpm + HTTPS service, enrolled as HOST); the
 Build VM is Debian's kernel under qemu with its own vTPM, running `cwlite serve --enforce --backend lsm`
 before its distccd (label tp_distcc; the policy's Port Authority rule names only tp_distcc on 3632, which is
-what the controller checks: the guest's lsm engine does not enforce Port Authority rules yet). The host forwards
+what the controller checks, and what the guest's lsm Port Authority enforces). The host forwards
 the VM's attestation and distccd ports to loopback. The hosts file says "this host is VM vm-build,
 verify it via HOST" (`[hosts.vm]`), so every round is `verify vm-build --via HOST`: the host's quote and
 log, its record of the VM's boot parts and vTPM, then the VM's quote by that vTPM's AK and its log.
@@ -41,6 +41,7 @@ from controlplane.core import proof as proof_mod
 from controlplane.core.events import EventKind
 from controlplane.core.keys import load_signing_key
 from controlplane.core.policy import load_policy
+from controlplane.host import vmv
 from controlplane.verifier import chain
 from controlplane.verifier.judge import Reference
 from prima.measuredb import MeasureDB
@@ -56,12 +57,7 @@ pytestmark = [requires(root=True, tool="qemu-system-x86_64"), requires(tool="swt
 
 VM = "vm-build"
 PLANT_ROOT = Path("/mnt")
-VM_POLICY = CHAIN_POLICY + """
-[[port_authority.rules]]
-port = 3632
-protocol = "tcp"
-labels = ["tp_distcc"]
-"""
+VM_POLICY = CHAIN_POLICY   # its Port Authority rule lets only tp_distcc listen on 3632
 HOSTS = """\
 [[hosts]]
 name = "{vm}"
@@ -75,6 +71,7 @@ kernel = "{kernel}"
 cmdline = {cmdline}
 host_policy = "{host_policy}"
 host_db = "{host_db}"
+initrd = "{initrd}"
 """
 
 
@@ -113,6 +110,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     build(db, from_dpkg=list(TOOLCHAIN), deps=True, trust_set="build",
           note="the Build VM's distccd, gcc-12, binutils and their libraries")
     kernel = find_kernel()
+    initrd = vm_dir / "initrd.img"
+    vmv.build_initrd(kernel, initrd)           # the verifier's reference, built apart from the VM's copy
     # First on the VM's distccd PATH; empty until test 2. Not under /tmp: virtme-ng overlays /tmp, /usr, /var, ...
     # in the guest, and a file added to an overlay's lower layer after the guest looked the name up may stay
     # unseen (overlayfs: lower layers changed while mounted are undefined); /mnt is the host's root over 9p.
@@ -132,7 +131,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 hosts = work / "hosts.toml"
                 hosts.write_text(HOSTS.format(vm=VM, port=facts["distcc_port"], host=HOST, kernel=kernel,
                                               cmdline=json.dumps(facts["cmdline"]), host_policy=layout.verifier_policy,
-                                              host_db=layout.verifier_db))
+                                              host_db=layout.verifier_db, initrd=initrd))
                 yield Site(layout, demo, work, policy, db, hosts, plant)
             finally:
                 cwlite("vm", "down", VM, "--data-dir", str(layout.host_dir), timeout=120)

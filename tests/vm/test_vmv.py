@@ -52,6 +52,11 @@ trust_sets = ["build"]
 [labels.tp_distcc]
 entrypoints = ["/usr/bin/distccd"]
 trust_set = "build"
+
+[[port_authority.rules]]
+port = 3632
+protocol = "tcp"
+labels = ["tp_distcc"]
 """
 
 

@@ -33,7 +33,7 @@ IMA_GUEST_DIR = "tests/vm/guest_ima"
 # guest folder -> kernel command line of its boot
 SUITES = {GUEST_DIR: DEFAULT_APPEND, IMA_GUEST_DIR: f"{DEFAULT_APPEND} ima_policy=tcb"}
 VM_TIMEOUT = 1800.0  # the guest suite (PRIMA and Port Authority on lsm): ~12 min idle, more under load
-IMA_VM_TIMEOUT = 900.0  # the kernel-IMA suite's own boot: ima_policy=tcb hashes every file root reads (one
+IMA_VM_TIMEOUT = 1800.0  # the kernel-IMA suite's own boot: ima_policy=tcb hashes every file root reads (one
                         # guest test: 14 min 20 s under load average 15, boot 250 s of it; ~65 s boots idle)
 DEB_TIMEOUT = 2400.0  # `make deb` when build/deb has none: ~1 min idle, ~7 min under load (pip, cffi, xz)
 # The guest's /tmp is an overlay of 9p and tmpfs, where stat() and the kernel

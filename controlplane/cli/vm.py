@@ -67,6 +67,8 @@ def up(name: str, data_dir: Path, kernel: Path | None, initrd: Path | None, poli
 
     Needs `cwlite serve` running on the same --data-dir (it holds the host's
     measurement log). Started again after `vm down`, the VM keeps its vTPM.
+    The measured command line is the one the guest kernel gets (`vm list
+    --json`'s cmdline is its /proc/cmdline).
     """
     say = (lambda line: click.echo(line, err=True))
     facts = vmv.up(data_dir, name, kernel=kernel, initrd=initrd, policy=policy, db=db, workload=workload,
@@ -159,6 +161,8 @@ def _answers(port: int) -> bool:
 def guest_init(policy: Path, db: Path, pcr: int, port: int, workload: str) -> None:
     """In the VM, first: enforcement + attestation service, then (only then) the workload."""
     print(vmv.BOOTED_MARK, flush=True)
+    # what the kernel was booted with: the host measured this very string (`vm list --json`'s cmdline)
+    print(f"{vmv.CMDLINE_MARK} {Path('/proc/cmdline').read_text().rstrip(chr(10))}", flush=True)
     _configure_network()
     print(f"[cwlite-vm] the host root read-only, direct (overlays taken away: {' '.join(vmv.uncover_host_root()) or '-'})",
           flush=True)

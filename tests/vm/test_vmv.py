@@ -5,9 +5,10 @@ control socket `vm up` records through); the VM is Debian's kernel under qemu
 (software emulation) over the host's root, with its own swtpm vTPM, running
 `cwlite serve --enforce --backend lsm` before its distccd workload. Every boot
 costs one to several minutes here, so the module boots ONCE for the
-chain, the early-start, the swapped-reference cases (kernel, initrd, policy)
-and the TP's untrusted exec (which leaves the VM untrusted), and once more for
-the restart; the copied-vTPM refusal needs no boot.
+chain, the early-start, the measured cmdline (the guest's /proc/cmdline), the
+swapped-reference cases (kernel, initrd, policy) and the TP's untrusted exec
+(which leaves the VM untrusted), and once more for the restart; the
+copied-vTPM refusal needs no boot.
 """
 from __future__ import annotations
 
@@ -101,6 +102,30 @@ class Site:
             host_ref.db.close()
             vm_ref.db.close()
 
+    def console(self) -> str:
+        out = cwlite("vm", "logs", VM, "--data-dir", str(self.data))
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def guest_cmdline(self) -> str:
+        """What the guest's guest-init read from /proc/cmdline, as it printed it."""
+        seen = [line.split(vmv.CMDLINE_MARK + " ", 1)[1] for line in self.console().splitlines()
+                if line.startswith(vmv.CMDLINE_MARK + " ")]
+        assert len(seen) == 1, seen
+        return seen[0]
+
+    def host_entry(self, part: str) -> bytes:
+        """The digest of the host log's last vm-part entry for `part` of this VM."""
+        return [e.digest for e in self.demo.running.log.entries(0)
+                if e.name == f"cwlite:vm-part:-:{part}:{VM}"][-1]
+
+    def qemu(self) -> list[str]:
+        """The running qemu's argv (the VM's, by its directory)."""
+        root = str(vmv.VmDir(self.data.resolve(), VM).root)
+        found = [argv for argv in _cmdlines() if argv and "qemu-system" in argv[0] and root in " ".join(argv)]
+        assert len(found) == 1, found
+        return found[0]
+
 
 def _cmdlines() -> Iterator[list[str]]:
     for proc in Path("/proc").iterdir():
@@ -151,9 +176,20 @@ def test_vm_up_measures_then_boots_and_reports_progress(site: Site) -> None:
     # the host's committed log holds exactly those entries, in its PCR
     names = [e.name for e in site.demo.running.log.entries(0)]
     assert f"cwlite:vm-part:-:kernel:{VM}" in names and any(n.startswith(f"cwlite:vm-vtpm:-:create:{VM},") for n in names)
-    console = cwlite("vm", "logs", VM, "--data-dir", str(site.data))
-    text = console.stdout
+    text = site.console()
     assert text.index(vmv.BOOTED_MARK) < text.index(vmv.ENFORCING_MARK) < text.index(vmv.READY_MARK)
+
+
+def test_the_measured_cmdline_is_the_guests_proc_cmdline(site: Site) -> None:
+    """The exact string the guest kernel got (virtme-ng's overlay list and init path included) is what
+    `vm list` shows, what the running qemu's -append holds, and what the host log's cmdline entry measures."""
+    guest = site.guest_cmdline()
+    assert guest == site.facts()["cmdline"]
+    argv = site.qemu()
+    assert argv[argv.index("-append") + 1] == guest
+    assert site.host_entry("cmdline") == cmdline_digest(guest)
+    # virtme-ng's own additions are in it: its init path and overlays, and the guest command (base64)
+    assert "virtme_rw_overlay0=" in guest and "init=" in guest and "virtme.exec=" in guest
 
 
 def test_trusted_through_the_host_chain_and_enforcing_before_the_workload(site: Site) -> None:
@@ -184,9 +220,8 @@ def test_trusted_through_the_host_chain_and_enforcing_before_the_workload(site: 
     vm = vmv.VmDir(site.data.resolve(), VM)
     assert via["parts"]["initrd"]["digest"] == vmv.sha256_file(vm.initrd).hex() == vmv.sha256_file(site.initrd).hex()
     assert via["parts"]["initrd"]["digest"] != NO_PART.hex()
-    qemu = [argv for argv in _cmdlines() if argv and "qemu-system" in argv[0] and str(vm.root) in " ".join(argv)]
-    assert len(qemu) == 1
-    assert [qemu[0][i + 1] for i, a in enumerate(qemu[0]) if a == "-initrd"][-1] == str(vm.initrd)
+    qemu = site.qemu()
+    assert [qemu[i + 1] for i, a in enumerate(qemu) if a == "-initrd"] == [str(vm.initrd)]
     proof_mod.check_quote(doc)
     proof_mod.check_quote(host_doc)
 

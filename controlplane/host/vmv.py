@@ -1,7 +1,7 @@
 """The VM Verifier (VMV) on the host: boot a Build VM from measured parts with its own vTPM, and vouch for it.
 
-`up` copies the boot parts (kernel, initrd, policy, measurement DB) into the
-VM's directory `<data>/vms/NAME/` (what
+`up` copies the boot parts (kernel, initrd, policy, measurement DB, and with
+--disk the root disk image) into the VM's directory `<data>/vms/NAME/` (what
 is measured is what boots: qemu reads these copies, never the caller's files;
 without --initrd the initrd is virtme-ng's own initramfs, built once per
 kernel by `build_initrd` and booted in place of the one virtme-ng makes at
@@ -16,6 +16,12 @@ Only then does it start the supervisor: a background process (own session,
 pidfile `supervisor.pid`) that runs the vTPM's swtpm and qemu (software
 emulation; KVM when /dev/kvm works) with the VM's attestation and distccd
 ports forwarded to loopback, and writes the console to `console.log`.
+
+A VM booted from a disk image (`vm up --disk`, an image `cwlite vm image`
+builds) has the image as its root, attached read-only (qemu `readonly=on`),
+a fresh writable scratch disk per boot mounted on the guest's /tmp, and sees
+of the host only what virtme-ng exports (its guest tools, the kernel's
+modules) and the VM's policy and DB (`share/`, read-only at GUEST_SHARE).
 
 A vTPM state is reused only when this host's own record (`<data>/vm-records/
 NAME.json`, outside the VM's directory) names the same EK and AK: a state
@@ -41,7 +47,7 @@ from typing import Callable, Sequence
 from controlplane.core.atomic import write_atomic
 from controlplane.core.errors import VmError
 from controlplane.core.policy import load_policy
-from controlplane.core.vmrecord import VmRecord, check_vm_name, cmdline_digest
+from controlplane.core.vmrecord import VmRecord, check_vm_name, cmdline_digest, sha256_file
 from controlplane.host import control
 from controlplane.host.swtpm import STATE_FILE, Swtpm
 from controlplane.host.tpm import Tpm
@@ -64,15 +70,16 @@ GUEST_SCRATCH = ("/tmp", "/var")
 GUEST_HIDDEN = ("/run", "/var/tmp", "/var/log", "/var/cache", "/var/lib/apt", "/var/lib/sudo", "/var/lib/private",
                 "/dev")
 CMDLINE_MARK = "[cwlite-vm] /proc/cmdline:"
+# a VM booted from a disk image: its cwlite (the Debian package's launcher), where it sees the VM's policy and DB
+# (a directory of the image, under no overlay virtme-ng mounts), and its scratch disk (virtio-blk serial)
+GUEST_CWLITE = "/usr/bin/cwlite"
+GUEST_SHARE = "/mnt/cwlite-vm"
+SCRATCH_SERIAL = "cwlite-scratch"
+SCRATCH_SIZE = 4 << 30            # sparse: a fresh ext4 each boot, mounted on the guest's /tmp
+ROOT_FSTYPE = "ext4"
 KERNEL_CMDLINE_SIZE = 2048       # x86's COMMAND_LINE_SIZE (arch/x86/include/uapi/asm/setup.h), the NUL included
 _SWTPM_WAIT = 10.0
 _GRACE = 10.0
-
-
-def sha256_file(path: Path) -> bytes:
-    """SHA-256 of a boot part's bytes (what the host log records for it)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,9 @@ class VmDir:
 
     kernel = property(lambda self: self.root / "kernel")
     initrd = property(lambda self: self.root / "initrd")
+    disk = property(lambda self: self.root / "disk.img")                # the root disk image (vm up --disk)
+    scratch = property(lambda self: self.root / "scratch.img")          # the disk VM's writable scratch disk
+    share = property(lambda self: self.root / "share")                  # policy and DB as a disk VM's guest sees them
     qemu_argv = property(lambda self: self.root / "qemu.json")          # the qemu argv the supervisor runs
     tpm_socket = property(lambda self: self.vtpm / "qemu.sock")
     guest_rc = property(lambda self: self.root / "guest.rc")            # the guest command's exit status
@@ -117,6 +127,7 @@ class VmConfig:
     workload: str
     python: str
     memory: str = "1G"
+    disk: bool = False            # booted from a disk image (vm up --disk), not over the host's root
 
     @classmethod
     def read(cls, path: Path) -> "VmConfig":
@@ -128,10 +139,15 @@ class VmConfig:
             raise VmError(f"{path}: not a VM config ({exc})", reason="usage") from exc
 
     def guest_command(self) -> str:
-        """The guest's first command: cwlite's early start (enforcement + service), then the workload."""
-        return shlex.join([self.python, "-m", "controlplane.cli", "vm", "guest-init", "--policy", f"{self.root}/policy.toml",
-                           "--db", f"{self.root}/measure.db", "--pcr", str(VM_PCR), "--port", str(GUEST_PORT),
-                           "--workload", self.workload])
+        """The guest's first command: cwlite's early start (enforcement + service), then the workload. Over the
+        host's root it is this cwlite (the same Python, the VM's files at their host paths); from a disk image,
+        the image's own cwlite, its scratch disk and the VM's files at GUEST_SHARE."""
+        if self.disk:
+            head, files = [GUEST_CWLITE, "vm", "guest-init", "--root", "disk", "--scratch", SCRATCH_SERIAL], GUEST_SHARE
+        else:
+            head, files = [self.python, "-m", "controlplane.cli", "vm", "guest-init"], self.root
+        return shlex.join([*head, "--policy", f"{files}/policy.toml", "--db", f"{files}/measure.db",
+                           "--pcr", str(VM_PCR), "--port", str(GUEST_PORT), "--workload", self.workload])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -231,6 +247,8 @@ def measure(vm: VmDir, cfg: VmConfig, ek: bytes, ak: bytes) -> VmRecord:
         "cmdline": cmdline_digest(boot_cmdline(vm)),
         "policy": load_policy(vm.policy).digest(),
     }
+    if cfg.disk:
+        parts["disk"] = sha256_file(vm.disk)
     return VmRecord(vm.name, parts, hashlib.sha256(ek).digest(), hashlib.sha256(ak).digest(), VM_PCR,
                     cfg.attest_port)
 
@@ -246,17 +264,20 @@ def _tool_env(tool: Path) -> dict[str, str]:
     return dict(os.environ, PATH=f"{tool.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
 
 
-def build_initrd(kernel: Path, out: Path) -> None:
-    """virtme-ng's initramfs for `kernel` (its busybox init and the kernel's virtio, 9p and overlay modules)
-    written to `out`. virtme-ng makes the same one at every boot into a temporary file nobody measured; built
-    here once, it is measured and booted instead. Deterministic: the same kernel, modules, busybox and
-    virtme-ng give the same bytes, so a verifier can rebuild its reference (`cwlite vm initrd`)."""
+def build_initrd(kernel: Path, out: Path, *, disk: bool = False) -> None:
+    """virtme-ng's initramfs for `kernel` (its busybox init and the kernel's virtio, 9p and overlay modules;
+    with `disk`, the one that mounts a root disk: virtio_blk and ext4 too) written to `out`. virtme-ng makes
+    the same one at every boot into a temporary file nobody measured; built here once, it is measured and
+    booted instead. Deterministic: the same kernel, modules, busybox and virtme-ng give the same bytes, so a
+    verifier can rebuild its reference (`cwlite vm initrd [--disk]`)."""
     run = _venv_tool("virtme-run")
     tmp = out.with_name(out.name + ".new")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()                            # virtme-run creates it exclusively
     argv = [str(run), "--kimg", str(kernel), "--mods", "auto", "--force-9p", "--overlay-rwdir", "/tmp",
             "--disable-microvm", "--dry-run", "--save-initramfs", str(tmp)]
+    if disk:        # the image itself plays no part in the initramfs: any existing file names the root disk
+        argv += ["--root-disk", "/dev/null", "--root-fstype", ROOT_FSTYPE]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, env=_tool_env(run), timeout=300,
                               stdin=subprocess.DEVNULL)
@@ -269,35 +290,48 @@ def build_initrd(kernel: Path, out: Path) -> None:
 
 
 def up(data_dir: Path, name: str, *, kernel: Path | None, policy: Path | None,
-       db: Path | None, initrd: Path | None = None, workload: str | None = None, timeout: float = 1800.0,
-       say: Callable[[str], None] = print) -> dict:
-    """Measure, vouch, boot and wait until the VM's enforcement and attestation service run; its facts."""
+       db: Path | None, initrd: Path | None = None, disk: Path | None = None, host_root: bool = False,
+       workload: str | None = None, timeout: float = 1800.0, say: Callable[[str], None] = print) -> dict:
+    """Measure, vouch, boot and wait until the VM's enforcement and attestation service run; its facts.
+    `disk`: boot from this root disk image (read-only) instead of the host's root; a VM keeps the root it was
+    made with unless `disk` or `host_root` says otherwise."""
     vm = VmDir(Path(data_dir).resolve(), check_vm_name(name))
-    hidden = [h for h in GUEST_HIDDEN if vm.root.is_relative_to(h)]
-    if hidden:
-        raise VmError(f"{vm.root}: under {hidden[0]}, which the guest sees as an empty tmpfs (virtme-ng): "
-                      "use another --data-dir", reason="usage", vm=name)
+    if disk is not None and host_root:
+        raise VmError(f"VM {name}: --disk and --host-root name two roots: give one", reason="usage", vm=name)
     if running_pid(vm) is not None:
         raise VmError(f"VM {name}: already running (pid {running_pid(vm)}); `cwlite vm down {name}` first",
                       reason="running", vm=name)
     fresh = not vm.config.exists()
     if fresh and (kernel is None or policy is None or db is None):
         raise VmError(f"VM {name}: a new VM needs --kernel, --policy and --db", reason="usage", vm=name)
-    vm.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     old = VmConfig.read(vm.config) if not fresh else None
+    on_disk = disk is not None or (old is not None and old.disk and not host_root)
+    hidden = [h for h in GUEST_HIDDEN if vm.root.is_relative_to(h)]
+    if hidden and not on_disk:
+        raise VmError(f"{vm.root}: under {hidden[0]}, which the guest sees as an empty tmpfs (virtme-ng): "
+                      "use another --data-dir", reason="usage", vm=name)
+    vm.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     cfg = VmConfig(name=name, root=str(vm.root),
                    attest_port=old.attest_port if old else _free_port(),
                    distcc_port=old.distcc_port if old else _free_port(),
                    workload=workload or (old.workload if old else DEFAULT_WORKLOAD),
-                   python=sys.executable)
+                   python=sys.executable, disk=on_disk)
     ek, ak, op = prepare_vtpm(vm, say)
     for src, dst, what in ((kernel, vm.kernel, "kernel"), (policy, vm.policy, "policy"), (db, vm.db, "db")):
         _install(src, dst, what)
+    if on_disk:
+        if disk is not None:
+            say(f"disk {vm.disk}: copying the root disk image ({disk.stat().st_size >> 20} MiB)")
+        _install(disk, vm.disk, "disk")
+        vm.share.mkdir(exist_ok=True, mode=0o755)           # what the guest sees of the VM's files
+        for f in (vm.policy, vm.db):
+            _install(f, vm.share / f.name, f.stem)
     if initrd is not None:
         _install(initrd, vm.initrd, "initrd")
-    elif kernel is not None or not vm.initrd.exists():     # a new kernel needs its own modules
-        say(f"initrd {vm.initrd}: building virtme-ng's initramfs for the kernel")
-        build_initrd(vm.kernel, vm.initrd)
+    elif kernel is not None or not vm.initrd.exists() or (old is not None and old.disk != on_disk):
+        say(f"initrd {vm.initrd}: building virtme-ng's initramfs for the kernel"
+            + (" (root disk)" if on_disk else ""))       # a new kernel needs its own modules; a disk root its own init
+        build_initrd(vm.kernel, vm.initrd, disk=on_disk)
     load_policy(vm.policy)                   # a policy the guest would refuse is refused before anything is logged
     write_atomic(vm.config, json.dumps(asdict(cfg), sort_keys=True, indent=1).encode(), mode=0o644)
     say("qemu command line: asking virtme-ng (vng --dry-run)")
@@ -313,7 +347,8 @@ def up(data_dir: Path, name: str, *, kernel: Path | None, policy: Path | None,
     supervisor = subprocess.Popen([sys.executable, "-m", "controlplane.host.vmv", "supervise", str(vm.root)],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True, cwd="/")
-    say(f"booting {name} (qemu, {'KVM' if kvm_usable() else 'software emulation'}); console {vm.console}")
+    say(f"booting {name} (qemu, {'KVM' if kvm_usable() else 'software emulation'}, "
+        f"{'root disk ' + str(vm.disk) if on_disk else 'the host root'}); console {vm.console}")
     _wait_ready(vm, supervisor, timeout, say)
     return status(vm)
 
@@ -379,15 +414,21 @@ def uncover_host_root(keep: Sequence[str] = GUEST_SCRATCH, *, under: str = "/") 
 
 # the supervisor (a background process per VM) ----------------------------------------------------------
 def vng_argv(vm: VmDir, cfg: VmConfig) -> list[str]:
-    """virtme-ng for this VM: over the host's root (read-only 9p), the vTPM on tpm-tis, user-net with the two
-    ports forwarded."""
+    """virtme-ng for this VM: over the host's root (read-only 9p) or from the root disk image (read-only, with the
+    scratch disk and the share directory), the vTPM on tpm-tis, user-net with the two ports forwarded."""
     qemu = (f"-chardev socket,id=chrtpm,path={vm.tpm_socket} -tpmdev emulator,id=tpm0,chardev=chrtpm "
             f"-device tpm-tis,tpmdev=tpm0 "
             f"-netdev user,id=cwnet,hostfwd=tcp:127.0.0.1:{cfg.attest_port}-:{GUEST_PORT},"
             f"hostfwd=tcp:127.0.0.1:{cfg.distcc_port}-:{DISTCC_PORT} -device virtio-net-pci,netdev=cwnet")
     argv = [str(_venv_tool("vng")), "--run", str(vm.kernel), "--disable-microvm", "--force-9p", "--user", "root",
-            "--cwd", str(vm.root), "--memory", cfg.memory, f"--qemu-opts={qemu}", f"--append={APPEND}",
-            "--exec", cfg.guest_command()]
+            "--memory", cfg.memory]
+    if cfg.disk:        # after virtme-ng's root disk: the root is /dev/vda, the scratch disk the next one
+        qemu += (f" -drive if=none,id=cwscratch,file={vm.scratch},format=raw "
+                 f"-device virtio-blk-pci,drive=cwscratch,serial={SCRATCH_SERIAL}")
+        argv += ["--root-disk", str(vm.disk), "--root-fstype", ROOT_FSTYPE, f"--rodir={GUEST_SHARE}={vm.share}"]
+    else:
+        argv += ["--cwd", str(vm.root)]
+    argv += [f"--qemu-opts={qemu}", f"--append={APPEND}", "--exec", cfg.guest_command()]
     if not kvm_usable():
         argv.insert(3, "--disable-kvm")
     return argv
@@ -444,6 +485,19 @@ def boot_cmdline(vm: VmDir) -> str:
     return _append_of(argv, vm.name)
 
 
+def make_scratch(path: Path) -> None:
+    """A fresh, empty ext4 scratch disk (sparse): nothing a guest wrote there reaches its next boot."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    with open(path, "wb") as f:
+        f.truncate(SCRATCH_SIZE)
+    proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", SCRATCH_SERIAL, str(path)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise VmError(f"{path}: mkfs.ext4 failed (exit {proc.returncode}): {proc.stderr.strip()[-200:]}",
+                      reason="boot")
+
+
 def _start_vtpm(vm: VmDir) -> tuple[subprocess.Popen, Path]:
     sock = vm.tpm_socket
     with contextlib.suppress(FileNotFoundError):
@@ -489,6 +543,7 @@ def supervise(root: Path) -> int:
     """Run one VM to its end: swtpm, then qemu (the argv `up` measured); console to console.log; SIGTERM stops
     both (swtpm saves)."""
     vm = VmDir(root.parent.parent, root.name)
+    cfg = VmConfig.read(vm.config)
     write_atomic(vm.pidfile, f"{os.getpid()}\n".encode(), mode=0o644)
     children: list[subprocess.Popen] = []
 
@@ -501,6 +556,8 @@ def supervise(root: Path) -> int:
         try:
             argv = json.loads(vm.qemu_argv.read_text())["argv"]
             boot_cmdline(vm)                # the argv `up` measured, whole
+            if cfg.disk:
+                make_scratch(vm.scratch)
             swtpm, _sock = _start_vtpm(vm)
             children.append(swtpm)
             # a pipe, never the file itself: qemu re-opens its stdout (VM-TIER.md gotcha 9)
@@ -557,7 +614,8 @@ def status(vm: VmDir) -> dict:
         cmdline = None                      # never measured (a VM dir from before qemu.json)
     return {"name": vm.name, "state": "running" if pid else "stopped", "pid": pid,
             "attest_url": f"https://127.0.0.1:{cfg.attest_port}", "distcc_port": cfg.distcc_port,
-            "dir": str(vm.root), "console": str(vm.console), "pcr": VM_PCR, "cmdline": cmdline}
+            "dir": str(vm.root), "console": str(vm.console), "pcr": VM_PCR, "root": "disk" if cfg.disk else "host",
+            "disk": str(vm.disk) if cfg.disk else None, "cmdline": cmdline}
 
 
 def list_vms(data_dir: Path) -> list[dict]:

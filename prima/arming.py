@@ -26,14 +26,14 @@ The race, and why it closes (exec.bpf.c `cwl_entered`):
 What it costs, and why the rest stays attached (issue 21, speed; the kernel's own count,
 kernel.bpf_stats_enabled, per fork+exec of an unlabelled dynamic binary on the 6.18 host: a
 fork+exec+wait is ~33 syscalls, 8 of them mmap and 2-3 openat):
-- A BPF program costs mostly its dispatch here (retpolines, call-depth tracking): an EMPTY raw
-  sys_enter program adds ~95 ns to every getppid, so the raw sys_enter program is the armed tax
-  (it returns after one test for any 64-bit syscall; that test is a plain load through the BTF
-  task pointer, ~30 ns less than the probe read it was). Attaching per-syscall tracepoints
-  (sys_enter_mmap alone, or with the sys_exit ones) measured no getppid tax above this loaded
-  machine's noise (+/-3 ns in bcc-only interleaved runs): the traced entry path itself is cheap;
-  what each attached tracepoint costs is its program's runs.
-- So the disarmed set is judged by runs per exec: sys_enter_mmap 8, the open exits 2-3 (one array
+- Any attached syscall tracepoint sets SYSCALL_WORK_SYSCALL_TRACEPOINT on every thread: every syscall
+  of every process takes the traced entry/exit path, +65 to +81 ns per getppid on the idle 6.18 host
+  (one attached tracepoint costs what all of them cost). A BPF program costs mostly its dispatch
+  here (retpolines, call-depth tracking): an EMPTY raw sys_enter program adds ~95 ns to every
+  getppid, so the raw sys_enter program is the armed tax (~170 ns a syscall; it returns after one
+  test for any 64-bit syscall, a plain load through the BTF task pointer).
+- The disarmed set keeps the traced path on (sys_enter_mmap and sys_enter_bpf, below, must see every
+  process); beyond it, it is judged by runs per exec: sys_enter_mmap 8, the open exits 2-3 (one array
   lookup each while no label exists), sched_process_exec/fork/exit and signal_generate 1 each,
   ptrace/process_vm_writev/bpf ~0. Moving the open and ptrace exits into the armed set would save
   ~0.3 us per exec (<0.1%) and open the held window to a /proc/PID/mem write or a ptrace

@@ -282,7 +282,11 @@ class PaLab:
 
     def __init__(self, root: Path, *, backend: str, extra_trusted: tuple[str, ...] | list[str] = ()) -> None:
         self.root = root
-        self.port = 36000 + os.getpid() % 1000       # tcp and udp: tp_srv's
+        # tcp and udp: tp_srv's. Below the kernel's ephemeral range: a connection benchmark leaves tens of
+        # thousands of client sockets in TIME_WAIT on ephemeral ports, and one of those holds a port
+        # against a later bind (EADDRINUSE even with SO_REUSEADDR: the client never set it)
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        self.port = max(1024, low - 2000) + os.getpid() % 1000
         self.other = self.port + 1                    # no rule names it
         n = os.getpid() % 250
         self.host_ip, self.peer_ip, self.outside_ip = f"10.213.{n}.1", f"10.213.{n}.2", f"10.213.{n}.3"

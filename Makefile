@@ -20,7 +20,7 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 libbpf-dev bpftool
 	selinux-policy-dev selinux-policy-default python3-setools python3-selinux \
 	semodule-utils checkpolicy policycoreutils graphviz python3-matplotlib \
 	debhelper dh-python python3-cffi python3-pip python3-all-dev \
-	python3-gpg libssl-dev zlib1g-dev
+	python3-gpg libssl-dev zlib1g-dev debootstrap
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 

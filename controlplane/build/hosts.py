@@ -16,6 +16,7 @@
     kernel = "vmlinuz"          # the kernel image it must have booted (relative paths: to this file)
     initrd = "initrd.img"       # optional: the initrd it must have booted (default: none)
     cmdline = "lsm=... -- ..."  # the boot command line it must have had (`cwlite vm list --json`)
+    disk = "vm.img"             # optional: the root disk image it must have booted (`vm up --disk`; default: none)
     host_policy = "host.toml"   # the verifier's copies of host1's policy and measurement DB
     host_db = "host.db"
     distccd_port = 3632         # optional: the port distccd listens on inside the VM (its Port Authority rule's)
@@ -24,7 +25,6 @@ Every error names the file, the line and the key: `hosts.toml:7: hosts[1].vm.ker
 """
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import tomllib
@@ -34,7 +34,7 @@ from typing import Any
 
 from controlplane.core.errors import FileError, PolicyError, VmError
 from controlplane.core.policy import key_lines
-from controlplane.core.vmrecord import NO_PART, check_vm_name, cmdline_digest
+from controlplane.core.vmrecord import NO_PART, check_vm_name, cmdline_digest, sha256_file
 from portauthority import rules as pa_rules
 
 DEFAULT_HOSTS = Path("/etc/cwlite/build-hosts.toml")
@@ -42,7 +42,7 @@ DISTCCD = "distccd"
 DISTCCD_PORT = 3632              # distccd's own default (distccd(1)), and the port a Build VM's distccd listens on
 KEYS = {"name": True, "distcc": True, "jobs": False, "label": False, "vm": False}
 VM_KEYS = {"via": True, "kernel": True, "initrd": False, "cmdline": True, "host_policy": True, "host_db": True,
-           "distccd_port": False}
+           "distccd_port": False, "disk": False}
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,13 @@ class VmLink:
     host_db: Path
     initrd: Path | None = None
     distccd_port: int = DISTCCD_PORT
+    disk: Path | None = None
 
     def boot(self) -> dict[str, bytes]:
         """The verifier's digests of the boot parts (controlplane.verifier.chain.attest_via's `boot`)."""
-        return {"kernel": _sha256(self.kernel), "initrd": _sha256(self.initrd) if self.initrd else NO_PART,
-                "cmdline": cmdline_digest(self.cmdline)}
+        parts = {"kernel": sha256_file(self.kernel), "initrd": sha256_file(self.initrd) if self.initrd else NO_PART,
+                 "cmdline": cmdline_digest(self.cmdline)}
+        return parts | ({"disk": sha256_file(self.disk)} if self.disk else {})
 
 
 @dataclass(frozen=True)
@@ -88,11 +90,6 @@ class BuildHost:
     def distccd_port(self) -> int:
         """The port distccd listens on where it runs (a VM's is behind its host's forwarded port)."""
         return self.vm.distccd_port if self.vm else self.port
-
-
-def _sha256(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
 
 
 class _Where:
@@ -197,6 +194,7 @@ def _vm(where: _Where, at: tuple, row: Any, name: str) -> VmLink:
                   host_policy=where.file((*at, "host_policy"), row["host_policy"]),
                   host_db=where.file((*at, "host_db"), row["host_db"]),
                   initrd=where.file((*at, "initrd"), row["initrd"]) if "initrd" in row else None,
+                  disk=where.file((*at, "disk"), row["disk"]) if "disk" in row else None,
                   distccd_port=where.port((*at, "distccd_port"), row.get("distccd_port", DISTCCD_PORT)))
 
 

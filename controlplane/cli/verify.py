@@ -153,12 +153,16 @@ def _reference(policy_path: Path, db_path: Path, extra_policies: tuple[bytes, ..
 @click.option("--vm-initrd", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="With --via: the initrd the VM must have booted (default: none).")
 @click.option("--vm-cmdline", help="With --via: the boot command line the VM must have had (`cwlite vm list --json`).")
+@click.option("--vm-disk", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="With --via: the root disk image the VM must have booted (`cwlite vm up --disk`; default: none, "
+                   "the VM runs over its host's root).")
 @click.option("--json", "as_json", is_flag=True, help="Print the proof(s) as JSON.")
 def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy_path: Path, db_path: Path,
            watch: bool, rounds: int | None, full: bool, proof_out: Path | None, push_policy: Path | None,
            kernel_ima: bool, ima_policy: Path | None, ima_excludes: tuple[str, ...], metrics_port: int | None,
            metrics_host: str, via: str | None, host_policy: Path | None, host_db: Path | None,
-           vm_kernel: Path | None, vm_initrd: Path | None, vm_cmdline: str | None, as_json: bool) -> None:
+           vm_kernel: Path | None, vm_initrd: Path | None, vm_cmdline: str | None, vm_disk: Path | None,
+           as_json: bool) -> None:
     """Attest enrolled HOSTS: fresh quote over TLS, key binding, log replay, every entry judged, signed proof.
 
     Exit status 0 when every host is trusted, 2 when one is untrusted, 1 when an
@@ -184,6 +188,9 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
       # a VM through the host that booted it (transitive trust; the VM is never enrolled)
       cwlite verify vm1 --via host1 --policy vm.toml --db vm.db --host-policy host.toml --host-db host.db \\
           --vm-kernel vmlinuz --vm-cmdline "$(cwlite vm list --json | jq -r '.vms[0].cmdline')"
+      # a VM booted from a disk image (`cwlite vm image`, `vm up --disk`): the image is a boot part too
+      cwlite verify vm2 --via host1 --policy vm.toml --db vm.db --host-policy host.toml --host-db host.db \
+          --vm-kernel vmlinuz --vm-initrd vm-initrd.img --vm-disk vm.img --vm-cmdline "$CMDLINE"
     """
     from controlplane.verifier import attest as v   # lazy: see the note at the top
 
@@ -196,7 +203,7 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
     key = load_signing_key(data_dir / "verifier.key", create=True)
     if via is not None:
         _verify_via(hosts, via, data_dir, store_url, key, policy_path, db_path, host_policy, host_db, vm_kernel,
-                    vm_initrd, vm_cmdline, proof_out, as_json)
+                    vm_initrd, vm_cmdline, vm_disk, proof_out, as_json)
         return
     with open_store(data_dir, store_url) as store:
         policy_file, extra = policy_path, ()
@@ -233,9 +240,9 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
 
 
 def _verify_via(hosts, via, data_dir, store_url, key, policy_path, db_path, host_policy, host_db, vm_kernel,
-                vm_initrd, vm_cmdline, proof_out, as_json) -> None:
+                vm_initrd, vm_cmdline, vm_disk, proof_out, as_json) -> None:
     """`verify NAME --via HOST`: the chain of controlplane.verifier.chain; exit 0 trusted, 2 untrusted, 1 refused."""
-    from controlplane.core.vmrecord import NO_PART, cmdline_digest
+    from controlplane.core.vmrecord import NO_PART, cmdline_digest, sha256_file
     from controlplane.verifier import chain   # lazy: see the note at the top
 
     if len(hosts) != 1:
@@ -244,9 +251,10 @@ def _verify_via(hosts, via, data_dir, store_url, key, policy_path, db_path, host
                               ("--vm-cmdline", vm_cmdline)) if v is None]
     if missing:
         raise click.UsageError(f"--via needs {', '.join(missing)}")
-    boot = {"kernel": hashlib.sha256(vm_kernel.read_bytes()).digest(),
-            "initrd": hashlib.sha256(vm_initrd.read_bytes()).digest() if vm_initrd else NO_PART,
+    boot = {"kernel": sha256_file(vm_kernel), "initrd": sha256_file(vm_initrd) if vm_initrd else NO_PART,
             "cmdline": cmdline_digest(vm_cmdline)}
+    if vm_disk is not None:
+        boot["disk"] = sha256_file(vm_disk)
     name = hosts[0]
     with open_store(data_dir, store_url) as store, _reference(host_policy, host_db) as host_ref, \
             _reference(policy_path, db_path) as vm_ref:

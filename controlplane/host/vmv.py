@@ -1,17 +1,27 @@
 """The VM Verifier (VMV) on the host: boot a Build VM from measured parts with its own vTPM, and vouch for it.
 
-`up` copies the boot parts (kernel, initrd, policy, measurement DB) into the
-VM's directory `<data>/vms/NAME/` (what is measured is what boots: qemu reads
-these copies, never the caller's files; without --initrd the initrd is
-virtme-ng's own initramfs, built once per kernel by `build_initrd` and booted
-in place of the one virtme-ng makes at every boot), makes or reuses the VM's swtpm vTPM
-there, and records in the HOST's measurement log (through `cwlite serve`'s
-control socket) the parts' digests and a vm-vtpm entry binding the vTPM's EK
-and AK (controlplane.core.vmrecord). Only then does it start the supervisor:
-a background process (own session, pidfile `supervisor.pid`) that runs the
-vTPM's swtpm and virtme-ng/qemu (software emulation; KVM when /dev/kvm works)
-with the VM's attestation and distccd ports forwarded to loopback, and
-writes the console to `console.log`.
+`up` copies the boot parts (kernel, initrd, policy, measurement DB, and with
+--disk the root disk image) into the VM's directory `<data>/vms/NAME/` (what
+is measured is what boots: qemu reads these copies, never the caller's files;
+without --initrd the initrd is virtme-ng's own initramfs, built once per
+kernel by `build_initrd` and booted in place of the one virtme-ng makes at
+every boot), makes or reuses the VM's swtpm vTPM there, and asks virtme-ng
+for the qemu command line it would run (`vng --dry-run`, `qemu_argv`): that
+argv, kept in `qemu.json`, is what the supervisor runs, so its `-append` is
+exactly the command line the guest kernel gets (its /proc/cmdline), and that
+string is the measured cmdline part. Then it records in the HOST's
+measurement log (through `cwlite serve`'s control socket) the parts' digests
+and a vm-vtpm entry binding the vTPM's EK and AK (controlplane.core.vmrecord).
+Only then does it start the supervisor: a background process (own session,
+pidfile `supervisor.pid`) that runs the vTPM's swtpm and qemu (software
+emulation; KVM when /dev/kvm works) with the VM's attestation and distccd
+ports forwarded to loopback, and writes the console to `console.log`.
+
+A VM booted from a disk image (`vm up --disk`, an image `cwlite vm image`
+builds) has the image as its root, attached read-only (qemu `readonly=on`),
+a fresh writable scratch disk per boot mounted on the guest's /tmp, and sees
+of the host only what virtme-ng exports (its guest tools, the kernel's
+modules) and the VM's policy and DB (`share/`, read-only at GUEST_SHARE).
 
 A vTPM state is reused only when this host's own record (`<data>/vm-records/
 NAME.json`, outside the VM's directory) names the same EK and AK: a state
@@ -37,7 +47,7 @@ from typing import Callable, Sequence
 from controlplane.core.atomic import write_atomic
 from controlplane.core.errors import VmError
 from controlplane.core.policy import load_policy
-from controlplane.core.vmrecord import VmRecord, check_vm_name, cmdline_digest
+from controlplane.core.vmrecord import VmRecord, check_vm_name, cmdline_digest, sha256_file
 from controlplane.host import control
 from controlplane.host.swtpm import STATE_FILE, Swtpm
 from controlplane.host.tpm import Tpm
@@ -59,14 +69,17 @@ GUEST_SCRATCH = ("/tmp", "/var")
 # virtme-ng mounts fresh tmpfs over these in the guest: a VM directory there is invisible to the guest
 GUEST_HIDDEN = ("/run", "/var/tmp", "/var/log", "/var/cache", "/var/lib/apt", "/var/lib/sudo", "/var/lib/private",
                 "/dev")
+CMDLINE_MARK = "[cwlite-vm] /proc/cmdline:"
+# a VM booted from a disk image: its cwlite (the Debian package's launcher), where it sees the VM's policy and DB
+# (a directory of the image, under no overlay virtme-ng mounts), and its scratch disk (virtio-blk serial)
+GUEST_CWLITE = "/usr/bin/cwlite"
+GUEST_SHARE = "/mnt/cwlite-vm"
+SCRATCH_SERIAL = "cwlite-scratch"
+SCRATCH_SIZE = 4 << 30            # sparse: a fresh ext4 each boot, mounted on the guest's /tmp
+ROOT_FSTYPE = "ext4"
+KERNEL_CMDLINE_SIZE = 2048       # x86's COMMAND_LINE_SIZE (arch/x86/include/uapi/asm/setup.h), the NUL included
 _SWTPM_WAIT = 10.0
 _GRACE = 10.0
-
-
-def sha256_file(path: Path) -> bytes:
-    """SHA-256 of a boot part's bytes (what the host log records for it)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,12 @@ class VmDir:
 
     kernel = property(lambda self: self.root / "kernel")
     initrd = property(lambda self: self.root / "initrd")
+    disk = property(lambda self: self.root / "disk.img")                # the root disk image (vm up --disk)
+    scratch = property(lambda self: self.root / "scratch.img")          # the disk VM's writable scratch disk
+    share = property(lambda self: self.root / "share")                  # policy and DB as a disk VM's guest sees them
+    qemu_argv = property(lambda self: self.root / "qemu.json")          # the qemu argv the supervisor runs
+    tpm_socket = property(lambda self: self.vtpm / "qemu.sock")
+    guest_rc = property(lambda self: self.root / "guest.rc")            # the guest command's exit status
     policy = property(lambda self: self.root / "policy.toml")
     db = property(lambda self: self.root / "measure.db")
     vtpm = property(lambda self: self.root / "vtpm")
@@ -108,6 +127,7 @@ class VmConfig:
     workload: str
     python: str
     memory: str = "1G"
+    disk: bool = False            # booted from a disk image (vm up --disk), not over the host's root
 
     @classmethod
     def read(cls, path: Path) -> "VmConfig":
@@ -119,14 +139,15 @@ class VmConfig:
             raise VmError(f"{path}: not a VM config ({exc})", reason="usage") from exc
 
     def guest_command(self) -> str:
-        """The guest's first command: cwlite's early start (enforcement + service), then the workload."""
-        return shlex.join([self.python, "-m", "controlplane.cli", "vm", "guest-init", "--policy", f"{self.root}/policy.toml",
-                           "--db", f"{self.root}/measure.db", "--pcr", str(VM_PCR), "--port", str(GUEST_PORT),
-                           "--workload", self.workload])
-
-    def cmdline(self) -> str:
-        """The measured boot command line: the kernel's options and the guest's first command."""
-        return f"{APPEND} -- {self.guest_command()}"
+        """The guest's first command: cwlite's early start (enforcement + service), then the workload. Over the
+        host's root it is this cwlite (the same Python, the VM's files at their host paths); from a disk image,
+        the image's own cwlite, its scratch disk and the VM's files at GUEST_SHARE."""
+        if self.disk:
+            head, files = [GUEST_CWLITE, "vm", "guest-init", "--root", "disk", "--scratch", SCRATCH_SERIAL], GUEST_SHARE
+        else:
+            head, files = [self.python, "-m", "controlplane.cli", "vm", "guest-init"], self.root
+        return shlex.join([*head, "--policy", f"{files}/policy.toml", "--db", f"{files}/measure.db",
+                           "--pcr", str(VM_PCR), "--port", str(GUEST_PORT), "--workload", self.workload])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -218,33 +239,48 @@ def _install(src: Path | None, dst: Path, what: str) -> None:
 
 
 def measure(vm: VmDir, cfg: VmConfig, ek: bytes, ak: bytes) -> VmRecord:
-    """The record the host logs for this boot: the installed parts' digests and the vTPM's key digests."""
+    """The record the host logs for this boot: the installed parts' digests (the cmdline: the -append of the
+    qemu argv the supervisor will run) and the vTPM's key digests."""
     parts = {
         "kernel": sha256_file(vm.kernel),
         "initrd": sha256_file(vm.initrd),
-        "cmdline": cmdline_digest(cfg.cmdline()),
+        "cmdline": cmdline_digest(boot_cmdline(vm)),
         "policy": load_policy(vm.policy).digest(),
     }
+    if cfg.disk:
+        parts["disk"] = sha256_file(vm.disk)
     return VmRecord(vm.name, parts, hashlib.sha256(ek).digest(), hashlib.sha256(ak).digest(), VM_PCR,
                     cfg.attest_port)
 
 
-def build_initrd(kernel: Path, out: Path) -> None:
-    """virtme-ng's initramfs for `kernel` (its busybox init and the kernel's virtio, 9p and overlay modules)
-    written to `out`. virtme-ng makes the same one at every boot into a temporary file nobody measured; built
-    here once, it is measured and booted instead (qemu takes the last -initrd). Deterministic: the same
-    kernel, modules, busybox and virtme-ng give the same bytes, so a verifier can rebuild its reference."""
-    run = Path(sys.executable).parent / "virtme-run"
-    if not run.exists():
-        run = Path(shutil.which("virtme-run") or "virtme-run")
+def _venv_tool(name: str) -> Path:
+    """virtme-ng's commands from the venv that runs us (a test dependency), else from PATH."""
+    tool = Path(sys.executable).parent / name
+    return tool if tool.exists() else Path(shutil.which(name) or name)
+
+
+def _tool_env(tool: Path) -> dict[str, str]:
+    # vng runs virtme-run by name (VM-TIER.md gotcha 2)
+    return dict(os.environ, PATH=f"{tool.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+
+
+def build_initrd(kernel: Path, out: Path, *, disk: bool = False) -> None:
+    """virtme-ng's initramfs for `kernel` (its busybox init and the kernel's virtio, 9p and overlay modules;
+    with `disk`, the one that mounts a root disk: virtio_blk and ext4 too) written to `out`. virtme-ng makes
+    the same one at every boot into a temporary file nobody measured; built here once, it is measured and
+    booted instead. Deterministic: the same kernel, modules, busybox and virtme-ng give the same bytes, so a
+    verifier can rebuild its reference (`cwlite vm initrd [--disk]`)."""
+    run = _venv_tool("virtme-run")
     tmp = out.with_name(out.name + ".new")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()                            # virtme-run creates it exclusively
     argv = [str(run), "--kimg", str(kernel), "--mods", "auto", "--force-9p", "--overlay-rwdir", "/tmp",
             "--disable-microvm", "--dry-run", "--save-initramfs", str(tmp)]
-    env = dict(os.environ, PATH=f"{run.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    if disk:        # the image itself plays no part in the initramfs: any existing file names the root disk
+        argv += ["--root-disk", "/dev/null", "--root-fstype", ROOT_FSTYPE]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=_tool_env(run), timeout=300,
+                              stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise VmError(f"{kernel}: cannot build the initrd with {run}: {exc}", reason="usage") from exc
     if proc.returncode != 0 or not tmp.is_file():
@@ -254,49 +290,65 @@ def build_initrd(kernel: Path, out: Path) -> None:
 
 
 def up(data_dir: Path, name: str, *, kernel: Path | None, policy: Path | None,
-       db: Path | None, initrd: Path | None = None, workload: str | None = None, timeout: float = 1800.0,
-       say: Callable[[str], None] = print) -> dict:
-    """Measure, vouch, boot and wait until the VM's enforcement and attestation service run; its facts."""
+       db: Path | None, initrd: Path | None = None, disk: Path | None = None, host_root: bool = False,
+       workload: str | None = None, timeout: float = 1800.0, say: Callable[[str], None] = print) -> dict:
+    """Measure, vouch, boot and wait until the VM's enforcement and attestation service run; its facts.
+    `disk`: boot from this root disk image (read-only) instead of the host's root; a VM keeps the root it was
+    made with unless `disk` or `host_root` says otherwise."""
     vm = VmDir(Path(data_dir).resolve(), check_vm_name(name))
-    hidden = [h for h in GUEST_HIDDEN if vm.root.is_relative_to(h)]
-    if hidden:
-        raise VmError(f"{vm.root}: under {hidden[0]}, which the guest sees as an empty tmpfs (virtme-ng): "
-                      "use another --data-dir", reason="usage", vm=name)
+    if disk is not None and host_root:
+        raise VmError(f"VM {name}: --disk and --host-root name two roots: give one", reason="usage", vm=name)
     if running_pid(vm) is not None:
         raise VmError(f"VM {name}: already running (pid {running_pid(vm)}); `cwlite vm down {name}` first",
                       reason="running", vm=name)
     fresh = not vm.config.exists()
     if fresh and (kernel is None or policy is None or db is None):
         raise VmError(f"VM {name}: a new VM needs --kernel, --policy and --db", reason="usage", vm=name)
-    vm.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     old = VmConfig.read(vm.config) if not fresh else None
+    on_disk = disk is not None or (old is not None and old.disk and not host_root)
+    hidden = [h for h in GUEST_HIDDEN if vm.root.is_relative_to(h)]
+    if hidden and not on_disk:
+        raise VmError(f"{vm.root}: under {hidden[0]}, which the guest sees as an empty tmpfs (virtme-ng): "
+                      "use another --data-dir", reason="usage", vm=name)
+    vm.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     cfg = VmConfig(name=name, root=str(vm.root),
                    attest_port=old.attest_port if old else _free_port(),
                    distcc_port=old.distcc_port if old else _free_port(),
                    workload=workload or (old.workload if old else DEFAULT_WORKLOAD),
-                   python=sys.executable)
+                   python=sys.executable, disk=on_disk)
     ek, ak, op = prepare_vtpm(vm, say)
     for src, dst, what in ((kernel, vm.kernel, "kernel"), (policy, vm.policy, "policy"), (db, vm.db, "db")):
         _install(src, dst, what)
+    if on_disk:
+        if disk is not None:
+            say(f"disk {vm.disk}: copying the root disk image ({disk.stat().st_size >> 20} MiB)")
+        _install(disk, vm.disk, "disk")
+        vm.share.mkdir(exist_ok=True, mode=0o755)           # what the guest sees of the VM's files
+        for f in (vm.policy, vm.db):
+            _install(f, vm.share / f.name, f.stem)
     if initrd is not None:
         _install(initrd, vm.initrd, "initrd")
-    elif kernel is not None or not vm.initrd.exists():     # a new kernel needs its own modules
-        say(f"initrd {vm.initrd}: building virtme-ng's initramfs for the kernel")
-        build_initrd(vm.kernel, vm.initrd)
+    elif kernel is not None or not vm.initrd.exists() or (old is not None and old.disk != on_disk):
+        say(f"initrd {vm.initrd}: building virtme-ng's initramfs for the kernel"
+            + (" (root disk)" if on_disk else ""))       # a new kernel needs its own modules; a disk root its own init
+        build_initrd(vm.kernel, vm.initrd, disk=on_disk)
     load_policy(vm.policy)                   # a policy the guest would refuse is refused before anything is logged
     write_atomic(vm.config, json.dumps(asdict(cfg), sort_keys=True, indent=1).encode(), mode=0o644)
+    say("qemu command line: asking virtme-ng (vng --dry-run)")
+    write_atomic(vm.qemu_argv, json.dumps({"argv": qemu_argv(vm, cfg)}, indent=1).encode(), mode=0o644)
     record = measure(vm, cfg, ek, ak)
     with control.client(vm.data_dir) as host_log:
         entries = host_log.record_all(record.events(op))
     for e in entries:
         say(f"host log entry {e['index']} (PCR {e['pcr']}): {e['name'][:100]}")
-    for f in (vm.console, vm.exit_file):
+    for f in (vm.console, vm.exit_file, vm.guest_rc):
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
     supervisor = subprocess.Popen([sys.executable, "-m", "controlplane.host.vmv", "supervise", str(vm.root)],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True, cwd="/")
-    say(f"booting {name} (qemu, {'KVM' if kvm_usable() else 'software emulation'}); console {vm.console}")
+    say(f"booting {name} (qemu, {'KVM' if kvm_usable() else 'software emulation'}, "
+        f"{'root disk ' + str(vm.disk) if on_disk else 'the host root'}); console {vm.console}")
     _wait_ready(vm, supervisor, timeout, say)
     return status(vm)
 
@@ -361,27 +413,93 @@ def uncover_host_root(keep: Sequence[str] = GUEST_SCRATCH, *, under: str = "/") 
 
 
 # the supervisor (a background process per VM) ----------------------------------------------------------
-def vng_argv(vm: VmDir, cfg: VmConfig, tpm_socket: Path) -> list[str]:
-    """virtme-ng over the host's root (read-only 9p), the measured initrd, the vTPM on tpm-tis, user-net with the
-    two ports forwarded."""
-    vng = Path(sys.executable).parent / "vng"
-    if not vng.exists():
-        vng = Path(shutil.which("vng") or "vng")
-    # -initrd last: qemu boots the measured initrd, not the one virtme-ng builds (unmeasured) at every boot
-    qemu = (f"-initrd {vm.initrd} -chardev socket,id=chrtpm,path={tpm_socket} -tpmdev emulator,id=tpm0,chardev=chrtpm "
+def vng_argv(vm: VmDir, cfg: VmConfig) -> list[str]:
+    """virtme-ng for this VM: over the host's root (read-only 9p) or from the root disk image (read-only, with the
+    scratch disk and the share directory), the vTPM on tpm-tis, user-net with the two ports forwarded."""
+    qemu = (f"-chardev socket,id=chrtpm,path={vm.tpm_socket} -tpmdev emulator,id=tpm0,chardev=chrtpm "
             f"-device tpm-tis,tpmdev=tpm0 "
             f"-netdev user,id=cwnet,hostfwd=tcp:127.0.0.1:{cfg.attest_port}-:{GUEST_PORT},"
             f"hostfwd=tcp:127.0.0.1:{cfg.distcc_port}-:{DISTCC_PORT} -device virtio-net-pci,netdev=cwnet")
-    argv = [str(vng), "--run", str(vm.kernel), "--disable-microvm", "--force-9p", "--user", "root",
-            "--cwd", str(vm.root), "--memory", cfg.memory, f"--qemu-opts={qemu}", f"--append={APPEND}",
-            "--exec", cfg.guest_command()]
+    argv = [str(_venv_tool("vng")), "--run", str(vm.kernel), "--disable-microvm", "--force-9p", "--user", "root",
+            "--memory", cfg.memory]
+    if cfg.disk:        # after virtme-ng's root disk: the root is /dev/vda, the scratch disk the next one
+        qemu += (f" -drive if=none,id=cwscratch,file={vm.scratch},format=raw "
+                 f"-device virtio-blk-pci,drive=cwscratch,serial={SCRATCH_SERIAL}")
+        argv += ["--root-disk", str(vm.disk), "--root-fstype", ROOT_FSTYPE, f"--rodir={GUEST_SHARE}={vm.share}"]
+    else:
+        argv += ["--cwd", str(vm.root)]
+    argv += [f"--qemu-opts={qemu}", f"--append={APPEND}", "--exec", cfg.guest_command()]
     if not kvm_usable():
         argv.insert(3, "--disable-kvm")
     return argv
 
 
+def qemu_argv(vm: VmDir, cfg: VmConfig) -> list[str]:
+    """The qemu argv virtme-ng would run for this VM (`vng --dry-run` prints it and starts nothing), changed in
+    two places that are not the kernel's command line: the measured initrd instead of virtme-ng's per-boot
+    temporary one, and the guest command's exit status written to the VM's `guest.rc` instead of a temporary
+    file. The supervisor runs exactly this argv, so its -append is the guest's /proc/cmdline."""
+    argv = vng_argv(vm, cfg)
+    argv.insert(1, "--dry-run")
+    try:
+        # stdin/stdout as the supervisor gives qemu (virtme-run picks its serial setup from them)
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+                              env=_tool_env(Path(argv[0])), cwd="/")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VmError(f"VM {vm.name}: cannot run {argv[0]} --dry-run: {exc}", reason="usage", vm=vm.name) from exc
+    shown = [shlex.split(line) for line in proc.stdout.splitlines() if "qemu-system" in line.split(" ", 1)[0]]
+    if proc.returncode != 0 or not shown:
+        raise VmError(f"VM {vm.name}: virtme-ng showed no qemu command line (exit {proc.returncode}): "
+                      f"{(proc.stderr or proc.stdout).strip()[-300:]}", reason="usage", vm=vm.name)
+    out: list[str] = []
+    args = iter(shown[-1])
+    for arg in args:
+        if arg == "-initrd":
+            next(args, None)
+            continue
+        out.append(f"file,id=ret,path={vm.guest_rc}" if arg.startswith("file,id=ret,path=") else arg)
+    out += ["-initrd", str(vm.initrd)]
+    _append_of(out, vm.name)            # there is one, and the kernel takes it whole
+    return out
+
+
+def _append_of(argv: Sequence[str], name: str) -> str:
+    try:
+        cmdline = argv[list(argv).index("-append") + 1]
+    except (ValueError, IndexError):
+        raise VmError(f"VM {name}: the qemu command line has no -append", reason="usage", vm=name) from None
+    if len(cmdline.encode()) >= KERNEL_CMDLINE_SIZE:
+        raise VmError(f"VM {name}: the kernel command line is {len(cmdline.encode())} bytes; x86's limit is "
+                      f"{KERNEL_CMDLINE_SIZE - 1} (it would be cut): shorten --workload or the data dir's path",
+                      reason="usage", vm=name)
+    return cmdline
+
+
+def boot_cmdline(vm: VmDir) -> str:
+    """The kernel command line VM `vm` boots with: the -append of the qemu argv its supervisor runs."""
+    try:
+        argv = json.loads(vm.qemu_argv.read_text())["argv"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VmError(f"{vm.qemu_argv}: no qemu command line ({exc}): `cwlite vm up {vm.name}` writes it",
+                      reason="usage", vm=vm.name) from exc
+    return _append_of(argv, vm.name)
+
+
+def make_scratch(path: Path) -> None:
+    """A fresh, empty ext4 scratch disk (sparse): nothing a guest wrote there reaches its next boot."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    with open(path, "wb") as f:
+        f.truncate(SCRATCH_SIZE)
+    proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", SCRATCH_SERIAL, str(path)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise VmError(f"{path}: mkfs.ext4 failed (exit {proc.returncode}): {proc.stderr.strip()[-200:]}",
+                      reason="boot")
+
+
 def _start_vtpm(vm: VmDir) -> tuple[subprocess.Popen, Path]:
-    sock = vm.vtpm / "qemu.sock"
+    sock = vm.tpm_socket
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
     proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={vm.vtpm / 'state'}",
@@ -411,8 +529,19 @@ def _terminate(proc: subprocess.Popen, *, group: bool) -> None:
             continue
 
 
+def _guest_rc(vm: VmDir) -> int | None:
+    """The guest command's exit status (virtme-ng's init writes it to the ret port: `guest.rc`); None when the
+    guest ended without one (a panic, qemu killed)."""
+    try:
+        text = vm.guest_rc.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def supervise(root: Path) -> int:
-    """Run one VM to its end: swtpm, then vng/qemu; console to console.log; SIGTERM stops both (swtpm saves)."""
+    """Run one VM to its end: swtpm, then qemu (the argv `up` measured); console to console.log; SIGTERM stops
+    both (swtpm saves)."""
     vm = VmDir(root.parent.parent, root.name)
     cfg = VmConfig.read(vm.config)
     write_atomic(vm.pidfile, f"{os.getpid()}\n".encode(), mode=0o644)
@@ -422,26 +551,31 @@ def supervise(root: Path) -> int:
         raise SystemExit(143)               # the finally below stops qemu, then the vTPM
 
     signal.signal(signal.SIGTERM, stop)
-    rc: int | None = None
+    qemu_rc: int | None = None
     with open(vm.console, "ab", buffering=0) as console:
         try:
-            swtpm, sock = _start_vtpm(vm)
+            argv = json.loads(vm.qemu_argv.read_text())["argv"]
+            boot_cmdline(vm)                # the argv `up` measured, whole
+            if cfg.disk:
+                make_scratch(vm.scratch)
+            swtpm, _sock = _start_vtpm(vm)
             children.append(swtpm)
-            env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
             # a pipe, never the file itself: qemu re-opens its stdout (VM-TIER.md gotcha 9)
-            qemu = subprocess.Popen(vng_argv(vm, cfg, sock), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
             children.append(qemu)
             write_atomic(vm.qemu_pidfile, f"{qemu.pid}\n".encode(), mode=0o644)
             for line in iter(qemu.stdout.readline, b""):
                 console.write(line)
-            rc = qemu.wait()
-        except VmError as exc:
+            qemu_rc = qemu.wait()
+        except (VmError, OSError, ValueError, KeyError) as exc:
             console.write(f"{FAILED_MARK}: {exc}\n".encode())
         finally:
-            for p in reversed(children):    # qemu (vng leads its own group) first, then swtpm
+            for p in reversed(children):    # qemu (its own group) first, then swtpm
                 _terminate(p, group=p is not children[0])
-            write_atomic(vm.exit_file, json.dumps({"rc": rc, "at": time.time()}).encode(), mode=0o644)
+            rc = _guest_rc(vm)
+            write_atomic(vm.exit_file, json.dumps({"rc": rc, "qemu_rc": qemu_rc, "at": time.time()}).encode(),
+                         mode=0o644)
             for f in (vm.pidfile, vm.qemu_pidfile):
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
@@ -474,9 +608,14 @@ def status(vm: VmDir) -> dict:
     """One VM's facts for `vm list`."""
     cfg = VmConfig.read(vm.config)
     pid = running_pid(vm)
+    try:
+        cmdline: str | None = boot_cmdline(vm)
+    except VmError:
+        cmdline = None                      # never measured (a VM dir from before qemu.json)
     return {"name": vm.name, "state": "running" if pid else "stopped", "pid": pid,
             "attest_url": f"https://127.0.0.1:{cfg.attest_port}", "distcc_port": cfg.distcc_port,
-            "dir": str(vm.root), "console": str(vm.console), "pcr": VM_PCR, "cmdline": cfg.cmdline()}
+            "dir": str(vm.root), "console": str(vm.console), "pcr": VM_PCR, "root": "disk" if cfg.disk else "host",
+            "disk": str(vm.disk) if cfg.disk else None, "cmdline": cmdline}
 
 
 def list_vms(data_dir: Path) -> list[dict]:

@@ -3,9 +3,11 @@
 `attest_via` walks the chain, each link from the one before it:
   1. the HOST (enrolled: EK checked, AK activated) is attested as usual, its whole log replayed to its
      quote and judged; it must be TRUSTED;
-  2. the host's log holds, for VM NAME, the boot parts (kernel, initrd, cmdline, policy) and a vm-vtpm
-     entry binding them to the vTPM's EK and AK digests (controlplane.core.vmrecord); each part must be
-     the verifier's own reference, and the vm-vtpm digest must be the record those entries state;
+  2. the host's log holds, for VM NAME, the boot parts (kernel, initrd, cmdline, policy, and the root disk
+     image for a VM booted from one) and a vm-vtpm entry binding them to the vTPM's EK and AK digests
+     (controlplane.core.vmrecord); each part must be the verifier's own reference (a disk the verifier
+     does not expect, or one it expects and the host did not log, is a mismatch), and the vm-vtpm digest
+     must be the record those entries state;
   3. the VM's attestation service presents an EK and AK whose digests are the ones the host logged: its
      quotes are checked with that AK (no enrolment of the VM: the host vouched for the key);
   4. the VM's log replays to its quote and is judged against the verifier's VM policy and DB; it must
@@ -27,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from controlplane.core.errors import CwliteError, VerifyError
 from controlplane.core.events import EventKind
 from controlplane.core.proof import digest as proof_digest
-from controlplane.core.vmrecord import PARTS, record_from_log
+from controlplane.core.vmrecord import ALL_PARTS, PARTS, record_from_log
 from controlplane.core.wire import API_VERSION
 from controlplane.verifier import proofs
 from controlplane.verifier.attest import Attestation, attest, judge_round, replay
@@ -65,7 +67,8 @@ class ChainAttestation:
 
 
 def host_link(name: str, host_entries: Sequence[EntryVerdict], host_name: str) -> HostLink:
-    """The last vm-vtpm entry for `name` in the host's judged log and the part entries before it."""
+    """The last vm-vtpm entry for `name` in the host's judged log and the part entries before it (back to the
+    VM's previous vm-vtpm entry: a disk part of an earlier boot is not this boot's)."""
     vtpm = next((e for e in reversed(host_entries)
                  if e.kind == EventKind.VM_VTPM.value and e.subject.split(",", 1)[0] == name), None)
     if vtpm is None:
@@ -74,22 +77,29 @@ def host_link(name: str, host_entries: Sequence[EntryVerdict], host_name: str) -
                           reason="no-host-record")
     parts: dict[str, EntryVerdict] = {}
     for e in reversed(host_entries[: host_entries.index(vtpm)]):
-        if e.kind == EventKind.VM_PART.value and e.subject == name and e.op in PARTS and e.op not in parts:
-            parts[e.op] = e
-        if len(parts) == len(PARTS):
+        if e.kind == EventKind.VM_VTPM.value and e.subject.split(",", 1)[0] == name:
             break
-    if len(parts) != len(PARTS):
+        if e.kind == EventKind.VM_PART.value and e.subject == name and e.op in ALL_PARTS and e.op not in parts:
+            parts[e.op] = e
+    if not set(PARTS) <= set(parts):
         raise VerifyError(f"{name}: host {host_name}'s log has vm-part entries {sorted(parts)} before its vm-vtpm "
                           f"entry {vtpm.index} (expected {', '.join(PARTS)})", reason="no-host-record")
     return HostLink(name, parts, vtpm)
 
 
 def check_parts(link: HostLink, expected: Mapping[str, bytes]) -> list[str]:
-    """A reason for every boot part whose host-log digest is not the verifier's, naming the entry."""
+    """A reason for every boot part whose host-log digest is not the verifier's, naming the entry: an optional
+    part (the disk) the host logged and the verifier has no reference for, or the other way round, too."""
     reasons = []
-    for part in PARTS:
-        entry = link.parts[part]
-        if bytes.fromhex(entry.digest) != expected[part]:
+    for part in ALL_PARTS:
+        entry = link.parts.get(part)
+        if entry is None and part in expected:
+            reasons.append(f"host log entry {link.vtpm.index} (vm-vtpm of {link.name}): the host logged no {part} "
+                           f"for this boot, the verifier expects {part} {expected[part].hex()[:16]}")
+        elif entry is not None and part not in expected:
+            reasons.append(f"host log entry {entry.index} ({part} of VM {link.name}): {entry.digest[:16]}, and the "
+                           f"verifier has no {part} reference (a VM booted from a disk image needs one)")
+        elif entry is not None and bytes.fromhex(entry.digest) != expected[part]:
             reasons.append(f"host log entry {entry.index} ({part} of VM {link.name}): {entry.digest[:16]} is not "
                            f"the verifier's {part} {expected[part].hex()[:16]}")
     return reasons
@@ -129,7 +139,8 @@ def _vm_keys(url: str, name: str, link_record) -> tuple[bytes, bytes]:
 def attest_via(name: str, host: Host, host_ref: Reference, vm_ref: Reference, boot: Mapping[str, bytes],
                key: Ed25519PrivateKey, *, store: Store | None = None) -> ChainAttestation:
     """Attest VM `name` through `host` (see the module docstring). `boot`: the verifier's kernel, initrd and
-    cmdline digests (the policy part is `vm_ref`'s policy). VerifyError when a link cannot be established."""
+    cmdline digests, and the disk image's for a VM booted from one (the policy part is `vm_ref`'s policy).
+    VerifyError when a link cannot be established."""
     host_att = attest(host, host_ref, key, store=store, full=True)
     link = host_link(name, host_att.entries, host.name)
     try:

@@ -187,6 +187,14 @@ def test_a_build_vm_is_verified_through_the_host_that_booted_it(tmp_path):
         assert where in str(err.value), (new, str(err.value))
     path.write_text(VM_HOST.replace("/abs/host.db", str(db)).replace("[hosts.vm]\n", "[hosts.vm]\ndistccd_port = 7\n"))
     assert load_hosts(path)[1].distccd_port == 7
+    # a VM booted from a disk image: the image is a boot part the chain compares too
+    (tmp_path / "vm.img").write_bytes(b"image bytes")
+    path.write_text(VM_HOST.replace("/abs/host.db", str(db)).replace("[hosts.vm]\n", '[hosts.vm]\ndisk = "vm.img"\n'))
+    assert load_hosts(path)[1].vm.boot()["disk"] == hashlib.sha256(b"image bytes").digest()
+    assert "disk" not in vm.vm.boot()
+    path.write_text(VM_HOST.replace("/abs/host.db", str(db)).replace("[hosts.vm]\n", '[hosts.vm]\ndisk = "no.img"\n'))
+    with pytest.raises(FileError, match=r":9: hosts\[1\]\.vm\.disk: .*no\.img: no such file"):
+        load_hosts(path)
     second = VM_HOST.split("\n\n")[1].replace("vm1", "vm2").replace("40123", "40124")
     path.write_text(VM_HOST.replace("/abs/host.db", str(db)) + "\n" + second.replace("/abs/host.db", "vmlinuz"))
     with pytest.raises(FileError, match=r":18: hosts\[2\].vm: host host1's host_policy/host_db differ from those vm1"):

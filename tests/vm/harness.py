@@ -67,6 +67,20 @@ def find_kernel() -> Path:
     return Path(images[-1])
 
 
+DEB_TIMEOUT = 2400.0  # `make deb` when build/deb has none: ~1 min idle, ~7 min under load (pip, cffi, xz)
+
+
+def ensure_deb(log: Path) -> Path | None:
+    """cwlite's Debian package in build/deb (`make deb` first when there is none, its output to `log`); None when
+    this machine cannot build one (no dpkg-buildpackage) or the build failed (the log says why)."""
+    found = sorted((REPO_ROOT / "build/deb").glob("cwlite_*_amd64.deb"))
+    if not found and shutil.which("dpkg-buildpackage"):
+        with log.open("w") as out:
+            subprocess.run(["make", "deb"], cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=DEB_TIMEOUT)
+        found = sorted((REPO_ROOT / "build/deb").glob("cwlite_*_amd64.deb"))
+    return found[-1] if found else None
+
+
 def vng_path() -> Path:
     """virtme-ng from the venv that runs us (it is a test dependency in pyproject.toml)."""
     vng = Path(sys.executable).parent / "vng"

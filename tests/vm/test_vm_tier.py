@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -24,7 +23,7 @@ import pytest
 
 from tests.conftest import requires
 from tests.vm.conftest import GUEST_ENV, VM_FACTS
-from tests.vm.harness import DEFAULT_APPEND, REPO_ROOT, VmError, find_kernel, run_in_vm
+from tests.vm.harness import DEFAULT_APPEND, REPO_ROOT, VmError, ensure_deb, find_kernel, run_in_vm
 
 pytestmark = [requires(root=True, tool="qemu-system-x86_64"), requires(tool="swtpm")]
 
@@ -35,7 +34,6 @@ SUITES = {GUEST_DIR: DEFAULT_APPEND, IMA_GUEST_DIR: f"{DEFAULT_APPEND} ima_polic
 VM_TIMEOUT = 1800.0  # the guest suite (PRIMA and Port Authority on lsm): ~12 min idle, more under load
 IMA_VM_TIMEOUT = 1800.0  # the kernel-IMA suite's own boot: ima_policy=tcb hashes every file root reads (one
                         # guest test: 14 min 20 s under load average 15, boot 250 s of it; ~65 s boots idle)
-DEB_TIMEOUT = 2400.0  # `make deb` when build/deb has none: ~1 min idle, ~7 min under load (pip, cffi, xz)
 # The guest's /tmp is an overlay of 9p and tmpfs, where stat() and the kernel
 # disagree about a file's device: guest tests keep their files on /run (tmpfs).
 GUEST_BASETEMP = "/run/cwlite-guest-tmp"
@@ -124,13 +122,10 @@ def guest_sessions(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 def _ensure_deb(rwdir: Path, facts: dict) -> None:
     """`make deb` on the host before the boot, when build/deb has no package: the guest installs it
     (guest/test_deb_install.py), and the guest's root is read-only."""
-    if list((REPO_ROOT / "build/deb").glob("cwlite_*_amd64.deb")) or not shutil.which("dpkg-buildpackage"):
-        return
     log = rwdir / "make-deb.log"
-    with log.open("w") as out:
-        rc = subprocess.run(["make", "deb"], cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                            timeout=DEB_TIMEOUT).returncode
-    facts["make deb (for the guest's install test)"] = f"rc {rc}, log {log}"
+    deb = ensure_deb(log)
+    facts["cwlite package (for the guest's install test)"] = f"{deb or 'none'}" + (f", make deb log {log}"
+                                                                                    if log.exists() else "")
 
 
 def _boot_suite(suite: str, tmp_path_factory: pytest.TempPathFactory, facts: dict) -> GuestSession:

@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from controlplane.core import proof as proof_mod
+from controlplane.core import digest, proof as proof_mod
 from controlplane.core.atomic import write_atomic
 from controlplane.core.errors import VerifyError
 from controlplane.core.keys import load_public_key, public_pem
@@ -113,8 +113,7 @@ def open_envelope(envelope: Mapping[str, Any], key: Ed25519PublicKey, *, source:
 # the statement ---------------------------------------------------------------------------
 def sha256_file(path: Path) -> str:
     """A file's SHA-256, hex (the in-toto subjects' form)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return digest.sha256_file(path).hex()
 
 
 @dataclass(frozen=True)

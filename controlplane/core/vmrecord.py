@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Mapping
 
+from controlplane.core.digest import sha256_file  # noqa: F401 - boot parts are hashed here too
 from controlplane.core.errors import VmError
 from controlplane.core.events import Event, EventKind
 
@@ -46,12 +46,6 @@ def check_vm_name(name: str) -> str:
         raise VmError(f"VM name {name!r}: use 1-63 lowercase letters, digits or '-' (starting with a letter or digit)",
                       reason="name", vm=name)
     return name
-
-
-def sha256_file(path: str | os.PathLike[str]) -> bytes:
-    """SHA-256 of a boot part file's bytes (kernel, initrd, disk image: what the host log records for it)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
 
 
 def cmdline_digest(cmdline: str) -> bytes:

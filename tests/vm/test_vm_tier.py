@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import requires
 from tests.vm.conftest import GUEST_ENV, VM_FACTS
-from tests.vm.harness import DEFAULT_APPEND, REPO_ROOT, VmError, ensure_deb, find_kernel, run_in_vm
+from tests.vm.harness import DEB_TIMEOUT, DEFAULT_APPEND, REPO_ROOT, VmError, ensure_deb, find_kernel, run_in_vm
 
 pytestmark = [requires(root=True, tool="qemu-system-x86_64"), requires(tool="swtpm")]
 
@@ -34,6 +34,10 @@ SUITES = {GUEST_DIR: DEFAULT_APPEND, IMA_GUEST_DIR: f"{DEFAULT_APPEND} ima_polic
 VM_TIMEOUT = 1800.0  # the guest suite (PRIMA and Port Authority on lsm): ~12 min idle, more under load
 IMA_VM_TIMEOUT = 1800.0  # the kernel-IMA suite's own boot: ima_policy=tcb hashes every file root reads (one
                         # guest test: 14 min 20 s under load average 15, boot 250 s of it; ~65 s boots idle)
+# Whichever test first asks for a suite boots it inside that test (and the main suite's first one may
+# run `make deb` before): pytest-timeout's default (900 s, pyproject.toml) killed a guest suite that
+# took longer under load, and the next test booted it again.
+pytestmark.append(pytest.mark.timeout(int(DEB_TIMEOUT + max(VM_TIMEOUT, IMA_VM_TIMEOUT) + 300)))
 # The guest's /tmp is an overlay of 9p and tmpfs, where stat() and the kernel
 # disagree about a file's device: guest tests keep their files on /run (tmpfs).
 GUEST_BASETEMP = "/run/cwlite-guest-tmp"

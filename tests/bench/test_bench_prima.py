@@ -160,11 +160,16 @@ def _bench_cpu() -> int:
     return max(os.sched_getaffinity(0))
 
 
+def _pin_to_bench_cpu():
+    """A subprocess preexec_fn: the timed process (and the children it forks) on _bench_cpu() only."""
+    cpu = _bench_cpu()
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
 def _per_exec_ns(driver: Path, tiny: Path, n: int) -> tuple[float, float]:
     """(wall, CPU) ns per fork+exec+wait, the driver and its children pinned to _bench_cpu()."""
-    cpu = _bench_cpu()
     wall, cpu_ns = subprocess.run([str(driver), str(n), str(tiny)], capture_output=True, text=True, check=True,
-                                  preexec_fn=lambda: os.sched_setaffinity(0, {cpu})).stdout.split()
+                                  preexec_fn=_pin_to_bench_cpu()).stdout.split()
     return float(wall), float(cpu_ns)
 
 
@@ -305,9 +310,8 @@ def test_syscall_tax_on_every_process(bench_dir: Path, bench_record) -> None:
     syscalls), which runs on every syscall. getppid by an unlabelled process in each state."""
     d = bench_dir
     n = 300_000
-    cpu = _bench_cpu()
     run = lambda: float(subprocess.run([str(d / "syscalls"), str(n)], capture_output=True, text=True, check=True,
-                                       preexec_fn=lambda: os.sched_setaffinity(0, {cpu})).stdout)
+                                       preexec_fn=_pin_to_bench_cpu()).stdout)
     rows: dict[str, list[float]] = {"detached": [], "disarmed (no TP)": [], "armed, no raw sys_enter": [],
                                     "armed (a TP alive)": []}
     with _engine(d) as engine:

@@ -155,6 +155,14 @@ def vng_argv(command: str, *, results_dir: Path, tpm_socket: Path, append: str, 
     ]  # fmt: skip
 
 
+BOOT_TIMEOUT = 300.0  # to the guest command: ~15 s idle, ~65 s with IMA measuring every file, more under load
+_TAIL = 8  # console lines quoted in a VmError
+
+
+class _BootHang(VmError):
+    """The guest never reached its command: a stuck boot, retried once (the command never ran)."""
+
+
 def run_in_vm(
     command: str,
     *,
@@ -164,21 +172,35 @@ def run_in_vm(
     kernel: Path | None = None,
     cwd: Path = REPO_ROOT,
     echo: Callable[[str], None] | None = None,
+    boot_timeout: float = BOOT_TIMEOUT,
 ) -> VmRun:
     """Boot the kernel with a fresh vTPM, run `command` (a shell line) as root in `cwd`, power off.
 
     The guest can write only under `results_dir` (mounted at the same path).
     Output is streamed line by line to `echo` (default: this process's stdout)
-    and returned. Raises VmError on a timeout (the VM is killed) or when swtpm
-    or vng cannot start; a failing command is a VmRun with its nonzero rc.
+    and returned. Raises VmError on a timeout (the VM is killed; the message
+    quotes the console's last lines) or when swtpm or vng cannot start; a
+    failing command is a VmRun with its nonzero rc. A boot that does not reach
+    the command within `boot_timeout` is killed and booted once more (a rare
+    TCG boot stall seen in CI; the command had not started, so nothing ran twice).
     """
     results_dir = Path(results_dir).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     kernel = kernel or find_kernel()
     echo = echo or (lambda line: (sys.stdout.write(line), sys.stdout.flush()))
+    try:
+        return _boot(command, results_dir, timeout, append, kernel, cwd, echo, boot_timeout)
+    except _BootHang as hang:
+        echo(f"[cwlite-vm] {hang}; booting once more\n")
+        return _boot(command, results_dir, timeout, append, kernel, cwd, echo, boot_timeout)
+
+
+def _boot(command: str, results_dir: Path, timeout: float, append: str, kernel: Path, cwd: Path,
+          echo: Callable[[str], None], boot_timeout: float) -> VmRun:
     env = dict(os.environ, PATH=f"{vng_path().parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
     lines: list[str] = []
     booted: list[float] = []
+    started = threading.Event()
     swtpm = vm = None
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="cwlite-vtpm-") as state:
@@ -194,19 +216,26 @@ def run_in_vm(
                     line = raw.decode(errors="replace")
                     if not booted and BOOTED_MARK in line:
                         booted.append(time.monotonic() - start)
+                        started.set()
                     lines.append(line)
                     echo(line)
 
-            reader = threading.Thread(target=pump, name="vng-output", daemon=True)
-            reader.start()
-            try:
-                rc = vm.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+            def fail(cls: type[VmError], what: str) -> VmError:
                 _kill_group(vm)
                 _kill_group(swtpm)
                 reader.join(timeout=_GRACE)
-                raise VmError(f"{kernel.name}: guest command did not finish within {timeout:.0f} s (VM killed): {command}",
-                              output="".join(lines), pids=(swtpm.pid, vm.pid)) from None
+                tail = " | ".join(ln.strip() for ln in lines[-_TAIL:] if ln.strip()) or "no console output"
+                return cls(f"{kernel.name}: {what} (VM killed); console's last lines: {tail}",
+                           output="".join(lines), pids=(swtpm.pid, vm.pid))
+
+            reader = threading.Thread(target=pump, name="vng-output", daemon=True)
+            reader.start()
+            if boot_timeout < timeout and not started.wait(boot_timeout) and vm.poll() is None:
+                raise fail(_BootHang, f"boot did not reach the guest command within {boot_timeout:.0f} s")
+            try:
+                rc = vm.wait(timeout=max(0.0, timeout - (time.monotonic() - start)))
+            except subprocess.TimeoutExpired:
+                raise fail(VmError, f"guest command did not finish within {timeout:.0f} s: {command}") from None
             reader.join(timeout=_GRACE)
         finally:
             _kill_group(vm)

@@ -38,3 +38,15 @@ def test_a_timeout_kills_qemu_and_swtpm(tmp_path) -> None:
     for pid in info.value.pids:  # each led its own process group: nothing of either is left
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
+
+
+def test_a_stalled_boot_is_booted_once_more_then_reported_with_its_console_tail(tmp_path) -> None:
+    lines: list[str] = []
+    with pytest.raises(VmError) as info:  # no boot reaches its command within 1 s under TCG
+        run_in_vm("echo never", results_dir=tmp_path, timeout=120, boot_timeout=1, echo=lines.append)
+    assert "boot did not reach the guest command within 1 s" in str(info.value)
+    assert "console's last lines:" in str(info.value)
+    assert sum("booting once more" in ln for ln in lines) == 1  # one retry, not a loop
+    for pid in info.value.pids:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)

@@ -428,6 +428,8 @@ struct cwl_task_label {
 /* Tracepoint backend: cwl_arm's indexes (exec.bpf.c, prima.arming). */
 #define CWL_ARM_ARMED 0 /* 1: the per-syscall programs are attached (written by the engine only) */
 #define CWL_ARM_LIVE 1  /* 1: a label was entered since the engine last found no labelled process */
+#define CWL_ARM_CONFINE 2 /* 1: labelled processes must run in a cgroup of cwl_tp_cgroups (Port Authority's) */
+#define CWL_TP_CGROUPS_MAX 256 /* TP cgroups (one beside each cgroup a TP was started in) */
 
 /* "First trusted load of this measurement under this label" dedupe key. */
 struct cwl_seen_key {
@@ -618,6 +620,7 @@ static __always_inline void cwl_file_path(const void *file, char *buf)
 #define CWL_PA_WHY_ADDRESS 3 /* a rule for the port, but another local address */
 #define CWL_PA_WHY_PROTO 4   /* neither TCP nor UDP (a labelled socket receives only what rules name) */
 #define CWL_PA_WHY_FOREIGN 5 /* made outside the label: kept across the exec into it, taken, or received */
+#define CWL_PA_WHY_CGROUP 6  /* made outside a TP cgroup, where Port Authority's cgroup programs do not run */
 
 /* IP protocol numbers (uapi linux/in.h) and address families as rules store them. */
 #define CWL_PA_TCP 6

@@ -170,8 +170,12 @@ static __always_inline void cwl_event_name(struct cwl_event *e, const void *dent
  * them again. A process that enters a label while the flag is clear is held (cwl_entered).
  * cwl_arm[CWL_ARM_LIVE]: set at every label entry, cleared by the engine only when it found no
  * labelled process: the always-attached open exits skip their file lookup while it is clear. */
-BPF_ARRAY(cwl_arm, u32, 2);
+BPF_ARRAY(cwl_arm, u32, 3);
 BPF_RINGBUF_OUTPUT(cwl_arm_req, 1); /* tgids of held processes: wakes the engine's arming thread */
+/* cwl_arm[CWL_ARM_CONFINE] set (Port Authority runs its cgroup programs only on TP cgroups, issue
+ * 24): the cgroup v2 ids a labelled process may run in; a label entry anywhere else is held too, and
+ * the engine moves the process into one before it continues it (prima.arming `confine`). */
+BPF_HASH(cwl_tp_cgroups, u64, u8, CWL_TP_CGROUPS_MAX);
 
 static __always_inline u32 cwl_arm_flag(u32 which)
 {
@@ -558,7 +562,9 @@ static __always_inline void cwl_check_image(u32 gen, u32 label)
 /* The current process has just entered a label at sched_process_exec. When the engine is not
  * armed, its per-syscall programs are not attached: the process is held before its first user
  * instruction (SIGSTOP, taken on the way back to user space) and the engine is asked to arm; it
- * attaches them, sets CWL_ARM_ARMED, then clears CWL_TL_HELD and continues the process. Anyone
+ * attaches them, sets CWL_ARM_ARMED, then clears CWL_TL_HELD and continues the process. While
+ * confining (CWL_ARM_CONFINE), a label entry outside the TP cgroups is held the same way, and the
+ * engine moves the process into one before it continues it. Anyone
  * else continuing it first is a violation (signal_generate below). The engine clears
  * CWL_ARM_ARMED before it detaches and waits an RCU grace period before it looks for labelled
  * processes, so an exec that read the flag still set has inserted its label by then. */
@@ -570,8 +576,13 @@ static __always_inline void cwl_entered(void)
 
 	if (!cwl_arm_flag(CWL_ARM_LIVE))
 		cwl_arm.update(&k, &one); /* a read first: an array lookup is inlined, an update is a call */
-	if (cwl_arm_flag(CWL_ARM_ARMED))
+	if (cwl_arm_flag(CWL_ARM_ARMED) && !cwl_arm_flag(CWL_ARM_CONFINE))
 		return;
+	if (cwl_arm_flag(CWL_ARM_ARMED)) {
+		u64 cg = bpf_get_current_cgroup_id();
+		if (cwl_tp_cgroups.lookup(&cg))
+			return;
+	}
 	tl = cwl_task_labels.lookup(&tgid);
 	if (tl)
 		tl->flags |= CWL_TL_HELD;

@@ -319,14 +319,26 @@ static __always_inline void cwl_pa_kill(u32 label, u8 op, u32 why)
 		bpf_send_signal(9 /* SIGKILL */);
 }
 
-/* socket(2) by a labelled process of a family Port Authority cannot judge (AF_PACKET): killed at
- * sys_enter, so the call never returns to its code. */
+/* The cgroups Port Authority's cgroup programs are attached to (TP cgroups: the engine moves every
+ * labelled process into one before its first instruction, prima.arming `confine`). A socket's cgroup
+ * programs are those of the cgroup it was made in, for its whole life. */
+BPF_HASH(cwl_pa_tp_cgroups, u64, u8, CWL_TP_CGROUPS_MAX);
+
+/* socket(2) by a labelled process: outside a TP cgroup (moved out, or forked into another cgroup
+ * with clone3's CLONE_INTO_CGROUP), or of a family Port Authority cannot judge (AF_PACKET): killed
+ * at sys_enter, so the call never returns to its code. */
 TRACEPOINT_PROBE(syscalls, sys_enter_socket)
 {
 	u32 label = cwl_pa_task_label(), why;
+	u64 cg;
 
 	if (!label)
 		return 0;
+	cg = bpf_get_current_cgroup_id();
+	if (!cwl_pa_tp_cgroups.lookup(&cg)) {
+		cwl_pa_kill(label, CWL_PA_OP_SOCKET, CWL_PA_WHY_CGROUP);
+		return 0;
+	}
 	why = cwl_pa_decide_socket(label, (u32)args->family);
 	if (why != CWL_PA_WHY_NONE)
 		cwl_pa_kill(label, CWL_PA_OP_SOCKET, why);

@@ -2,7 +2,7 @@
 
 One source, the backend chosen by a -D flag as PRIMA's is (prima.engine), and PRIMA's backend:
 BPF: ebpf/net.bpf.c -DCWL_BACKEND_TP (tracepoint) — cgroup sock_create, bind4/6, connect4/6,
-sendmsg4/6 and cgroup_skb ingress on the root cgroup (`cgroup`), each attached through a
+sendmsg4/6 and cgroup_skb ingress on each TP cgroup (below), each attached through a
 BPF link (the attachment dies with the daemon, as bcc's tracepoints do), and the syscall
 tracepoints bcc attaches itself (socket, execve/execveat, recvmsg, pidfd_getfd: a packet socket
 or a socket made outside the label reaching a TP); -DCWL_BACKEND_LSM (lsm) — LSM
@@ -20,6 +20,17 @@ whose label ids (`label_ids`) the rule set's masks use. The caller,
 which holds both engines (portauthority and prima are sibling layers), adds this one's
 programs and maps to PRIMA's self-protection guard: `prima.selfprotect.register(pa.bpf, into=prima.bpf)`.
 
+TP cgroups (tracepoint backend, issue 24): the cgroup programs run on every socket made in the
+cgroup they are attached to, for the socket's life, so they are attached only where labelled
+processes live: a child cgroup `cwlite-tp` of the cgroup a TP was started in (its unit's limits,
+which are hierarchical, still apply; systemd still stops it with its unit), made and attached the
+first time. The caller hands `adopt` to PRIMA (`prima.confine(pa.adopt)`): a label entry outside a
+TP cgroup is held before its first instruction until `adopt` moved the process in. Processes in
+no TP cgroup, unlabelled ones, run no cgroup program at all. A labelled process that makes a
+socket outside a TP cgroup anyway (root moved it out, or it forked a child into another cgroup
+with clone3's CLONE_INTO_CGROUP) is killed at socket(2)'s entry and counted (op `socket`, why
+`cgroup`): its sockets are always made where the programs run.
+
 Refusals are counted in the kernel per (label, rule, op, port, reason); `poll()`
 turns each interval's new counts into one `pa-refused` entry per key, so a flood of
 100,000 packets is a handful of entries whose counts add up. A listener a rule
@@ -31,11 +42,13 @@ daemon-start would read as an enforcement gap).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
 import os
 import struct
+import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -56,7 +69,8 @@ if TYPE_CHECKING:
 SOURCE = "net.bpf.c"
 BACKENDS = {"tracepoint": "-DCWL_BACKEND_TP", "lsm": "-DCWL_BACKEND_LSM"}
 # What each variant's programs are (`cwlite pa show`); the tc classifier comes on top on both.
-HOOKS = {"tracepoint": "cgroup sock_create, bind4/6, connect4/6, sendmsg4/6 and cgroup_skb ingress (EPERM/drop)",
+HOOKS = {"tracepoint": "cgroup sock_create, bind4/6, connect4/6, sendmsg4/6 and cgroup_skb ingress on TP cgroups "
+                       "(EPERM/drop)",
          "lsm": "LSM socket_create, socket_post_create, socket_bind, socket_listen, socket_accept, socket_connect, "
                 "socket_sendmsg, socket_sock_rcv_skb and file_receive (EPERM/drop)"}
 COUNT_MAX = 4096         # distinct refusal keys per interval before they are counted as lost
@@ -68,6 +82,7 @@ TC_HANDLE = 0x1c0c0001   # the filter's handle on clsact ingress ("cwl" + 1)
 TC_PRIO = 0xc0c0
 CLSACT_INGRESS = "ffff:fff2"
 TC_NAME = "cwl_pa_tc"
+TP_CGROUP = "cwlite-tp"  # the child cgroup a TP is moved into, below the cgroup it was started in
 PROTO_WORDS = {abi.value("CWL_PA_TCP"): "tcp", abi.value("CWL_PA_UDP"): "udp"}
 ACTIONS = {abi.value("CWL_ACT_DENIED"): "denied", abi.value("CWL_ACT_KILLED"): "killed",
            abi.value("CWL_ACT_ALLOWED"): "allowed"}
@@ -121,20 +136,24 @@ class Engine:
     """
 
     def __init__(self, policy: Policy, label_ids: Mapping[str, int], *, labels_fd: int, backend: str,
-                 interfaces: Sequence[str] = (), cgroup: str | None = None, interval_s: float = INTERVAL_S) -> None:
+                 interfaces: Sequence[str] = (), cgroup_root: str | None = None, interval_s: float = INTERVAL_S) -> None:
         if backend not in BACKENDS:
             raise EnforcementError(f"portauthority/{backend}: no such backend (have: {', '.join(BACKENDS)})")
         self.backend = backend
-        self.cgroup: str | None = None   # tracepoint: where the cgroup programs are attached
+        self.cgroup_root: str | None = None  # tracepoint: the cgroup v2 mount the TP cgroups are made in
         self.interval_s = interval_s
         self._queue: deque[Event] = deque()
-        self._links: list[int] = []
+        self._cg_lock = threading.Lock()  # adopt() runs on PRIMA's arming thread
+        self._tp_cgroups: dict[str, tuple[int, bool]] = {}  # TP cgroup path -> (cgroup id, made by us)
+        self._links: dict[str, list[int]] = {}  # TP cgroup path -> its link fds (none while detached)
+        self._detached = False
         self._tc: list[tuple[int, bool]] = []  # (ifindex, clsact made by us)
         self._paused_tc: list[str] = []
         self._paused_tp: list[bytes] = []
         self._tc_names: dict[int, str] = {}  # ifindex -> name, for the watch (_check_tc)
         self._tc_faults: dict[str, str] = {}  # name -> the fault last logged for it
         self._cgroup_progs: list[tuple[str, int, int]] = []  # (name, prog fd, attach type)
+        self._tp_cgroups_fd = -1  # net.bpf.c cwl_pa_tp_cgroups: the ids where the cgroup programs run
         self._seen_listeners: set[tuple[str, str, int]] = set()
         self._counts_seen: dict[bytes, int] = {}
         self._drops_seen = [0] * DROP_MAX
@@ -152,8 +171,8 @@ class Engine:
             self.reload(policy, label_ids)
             # lsm: bcc attached the LSM programs at load (no cgroup programs in that variant)
             if self.backend == "tracepoint":
-                self.cgroup = cgroup or cgroup2_root()
-                self._attach_cgroup()
+                self.cgroup_root = cgroup_root or cgroup2_root()
+                self._load_cgroup_programs()
             for name in interfaces:
                 self._attach_tc(name)
             self._bpf[b"cwl_pa_events"].open_ring_buffer(self._on_record)
@@ -172,7 +191,7 @@ class Engine:
             raise EnforcementError(f"ebpf/{SOURCE}: cwl_pa_label_src: PRIMA's label map (fd {labels_fd}) "
                                    f"refused: {exc}") from exc
 
-    def _attach_cgroup(self) -> None:
+    def _load_cgroup_programs(self) -> None:
         import bcc  # loaded by ebpf.loader already
 
         bpf = self._require()
@@ -193,22 +212,88 @@ class Engine:
             except Exception as exc:  # bcc raises a bare Exception with the verifier's errno
                 raise EnforcementError(f"ebpf/{SOURCE}: {name.decode()}: load failed: {exc}") from exc
             self._cgroup_progs.append((name.decode(), fn.fd, atype))
-        self._link_cgroup()
+        self._tp_cgroups_fd = bpf[b"cwl_pa_tp_cgroups"].map_fd
 
-    def _link_cgroup(self) -> None:
-        assert self.cgroup is not None
+    def _link_cgroup(self, path: str) -> None:
+        """Attach every cgroup program to the cgroup at `path` (its links kept under that path)."""
         try:
-            cg = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            cg = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
-            raise EnforcementError(f"{self.cgroup}: cannot open the cgroup v2 root: {exc.strerror}") from exc
+            raise EnforcementError(f"{path}: cannot open the TP cgroup: {exc.strerror}") from exc
+        links = self._links.setdefault(path, [])
         try:
             for name, fd, atype in self._cgroup_progs:
                 try:
-                    self._links.append(bpfmap.link_create(fd, cg, atype))
+                    links.append(bpfmap.link_create(fd, cg, atype))
                 except CwliteError as exc:
-                    raise EnforcementError(f"{self.cgroup}: {name}: cannot attach: {exc}") from exc
+                    raise EnforcementError(f"{path}: {name}: cannot attach: {exc}") from exc
         finally:
             os.close(cg)
+
+    def _unlink_cgroups(self) -> None:
+        for links in self._links.values():
+            for fd in links:
+                os.close(fd)
+        self._links = {}
+
+    @property
+    def tp_cgroups(self) -> list[str]:
+        """The TP cgroups made or found so far (paths), where the cgroup programs run."""
+        with self._cg_lock:
+            return sorted(self._tp_cgroups)
+
+    def adopt(self, tgid: int) -> int:
+        """Move process `tgid` into the TP cgroup below its own cgroup (or keep it in the one it is
+        in), made and given the cgroup programs the first time; returns that cgroup's id. PRIMA calls
+        it for a held process (`prima.confine(pa.adopt)`); an error leaves the process outside, and
+        PRIMA kills it. Raises ProcessLookupError when it is gone, EnforcementError otherwise."""
+        if self.cgroup_root is None:
+            raise EnforcementError(f"portauthority/{self.backend}: no TP cgroups on this backend")
+        try:
+            with open(f"/proc/{tgid}/cgroup") as f:
+                here = next((ln[3:].strip() for ln in f if ln.startswith("0::")), None)
+        except FileNotFoundError:
+            raise ProcessLookupError(tgid) from None
+        if here is None:
+            raise EnforcementError(f"/proc/{tgid}/cgroup: no cgroup v2 line (0::)")
+        parent = os.path.join(self.cgroup_root, here.lstrip("/"))
+        path = parent if os.path.basename(parent) == TP_CGROUP else os.path.join(parent, TP_CGROUP)
+        with self._cg_lock:
+            cgroup_id = self._tp_cgroup(path)
+            try:
+                with open(os.path.join(path, "cgroup.procs"), "w") as procs:
+                    procs.write(str(tgid))
+            except ProcessLookupError:
+                raise
+            except OSError as exc:
+                raise EnforcementError(f"{path}/cgroup.procs: cannot move process {tgid} in: {exc.strerror}") from exc
+        return cgroup_id
+
+    def _tp_cgroup(self, path: str) -> int:
+        """The id of the TP cgroup at `path`, made and attached the first time (under _cg_lock)."""
+        if path in self._tp_cgroups:
+            return self._tp_cgroups[path][0]
+        made = True
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            made = False
+        except OSError as exc:
+            raise EnforcementError(f"{path}: cannot make the TP cgroup: {exc.strerror}") from exc
+        cgroup_id = os.stat(path).st_ino  # a cgroup v2 directory's inode number is the cgroup's id
+        try:
+            if not self._detached:
+                self._link_cgroup(path)
+            bpfmap.update(self._tp_cgroups_fd, struct.pack("=Q", cgroup_id), b"\x01")
+        except BaseException:
+            for fd in self._links.pop(path, []):
+                os.close(fd)
+            if made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+            raise
+        self._tp_cgroups[path] = (cgroup_id, made)
+        return cgroup_id
 
     def attached(self, on: bool) -> None:
         """Detach (False) or re-attach (True) every program, keeping maps and counts: for benchmarks
@@ -218,25 +303,27 @@ class Engine:
         if self.backend != "tracepoint":
             raise EnforcementError(f"portauthority/{self.backend}: programs stay attached until close()")
         bpf = self._require()
-        if not on and self._links:
-            for fd in self._links:
-                os.close(fd)
-            self._links = []
-            names = [self._ifname(idx) for idx, _ in self._tc]
-            self._detach_tc()
-            self._paused_tc = names
-            self._paused_tp = list(bpf.tracepoint_fds)  # bcc attached net.bpf.c's syscall tracepoints
-            for tp in self._paused_tp:
-                bpf.detach_tracepoint(tp)
-        elif on and not self._links:
-            self._link_cgroup()
-            for name in self._paused_tc:
-                self._attach_tc(name)
-            self._paused_tc = []
-            for tp in self._paused_tp:
-                category, event = tp.split(b":")
-                bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + category + b"__" + event)
-            self._paused_tp = []
+        with self._cg_lock:
+            if not on and not self._detached:
+                self._unlink_cgroups()
+                names = [self._ifname(idx) for idx, _ in self._tc]
+                self._detach_tc()
+                self._paused_tc = names
+                self._paused_tp = list(bpf.tracepoint_fds)  # bcc attached net.bpf.c's syscall tracepoints
+                for tp in self._paused_tp:
+                    bpf.detach_tracepoint(tp)
+                self._detached = True
+            elif on and self._detached:
+                for path in self._tp_cgroups:
+                    self._link_cgroup(path)
+                for name in self._paused_tc:
+                    self._attach_tc(name)
+                self._paused_tc = []
+                for tp in self._paused_tp:
+                    category, event = tp.split(b":")
+                    bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + category + b"__" + event)
+                self._paused_tp = []
+                self._detached = False
 
     @staticmethod
     def _ifname(idx: int) -> str:
@@ -423,9 +510,13 @@ class Engine:
                 self._bpf.ring_buffer_consume()
                 self._flush_counts()
         finally:
-            for fd in self._links:
-                os.close(fd)
-            self._links = []
+            with self._cg_lock:
+                self._unlink_cgroups()
+                for path, (_, made) in self._tp_cgroups.items():
+                    if made:  # a TP still in it keeps it (EBUSY): it outlives the daemon, unfiltered
+                        with contextlib.suppress(OSError):
+                            os.rmdir(path)
+                self._tp_cgroups = {}
             self._detach_tc()
             self._bpf.cleanup()
             self._bpf = None

@@ -55,7 +55,7 @@ import signal
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from cext import bpfmap
 from controlplane.core.errors import CwliteError
@@ -103,6 +103,7 @@ class Arming:
         self.errors = 0    # failed steps (the engine reports each as lost events: enforcement was impaired)
         self.last_error: Exception | None = None
         self._idle_since: float | None = None
+        self._adopt: Callable[[int], int] | None = None  # confine(): moves a process into a TP cgroup
         self._cb = libbcc._RINGBUF_CB_TYPE(lambda ctx, data, size: 0)  # records only wake the thread
         self._rb = self._lib.bpf_new_ringbuf(bpf[b"cwl_arm_req"].map_fd, self._cb, None)
         if not self._rb:
@@ -161,17 +162,47 @@ class Arming:
         self._release(labelled)
 
     def _release(self, labelled: dict[int, tuple[int, int]]) -> None:
-        """Continue the held processes (the programs are attached); kill those someone else continued."""
+        """Continue the held processes (the programs are attached; confining, each moved into a TP
+        cgroup first); kill those someone else continued, or that could not be moved."""
         held, released = abi.value("CWL_TL_HELD"), abi.value("CWL_TL_RELEASED")
         fd = self._bpf[b"cwl_task_labels"].map_fd
         for tgid, (label, flags) in labelled.items():
             if not flags & held:
                 continue
+            if self._adopt is not None and not flags & released and not self._adopted(tgid):
+                flags |= released  # it must not run outside: killed below
             key = struct.pack("=I", tgid)
             with contextlib.suppress(CwliteError):  # gone meanwhile: nothing to release (BPF_EXIST: never re-added)
                 bpfmap.update(fd, key, struct.pack("=II", label, flags & ~held), bpfmap.BPF_EXIST)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(tgid, signal.SIGKILL if flags & released else signal.SIGCONT)
+
+    def _adopted(self, tgid: int) -> bool:
+        """Move `tgid` into a TP cgroup (confine's `adopt`) and let the exec programs know its id."""
+        assert self._adopt is not None
+        try:
+            cgroup_id = self._adopt(tgid)
+        except ProcessLookupError:
+            return False
+        except Exception as exc:  # noqa: BLE001 - counted and kept for the engine to log; the process dies
+            self.errors += 1
+            self.last_error = exc
+            return False
+        self._bpf[b"cwl_tp_cgroups"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint8(1)
+        return True
+
+    def confine(self, adopt: Callable[[int], int]) -> None:
+        """From now on labelled processes run only in TP cgroups: a label entry elsewhere is held
+        (exec.bpf.c cwl_entered) until `adopt(tgid)` moved the process into one (it returns that
+        cgroup's id). Port Authority's engine adopts: its cgroup programs run on TP cgroups only.
+        A process labelled before this call is adopted now; one that cannot be is killed."""
+        with self._lock:
+            self._adopt = adopt
+            _flag(self._bpf, "CONFINE", 1)
+            for tgid in self._labelled():
+                if not self._adopted(tgid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(tgid, signal.SIGKILL)
 
     def _disarm_now(self) -> None:
         bpf = self._bpf

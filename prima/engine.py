@@ -381,6 +381,13 @@ class Engine:
             raise EnforcementError(f"ebpf/{SOURCE}: {LABEL_MAPS[self.backend]}: no such map in the loaded programs")
         return fd
 
+    def confine(self, adopt: Callable[[int], int]) -> None:
+        """Tracepoint backend: labelled processes run only in TP cgroups, each moved there by
+        `adopt(tgid)` (returning the cgroup's id) before its first instruction (prima.arming).
+        Port Authority's engine adopts; the lsm backend has no cgroup programs and nothing to do."""
+        if self.arming is not None:
+            self.arming.confine(adopt)
+
     def _require(self) -> "bcc.BPF":
         if self._bpf is None:
             raise EnforcementError(f"prima/{self.backend}: engine is closed")

@@ -215,7 +215,9 @@ class Daemon:
         self.pa = pa_engine.Engine(policy, engine.label_ids(policy), labels_fd=engine.label_map_fd, backend=engine.backend,
                                    interfaces=self.pa_interfaces)
         selfprotect.register(self.pa.bpf, into=engine.bpf)
-        where = f"cgroup {self.pa.cgroup}" if self.pa.cgroup else "LSM socket hooks"
+        engine.confine(self.pa.adopt)  # tracepoint: TPs run in TP cgroups, where the cgroup programs are
+        where = f"TP cgroups ({pa_engine.TP_CGROUP}) under {self.pa.cgroup_root}" if self.pa.cgroup_root \
+            else "LSM socket hooks"
         self._say(f"Port Authority ({self.pa.backend}): {len(policy.port_authority.rules)} rule(s), {where}, "
                   f"tc on {', '.join(self.pa_interfaces) or 'no interface'}")
 

@@ -20,17 +20,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from pyroute2 import IPRoute, NetNS, config, netns
 
 from cext import bpfmap
 from controlplane.core import imalog
+from controlplane.core.errors import CwliteError
 from controlplane.core.events import Event, EventKind, parse_pa_subject
 from controlplane.core.policy import Policy, parse_policy
 from portauthority import rules
 from controlplane.verifier.judge import Facts, Judge, Reference
-from portauthority.engine import CLSACT_INGRESS, COUNT_MAX, Engine as PaEngine
+from portauthority.engine import CLSACT_INGRESS, COUNT_MAX, Engine as PaEngine, cgroup2_root
 from prima import selfprotect
 from prima.engine import Engine
 from tests.bypass.backend import Killed
@@ -46,6 +48,7 @@ config.default_create_socket_timeout = 120
 NETHELPER_C = r"""
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/if_ether.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -55,9 +58,11 @@ NETHELPER_C = r"""
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 /* listen ADDR PORT N: bind (tcp; ADDR v4 or v6), listen, print the port, serve N connections ("ok\n" to each)
    listen-any N: listen without bind (the kernel picks a port), print it, serve N
+   socket-in-cgroup PATH: clone3 a child into the cgroup at PATH; it makes a TCP socket; print how it ended
    echo ADDR PORT: bind (tcp), listen, print the port, accept one connection and answer each read
    with "ok\n" until EOF, then print the number of reads
    serve-fd FD N: serve N connections on listening socket FD (inherited, not its own)
@@ -215,6 +220,26 @@ int main(int argc, char **argv)
 		printf("refused %d\n", refused);
 		return 0;
 	}
+	if (!strcmp(argv[1], "socket-in-cgroup") && argc == 3) {
+		/* clone3 with CLONE_INTO_CGROUP: the child starts in the cgroup at PATH and makes a socket */
+		struct { unsigned long long flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+			set_tid, set_tid_size, cgroup; } ca = {.flags = 0x200000000ULL /* CLONE_INTO_CGROUP */,
+			.exit_signal = 17 /* SIGCHLD */};
+		int cg = open(argv[2], O_RDONLY | O_DIRECTORY), status = 0;
+		if (cg < 0) { perror("open"); return 3; }
+		ca.cgroup = cg;
+		long pid = syscall(SYS_clone3, &ca, sizeof ca);
+		if (pid < 0) { perror("clone3"); return 3; }
+		if (pid == 0) {
+			int s = socket(AF_INET, SOCK_STREAM, 0);
+			printf("child socket %s\n", s < 0 ? "refused" : "made"); fflush(stdout);
+			_exit(0);
+		}
+		waitpid(pid, &status, 0);
+		if (WIFSIGNALED(status)) printf("child killed %d\n", WTERMSIG(status));
+		else printf("child exit %d\n", WEXITSTATUS(status));
+		return 0;
+	}
 	if (!strcmp(argv[1], "packet") && argc == 2) {
 		int s = socket(AF_PACKET, SOCK_RAW, htons(ETH_P_ALL));
 		if (s < 0) { perror("socket"); return 3; }
@@ -314,6 +339,7 @@ class PaLab:
             self.pa = PaEngine(self.policy, self.prima.loaded.labels, labels_fd=self.prima.label_map_fd, backend=backend,
                                interfaces=[self.host_if], interval_s=0.2)
             selfprotect.register(self.pa.bpf, into=self.prima.bpf)
+            self.prima.confine(self.pa.adopt)
         except BaseException:
             self.prima.close()
             self._netns_down()
@@ -676,6 +702,56 @@ class PaScenarios:
         assert "read" not in out, out
         self._held(pa_lab, srv.returncode, "tp_none")
 
+    def test_a_tp_moved_out_of_its_tp_cgroup(self, pa_lab: PaLab) -> None:
+        """Root moves a running TP into a cgroup of its own making, where (tracepoint) no cgroup program
+        runs; then the TP makes a socket to listen on a port no rule opens. tracepoint: it ran in a TP
+        cgroup until then, and its socket(2) kills it (op socket, why cgroup); lsm: the socket hooks
+        follow it anywhere, and the listen is refused as before."""
+        out_cg = _scratch_cgroup("moved")
+        sh = subprocess.Popen([pa_lab.entry["tp_srv"], "-c", f"read go; exec {pa_lab.nethelper} listen-any 1"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            if isinstance(self.backend.expect, Killed):
+                assert _wait_for(lambda: _cgroup_of(sh.pid).endswith("/cwlite-tp"), 20), _cgroup_of(sh.pid)
+                assert not _cgroup_of(os.getpid()).endswith("/cwlite-tp")  # unlabelled: left where it was
+            Path(out_cg, "cgroup.procs").write_text(str(sh.pid))
+            assert _cgroup_of(sh.pid) == "/" + os.path.relpath(out_cg, pa_lab.pa.cgroup_root or _cgroup2_mount())
+            out, err = sh.communicate("go\n", timeout=30)
+        finally:
+            sh.kill()
+            sh.wait()
+            os.rmdir(out_cg)
+        assert "listening" not in out, (out, err)
+        pa_lab.collect()
+        newest = pa_lab.events[-1]
+        assert newest.kind is EventKind.PA_REFUSED and newest.label == "tp_srv", newest
+        s = parse_pa_subject(newest.subject)
+        if isinstance(self.backend.expect, Killed):
+            assert sh.returncode == -9, (sh.returncode, err)
+            assert (newest.op, s.why, s.action, s.count) == ("socket", "cgroup", "killed", 1), newest
+            assert _verdict(pa_lab, newest) == ("untrusted", "pa-socket-refused")
+        else:
+            assert sh.returncode == 3 and "Operation not permitted" in err, (sh.returncode, err)
+            assert (newest.op, s.why, s.action) == ("listen", "no-rule", "denied"), newest
+            assert _verdict(pa_lab, newest) == ("untrusted", "pa-listen-refused")
+
+    def test_a_tp_forks_a_child_into_another_cgroup(self, pa_lab: PaLab) -> None:
+        """clone3's CLONE_INTO_CGROUP starts a TP's child (it inherits the label) in a cgroup where
+        (tracepoint) no cgroup program runs: its first socket(2) kills it. lsm: the child may make a
+        socket (its later bind/listen/receive are judged by the socket hooks wherever it runs)."""
+        out_cg = _scratch_cgroup("forked")
+        try:
+            r = pa_lab.tp_run("tp_srv", "socket-in-cgroup", out_cg)
+        finally:
+            os.rmdir(out_cg)
+        assert r.returncode == 0, r
+        if isinstance(self.backend.expect, Killed):
+            assert r.stdout.strip() == "child killed 9", r
+            [entry] = pa_lab.refused(label="tp_srv", op="socket", why="cgroup")[-1:]
+            assert _verdict(pa_lab, entry) == ("untrusted", "pa-socket-refused")
+        else:
+            assert r.stdout.splitlines() == ["child socket made", "child exit 0"], r
+
     def test_removing_the_tc_classifier_is_logged_and_undone(self, pa_lab: PaLab) -> None:
         """Root deletes the classifier, then the whole clsact qdisc, with netlink (no bpf(2) call for
         PRIMA's self-protection to see): each is one violation within an interval, and the classifier
@@ -782,6 +858,38 @@ def _local_connect(addr: str, port: int) -> str:
             return c.recv(16).decode().strip() or "closed"
         except OSError:
             return "failed"
+
+
+def _cgroup_of(pid: int) -> str:
+    """The cgroup v2 path of process `pid` ("/" for the root)."""
+    return next(ln[3:].strip() for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if ln.startswith("0::"))
+
+
+def _cgroup2_mount() -> str:
+    """The cgroup v2 mount; the VM guest may have none (its lsm engine needs none): one is made."""
+    try:
+        return cgroup2_root()
+    except CwliteError:
+        where = "/run/cwlite-test-cgroup2"
+        os.makedirs(where, exist_ok=True)
+        subprocess.run(["mount", "-t", "cgroup2", "none", where], check=True)
+        return where
+
+
+def _scratch_cgroup(what: str) -> str:
+    """A fresh cgroup beside the root's children, no TP cgroup: where an attack puts a TP."""
+    path = os.path.join(_cgroup2_mount(), f"cwlpa-{what}-{os.getpid()}")
+    os.mkdir(path)
+    return path
+
+
+def _wait_for(cond: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
 
 
 def _verdict(lab: PaLab, event: Event) -> tuple[str, str]:

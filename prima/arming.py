@@ -23,6 +23,11 @@ The race, and why it closes (exec.bpf.c `cwl_entered`):
   label by then and is found (re-arm); one that reads it clear is held. Only when none is found are
   the programs detached. If the grace period cannot be had, the engine stays armed (fail closed).
 
+Confining (`confine`, Port Authority on this backend): its cgroup programs run only on TP cgroups,
+so cwl_arm[CONFINE] makes a label entry outside one (cwl_tp_cgroups) a hold as well, and the release
+first hands the process to `adopt`, which moves it into a TP cgroup; one that cannot be moved is
+killed instead of continued. A TP's children and later execs stay in its cgroup and are not held.
+
 What it costs, and why the rest stays attached (issue 21, speed; the kernel's own count,
 kernel.bpf_stats_enabled, per fork+exec of an unlabelled dynamic binary on the 6.18 host: a
 fork+exec+wait is ~33 syscalls, 8 of them mmap and 2-3 openat):

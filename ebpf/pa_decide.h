@@ -196,10 +196,22 @@ static __always_inline int cwl_pa_load(void *pkt, u32 off, void *to, u32 len, in
 	return bpf_skb_load_bytes(pkt, off, to, len);
 }
 
+/* IPv6 extension headers walked to the transport header (RFC 8200 4.1): hop-by-hop options (0),
+ * routing (43) and destination options (60), each (hdr ext len + 1) * 8 bytes, and the fragment
+ * header (44, 8 bytes) of a first fragment. cgroup_skb and the LSM hook see reassembled packets;
+ * tc sees fragments, and a later one (its offset is not 0) has no transport header. */
+#define CWL_PA_IPV6_EXT_MAX 4
+#define CWL_IPV6_HOPOPTS 0
+#define CWL_IPV6_ROUTING 43
+#define CWL_IPV6_FRAGMENT 44
+#define CWL_IPV6_DSTOPTS 60
+#define CWL_IP_OFFSET 0x1fff /* IPv4 fragment offset (8-byte units) in the flags/offset word */
+
 /* Fill q's family, protocol, addresses and ports from the IP packet at `off` of `pkt` (see
  * cwl_pa_load for `kmem`). 0, or -1 when it is no IPv4/IPv6 packet cwlite can read (then the
- * caller passes it). An IPv6 packet whose next header is not TCP or UDP (extension headers)
- * keeps proto = that header. */
+ * caller passes it). A fragment after the first (IPv4 or IPv6) has no ports: they stay 0, and an
+ * IPv6 one keeps proto = 44. An IPv6 packet whose chain of extension headers is longer than
+ * CWL_PA_IPV6_EXT_MAX keeps proto = the header the walk stopped at (no rule names it). */
 static __always_inline int cwl_pa_parse_from(void *pkt, u32 off, u32 ethertype, struct cwl_pa_query *q, int kmem)
 {
 	u8 vihl = 0;
@@ -207,14 +219,16 @@ static __always_inline int cwl_pa_parse_from(void *pkt, u32 off, u32 ethertype, 
 	u32 l4;
 
 	if (ethertype == CWL_ETH_P_IP) {
-		u8 proto = 0;
+		u8 proto = 0, frag[2] = {0, 0};
 		if (cwl_pa_load(pkt, off, &vihl, 1, kmem) || (vihl >> 4) != 4)
 			return -1;
-		if (cwl_pa_load(pkt, off + 9, &proto, 1, kmem) || cwl_pa_load(pkt, off + 12, q->raddr, 4, kmem) ||
-		    cwl_pa_load(pkt, off + 16, q->laddr, 4, kmem))
+		if (cwl_pa_load(pkt, off + 6, frag, 2, kmem) || cwl_pa_load(pkt, off + 9, &proto, 1, kmem) ||
+		    cwl_pa_load(pkt, off + 12, q->raddr, 4, kmem) || cwl_pa_load(pkt, off + 16, q->laddr, 4, kmem))
 			return -1;
 		q->family = CWL_PA_INET;
 		q->proto = proto;
+		if (((frag[0] << 8) | frag[1]) & CWL_IP_OFFSET)
+			return 0; /* a later fragment: its first bytes are data, not ports */
 		l4 = off + (vihl & 0x0f) * 4;
 	} else if (ethertype == CWL_ETH_P_IPV6) {
 		u8 next = 0;
@@ -222,8 +236,24 @@ static __always_inline int cwl_pa_parse_from(void *pkt, u32 off, u32 ethertype, 
 		    cwl_pa_load(pkt, off + 24, q->laddr, 16, kmem))
 			return -1;
 		q->family = CWL_PA_INET6;
-		q->proto = next;
 		l4 = off + 40;
+		for (int i = 0; i < CWL_PA_IPV6_EXT_MAX; i++) {
+			u8 h[4] = {0, 0, 0, 0};
+			if (next != CWL_IPV6_HOPOPTS && next != CWL_IPV6_ROUTING && next != CWL_IPV6_DSTOPTS &&
+			    next != CWL_IPV6_FRAGMENT)
+				break;
+			if (cwl_pa_load(pkt, l4, h, 4, kmem))
+				return -1;
+			if (next == CWL_IPV6_FRAGMENT) {
+				if (((h[2] << 8) | h[3]) & 0xfff8)
+					break; /* a later fragment: no transport header */
+				l4 += 8;
+			} else {
+				l4 += (h[1] + 1) * 8;
+			}
+			next = h[0];
+		}
+		q->proto = next;
 	} else {
 		return -1;
 	}

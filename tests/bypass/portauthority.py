@@ -69,6 +69,7 @@ NETHELPER_C = r"""
    recv-fd PATH: take a socket over SCM_RIGHTS from the unix socket PATH, print what it reads
    connect ADDR PORT: tcp connect, send "hi\n", print the reply
    udp-recv PORT SECONDS [COUNT]: bind udp, print the number of datagrams received until SECONDS pass
+   udp6-recv PORT SECONDS [COUNT]: the same on an IPv6 socket (any address)
       without one (or COUNT have come)
    raw-udp SECONDS: an AF_INET raw socket for UDP: print the number of datagrams it saw
    packet: an AF_PACKET socket
@@ -175,10 +176,14 @@ int main(int argc, char **argv)
 		printf("reply %s", buf);
 		return 0;
 	}
-	if (!strcmp(argv[1], "udp-recv") && (argc == 4 || argc == 5)) {
-		int s = socket(AF_INET, SOCK_DGRAM, 0), n = 0, want = argc == 5 ? atoi(argv[4]) : 0;
+	if ((!strcmp(argv[1], "udp-recv") || !strcmp(argv[1], "udp6-recv")) && (argc == 4 || argc == 5)) {
+		int v6 = argv[1][3] == '6', n = 0, want = argc == 5 ? atoi(argv[4]) : 0;
+		int s = socket(v6 ? AF_INET6 : AF_INET, SOCK_DGRAM, 0);
 		struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
-		if (bind(s, (struct sockaddr *)&a, sizeof a)) { perror("bind"); return 3; }
+		struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons(atoi(argv[2]))};
+		if (v6 ? bind(s, (struct sockaddr *)&a6, sizeof a6) : bind(s, (struct sockaddr *)&a, sizeof a)) {
+			perror("bind"); return 3;
+		}
 		printf("listening %s\n", argv[2]); fflush(stdout);
 		struct pollfd p = {.fd = s, .events = POLLIN};
 		while ((!want || n < want) && poll(&p, 1, atoi(argv[3]) * 1000) == 1) {
@@ -317,6 +322,7 @@ class PaLab:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
         self.port = max(1024, low - 2000) + os.getpid() % 1000
         self.other = self.port + 1                    # no rule names it
+        self.v6port = self.port + 2                   # udp, tp_srv, from ::1 only
         n = os.getpid() % 250
         self.host_ip, self.peer_ip, self.outside_ip = f"10.213.{n}.1", f"10.213.{n}.2", f"10.213.{n}.3"
         self.ns = f"cwlpa{os.getpid()}"
@@ -360,6 +366,12 @@ port = {self.port}
 protocol = "udp"
 labels = ["tp_srv"]
 peers = ["{self.peer_ip}/32"]
+
+[[port_authority.rules]]
+port = {self.v6port}
+protocol = "udp"
+labels = ["tp_srv"]
+peers = ["::1/128"]
 
 [[port_authority.rules]]
 port = {self.port}
@@ -702,6 +714,31 @@ class PaScenarios:
         assert "read" not in out, out
         self._held(pa_lab, srv.returncode, "tp_none")
 
+    def test_ipv6_extension_headers_are_walked_to_the_transport_header(self, pa_lab: PaLab) -> None:
+        """Datagrams from ::1 (the rule's peer) to tp_srv's IPv6 UDP port behind a destination-options
+        header, and behind hop-by-hop plus destination options, are judged by their UDP header and
+        arrive. Five destination-options headers (sent raw: longer than the walk) are refused unread
+        (why proto): the header chain cannot hide a port or a peer."""
+        srv = pa_lab.tp("tp_srv", "udp6-recv", str(pa_lab.v6port), "30", "3")
+        assert pa_lab.first_line(srv) == f"listening {pa_lab.v6port}"
+        padn = bytes([0, 0, 1, 4, 0, 0, 0, 0])  # next header (the kernel fills it), length 0, PadN of 4
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as u:
+            u.sendto(b"plain", ("::1", pa_lab.v6port))
+            u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, padn)
+            u.sendto(b"dstopts", ("::1", pa_lab.v6port))
+            u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS, padn)
+            u.sendto(b"hopopts+dstopts", ("::1", pa_lab.v6port))
+        out, _ = srv.communicate(timeout=60)
+        assert out.strip().endswith("received 3"), out
+        srv = pa_lab.tp("tp_srv", "udp6-recv", str(pa_lab.v6port), "3", "1")
+        assert pa_lab.first_line(srv) == f"listening {pa_lab.v6port}"
+        before = pa_lab.pa.counts().get(("tp_srv", "receive", "60", 0, "proto", "denied"), 0)
+        with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:  # IPPROTO_RAW: header included
+            raw.sendto(_ipv6_udp("::1", "::1", 40000, pa_lab.v6port, b"five", dstopts=5), ("::1", 0))
+        out, _ = srv.communicate(timeout=30)
+        assert out.strip().endswith("received 0"), out
+        assert pa_lab.pa.counts().get(("tp_srv", "receive", "60", 0, "proto", "denied"), 0) == before + 1
+
     def test_a_tp_moved_out_of_its_tp_cgroup(self, pa_lab: PaLab) -> None:
         """Root moves a running TP into a cgroup of its own making, where (tracepoint) no cgroup program
         runs; then the TP makes a socket to listen on a port no rule opens. tracepoint: it ran in a TP
@@ -866,6 +903,22 @@ def _local_connect(addr: str, port: int) -> str:
             return c.recv(16).decode().strip() or "closed"
         except OSError:
             return "failed"
+
+
+def _ipv6_udp(src: str, dst: str, sport: int, dport: int, data: bytes, *, dstopts: int) -> bytes:
+    """An IPv6 packet: `dstopts` destination-options headers (8 bytes each, PadN), then UDP with its
+    checksum (RFC 8200 8.1: over the pseudo-header of the final destination)."""
+    s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    udp_len = 8 + len(data)
+    pseudo = s + d + struct.pack("!I3xB", udp_len, 17) + struct.pack("!HHHH", sport, dport, udp_len, 0) + data
+    pseudo += b"\0" * (len(pseudo) % 2)
+    total = sum(struct.unpack(f"!{len(pseudo) // 2}H", pseudo))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    udp = struct.pack("!HHHH", sport, dport, udp_len, (~total & 0xFFFF) or 0xFFFF) + data
+    chain = b"".join(bytes([60 if i + 1 < dstopts else 17, 0, 1, 4, 0, 0, 0, 0]) for i in range(dstopts))
+    payload = chain + udp
+    return struct.pack("!IHBB", 6 << 28, len(payload), 60 if dstopts else 17, 64) + s + d + payload
 
 
 def _cgroup_of(pid: int) -> str:

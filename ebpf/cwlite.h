@@ -602,9 +602,6 @@ static __always_inline void cwl_file_path(const void *file, char *buf)
 #define CWL_PA_RULE_LISTEN 1  /* bind/listen/accept/receive on local `port` */
 #define CWL_PA_RULE_CONNECT 2 /* connect/send to a peer's `port`, receive its replies */
 
-/* cwl_pa_gen's top bit: the count slot (net.bpf.c cwl_pa_generation); the rest counts rule generations. */
-#define CWL_PA_GEN_COUNT_SLOT 0x80000000
-
 /* What was attempted (a count's and an event's op). */
 #define CWL_PA_OP_BIND 1
 #define CWL_PA_OP_LISTEN 2
@@ -694,7 +691,7 @@ struct cwl_pa_count_key {
 	u8 op;
 	u8 why;
 	u8 action;      /* CWL_ACT_DENIED or CWL_ACT_ALLOWED (audit) */
-	u8 slot;        /* cwl_pa_gen's CWL_PA_GEN_COUNT_SLOT bit when counted: the engine empties the slot it retired */
+	u8 slot;        /* cwl_pa_count_slot when counted: the engine empties the slot it retired */
 	u8 _pad;
 };
 

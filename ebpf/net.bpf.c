@@ -47,7 +47,7 @@
  *                   (cwl_pa_decide_hold): no rule judged that socket's input
  * Refusals are counted per (label, rule, op, port, reason) in cwl_pa_counts (per CPU):
  * the engine logs each interval's counts as one entry per key, so a flood makes
- * counts, not entries, and empties the map's retired slot (CWL_PA_GEN_COUNT_SLOT). A listener a rule allows (at its bind) is an event (cwl_pa_events).
+ * counts, not entries, and empties the map's retired slot (cwl_pa_count_slot). A listener a rule allows (at its bind) is an event (cwl_pa_events).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -79,6 +79,9 @@ BPF_ARRAY(cwl_pa_sets, struct cwl_pa_set, 2); /* two slots: the engine fills the
 BPF_ARRAY(cwl_pa_gen, u32, 1);
 BPF_F_TABLE("sk_storage", int, struct cwl_pa_sock, cwl_pa_socks, 0, BPF_F_NO_PREALLOC | BPF_F_CLONE);
 BPF_PERCPU_HASH(cwl_pa_counts, struct cwl_pa_count_key, u64, CWL_PA_COUNT_MAX);
+/* Which slot new counts go to (key.slot): each interval the engine flips it, waits one RCU grace
+ * period, logs the retired slot's counts and deletes them, so the map holds one interval's keys. */
+BPF_ARRAY(cwl_pa_count_slot, u32, 1);
 BPF_PERCPU_ARRAY(cwl_pa_drops, u64, CWL_PA_DROP_MAX);
 BPF_RINGBUF_OUTPUT(cwl_pa_events, CWL_PA_RINGBUF_PAGES);
 
@@ -89,22 +92,16 @@ static __always_inline void cwl_pa_drop(u32 reason)
 		*n += 1;
 }
 
-/* The live rule generation (the engine counts up; its low bit picks the cwl_pa_sets slot) and, in
- * its top bit (CWL_PA_GEN_COUNT_SLOT), the slot new counts go to: each interval with refusals the
- * engine flips it, waits one RCU grace period, logs the retired slot's counts and deletes them, so
- * the count map holds one interval's keys. One lookup gives both: a second map lookup on every
- * counting path doubled pa_ingress's verification (past the verifier's 1M instructions). */
+/* The live rule generation (the engine counts up; its low bit picks the cwl_pa_sets slot). */
 static __always_inline u32 cwl_pa_generation(void)
 {
 	u32 zero = 0, *g = cwl_pa_gen.lookup(&zero);
 	return g ? *g : 0;
 }
 
-static __always_inline const struct cwl_pa_set *cwl_pa_live(u8 *count_slot)
+static __always_inline const struct cwl_pa_set *cwl_pa_live(void)
 {
-	u32 gen = cwl_pa_generation(), slot = gen & 1;
-
-	*count_slot = gen >> 31;
+	u32 slot = cwl_pa_generation() & 1;
 	return cwl_pa_sets.lookup(&slot);
 }
 
@@ -135,13 +132,14 @@ static __always_inline u32 cwl_pa_task_label(void)
 }
 
 /* Count one refusal (or audit-mode allowance) of op `op` under its key; a full map is counted too. */
-static __always_inline void cwl_pa_count(const struct cwl_pa_query *q, const struct cwl_pa_verdict *v, u8 action, u8 op,
-					 u8 slot)
+static __always_inline void cwl_pa_count(const struct cwl_pa_query *q, const struct cwl_pa_verdict *v, u8 action, u8 op)
 {
 	struct cwl_pa_count_key key;
 	u64 zero = 0, *n;
+	u32 first = 0, *slot = cwl_pa_count_slot.lookup(&first);
+
 	__builtin_memset(&key, 0, sizeof(key));
-	key.slot = slot;
+	key.slot = slot ? (*slot & 1) : 0;
 	key.label = q->label;
 	key.rule = v->rule;
 	key.port = (q->op == CWL_PA_OP_CONNECT || q->op == CWL_PA_OP_SEND) ? q->rport : q->lport;
@@ -160,14 +158,13 @@ static __always_inline void cwl_pa_count(const struct cwl_pa_query *q, const str
  * accept hook, which asks the listen question). 1: let it happen; 0: refuse (enforce mode). */
 static __always_inline int cwl_pa_judge_as(struct cwl_pa_query *q, struct cwl_pa_verdict *v, u8 count_as)
 {
-	u8 cs;
-	const struct cwl_pa_set *set = cwl_pa_live(&cs);
+	const struct cwl_pa_set *set = cwl_pa_live();
 	u32 enforce = set ? set->enforce : 1;
 
 	*v = cwl_pa_decide(set, q);
 	if (v->allowed)
 		return 1;
-	cwl_pa_count(q, v, enforce ? CWL_ACT_DENIED : CWL_ACT_ALLOWED, count_as, cs);
+	cwl_pa_count(q, v, enforce ? CWL_ACT_DENIED : CWL_ACT_ALLOWED, count_as);
 	return enforce ? 0 : 1;
 }
 
@@ -219,17 +216,16 @@ static __always_inline int cwl_pa_refuse(u32 label, u8 op, u32 why, u8 action)
 {
 	struct cwl_pa_query q;
 	struct cwl_pa_verdict v = {.allowed = 0, .rule = 0, .why = why};
-	u8 cs;
-	const struct cwl_pa_set *set = cwl_pa_live(&cs);
+	const struct cwl_pa_set *set = cwl_pa_live();
 
 	__builtin_memset(&q, 0, sizeof(q));
 	q.label = label;
 	q.op = op;
 	if (set && !set->enforce) {
-		cwl_pa_count(&q, &v, CWL_ACT_ALLOWED, op, cs);
+		cwl_pa_count(&q, &v, CWL_ACT_ALLOWED, op);
 		return 0;
 	}
-	cwl_pa_count(&q, &v, action, op, cs);
+	cwl_pa_count(&q, &v, action, op);
 	return 1;
 }
 

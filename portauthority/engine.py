@@ -88,7 +88,6 @@ ACTIONS = {abi.value("CWL_ACT_DENIED"): "denied", abi.value("CWL_ACT_KILLED"): "
            abi.value("CWL_ACT_ALLOWED"): "allowed"}
 DROPS = {v: n.lower() for v, n in abi.names("CWL_PA_DROP_", exclude=("CWL_PA_DROP_MAX",)).items()}
 DROP_MAX = abi.value("CWL_PA_DROP_MAX")
-COUNT_SLOT_BIT = abi.value("CWL_PA_GEN_COUNT_SLOT")
 
 
 def cgroup2_root(mounts: str = MOUNTS) -> str:
@@ -158,7 +157,7 @@ class Engine:
         self._seen_listeners: set[tuple[str, str, int]] = set()
         self._counts_seen: dict[bytes, int] = {}  # count key (slot included) -> its total already logged
         self._counts_gone: dict[tuple[str, str, str, int, str, str], int] = {}  # totals of deleted keys
-        self._count_slot = 0  # where the programs count now (cwl_pa_gen's top bit)
+        self._count_slot = 0  # cwl_pa_count_slot: where the programs count now
         self._drops_seen = [0] * DROP_MAX
         self._decode_errors = 0
         self._ring = False
@@ -427,17 +426,10 @@ class Engine:
                 ctypes.memmove(kr.nets[j].mask, mask, 16)
         gen = self._gen + 1  # counts up: sockets remember the generation their input was allowed under
         sets[sets.Key(gen & 1)] = leaf
+        bpf[b"cwl_pa_gen"][bpf[b"cwl_pa_gen"].Key(0)] = ctypes.c_uint32(gen)
         self._gen = gen
-        self._write_gen()
         self._policy = policy
         self._labels = {lid: name for name, lid in ids.items()}
-
-    def _write_gen(self) -> None:
-        """cwl_pa_gen: the rule generation (its low bit picks the live rule set) and, in the top bit, the
-        count slot (one word, so the programs read both with one lookup)."""
-        bpf = self._require()
-        word = (self._gen & (COUNT_SLOT_BIT - 1)) | (COUNT_SLOT_BIT if self._count_slot else 0)
-        bpf[b"cwl_pa_gen"][bpf[b"cwl_pa_gen"].Key(0)] = ctypes.c_uint32(word)
 
     # ---- events --------------------------------------------------------------------------
     def _label_name(self, lid: int) -> str:
@@ -472,7 +464,8 @@ class Engine:
         retired, empty = self._count_slot, False
         if any(k.slot == retired for k in table.keys()):
             self._count_slot ^= 1
-            self._write_gen()
+            slot = bpf[b"cwl_pa_count_slot"]
+            slot[slot.Key(0)] = ctypes.c_uint32(self._count_slot)
             empty = rcu.grace_period()
         for key, per_cpu in table.items():
             total, raw = sum(per_cpu), bytes(key)

@@ -691,8 +691,7 @@ struct cwl_pa_count_key {
 	u8 op;
 	u8 why;
 	u8 action;      /* CWL_ACT_DENIED or CWL_ACT_ALLOWED (audit) */
-	u8 slot;        /* cwl_pa_count_slot when counted: the engine empties the slot it retired */
-	u8 _pad;
+	u8 _pad[2];
 };
 
 /* A listener a rule allowed (ring buffer): logged once per (label, port) by the engine. */

@@ -47,7 +47,7 @@
  *                   (cwl_pa_decide_hold): no rule judged that socket's input
  * Refusals are counted per (label, rule, op, port, reason) in cwl_pa_counts (per CPU):
  * the engine logs each interval's counts as one entry per key, so a flood makes
- * counts, not entries, and empties the map's retired slot (cwl_pa_count_slot). A listener a rule allows (at its bind) is an event (cwl_pa_events).
+ * counts, not entries. A listener a rule allows (at its bind) is an event (cwl_pa_events).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -79,9 +79,6 @@ BPF_ARRAY(cwl_pa_sets, struct cwl_pa_set, 2); /* two slots: the engine fills the
 BPF_ARRAY(cwl_pa_gen, u32, 1);
 BPF_F_TABLE("sk_storage", int, struct cwl_pa_sock, cwl_pa_socks, 0, BPF_F_NO_PREALLOC | BPF_F_CLONE);
 BPF_PERCPU_HASH(cwl_pa_counts, struct cwl_pa_count_key, u64, CWL_PA_COUNT_MAX);
-/* Which slot new counts go to (key.slot): each interval the engine flips it, waits one RCU grace
- * period, logs the retired slot's counts and deletes them, so the map holds one interval's keys. */
-BPF_ARRAY(cwl_pa_count_slot, u32, 1);
 BPF_PERCPU_ARRAY(cwl_pa_drops, u64, CWL_PA_DROP_MAX);
 BPF_RINGBUF_OUTPUT(cwl_pa_events, CWL_PA_RINGBUF_PAGES);
 
@@ -136,10 +133,8 @@ static __always_inline void cwl_pa_count(const struct cwl_pa_query *q, const str
 {
 	struct cwl_pa_count_key key;
 	u64 zero = 0, *n;
-	u32 first = 0, *slot = cwl_pa_count_slot.lookup(&first);
 
 	__builtin_memset(&key, 0, sizeof(key));
-	key.slot = slot ? (*slot & 1) : 0;
 	key.label = q->label;
 	key.rule = v->rule;
 	key.port = (q->op == CWL_PA_OP_CONNECT || q->op == CWL_PA_OP_SEND) ? q->rport : q->lport;

@@ -60,7 +60,7 @@ from cext import bpfmap
 from controlplane.core.errors import CwliteError, EnforcementError
 from controlplane.core.events import Event, EventKind, PaSubject
 from controlplane.core.policy import Policy
-from ebpf import abi, loader, rcu
+from ebpf import abi, loader
 from portauthority.rules import OP_WORDS, WHY_WORDS, kernel_rules
 
 if TYPE_CHECKING:
@@ -155,9 +155,7 @@ class Engine:
         self._cgroup_progs: list[tuple[str, int, int]] = []  # (name, prog fd, attach type)
         self._tp_cgroups_fd = -1  # net.bpf.c cwl_pa_tp_cgroups: the ids where the cgroup programs run
         self._seen_listeners: set[tuple[str, str, int]] = set()
-        self._counts_seen: dict[bytes, int] = {}  # count key (slot included) -> its total already logged
-        self._counts_gone: dict[tuple[str, str, str, int, str, str], int] = {}  # totals of deleted keys
-        self._count_slot = 0  # cwl_pa_count_slot: where the programs count now
+        self._counts_seen: dict[bytes, int] = {}
         self._drops_seen = [0] * DROP_MAX
         self._decode_errors = 0
         self._ring = False
@@ -453,37 +451,21 @@ class Engine:
             self._decode_errors += 1
 
     def _flush_counts(self) -> None:
-        """One pa-refused entry per count key that grew since the last flush (and the tc watch). When
-        the live slot has keys, the programs are sent to the other one, and after one RCU grace period
-        (no program still counts in the retired slot) its keys are logged and deleted: the map holds
-        one interval's distinct keys, not all since load. Without a grace period nothing is deleted
-        and the counts are logged as they grow (the map then fills over the daemon's life)."""
+        """One pa-refused entry per count key that grew since the last flush (and the tc watch)."""
         self._check_tc()
-        bpf = self._require()
-        table = bpf[b"cwl_pa_counts"]
-        retired, empty = self._count_slot, False
-        if any(k.slot == retired for k in table.keys()):
-            self._count_slot ^= 1
-            slot = bpf[b"cwl_pa_count_slot"]
-            slot[slot.Key(0)] = ctypes.c_uint32(self._count_slot)
-            empty = rcu.grace_period()
+        table = self._require()[b"cwl_pa_counts"]
         for key, per_cpu in table.items():
-            total, raw = sum(per_cpu), bytes(key)
+            total = sum(per_cpu)
+            raw = bytes(key)
             new = total - self._counts_seen.get(raw, 0)
-            if empty and key.slot == retired:
-                del table[key]
-                self._counts_seen.pop(raw, None)
-                name = self._count_name(key)
-                self._counts_gone[name] = self._counts_gone.get(name, 0) + total
-            elif new > 0:
-                self._counts_seen[raw] = total
             if new <= 0:
                 continue
+            self._counts_seen[raw] = total
             subject = PaSubject(PROTO_WORDS.get(key.proto, str(key.proto)), key.port, key.rule,
                                 WHY_WORDS.get(key.why, str(key.why)), ACTIONS.get(key.action, str(key.action)), new)
             self._queue.append(Event(EventKind.PA_REFUSED, label=self._label_name(key.label),
                                      op=OP_WORDS.get(key.op, str(key.op)), subject=subject.text(),
-                                     detail={"count": new, "backend": self.backend}))
+                                     detail={"count": new, "total": total, "backend": self.backend}))
         drops = self._require()[b"cwl_pa_drops"]
         lost = {}
         for i, name in DROPS.items():
@@ -498,17 +480,12 @@ class Engine:
                 f"{k}={v}" for k, v in sorted(lost.items())), detail=lost))
         self._last_flush = time.monotonic()
 
-    def _count_name(self, k: object) -> tuple[str, str, str, int, str, str]:
-        return (self._label_name(k.label), OP_WORDS.get(k.op, str(k.op)), PROTO_WORDS.get(k.proto, str(k.proto)),  # type: ignore[attr-defined]
-                k.port, WHY_WORDS.get(k.why, str(k.why)), ACTIONS.get(k.action, str(k.action)))  # type: ignore[attr-defined]
-
     def counts(self) -> dict[tuple[str, str, str, int, str, str], int]:
         """Totals since load by (label, op, protocol, port, why, action): for tests and `cwlite pa show`."""
-        out = dict(self._counts_gone)
-        for k, v in self._require()[b"cwl_pa_counts"].items():
-            name = self._count_name(k)
-            out[name] = out.get(name, 0) + sum(v)
-        return out
+        table = self._require()[b"cwl_pa_counts"]
+        return {(self._label_name(k.label), OP_WORDS.get(k.op, str(k.op)), PROTO_WORDS.get(k.proto, str(k.proto)),
+                 k.port, WHY_WORDS.get(k.why, str(k.why)), ACTIONS.get(k.action, str(k.action))): sum(v)
+                for k, v in table.items()}
 
     def poll(self, timeout_ms: int = 100, *, flush: bool = False) -> list[Event]:
         """Wait up to `timeout_ms` for listener events; add the counts' entries when an interval has

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from cext import bpfmap
 from controlplane.core.errors import CwliteError
-from ebpf import abi, rcu
+from ebpf import abi
 from prima import selfprotect
 
 if TYPE_CHECKING:
@@ -77,11 +77,19 @@ ARMED_TRACEPOINTS = tuple(f"syscalls:sys_enter_{n}" for n in (
     "kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_send_signal"))
 DISARM_AFTER_S = 2.0     # no labelled process for this long: detach
 ARM_POLL_MS = 200        # the arming thread also looks this often (a lost arm request is found)
+MEMBARRIER_CMD_GLOBAL = 1
+SYS_MEMBARRIER = 324     # x86_64
 
 
 def _flag(bpf: "bcc.BPF", which: str, value: int) -> None:
     table = bpf[b"cwl_arm"]
     table[table.Key(abi.value(f"CWL_ARM_{which}"))] = ctypes.c_uint32(value)
+
+
+def _grace_period() -> bool:
+    """One RCU grace period (membarrier(MEMBARRIER_CMD_GLOBAL) calls synchronize_rcu()); False when refused."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(SYS_MEMBARRIER, MEMBARRIER_CMD_GLOBAL, 0, 0) == 0
 
 
 class Arming:
@@ -205,7 +213,7 @@ class Arming:
         bpf = self._bpf
         _flag(bpf, "ARMED", 0)
         _flag(bpf, "LIVE", 0)
-        labelled = self._labelled() if rcu.grace_period() else None
+        labelled = self._labelled() if _grace_period() else None
         if labelled is None or labelled:
             self._arm(labelled or {})  # a label entered meanwhile, or no grace period: stay armed
             self._idle_since = None

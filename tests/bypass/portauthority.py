@@ -869,9 +869,8 @@ class PaScenarios:
 
     def test_more_refusal_kinds_than_the_count_map_holds_are_counted_as_lost(self, pa_lab: PaLab) -> None:
         """A TP that binds thousands of distinct ports makes a refusal key per port: past the count map's
-        size each further refusal is still counted (lost-events), so every attempt is in the log. The map
-        holds one interval's keys: once they are logged it is empty again, and a new key is counted as
-        itself."""
+        size each further refusal is still counted (lost-events), so every attempt is in the log. Last of the
+        class: the count map keeps totals since load, so it stays full for the lab's life (README)."""
         n = COUNT_MAX + 200
         first = 40000
         r = pa_lab.tp_run("tp_none", "bind-many", str(first), str(n), timeout=120)
@@ -883,13 +882,6 @@ class PaScenarios:
         lost = sum(int(e.detail.get("count", 0)) for e in pa_lab.events if e.kind is EventKind.LOST_EVENTS)
         assert 0 < lost and logged + lost == n, (logged, lost)
         assert _verdict(pa_lab, next(e for e in pa_lab.events if e.kind is EventKind.LOST_EVENTS)) == ("untrusted", "lost-events")
-        pa_lab.collect()  # the interval after the burst: its keys were logged and deleted
-        r = pa_lab.tp_run("tp_none", "bind-many", str(first + n), "1")
-        assert r.returncode == 0 and r.stdout.strip() == "refused 1", r
-        pa_lab.collect()
-        [again] = pa_lab.refused(label="tp_none", op="bind", port=first + n)
-        assert parse_pa_subject(again.subject).count == 1
-        assert pa_lab.pa.counts()[("tp_none", "bind", "tcp", first, "no-rule", "denied")] == 1  # deleted keys still add up
 
 def _local_connect(addr: str, port: int) -> str:
     """An unlabelled client on the host: "ok" when the server answered, "failed" otherwise."""

@@ -214,27 +214,27 @@ static __always_inline int cwl_pa_load(void *pkt, u32 off, void *to, u32 len, in
  * CWL_PA_IPV6_EXT_MAX keeps proto = the header the walk stopped at (no rule names it). */
 static __always_inline int cwl_pa_parse_from(void *pkt, u32 off, u32 ethertype, struct cwl_pa_query *q, int kmem)
 {
-	u8 vihl = 0;
+	u8 ip[40]; /* the fixed header in one load: IPv4's first 20 bytes, IPv6's 40 */
 	u16 ports[2] = {0, 0};
 	u32 l4;
 
 	if (ethertype == CWL_ETH_P_IP) {
-		u8 proto = 0, frag[2] = {0, 0};
-		if (cwl_pa_load(pkt, off, &vihl, 1, kmem) || (vihl >> 4) != 4)
-			return -1;
-		if (cwl_pa_load(pkt, off + 6, frag, 2, kmem) || cwl_pa_load(pkt, off + 9, &proto, 1, kmem) ||
-		    cwl_pa_load(pkt, off + 12, q->raddr, 4, kmem) || cwl_pa_load(pkt, off + 16, q->laddr, 4, kmem))
+		if (cwl_pa_load(pkt, off, ip, 20, kmem) || (ip[0] >> 4) != 4)
 			return -1;
 		q->family = CWL_PA_INET;
-		q->proto = proto;
-		if (((frag[0] << 8) | frag[1]) & CWL_IP_OFFSET)
+		q->proto = ip[9];
+		__builtin_memcpy(q->raddr, ip + 12, 4);
+		__builtin_memcpy(q->laddr, ip + 16, 4);
+		if (((ip[6] << 8) | ip[7]) & CWL_IP_OFFSET)
 			return 0; /* a later fragment: its first bytes are data, not ports */
-		l4 = off + (vihl & 0x0f) * 4;
+		l4 = off + (ip[0] & 0x0f) * 4;
 	} else if (ethertype == CWL_ETH_P_IPV6) {
-		u8 next = 0;
-		if (cwl_pa_load(pkt, off + 6, &next, 1, kmem) || cwl_pa_load(pkt, off + 8, q->raddr, 16, kmem) ||
-		    cwl_pa_load(pkt, off + 24, q->laddr, 16, kmem))
+		u8 next;
+		if (cwl_pa_load(pkt, off, ip, 40, kmem))
 			return -1;
+		next = ip[6];
+		__builtin_memcpy(q->raddr, ip + 8, 16);
+		__builtin_memcpy(q->laddr, ip + 24, 16);
 		q->family = CWL_PA_INET6;
 		l4 = off + 40;
 		for (int i = 0; i < CWL_PA_IPV6_EXT_MAX; i++) {

@@ -738,6 +738,7 @@ class PaScenarios:
         out, _ = srv.communicate(timeout=30)
         assert out.strip().endswith("received 0"), out
         assert pa_lab.pa.counts().get(("tp_srv", "receive", "60", 0, "proto", "denied"), 0) == before + 1
+        assert pa_lab.refused(label="tp_srv", op="receive", protocol="60", why="proto")  # logged, in this test
 
     def test_a_tp_moved_out_of_its_tp_cgroup(self, pa_lab: PaLab) -> None:
         """Root moves a running TP into a cgroup of its own making, where (tracepoint) no cgroup program
@@ -745,6 +746,7 @@ class PaScenarios:
         cgroup until then, and its socket(2) kills it (op socket, why cgroup); lsm: the socket hooks
         follow it anywhere, and the listen is refused as before."""
         out_cg = _scratch_cgroup("moved")
+        since = len(pa_lab.collect())
         sh = subprocess.Popen([pa_lab.entry["tp_srv"], "-c", f"read go; exec {pa_lab.nethelper} listen-any 1"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -759,18 +761,15 @@ class PaScenarios:
             sh.wait()
             os.rmdir(out_cg)
         assert "listening" not in out, (out, err)
-        pa_lab.collect()
-        newest = pa_lab.events[-1]
-        assert newest.kind is EventKind.PA_REFUSED and newest.label == "tp_srv", newest
-        s = parse_pa_subject(newest.subject)
         if isinstance(self.backend.expect, Killed):
             assert sh.returncode == -9, (sh.returncode, err)
-            assert (newest.op, s.why, s.action, s.count) == ("socket", "cgroup", "killed", 1), newest
-            assert _verdict(pa_lab, newest) == ("untrusted", "pa-socket-refused")
+            [entry] = pa_lab.refused(since, label="tp_srv", op="socket", why="cgroup", action="killed")
+            assert parse_pa_subject(entry.subject).count == 1
+            assert _verdict(pa_lab, entry) == ("untrusted", "pa-socket-refused")
         else:
             assert sh.returncode == 3 and "Operation not permitted" in err, (sh.returncode, err)
-            assert (newest.op, s.why, s.action) == ("listen", "no-rule", "denied"), newest
-            assert _verdict(pa_lab, newest) == ("untrusted", "pa-listen-refused")
+            [entry] = pa_lab.refused(since, label="tp_srv", op="listen", why="no-rule", action="denied")
+            assert _verdict(pa_lab, entry) == ("untrusted", "pa-listen-refused")
 
     def test_a_tp_forks_a_child_into_another_cgroup(self, pa_lab: PaLab) -> None:
         """clone3's CLONE_INTO_CGROUP starts a TP's child (it inherits the label) in a cgroup where

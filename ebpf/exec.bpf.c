@@ -576,10 +576,11 @@ static __always_inline void cwl_entered(void)
 
 	if (!cwl_arm_flag(CWL_ARM_LIVE))
 		cwl_arm.update(&k, &one); /* a read first: an array lookup is inlined, an update is a call */
-	if (cwl_arm_flag(CWL_ARM_ARMED) && !cwl_arm_flag(CWL_ARM_CONFINE))
-		return;
 	if (cwl_arm_flag(CWL_ARM_ARMED)) {
-		u64 cg = bpf_get_current_cgroup_id();
+		u64 cg;
+		if (!cwl_arm_flag(CWL_ARM_CONFINE))
+			return;
+		cg = bpf_get_current_cgroup_id();
 		if (cwl_tp_cgroups.lookup(&cg))
 			return;
 	}

@@ -236,12 +236,6 @@ class Engine:
                 os.close(fd)
         self._links = {}
 
-    @property
-    def tp_cgroups(self) -> list[str]:
-        """The TP cgroups made or found so far (paths), where the cgroup programs run."""
-        with self._cg_lock:
-            return sorted(self._tp_cgroups)
-
     def adopt(self, tgid: int) -> int:
         """Move process `tgid` into the TP cgroup below its own cgroup (or keep it in the one it is
         in), made and given the cgroup programs the first time; returns that cgroup's id. PRIMA calls

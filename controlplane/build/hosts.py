@@ -34,7 +34,8 @@ from typing import Any
 
 from controlplane.core.errors import FileError, PolicyError, VmError
 from controlplane.core.policy import key_lines
-from controlplane.core.vmrecord import NO_PART, check_vm_name, cmdline_digest, sha256_file
+from controlplane.core.digest import sha256_file
+from controlplane.core.vmrecord import NO_PART, check_vm_name, cmdline_digest
 from portauthority import rules as pa_rules
 
 DEFAULT_HOSTS = Path("/etc/cwlite/build-hosts.toml")

@@ -242,7 +242,8 @@ def verify(hosts: tuple[str, ...], data_dir: Path, store_url: str | None, policy
 def _verify_via(hosts, via, data_dir, store_url, key, policy_path, db_path, host_policy, host_db, vm_kernel,
                 vm_initrd, vm_cmdline, vm_disk, proof_out, as_json) -> None:
     """`verify NAME --via HOST`: the chain of controlplane.verifier.chain; exit 0 trusted, 2 untrusted, 1 refused."""
-    from controlplane.core.vmrecord import NO_PART, cmdline_digest, sha256_file
+    from controlplane.core.digest import sha256_file
+    from controlplane.core.vmrecord import NO_PART, cmdline_digest
     from controlplane.verifier import chain   # lazy: see the note at the top
 
     if len(hosts) != 1:

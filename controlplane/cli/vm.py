@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from controlplane.cli.output import emit
+from controlplane.core.digest import sha256_file
 from controlplane.core.errors import EnforcementError, LogError
 from controlplane.core.events import EventKind, parse_ima_name
 from controlplane.core.paths import DEFAULT_DATA_DIR
@@ -94,7 +95,7 @@ def initrd(kernel: Path, disk_root: bool, out: Path) -> None:
     """Build the initrd `vm up` boots for KERNEL when given no --initrd (virtme-ng's initramfs; the same
     inputs give the same bytes): a verifier's reference for `verify --via ... --vm-initrd OUT`."""
     vmv.build_initrd(kernel, out, disk=disk_root)
-    click.echo(f"{out}: {vmv.sha256_file(out).hex()}", err=True)
+    click.echo(f"{out}: {sha256_file(out).hex()}", err=True)
 
 
 @vm.command("image")
@@ -141,7 +142,7 @@ def image(out: Path, data_dir: Path, deb: Path, kernel: Path, packages: tuple[st
                              packages=packages or vmimage.WORKLOAD_PACKAGES, suite=suite, mirror=mirror,
                              security_mirror=security_mirror)
     facts = vmimage.build_image(out, spec, data_dir, db=db, trust_set=trust_set, say=lambda line: click.echo(line, err=True))
-    facts["sha256"] = vmv.sha256_file(out).hex()
+    facts["sha256"] = sha256_file(out).hex()
     emit(facts, as_json, lambda d: click.echo(f"{d['image']}: {d['bytes'] >> 20} MiB, sha256 {d['sha256']}"))
 
 

@@ -27,7 +27,6 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-from controlplane.core.digest import sha256_file  # noqa: F401 - boot parts are hashed here too
 from controlplane.core.errors import VmError
 from controlplane.core.events import Event, EventKind
 

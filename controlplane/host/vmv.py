@@ -47,7 +47,8 @@ from typing import Callable, Sequence
 from controlplane.core.atomic import write_atomic
 from controlplane.core.errors import VmError
 from controlplane.core.policy import load_policy
-from controlplane.core.vmrecord import VmRecord, check_vm_name, cmdline_digest, sha256_file
+from controlplane.core.digest import sha256_file
+from controlplane.core.vmrecord import VmRecord, check_vm_name, cmdline_digest
 from controlplane.host import control
 from controlplane.host.swtpm import STATE_FILE, Swtpm
 from controlplane.host.tpm import Tpm

@@ -8,8 +8,8 @@ import pytest
 from controlplane.core.errors import VerifyError, VmError
 from controlplane.core.events import Event, EventKind, parse_ima_name
 from controlplane.core.imalog import LogEntry
-from controlplane.core.vmrecord import (ALL_PARTS, PARTS, VmRecord, check_vm_name, parse_vtpm_subject, record_from_log,
-                                        sha256_file)
+from controlplane.core.digest import sha256_file
+from controlplane.core.vmrecord import ALL_PARTS, PARTS, VmRecord, check_vm_name, parse_vtpm_subject, record_from_log
 from controlplane.verifier import chain
 from controlplane.verifier.judge import EntryVerdict, Verdict
 

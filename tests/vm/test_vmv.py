@@ -28,6 +28,7 @@ import pytest
 
 from controlplane.cli.demo import Demo, Layout, prepare
 from controlplane.core import proof as proof_mod
+from controlplane.core.digest import sha256_file
 from controlplane.core.errors import VerifyError
 from controlplane.core.events import EventKind
 from controlplane.core.keys import load_signing_key
@@ -93,10 +94,10 @@ class Site:
 
     def boot_reference(self, kernel: Path | None = None, initrd: Path | None = None,
                        disk: Path | None = None) -> dict[str, bytes]:
-        ref = {"kernel": vmv.sha256_file(kernel or self.kernel), "initrd": vmv.sha256_file(initrd or self.initrd),
+        ref = {"kernel": sha256_file(kernel or self.kernel), "initrd": sha256_file(initrd or self.initrd),
                "cmdline": cmdline_digest(self.facts()["cmdline"])}
         disk = disk or self.disk
-        return ref | ({"disk": vmv.sha256_file(disk)} if disk else {})
+        return ref | ({"disk": sha256_file(disk)} if disk else {})
 
     def attest(self, *, kernel: Path | None = None, initrd: Path | None = None, vm_policy: Path | None = None,
                disk: Path | None = None, boot: dict[str, bytes] | None = None) -> chain.ChainAttestation:
@@ -239,7 +240,7 @@ def test_trusted_through_the_host_chain_and_enforcing_before_the_workload(site: 
     assert via["parts"]["kernel"]["digest"] == hashlib.sha256(site.kernel.read_bytes()).hexdigest()
     # the initrd the host logged is the one qemu booted (its last -initrd), and the verifier's own rebuild
     vm = vmv.VmDir(site.data.resolve(), VM)
-    assert via["parts"]["initrd"]["digest"] == vmv.sha256_file(vm.initrd).hex() == vmv.sha256_file(site.initrd).hex()
+    assert via["parts"]["initrd"]["digest"] == sha256_file(vm.initrd).hex() == sha256_file(site.initrd).hex()
     assert via["parts"]["initrd"]["digest"] != NO_PART.hex()
     qemu = site.qemu()
     assert [qemu[i + 1] for i, a in enumerate(qemu) if a == "-initrd"] == [str(vm.initrd)]
@@ -258,8 +259,8 @@ def test_a_swapped_boot_file_fails_the_chain_naming_its_entry(site: Site, tmp_pa
     att = site.attest(**{part: other})
     assert att.verdict == "untrusted"
     entry = json.loads(att.proof)["via"]["parts"][part]["index"]
-    assert att.reasons == (f"host log entry {entry} ({part} of VM {VM}): {vmv.sha256_file(booted).hex()[:16]} "
-                           f"is not the verifier's {part} {vmv.sha256_file(other).hex()[:16]}",)
+    assert att.reasons == (f"host log entry {entry} ({part} of VM {VM}): {sha256_file(booted).hex()[:16]} "
+                           f"is not the verifier's {part} {sha256_file(other).hex()[:16]}",)
 
 
 def test_a_changed_policy_fails_naming_the_policy(site: Site, tmp_path: Path) -> None:
@@ -422,8 +423,8 @@ def test_a_vm_booted_from_a_disk_image_is_trusted_through_the_host_chain(disk_si
     att = disk_site.attest()
     assert att.verdict == "trusted", att.reasons
     via = json.loads(att.proof)["via"]
-    assert via["parts"]["disk"]["digest"] == vmv.sha256_file(image.path).hex()
-    assert via["parts"]["initrd"]["digest"] == vmv.sha256_file(disk_site.initrd).hex()
+    assert via["parts"]["disk"]["digest"] == sha256_file(image.path).hex()
+    assert via["parts"]["initrd"]["digest"] == sha256_file(disk_site.initrd).hex()
     # the measured cmdline is the guest's, and boots the image as its root
     guest = disk_site.guest_cmdline()
     assert guest == disk_site.facts()["cmdline"] and disk_site.host_entry("cmdline") == cmdline_digest(guest)
@@ -435,7 +436,7 @@ def test_a_vm_booted_from_a_disk_image_is_trusted_through_the_host_chain(disk_si
     scratch = [d for d in drives if f"file={vm.scratch}," in d]
     assert len(root) == 1 and "readonly=on" in root[0].split(","), drives
     assert len(scratch) == 1 and "readonly=on" not in scratch[0], drives
-    assert vmv.sha256_file(vm.disk) == vmv.sha256_file(image.path)       # the guest never wrote it
+    assert sha256_file(vm.disk) == sha256_file(image.path)       # the guest never wrote it
     text = disk_site.console()
     assert "[cwlite-vm] the root disk read-only" in text and "on /tmp" in text
     assert text.index(vmv.BOOTED_MARK) < text.index(vmv.ENFORCING_MARK) < text.index(vmv.READY_MARK)
@@ -462,8 +463,8 @@ def test_a_disk_image_changed_by_one_byte_fails_naming_the_disk_entry(disk_site:
     assert att.verdict == "untrusted"
     entry = json.loads(att.proof)["via"]["parts"]["disk"]["index"]
     assert att.reasons == (f"host log entry {entry} (disk of VM {VM2}): "
-                           f"{vmv.sha256_file(disk_site.disk).hex()[:16]} is not the verifier's disk "
-                           f"{vmv.sha256_file(other).hex()[:16]}",)
+                           f"{sha256_file(disk_site.disk).hex()[:16]} is not the verifier's disk "
+                           f"{sha256_file(other).hex()[:16]}",)
 
 
 def test_a_disk_vm_checked_as_a_host_root_vm_fails_naming_the_disk_entry(disk_site: Site) -> None:
